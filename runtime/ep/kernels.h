@@ -1,0 +1,117 @@
+// fp32 kernels of the ai.solm ops, independent of onnxruntime (solm_ep.cc is the glue).
+//
+// Semantics: solm_compile/reference.py (quest_attention_ref, sparse_mlp_ref, gate_controls_ref). The kernels
+// produce the same numbers up to float summation order; the *decisions* (which pages / channels are kept) follow
+// the reference's arithmetic exactly (double-precision budget with the same -1e-9 guard, ties at the threshold kept).
+//
+// Work skipping:
+//   QuestAttention, T == 1: per (row, KV head) the page min/max of the keys are computed once; per query head (or
+//     per KV head, see QuestParams::per_kv_head) the page scores pick the pages; q·k, the softmax and softmax·v
+//     then run over the kept (and mask-allowed) tokens only. Masked-out tokens are skipped in every mode.
+//   SparseMLP: per token the top-k input channels are selected; gate/up accumulate one contiguous input-major
+//     weight row per kept channel; the down projection accumulates one contiguous row per non-zero activation.
+//
+// No heap allocation on the hot path once warm: per-call buffers live in the caller's *Scratch (grown on demand,
+// never shrunk) and per-item temporaries in thread-local buffers.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace solm {
+
+// Parallel-for hook: `launch(impl, n, fn, arg)` must call fn(arg, i) once for every i in [0, n) (any order, any
+// threads) and return when all calls are done. A null launch runs serially.
+struct Parallel {
+  void (*launch)(void* impl, size_t n, void (*fn)(void*, size_t), void* arg) = nullptr;
+  void* impl = nullptr;
+
+  template <class F>
+  void For(size_t n, F& f) const {
+    if (n == 0) return;
+    if (n == 1 || launch == nullptr) {
+      for (size_t i = 0; i < n; ++i) f(i);
+      return;
+    }
+    launch(impl, n, [](void* a, size_t i) { (*static_cast<F*>(a))(i); }, &f);
+  }
+};
+
+// Work counters (relaxed atomics, summed over the process). Read through SolmEpGetStats() (solm_ep.cc) to check
+// that work is really skipped. "dense" is what the unpruned op would have done.
+struct Stats {
+  std::atomic<uint64_t> attn_calls{0};
+  std::atomic<uint64_t> attn_keys_scored{0};   // q·k dot products computed (per query head and query row)
+  std::atomic<uint64_t> attn_keys_dense{0};    // L per query head and query row
+  std::atomic<uint64_t> attn_kv_rows_read{0};  // distinct K rows read for q·k (per query head, or per group)
+  std::atomic<uint64_t> mlp_calls{0};
+  std::atomic<uint64_t> mlp_in_rows{0};        // gate/up input-major rows accumulated (per token)
+  std::atomic<uint64_t> mlp_in_rows_dense{0};  // D per token
+  std::atomic<uint64_t> mlp_down_rows{0};      // down rows accumulated (per token)
+  std::atomic<uint64_t> mlp_down_rows_dense{0};  // I per token
+};
+Stats& GlobalStats();
+
+// A mask broadcast to [B, H, T, L] through element strides (0 on broadcast dimensions).
+struct MaskView {
+  const void* data = nullptr;  // nullptr: no mask
+  bool is_bool = true;         // bool (1 byte, true = attend) or float (additive)
+  int64_t sb = 0, sh = 0, st = 0, sl = 0;
+};
+
+struct QuestParams {
+  float scale = 0.f;
+  int64_t page_size = 8;
+  int64_t sinks = 0;
+  int64_t window = 0;
+  // false: pages are chosen per query head (reference semantics).
+  // true: pages are chosen once per KV head from the page scores summed over the query heads of its GQA group;
+  //       every head of the group then attends over the same token set and each kept K/V row is read once per
+  //       group instead of once per query head. Not the reference's selection (it is a different, coarser policy);
+  //       identical when H == Hkv.
+  bool per_kv_head = false;
+};
+
+struct AttnScratch {
+  std::vector<float> page_minmax;  // [B, Hkv, P, 2, d]
+};
+
+// q [B,H,T,d], k/v [B,Hkv,L,d], kappa [B], out [B,H,T,d].
+void QuestAttention(const float* q, const float* k, const float* v, const MaskView& mask, const float* kappa,
+                    int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t L, int64_t d, const QuestParams& p,
+                    float* out, AttnScratch& scratch, const Parallel& par);
+
+// Pages kept for keep fraction kappa at KV length L and page size S (reference.page_budget).
+int64_t PageBudget(double kappa, int64_t L, int64_t S);
+
+enum class Act { kSilu, kGelu, kGeluTanh, kRelu };
+bool ParseAct(const std::string& name, Act* act);
+
+// MLP weights re-laid out input-major: one contiguous row per input channel.
+struct MlpWeights {
+  int64_t D = 0, I = 0, Dout = 0;
+  bool gated = false;
+  std::vector<float> gate_t, up_t;  // [D, I]
+  std::vector<float> down_t;        // [I, Dout]
+  std::vector<float> b_gate, b_up, b_down;  // empty when absent
+
+  // From nn.Linear layout: w_gate/w_up [I, D], w_down [Dout, I]; any pointer except w_up/w_down may be null.
+  void Set(const float* w_gate, const float* b_gate_, const float* w_up, const float* b_up_, const float* w_down,
+           const float* b_down_, int64_t D_, int64_t I_, int64_t Dout_);
+};
+
+struct MlpScratch {
+  std::vector<float> xs;        // [N, D] top-k-zeroed inputs
+  std::vector<float> h;         // [N, I] activations
+  std::vector<int32_t> uidx;    // [nblocks, D] union of kept channels per token block
+  std::vector<int32_t> ucount;  // [nblocks]
+};
+
+// x [B,T,D] (N = B*T tokens), rho/bits [B], y [B,T,Dout].
+void SparseMlp(const float* x, int64_t B, int64_t T, const MlpWeights& w, const float* rho, const float* bits,
+               Act act, float* y, MlpScratch& scratch, const Parallel& par);
+
+}  // namespace solm

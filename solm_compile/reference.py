@@ -1,0 +1,128 @@
+"""Plain, obviously-correct PyTorch references for every ``solm`` op.
+
+These are the specification: loops over rows and heads, no vectorisation tricks. The fast torch ops
+(``ops.py``), the portable ONNX decomposition and the C++ kernels are each tested against these functions.
+
+Semantics (SOL, shared/research/sol_method.md §2, plus solm's forced sinks/window):
+
+- ``gate_controls``: controls apply only on single-token steps whose KV length L (past + current) exceeds
+  ``min_len = ts + tw + 1``; otherwise κ=1, ρ=1, b=16 (dense).
+- ``quest_attention``: on single-token steps, keys (post-RoPE) are split into pages of ``page_size`` tokens from
+  position 0; per page the element-wise min and max of the keys; per query head the page score is
+  Σ_d max(q_d·max_d, q_d·min_d); the top ⌈⌈κ·L⌉/S⌉ pages are kept (every page scoring ≥ the P_b-th largest, so
+  ties keep more); then the first ``sinks`` and last ``window`` tokens are forced on; a head that keeps nothing
+  keeps the last token. GQA keys are repeated to the query heads. κ ≥ 1 or a page budget covering every page is
+  dense. Multi-token calls (prefill) are dense.
+- ``sparse_mlp``: per token keep the ⌈ρ·D⌉ input channels of largest |x| (every channel ≥ the k-th largest),
+  zero the rest, run the MLP, then fake-quantise its output per token, symmetric, q_max = 2^(b−1)−1; b ≥ 16 is
+  the identity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def gate_controls_ref(T: int, L: int, kappa, rho, bits, min_len: int):
+    """Dense controls unless this is a single-token step with L > min_len."""
+    if T == 1 and L > min_len:
+        return kappa.clone(), rho.clone(), bits.clone()
+    return torch.ones_like(kappa), torch.ones_like(rho), torch.full_like(bits, 16.0)
+
+
+def page_budget(kappa: float, L: int, S: int) -> int:
+    """Pages kept for keep fraction κ at KV length L: ⌈⌈κL⌉/S⌉, clamped to [0, #pages]."""
+    n = min(max(math.ceil(kappa * L - 1e-9), 0), L)
+    return min(math.ceil(n / S), math.ceil(L / S))
+
+
+def quest_keep_ref(q_h: torch.Tensor, k_h: torch.Tensor, kappa: float, S: int, sinks: int, window: int):
+    """Token keep mask [L] for one query head: q_h [d], k_h [L, d] (that head's keys)."""
+    L = k_h.shape[0]
+    P = math.ceil(L / S)
+    pb = page_budget(kappa, L, S)
+    if kappa >= 1.0 or pb >= P:
+        return torch.ones(L, dtype=torch.bool)
+    scores = []
+    for p in range(P):
+        page = k_h[p * S:(p + 1) * S]
+        hi, lo = page.max(0).values, page.min(0).values
+        scores.append(torch.maximum(q_h * hi, q_h * lo).sum())
+    scores = torch.stack(scores)
+    keep = torch.zeros(L, dtype=torch.bool)
+    if pb > 0:
+        thr = scores.sort(descending=True).values[pb - 1]
+        for p in range(P):
+            if scores[p] >= thr:
+                keep[p * S:(p + 1) * S] = True
+    keep[:sinks] = True
+    if window > 0:
+        keep[max(L - window, 0):] = True
+    if not keep.any():
+        keep[L - 1] = True
+    return keep
+
+
+def quest_attention_ref(q, k, v, attn_mask, kappa, scale, page_size, sinks, window):
+    """q [B,H,T,d], k/v [B,Hkv,L,d], attn_mask None | bool/float broadcastable to [B,H,T,L], kappa [B]."""
+    B, H, T, d = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.empty_like(q)
+    for b in range(B):
+        for h in range(H):
+            kh, vh = k[b, h // (H // Hkv)], v[b, h // (H // Hkv)]
+            logits = (q[b, h] @ kh.T) * scale  # [T, L]
+            if attn_mask is not None:
+                m = attn_mask.expand(B, H, T, L)[b, h]
+                logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m
+            if T == 1:
+                keep = quest_keep_ref(q[b, h, 0], kh, float(kappa[b]), page_size, sinks, window)
+                logits = logits.masked_fill(~keep[None, :], float("-inf"))
+            out[b, h] = torch.softmax(logits, dim=-1) @ vh
+    return out
+
+
+def topk_channels_ref(x_row: torch.Tensor, rho: float) -> torch.Tensor:
+    """Keep the ⌈ρ·D⌉ channels of largest |x| (ties at the threshold kept); zero the rest. x_row [D]."""
+    D = x_row.shape[-1]
+    if rho >= 1.0:
+        return x_row
+    k = min(max(math.ceil(rho * D - 1e-9), 1), D)
+    thr = x_row.abs().sort(descending=True).values[k - 1]
+    return torch.where(x_row.abs() >= thr, x_row, torch.zeros_like(x_row))
+
+
+def fake_quant_ref(y_row: torch.Tensor, bits: float) -> torch.Tensor:
+    """Symmetric per-token fake quantisation with q_max = 2^(b−1)−1; b ≥ 16 is the identity. y_row [D]."""
+    if bits >= 16:
+        return y_row
+    qmax = 2 ** (int(round(bits)) - 1) - 1
+    s = y_row.abs().max() / qmax
+    if s == 0:
+        return y_row
+    return torch.clamp(torch.round(y_row / s), -qmax, qmax) * s
+
+
+def sparse_mlp_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act: str):
+    """x [B,T,D]; weights in nn.Linear layout ([out, in]); rho, bits [B]. Gated if ``w_gate`` is given."""
+    fn = ACTIVATIONS[act]
+    B, T, D = x.shape
+    out = torch.empty(B, T, w_down.shape[0], dtype=x.dtype)
+    for b in range(B):
+        for t in range(T):
+            xt = topk_channels_ref(x[b, t], float(rho[b]))
+            up = F.linear(xt, w_up, b_up)
+            h = fn(F.linear(xt, w_gate, b_gate)) * up if w_gate is not None else fn(up)
+            out[b, t] = fake_quant_ref(F.linear(h, w_down, b_down), float(bits[b]))
+    return out

@@ -1,0 +1,74 @@
+"""A tiny stand-in for ``solm_compile.gated.GatedLM`` whose log-likelihood depends on the controls.
+
+Data follow x_{t+1} = (x_t + 1) mod V (``counting_blocks``). The dense model puts a logit margin of ``margin`` on
+that successor; a controlled step scales the margin by κ^½·ρ^½·(b/16)^½, so every compressed action costs
+log-likelihood, deterministically. Controls apply only on single-token steps with L > min_len, like the real LM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from solm_compile.config import GateConfig
+
+
+@dataclass(frozen=True)
+class FakeInfo:
+    architecture: str = "FakeForCausalLM"
+    hidden_size: int = 16
+    num_layers: int = 1
+    vocab_size: int = 24
+    weights_hash: str = "fake0000"
+
+
+class FakeCache:
+    def __init__(self, layers: list[Tensor]):
+        self.layers = layers                              # [B, 1, L, D] each
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].shape[2]
+
+    def repeat_interleave(self, k: int) -> "FakeCache":
+        return FakeCache([x.repeat_interleave(k, dim=0) for x in self.layers])
+
+
+class FakeGatedLM:
+    def __init__(self, vocab: int = 24, hidden: int = 16, margin: float = 4.0, seed: int = 0,
+                 gate: GateConfig = GateConfig()):
+        g = torch.Generator().manual_seed(seed)
+        self.info = FakeInfo(hidden_size=hidden, vocab_size=vocab, weights_hash=f"fake{seed:04d}")
+        self.gate, self.margin = gate, margin
+        self.emb = torch.randn(vocab, hidden, generator=g)
+        self.noise = 0.3 * torch.randn(hidden, vocab, generator=g)
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.emb[ids]                                                      # [B, T, D]
+
+    def _logits(self, ids: Tensor, hid: Tensor, quality: Tensor) -> Tensor:
+        succ = torch.nn.functional.one_hot((ids + 1) % self.info.vocab_size, self.info.vocab_size).float()
+        return self.margin * quality[:, None, None] * succ + hid @ self.noise      # [B, T, V]
+
+    def prefill(self, ids: Tensor):
+        x = self.embed(ids)                                                       # [B, T, D]
+        ctx = x.cumsum(1) / torch.arange(1, ids.shape[1] + 1)[None, :, None]       # [B, T, D]
+        hid = torch.tanh(x + ctx)
+        return self._logits(ids, hid, torch.ones(ids.shape[0])), hid, FakeCache([x[:, None]])
+
+    def step(self, ids: Tensor, cache: FakeCache, kappa: Tensor, rho: Tensor, bits: Tensor):
+        x = self.embed(ids)                                                       # [B, 1, D]
+        k = torch.cat([cache.layers[0], x[:, None]], dim=2)                       # [B, 1, L, D]
+        hid = torch.tanh(x + k[:, 0].mean(1, keepdim=True))                       # [B, 1, D]
+        if ids.shape[1] == 1 and k.shape[2] > self.gate.min_len:
+            quality = (kappa * rho * bits / 16).sqrt()
+        else:
+            quality = torch.ones(ids.shape[0])
+        return self._logits(ids, hid, quality), hid, FakeCache([k])
+
+
+def counting_blocks(n: int, length: int, vocab: int = 24, seed: int = 0) -> Tensor:
+    start = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(seed))
+    return (start + torch.arange(length)[None]) % vocab                           # [n, length]
