@@ -262,7 +262,7 @@ def _update(model, policy: RecurrentActorCriticPolicy, opt: torch.optim.Optimize
                                              buf["eff"][c], cfg.clip, cfg.entropy_coef)
                 w = buf["eff"][c].sum() / n_group
                 (loss * w).backward()
-            stats["loss"] += float(loss * w) / len(groups)
+            stats["loss"] += float(loss.detach() * w) / len(groups)
             stats["entropy"] += float(st["entropy"] * w) / len(groups)
             stats["clip_frac"] += float(st["clip_frac"] * w) / len(groups)
         gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
