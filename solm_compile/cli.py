@@ -56,8 +56,9 @@ def _load_gated(args):
     from .gated import compile_gated
     from .models import load
 
+    gate = dataclass_from_args(GateConfig, args)  # bad flags fail before the model loads
     loaded = load(args.model, trust_pickle=args.trust_pickle)
-    return loaded, compile_gated(loaded, dataclass_from_args(GateConfig, args))
+    return loaded, compile_gated(loaded, gate)
 
 
 def cmd_inspect(args) -> int:

@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_models():
+    """Tiny random-init models from transformers configs, one per supported family (unit tests only)."""
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+    common = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4)
+    return {
+        "llama-gqa": lambda: LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2)),
+        "llama-eager": lambda: LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2,
+                                                            attn_implementation="eager")),
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=160, n_embd=64, n_layer=2, n_head=4,
+                                                   bos_token_id=0, eos_token_id=0)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2)),
+        "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=16,
+                                                             sliding_window=16)),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    torch.manual_seed(0)
+    return tiny_models()["llama-gqa"]().eval()
