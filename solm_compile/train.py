@@ -75,23 +75,30 @@ class TrainConfig:
             if not ok:
                 raise UserError(f"train config: {msg}")
 
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
         for name in ("ctx", "T", "B", "updates", "checkpoint_every", "buffer_decisions", "minibatch_decisions"):
             v = getattr(self, name)
-            check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
-        check(isinstance(self.K, int) and self.K >= 2, f"K must be >= 2 (the group baseline needs 2 rollouts), got {self.K!r}")
-        check(isinstance(self.grad_accum, int) and self.grad_accum >= 0, f"grad_accum must be >= 0, got {self.grad_accum!r}")
+            check(whole(v) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
+        check(whole(self.K) and self.K >= 2, f"K must be >= 2 (the group baseline needs 2 rollouts), got {self.K!r}")
+        check(whole(self.grad_accum) and self.grad_accum >= 0, f"grad_accum must be >= 0, got {self.grad_accum!r}")
         check(self.reward in REWARDS, f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
-        check(self.minibatch_decisions >= self.T, f"minibatch_decisions ({self.minibatch_decisions}) must hold one episode (T={self.T})")
+        check(self.minibatch_decisions >= self.T,
+              f"minibatch_decisions ({self.minibatch_decisions}) must hold one episode (T={self.T})")
         check(self.tau > 0, f"tau must be > 0, got {self.tau}")
         check(0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1], got {self.gamma}")
         check(self.dead_zone >= 0, f"dead_zone must be >= 0, got {self.dead_zone}")
-        check(len(self.alpha) == 3 and all(a >= 0 for a in self.alpha), f"alpha must be 3 numbers >= 0, got {self.alpha}")
+        check(len(self.alpha) == 3 and all(a >= 0 for a in self.alpha),
+              f"alpha must be 3 numbers >= 0, got {self.alpha}")
         check(0 < self.clip < 1, f"clip must be in (0, 1), got {self.clip}")
         check(self.entropy_coef >= 0, f"entropy_coef must be >= 0, got {self.entropy_coef}")
-        check(self.lr > 0 and self.weight_decay >= 0 and self.grad_clip > 0, "lr and grad_clip must be > 0, weight_decay >= 0")
+        check(self.lr > 0 and self.grad_clip > 0, f"lr and grad_clip must be > 0, got {self.lr}, {self.grad_clip}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         check(isinstance(self.grid, ActionGrid), f"grid must be an ActionGrid, got {type(self.grid).__name__}")
         check(isinstance(self.policy, PolicyConfig), f"policy must be a PolicyConfig, got {type(self.policy).__name__}")
-        check(self.T <= self.policy.max_steps, f"T ({self.T}) exceeds the policy's position table ({self.policy.max_steps})")
+        check(self.T <= self.policy.max_steps,
+              f"T ({self.T}) exceeds the policy's position table (max_steps {self.policy.max_steps})")
         object.__setattr__(self, "alpha", tuple(float(a) for a in self.alpha))
 
     def to_dict(self) -> dict:
@@ -323,13 +330,44 @@ def _restore(path: Path, lm: Any, cfg: TrainConfig, policy, opt, gen: torch.Gene
     return int(ck["step"]), int(ck["batches"]), list(ck["history"])
 
 
+def _collect(lm, policy, blocks: Tensor, shard: Tensor, batches: int, n_batches: int, cfg: TrainConfig,
+             gate: GateConfig, gen: torch.Generator) -> tuple[list[Episode], dict, int]:
+    """Roll out ``n_batches`` batches of B blocks; return the episodes, the update buffer and the batch counter."""
+    alpha = grpo.penalty_alpha(cfg.grid, cfg.alpha)
+    policy.eval()
+    eps, advs, pens = [], [], []
+    for _ in range(n_batches):
+        idx = _batch_indices(shard, batches, cfg.B, cfg.seed)
+        batches += 1
+        targets = grpo.sample_budgets(cfg.B, cfg.grid, gen)
+        ep = rollout(lm, policy, blocks[idx], targets, cfg.grid, T=cfg.T, K=cfg.K, tau=cfg.tau,
+                     reward=cfg.reward, generator=gen, min_len=gate.min_len)
+        adv, pen = _advantages(ep, cfg, alpha)
+        eps.append(ep), advs.append(adv), pens.append(pen)
+    keys = ("h", "e", "scalars", "prev", "actions", "logp", "eff")
+    buf = {k: torch.cat([getattr(ep, k) for ep in eps]) for k in keys}
+    buf["adv"], buf["penalty"] = torch.cat(advs), torch.cat(pens)
+    return eps, buf, batches
+
+
+def _episode_metrics(eps: list[Episode], buf: dict) -> dict:
+    usage, targets = torch.cat([ep.usage for ep in eps]), torch.cat([ep.targets for ep in eps])
+    return {"reward": float(torch.cat([ep.reward for ep in eps]).mean()),
+            "nll": float(-torch.cat([ep.logp_true for ep in eps]).mean()),
+            "penalty": float(buf["penalty"].mean()),
+            **{f"use_{a}": float(u) for a, u in zip(AXES, usage.mean(0))},
+            **{f"target_{a}": float(u) for a, u in zip(AXES, targets.mean(0))},
+            **{f"err_{a}": float(u) for a, u in zip(AXES, (usage - targets).abs().mean(0))}}
+
+
 def train(lm: Any, blocks: Tensor, cfg: TrainConfig, out: Path, resume: bool = False,
           progress: bool = True) -> TrainResult:
     """Train a policy for ``lm`` on token ``blocks`` [N, ctx+T+1]; checkpoints go to ``out/checkpoint.pt``."""
     out = Path(out)
     rank, world = _dist()
     if blocks.dim() != 2 or blocks.shape[1] != cfg.ctx + cfg.T + 1:
-        raise UserError(f"training blocks must be [N, ctx+T+1] = [N, {cfg.ctx + cfg.T + 1}], got {list(blocks.shape)}")
+        raise UserError(f"training blocks must be [N, ctx+T+1] = [N, {cfg.ctx + cfg.T + 1}], "
+                        f"got {list(blocks.shape)}")
     shard = torch.arange(blocks.shape[0])[rank::world]
     if len(shard) < cfg.B:
         raise UserError(f"{blocks.shape[0]} training blocks over {world} process(es) leave fewer than B={cfg.B} each")
@@ -350,37 +388,17 @@ def train(lm: Any, blocks: Tensor, cfg: TrainConfig, out: Path, resume: bool = F
     model = policy
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(policy)
-    alpha = grpo.penalty_alpha(cfg.grid, cfg.alpha)
-    per_batch = cfg.B * cfg.K * cfg.T
-    n_batches = math.ceil(math.ceil(cfg.buffer_decisions / world) / per_batch)
+    n_batches = math.ceil(math.ceil(cfg.buffer_decisions / world) / (cfg.B * cfg.K * cfg.T))
     bar = tqdm(total=cfg.updates, initial=step, desc="grpo", unit="upd", disable=not progress or rank != 0)
     while step < cfg.updates:
         t0 = time.perf_counter()
-        eps, advs, pens = [], [], []
-        policy.eval()
-        for _ in range(n_batches):
-            idx = _batch_indices(shard, batches, cfg.B, cfg.seed)
-            batches += 1
-            targets = grpo.sample_budgets(cfg.B, cfg.grid, gen)
-            ep = rollout(lm, policy, blocks[idx], targets, cfg.grid, T=cfg.T, K=cfg.K, tau=cfg.tau,
-                         reward=cfg.reward, generator=gen, min_len=gate.min_len)
-            adv, pen = _advantages(ep, cfg, alpha)
-            eps.append(ep), advs.append(adv), pens.append(pen)
+        eps, buf, batches = _collect(lm, policy, blocks, shard, batches, n_batches, cfg, gate, gen)
         t_roll = time.perf_counter() - t0
-        buf = {k: torch.cat([getattr(ep, k) for ep in eps]) for k in ("h", "e", "scalars", "prev", "actions", "logp", "eff")}
-        buf["adv"] = torch.cat(advs)
         policy.train()
         stats = _update(model, policy, opt, buf, cfg, gen, world)
         step += 1
-        usage, targets = torch.cat([ep.usage for ep in eps]), torch.cat([ep.targets for ep in eps])
-        metrics = {"reward": float(torch.cat([ep.reward for ep in eps]).mean()),
-                   "nll": float(-torch.cat([ep.logp_true for ep in eps]).mean()),
-                   "penalty": float(torch.cat(pens).mean()),
-                   **{f"use_{a}": float(u) for a, u in zip(AXES, usage.mean(0))},
-                   **{f"target_{a}": float(u) for a, u in zip(AXES, targets.mean(0))},
-                   **{f"err_{a}": float(u) for a, u in zip(AXES, (usage - targets).abs().mean(0))},
-                   **stats, "rollout_s": t_roll, "update_s": time.perf_counter() - t0}
-        metrics = {"step": step, **_reduce(metrics, world)}
+        timing = {"rollout_s": t_roll, "update_s": time.perf_counter() - t0}
+        metrics = {"step": step, **_reduce({**_episode_metrics(eps, buf), **stats, **timing}, world)}
         history.append(metrics)
         bar.update(1)
         bar.set_postfix(r=f"{metrics['reward']:.3f}", tok=f"{metrics['use_tok']:.2f}", pru=f"{metrics['use_pru']:.2f}",

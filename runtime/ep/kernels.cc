@@ -2,7 +2,9 @@
 #include "kernels.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -55,6 +57,7 @@ struct MaskRow {  // the mask restricted to one (b, h, t)
   const uint8_t* b = nullptr;
   const float* f = nullptr;
   int64_t sl = 0;
+  int64_t jmax = INT64_MAX;  // is_causal: tokens j > jmax are masked out
 };
 
 // Thread-local temporaries for one work item (grown on demand, reused across calls).
@@ -76,8 +79,9 @@ typename V::value_type* Grow(V& v, size_t n) {
 
 // ------------------------------------------------------------------------------------------------ attention
 
-inline MaskRow RowOf(const MaskView& m, int64_t b, int64_t h, int64_t t) {
+inline MaskRow RowOf(const MaskView& m, int64_t b, int64_t h, int64_t t, bool causal) {
   MaskRow r;
+  if (causal) r.jmax = t;
   if (m.data == nullptr) return r;
   const int64_t off = b * m.sb + h * m.sh + t * m.st;
   if (m.is_bool)
@@ -90,6 +94,7 @@ inline MaskRow RowOf(const MaskView& m, int64_t b, int64_t h, int64_t t) {
 // Returns false if token j is masked out; else sets *add to the additive mask value.
 inline bool Allowed(const MaskRow& m, int64_t j, float* add) {
   *add = 0.f;
+  if (j > m.jmax) return false;
   if (m.b) return m.b[j * m.sl] != 0;
   if (m.f) {
     *add = m.f[j * m.sl];
@@ -169,9 +174,10 @@ void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_
 
 // Attention of G query heads (rows qrows[g*qstride]) that share one K/V head, over the tokens with keep[j] (all
 // if keep is null) that each head's mask allows. Each kept K and V row is read once for the whole group.
-// Scratch: logit [G*L + G], idx [L]. Returns the number of q·k dot products computed.
+// q·k over d, V rows and outputs of dv values. Scratch: logit [G*L + G], idx [L]. Returns the number of q·k dot
+// products computed.
 SOLM_CLONES uint64_t AttendGroup(const float* qrows, int64_t qstride, int64_t G, const float* K, const float* V,
-                                 int64_t L, int64_t d, float scale, const uint8_t* keep, const MaskRow* masks,
+                                 int64_t L, int64_t d, int64_t dv, float scale, const uint8_t* keep, const MaskRow* masks,
                                  float* logit, int32_t* idx, float* out, int64_t ostride) {
   uint64_t scored = 0;
   int64_t n = 0;
@@ -205,24 +211,24 @@ SOLM_CLONES uint64_t AttendGroup(const float* qrows, int64_t qstride, int64_t G,
     }
     // sum > 0 unless every token is masked out (softmax of all -inf) or a logit is NaN: NaN, as in the reference.
     sums[g] = sum;
-    std::memset(out + g * ostride, 0, d * sizeof(float));
+    std::memset(out + g * ostride, 0, dv * sizeof(float));
   }
   // PV: every kept V row read once, accumulated into every head of the group.
   for (int64_t i = 0; i < n; ++i) {
-    const float* vr = V + static_cast<int64_t>(idx[i]) * d;
+    const float* vr = V + static_cast<int64_t>(idx[i]) * dv;
     for (int64_t g = 0; g < G; ++g) {
       const float e = logit[g * L + i];
-      if (e != 0.f && sums[g] > 0.f) Axpy(out + g * ostride, vr, e, d);
+      if (e != 0.f && sums[g] > 0.f) Axpy(out + g * ostride, vr, e, dv);
     }
   }
   for (int64_t g = 0; g < G; ++g) {
     float* o = out + g * ostride;
     if (!(sums[g] > 0.f)) {
-      for (int64_t i = 0; i < d; ++i) o[i] = kNaN;
+      for (int64_t i = 0; i < dv; ++i) o[i] = kNaN;
       continue;
     }
     const float inv = 1.f / sums[g];
-    for (int64_t i = 0; i < d; ++i) o[i] *= inv;
+    for (int64_t i = 0; i < dv; ++i) o[i] *= inv;
   }
   return scored;
 }
@@ -238,8 +244,8 @@ int64_t PageBudget(double kappa, int64_t L, int64_t S) {
 }
 
 void QuestAttention(const float* q, const float* k, const float* v, const MaskView& mask, const float* kappa,
-                    int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t L, int64_t d, const QuestParams& p,
-                    float* out, AttnScratch& scratch, const Parallel& par) {
+                    int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t dv,
+                    const QuestParams& p, float* out, AttnScratch& scratch, const Parallel& par) {
   Stats& st = GlobalStats();
   st.attn_calls.fetch_add(1, std::memory_order_relaxed);
   st.attn_keys_dense.fetch_add(static_cast<uint64_t>(B * H * T * L), std::memory_order_relaxed);
@@ -258,12 +264,13 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
       float* logit = Grow(tls.f0, static_cast<size_t>(G * L + G));
       int32_t* idx = Grow(tls.i0, static_cast<size_t>(L));
       MaskRow* mr = Grow(tls.masks, static_cast<size_t>(G));
-      for (int64_t g = 0; g < G; ++g) mr[g] = RowOf(mask, b, hk * G + g, t);
+      for (int64_t g = 0; g < G; ++g) mr[g] = RowOf(mask, b, hk * G + g, t, p.is_causal);
       const float* qb = q + ((b * H + hk * G) * T + t) * d;
       const float* K = k + (b * Hkv + hk) * L * d;
-      const float* V = v + (b * Hkv + hk) * L * d;
-      float* ob = out + ((b * H + hk * G) * T + t) * d;
-      const uint64_t scored = AttendGroup(qb, T * d, G, K, V, L, d, scale, nullptr, mr, logit, idx, ob, T * d);
+      const float* V = v + (b * Hkv + hk) * L * dv;
+      float* ob = out + ((b * H + hk * G) * T + t) * dv;
+      const uint64_t scored =
+          AttendGroup(qb, T * d, G, K, V, L, d, dv, scale, nullptr, mr, logit, idx, ob, T * dv);
       st.attn_keys_scored.fetch_add(scored, std::memory_order_relaxed);
       st.attn_kv_rows_read.fetch_add(static_cast<uint64_t>(L), std::memory_order_relaxed);
     };
@@ -311,16 +318,17 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
     int32_t* idx = Grow(tls.i0, static_cast<size_t>(L));
     uint8_t* keep = sparse ? Grow(tls.u0, static_cast<size_t>(L)) : nullptr;
     MaskRow* mr = Grow(tls.masks, static_cast<size_t>(heads));
-    for (int64_t gg = 0; gg < heads; ++gg) mr[gg] = RowOf(mask, b, h + gg, 0);
+    for (int64_t gg = 0; gg < heads; ++gg) mr[gg] = RowOf(mask, b, h + gg, 0, false);
     const float* qh = q + (b * H + h) * d;  // T == 1
     const float* K = k + (b * Hkv + hk) * L * d;
-    const float* V = v + (b * Hkv + hk) * L * d;
+    const float* V = v + (b * Hkv + hk) * L * dv;
     if (sparse) {
       const float* minmax = pm + (b * Hkv + hk) * P * 2 * d;
       for (int64_t gg = 0; gg < heads; ++gg) PageScores(qh + gg * d, minmax, P, d, score, gg > 0);
       KeepFromScores(score, P, pb, L, S, p.sinks, p.window, keep, tmp);
     }
-    const uint64_t scored = AttendGroup(qh, d, heads, K, V, L, d, scale, keep, mr, logit, idx, out + (b * H + h) * d, d);
+    const uint64_t scored =
+        AttendGroup(qh, d, heads, K, V, L, d, dv, scale, keep, mr, logit, idx, out + (b * H + h) * dv, dv);
     uint64_t rows = 0;
     if (keep) {
       for (int64_t j = 0; j < L; ++j) rows += keep[j];
@@ -349,13 +357,14 @@ void MlpWeights::Set(const float* w_gate, const float* b_gate_, const float* w_u
   D = D_, I = I_, Dout = Dout_;
   gated = w_gate != nullptr;
   auto transpose = [](const float* src, int64_t rows, int64_t cols, std::vector<float>& dst) {
-    // src [rows, cols] -> dst [cols, rows], in 32x32 tiles.
-    dst.assign(static_cast<size_t>(rows * cols), 0.f);
-    constexpr int64_t TS = 32;
-    for (int64_t r0 = 0; r0 < rows; r0 += TS)
-      for (int64_t c0 = 0; c0 < cols; c0 += TS)
-        for (int64_t r = r0; r < std::min(rows, r0 + TS); ++r)
-          for (int64_t c = c0; c < std::min(cols, c0 + TS); ++c) dst[c * rows + r] = src[r * cols + c];
+    // src [rows, cols] (nn.Linear [out, in]) -> dst [ceil(rows/kPanel), cols, kPanel], zero padded.
+    const int64_t np = (rows + kPanel - 1) / kPanel;
+    dst.assign(static_cast<size_t>(np * cols * kPanel), 0.f);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* panel = dst.data() + (r / kPanel) * cols * kPanel + (r % kPanel);
+      const float* s = src + r * cols;
+      for (int64_t c = 0; c < cols; ++c) panel[c * kPanel] = s[c];
+    }
   };
   if (gated) transpose(w_gate, I, D, gate_t);
   else gate_t.clear();
@@ -373,7 +382,7 @@ void MlpWeights::Set(const float* w_gate, const float* b_gate_, const float* w_u
 namespace {
 
 constexpr int64_t kTokBlock = 8;   // tokens sharing one pass over a weight-row slice
-constexpr int64_t kColChunk = 256;  // output columns per work item (1 KiB of each weight row)
+constexpr int64_t kColChunk = MlpWeights::kPanel;  // output columns per work item = one weight panel
 
 inline float Activate(Act act, float x) {
   switch (act) {
@@ -413,59 +422,244 @@ int64_t TopK(const float* x, int64_t D, double rho, float* xs, float* tmp) {
   return nz;
 }
 
-// gate/up for a block of tokens and one column chunk [i0, i0+w): one input-major weight row per kept channel.
-SOLM_CLONES void MlpUpItem(const MlpWeights& W, const float* xs, const int32_t* uidx, int64_t ucount, int64_t n0,
-                           int64_t nt, int64_t i0, int64_t w, Act act, float* h, float* acc) {
-  const int64_t D = W.D, I = W.I;
-  float* ga = acc;                    // [nt, w]
-  float* ua = acc + kTokBlock * kColChunk;  // [nt, w]
-  for (int64_t t = 0; t < nt; ++t) {
-    if (W.gated) {
-      if (!W.b_gate.empty()) std::memcpy(ga + t * w, W.b_gate.data() + i0, w * sizeof(float));
-      else std::memset(ga + t * w, 0, w * sizeof(float));
-    }
-    if (!W.b_up.empty()) std::memcpy(ua + t * w, W.b_up.data() + i0, w * sizeof(float));
-    else std::memset(ua + t * w, 0, w * sizeof(float));
+// ---- register-tiled panel kernels --------------------------------------------------------------------------
+// y (a kColChunk-float buffer, or NT of them) += Σ_r coef[r] · panel row idx[r]. The accumulators of a column tile
+// live in vector registers for the whole pass over the rows, so every weight element is loaded once per pass and
+// the only memory traffic is the weight stream. Every variant adds the rows one FMA at a time in the order given,
+// so a token gets bit-identical results whichever variant (single- or multi-token) processes it.
+
+typedef float vf16 __attribute__((vector_size(64), aligned(4), may_alias));
+typedef float vf4 __attribute__((vector_size(16), aligned(4), may_alias));
+
+template <class V>
+constexpr int Lanes() {
+  return static_cast<int>(sizeof(V) / sizeof(float));
+}
+// Unaligned vector load/store. (A template parameter loses the typedef's aligned(4) attribute, so dereferencing a
+// V* would assume natural alignment.)
+template <class V>
+inline __attribute__((always_inline)) V Load(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <class V>
+inline __attribute__((always_inline)) void Store(float* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+template <class V, int NV>
+inline __attribute__((always_inline)) void GemvTile(float* y, const float* base, const int32_t* idx,
+                                                    const float* coef, int64_t n) {
+  constexpr int L = Lanes<V>();
+  V acc[NV];
+#pragma GCC unroll 32
+  for (int k = 0; k < NV; ++k) acc[k] = Load<V>(y + k * L);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* x = base + static_cast<int64_t>(idx[r]) * kColChunk;
+    const V a = V{} + coef[r];
+#pragma GCC unroll 32
+    for (int k = 0; k < NV; ++k) acc[k] += a * Load<V>(x + k * L);
   }
-  for (int64_t u = 0; u < ucount; ++u) {
-    const int64_t c = uidx[u];
-    const float* wu = W.up_t.data() + c * I + i0;
-    const float* wg = W.gated ? W.gate_t.data() + c * I + i0 : nullptr;
+#pragma GCC unroll 32
+  for (int k = 0; k < NV; ++k) Store<V>(y + k * L, acc[k]);
+}
+
+template <class V, int NV, int NT>
+inline __attribute__((always_inline)) void GemmTile(float* y, int64_t ys, const float* base, const int32_t* idx,
+                                                    const float* coef, int64_t cs, int64_t n) {
+  constexpr int L = Lanes<V>();
+  V acc[NT][NV];
+#pragma GCC unroll 32
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 32
+    for (int k = 0; k < NV; ++k) acc[t][k] = Load<V>(y + t * ys + k * L);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* x = base + static_cast<int64_t>(idx[r]) * kColChunk;
+    V w[NV];
+#pragma GCC unroll 32
+    for (int k = 0; k < NV; ++k) w[k] = Load<V>(x + k * L);
+#pragma GCC unroll 32
+    for (int t = 0; t < NT; ++t) {
+      const V a = V{} + coef[t * cs + r];
+#pragma GCC unroll 32
+      for (int k = 0; k < NV; ++k) acc[t][k] += a * w[k];
+    }
+  }
+#pragma GCC unroll 32
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 32
+    for (int k = 0; k < NV; ++k) Store<V>(y + t * ys + k * L, acc[t][k]);
+}
+
+// One token over a whole panel.
+template <class V, int NV>
+inline __attribute__((always_inline)) void GemvPanel(float* y, const float* panel, const int32_t* idx,
+                                                     const float* coef, int64_t n) {
+  constexpr int TW = NV * Lanes<V>();
+  static_assert(kColChunk % TW == 0, "tile must divide the panel");
+  for (int64_t c0 = 0; c0 < kColChunk; c0 += TW) GemvTile<V, NV>(y + c0, panel + c0, idx, coef, n);
+}
+
+// nt tokens (buffers y + t*kColChunk, coefficients coef + t*cs) over a whole panel, NT tokens per pass.
+template <class V, int NV1, int NV, int NT>
+inline __attribute__((always_inline)) void GemmPanel(float* y, int64_t nt, const float* panel, const int32_t* idx,
+                                                     const float* coef, int64_t cs, int64_t n) {
+  constexpr int TW = NV * Lanes<V>();
+  static_assert(kColChunk % TW == 0, "tile must divide the panel");
+  int64_t t = 0;
+  for (; t + NT <= nt; t += NT)
+    for (int64_t c0 = 0; c0 < kColChunk; c0 += TW)
+      GemmTile<V, NV, NT>(y + t * kColChunk + c0, kColChunk, panel + c0, idx, coef + t * cs, cs, n);
+  for (; t < nt; ++t) GemvPanel<V, NV1>(y + t * kColChunk, panel, idx, coef + t * cs, n);
+}
+
+using GemvFn = void (*)(float*, const float*, const int32_t*, const float*, int64_t);
+using GemmFn = void (*)(float*, int64_t, const float*, const int32_t*, const float*, int64_t, int64_t);
+struct PanelKernels {
+  GemvFn gemv;
+  GemmFn gemm;
+  const char* isa;
+};
+
+// Baseline x86-64 (SSE2) / any other architecture: 4-lane vectors.
+void GemvBase(float* y, const float* p, const int32_t* i, const float* c, int64_t n) { GemvPanel<vf4, 8>(y, p, i, c, n); }
+void GemmBase(float* y, int64_t nt, const float* p, const int32_t* i, const float* c, int64_t cs, int64_t n) {
+  GemmPanel<vf4, 8, 2, 4>(y, nt, p, i, c, cs, n);
+}
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(SOLM_NO_CLONES)
+// AVX2 + FMA: 16 ymm registers (8 accumulators for one token; 4 tokens x 2 for the multi-token tile).
+__attribute__((target("arch=x86-64-v3"))) void GemvV3(float* y, const float* p, const int32_t* i, const float* c,
+                                                      int64_t n) {
+  GemvPanel<v8, 8>(y, p, i, c, n);
+}
+__attribute__((target("arch=x86-64-v3"))) void GemmV3(float* y, int64_t nt, const float* p, const int32_t* i,
+                                                      const float* c, int64_t cs, int64_t n) {
+  GemmPanel<v8, 8, 2, 4>(y, nt, p, i, c, cs, n);
+}
+// AVX-512: 32 zmm registers (a whole 256-float panel row for one token; 4 tokens x 64 floats).
+__attribute__((target("arch=x86-64-v4"))) void GemvV4(float* y, const float* p, const int32_t* i, const float* c,
+                                                      int64_t n) {
+  GemvPanel<vf16, 16>(y, p, i, c, n);
+}
+__attribute__((target("arch=x86-64-v4"))) void GemmV4(float* y, int64_t nt, const float* p, const int32_t* i,
+                                                      const float* c, int64_t cs, int64_t n) {
+  GemmPanel<vf16, 16, 4, 4>(y, nt, p, i, c, cs, n);
+}
+#endif
+
+// Picked once per process from the CPU; SOLM_EP_ISA=baseline|x86-64-v3 caps it (to test the other variants).
+const PanelKernels& Panel() {
+  static const PanelKernels k = [] {
+    const char* cap = std::getenv("SOLM_EP_ISA");
+    const std::string want = cap ? cap : "";
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(SOLM_NO_CLONES)
+    __builtin_cpu_init();
+    if (want != "baseline" && want != "x86-64-v3" && __builtin_cpu_supports("x86-64-v4"))
+      return PanelKernels{GemvV4, GemmV4, "x86-64-v4"};
+    if (want != "baseline" && __builtin_cpu_supports("x86-64-v3")) return PanelKernels{GemvV3, GemmV3, "x86-64-v3"};
+#endif
+    return PanelKernels{GemvBase, GemmBase, "baseline"};
+  }();
+  return k;
+}
+
+// Fill nt buffers of kColChunk floats with the bias slice [j0, j0+w) (or zeros) and zero padding.
+void InitAcc(float* acc, int64_t nt, const std::vector<float>& bias, int64_t j0, int64_t w) {
+  for (int64_t t = 0; t < nt; ++t) {
+    float* a = acc + t * kColChunk;
+    if (!bias.empty()) std::memcpy(a, bias.data() + j0, w * sizeof(float));
+    else std::memset(a, 0, w * sizeof(float));
+    std::memset(a + w, 0, (kColChunk - w) * sizeof(float));
+  }
+}
+
+// Rows of one token block: per token its non-zero coefficients (the work that must be done), and whether the block
+// is dense enough for the multi-token kernel over the union of rows (zero coefficients for rows a token dropped:
+// exact, at most 1/3 extra multiply-adds, each weight vector loaded once per 4 tokens instead of once per token).
+constexpr double kMultiTokenFill = 0.75;
+
+// gate/up (+ activation) of a token block over one column panel. xs [N, D] top-k-zeroed inputs; uidx/ucount the
+// union of the block's kept channels. Scratch: acc 2*kTokBlock*kColChunk floats, coef kTokBlock*D floats,
+// rows D ints.
+void MlpUpItem(const MlpWeights& W, const float* xs, const int32_t* uidx, int64_t ucount, int64_t n0, int64_t nt,
+               int64_t i0, int64_t w, Act act, float* h, float* acc, float* coef, int32_t* rows) {
+  const int64_t D = W.D, I = W.I;
+  const PanelKernels& K = Panel();
+  float* ga = acc;                           // [nt, kColChunk]
+  float* ua = acc + kTokBlock * kColChunk;   // [nt, kColChunk]
+  const float* gpanel = W.gated ? W.gate_t.data() + i0 * D : nullptr;  // panel i0/kColChunk
+  const float* upanel = W.up_t.data() + i0 * D;
+  if (W.gated) InitAcc(ga, nt, W.b_gate, i0, w);
+  InitAcc(ua, nt, W.b_up, i0, w);
+  int64_t work = 0;
+  for (int64_t t = 0; t < nt; ++t) {
+    const float* x = xs + (n0 + t) * D;
+    for (int64_t u = 0; u < ucount; ++u) work += x[uidx[u]] != 0.f;
+  }
+  if (nt > 1 && static_cast<double>(work) >= kMultiTokenFill * static_cast<double>(nt * ucount)) {
     for (int64_t t = 0; t < nt; ++t) {
-      const float xv = xs[(n0 + t) * D + c];
-      if (xv == 0.f) continue;
-      if (wg) Axpy(ga + t * w, wg, xv, w);
-      Axpy(ua + t * w, wu, xv, w);
+      const float* x = xs + (n0 + t) * D;
+      for (int64_t u = 0; u < ucount; ++u) coef[t * ucount + u] = x[uidx[u]];
+    }
+    if (gpanel) K.gemm(ga, nt, gpanel, uidx, coef, ucount, ucount);
+    K.gemm(ua, nt, upanel, uidx, coef, ucount, ucount);
+  } else {
+    for (int64_t t = 0; t < nt; ++t) {
+      const float* x = xs + (n0 + t) * D;
+      int64_t n = 0;
+      for (int64_t u = 0; u < ucount; ++u) {
+        const int32_t c = uidx[u];
+        if (x[c] != 0.f) rows[n] = c, coef[n++] = x[c];
+      }
+      if (gpanel) K.gemv(ga + t * kColChunk, gpanel, rows, coef, n);
+      K.gemv(ua + t * kColChunk, upanel, rows, coef, n);
     }
   }
   for (int64_t t = 0; t < nt; ++t) {
     float* hr = h + (n0 + t) * I + i0;
-    const float* g = ga + t * w;
-    const float* u = ua + t * w;
-    if (W.gated)
+    const float* g = ga + t * kColChunk;
+    const float* u = ua + t * kColChunk;
+    if (gpanel)
       for (int64_t i = 0; i < w; ++i) hr[i] = Activate(act, g[i]) * u[i];
     else
       for (int64_t i = 0; i < w; ++i) hr[i] = Activate(act, u[i]);
   }
 }
 
-// down projection for a block of tokens and one output column chunk: one row per non-zero activation.
-SOLM_CLONES void MlpDownItem(const MlpWeights& W, const float* h, int64_t n0, int64_t nt, int64_t j0, int64_t w,
-                             float* y) {
+// down projection of a token block over one output column panel: one row per non-zero activation. Scratch: acc
+// kTokBlock*kColChunk floats, coef kTokBlock*I floats, rows I ints. Returns the non-zero activations (summed over
+// the block's tokens) in *nonzero.
+void MlpDownItem(const MlpWeights& W, const float* h, int64_t n0, int64_t nt, int64_t j0, int64_t w, float* y,
+                 float* acc, float* coef, int32_t* rows, uint64_t* nonzero) {
   const int64_t I = W.I, Dout = W.Dout;
-  for (int64_t t = 0; t < nt; ++t) {
-    float* yr = y + (n0 + t) * Dout + j0;
-    if (!W.b_down.empty()) std::memcpy(yr, W.b_down.data() + j0, w * sizeof(float));
-    else std::memset(yr, 0, w * sizeof(float));
-  }
+  const PanelKernels& K = Panel();
+  const float* panel = W.down_t.data() + j0 * I;  // panel j0/kColChunk
+  InitAcc(acc, nt, W.b_down, j0, w);
+  // union of the non-zero activations of the block, and the work per token
+  int64_t u = 0, work = 0;
   for (int64_t i = 0; i < I; ++i) {
-    const float* wd = W.down_t.data() + i * Dout + j0;
+    int64_t cnt = 0;
+    for (int64_t t = 0; t < nt; ++t) cnt += h[(n0 + t) * I + i] != 0.f;
+    if (cnt) rows[u++] = static_cast<int32_t>(i);
+    work += cnt;
+  }
+  *nonzero = static_cast<uint64_t>(work);
+  if (nt > 1 && static_cast<double>(work) >= kMultiTokenFill * static_cast<double>(nt * u)) {
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t k = 0; k < u; ++k) coef[t * u + k] = h[(n0 + t) * I + rows[k]];
+    K.gemm(acc, nt, panel, rows, coef, u, u);
+  } else {
     for (int64_t t = 0; t < nt; ++t) {
-      const float hv = h[(n0 + t) * I + i];
-      if (hv == 0.f) continue;
-      Axpy(y + (n0 + t) * Dout + j0, wd, hv, w);
+      const float* hr = h + (n0 + t) * I;
+      int32_t* trows = rows + u;  // after the union list (rows has room for 2*I)
+      int64_t n = 0;
+      for (int64_t k = 0; k < u; ++k)
+        if (hr[rows[k]] != 0.f) trows[n] = rows[k], coef[n++] = hr[rows[k]];
+      K.gemv(acc + t * kColChunk, panel, trows, coef, n);
     }
   }
+  for (int64_t t = 0; t < nt; ++t) std::memcpy(y + (n0 + t) * Dout + j0, acc + t * kColChunk, w * sizeof(float));
 }
 
 // Symmetric per-token fake quantisation, q_max = 2^(b-1)-1; b >= 16 is the identity (reference.fake_quant_ref).
@@ -485,6 +679,8 @@ void FakeQuant(float* y, int64_t n, double bits) {
 }
 
 }  // namespace
+
+const char* MlpKernelIsa() { return Panel().isa; }
 
 void SparseMlp(const float* x, int64_t B, int64_t T, const MlpWeights& W, const float* rho, const float* bits,
                Act act, float* y, MlpScratch& sc, const Parallel& par) {
@@ -527,24 +723,25 @@ void SparseMlp(const float* x, int64_t B, int64_t T, const MlpWeights& W, const 
     const int64_t j = static_cast<int64_t>(it) / nblk, blk = static_cast<int64_t>(it) % nblk;
     const int64_t n0 = blk * kTokBlock, nt = std::min(kTokBlock, N - n0);
     const int64_t i0 = j * kColChunk, w = std::min(kColChunk, I - i0);
-    float* acc = Grow(ThreadScratch().f1, static_cast<size_t>(2 * kTokBlock * kColChunk));
-    MlpUpItem(W, xs, uidx + blk * D, ucnt[blk], n0, nt, i0, w, act, h, acc);
+    Tls& tls = ThreadScratch();
+    float* acc = Grow(tls.f1, static_cast<size_t>(2 * kTokBlock * kColChunk + kTokBlock * D));
+    int32_t* rows = Grow(tls.i0, static_cast<size_t>(D));
+    MlpUpItem(W, xs, uidx + blk * D, ucnt[blk], n0, nt, i0, w, act, h, acc, acc + 2 * kTokBlock * kColChunk, rows);
   };
   par.For(static_cast<size_t>(nci * nblk), up);
 
-  // C: down projection, items (output column chunk, token block).
+  // C: down projection, items (output column panel, token block).
   const int64_t nco = (Dout + kColChunk - 1) / kColChunk;
   auto down = [&](size_t it) {
     const int64_t j = static_cast<int64_t>(it) / nblk, blk = static_cast<int64_t>(it) % nblk;
     const int64_t n0 = blk * kTokBlock, nt = std::min(kTokBlock, N - n0);
     const int64_t j0 = j * kColChunk, w = std::min(kColChunk, Dout - j0);
-    MlpDownItem(W, h, n0, nt, j0, w, y);
-    if (j == 0) {
-      uint64_t rows = 0;
-      for (int64_t t = 0; t < nt; ++t)
-        for (int64_t i = 0; i < I; ++i) rows += h[(n0 + t) * I + i] != 0.f;
-      st.mlp_down_rows.fetch_add(rows, std::memory_order_relaxed);
-    }
+    Tls& tls = ThreadScratch();
+    float* acc = Grow(tls.f1, static_cast<size_t>(kTokBlock * kColChunk + kTokBlock * I));
+    int32_t* rows = Grow(tls.i0, static_cast<size_t>(2 * I));
+    uint64_t nz = 0;
+    MlpDownItem(W, h, n0, nt, j0, w, y, acc, acc + kTokBlock * kColChunk, rows, &nz);
+    if (j == 0) st.mlp_down_rows.fetch_add(nz, std::memory_order_relaxed);
   };
   par.For(static_cast<size_t>(nco * nblk), down);
 

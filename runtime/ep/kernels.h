@@ -73,16 +73,19 @@ struct QuestParams {
   //       group instead of once per query head. Not the reference's selection (it is a different, coarser policy);
   //       identical when H == Hkv.
   bool per_kv_head = false;
+  // Multi-token calls only: also mask keys j > t (top-left aligned, like torch SDPA's is_causal). Single-token
+  // steps ignore it (the KV cache already holds only the past).
+  bool is_causal = false;
 };
 
 struct AttnScratch {
   std::vector<float> page_minmax;  // [B, Hkv, P, 2, d]
 };
 
-// q [B,H,T,d], k/v [B,Hkv,L,d], kappa [B], out [B,H,T,d].
+// q [B,H,T,d], k [B,Hkv,L,d], v [B,Hkv,L,dv], kappa [B], out [B,H,T,dv].
 void QuestAttention(const float* q, const float* k, const float* v, const MaskView& mask, const float* kappa,
-                    int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t L, int64_t d, const QuestParams& p,
-                    float* out, AttnScratch& scratch, const Parallel& par);
+                    int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t dv,
+                    const QuestParams& p, float* out, AttnScratch& scratch, const Parallel& par);
 
 // Pages kept for keep fraction kappa at KV length L and page size S (reference.page_budget).
 int64_t PageBudget(double kappa, int64_t L, int64_t S);
@@ -90,12 +93,16 @@ int64_t PageBudget(double kappa, int64_t L, int64_t S);
 enum class Act { kSilu, kGelu, kGeluTanh, kRelu };
 bool ParseAct(const std::string& name, Act* act);
 
-// MLP weights re-laid out input-major: one contiguous row per input channel.
+// MLP weights re-laid out input-major: one contiguous row per input channel, cut into column panels of kPanel
+// outputs so that a work item (one panel) streams one contiguous kPanel-float row segment per kept channel and a
+// dense pass reads each panel front to back. Measured on the SmolLM2 MLP shape (576 -> 1536), plain [D, I] rows
+// cut into 1 KiB pieces per work item ran ~3x slower (strided 1 KiB reads defeat the prefetchers).
 struct MlpWeights {
+  static constexpr int64_t kPanel = 256;
   int64_t D = 0, I = 0, Dout = 0;
   bool gated = false;
-  std::vector<float> gate_t, up_t;  // [D, I]
-  std::vector<float> down_t;        // [I, Dout]
+  std::vector<float> gate_t, up_t;  // [ceil(I/kPanel), D, kPanel]  (row c of panel j = W[j*kPanel.., c])
+  std::vector<float> down_t;        // [ceil(Dout/kPanel), I, kPanel]
   std::vector<float> b_gate, b_up, b_down;  // empty when absent
 
   // From nn.Linear layout: w_gate/w_up [I, D], w_down [Dout, I]; any pointer except w_up/w_down may be null.
@@ -109,6 +116,9 @@ struct MlpScratch {
   std::vector<int32_t> uidx;    // [nblocks, D] union of kept channels per token block
   std::vector<int32_t> ucount;  // [nblocks]
 };
+
+// The MLP micro-kernel variant picked for this CPU: "x86-64-v4" (AVX-512), "x86-64-v3" (AVX2+FMA) or "baseline".
+const char* MlpKernelIsa();
 
 // x [B,T,D] (N = B*T tokens), rho/bits [B], y [B,T,Dout].
 void SparseMlp(const float* x, int64_t B, int64_t T, const MlpWeights& w, const float* rho, const float* bits,

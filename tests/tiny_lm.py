@@ -1,12 +1,19 @@
-"""A tiny stand-in for ``solm_compile.gated.GatedLM`` whose log-likelihood depends on the controls.
+"""Tiny language models for the policy/training tests.
 
-Data follow x_{t+1} = (x_t + 1) mod V (``counting_blocks``). The dense model puts a logit margin of ``margin`` on
-that successor; a controlled step scales the margin by κ^½·ρ^½·(b/16)^½, so every compressed action costs
-log-likelihood, deterministically. Controls apply only on single-token steps with L > min_len, like the real LM.
+``tiny_llama(seed)``: the real ``GatedLM`` (passes, gated ops, KV cache) over a seeded random 2-layer Llama.
+Its weights are random, so the controls barely move its log-likelihood; use it for plumbing (checkpoints,
+resume, DDP). ``FakeGatedLM``: a stand-in with the same interface whose log-likelihood depends on the
+controls in a known way; use it where a test needs the reward to respond to the actions.
+
+For ``FakeGatedLM`` the data follow x_{t+1} = (x_t + 1) mod V (``counting_blocks``); the dense model puts a
+logit margin of ``margin`` on that successor; a controlled step scales the margin by κ^½·ρ^½·(b/16)^½, so every
+compressed action costs log-likelihood, deterministically. Controls apply only on single-token steps with
+L > min_len, like the real LM.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -72,3 +79,23 @@ class FakeGatedLM:
 def counting_blocks(n: int, length: int, vocab: int = 24, seed: int = 0) -> Tensor:
     start = torch.randint(0, vocab, (n, 1), generator=torch.Generator().manual_seed(seed))
     return (start + torch.arange(length)[None]) % vocab                           # [n, length]
+
+
+@functools.lru_cache(maxsize=4)
+def tiny_llama(seed: int = 0, vocab: int = 64):
+    """GatedLM over a random Llama: hidden 32, 2 layers, 4 query / 2 KV heads (≈2 s to build, cached)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from solm_compile.gated import GatedLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg).eval()
+    return GatedLM.from_hf(model, name=f"tiny-llama-{seed}")
+
+
+def random_blocks(n: int, length: int, vocab: int = 64, seed: int = 0) -> Tensor:
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))

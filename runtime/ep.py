@@ -1,0 +1,134 @@
+"""Find, register and use SolmEP, solm's onnxruntime plugin execution provider.
+
+SolmEP (``runtime/ep/*.cc``, built by ``ep_build``) executes the ``ai.solm`` nodes of a compiled artifact with
+kernels that skip the pruned work; every other node stays on onnxruntime's CPU EP. Typical use::
+
+    from solm_compile.runtime import ep
+    so = ep.session_options_with_ep()           # SolmEP first, CPU EP after it, if the library is there
+    sess = onnxruntime.InferenceSession(path, so)
+    sess.get_providers()                         # ['SolmEP', 'CPUExecutionProvider']
+
+Without the built library every function here degrades gracefully: ``register`` warns once and returns False,
+``session_options_with_ep`` returns plain session options, and callers run the portable artifact instead.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+from . import ep_build
+
+EP_NAME = "SolmEP"
+MIN_ORT = (1, 24)  # the plugin-EP API level the library asks for
+NOT_BUILT = ("SolmEP is not built: running the portable path; build it with "
+             "`python -m solm_compile.runtime.ep_build` (needs g++ and npm)")
+
+_lock = threading.Lock()
+_registered: Path | None = None
+_warned = False
+
+
+def library_path() -> Path | None:
+    """The built library: first ``libsolm_ep.so`` inside the installed package, else the build cache; or None.
+
+    In a source checkout a package library built from older sources is passed over for the cache build of the
+    current sources when there is one (and used, with a warning, when there is not).
+    """
+    pkg = ep_build.package_library()
+    if pkg.is_file():
+        if not ep_build.is_stale(pkg):
+            return pkg
+        cached = ep_build.cached_library()
+        if cached.is_file():
+            return cached
+        _warn_once(f"{pkg} was built from older sources than runtime/ep/; rebuild it with "
+                   "`python -m solm_compile.runtime.ep_build`")
+        return pkg
+    return ep_build.latest_cached_library()
+
+
+def _warn_once(msg: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _ort_version(ort: Any) -> tuple[int, int]:
+    try:
+        major, minor = ort.__version__.split(".")[:2]
+        return int(major), int(minor)
+    except (AttributeError, ValueError):
+        return (0, 0)
+
+
+def is_registered() -> bool:
+    """Whether this process has registered SolmEP with onnxruntime."""
+    return _registered is not None
+
+
+def register(ort: Any = None, path: str | Path | None = None) -> bool:
+    """Register SolmEP with onnxruntime once per process (idempotent); True if it is usable.
+
+    ``ort`` is the onnxruntime module (imported if None); ``path`` overrides ``library_path()``. Returns False,
+    warning once, when the library is missing, the runtime is older than 1.24, or registration fails.
+    """
+    global _registered
+    if ort is None:
+        import onnxruntime as ort
+    with _lock:
+        if _registered is not None:
+            return True
+        lib = Path(path) if path is not None else library_path()
+        if lib is None or not lib.is_file():
+            _warn_once(NOT_BUILT)
+            return False
+        if _ort_version(ort) < MIN_ORT or not hasattr(ort, "register_execution_provider_library"):
+            _warn_once(f"SolmEP needs onnxruntime >= {MIN_ORT[0]}.{MIN_ORT[1]} (found "
+                       f"{getattr(ort, '__version__', '?')}): running the portable path")
+            return False
+        try:
+            ort.register_execution_provider_library(EP_NAME, str(lib))
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises plain RuntimeError/Fail types
+            if "already" not in str(e).lower():
+                _warn_once(f"SolmEP could not be registered from {lib}: {e}; running the portable path")
+                return False
+        if not any(d.ep_name == EP_NAME for d in ort.get_ep_devices()):
+            _warn_once(f"SolmEP registered from {lib} but offers no device; running the portable path")
+            return False
+        _registered = lib
+        return True
+
+
+def ep_devices(ort: Any = None) -> list:
+    """The OrtEpDevice entries of SolmEP (empty if it is not registered)."""
+    if ort is None:
+        import onnxruntime as ort
+    return [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
+
+
+def session_options_with_ep(so: Any = None, *, ort: Any = None, provider_options: dict[str, str] | None = None,
+                            select_per_kv_head: bool | None = None, intra_op_num_threads: int | None = None) -> Any:
+    """Session options with SolmEP added in front of the CPU EP (registering it first if needed).
+
+    ``so`` is extended in place (a new ``SessionOptions`` if None) and returned. If SolmEP is unavailable ``so`` is
+    returned without it (and ``register`` has warned once). ``select_per_kv_head`` overrides the attribute of every
+    QuestAttention node (pages chosen once per KV head instead of per query head). The kernels parallelise over
+    onnxruntime's intra-op thread pool, so ``intra_op_num_threads`` sets their thread count.
+    """
+    if ort is None:
+        import onnxruntime as ort
+    if so is None:
+        so = ort.SessionOptions()
+    if intra_op_num_threads is not None:
+        so.intra_op_num_threads = int(intra_op_num_threads)
+    if not register(ort):
+        return so
+    opts = {str(k): str(v) for k, v in (provider_options or {}).items()}
+    if select_per_kv_head is not None:
+        opts["select_per_kv_head"] = "1" if select_per_kv_head else "0"
+    so.add_provider_for_devices(ep_devices(ort), opts)
+    return so

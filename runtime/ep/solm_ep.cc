@@ -1,0 +1,873 @@
+// SolmEP: an onnxruntime plugin execution provider that runs the ai.solm ops (QuestAttention, SparseMLP,
+// GateControls) with kernels that skip the pruned work (kernels.h). Every other node stays on the CPU EP.
+//
+// Structure (onnxruntime plugin-EP C API, "compile" flavour):
+//   CreateEpFactories -> SolmFactory: one OrtEpDevice per CPU hardware device; also hands ORT the ai.solm custom-op
+//     domain with *placeholder* op schemas so models with ai.solm nodes pass graph validation.
+//   SolmEp::GetCapability: claims each ai.solm node with fp32 data as its own fused subgraph, asking ORT to drop
+//     constant initializers (the EP keeps its own re-laid-out copy of the MLP weights).
+//   SolmEp::Compile: reads the node's attributes and constant inputs (MLP weights transposed input-major here),
+//     maps every op input to its slot in the fused node (fused inputs are de-duplicated by name) and builds a kernel.
+//   Compute: KernelContext inputs -> kernels, parallel-for through onnxruntime's intra-op thread pool
+//     (OrtApi::KernelContext_ParallelFor), so `SessionOptions.intra_op_num_threads` controls the threads.
+//
+// API level: built against 1.29 headers but asks for and declares API version 24 (kSolmOrtApi), the oldest runtime
+// whose plugin-EP API has everything used here (OrtEpFactory::GetCustomOpDomains is 1.24); every OrtApi function
+// called is <= 1.24. So the library loads on onnxruntime >= 1.24 (tested on 1.24.4 and 1.32.0).
+//
+// Debugging: SOLM_EP_DEBUG=1 prints the EP's session options and each compiled node's input mapping to stderr.
+#include "onnxruntime_c_api.h"  // includes onnxruntime_ep_c_api.h at its end; do not include that one again
+
+#include <algorithm>
+#include <cctype>
+#include <climits>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "kernels.h"
+
+#define SOLM_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+constexpr uint32_t kSolmOrtApi = 24;
+constexpr const char* kEpName = "SolmEP";
+constexpr const char* kDomain = "ai.solm";
+constexpr const char* kVersion = "0.1.0";
+
+const OrtApi* g_ort = nullptr;
+const OrtEpApi* g_ep = nullptr;
+
+// ------------------------------------------------------------------------------------------------ errors
+
+struct OrtError : std::runtime_error {
+  OrtErrorCode code;
+  OrtError(OrtErrorCode c, const std::string& m) : std::runtime_error(m), code(c) {}
+};
+
+void Check(OrtStatus* s) {
+  if (s == nullptr) return;
+  OrtError e(g_ort->GetErrorCode(s), g_ort->GetErrorMessage(s));
+  g_ort->ReleaseStatus(s);
+  throw e;
+}
+
+[[noreturn]] void Fail(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT) {
+  throw OrtError(code, msg);
+}
+
+template <class F>
+OrtStatus* Guard(F&& f) noexcept {
+  try {
+    f();
+    return nullptr;
+  } catch (const OrtError& e) {
+    return g_ort->CreateStatus(e.code, e.what());
+  } catch (const std::exception& e) {
+    return g_ort->CreateStatus(ORT_FAIL, e.what());
+  } catch (...) {
+    return g_ort->CreateStatus(ORT_FAIL, "SolmEP: unknown error");
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ tensors
+
+// A tensor shape held inline (no heap allocation on the Compute path).
+struct Shape {
+  static constexpr size_t kMaxRank = 8;
+  int64_t d[kMaxRank] = {};
+  size_t n = 0;
+  Shape() = default;
+  Shape(std::initializer_list<int64_t> l) { Assign(l.begin(), l.size()); }
+  void Assign(const int64_t* p, size_t rank) {
+    if (rank > kMaxRank) Fail("SolmEP: tensor rank " + std::to_string(rank) + " > 8");
+    n = rank;
+    for (size_t i = 0; i < n; ++i) d[i] = p[i];
+  }
+  size_t size() const { return n; }
+  const int64_t* data() const { return d; }
+  const int64_t* begin() const { return d; }
+  const int64_t* end() const { return d + n; }
+  int64_t operator[](size_t i) const { return d[i]; }
+  bool operator==(const Shape& o) const { return n == o.n && std::equal(d, d + n, o.d); }
+  bool operator!=(const Shape& o) const { return !(*this == o); }
+};
+
+struct TensorRef {  // a borrowed tensor (kernel-context input or a saved constant)
+  const void* data = nullptr;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  Shape shape;
+  bool present = false;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    return n;
+  }
+  const float* f() const { return static_cast<const float*>(data); }
+};
+
+void Describe(const OrtValue* value, TensorRef* t) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  Check(g_ort->GetTensorTypeAndShape(value, &info));
+  size_t nd = 0;
+  OrtStatus* s = g_ort->GetDimensionsCount(info, &nd);
+  if (!s && nd > Shape::kMaxRank) s = g_ort->CreateStatus(ORT_INVALID_ARGUMENT, "SolmEP: tensor rank > 8");
+  if (!s) {
+    t->shape.n = nd;
+    s = g_ort->GetDimensions(info, t->shape.d, nd);
+  }
+  if (!s) s = g_ort->GetTensorElementType(info, &t->type);
+  g_ort->ReleaseTensorTypeAndShapeInfo(info);
+  Check(s);
+  Check(g_ort->GetTensorData(value, &t->data));
+  t->present = true;
+}
+
+struct SavedTensor {  // a constant initializer copied at Compile time
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> bytes;
+};
+
+size_t ElemSize(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32: return 4;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return 8;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return 1;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: return 2;
+    default: return 0;
+  }
+}
+
+std::string ShapeStr(const Shape& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? "," : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+// Where an op input comes from at Compute time.
+struct InputSlot {
+  std::string name;          // empty: optional input absent
+  int ctx_index = -1;        // index among the fused node's (= kernel context's) inputs
+  std::shared_ptr<SavedTensor> saved;  // constant initializer kept by the EP
+  bool consumed = false;     // constant consumed at Compile (MLP weights), not needed at Compute
+};
+
+// ------------------------------------------------------------------------------------------------ graph helpers
+
+std::string ValueName(const OrtValueInfo* vi) {
+  if (vi == nullptr) return {};
+  const char* n = nullptr;
+  Check(g_ort->GetValueInfoName(vi, &n));
+  return n ? n : "";
+}
+
+// Element type of a value (UNDEFINED if unknown / not a tensor).
+ONNXTensorElementDataType ValueElemType(const OrtValueInfo* vi) {
+  if (vi == nullptr) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  const OrtTypeInfo* ti = nullptr;
+  if (OrtStatus* s = g_ort->GetValueInfoTypeInfo(vi, &ti)) {
+    g_ort->ReleaseStatus(s);
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  const OrtTensorTypeAndShapeInfo* tsi = nullptr;
+  if (ti == nullptr) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  if (OrtStatus* s = g_ort->CastTypeInfoToTensorInfo(ti, &tsi)) {
+    g_ort->ReleaseStatus(s);
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  if (tsi == nullptr) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  ONNXTensorElementDataType t = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  if (OrtStatus* s = g_ort->GetTensorElementType(tsi, &t)) {
+    g_ort->ReleaseStatus(s);
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  return t;
+}
+
+std::vector<const OrtValueInfo*> NodeInputs(const OrtNode* node) {
+  size_t n = 0;
+  Check(g_ort->Node_GetNumInputs(node, &n));
+  std::vector<const OrtValueInfo*> v(n, nullptr);
+  if (n) Check(g_ort->Node_GetInputs(node, v.data(), n));
+  return v;
+}
+
+const OrtOpAttr* FindAttr(const OrtNode* node, const char* name) {
+  const OrtOpAttr* a = nullptr;
+  if (OrtStatus* s = g_ort->Node_GetAttributeByName(node, name, &a)) {  // ORT_NOT_FOUND when absent
+    g_ort->ReleaseStatus(s);
+    return nullptr;
+  }
+  return a;
+}
+
+int64_t AttrInt(const OrtNode* node, const char* name, int64_t dflt) {
+  const OrtOpAttr* a = FindAttr(node, name);
+  if (!a) return dflt;
+  int64_t v = 0;
+  size_t got = 0;
+  Check(g_ort->ReadOpAttr(a, ORT_OP_ATTR_INT, &v, sizeof(v), &got));
+  return v;
+}
+
+bool AttrFloat(const OrtNode* node, const char* name, float* out) {
+  const OrtOpAttr* a = FindAttr(node, name);
+  if (!a) return false;
+  size_t got = 0;
+  Check(g_ort->ReadOpAttr(a, ORT_OP_ATTR_FLOAT, out, sizeof(float), &got));
+  return true;
+}
+
+std::string AttrString(const OrtNode* node, const char* name, const std::string& dflt) {
+  const OrtOpAttr* a = FindAttr(node, name);
+  if (!a) return dflt;
+  size_t need = 0;
+  OrtStatus* s = g_ort->ReadOpAttr(a, ORT_OP_ATTR_STRING, nullptr, 0, &need);  // fails, reports the size
+  if (s) g_ort->ReleaseStatus(s);
+  std::string v(need, '\0');
+  size_t got = 0;
+  Check(g_ort->ReadOpAttr(a, ORT_OP_ATTR_STRING, v.data(), v.size(), &got));
+  v.resize(std::min(got, v.size()));
+  while (!v.empty() && v.back() == '\0') v.pop_back();
+  return v;
+}
+
+// Copy of a constant initializer (nullptr if `vi` is not a constant initializer).
+std::shared_ptr<SavedTensor> SaveConstant(const OrtValueInfo* vi) {
+  if (vi == nullptr) return nullptr;
+  bool is_const = false;
+  Check(g_ort->ValueInfo_IsConstantInitializer(vi, &is_const));
+  if (!is_const) return nullptr;
+  const OrtValue* value = nullptr;
+  Check(g_ort->ValueInfo_GetInitializerValue(vi, &value));
+  if (value == nullptr) return nullptr;
+  TensorRef t;
+  Describe(value, &t);
+  const size_t es = ElemSize(t.type);
+  if (es == 0) Fail("SolmEP: unsupported initializer type for '" + ValueName(vi) + "'");
+  auto saved = std::make_shared<SavedTensor>();
+  saved->type = t.type;
+  saved->shape.assign(t.shape.begin(), t.shape.end());
+  const size_t nbytes = static_cast<size_t>(t.numel()) * es;
+  const uint8_t* p = static_cast<const uint8_t*>(t.data);
+  saved->bytes.assign(p, p + nbytes);
+  return saved;
+}
+
+// ------------------------------------------------------------------------------------------------ kernels
+
+struct KernelBase {
+  std::string op;
+  std::vector<InputSlot> inputs;
+  std::mutex mu;  // serialises Compute of one node (its scratch buffers) across concurrent Run() calls
+  virtual ~KernelBase() = default;
+  virtual void Compute(OrtKernelContext* kc) = 0;
+
+  TensorRef In(OrtKernelContext* kc, size_t i) const {
+    TensorRef t;
+    if (i >= inputs.size()) return t;
+    const InputSlot& s = inputs[i];
+    if (s.name.empty()) return t;
+    if (s.ctx_index >= 0) {
+      const OrtValue* v = nullptr;
+      Check(g_ort->KernelContext_GetInput(kc, static_cast<size_t>(s.ctx_index), &v));
+      if (v == nullptr) return t;
+      Describe(v, &t);
+      return t;
+    }
+    if (s.saved) {
+      t.data = s.saved->bytes.data();
+      t.type = s.saved->type;
+      t.shape.Assign(s.saved->shape.data(), s.saved->shape.size());
+      t.present = true;
+      return t;
+    }
+    Fail("SolmEP: " + op + " input '" + s.name + "' is not available at run time", ORT_FAIL);
+  }
+
+  float* Out(OrtKernelContext* kc, size_t i, const Shape& shape) const {
+    OrtValue* v = nullptr;
+    Check(g_ort->KernelContext_GetOutput(kc, i, shape.data(), shape.size(), &v));
+    void* p = nullptr;
+    Check(g_ort->GetTensorMutableData(v, &p));
+    return static_cast<float*>(p);
+  }
+
+  void RequireFloat(const TensorRef& t, const char* what) const {
+    if (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      Fail("SolmEP: " + op + " input '" + what + "' must be float32");
+  }
+};
+
+void ParallelLaunch(void* impl, size_t n, void (*fn)(void*, size_t), void* arg) {
+  auto* kc = static_cast<const OrtKernelContext*>(impl);
+  if (OrtStatus* s = g_ort->KernelContext_ParallelFor(kc, fn, n, 0, arg)) {
+    g_ort->ReleaseStatus(s);
+    for (size_t i = 0; i < n; ++i) fn(arg, i);
+  }
+}
+
+solm::Parallel MakeParallel(OrtKernelContext* kc) {
+  solm::Parallel p;
+  p.launch = ParallelLaunch;
+  p.impl = kc;
+  return p;
+}
+
+// A [B] control vector (kappa / rho / bits): one value per batch row, or one value broadcast to every row.
+const float* RowValues(const TensorRef& t, int64_t B, const char* what, const std::string& op,
+                       std::vector<float>& broadcast) {
+  if (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) Fail("SolmEP: " + op + " input '" + what + "' must be float32");
+  const int64_t n = t.numel();
+  if (n == B) return t.f();
+  if (n == 1) {
+    broadcast.assign(static_cast<size_t>(B), t.f()[0]);
+    return broadcast.data();
+  }
+  Fail("SolmEP: " + op + " input '" + what + "' has " + std::to_string(n) + " values for batch " +
+       std::to_string(B));
+}
+
+struct QuestKernel : KernelBase {
+  solm::QuestParams params;
+  bool has_scale = false;
+  solm::AttnScratch scratch;
+  std::vector<float> kappa_b;
+
+  void Compute(OrtKernelContext* kc) override {
+    std::lock_guard<std::mutex> lock(mu);
+    TensorRef q = In(kc, 0), k = In(kc, 1), v = In(kc, 2), m = In(kc, 3), kap = In(kc, 4);
+    RequireFloat(q, "q");
+    RequireFloat(k, "k");
+    RequireFloat(v, "v");
+    if (q.shape.size() != 4 || k.shape.size() != 4 || v.shape.size() != 4)
+      Fail("SolmEP: QuestAttention expects q [B,H,T,d] and k/v [B,Hkv,L,d], got " + ShapeStr(q.shape) + " " +
+           ShapeStr(k.shape) + " " + ShapeStr(v.shape));
+    const int64_t B = q.shape[0], H = q.shape[1], T = q.shape[2], d = q.shape[3];
+    const int64_t Hkv = k.shape[1], L = k.shape[2], dv = v.shape[3];
+    if (k.shape[0] != B || k.shape[3] != d || v.shape[0] != B || v.shape[1] != Hkv || v.shape[2] != L || Hkv <= 0 ||
+        H % Hkv != 0)
+      Fail("SolmEP: QuestAttention shape mismatch q " + ShapeStr(q.shape) + " k " + ShapeStr(k.shape) + " v " +
+           ShapeStr(v.shape));
+    const float* kappa = RowValues(kap, B, "kappa", op, kappa_b);
+    solm::MaskView mv;
+    if (m.present) {
+      if (m.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) mv.is_bool = true;
+      else if (m.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) mv.is_bool = false;
+      else Fail("SolmEP: QuestAttention attn_mask must be bool or float32");
+      if (m.shape.size() > 4) Fail("SolmEP: QuestAttention attn_mask rank > 4");
+      int64_t dims[4] = {1, 1, 1, 1};
+      const size_t off = 4 - m.shape.size();
+      for (size_t i = 0; i < m.shape.size(); ++i) dims[off + i] = m.shape[i];
+      const int64_t full[4] = {B, H, T, L};
+      int64_t stride[4];
+      int64_t acc = 1;
+      for (int i = 3; i >= 0; --i) {
+        if (dims[i] != 1 && dims[i] != full[i])
+          Fail("SolmEP: QuestAttention attn_mask " + ShapeStr(m.shape) + " does not broadcast to [B,H,T,L]");
+        stride[i] = dims[i] == 1 ? 0 : acc;
+        acc *= dims[i];
+      }
+      mv.data = m.data;
+      mv.sb = stride[0], mv.sh = stride[1], mv.st = stride[2], mv.sl = stride[3];
+    }
+    float* out = Out(kc, 0, {B, H, T, dv});
+    if (B * H * T * dv == 0) return;
+    if (L == 0) {
+      for (int64_t i = 0; i < B * H * T * dv; ++i) out[i] = std::numeric_limits<float>::quiet_NaN();
+      return;
+    }
+    solm::QuestParams p = params;
+    if (!has_scale) p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+    solm::QuestAttention(q.f(), k.f(), v.f(), mv, kappa, B, H, Hkv, T, L, d, dv, p, out, scratch, MakeParallel(kc));
+  }
+};
+
+struct MlpKernel : KernelBase {
+  solm::Act act = solm::Act::kSilu;
+  solm::MlpWeights weights;
+  bool weights_ready = false;  // all weights were constants, laid out at Compile
+  solm::MlpScratch scratch;
+  std::vector<float> rho_b, bits_b;
+
+  // inputs: 0 x, 1 w_gate, 2 b_gate, 3 w_up, 4 b_up, 5 w_down, 6 b_down, 7 rho, 8 bits
+  static constexpr size_t kWeightInputs[6] = {1, 2, 3, 4, 5, 6};
+
+  void SetWeights(const TensorRef& wg, const TensorRef& bg, const TensorRef& wu, const TensorRef& bu,
+                  const TensorRef& wd, const TensorRef& bd) {
+    auto need_float = [&](const TensorRef& t, const char* what) {
+      if (t.present && t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        Fail("SolmEP: SparseMLP " + std::string(what) + " must be float32");
+    };
+    need_float(wg, "w_gate"), need_float(bg, "b_gate"), need_float(wu, "w_up"), need_float(bu, "b_up");
+    need_float(wd, "w_down"), need_float(bd, "b_down");
+    if (!wu.present || !wd.present) Fail("SolmEP: SparseMLP needs w_up and w_down");
+    if (wu.shape.size() != 2 || wd.shape.size() != 2) Fail("SolmEP: SparseMLP weights must be 2-D");
+    const int64_t I = wu.shape[0], D = wu.shape[1], Dout = wd.shape[0];
+    if (wd.shape[1] != I) Fail("SolmEP: SparseMLP w_down " + ShapeStr(wd.shape) + " does not match w_up " + ShapeStr(wu.shape));
+    if (wg.present && wg.shape != wu.shape) Fail("SolmEP: SparseMLP w_gate shape != w_up shape");
+    if (bg.present && bg.numel() != I) Fail("SolmEP: SparseMLP b_gate must have I values");
+    if (bu.present && bu.numel() != I) Fail("SolmEP: SparseMLP b_up must have I values");
+    if (bd.present && bd.numel() != Dout) Fail("SolmEP: SparseMLP b_down must have Dout values");
+    weights.Set(wg.present ? wg.f() : nullptr, bg.present ? bg.f() : nullptr, wu.f(), bu.present ? bu.f() : nullptr,
+                wd.f(), bd.present ? bd.f() : nullptr, D, I, Dout);
+  }
+
+  void Compute(OrtKernelContext* kc) override {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!weights_ready)  // weights are graph inputs (not constants): re-layout on every call
+      SetWeights(In(kc, 1), In(kc, 2), In(kc, 3), In(kc, 4), In(kc, 5), In(kc, 6));
+    TensorRef x = In(kc, 0), rho = In(kc, 7), bits = In(kc, 8);
+    RequireFloat(x, "x");
+    if (x.shape.size() != 3 || x.shape[2] != weights.D)
+      Fail("SolmEP: SparseMLP x must be [B,T,D] with D=" + std::to_string(weights.D) + ", got " + ShapeStr(x.shape));
+    const int64_t B = x.shape[0], T = x.shape[1];
+    const float* r = RowValues(rho, B, "rho", op, rho_b);
+    const float* b = RowValues(bits, B, "bits", op, bits_b);
+    float* y = Out(kc, 0, {B, T, weights.Dout});
+    solm::SparseMlp(x.f(), B, T, weights, r, b, act, y, scratch, MakeParallel(kc));
+  }
+};
+
+struct GateKernel : KernelBase {
+  int64_t min_len = 0;
+
+  void Compute(OrtKernelContext* kc) override {
+    TensorRef ids = In(kc, 0), past = In(kc, 1);
+    if (ids.shape.size() < 2) Fail("SolmEP: GateControls input_ids must be [B,T]");
+    if (past.shape.size() < 3) Fail("SolmEP: GateControls past_key must have rank >= 3 ([B,Hkv,Lpast,d])");
+    const int64_t T = ids.shape[1];
+    const int64_t L = past.shape[2] + T;
+    const bool active = T == 1 && L > min_len;
+    const float dense[3] = {1.f, 1.f, 16.f};
+    for (size_t i = 0; i < 3; ++i) {
+      TensorRef c = In(kc, 2 + i);
+      RequireFloat(c, i == 0 ? "kappa" : i == 1 ? "rho" : "bits");
+      float* o = Out(kc, i, c.shape);
+      const int64_t n = c.numel();
+      for (int64_t j = 0; j < n; ++j) o[j] = active ? c.f()[j] : dense[i];
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------------------ op table
+
+struct OpSpec {
+  const char* name;
+  std::vector<ONNXTensorElementDataType> in_types;  // UNDEFINED: any type
+  std::vector<bool> in_optional;
+  size_t n_out;
+};
+
+const std::vector<OpSpec>& OpSpecs() {
+  constexpr auto F = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  constexpr auto U = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  static const std::vector<OpSpec> specs = {
+      {"QuestAttention", {F, F, F, U, F}, {false, false, false, true, false}, 1},
+      {"SparseMLP", {F, F, F, F, F, F, F, F, F}, {false, true, true, false, true, false, true, false, false}, 1},
+      {"GateControls", {U, U, F, F, F}, {false, false, false, false, false}, 3},
+  };
+  return specs;
+}
+
+const OpSpec* FindSpec(const char* op) {
+  for (const auto& s : OpSpecs())
+    if (std::strcmp(s.name, op) == 0) return &s;
+  return nullptr;
+}
+
+// Placeholder custom ops: they only give ORT a schema for ai.solm so graphs validate; SolmEP compiles the nodes.
+// If a node is ever left to the CPU EP (e.g. non-float inputs), its Compute fails with a clear message.
+struct PlaceholderOp : OrtCustomOp {
+  const OpSpec* spec;
+  explicit PlaceholderOp(const OpSpec* s) : OrtCustomOp{}, spec(s) {
+    version = kSolmOrtApi;
+    GetName = [](const OrtCustomOp* op) { return static_cast<const PlaceholderOp*>(op)->spec->name; };
+    GetExecutionProviderType = [](const OrtCustomOp*) { return kEpName; };
+    GetInputTypeCount = [](const OrtCustomOp* op) { return static_cast<const PlaceholderOp*>(op)->spec->in_types.size(); };
+    GetInputType = [](const OrtCustomOp* op, size_t i) { return static_cast<const PlaceholderOp*>(op)->spec->in_types[i]; };
+    GetOutputTypeCount = [](const OrtCustomOp* op) { return static_cast<const PlaceholderOp*>(op)->spec->n_out; };
+    GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
+    GetInputCharacteristic = [](const OrtCustomOp* op, size_t i) {
+      return static_cast<const PlaceholderOp*>(op)->spec->in_optional[i] ? INPUT_OUTPUT_OPTIONAL
+                                                                          : INPUT_OUTPUT_REQUIRED;
+    };
+    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+    GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+    GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
+    GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+    GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
+    GetStartVersion = [](const OrtCustomOp*) { return 1; };
+    GetEndVersion = [](const OrtCustomOp*) { return 1 << 30; };
+    CreateKernelV2 = [](const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo*, void** kernel) -> OrtStatusPtr {
+      *kernel = const_cast<OrtCustomOp*>(op);
+      return nullptr;
+    };
+    KernelComputeV2 = [](void* kernel, OrtKernelContext*) -> OrtStatusPtr {
+      const auto* self = static_cast<const PlaceholderOp*>(static_cast<OrtCustomOp*>(kernel));
+      std::string msg = std::string("ai.solm::") + self->spec->name +
+                        " was not claimed by SolmEP (inputs must be float32 as documented); no CPU kernel exists";
+      return g_ort->CreateStatus(ORT_NOT_IMPLEMENTED, msg.c_str());
+    };
+    KernelDestroy = [](void*) {};
+  }
+};
+
+// ------------------------------------------------------------------------------------------------ compute info
+
+struct SolmComputeInfo : OrtNodeComputeInfo {
+  std::unique_ptr<KernelBase> kernel;
+  explicit SolmComputeInfo(std::unique_ptr<KernelBase> k) : OrtNodeComputeInfo{}, kernel(std::move(k)) {
+    ort_version_supported = kSolmOrtApi;
+    CreateState = [](OrtNodeComputeInfo* self, OrtNodeComputeContext*, void** state) noexcept -> OrtStatus* {
+      *state = static_cast<SolmComputeInfo*>(self)->kernel.get();
+      return nullptr;
+    };
+    Compute = [](OrtNodeComputeInfo*, void* state, OrtKernelContext* kc) noexcept -> OrtStatus* {
+      return Guard([&] { static_cast<KernelBase*>(state)->Compute(kc); });
+    };
+    ReleaseState = [](OrtNodeComputeInfo*, void*) noexcept {};
+  }
+};
+
+// ------------------------------------------------------------------------------------------------ EP
+
+struct EpConfig {
+  int per_kv_head_override = -1;  // provider option select_per_kv_head: -1 = use the node attribute
+};
+
+bool IsClaimable(const OrtNode* node, const OpSpec** spec_out) {
+  const char* dom = nullptr;
+  const char* op = nullptr;
+  Check(g_ort->Node_GetDomain(node, &dom));
+  Check(g_ort->Node_GetOperatorType(node, &op));
+  if (dom == nullptr || op == nullptr || std::strcmp(dom, kDomain) != 0) return false;
+  const OpSpec* spec = FindSpec(op);
+  if (spec == nullptr) return false;
+  // fp32 kernels: every declared-float input that is present must be float (or of unknown type).
+  auto ins = NodeInputs(node);
+  for (size_t i = 0; i < ins.size() && i < spec->in_types.size(); ++i) {
+    if (ins[i] == nullptr || spec->in_types[i] != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) continue;
+    const auto t = ValueElemType(ins[i]);
+    if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && t != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED) return false;
+  }
+  if (std::strcmp(op, "QuestAttention") == 0 && ins.size() > 3 && ins[3] != nullptr) {
+    const auto t = ValueElemType(ins[3]);
+    if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL && t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
+        t != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED)
+      return false;
+  }
+  *spec_out = spec;
+  return true;
+}
+
+std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fused, const EpConfig& cfg) {
+  const char* opc = nullptr;
+  Check(g_ort->Node_GetOperatorType(node, &opc));
+  const std::string op = opc ? opc : "";
+  const OpSpec* spec = FindSpec(op.c_str());
+  if (spec == nullptr) Fail("SolmEP: cannot compile op " + op, ORT_EP_FAIL);
+
+  // Fused-node inputs, in kernel-context order (de-duplicated by name; constants dropped if ORT honoured
+  // drop_constant_initializers).
+  std::unordered_map<std::string, int> ctx_index;
+  {
+    auto fins = NodeInputs(fused);
+    for (size_t i = 0; i < fins.size(); ++i) {
+      std::string n = ValueName(fins[i]);
+      if (!n.empty() && !ctx_index.count(n)) ctx_index[n] = static_cast<int>(i);
+    }
+  }
+  auto ins = NodeInputs(node);
+  if (std::getenv("SOLM_EP_DEBUG"))
+    std::fprintf(stderr, "SolmEP compile %s: %zu op inputs, %zu fused inputs\n", op.c_str(), ins.size(), ctx_index.size());
+  std::vector<InputSlot> slots(spec->in_types.size());
+  for (size_t i = 0; i < slots.size() && i < ins.size(); ++i) {
+    slots[i].name = ValueName(ins[i]);
+    if (slots[i].name.empty()) continue;
+    auto it = ctx_index.find(slots[i].name);
+    if (it != ctx_index.end()) slots[i].ctx_index = it->second;
+    slots[i].saved = SaveConstant(ins[i]);
+    if (slots[i].ctx_index < 0 && !slots[i].saved)
+      Fail("SolmEP: " + op + " input '" + slots[i].name + "' is neither a fused-node input nor a constant", ORT_EP_FAIL);
+  }
+  for (size_t i = 0; i < slots.size(); ++i)
+    if (slots[i].name.empty() && !spec->in_optional[i])
+      Fail("SolmEP: " + op + " is missing required input #" + std::to_string(i));
+
+  std::unique_ptr<KernelBase> kernel;
+  if (op == "QuestAttention") {
+    auto k = std::make_unique<QuestKernel>();
+    float scale = 0.f;
+    k->has_scale = AttrFloat(node, "scale", &scale);
+    k->params.scale = scale;
+    k->params.page_size = AttrInt(node, "page_size", 8);
+    k->params.sinks = AttrInt(node, "sinks", 0);
+    k->params.window = AttrInt(node, "window", 0);
+    k->params.is_causal = AttrInt(node, "is_causal", 0) != 0;
+    const int64_t per_kv = AttrInt(node, "select_per_kv_head", 0);
+    k->params.per_kv_head = cfg.per_kv_head_override >= 0 ? cfg.per_kv_head_override != 0 : per_kv != 0;
+    if (k->params.page_size < 1) Fail("SolmEP: QuestAttention page_size must be >= 1");
+    if (k->params.sinks < 0 || k->params.window < 0) Fail("SolmEP: QuestAttention sinks/window must be >= 0");
+    kernel = std::move(k);
+  } else if (op == "SparseMLP") {
+    auto k = std::make_unique<MlpKernel>();
+    const std::string act = AttrString(node, "act", "silu");
+    if (!solm::ParseAct(act, &k->act))
+      Fail("SolmEP: SparseMLP act must be silu | gelu | gelu_tanh | relu, got '" + act + "'");
+    // Weights that are constants are laid out input-major now and not kept in their original layout.
+    bool all_const = true;
+    for (size_t i : MlpKernel::kWeightInputs)
+      if (!slots[i].name.empty() && !slots[i].saved) all_const = false;
+    if (all_const) {
+      auto ref = [&](size_t i) {
+        TensorRef t;
+        if (slots[i].name.empty()) return t;
+        t.data = slots[i].saved->bytes.data();
+        t.type = slots[i].saved->type;
+        t.shape.Assign(slots[i].saved->shape.data(), slots[i].saved->shape.size());
+        t.present = true;
+        return t;
+      };
+      k->op = op;
+      k->SetWeights(ref(1), ref(2), ref(3), ref(4), ref(5), ref(6));
+      k->weights_ready = true;
+      for (size_t i : MlpKernel::kWeightInputs) {
+        slots[i].saved.reset();
+        slots[i].consumed = true;
+      }
+    }
+    kernel = std::move(k);
+  } else {
+    auto k = std::make_unique<GateKernel>();
+    k->min_len = AttrInt(node, "min_len", 0);
+    kernel = std::move(k);
+  }
+  kernel->op = op;
+  kernel->inputs = std::move(slots);
+  return kernel;
+}
+
+struct SolmFactory;
+
+struct SolmEp : OrtEp {
+  EpConfig cfg;
+
+  SolmEp() : OrtEp{} {
+    ort_version_supported = kSolmOrtApi;
+    GetName = [](const OrtEp*) noexcept { return kEpName; };
+    GetCapability = [](OrtEp*, const OrtGraph* graph, OrtEpGraphSupportInfo* info) noexcept -> OrtStatus* {
+      return Guard([&] {
+        size_t n = 0;
+        Check(g_ort->Graph_GetNumNodes(graph, &n));
+        std::vector<const OrtNode*> nodes(n);
+        if (n) Check(g_ort->Graph_GetNodes(graph, nodes.data(), n));
+        for (const OrtNode* node : nodes) {
+          const OpSpec* spec = nullptr;
+          if (!IsClaimable(node, &spec)) continue;
+          OrtNodeFusionOptions fo{};
+          fo.ort_version_supported = kSolmOrtApi;
+          fo.drop_constant_initializers = true;  // constants are copied (MLP weights: re-laid out) in Compile
+          Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(info, &node, 1, &fo));
+        }
+      });
+    };
+    Compile = [](OrtEp* self, const OrtGraph** graphs, const OrtNode** fused_nodes, size_t count,
+                 OrtNodeComputeInfo** infos, OrtNode** ep_context_nodes) noexcept -> OrtStatus* {
+      for (size_t i = 0; i < count; ++i) infos[i] = nullptr;
+      OrtStatus* st = Guard([&] {
+        auto* ep = static_cast<SolmEp*>(self);
+        for (size_t i = 0; i < count; ++i) {
+          size_t n = 0;
+          Check(g_ort->Graph_GetNumNodes(graphs[i], &n));
+          if (n != 1) Fail("SolmEP: expected one node per fused subgraph, got " + std::to_string(n), ORT_EP_FAIL);
+          const OrtNode* node = nullptr;
+          Check(g_ort->Graph_GetNodes(graphs[i], &node, 1));
+          infos[i] = new SolmComputeInfo(BuildKernel(node, fused_nodes[i], ep->cfg));
+          if (ep_context_nodes) ep_context_nodes[i] = nullptr;
+        }
+      });
+      if (st) {
+        for (size_t i = 0; i < count; ++i) {
+          delete static_cast<SolmComputeInfo*>(infos[i]);
+          infos[i] = nullptr;
+        }
+      }
+      return st;
+    };
+    ReleaseNodeComputeInfos = [](OrtEp*, OrtNodeComputeInfo** infos, size_t n) noexcept {
+      for (size_t i = 0; i < n; ++i) delete static_cast<SolmComputeInfo*>(infos[i]);
+    };
+  }
+};
+
+// Session config entries "ep.<name>.<option>" (provider options given to add_provider_for_devices).
+void ReadConfig(const OrtSessionOptions* so, EpConfig* cfg) {
+  if (so == nullptr) return;
+  OrtKeyValuePairs* kv = nullptr;
+  if (OrtStatus* s = g_ort->GetSessionOptionsConfigEntries(so, &kv)) {
+    g_ort->ReleaseStatus(s);
+    return;
+  }
+  const char* const* keys = nullptr;
+  const char* const* values = nullptr;
+  size_t n = 0;
+  g_ort->GetKeyValuePairs(kv, &keys, &values, &n);
+  for (size_t i = 0; i < n; ++i) {
+    std::string key = keys[i];
+    if (std::getenv("SOLM_EP_DEBUG")) std::fprintf(stderr, "SolmEP config %s=%s\n", keys[i], values[i]);
+    std::transform(key.begin(), key.end(), key.begin(), [](unsigned char c) { return std::tolower(c); });
+    const std::string prefix = "ep.solmep.";
+    if (key.compare(0, prefix.size(), prefix) != 0) continue;
+    const std::string opt = key.substr(prefix.size());
+    const std::string val = values[i] ? values[i] : "";
+    if (opt == "select_per_kv_head") cfg->per_kv_head_override = (val == "1" || val == "true") ? 1 : 0;
+  }
+  g_ort->ReleaseKeyValuePairs(kv);
+}
+
+struct SolmFactory : OrtEpFactory {
+  OrtCustomOpDomain* domain = nullptr;
+  std::vector<std::unique_ptr<PlaceholderOp>> ops;
+
+  SolmFactory() : OrtEpFactory{} {
+    ort_version_supported = kSolmOrtApi;
+    GetName = [](const OrtEpFactory*) noexcept { return kEpName; };
+    GetVendor = [](const OrtEpFactory*) noexcept { return "solm"; };
+    GetVendorId = [](const OrtEpFactory*) noexcept -> uint32_t { return 0; };
+    GetVersion = [](const OrtEpFactory*) noexcept { return kVersion; };
+    GetSupportedDevices = [](OrtEpFactory* self, const OrtHardwareDevice* const* devs, size_t nd, OrtEpDevice** out,
+                             size_t max_out, size_t* nout) noexcept -> OrtStatus* {
+      *nout = 0;
+      for (size_t i = 0; i < nd && *nout < max_out; ++i) {
+        if (g_ort->HardwareDevice_Type(devs[i]) != OrtHardwareDeviceType_CPU) continue;
+        OrtEpDevice* d = nullptr;
+        if (OrtStatus* s = g_ep->CreateEpDevice(self, devs[i], nullptr, nullptr, &d)) return s;
+        out[(*nout)++] = d;
+        break;  // one device is enough: the EP runs on the host
+      }
+      return nullptr;
+    };
+    CreateEp = [](OrtEpFactory*, const OrtHardwareDevice* const*, const OrtKeyValuePairs* const*, size_t,
+                  const OrtSessionOptions* so, const OrtLogger*, OrtEp** ep) noexcept -> OrtStatus* {
+      return Guard([&] {
+        auto e = std::make_unique<SolmEp>();
+        ReadConfig(so, &e->cfg);
+        *ep = e.release();
+      });
+    };
+    ReleaseEp = [](OrtEpFactory*, OrtEp* ep) noexcept { delete static_cast<SolmEp*>(ep); };
+    CreateAllocator = [](OrtEpFactory*, const OrtMemoryInfo*, const OrtKeyValuePairs*,
+                         OrtAllocator** a) noexcept -> OrtStatus* {
+      *a = nullptr;  // host memory: ORT's default CPU allocator
+      return nullptr;
+    };
+    ReleaseAllocator = [](OrtEpFactory*, OrtAllocator*) noexcept {};
+    CreateDataTransfer = [](OrtEpFactory*, OrtDataTransferImpl** dt) noexcept -> OrtStatus* {
+      *dt = nullptr;
+      return nullptr;
+    };
+    IsStreamAware = [](const OrtEpFactory*) noexcept { return false; };
+    CreateSyncStreamForDevice = [](OrtEpFactory*, const OrtMemoryDevice*, const OrtKeyValuePairs*,
+                                   OrtSyncStreamImpl** s) noexcept -> OrtStatus* {
+      *s = nullptr;
+      return nullptr;
+    };
+    GetNumCustomOpDomains = [](OrtEpFactory*, size_t* n) noexcept -> OrtStatus* {
+      *n = 1;
+      return nullptr;
+    };
+    GetCustomOpDomains = [](OrtEpFactory* self, OrtCustomOpDomain** domains, size_t n) noexcept -> OrtStatus* {
+      auto* f = static_cast<SolmFactory*>(self);
+      if (n < 1) return g_ort->CreateStatus(ORT_INVALID_ARGUMENT, "SolmEP: no room for the ai.solm domain");
+      domains[0] = f->domain;
+      return nullptr;
+    };
+  }
+
+  OrtStatus* Init() {
+    if (OrtStatus* s = g_ort->CreateCustomOpDomain(kDomain, &domain)) return s;
+    for (const auto& spec : OpSpecs()) {
+      ops.push_back(std::make_unique<PlaceholderOp>(&spec));
+      if (OrtStatus* s = g_ort->CustomOpDomain_Add(domain, ops.back().get())) return s;
+    }
+    return nullptr;
+  }
+
+  ~SolmFactory() {
+    if (domain) g_ort->ReleaseCustomOpDomain(domain);
+  }
+};
+
+}  // namespace
+
+SOLM_EXPORT OrtStatus* CreateEpFactories(const char* /*registered_name*/, const OrtApiBase* base,
+                                         const OrtLogger* /*logger*/, OrtEpFactory** factories, size_t max_factories,
+                                         size_t* num_factories) {
+  *num_factories = 0;
+  const OrtApi* api = base->GetApi(kSolmOrtApi);
+  if (api == nullptr) return nullptr;  // runtime older than 1.24: provide nothing
+  g_ort = api;
+  g_ep = g_ort->GetEpApi();
+  if (g_ep == nullptr) return g_ort->CreateStatus(ORT_FAIL, "SolmEP: this onnxruntime has no plugin-EP API");
+  if (max_factories < 1) return g_ort->CreateStatus(ORT_INVALID_ARGUMENT, "SolmEP: no room for a factory");
+  auto f = std::make_unique<SolmFactory>();
+  if (OrtStatus* s = f->Init()) return s;
+  factories[0] = f.release();
+  *num_factories = 1;
+  return nullptr;
+}
+
+SOLM_EXPORT OrtStatus* ReleaseEpFactory(OrtEpFactory* factory) {
+  delete static_cast<SolmFactory*>(factory);
+  return nullptr;
+}
+
+#ifndef SOLM_EP_BUILD_ID
+#define SOLM_EP_BUILD_ID "unknown"
+#endif
+// Hash of the sources this library was built from (ep_build.source_hash()), to detect a stale build.
+SOLM_EXPORT const char* SolmEpBuildId() { return SOLM_EP_BUILD_ID; }
+
+// The MLP micro-kernel variant in use on this CPU ("x86-64-v4", "x86-64-v3" or "baseline").
+SOLM_EXPORT const char* SolmEpIsa() { return solm::MlpKernelIsa(); }
+
+// Work counters of the kernels (process-wide), for tests and benchmarks:
+// [attn_calls, attn_keys_scored, attn_keys_dense, attn_kv_rows_read, mlp_calls, mlp_in_rows, mlp_in_rows_dense,
+//  mlp_down_rows, mlp_down_rows_dense]. Returns how many values were written.
+SOLM_EXPORT size_t SolmEpGetStats(uint64_t* out, size_t n) {
+  const solm::Stats& s = solm::GlobalStats();
+  const uint64_t v[] = {s.attn_calls.load(),    s.attn_keys_scored.load(), s.attn_keys_dense.load(),
+                        s.attn_kv_rows_read.load(), s.mlp_calls.load(),   s.mlp_in_rows.load(),
+                        s.mlp_in_rows_dense.load(), s.mlp_down_rows.load(), s.mlp_down_rows_dense.load()};
+  const size_t m = std::min(n, sizeof(v) / sizeof(v[0]));
+  for (size_t i = 0; i < m; ++i) out[i] = v[i];
+  return m;
+}
+
+SOLM_EXPORT void SolmEpResetStats() {
+  solm::Stats& s = solm::GlobalStats();
+  for (auto* a : {&s.attn_calls, &s.attn_keys_scored, &s.attn_keys_dense, &s.attn_kv_rows_read, &s.mlp_calls,
+                  &s.mlp_in_rows, &s.mlp_in_rows_dense, &s.mlp_down_rows, &s.mlp_down_rows_dense})
+    a->store(0);
+}

@@ -1,0 +1,230 @@
+"""Open a ``.solm.onnx`` artifact in onnxruntime and decode with it: KV cache, policy state, IO binding.
+
+    from solm_compile.runtime import SolmSession
+    s = SolmSession("smollm2.solm.onnx")
+    r = s.generate("The capital of France is", max_new_tokens=32, budget=(0.5, 0.75, 8))
+    r.text, r.tok_s, r.usage
+
+One ``run`` per decode step. The prompt is prefilled densely in one run; the policy then acts on every
+single-token step, in episodes of ``episode_len`` steps (its state restarts at each episode boundary, as in
+training). Caches stay in onnxruntime: each step binds the previous step's outputs as the next step's inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from solm_compile.errors import UserError
+
+log = logging.getLogger(__name__)
+
+POLICY_STATE = ("policy_key", "policy_value", "policy_prev_action", "policy_usage", "policy_count", "policy_step",
+                "policy_hidden")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    tok_s: float
+    usage: dict            # realised mean usage per axis over effective steps: attn_keep, mlp_keep, bits
+    actions: list = field(default_factory=list)   # per step, per row: effective action id (solm artifacts)
+
+
+def read_metadata(path: Path) -> dict:
+    """The artifact's solm metadata (JSON values of the ``solm.*`` metadata props), without loading weights."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises a zoo of types for a broken file
+        raise UserError(f"{path}: not an ONNX model or truncated ({type(e).__name__})") from e
+    meta = {p.key[5:]: json.loads(p.value) for p in model.metadata_props if p.key.startswith("solm.")}
+    if "kind" not in meta:
+        raise UserError(f"{path}: an ONNX model without solm metadata (compile it with solm-compile)")
+    return meta
+
+
+class SolmSession:
+    """One onnxruntime session over an artifact; thread-safe (each call keeps its own state)."""
+
+    def __init__(self, path: str | Path, providers: list | None = None, threads: int | None = None,
+                 use_ep: bool = True, tokenizer: bool = True):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: no such artifact")
+        self.meta = read_metadata(self.path)
+        self.kind = self.meta["kind"]
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.ep_active = False
+        if self.kind == "solm" and use_ep and providers is None:
+            from . import ep
+
+            so = ep.session_options_with_ep(so, ort=ort)
+            self.ep_active = ep.is_registered()
+        try:
+            self.sess = ort.InferenceSession(str(self.path), so, providers=providers)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{self.path}: onnxruntime cannot load it: {str(e).splitlines()[0][:200]}") from e
+        self.input_names = [i.name for i in self.sess.get_inputs()]
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        self.n_layers = int(self.meta["num_layers"])
+        self.tokenizer = self._tokenizer() if tokenizer else None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _tokenizer(self):
+        from tokenizers import Tokenizer
+
+        tok_file = self.path.parent / self.meta.get("tokenizer", "tokenizer.json")
+        if not tok_file.is_file():
+            raise UserError(f"{self.path}: its tokenizer {tok_file.name} is missing next to it "
+                            f"(solm-compile writes it beside the artifact)")
+        return Tokenizer.from_file(str(tok_file))
+
+    def check_budget(self, budget) -> np.ndarray:
+        """(attn_keep, mlp_keep, bits) → the [3] target row (κ, ρ, bits/16), within the artifact's ranges."""
+        names = ("--attn-keep", "--mlp-keep", "--bits")
+        ranges = self.meta.get("budget_ranges", [[0.05, 1], [0.1, 1], [2, 16]])
+        for name, value, (lo, hi) in zip(names, budget, ranges):
+            if not lo <= float(value) <= hi:
+                raise UserError(f"{name} {value} is outside this artifact's range [{lo:g}, {hi:g}]")
+        return np.array([budget[0], budget[1], budget[2] / 16.0], dtype=np.float32)
+
+    def _empty_past(self, batch: int) -> dict:
+        kvh, hd = self.meta["kv_heads"], self.meta["head_dim"]
+        z = np.zeros((batch, kvh, 0, hd), dtype=np.float32)
+        return {f"past_{kind}_{i}": z for i in range(self.n_layers) for kind in ("key", "value")}
+
+    def _policy_start(self, batch: int, hidden: np.ndarray) -> dict:
+        ph, phd = self.meta["policy_heads"], self.meta["policy_head_dim"]
+        z = np.zeros((batch, ph, 0, phd), dtype=np.float32)
+        return {"policy_key": z, "policy_value": z.copy(),
+                "policy_prev_action": np.full((batch,), self.meta["num_actions"], dtype=np.int64),
+                "policy_usage": np.zeros((batch, 3), dtype=np.float32),
+                "policy_count": np.zeros((batch,), dtype=np.float32),
+                "policy_step": np.zeros((batch,), dtype=np.int64), "policy_hidden": hidden.astype(np.float32)}
+
+    # ------------------------------------------------------------------------------------------ stepping
+    def _run(self, feeds: dict) -> dict:
+        """One run with IO binding: numpy or OrtValue inputs in, OrtValue outputs out (no copy to numpy)."""
+        import onnxruntime as ort
+
+        binding = self.sess.io_binding()
+        for name in self.input_names:
+            v = feeds[name]
+            binding.bind_ortvalue_input(name, v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v))
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.sess.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.get_outputs()))
+
+    def _carry(self, out: dict, feeds: dict) -> None:
+        """Feed this step's presents (and policy state) into the next step's inputs."""
+        for i in range(self.n_layers):
+            for kind in ("key", "value"):
+                feeds[f"past_{kind}_{i}"] = out[f"present_{kind}_{i}"]
+        if self.kind != "dense":
+            for name in POLICY_STATE:
+                feeds[name] = out["action" if name == "policy_prev_action" else f"{name}_out"]
+
+    def steps(self, prompt_ids: list[list[int]], budget=(1.0, 1.0, 16), next_token: Callable | None = None,
+              max_new_tokens: int = 16, forced: list[list[int]] | None = None) -> Iterator[dict]:
+        """Prefill, then one controlled step per token; yields per step {logits, action, controls}.
+
+        ``next_token(logits [B,V]) -> [B]`` picks each next token (greedy by default); ``forced`` [B,n] feeds given
+        tokens instead (teacher forcing, for ``score``).
+        """
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        B, T = ids.shape
+        feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(T, dtype=np.int64), (B, 1)),
+                 **self._empty_past(B)}
+        target = np.tile(self.check_budget(budget), (B, 1)) if self.kind != "dense" else None
+        if self.kind != "dense":
+            feeds.update(self._policy_start(B, np.zeros((B, self.meta["hidden_size"]), np.float32)), budget=target)
+        out = self._run(feeds)
+        self._carry(out, feeds)
+        if self.kind != "dense":
+            feeds.update(self._policy_start(B, out["policy_hidden_out"].numpy()))   # the episode starts here
+        logits = out["logits"].numpy()[:, -1]
+        yield {"logits": logits, "action": None, "controls": None}
+        n = len(forced[0]) if forced is not None else max_new_tokens
+        episode = int(self.meta.get("episode_len", 16))
+        for t in range(n):
+            tok = np.asarray([r[t] for r in forced], dtype=np.int64) if forced is not None else \
+                np.asarray(next_token(logits) if next_token else logits.argmax(-1), dtype=np.int64)
+            feeds["input_ids"] = tok[:, None]
+            feeds["position_ids"] = np.full((B, 1), T + t, dtype=np.int64)
+            out = self._run(feeds)
+            self._carry(out, feeds)
+            logits = out["logits"].numpy()[:, -1]
+            step = {"logits": logits, "token": tok, "action": None, "controls": None}
+            if self.kind != "dense":
+                step["action"], step["controls"] = out["action"].numpy(), out["controls"].numpy()
+                if (t + 1) % episode == 0:  # episode boundary: the policy starts afresh from the current h
+                    feeds.update(self._policy_start(B, out["policy_hidden_out"].numpy()))
+            yield step
+
+    # ------------------------------------------------------------------------------------------ public API
+    def generate(self, prompt: str, max_new_tokens: int = 32, budget=(1.0, 1.0, 16), greedy: bool = True,
+                 temperature: float = 1.0, seed: int = 0, on_text: Callable[[str], None] | None = None
+                 ) -> GenerationResult:
+        """Greedy or sampled generation for one prompt; ``on_text`` receives text as it is produced."""
+        if self.tokenizer is None:
+            raise UserError(f"{self.path}: opened without a tokenizer")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        rng = np.random.default_rng(seed)
+
+        def pick(logits):
+            if greedy:
+                return logits.argmax(-1)
+            z = logits / max(temperature, 1e-6)
+            p = np.exp(z - z.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            return np.array([rng.choice(len(row), p=row) for row in p])
+
+        tokens, actions, controls, text = [], [], [], ""
+        gen = self.steps([ids], budget, next_token=pick, max_new_tokens=max_new_tokens)
+        next(gen)                                   # the dense prefill
+        start = time.perf_counter()
+        for step in gen:                            # each step feeds the token picked from the last logits
+            tokens.append(int(step["token"][0]))
+            if step["controls"] is not None:
+                actions.append(int(step["action"][0]))
+                controls.append(step["controls"][0])
+            if on_text is not None:
+                new = self.tokenizer.decode(tokens)
+                on_text(new[len(text):])
+                text = new
+        elapsed = time.perf_counter() - start
+        return GenerationResult(text=self.tokenizer.decode(tokens), tokens=tokens,
+                                tok_s=len(tokens) / elapsed if elapsed > 0 else float("inf"),
+                                usage=self._usage(controls), actions=actions)
+
+    def _usage(self, controls: list) -> dict:
+        if not controls:
+            return {"attn_keep": 1.0, "mlp_keep": 1.0, "bits": 16.0}
+        c = np.stack(controls)
+        return {"attn_keep": float(c[:, 0].mean()), "mlp_keep": float(c[:, 1].mean()), "bits": float(c[:, 2].mean())}
+
+    def score(self, ids: list[int], context: int, budget=(1.0, 1.0, 16)) -> np.ndarray:
+        """Teacher-forced log-probs of ids[context+1:], dense prefill of ids[:context+1]... one step per token."""
+        prompt, rest = ids[:context], ids[context:]
+        out = []
+        gen = self.steps([prompt], budget, forced=[rest[:-1]])
+        for step, target in zip(gen, rest):
+            z = step["logits"][0]
+            out.append(z[target] - np.log(np.exp(z - z.max()).sum()) - z.max())
+        return np.asarray(out, dtype=np.float64)

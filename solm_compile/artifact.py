@@ -1,0 +1,178 @@
+"""Write the ``.solm.onnx`` artifact: the gated decode step with the policy inside, plus metadata and tokenizer.
+
+Three kinds, one exporter:
+
+- ``solm`` (default): sparse ops are ``ai.solm`` nodes (SolmEP runs them and skips the work);
+- ``portable``: the same semantics in standard ONNX ops (masks), runs on stock onnxruntime;
+- ``dense``: the original model, ungated — the baseline benchmarks compare against.
+
+The file is written atomically and is byte-identical when compiled twice from the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.export import Dim
+
+from . import __version__
+from .artifact_step import ArtifactStep, initial_policy_state
+from .errors import UserError
+from .gated import GatedLM
+
+log = logging.getLogger(__name__)
+
+KINDS = ("solm", "portable", "dense")
+EPISODE_LEN = 16
+
+
+class DenseStep(torch.nn.Module):
+    """The ungated decode step with the artifact's names: (logits, presents...)."""
+
+    def __init__(self, original: torch.fx.GraphModule):
+        super().__init__()
+        self.lm = original
+
+    def forward(self, input_ids, position_ids, past):
+        out = self.lm(input_ids, position_ids, *past)
+        return (out[0], *out[2:])
+
+
+def _kv_names(n_layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+def _example(lm: GatedLM, policy, batch: int = 2, T: int = 3, past: int = 9, t: int = 2):
+    ids = torch.randint(0, lm.info.vocab_size, (batch, T))
+    pos = torch.arange(past, past + T).expand(batch, T).contiguous()
+    kv = tuple(torch.randn(batch, lm.kv_heads, past, lm.head_dim) for _ in range(2 * lm.info.num_layers))
+    if policy is None:
+        return (ids, pos, kv)
+    state = list(initial_policy_state(policy, batch, torch.randn(batch, lm.info.hidden_size)))
+    state[0] = torch.randn(batch, policy.n_heads, t, policy.head_dim)
+    state[1] = torch.randn(batch, policy.n_heads, t, policy.head_dim)
+    return (ids, pos, kv, *state, torch.rand(batch, 3))
+
+
+def _dynamic_shapes(args, policy):
+    tok, kv = {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, {0: Dim.DYNAMIC, 2: Dim.DYNAMIC}
+    shapes = [tok, tok, tuple(kv for _ in args[2])]
+    if policy is not None:
+        row = {0: Dim.DYNAMIC}
+        shapes += [kv, kv, row, row, row, row, row, row]
+    return tuple(shapes)
+
+
+def build_module(lm: GatedLM, kind: str, policy=None, grid=None, episode_len: int = EPISODE_LEN):
+    if kind == "dense":
+        return DenseStep(lm.model.original), None
+    if policy is None:
+        raise UserError("a solm artifact needs a policy: pass --policy POLICY.pt (train one with `solm train`)")
+    return ArtifactStep(lm.model.gm, policy, grid, lm._embedding, lm.gate.min_len, episode_len), policy
+
+
+def io_names(lm: GatedLM, kind: str) -> tuple[list[str], list[str]]:
+    n = lm.info.num_layers
+    ins = ["input_ids", "position_ids", *_kv_names(n, "past")]
+    outs = ["logits", *_kv_names(n, "present")]
+    if kind != "dense":
+        state = ["policy_key", "policy_value", "policy_prev_action", "policy_usage", "policy_count", "policy_step",
+                 "policy_hidden"]
+        ins += [*state, "budget"]
+        outs += [f"{s}_out" for s in state[:2]] + ["action"] + [f"{s}_out" for s in state[3:]] + ["controls"]
+    return ins, outs
+
+
+def metadata(lm: GatedLM, kind: str, loaded_policy, tokenizer_file: str | None, episode_len: int) -> dict:
+    meta = {
+        "version": __version__, "kind": kind, "model": lm.info.to_dict(), "num_layers": lm.info.num_layers,
+        "hidden_size": lm.info.hidden_size, "vocab_size": lm.info.vocab_size, "kv_heads": lm.kv_heads,
+        "head_dim": lm.head_dim, "gate": lm.gate.to_dict(), "tokenizer": tokenizer_file,
+    }
+    if loaded_policy is not None and kind != "dense":
+        grid, pol = loaded_policy.grid, loaded_policy.policy
+        meta.update({
+            "action_grid": grid.to_dict(), "num_actions": grid.num_actions, "dense_action": grid.dense_idx,
+            "budget_ranges": [[grid.kappa_levels[0], 1.0], [grid.rho_levels[0], 1.0], [grid.bit_levels[0], 16]],
+            "episode_len": episode_len, "policy_heads": pol.n_heads, "policy_head_dim": pol.head_dim,
+            "policy_file": loaded_policy.path.name, "policy_step": loaded_policy.step,
+        })
+    return meta
+
+
+def export_onnx(module: torch.nn.Module, args: tuple, policy, ins: list[str], outs: list[str], kind: str):
+    from .onnx_ops import translation_table
+
+    table = translation_table(portable=(kind == "portable")) if kind != "dense" else None
+    with torch.no_grad():
+        program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=table,
+                                    dynamic_shapes=_dynamic_shapes(args, policy), input_names=ins,
+                                    output_names=outs, optimize=True, verbose=False)
+    return program
+
+
+def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=None, tokenizer=None,
+                   episode_len: int = EPISODE_LEN) -> Path:
+    """Export, attach metadata, write ``out`` (and the tokenizer beside it) atomically."""
+    import onnx
+
+    if kind not in KINDS:
+        raise UserError(f"unknown artifact kind {kind!r} (one of {', '.join(KINDS)})")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: directory {out.parent} does not exist")
+    policy = loaded_policy.policy if loaded_policy is not None and kind != "dense" else None
+    grid = loaded_policy.grid if loaded_policy is not None else None
+    module, policy = build_module(lm, kind, policy, grid, episode_len)
+    torch.manual_seed(0)
+    args = _example(lm, policy)
+    ins, outs = io_names(lm, kind)
+    program = export_onnx(module, args, policy, ins, outs, kind)
+    tok_name = None
+    if tokenizer is not None:
+        tok_name = out.name.split(".")[0] + ".tokenizer.json"
+        _atomic_write(out.parent / tok_name, tokenizer.backend_tokenizer.to_str(pretty=True).encode())
+    model = program.model_proto
+    model.producer_name, model.producer_version = "solm", __version__
+    for k, v in metadata(lm, kind, loaded_policy, tok_name, episode_len).items():
+        model.metadata_props.add(key=f"solm.{k}", value=json.dumps(v, sort_keys=True))
+    onnx.checker.check_model(model, full_check=False)
+    large = model.ByteSize() > 1_900_000_000
+    _atomic_save(model, out, external=large)
+    return out
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_save(model, out: Path, external: bool) -> None:
+    import onnx
+
+    if not external:
+        _atomic_write(out, model.SerializeToString(deterministic=True))
+        return
+    data_name = out.name + ".data"
+    tmp = out.parent / f".{out.name}.tmp"
+    onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name + ".tmp")
+    os.replace(out.parent / (data_name + ".tmp"), out.parent / data_name)
+    m = onnx.load(str(tmp), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = data_name
+    _atomic_write(out, m.SerializeToString(deterministic=True))
+    tmp.unlink()

@@ -1,0 +1,444 @@
+"""SolmEP (the C++ onnxruntime plugin EP) against the plain PyTorch references in ``solm_compile.reference``.
+
+Each test builds a one-node ONNX model (domain ``ai.solm``; data as graph inputs, weights as initializers), runs it
+on onnxruntime with SolmEP registered, and compares with the reference. The library is built once per test session
+into solm's cache (``ep_build.build_cached``); the module is skipped, with the reason, if it cannot be built
+(or fails, if SOLM_REQUIRE_EP=1).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from solm_compile import reference as ref
+from solm_compile.runtime import ep, ep_build
+
+ort = pytest.importorskip("onnxruntime")
+
+F, BOOL, I64 = TensorProto.FLOAT, TensorProto.BOOL, TensorProto.INT64
+RTOL = 1e-4
+IR_VERSION = 10  # readable by every onnxruntime with the plugin-EP API (onnx 1.23 writes 14 by default)
+
+
+def _unavailable(reason: str):
+    # CI sets SOLM_REQUIRE_EP=1 so that a machine that should build the EP fails instead of skipping.
+    if os.environ.get("SOLM_REQUIRE_EP"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def lib():
+    if ep._ort_version(ort) < ep.MIN_ORT:
+        _unavailable(f"SolmEP needs onnxruntime >= 1.24, found {ort.__version__}")
+    try:
+        path = ep_build.build_cached()
+    except ep_build.BuildError as e:
+        _unavailable(f"SolmEP cannot be built here: {e}")
+    assert ep.register(ort, path=path)
+    return ctypes.CDLL(str(ep._registered))  # the same mapping onnxruntime loaded: shares the work counters
+
+
+def _model(op, inputs, outputs, attrs=None, inits=()):
+    """One ai.solm node. ``inputs``: (name, elem_type) or None for an absent optional input; initializer names are
+    given in ``inits`` as (name, array) and are not graph inputs."""
+    init_names = {n for n, _ in inits}
+    node = helper.make_node(op, [i[0] if i else "" for i in inputs], list(outputs), domain="ai.solm",
+                            **(attrs or {}))
+    graph_inputs = [helper.make_tensor_value_info(n, t, None) for n, t in (i for i in inputs if i)
+                    if n not in init_names]
+    graph = helper.make_graph([node], "g", graph_inputs,
+                              [helper.make_tensor_value_info(o, F, None) for o in outputs],
+                              initializer=[numpy_helper.from_array(a, n) for n, a in inits])
+    return helper.make_model(graph, ir_version=IR_VERSION,
+                             opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.solm", 1)])
+
+
+def _session(model, threads=1, **ep_kwargs):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so = ep.session_options_with_ep(so, ort=ort, **ep_kwargs)
+    sess = ort.InferenceSession(model.SerializeToString(), so)
+    assert sess.get_providers()[0] == "SolmEP"
+    return sess
+
+
+def _close(got, want):
+    want = np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * max(1.0, float(np.abs(want).max())))
+
+
+def _stats(lib):
+    buf = (ctypes.c_uint64 * 9)()
+    lib.SolmEpGetStats(buf, 9)
+    keys = ("attn_calls", "attn_keys_scored", "attn_keys_dense", "attn_kv_rows_read", "mlp_calls", "mlp_in_rows",
+            "mlp_in_rows_dense", "mlp_down_rows", "mlp_down_rows_dense")
+    return dict(zip(keys, buf))
+
+
+# ---------------------------------------------------------------------------------------------- QuestAttention
+
+def _quest_model(page_size, sinks, window, with_mask, scale=None, **extra):
+    attrs = dict(page_size=page_size, sinks=sinks, window=window, **extra)
+    if scale is not None:
+        attrs["scale"] = scale
+    ins = [("q", F), ("k", F), ("v", F), ("mask", BOOL) if with_mask else None, ("kappa", F)]
+    return _model("QuestAttention", ins, ["out"], attrs)
+
+
+def _attn_inputs(rng, B, H, Hkv, T, L, d, with_mask):
+    q = rng.standard_normal((B, H, T, d), dtype=np.float32)
+    k = rng.standard_normal((B, Hkv, L, d), dtype=np.float32)
+    v = rng.standard_normal((B, Hkv, L, d), dtype=np.float32)
+    mask = None
+    if with_mask:
+        if T > 1:  # causal over the last T positions, per row a different left padding
+            pos = np.arange(L)[None, :]
+            qpos = (L - T + np.arange(T))[:, None]
+            mask = np.broadcast_to(pos <= qpos, (B, 1, T, L)).copy()
+            for b in range(B):
+                mask[b, :, :, :b] = False
+        else:
+            mask = rng.random((B, 1, 1, L)) > 0.15
+            mask[..., -1] = True
+    return q, k, v, mask
+
+
+def _quest_ref(q, k, v, mask, kappa, scale, S, sinks, window):
+    t = torch.from_numpy
+    return ref.quest_attention_ref(t(q), t(k), t(v), None if mask is None else t(mask), t(kappa), scale, S, sinks,
+                                   window).numpy()
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("sinks,window", [(0, 0), (2, 3)])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_quest_attention_matches_reference(lib, T, sinks, window, with_mask):
+    rng = np.random.default_rng(100 * T + 10 * sinks + with_mask)
+    B, H, Hkv, L, d, S = 3, 4, 2, 37, 16, 8  # GQA 4/2, L = 4 full pages + a partial page of 5
+    q, k, v, mask = _attn_inputs(rng, B, H, Hkv, T, L, d, with_mask)
+    kappa = np.array([1.0, 0.5, 0.2], np.float32)
+    sess = _session(_quest_model(S, sinks, window, with_mask, scale=0.3))
+    feeds = {"q": q, "k": k, "v": v, "kappa": kappa}
+    if with_mask:
+        feeds["mask"] = mask
+    out = sess.run(None, feeds)[0]
+    assert out.shape == (B, H, T, d)
+    _close(out, _quest_ref(q, k, v, mask, kappa, 0.3, S, sinks, window))
+
+
+@pytest.mark.parametrize("kappa", [1.0, 0.5, 0.2, 0.0])
+def test_quest_attention_default_scale_each_kappa(lib, kappa):
+    rng = np.random.default_rng(7)
+    B, H, Hkv, L, d, S = 2, 4, 2, 45, 8, 4
+    q, k, v, _ = _attn_inputs(rng, B, H, Hkv, 1, L, d, False)
+    kap = np.full(B, kappa, np.float32)
+    sess = _session(_quest_model(S, 1, 2, False))  # no scale attribute: 1/sqrt(d)
+    out = sess.run(None, {"q": q, "k": k, "v": v, "kappa": kap})[0]
+    _close(out, _quest_ref(q, k, v, None, kap, None, S, 1, 2))
+
+
+def test_quest_float_mask_and_is_causal(lib):
+    rng = np.random.default_rng(12)
+    B, H, Hkv, T, L, d = 2, 4, 1, 6, 6, 8
+    q, k, v, _ = _attn_inputs(rng, B, H, Hkv, T, L, d, False)
+    kappa = np.ones(B, np.float32)
+    # additive float mask [B,1,1,L] with -inf entries
+    fm = (rng.standard_normal((B, 1, 1, L)) * 0.5).astype(np.float32)
+    fm[:, :, :, 1] = -np.inf
+    m = _model("QuestAttention", [("q", F), ("k", F), ("v", F), ("mask", F), ("kappa", F)], ["out"],
+               dict(page_size=4, sinks=0, window=0))
+    out = _session(m).run(None, {"q": q, "k": k, "v": v, "mask": fm, "kappa": kappa})[0]
+    _close(out, _quest_ref(q, k, v, fm, kappa, None, 4, 0, 0))
+    # is_causal (multi-token calls): keys j <= t, top-left aligned like torch SDPA
+    m = _model("QuestAttention", [("q", F), ("k", F), ("v", F), None, ("kappa", F)], ["out"],
+               dict(page_size=4, sinks=0, window=0, is_causal=1))
+    out = _session(m).run(None, {"q": q, "k": k, "v": v, "kappa": kappa})[0]
+    causal = np.tril(np.ones((T, L), bool))[None, None]
+    _close(out, _quest_ref(q, k, v, causal, kappa, None, 4, 0, 0))
+
+
+def test_quest_per_row_kappa_equals_separate_runs(lib):
+    rng = np.random.default_rng(3)
+    B, H, Hkv, L, d, S = 4, 4, 2, 50, 16, 8
+    q, k, v, _ = _attn_inputs(rng, B, H, Hkv, 1, L, d, False)
+    kappa = np.array([1.0, 0.5, 0.2, 0.05], np.float32)
+    sess = _session(_quest_model(S, 0, 0, False))  # sinks=window=0: SOL exact
+    batched = sess.run(None, {"q": q, "k": k, "v": v, "kappa": kappa})[0]
+    for b in range(B):
+        single = sess.run(None, {"q": q[b:b + 1], "k": k[b:b + 1], "v": v[b:b + 1], "kappa": kappa[b:b + 1]})[0]
+        np.testing.assert_array_equal(batched[b:b + 1], single)
+    _close(batched, _quest_ref(q, k, v, None, kappa, None, S, 0, 0))
+
+
+def _quest_group_ref(q, k, v, kappa, S, sinks, window):
+    """select_per_kv_head=1: pages chosen once per KV head from scores summed over its query heads."""
+    q, k, v = map(torch.from_numpy, (q, k, v))
+    B, H, _, d = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    G, P = H // Hkv, math.ceil(L / S)
+    out = torch.empty_like(q)
+    for b in range(B):
+        pb = ref.page_budget(float(kappa[b]), L, S)
+        for hk in range(Hkv):
+            kh, vh = k[b, hk], v[b, hk]
+            keep = torch.ones(L, dtype=torch.bool)
+            if not (float(kappa[b]) >= 1.0 or pb >= P):
+                scores = torch.zeros(P)
+                for g in range(G):
+                    qh = q[b, hk * G + g, 0]
+                    for p in range(P):
+                        page = kh[p * S:(p + 1) * S]
+                        scores[p] += torch.maximum(qh * page.max(0).values, qh * page.min(0).values).sum()
+                keep = torch.zeros(L, dtype=torch.bool)
+                if pb > 0:
+                    thr = scores.sort(descending=True).values[pb - 1]
+                    for p in range(P):
+                        if scores[p] >= thr:
+                            keep[p * S:(p + 1) * S] = True
+                keep[:sinks] = True
+                if window > 0:
+                    keep[max(L - window, 0):] = True
+                if not keep.any():
+                    keep[L - 1] = True
+            for g in range(G):
+                h = hk * G + g
+                logits = (q[b, h] @ kh.T) / math.sqrt(d)
+                logits = logits.masked_fill(~keep[None, :], float("-inf"))
+                out[b, h] = torch.softmax(logits, -1) @ vh
+    return out.numpy()
+
+
+@pytest.mark.parametrize("via", ["attribute", "provider_option"])
+def test_quest_select_per_kv_head(lib, via):
+    rng = np.random.default_rng(11)
+    B, H, Hkv, L, d, S = 3, 4, 2, 43, 16, 8
+    q, k, v, _ = _attn_inputs(rng, B, H, Hkv, 1, L, d, False)
+    kappa = np.array([0.6, 0.3, 0.1], np.float32)
+    if via == "attribute":
+        sess = _session(_quest_model(S, 2, 3, False, select_per_kv_head=1))
+    else:
+        sess = _session(_quest_model(S, 2, 3, False), select_per_kv_head=True)
+    out = sess.run(None, {"q": q, "k": k, "v": v, "kappa": kappa})[0]
+    _close(out, _quest_group_ref(q, k, v, kappa, S, 2, 3))
+    # it is a different policy from per-query-head selection (the reference) ...
+    assert not np.allclose(out, _quest_ref(q, k, v, None, kappa, None, S, 2, 3), atol=1e-3)
+    # ... except without GQA, where each group is one head
+    q1, k1, v1, _ = _attn_inputs(rng, B, 2, 2, 1, L, d, False)
+    out1 = sess.run(None, {"q": q1, "k": k1, "v": v1, "kappa": kappa})[0]
+    _close(out1, _quest_ref(q1, k1, v1, None, kappa, None, S, 2, 3))
+
+
+def test_quest_threads_deterministic(lib):
+    rng = np.random.default_rng(5)
+    B, H, Hkv, L, d, S = 2, 8, 2, 130, 32, 16
+    q, k, v, _ = _attn_inputs(rng, B, H, Hkv, 1, L, d, False)
+    feeds = {"q": q, "k": k, "v": v, "kappa": np.array([0.3, 1.0], np.float32)}
+    m = _quest_model(S, 4, 8, False)
+    one = _session(m, threads=1).run(None, feeds)[0]
+    two = _session(m, threads=2).run(None, feeds)[0]
+    np.testing.assert_array_equal(one, two)
+
+
+def test_quest_skips_work(lib):
+    rng = np.random.default_rng(9)
+    B, H, Hkv, L, d, S = 1, 4, 2, 256, 16, 16
+    q, k, v, _ = _attn_inputs(rng, B, H, Hkv, 1, L, d, False)
+    sess = _session(_quest_model(S, 0, 0, False))
+    before = _stats(lib)
+    sess.run(None, {"q": q, "k": k, "v": v, "kappa": np.array([0.2], np.float32)})
+    after = _stats(lib)
+    scored = after["attn_keys_scored"] - before["attn_keys_scored"]
+    dense = after["attn_keys_dense"] - before["attn_keys_dense"]
+    assert dense == H * L
+    # budget ⌈⌈0.2·256⌉/16⌉ = 4 of 16 pages per head (ties could add pages; random data has none)
+    assert scored == H * 4 * S
+
+
+# ---------------------------------------------------------------------------------------------- SparseMLP
+
+def _mlp_weights(rng, D, I, gated, biases):
+    s = 1 / math.sqrt(D)
+    w = {"w_up": rng.standard_normal((I, D), dtype=np.float32) * s,
+         "w_down": rng.standard_normal((D, I), dtype=np.float32) / math.sqrt(I)}
+    if gated:
+        w["w_gate"] = rng.standard_normal((I, D), dtype=np.float32) * s
+    if biases:
+        w["b_up"] = rng.standard_normal(I, dtype=np.float32) * 0.1
+        w["b_down"] = rng.standard_normal(D, dtype=np.float32) * 0.1
+        if gated:
+            w["b_gate"] = rng.standard_normal(I, dtype=np.float32) * 0.1
+    return w
+
+
+_MLP_ORDER = ("x", "w_gate", "b_gate", "w_up", "b_up", "w_down", "b_down", "rho", "bits")
+
+
+def _mlp_model(weights, act, as_initializers=True):
+    ins = [(n, F) if (n in weights or n in ("x", "rho", "bits")) else None for n in _MLP_ORDER]
+    inits = [(n, a) for n, a in weights.items()] if as_initializers else ()
+    return _model("SparseMLP", ins, ["y"], {"act": act}, inits)
+
+
+def _mlp_ref(x, w, rho, bits, act):
+    t = lambda n: torch.from_numpy(w[n]) if n in w else None  # noqa: E731
+    return ref.sparse_mlp_ref(torch.from_numpy(x), t("w_gate"), t("b_gate"), t("w_up"), t("b_up"), t("w_down"),
+                              t("b_down"), torch.from_numpy(rho), torch.from_numpy(bits), act).numpy()
+
+
+@pytest.mark.parametrize("gated,act", [(True, "silu"), (False, "gelu"), (False, "gelu_tanh"), (True, "relu")])
+@pytest.mark.parametrize("biases", [False, True])
+@pytest.mark.parametrize("T", [1, 3])
+def test_sparse_mlp_matches_reference(lib, gated, act, biases, T):
+    rng = np.random.default_rng(hash((gated, act, biases, T)) % 2**32)
+    B, D, I = 3, 48, 300  # I spans two column chunks (256 + 44)
+    w = _mlp_weights(rng, D, I, gated, biases)
+    x = rng.standard_normal((B, T, D), dtype=np.float32)
+    rho = np.array([1.0, 0.5, 0.1], np.float32)
+    bits = np.array([16, 8, 4], np.float32)
+    sess = _session(_mlp_model(w, act))
+    y = sess.run(None, {"x": x, "rho": rho, "bits": bits})[0]
+    assert y.shape == (B, T, D)
+    _close(y, _mlp_ref(x, w, rho, bits, act))
+
+
+@pytest.mark.parametrize("rho", [1.0, 0.5, 0.1])
+@pytest.mark.parametrize("bits", [16.0, 8.0, 4.0])
+def test_sparse_mlp_each_rho_bits(lib, rho, bits):
+    rng = np.random.default_rng(int(rho * 100 + bits))
+    B, T, D, I = 2, 2, 32, 80
+    w = _mlp_weights(rng, D, I, True, True)
+    x = rng.standard_normal((B, T, D), dtype=np.float32)
+    r, b = np.full(B, rho, np.float32), np.full(B, bits, np.float32)
+    y = _session(_mlp_model(w, "silu")).run(None, {"x": x, "rho": r, "bits": b})[0]
+    _close(y, _mlp_ref(x, w, r, b, "silu"))
+
+
+def test_sparse_mlp_topk_ties_and_many_tokens(lib):
+    """Ties at the threshold are all kept; 20 tokens span three token blocks."""
+    rng = np.random.default_rng(2)
+    B, T, D, I = 2, 10, 40, 64
+    w = _mlp_weights(rng, D, I, True, False)
+    x = np.round(rng.standard_normal((B, T, D)) * 2).astype(np.float32) / 2  # many equal magnitudes
+    rho, bits = np.array([0.3, 0.25], np.float32), np.array([16, 6], np.float32)
+    y = _session(_mlp_model(w, "silu")).run(None, {"x": x, "rho": rho, "bits": bits})[0]
+    _close(y, _mlp_ref(x, w, rho, bits, "silu"))
+
+
+def test_sparse_mlp_dense_block_equals_token_by_token(lib):
+    """A dense multi-token call (prefill) takes the register-tiled multi-token kernel (4 tokens per pass + a
+    remainder); every token must come out bit-identical to running it alone."""
+    rng = np.random.default_rng(13)
+    B, T, D, I = 1, 7, 40, 300
+    w = _mlp_weights(rng, D, I, True, True)
+    x = rng.standard_normal((B, T, D), dtype=np.float32)
+    rho, bits = np.ones(B, np.float32), np.full(B, 16, np.float32)
+    sess = _session(_mlp_model(w, "gelu_tanh"))
+    y = sess.run(None, {"x": x, "rho": rho, "bits": bits})[0]
+    _close(y, _mlp_ref(x, w, rho, bits, "gelu_tanh"))
+    for t in range(T):
+        yt = sess.run(None, {"x": x[:, t:t + 1], "rho": rho, "bits": bits})[0]
+        np.testing.assert_array_equal(y[:, t:t + 1], yt)
+
+
+def test_sparse_mlp_weights_as_graph_inputs(lib):
+    rng = np.random.default_rng(4)
+    B, T, D, I = 2, 1, 24, 40
+    w = _mlp_weights(rng, D, I, True, True)
+    x = rng.standard_normal((B, T, D), dtype=np.float32)
+    rho, bits = np.array([0.5, 1.0], np.float32), np.array([8, 16], np.float32)
+    sess = _session(_mlp_model(w, "gelu", as_initializers=False))
+    y = sess.run(None, {"x": x, "rho": rho, "bits": bits, **w})[0]
+    _close(y, _mlp_ref(x, w, rho, bits, "gelu"))
+
+
+def test_sparse_mlp_per_row_equals_separate_runs_and_threads(lib):
+    rng = np.random.default_rng(6)
+    B, T, D, I = 4, 1, 64, 600
+    w = _mlp_weights(rng, D, I, True, False)
+    x = rng.standard_normal((B, T, D), dtype=np.float32)
+    rho, bits = np.array([1.0, 0.5, 0.25, 0.1], np.float32), np.array([16, 8, 4, 6], np.float32)
+    m = _mlp_model(w, "silu")
+    s1, s2 = _session(m, threads=1), _session(m, threads=2)
+    batched = s1.run(None, {"x": x, "rho": rho, "bits": bits})[0]
+    np.testing.assert_array_equal(batched, s2.run(None, {"x": x, "rho": rho, "bits": bits})[0])
+    for b in range(B):
+        single = s1.run(None, {"x": x[b:b + 1], "rho": rho[b:b + 1], "bits": bits[b:b + 1]})[0]
+        np.testing.assert_array_equal(batched[b:b + 1], single)
+
+
+def test_sparse_mlp_skips_work(lib):
+    rng = np.random.default_rng(8)
+    B, T, D, I = 1, 1, 100, 64
+    w = _mlp_weights(rng, D, I, False, False)
+    x = rng.standard_normal((B, T, D), dtype=np.float32)
+    sess = _session(_mlp_model(w, "relu"))
+    before = _stats(lib)
+    y = sess.run(None, {"x": x, "rho": np.array([0.1], np.float32), "bits": np.array([16], np.float32)})[0]
+    after = _stats(lib)
+    d = {k: after[k] - before[k] for k in after}
+    # k = ⌈ρ·D − 1e-9⌉ with ρ the float32 0.1 (= 0.10000000149): 11 channels of 100, as in the reference
+    k = math.ceil(float(np.float32(0.1)) * D - 1e-9)
+    assert k == 11 and d["mlp_in_rows_dense"] == D and d["mlp_in_rows"] == k
+    want = _mlp_ref(x, w, np.array([0.1], np.float32), np.array([16], np.float32), "relu")
+    h = np.maximum(np.where(np.abs(x[0, 0]) >= np.sort(np.abs(x[0, 0]))[-k], x[0, 0], 0) @ w["w_up"].T, 0)
+    assert d["mlp_down_rows"] == int((h != 0).sum()) < I  # relu zeros skip their down rows
+    _close(y, want)
+
+
+# ---------------------------------------------------------------------------------------------- GateControls
+
+@pytest.mark.parametrize("T,past,active", [(1, 10, True), (1, 6, False), (4, 10, False)])
+def test_gate_controls(lib, T, past, active):
+    m = _model("GateControls", [("ids", I64), ("past", F), ("kappa", F), ("rho", F), ("bits", F)],
+               ["ke", "re", "be"], {"min_len": 7})
+    B = 2
+    feeds = {"ids": np.zeros((B, T), np.int64), "past": np.zeros((B, 2, past, 4), np.float32),
+             "kappa": np.array([0.3, 0.5], np.float32), "rho": np.array([0.2, 0.9], np.float32),
+             "bits": np.array([4, 8], np.float32)}
+    got = _session(m).run(None, feeds)
+    want = ref.gate_controls_ref(T, past + T, *(torch.from_numpy(feeds[n]) for n in ("kappa", "rho", "bits")),
+                                 min_len=7)
+    for g, w_ in zip(got, want):
+        np.testing.assert_array_equal(g, w_.numpy())
+    assert active == (past + T > 7 and T == 1)
+
+
+# ---------------------------------------------------------------------------------------------- integration
+
+def test_model_without_solm_nodes_runs_unchanged(lib):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 5), dtype=np.float32)
+    node = [helper.make_node("MatMul", ["x", "w"], ["t"]), helper.make_node("Relu", ["t"], ["y"])]
+    g = helper.make_graph(node, "plain", [helper.make_tensor_value_info("x", F, [None, 8])],
+                          [helper.make_tensor_value_info("y", F, None)], initializer=[numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((3, 8), dtype=np.float32)
+    so = ep.session_options_with_ep(ort=ort)
+    with_ep = ort.InferenceSession(m.SerializeToString(), so)
+    plain = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert with_ep.get_providers() == ["SolmEP", "CPUExecutionProvider"]
+    np.testing.assert_array_equal(with_ep.run(None, {"x": x})[0], plain.run(None, {"x": x})[0])
+
+
+def test_register_is_idempotent_and_warns_once_when_missing(lib, monkeypatch):
+    assert ep.register(ort) and ep.register(ort) and ep.is_registered()
+    monkeypatch.setattr(ep, "_registered", None)
+    monkeypatch.setattr(ep, "_warned", False)
+    monkeypatch.setattr(ep, "library_path", lambda: None)
+    with pytest.warns(RuntimeWarning, match="SolmEP is not built"):
+        assert ep.register(ort) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ep.register(ort) is False
+        so = ep.session_options_with_ep(ort=ort)  # plain options, no EP
+        assert isinstance(so, ort.SessionOptions)
