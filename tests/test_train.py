@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tiny_lm import FakeGatedLM, counting_blocks, random_blocks, tiny_llama
+from tiny_lm import FakeGatedLM, counting_blocks, gated_tiny_llama, random_blocks
 from solm_compile import checkpoint
 from solm_compile.errors import UserError
 from solm_compile.policy import PolicyConfig, RecurrentActorCriticPolicy
@@ -127,7 +127,7 @@ def test_budget_conditioning_moves_usage(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip_and_refusals(tmp_path):
-    lm = tiny_llama(0)
+    lm = gated_tiny_llama(0)
     res = train(lm, _real_blocks(), REAL, tmp_path, progress=False)
     path = tmp_path / "checkpoint.pt"
     raw = torch.load(path, weights_only=True)                   # plain containers only
@@ -141,7 +141,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         assert torch.equal(loaded.policy.state_dict()[k], v), k
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
 
-    other = tiny_llama(1)                                       # same shapes, different weights
+    other = gated_tiny_llama(1)                                 # same shapes, different weights
     with pytest.raises(UserError, match=r"checkpoint\.pt: policy was trained for LlamaForCausalLM .*but the model is"):
         checkpoint.load_policy(path, other.info)
     wider = dataclasses.replace(lm.info, hidden_size=48)
@@ -170,7 +170,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
 
 
 def test_resume_is_deterministic(tmp_path):
-    lm, cfg = tiny_llama(0), dataclasses.replace(REAL, updates=4, checkpoint_every=2)
+    lm, cfg = gated_tiny_llama(0), dataclasses.replace(REAL, updates=4, checkpoint_every=2)
     straight = train(lm, _real_blocks(), cfg, tmp_path / "a", progress=False)
     train(lm, _real_blocks(), dataclasses.replace(cfg, updates=2), tmp_path / "b", progress=False)
     resumed = train(lm, _real_blocks(), cfg, tmp_path / "b", resume=True, progress=False)
@@ -185,12 +185,12 @@ def test_resume_is_deterministic(tmp_path):
     with pytest.raises(UserError, match="no such policy checkpoint"):
         train(lm, _real_blocks(), cfg, tmp_path / "c", resume=True, progress=False)
     with pytest.raises(UserError, match="trained for"):
-        train(tiny_llama(1), _real_blocks(), dataclasses.replace(cfg, updates=6), tmp_path / "a", resume=True,
+        train(gated_tiny_llama(1), _real_blocks(), dataclasses.replace(cfg, updates=6), tmp_path / "a", resume=True,
               progress=False)
 
 
 def test_kl_reward_on_real_lm():
-    lm = tiny_llama(0)
+    lm = gated_tiny_llama(0)
     policy = RecurrentActorCriticPolicy(32, REAL.grid.num_actions, REAL.policy)
     ep = rollout(lm, policy, _real_blocks(2), torch.full((2, 3), 0.5), REAL.grid, T=REAL.T, K=3, reward="kl",
                  generator=torch.Generator().manual_seed(0))

@@ -1,8 +1,8 @@
 """Tiny language models for the policy/training tests.
 
-``tiny_llama(seed)``: the real ``GatedLM`` (passes, gated ops, KV cache) over a seeded random 2-layer Llama.
-Its weights are random, so the controls barely move its log-likelihood; use it for plumbing (checkpoints,
-resume, DDP). ``FakeGatedLM``: a stand-in with the same interface whose log-likelihood depends on the
+``gated_tiny_llama(seed)``: the real ``GatedLM`` (passes, gated ops, KV cache) over a seeded random 2-layer
+Llama. Its weights are random, so the controls barely move its log-likelihood; use it for plumbing (checkpoints,
+resume, the KL reward). ``FakeGatedLM``: a stand-in with the same interface whose log-likelihood depends on the
 controls in a known way; use it where a test needs the reward to respond to the actions.
 
 For ``FakeGatedLM`` the data follow x_{t+1} = (x_t + 1) mod V (``counting_blocks``); the dense model puts a
@@ -82,7 +82,7 @@ def counting_blocks(n: int, length: int, vocab: int = 24, seed: int = 0) -> Tens
 
 
 @functools.lru_cache(maxsize=4)
-def tiny_llama(seed: int = 0, vocab: int = 64):
+def gated_tiny_llama(seed: int = 0, vocab: int = 64):
     """GatedLM over a random Llama: hidden 32, 2 layers, 4 query / 2 KV heads (≈2 s to build, cached)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
