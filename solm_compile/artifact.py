@@ -129,6 +129,7 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
     policy = loaded_policy.policy if loaded_policy is not None and kind != "dense" else None
     grid = loaded_policy.grid if loaded_policy is not None else None
     module, policy = build_module(lm, kind, policy, grid, episode_len)
+    module.eval()
     torch.manual_seed(0)
     args = _example(lm, policy)
     ins, outs = io_names(lm, kind)

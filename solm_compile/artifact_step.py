@@ -15,7 +15,8 @@ Outputs: logits [B,T,V], the presents, the policy state advanced by one step (sa
 the budget), the chosen effective action [B] and its controls [B,3] (κ, ρ, bits).
 
 Exactly ``train.rollout``'s greedy step: scalars [(t+1)/T_ep, eff, C, dev], a = argmax, dense on non-effective
-steps, usage counted on effective steps. A step is effective when T == 1 and L > ts + tw + 1. A multi-token run
+steps, usage counted on effective steps. A dense budget (every target at its maximum) always runs the dense
+action, so it reproduces the original model whatever the policy learned. A step is effective when T == 1 and L > ts + tw + 1. A multi-token run
 (prefill) is dense whatever the policy says; the runtime then starts the policy's episode afresh.
 """
 
@@ -57,7 +58,8 @@ class ArtifactStep(nn.Module):
         v = torch.cat([policy_value, v], dim=2)                                           # [B, H, t+1, hd]
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v)                     # [B, H, 1, hd]
         logits_pi = self.policy._tail(x, y, s[:, None], 1.0)[:, 0]                        # [B, A]
-        a = torch.where(eff, logits_pi.argmax(-1), torch.full_like(policy_prev_action, self.dense_idx))  # [B]
+        act = eff & (budget < 1).any(-1)                                                  # [B] a dense budget is dense
+        a = torch.where(act, logits_pi.argmax(-1), torch.full_like(policy_prev_action, self.dense_idx))  # [B]
         ctl = self.grid[a]                                                                # [B, 3]
         out = self.lm(input_ids, position_ids, *past, ctl[:, 0], ctl[:, 1], ctl[:, 2])
         logits, hidden, presents = out[0], out[1], out[2:]

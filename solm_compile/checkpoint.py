@@ -64,6 +64,13 @@ def save(path: Path, payload: dict) -> None:
         raise
 
 
+def policy_payload(policy: RecurrentActorCriticPolicy, grid: ActionGrid, gate: GateConfig, ident: dict,
+                   train_config: dict) -> dict:
+    """The part of a checkpoint that serving needs (no optimiser or RNG state)."""
+    return {"format": FORMAT, "version": VERSION, "model": ident, "train_config": train_config,
+            "grid": grid.to_dict(), "gate": gate.to_dict(), "policy": policy.state_dict()}
+
+
 def read(path: Path) -> dict:
     """Load and sanity-check a checkpoint dict; ``UserError`` (one line, naming the file) if it is not one."""
     path = Path(path)

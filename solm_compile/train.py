@@ -303,9 +303,8 @@ def _save(out: Path, cfg: TrainConfig, gate: GateConfig, ident: dict, policy, op
         dist.all_gather_object(states, gen.get_state())
     if rank == 0:
         checkpoint.save(out / CHECKPOINT, {
-            "format": checkpoint.FORMAT, "version": checkpoint.VERSION, "model": ident,
-            "train_config": cfg.to_dict(), "grid": cfg.grid.to_dict(), "gate": gate.to_dict(),
-            "policy": policy.state_dict(), "optimizer": opt.state_dict(), "step": step, "batches": batches,
+            **checkpoint.policy_payload(policy, cfg.grid, gate, ident, cfg.to_dict()),
+            "optimizer": opt.state_dict(), "step": step, "batches": batches,
             "rng": states, "world_size": world, "history": history})
         _write_text_atomic(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
     if world > 1:

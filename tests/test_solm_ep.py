@@ -413,6 +413,25 @@ def test_gate_controls(lib, T, past, active):
     assert active == (past + T > 7 and T == 1)
 
 
+@pytest.mark.parametrize("T,past", [(1, 10), (4, 0)])
+def test_gate_controls_unconsumed_outputs_and_shared_input(lib, T, past):
+    # As in an exported artifact: the prefill gate reads one zeros tensor three times (a single fused-node input)
+    # and only its kappa output is used, so onnxruntime gives the fused node one output, not three (SolmEP used to
+    # ask for outputs #1 and #2 anyway and crashed). An empty past (P = 0) is the prefill case.
+    node = helper.make_node("GateControls", ["ids", "past", "z", "z", "z"], ["ke", "re", "be"], domain="ai.solm",
+                            min_len=7)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", I64, None),
+                                        helper.make_tensor_value_info("past", F, None),
+                                        helper.make_tensor_value_info("z", F, None)],
+                          [helper.make_tensor_value_info("ke", F, None)])
+    m = helper.make_model(g, ir_version=IR_VERSION,
+                          opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.solm", 1)])
+    z = np.array([0.25, 0.5], np.float32)
+    feeds = {"ids": np.zeros((2, T), np.int64), "past": np.zeros((2, 2, past, 4), np.float32), "z": z}
+    (ke,) = _session(m).run(None, feeds)
+    np.testing.assert_array_equal(ke, z if T == 1 and past + T > 7 else np.ones(2, np.float32))
+
+
 # ---------------------------------------------------------------------------------------------- integration
 
 def test_model_without_solm_nodes_runs_unchanged(lib):
@@ -442,3 +461,62 @@ def test_register_is_idempotent_and_warns_once_when_missing(lib, monkeypatch):
         assert ep.register(ort) is False
         so = ep.session_options_with_ep(ort=ort)  # plain options, no EP
         assert isinstance(so, ort.SessionOptions)
+
+
+# ---------------------------------------------------------------------------------------------- real artifact
+
+@pytest.fixture(scope="module")
+def tiny_artifacts(lib, tmp_path_factory):
+    """The portable and solm artifacts of a tiny random Llama (2 layers, GQA 4/2 heads, head_dim 16) with a random
+    policy inside the graph, exported by ``write_artifact`` (torch.onnx dynamo) as ``solm-compile`` does."""
+    from pathlib import Path
+
+    from conftest import tiny_models
+    from solm_compile.actions import ActionGrid
+    from solm_compile.artifact import write_artifact
+    from solm_compile.checkpoint import LoadedPolicy
+    from solm_compile.config import GateConfig
+    from solm_compile.gated import GatedLM
+    from solm_compile.policy import PolicyConfig, RecurrentActorCriticPolicy
+
+    torch.manual_seed(0)
+    lm = GatedLM.from_hf(tiny_models()["llama-gqa"]().eval())
+    grid = ActionGrid()
+    policy = RecurrentActorCriticPolicy(64, grid.num_actions, PolicyConfig(d_model=32, max_steps=32)).eval()
+    loaded = LoadedPolicy(policy, grid, GateConfig(), {}, 0, Path("p.pt"))
+    out = tmp_path_factory.mktemp("artifacts")
+    return {kind: write_artifact(lm, out / f"tiny.{kind}.onnx", kind, loaded) for kind in ("portable", "solm")}
+
+
+@pytest.mark.parametrize("threads,batch", [(1, 1), (2, 2)])
+def test_real_artifact_matches_portable(lib, tiny_artifacts, threads, batch):
+    # Regression: a real exported graph feeds the EP differently from the one-node tests (GateControls outputs
+    # nobody reads, one tensor feeding several inputs, shared initializers, bool expand-output masks, P = 0 pasts);
+    # the first dense prefill segfaulted. SolmEP must reproduce the portable artifact step by step.
+    from solm_compile.runtime.session import SolmSession
+
+    portable = SolmSession(tiny_artifacts["portable"], tokenizer=False, threads=threads)
+    solm = SolmSession(tiny_artifacts["solm"], tokenizer=False, threads=threads)
+    assert solm.ep_active and solm.sess.get_providers()[0] == "SolmEP"
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 5, 7, 3, 2, 9, 40, 41, 42, 7]][:batch]
+    for budget in [(0.3, 0.5, 6), (1, 1, 16)]:
+        before = _stats(lib)
+        steps = 0
+        sparse_mlp = False
+        for a, b in zip(portable.steps(prompts, budget=budget, max_new_tokens=12),
+                        solm.steps(prompts, budget=budget, max_new_tokens=12)):
+            where = f"budget {budget}, step {steps}"
+            np.testing.assert_allclose(b["logits"], a["logits"], rtol=0, atol=1e-4, err_msg=where)
+            np.testing.assert_array_equal(b["logits"].argmax(-1), a["logits"].argmax(-1), err_msg=where)
+            if steps > 0:
+                np.testing.assert_array_equal(b["token"], a["token"], err_msg=where)
+                np.testing.assert_array_equal(b["action"], a["action"], err_msg=where)
+                np.testing.assert_array_equal(b["controls"], a["controls"], err_msg=where)
+                sparse_mlp = sparse_mlp or bool((a["controls"][:, 1] < 1).any())
+            steps += 1
+        assert steps == 13  # prefill + 12 decode steps
+        after = _stats(lib)
+        n = {k: after[k] - before[k] for k in after}
+        assert n["attn_calls"] == 2 * 13 and n["mlp_calls"] == 2 * 13  # every layer's ops ran on SolmEP
+        if sparse_mlp:
+            assert n["mlp_in_rows"] < n["mlp_in_rows_dense"]

@@ -15,7 +15,8 @@
 // whose plugin-EP API has everything used here (OrtEpFactory::GetCustomOpDomains is 1.24); every OrtApi function
 // called is <= 1.24. So the library loads on onnxruntime >= 1.24 (tested on 1.24.4 and 1.32.0).
 //
-// Debugging: SOLM_EP_DEBUG=1 prints the EP's session options and each compiled node's input mapping to stderr.
+// Debugging: SOLM_EP_DEBUG=1 prints the EP's session options and each compiled node's input and output mapping
+// to stderr.
 #include "onnxruntime_c_api.h"  // includes onnxruntime_ep_c_api.h at its end; do not include that one again
 
 #include <algorithm>
@@ -211,6 +212,14 @@ std::vector<const OrtValueInfo*> NodeInputs(const OrtNode* node) {
   return v;
 }
 
+std::vector<const OrtValueInfo*> NodeOutputs(const OrtNode* node) {
+  size_t n = 0;
+  Check(g_ort->Node_GetNumOutputs(node, &n));
+  std::vector<const OrtValueInfo*> v(n, nullptr);
+  if (n) Check(g_ort->Node_GetOutputs(node, v.data(), n));
+  return v;
+}
+
 const OrtOpAttr* FindAttr(const OrtNode* node, const char* name) {
   const OrtOpAttr* a = nullptr;
   if (OrtStatus* s = g_ort->Node_GetAttributeByName(node, name, &a)) {  // ORT_NOT_FOUND when absent
@@ -278,6 +287,9 @@ std::shared_ptr<SavedTensor> SaveConstant(const OrtValueInfo* vi) {
 struct KernelBase {
   std::string op;
   std::vector<InputSlot> inputs;
+  // Per op output: its index among the fused node's (= kernel context's) outputs, or -1 when ORT left it out of
+  // the fused node (an output no node consumes and that is no graph output; e.g. GateControls' unused rho/bits).
+  std::vector<int> outputs;
   std::mutex mu;  // serialises Compute of one node (its scratch buffers) across concurrent Run() calls
   virtual ~KernelBase() = default;
   virtual void Compute(OrtKernelContext* kc) = 0;
@@ -304,9 +316,15 @@ struct KernelBase {
     Fail("SolmEP: " + op + " input '" + s.name + "' is not available at run time", ORT_FAIL);
   }
 
+  bool HasOut(size_t i) const { return i < outputs.size() && outputs[i] >= 0; }
+
+  // The buffer of op output i, allocated with `shape`; nullptr if the fused node does not produce it (HasOut).
   float* Out(OrtKernelContext* kc, size_t i, const Shape& shape) const {
+    if (!HasOut(i)) return nullptr;
     OrtValue* v = nullptr;
-    Check(g_ort->KernelContext_GetOutput(kc, i, shape.data(), shape.size(), &v));
+    Check(g_ort->KernelContext_GetOutput(kc, static_cast<size_t>(outputs[i]), shape.data(), shape.size(), &v));
+    if (v == nullptr)
+      Fail("SolmEP: " + op + " output #" + std::to_string(i) + " is not available at run time", ORT_FAIL);
     void* p = nullptr;
     Check(g_ort->GetTensorMutableData(v, &p));
     return static_cast<float*>(p);
@@ -391,7 +409,7 @@ struct QuestKernel : KernelBase {
       mv.sb = stride[0], mv.sh = stride[1], mv.st = stride[2], mv.sl = stride[3];
     }
     float* out = Out(kc, 0, {B, H, T, dv});
-    if (B * H * T * dv == 0) return;
+    if (out == nullptr || B * H * T * dv == 0) return;
     if (L == 0) {
       for (int64_t i = 0; i < B * H * T * dv; ++i) out[i] = std::numeric_limits<float>::quiet_NaN();
       return;
@@ -444,6 +462,7 @@ struct MlpKernel : KernelBase {
     const float* r = RowValues(rho, B, "rho", op, rho_b);
     const float* b = RowValues(bits, B, "bits", op, bits_b);
     float* y = Out(kc, 0, {B, T, weights.Dout});
+    if (y == nullptr) return;
     solm::SparseMlp(x.f(), B, T, weights, r, b, act, y, scratch, MakeParallel(kc));
   }
 };
@@ -463,6 +482,7 @@ struct GateKernel : KernelBase {
       TensorRef c = In(kc, 2 + i);
       RequireFloat(c, i == 0 ? "kappa" : i == 1 ? "rho" : "bits");
       float* o = Out(kc, i, c.shape);
+      if (o == nullptr) continue;  // output not consumed (left out of the fused node)
       const int64_t n = c.numel();
       for (int64_t j = 0; j < n; ++j) o[j] = active ? c.f()[j] : dense[i];
     }
@@ -615,6 +635,31 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
     if (slots[i].name.empty() && !spec->in_optional[i])
       Fail("SolmEP: " + op + " is missing required input #" + std::to_string(i));
 
+  // Op outputs -> fused-node outputs, by name. ORT gives the fused node only the outputs that something consumes
+  // (another node or a graph output), so an unused output (e.g. GateControls' rho/bits when only kappa is read) is
+  // not there and the fused outputs are not positionally the op's.
+  std::vector<int> out_index(spec->n_out, -1);
+  {
+    std::unordered_map<std::string, int> fused_out;
+    auto fouts = NodeOutputs(fused);
+    for (size_t i = 0; i < fouts.size(); ++i) {
+      std::string n = ValueName(fouts[i]);
+      if (!n.empty() && !fused_out.count(n)) fused_out[n] = static_cast<int>(i);
+    }
+    auto outs = NodeOutputs(node);
+    for (size_t i = 0; i < out_index.size() && i < outs.size(); ++i) {
+      const std::string n = ValueName(outs[i]);
+      auto it = n.empty() ? fused_out.end() : fused_out.find(n);
+      if (it != fused_out.end()) out_index[i] = it->second;
+    }
+    if (std::getenv("SOLM_EP_DEBUG")) {
+      std::fprintf(stderr, "SolmEP compile %s: %zu op outputs, %zu fused outputs; map", op.c_str(), outs.size(),
+                   fouts.size());
+      for (int o : out_index) std::fprintf(stderr, " %d", o);
+      std::fprintf(stderr, "\n");
+    }
+  }
+
   std::unique_ptr<KernelBase> kernel;
   if (op == "QuestAttention") {
     auto k = std::make_unique<QuestKernel>();
@@ -665,6 +710,7 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
   }
   kernel->op = op;
   kernel->inputs = std::move(slots);
+  kernel->outputs = std::move(out_index);
   return kernel;
 }
 

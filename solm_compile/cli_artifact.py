@@ -1,0 +1,113 @@
+"""``solm-compile`` / ``solm compile`` (write the artifact) and ``solm run`` (generate with it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+POLICY_DIR = Path(__file__).resolve().parent / "policies"
+
+
+def shipped_policy(info) -> Path | None:
+    """The policy shipped in the package for this model: by alias name, else by matching model identity."""
+    from . import checkpoint
+
+    by_name = POLICY_DIR / f"{info.name}.pt"
+    if by_name.is_file():
+        return by_name
+    for path in sorted(POLICY_DIR.glob("*.pt")):
+        try:
+            ck = checkpoint.read(path)
+        except Exception:  # noqa: BLE001 - a broken shipped file is simply not a match
+            continue
+        if info.same_model(ck.get("model", {})):
+            return path
+    return None
+
+
+def resolve_policy(arg: str | None, info):
+    """Load --policy, or the shipped one; a one-line error saying how to train one if there is none."""
+    from .checkpoint import load_policy
+    from .errors import UserError
+
+    path = Path(arg) if arg else shipped_policy(info)
+    if path is None:
+        raise UserError(f"{info.name}: no policy shipped for this model; train one with "
+                        f"`solm train {info.name} --out policy.pt` and pass --policy policy.pt (or use --dense)")
+    if not path.is_file():
+        raise UserError(f"--policy {path}: no such file")
+    return load_policy(path, info)
+
+
+def add_artifact_parsers(sub, common) -> None:
+    p = sub.add_parser("compile", help="write the .solm.onnx artifact (same as solm-compile)")
+    common(p)
+    p.add_argument("--out", required=True, help="output path, e.g. model.solm.onnx")
+    p.add_argument("--policy", help="policy checkpoint (default: the one shipped for the model)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--portable", action="store_true", help="standard ONNX ops only (runs on stock onnxruntime)")
+    kind.add_argument("--dense", action="store_true", help="the original model, ungated (the benchmark baseline)")
+    p.set_defaults(fn=cmd_compile)
+
+    p = sub.add_parser("run", help="generate with an artifact")
+    p.add_argument("artifact", metavar="ARTIFACT")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--attn-keep", type=float, default=1.0, help="attention keep target κ̄ (default 1)")
+    p.add_argument("--mlp-keep", type=float, default=1.0, help="MLP keep target ρ̄ (default 1)")
+    p.add_argument("--bits", type=float, default=16, help="bits target (default 16)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(fn=cmd_run)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .artifact import write_artifact
+    from .cli import _load_gated
+    from .errors import UserError
+    from .gated import GatedLM, _kv_shape_from_graph
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: directory {out.parent} does not exist")
+    if args.policy and not Path(args.policy).is_file():
+        raise UserError(f"--policy {args.policy}: no such file")
+    loaded, gated = _load_gated(args)
+    lm = GatedLM(gated, _kv_shape_from_graph(loaded))
+    kind = "dense" if args.dense else "portable" if args.portable else "solm"
+    policy = None if args.dense else resolve_policy(args.policy, loaded.info)
+    path = write_artifact(lm, out, kind, policy, tokenizer=loaded.tokenizer)
+    print(f"wrote {path} ({kind}, {path.stat().st_size / 1e6:.1f} MB; gated {gated.count('attention')} attention "
+          f"and {gated.count('mlp')} MLP ops" + (f"; policy {policy.path.name}" if policy else "") + ")")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .errors import UserError
+    from .runtime.session import SolmSession
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    sess = SolmSession(args.artifact, threads=args.threads)
+    budget = (args.attn_keep, args.mlp_keep, args.bits)
+    if sess.kind != "dense":
+        sess.check_budget(budget)
+    stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    if stream:
+        stream(args.prompt)
+    r = sess.generate(args.prompt, args.max_new_tokens, budget, greedy=args.greedy, temperature=args.temperature,
+                      seed=args.seed, on_text=stream)
+    if args.json:
+        print(json.dumps({"text": r.text, "tokens": r.tokens, "tok_s": r.tok_s, "usage": r.usage,
+                          "actions": r.actions, "kind": sess.kind, "providers": sess.sess.get_providers()}))
+    else:
+        u = r.usage
+        print(f"\n[{len(r.tokens)} tokens, {r.tok_s:.1f} tok/s, {sess.kind} on {sess.sess.get_providers()[0]}; "
+              f"usage attn_keep {u['attn_keep']:.2f} mlp_keep {u['mlp_keep']:.2f} bits {u['bits']:.1f}]")
+    return 0

@@ -1,0 +1,617 @@
+"""``torch.compile(model, backend="solm")``: the solm passes and policy as a Dynamo backend.
+
+Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so ``backend="solm"`` works after
+``pip install`` without importing solm_compile first. Options (``torch.compile(..., options={...})``)::
+
+    policy      path of a policy checkpoint (default: the one shipped in solm_compile/policies/ for this model's
+                identity; none → dense, with a warning when the budget is not dense)
+    attn_keep   attention keep target κ̄ (default 1)        mlp_keep   MLP keep target ρ̄ (default 1)
+    bits        output bits target (default 16)            runtime    "torch" (default) | "onnxruntime"
+    fast_mlp    use ``solm.sparse_mlp_gather`` (gathers the kept channels' weights; default True)
+    inductor    compile the gated graph with inductor (default True; False runs it as an FX graph)
+
+What happens to each graph Dynamo hands over (``solm_backend``)::
+
+    Dynamo torch-IR gm ──(params/buffers → attributes, SymInt inputs → sizes of the tensors they measure)──►
+    torch.export (non-strict, dynamic where Dynamo's shapes are symbolic) ──► flat ATen graph (the IR of
+    ``export.py``) ──► roles: input_ids = the token-embedding index, past key = the first attention's
+    ``cat(past, new)`` input (else its key), hidden = the LM head's input ──► ``passes.run_pipeline`` (the same
+    passes as ``solm compile``) ──► + output hidden[:, -1] ──► sparse_mlp → sparse_mlp_gather ──► inductor.
+
+At run time a ``PolicyController`` (one per model and options) computes the per-row controls before each call
+and keeps the policy's state across calls, exactly ``ArtifactStep.forward`` / ``train.rollout`` greedy: a
+multi-token call (prefill) or a call with an empty past is dense and starts a new episode whose first hidden
+state is the prefill's last one; each single-token call is one policy step. ``controller(model)`` returns it
+(with the recorded actions).
+
+Fallbacks, each warned once per process: a graph without attention (a graph-break fragment) or without a token
+embedding is compiled by inductor unchanged; a graph the lowering or the passes cannot handle (e.g. a SymInt input
+that is no tensor's size) runs uncompiled (``gm.forward``); ``runtime="onnxruntime"`` runs the torch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from . import fast_ops, ops  # noqa: F401  (register torch.ops.solm.*)
+from .config import Budget, GateConfig
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+POLICY_DIR = Path(__file__).resolve().parent / "policies"
+RUNTIMES = ("torch", "onnxruntime")
+EPISODE_LEN = 16          # TrainConfig.T's default, what artifacts use when the checkpoint does not say
+HISTORY = 4096            # decode steps of actions kept per controller
+
+
+# ---------------------------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class Options:
+    policy: str | None = None
+    budget: Budget = Budget()
+    runtime: str = "torch"
+    fast_mlp: bool = True
+    inductor: bool = True
+
+    @classmethod
+    def parse(cls, options: dict | None) -> "Options":
+        o = dict(options or {})
+        known = {"policy", "attn_keep", "mlp_keep", "bits", "runtime", "fast_mlp", "inductor"}
+        unknown = sorted(set(o) - known)
+        if unknown:
+            raise UserError(f"torch.compile(backend='solm'): unknown option(s) {unknown}; "
+                            f"known: {sorted(known)}")
+        runtime = o.get("runtime", "torch")
+        if runtime not in RUNTIMES:
+            raise UserError(f"torch.compile(backend='solm'): runtime must be one of {RUNTIMES}, got {runtime!r}")
+        budget = Budget(float(o.get("attn_keep", 1.0)), float(o.get("mlp_keep", 1.0)), float(o.get("bits", 16.0)))
+        policy = o.get("policy")
+        return cls(str(policy) if policy is not None else None, budget, runtime, bool(o.get("fast_mlp", True)),
+                   bool(o.get("inductor", True)))
+
+
+_WARNED: set = set()
+_LOCK = threading.Lock()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    with _LOCK:
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+    warnings.warn(msg, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------- the policy
+def shipped_policy(info) -> Path | None:
+    """The shipped policy trained for this model's identity: policies/<name>.pt first, then any match."""
+    from . import checkpoint
+
+    candidates = [POLICY_DIR / f"{info.name}.pt"] + sorted(POLICY_DIR.glob("*.pt"))
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            ck = checkpoint.read(path)
+        except Exception:  # noqa: BLE001 - a broken shipped file is simply not a match
+            continue
+        if info.same_model(ck.get("model", {})):
+            return path
+    return None
+
+
+class _State:
+    """One episode's policy state, per row (``artifact_step.initial_policy_state``)."""
+
+    def __init__(self, policy, hidden: Tensor):
+        B, dev = hidden.shape[0], hidden.device
+        H, hd = policy.n_heads, policy.head_dim
+        self.key = torch.zeros(B, H, 0, hd, device=dev)
+        self.value = torch.zeros(B, H, 0, hd, device=dev)
+        self.prev = torch.full((B,), policy.bos, dtype=torch.long, device=dev)
+        self.usage = torch.zeros(B, 3, device=dev)
+        self.count = torch.zeros(B, device=dev)
+        self.step = torch.zeros(B, dtype=torch.long, device=dev)
+        self.hidden = hidden.float()
+
+    @property
+    def batch(self) -> int:
+        return self.prev.shape[0]
+
+
+class PolicyController:
+    """Chooses each call's per-row controls (κ, ρ, bits) [B] and keeps the policy's state across calls.
+
+    ``history`` holds, per single-token step, ``{"action": [B] long | None, "controls": [B, 3], "effective":
+    [B] bool}`` (the last ``HISTORY`` steps). ``policy`` is None when running dense.
+    """
+
+    def __init__(self, info, loaded, budget: Budget, gate: GateConfig, embedding: Tensor | None):
+        self.info, self.loaded, self.budget, self.gate = info, loaded, budget, gate
+        self.policy = loaded.policy if loaded is not None else None
+        self.grid = loaded.grid if loaded is not None else None
+        self.episode_len = int((loaded.train_config or {}).get("T", EPISODE_LEN)) if loaded is not None else EPISODE_LEN
+        self.embedding = embedding
+        self.min_len = gate.min_len
+        self.state: _State | None = None
+        self.history: deque = deque(maxlen=HISTORY)
+        self.calls = {"prefill": 0, "step": 0}
+        self._pending = None
+        self._dense: dict = {}
+        self._lock = threading.Lock()
+        if self.policy is not None:
+            self._table = self.grid.table()
+            self._usage_scale = torch.tensor([1.0, self.grid.rho_levels[-1], 16.0])
+            self._budget = torch.tensor([budget.attn_keep, budget.mlp_keep, budget.bits / 16.0])
+
+    @property
+    def active(self) -> bool:
+        """Whether the policy decides anything: a policy, a budget below dense, and the LM's hidden state."""
+        return self.policy is not None and not self.budget.is_dense and self.embedding is not None
+
+    @property
+    def actions(self) -> list:
+        return [h["action"] for h in self.history if h["action"] is not None]
+
+    def reset(self) -> None:
+        self.state, self._pending = None, None
+
+    def _dense_controls(self, B: int, device) -> tuple[Tensor, Tensor, Tensor]:
+        key = (B, str(device))
+        hit = self._dense.get(key)
+        if hit is None:
+            one = torch.ones(B, device=device)
+            hit = self._dense[key] = (one, one, one * 16.0)
+        return hit
+
+    def _to(self, device) -> None:
+        if self._table.device != device:
+            self.policy.to(device)
+            self._table, self._usage_scale, self._budget = (t.to(device) for t in
+                                                            (self._table, self._usage_scale, self._budget))
+
+    @torch.no_grad()
+    def before(self, input_ids: Tensor, past_len: int, want_hidden: bool) -> tuple[Tensor, Tensor, Tensor]:
+        B, T = input_ids.shape[0], input_ids.shape[-1]
+        dev = input_ids.device
+        if T > 1 or past_len == 0:                                  # prefill: dense, then a new episode
+            self.calls["prefill"] += 1
+            self._pending = ("prefill",) if want_hidden else None
+            self.state = None
+            return self._dense_controls(B, dev)
+        self.calls["step"] += 1
+        eff_flag = past_len + T > self.min_len                       # gate_controls' rule (T == 1 here)
+        if not (self.active and want_hidden):
+            ctl = self._dense_controls(B, dev)
+            self.history.append({"action": None, "controls": torch.stack(ctl, -1),
+                                 "effective": torch.full((B,), eff_flag, device=dev)})
+            self._pending = None
+            return ctl
+        self._to(dev)
+        if self.state is None or self.state.batch != B:
+            if self.state is None:
+                _warn_once("no-prefill", "solm: a decode step came without a prefill through the compiled model; "
+                           "the policy starts from a zero hidden state")
+            self.state = _State(self.policy, torch.zeros(B, self.policy.hidden_size, device=dev))
+        st, pol = self.state, self.policy
+        budget = self._budget.expand(B, 3)                                                # [B, 3]
+        eff = torch.full((B,), eff_flag, dtype=torch.bool, device=dev)                   # [B]
+        e = self.embedding[input_ids[:, -1]].float()                                      # [B, D]
+        mean = st.usage / st.count.clamp(min=1)[:, None]                                  # [B, 3]
+        dev_ = torch.where(st.count[:, None] > 0, mean - budget, torch.zeros_like(budget))  # [B, 3]
+        t_frac = (st.step.float() + 1) / self.episode_len                                 # [B]
+        s = torch.cat([t_frac[:, None], eff.float()[:, None], budget, dev_], dim=-1)      # [B, 8]
+        pos = st.step.clamp(max=pol.cfg.max_steps - 1)[:, None]                           # [B, 1]
+        x = pol._embed(st.hidden[:, None], e[:, None], s[:, None], st.prev[:, None], pos)
+        q, k, v = pol._qkv(x)                                                             # [B, H, 1, hd]
+        k = torch.cat([st.key, k], dim=2)                                                 # [B, H, t+1, hd]
+        v = torch.cat([st.value, v], dim=2)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)                     # [B, H, 1, hd]
+        logits_pi = pol._tail(x, y, s[:, None], 1.0)[:, 0]                                # [B, A]
+        act = eff & (budget < 1).any(-1)                                                  # a dense budget is dense
+        a = torch.where(act, logits_pi.argmax(-1), torch.full_like(st.prev, self.grid.dense_idx))  # [B]
+        ctl = self._table[a]                                                              # [B, 3]
+        self._pending = ("step", k, v, a, eff, ctl)
+        self.history.append({"action": a, "controls": ctl, "effective": eff})
+        return ctl[:, 0].contiguous(), ctl[:, 1].contiguous(), ctl[:, 2].contiguous()
+
+    @torch.no_grad()
+    def after(self, hidden_last: Tensor) -> None:
+        """Take the LM's last hidden state [B, D] of this call (after the final norm)."""
+        pending, self._pending = self._pending, None
+        if pending is None or self.policy is None:
+            return
+        if pending[0] == "prefill":
+            self.state = _State(self.policy, hidden_last)
+            return
+        _, k, v, a, eff, ctl = pending
+        st = self.state
+        st.key, st.value, st.prev = k, v, a
+        st.usage = st.usage + eff.float()[:, None] * (ctl / self._usage_scale)
+        st.count = st.count + eff.float()
+        st.step = st.step + 1
+        st.hidden = hidden_last.float()
+
+
+_CONTROLLERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_INFO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def controller(model) -> PolicyController | None:
+    """The controller of a model compiled with backend="solm" (the last one created, if several)."""
+    model = getattr(model, "_orig_mod", model)
+    by_opts = _CONTROLLERS.get(model)
+    return list(by_opts.values())[-1] if by_opts else None
+
+
+def _model_info(root):
+    from .models import hf_model_info
+
+    info = _INFO.get(root)
+    if info is None:
+        name = Path(str(getattr(getattr(root, "config", None), "_name_or_path", "") or "model")).name or "model"
+        info = _INFO[root] = hf_model_info(root, name)
+    return info
+
+
+def _controller_for(root, opts: Options) -> PolicyController:
+    key = (opts.policy, opts.budget)
+    if root is not None:
+        hit = _CONTROLLERS.get(root, {}).get(key)
+        if hit is not None:
+            return hit
+    info, loaded, gate, embedding = None, None, GateConfig(), None
+    if opts.budget.is_dense and opts.policy is None:
+        pass                                        # a dense budget runs the dense action whatever the policy
+    elif root is not None and hasattr(root, "config"):
+        from .checkpoint import load_policy
+
+        info = _model_info(root)
+        path = Path(opts.policy) if opts.policy is not None else shipped_policy(info)
+        if opts.policy is not None and not path.is_file():
+            raise UserError(f"torch.compile(backend='solm'): policy {path}: no such file")
+        if path is not None:
+            loaded = load_policy(path, info)        # UserError on a policy for another model
+            gate = loaded.gate
+        elif not opts.budget.is_dense:
+            _warn_once("no-policy", f"solm: no policy shipped for {info.architecture} (weights "
+                       f"{info.weights_hash}); running dense. Train one with `solm train` and pass "
+                       "options={'policy': PATH}")
+        emb = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
+        embedding = emb.weight.detach() if emb is not None else None
+    elif not opts.budget.is_dense:
+        _warn_once("no-root", "solm: could not find the compiled nn.Module; running dense")
+    ctl = PolicyController(info, loaded, opts.budget, gate, embedding)
+    if root is not None:
+        _CONTROLLERS.setdefault(root, {})[key] = ctl
+    return ctl
+
+
+# ---------------------------------------------------------------------------------------------- lowering
+def _source_name(src) -> str:
+    name = getattr(src, "name", "")
+    return name() if callable(name) else str(name)
+
+
+def _root_module(gm: fx.GraphModule):
+    """The nn.Module being compiled, found from the sources of the graph's parameter inputs."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:  # noqa: BLE001
+        tx = None
+    if tx is None:
+        return None
+    scope = {"L": tx.f_locals, "G": tx.f_globals}
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        src = getattr(n.meta.get("grapharg"), "source", None)
+        if src is None or "_parameters" not in _source_name(src):
+            continue
+        chain = []
+        while src is not None:
+            chain.append(src)
+            src = getattr(src, "base", None)
+        for s in reversed(chain):                                   # from the frame's local outwards in
+            try:
+                obj = eval(_source_name(s), {"__builtins__": {}}, scope)  # noqa: S307 - Dynamo's own source text
+            except Exception:  # noqa: BLE001
+                continue
+            if isinstance(obj, torch.nn.Module):
+                return obj
+    return None
+
+
+def _has_attention(gm: fx.GraphModule) -> bool:
+    import torch.nn.functional as F
+
+    sdpa = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+    softmax = {torch.softmax, F.softmax, torch.Tensor.softmax}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and (n.target in sdpa or n.target in softmax):
+            return True
+        if n.op == "call_method" and n.target == "softmax":
+            return True
+    return False
+
+
+def _inplace(n: fx.Node) -> bool:
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+
+
+@dataclass
+class _Prepared:
+    gm: fx.GraphModule       # tensor inputs only; parameters/buffers are attributes
+    keep: list               # positions of the Dynamo inputs it takes, in order
+    dynamic: list            # per kept input: {dim: Dim.DYNAMIC} or None
+    examples: tuple
+
+
+def _prepare(gm: fx.GraphModule, example_inputs) -> _Prepared:
+    """A copy of the Dynamo graph that torch.export can take: constants bound, SymInt inputs derived."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.export import Dim
+
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    phs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(phs) != len(example_inputs):
+        raise RuntimeError(f"{len(phs)} graph inputs but {len(example_inputs)} example inputs")
+    vals = [n.meta.get("example_value") for n in phs]
+    anchor = next(n for n in graph.nodes if n.op != "placeholder")   # new nodes go after every input
+    root, keep, erase = torch.nn.Module(), [], []
+    for i, (n, ex) in enumerate(zip(phs, example_inputs)):
+        src = _source_name(getattr(n.meta.get("grapharg"), "source", None))
+        is_const = isinstance(ex, torch.nn.Parameter) or "._parameters[" in src or "._buffers[" in src
+        if isinstance(ex, Tensor) and is_const and not isinstance(ex, FakeTensor) \
+                and not any(_inplace(u) and u.args and u.args[0] is n for u in n.users):
+            name = f"_solm_const_{i}"
+            if isinstance(ex, torch.nn.Parameter):
+                root.register_parameter(name, ex)
+            else:
+                root.register_buffer(name, ex)
+            with graph.inserting_before(anchor):
+                attr = graph.get_attr(name)
+            attr.meta = dict(n.meta)
+            n.replace_all_uses_with(attr)
+            erase.append(n)
+        elif isinstance(ex, Tensor):
+            keep.append(i)
+        else:                                                       # SymInt / SymFloat / int input
+            expr = getattr(getattr(vals[i], "node", None), "expr", None)
+            hit = None
+            for j, v in enumerate(vals):
+                if hit is None and isinstance(v, Tensor) and isinstance(example_inputs[j], Tensor):
+                    for d, s in enumerate(v.shape):
+                        if isinstance(s, torch.SymInt) and expr is not None and s.node.expr == expr:
+                            hit = (phs[j], d)
+                            break
+            if hit is None:
+                raise RuntimeError(f"input {n.name} ({type(ex).__name__}) is not the size of any tensor input")
+            with graph.inserting_before(anchor):
+                size = graph.call_method("size", (hit[0], hit[1]))
+            n.replace_all_uses_with(size)
+            erase.append(n)
+    for n in erase:
+        graph.erase_node(n)
+    graph._codegen = fx.graph.CodeGen()
+    graph.lint()
+    prepared = fx.GraphModule(root, graph)
+    dynamic, examples = [], []
+    for i in keep:
+        v, ex = vals[i], example_inputs[i]
+        dims = {d: Dim.DYNAMIC for d, s in enumerate(getattr(v, "shape", ()))
+                if isinstance(s, torch.SymInt) and not s.node.expr.is_number}
+        dynamic.append(dims or None)
+        if isinstance(ex, FakeTensor):
+            shape = [int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in ex.shape]
+            ex = torch.zeros(shape, dtype=ex.dtype, device=ex.device)
+        examples.append(ex)
+    return _Prepared(prepared, keep, dynamic, tuple(examples))
+
+
+def _fetch(gm: fx.GraphModule, node: fx.Node):
+    if "val" in node.meta:
+        return node.meta["val"]
+    if node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    return None
+
+
+@dataclass
+class _Roles:
+    input_ids: fx.Node
+    past_key: fx.Node            # a placeholder (the past) or the first attention's key (no past input)
+    past_is_input: bool
+    hidden: fx.Node | None       # the LM head's input (after the final norm)
+
+
+def _roles(gm: fx.GraphModule) -> _Roles | None:
+    from .passes.attention import _match_explicit, _sdpa_args, unrepeat_kv
+    from .passes.match import skip_transparent
+
+    nodes = list(gm.graph.nodes)
+    emb = ids = None
+    for n in nodes:
+        if n.target is aten.embedding.default:
+            idx = skip_transparent(n.args[1])
+            if isinstance(idx, fx.Node) and idx.op == "placeholder":
+                emb, ids = n, idx
+                break
+    if emb is None:
+        return None
+    key = None
+    for n in nodes:
+        if n.target is aten.scaled_dot_product_attention.default:
+            key = _sdpa_args(n)["key"]
+        elif n.target in (aten.softmax.int, aten._softmax.default):
+            hit = _match_explicit(n)
+            key = hit[1] if hit else None
+        if key is not None:
+            break
+    if key is None:
+        return None
+    key = unrepeat_kv(key)
+    past, is_input = key, False
+    if key.target is aten.cat.default and key.args[1] in (2, -2):
+        first = skip_transparent(key.args[0][0])
+        if isinstance(first, fx.Node) and first.op == "placeholder":
+            past, is_input = first, True
+    w_emb = _fetch(gm, emb.args[0])
+    hidden = None
+    if isinstance(w_emb, Tensor):
+        for n in nodes:
+            if n.target is aten.linear.default:
+                w = _fetch(gm, n.args[1])
+                if isinstance(w, Tensor) and tuple(w.shape) == tuple(w_emb.shape):
+                    hidden = n.args[0]                              # the last one: the LM head
+    return _Roles(ids, past, is_input, hidden)
+
+
+def _add_hidden_output(gm: fx.GraphModule, hidden: fx.Node) -> None:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    with gm.graph.inserting_before(out):
+        last = gm.graph.call_function(aten.select.int, (hidden, 1, -1))   # [B, D]
+    vals = out.args[0]
+    vals = tuple(vals) if isinstance(vals, (tuple, list)) else (vals,)
+    out.args = (vals + (last,),)
+    gm.recompile()
+
+
+# ---------------------------------------------------------------------------------------------- runners
+class _Gated:
+    """The compiled callable Dynamo gets for a gated graph."""
+
+    def __init__(self, fn, keep, ids_pos, past_pos, n_out, with_hidden, ctl: PolicyController, fallback):
+        self.fn, self.keep, self.ids_pos, self.past_pos = fn, keep, ids_pos, past_pos
+        self.n_out, self.with_hidden, self.ctl, self.fallback = n_out, with_hidden, ctl, fallback
+        self.failed = False
+
+    def __call__(self, *args):
+        if self.failed:
+            return self.fallback(*args)
+        dyn = [args[i] for i in self.keep]
+        ids = dyn[self.ids_pos]
+        past_len = int(dyn[self.past_pos].shape[-2]) if self.past_pos is not None else 0
+        with torch.no_grad():
+            with self.ctl._lock:
+                kappa, rho, bits = self.ctl.before(ids, past_len, self.with_hidden)
+                try:
+                    out = self.fn(*dyn, kappa, rho, bits)
+                except Exception as e:  # noqa: BLE001 - a run-time compile failure must not end generation
+                    self.ctl.reset()
+                    self.failed = True
+                    _warn_once("run-fallback", f"solm: the gated graph failed at run time ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); running it uncompiled")
+                    return self.fallback(*args)
+                if self.with_hidden:
+                    self.ctl.after(out[-1])
+        return tuple(out[:self.n_out])
+
+
+def _ungated(gm: fx.GraphModule, example_inputs, opts: Options, why: str):
+    log.info("solm: %s; compiling the graph unchanged", why)
+    if opts.inductor:
+        try:
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs)
+        except Exception as e:  # noqa: BLE001
+            _warn_once("inductor", f"solm: inductor failed on an ungated graph ({type(e).__name__}); "
+                       "running it uncompiled")
+    return gm.forward
+
+
+def _lower_and_gate(gm: fx.GraphModule, example_inputs, opts: Options):
+    from .export import flat_module
+    from .passes import PassContext, run_pipeline
+
+    if not _has_attention(gm):
+        return _ungated(gm, example_inputs, opts, "no attention in this graph (a graph-break fragment?)")
+    root = _root_module(gm)
+    ctl = _controller_for(root, opts)
+    prep = _prepare(gm, example_inputs)
+    with torch.no_grad():
+        ep = torch.export.export(prep.gm, prep.examples, dynamic_shapes=tuple(prep.dynamic), strict=False)
+    agm = flat_module(ep)
+    phs = [n for n in agm.graph.nodes if n.op == "placeholder"]
+    if len(phs) != len(prep.keep):
+        raise RuntimeError(f"the exported graph has {len(phs)} inputs, expected {len(prep.keep)}")
+    roles = _roles(agm)
+    if roles is None:
+        return _ungated(gm, example_inputs, opts, "no token embedding feeding attention in this graph")
+    name = ctl.info.name if ctl.info is not None else "model"
+    results = run_pipeline(agm, PassContext(gate=ctl.gate, model_name=name, input_ids=roles.input_ids.name,
+                                            past_key=roles.past_key.name))
+    counts = {k: v for r in results for k, v in r.counts.items()}
+    if not counts.get("quest_attention") and not counts.get("sparse_mlp"):
+        return _ungated(gm, example_inputs, opts, "the passes found nothing to gate")
+    out = next(n for n in reversed(agm.graph.nodes) if n.op == "output")
+    n_out = len(out.args[0]) if isinstance(out.args[0], (tuple, list)) else 1
+    with_hidden = roles.hidden is not None
+    if with_hidden:
+        _add_hidden_output(agm, roles.hidden)
+    elif ctl.active:
+        _warn_once("no-hidden", "solm: no LM head found in the graph, so the policy cannot see the hidden state; "
+                   "running dense")
+    if opts.fast_mlp:
+        fast_ops.use_gather_mlp(agm)
+    fn = agm
+    if opts.inductor:
+        fn = torch.compile(agm, backend="inductor", dynamic=any(d is not None for d in prep.dynamic))
+    ids_pos = phs.index(roles.input_ids)
+    past_pos = phs.index(roles.past_key) if roles.past_is_input else None
+    log.info("solm: gated %s (%d inputs, dynamic=%s)", counts, len(phs), [d for d in prep.dynamic if d])
+    runner = _Gated(fn, prep.keep, ids_pos, past_pos, n_out, with_hidden, ctl, gm.forward)
+    runner.counts, runner.graph = counts, agm
+    return runner
+
+
+def solm_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
+    """The Dynamo backend: gate what can be gated, compile with inductor, fall back to eager with one warning."""
+    opts = Options.parse(options)
+    if kwargs.get("mode") not in (None, "default"):
+        _warn_once("mode", f"solm: mode={kwargs['mode']!r} is ignored")
+    if opts.runtime == "onnxruntime":
+        _warn_once("ort", "solm: runtime='onnxruntime' is not implemented for torch.compile yet (use `solm compile`"
+                   " for the ONNX artifact); running the torch runtime")
+    try:
+        return _lower_and_gate(gm, example_inputs, opts)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - never crash the user's program on a graph we cannot handle
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        _warn_once("fallback", f"solm: cannot compile this graph ({type(e).__name__}: {msg}); running it "
+                   "uncompiled")
+        log.debug("solm fallback", exc_info=True)
+        return gm.forward
+
+
+def register() -> None:
+    """Register ``backend="solm"`` in this process (for when the package is not pip-installed)."""
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    if "solm" not in _BACKENDS or _BACKENDS["solm"] is None:
+        register_backend(name="solm")(solm_backend)
+
+
+__all__ = ["Options", "PolicyController", "controller", "solm_backend", "register", "shipped_policy"]

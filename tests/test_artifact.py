@@ -1,0 +1,195 @@
+"""The .solm.onnx artifact on a tiny random Llama with a random policy: what ships must be what we tested."""
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from solm_compile import checkpoint, cli, models
+from solm_compile.actions import ActionGrid
+from solm_compile.artifact import write_artifact
+from solm_compile.artifact_step import ArtifactStep, initial_policy_state
+from solm_compile.gated import GatedLM
+from solm_compile.policy import PolicyConfig, RecurrentActorCriticPolicy
+from solm_compile.runtime import ep
+from solm_compile.runtime.session import SolmSession
+
+VOCAB = 160
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models as tm, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(tm.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_llama):
+    d = tmp_path_factory.mktemp("artifact")
+    loaded = models._from_hf(tiny_llama, word_tokenizer(), name="tiny", source="<test>")
+    lm = GatedLM.from_loaded(loaded)
+    grid = ActionGrid()
+    torch.manual_seed(1)
+    policy = RecurrentActorCriticPolicy(64, grid.num_actions, PolicyConfig(d_model=32, max_steps=32)).eval()
+    for p in policy.parameters():
+        p.data.normal_(0, 0.3)
+    path = d / "policy.pt"
+    checkpoint.save(path, checkpoint.policy_payload(policy, grid, lm.gate, checkpoint.model_identity(lm.info),
+                                                    {"policy": policy.cfg.to_dict()}))
+    lp = checkpoint.load_policy(path, lm.info)
+    arts = {kind: write_artifact(lm, d / f"tiny.{kind}.onnx", kind, lp, tokenizer=loaded.tokenizer)
+            for kind in ("portable", "dense")}
+    return {"dir": d, "loaded": loaded, "lm": lm, "policy": lp, "arts": arts}
+
+
+PROMPT = " ".join(f"w{i}" for i in (5, 17, 3, 99, 42, 7, 8, 120, 64, 33))
+
+
+def test_dense_budget_equals_hf_generate(built):
+    hf = built["loaded"].hf
+    ids = built["loaded"].tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    want = hf.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    for kind in ("portable", "dense"):
+        r = SolmSession(built["arts"][kind]).generate(PROMPT, 20, budget=(1.0, 1.0, 16), greedy=True)
+        assert r.tokens == want, kind
+    assert r.usage["attn_keep"] == 1.0
+
+
+def torch_steps(built, prompt_ids, budget, n):
+    """The same decode through the torch gated graph + policy (ArtifactStep), for comparison."""
+    lm, lp = built["lm"], built["policy"]
+    step = ArtifactStep(lm.model.gm, lp.policy, lp.grid, lm._embedding, lm.gate.min_len, 16).eval()
+    ids = torch.tensor([prompt_ids])
+    target = torch.tensor([[budget[0], budget[1], budget[2] / 16]], dtype=torch.float32)
+    with torch.no_grad():
+        _, hid, cache = lm.prefill(ids)
+        logits = lm.model.gm(ids, torch.arange(ids.shape[1])[None], *lm.empty_cache(1).tensors,
+                             torch.ones(1), torch.ones(1), torch.full((1,), 16.0))[0][:, -1]
+        state, past, out = initial_policy_state(lp.policy, 1, hid[:, -1]), cache.tensors, []
+        for t in range(n):
+            tok = logits.argmax(-1, keepdim=True)
+            o = step(tok, torch.full((1, 1), ids.shape[1] + t), tuple(past), *state, target)
+            k = len(past)
+            past, logits = list(o[1:1 + k]), o[0][:, -1]
+            state = (o[1 + k], o[2 + k], o[3 + k], o[4 + k], o[5 + k], o[6 + k], o[7 + k])
+            out.append((int(tok), int(o[3 + k]), logits.numpy()))
+    return out
+
+
+def test_half_budget_artifact_equals_torch_graph(built):
+    s = SolmSession(built["arts"]["portable"])
+    prompt = s.tokenizer.encode(PROMPT, add_special_tokens=False).ids
+    budget = (0.5, 0.75, 8)
+    got = [st for st in s.steps([prompt], budget, max_new_tokens=15)][1:]
+    want = torch_steps(built, prompt, budget, 15)
+    assert [int(g["token"][0]) for g in got] == [w[0] for w in want]
+    assert [int(g["action"][0]) for g in got] == [w[1] for w in want]
+    assert len({w[1] for w in want}) > 1, "a random policy should vary its actions"
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g["logits"][0], w[2][0], atol=1e-3)
+
+
+def test_portable_needs_no_solm(built, tmp_path):
+    script = f"""
+import numpy as np, onnxruntime as ort, sys
+s = ort.InferenceSession({str(built['arts']['portable'])!r})
+feeds = {{}}
+for i in s.get_inputs():
+    shape = [d if isinstance(d, int) else 1 for d in i.shape]
+    if i.name.startswith(("past_", "policy_key", "policy_value")): shape[2] = 0
+    dt = np.int64 if "int64" in i.type else np.float32
+    feeds[i.name] = np.zeros(shape, dt) if i.name != "input_ids" else np.array([[1, 2, 3]], np.int64)
+feeds["position_ids"] = np.array([[0, 1, 2]], np.int64)
+feeds["budget"] = np.array([[0.5, 0.75, 0.5]], np.float32)
+out = s.run(None, feeds)
+assert out[0].shape == (1, 3, {VOCAB}) and "solm_compile" not in sys.modules
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+def test_metadata_and_checker(built):
+    model = onnx.load(str(built["arts"]["portable"]))
+    onnx.checker.check_model(model)
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert meta["solm.kind"] == "portable" and meta["solm.action_grid"]["kappa_levels"] == [0.25, 0.5, 1.0]
+    assert meta["solm.model"]["weights_hash"] == built["lm"].info.weights_hash
+    assert meta["solm.budget_ranges"] == [[0.25, 1.0], [0.5, 1.0], [5, 16]]
+    assert (built["dir"] / meta["solm.tokenizer"]).is_file()
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+
+
+def test_compiling_twice_is_byte_identical(built, tmp_path):
+    again = write_artifact(built["lm"], tmp_path / "again.onnx", "dense", None)
+    assert again.read_bytes() == built["arts"]["dense"].read_bytes()
+
+
+def test_threads_share_one_session(built):
+    s = SolmSession(built["arts"]["portable"])
+    results = [None] * 4
+
+    def work(i):
+        results[i] = s.generate(PROMPT, 12, budget=(0.5, 0.75, 8), greedy=True).tokens
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert all(r == results[0] for r in results)
+
+
+def test_run_cli_json(built, capsys):
+    code = cli.main(["run", str(built["arts"]["portable"]), "--prompt", PROMPT, "--max-new-tokens", "6",
+                     "--attn-keep", "0.5", "--mlp-keep", "0.75", "--bits", "8", "--greedy", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    r = json.loads(out)
+    assert len(r["tokens"]) == 6 and r["tok_s"] > 0 and set(r["usage"]) == {"attn_keep", "mlp_keep", "bits"}
+    assert r["text"].split()[0].startswith("w")
+
+
+def one_line_error(capsys, argv, *needles):
+    code = cli.main(argv)
+    _, err = capsys.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_run_errors(built, capsys, tmp_path):
+    art = built["arts"]["portable"]
+    one_line_error(capsys, ["run", str(art), "--prompt", "w1", "--attn-keep", "0.1"], "--attn-keep", "range")
+    one_line_error(capsys, ["run", str(art), "--prompt", "w1", "--bits", "17"], "--bits")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(art.read_bytes()[:5000])
+    one_line_error(capsys, ["run", str(bad), "--prompt", "w1"], "bad.onnx")
+    txt = tmp_path / "text.onnx"
+    txt.write_text("hello")
+    one_line_error(capsys, ["run", str(txt), "--prompt", "w1"], "text.onnx")
+    lonely = tmp_path / "lonely.onnx"
+    lonely.write_bytes(art.read_bytes())
+    one_line_error(capsys, ["run", str(lonely), "--prompt", "w1"], "tokenizer")
+
+
+@pytest.mark.skipif(ep.library_path() is None, reason="SolmEP not built")
+def test_solm_artifact_on_solm_ep_equals_portable(built, tmp_path):
+    art = write_artifact(built["lm"], built["dir"] / "tiny.solm.onnx", "solm", built["policy"],
+                         tokenizer=built["loaded"].tokenizer)
+    s = SolmSession(art)
+    assert s.sess.get_providers()[0] == "SolmEP"
+    for budget in ((1.0, 1.0, 16), (0.5, 0.75, 8), (0.25, 0.5, 5)):
+        a = s.generate(PROMPT, 20, budget=budget, greedy=True)
+        b = SolmSession(built["arts"]["portable"]).generate(PROMPT, 20, budget=budget, greedy=True)
+        assert a.tokens == b.tokens and a.actions == b.actions, budget
