@@ -4,7 +4,10 @@ Three kinds, one exporter:
 
 - ``solm`` (default): sparse ops are ``ai.solm`` nodes (SolmEP runs them and skips the work);
 - ``portable``: the same semantics in standard ONNX ops (masks), runs on stock onnxruntime;
-- ``dense``: the original model, ungated — the baseline benchmarks compare against.
+- ``dense``: the original model, ungated — the baseline benchmarks compare against;
+- ``fixed``: the gated graph with ``ai.solm`` ops and *no policy*: the controls ``attn_keep``, ``mlp_keep``,
+  ``bits`` [B] are graph inputs (gated by ``GateControls`` as usual). For kernel measurements (``solm bench``)
+  and external controllers.
 
 The file is written atomically and is byte-identical when compiled twice from the same inputs.
 """
@@ -27,7 +30,7 @@ from .gated import GatedLM
 
 log = logging.getLogger(__name__)
 
-KINDS = ("solm", "portable", "dense")
+KINDS = ("solm", "portable", "dense", "fixed")
 EPISODE_LEN = 16
 
 
@@ -43,14 +46,28 @@ class DenseStep(torch.nn.Module):
         return (out[0], *out[2:])
 
 
+class FixedStep(torch.nn.Module):
+    """The gated decode step with the controls as inputs and the artifact's names: (logits, presents...)."""
+
+    def __init__(self, gated: torch.fx.GraphModule):
+        super().__init__()
+        self.lm = gated
+
+    def forward(self, input_ids, position_ids, past, attn_keep, mlp_keep, bits):
+        out = self.lm(input_ids, position_ids, *past, attn_keep, mlp_keep, bits)
+        return (out[0], *out[2:])
+
+
 def _kv_names(n_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
 
 
-def _example(lm: GatedLM, policy, batch: int = 2, T: int = 3, past: int = 9, t: int = 2):
+def _example(lm: GatedLM, policy, batch: int = 2, T: int = 3, past: int = 9, t: int = 2, kind: str = "solm"):
     ids = torch.randint(0, lm.info.vocab_size, (batch, T))
     pos = torch.arange(past, past + T).expand(batch, T).contiguous()
     kv = tuple(torch.randn(batch, lm.kv_heads, past, lm.head_dim) for _ in range(2 * lm.info.num_layers))
+    if kind == "fixed":
+        return (ids, pos, kv, torch.rand(batch), torch.rand(batch), torch.full((batch,), 8.0))
     if policy is None:
         return (ids, pos, kv)
     state = list(initial_policy_state(policy, batch, torch.randn(batch, lm.info.hidden_size)))
@@ -62,6 +79,8 @@ def _example(lm: GatedLM, policy, batch: int = 2, T: int = 3, past: int = 9, t: 
 def _dynamic_shapes(args, policy):
     tok, kv = {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, {0: Dim.DYNAMIC, 2: Dim.DYNAMIC}
     shapes = [tok, tok, tuple(kv for _ in args[2])]
+    if policy is None and len(args) == 6:           # kind "fixed": attn_keep, mlp_keep, bits [B]
+        shapes += [{0: Dim.DYNAMIC}] * 3
     if policy is not None:
         row = {0: Dim.DYNAMIC}
         shapes += [kv, kv, row, row, row, row, row, row]
@@ -71,6 +90,8 @@ def _dynamic_shapes(args, policy):
 def build_module(lm: GatedLM, kind: str, policy=None, grid=None, episode_len: int = EPISODE_LEN):
     if kind == "dense":
         return DenseStep(lm.model.original), None
+    if kind == "fixed":
+        return FixedStep(lm.model.gm), None
     if policy is None:
         raise UserError("a solm artifact needs a policy: pass --policy POLICY.pt (train one with `solm train`)")
     return ArtifactStep(lm.model.gm, policy, grid, lm._embedding, lm.gate.min_len, episode_len), policy
@@ -80,7 +101,9 @@ def io_names(lm: GatedLM, kind: str) -> tuple[list[str], list[str]]:
     n = lm.info.num_layers
     ins = ["input_ids", "position_ids", *_kv_names(n, "past")]
     outs = ["logits", *_kv_names(n, "present")]
-    if kind != "dense":
+    if kind == "fixed":
+        ins += ["attn_keep", "mlp_keep", "bits"]
+    elif kind != "dense":
         state = ["policy_key", "policy_value", "policy_prev_action", "policy_usage", "policy_count", "policy_step",
                  "policy_hidden"]
         ins += [*state, "budget"]
@@ -94,7 +117,9 @@ def metadata(lm: GatedLM, kind: str, loaded_policy, tokenizer_file: str | None, 
         "hidden_size": lm.info.hidden_size, "vocab_size": lm.info.vocab_size, "kv_heads": lm.kv_heads,
         "head_dim": lm.head_dim, "gate": lm.gate.to_dict(), "tokenizer": tokenizer_file,
     }
-    if loaded_policy is not None and kind != "dense":
+    if kind == "fixed":
+        meta["budget_ranges"] = [[0.05, 1.0], [0.1, 1.0], [2, 16]]
+    if loaded_policy is not None and kind not in ("dense", "fixed"):
         grid, pol = loaded_policy.grid, loaded_policy.policy
         meta.update({
             "action_grid": grid.to_dict(), "num_actions": grid.num_actions, "dense_action": grid.dense_idx,
@@ -126,12 +151,12 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
     out = Path(out)
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: directory {out.parent} does not exist")
-    policy = loaded_policy.policy if loaded_policy is not None and kind != "dense" else None
+    policy = loaded_policy.policy if loaded_policy is not None and kind not in ("dense", "fixed") else None
     grid = loaded_policy.grid if loaded_policy is not None else None
     module, policy = build_module(lm, kind, policy, grid, episode_len)
     module.eval()
     torch.manual_seed(0)
-    args = _example(lm, policy)
+    args = _example(lm, policy, kind=kind)
     ins, outs = io_names(lm, kind)
     program = export_onnx(module, args, policy, ins, outs, kind)
     tok_name = None

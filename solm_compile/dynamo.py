@@ -31,6 +31,7 @@ that is no tensor's size) runs uncompiled (``gm.forward``); ``runtime="onnxrunti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import warnings
@@ -403,7 +404,11 @@ def _prepare(gm: fx.GraphModule, example_inputs) -> _Prepared:
                             hit = (phs[j], d)
                             break
             if hit is None:
-                raise RuntimeError(f"input {n.name} ({type(ex).__name__}) is not the size of any tensor input")
+                if isinstance(ex, (torch.SymInt, int)) and not isinstance(ex, bool):
+                    keep.append(i)                          # an int of its own (a cache counter): an int input
+                    continue
+                raise RuntimeError(f"input {n.name} ({type(ex).__name__}) is neither a tensor, an int, nor the "
+                                   "size of a tensor input")
             with graph.inserting_before(anchor):
                 size = graph.call_method("size", (hit[0], hit[1]))
             n.replace_all_uses_with(size)
@@ -416,14 +421,36 @@ def _prepare(gm: fx.GraphModule, example_inputs) -> _Prepared:
     dynamic, examples = [], []
     for i in keep:
         v, ex = vals[i], example_inputs[i]
+        if not isinstance(ex, Tensor):                              # an int input
+            dynamic.append(Dim.DYNAMIC)
+            examples.append(int(ex.node.hint) if isinstance(ex, torch.SymInt) else int(ex))
+            continue
         dims = {d: Dim.DYNAMIC for d, s in enumerate(getattr(v, "shape", ()))
                 if isinstance(s, torch.SymInt) and not s.node.expr.is_number}
         dynamic.append(dims or None)
         if isinstance(ex, FakeTensor):
             shape = [int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in ex.shape]
             ex = torch.zeros(shape, dtype=ex.dtype, device=ex.device)
+        else:       # export marks its inputs' dims; Dynamo's guards on the real inputs must not see that
+            ex = ex.detach().clone()
         examples.append(ex)
     return _Prepared(prepared, keep, dynamic, tuple(examples))
+
+
+@contextlib.contextmanager
+def _isolated():
+    """Outside the Dynamo compile that is running around the backend: its TracingContext and fake mode would
+    otherwise collect export's shape facts as guards of the outer frame, and fake-ify checkpoint loading."""
+    from torch._guards import tracing
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with torch.no_grad(), tracing(None), unset_fake_temporarily():
+        yield
+
+
+def _export(prep: _Prepared):
+    with _isolated():
+        return torch.export.export(prep.gm, prep.examples, dynamic_shapes=tuple(prep.dynamic), strict=False)
 
 
 def _fetch(gm: fx.GraphModule, node: fx.Node):
@@ -543,19 +570,20 @@ def _ungated(gm: fx.GraphModule, example_inputs, opts: Options, why: str):
 
 def _lower_and_gate(gm: fx.GraphModule, example_inputs, opts: Options):
     from .export import flat_module
-    from .passes import PassContext, run_pipeline
+    from .passes import PassContext, run_pipeline, strip_asserts
 
     if not _has_attention(gm):
         return _ungated(gm, example_inputs, opts, "no attention in this graph (a graph-break fragment?)")
     root = _root_module(gm)
-    ctl = _controller_for(root, opts)
+    with _isolated():
+        ctl = _controller_for(root, opts)
     prep = _prepare(gm, example_inputs)
-    with torch.no_grad():
-        ep = torch.export.export(prep.gm, prep.examples, dynamic_shapes=tuple(prep.dynamic), strict=False)
+    ep = _export(prep)
     agm = flat_module(ep)
     phs = [n for n in agm.graph.nodes if n.op == "placeholder"]
     if len(phs) != len(prep.keep):
         raise RuntimeError(f"the exported graph has {len(phs)} inputs, expected {len(prep.keep)}")
+    strip_asserts(agm, PassContext())       # (the pipeline's first pass) export's asserts hide the real users
     roles = _roles(agm)
     if roles is None:
         return _ungated(gm, example_inputs, opts, "no token embedding feeding attention in this graph")

@@ -81,7 +81,11 @@ def test_console_script_exit_code(tmp_path):
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "x.gguf" in p.stderr
 
 
-def test_compile_without_artifact_support_writes_nothing(capsys, tmp_path):
+def test_compile_checks_its_paths_before_loading(capsys, tmp_path):
     out = tmp_path / "missing-dir" / "m.solm.onnx"
     code, _, err = run_cli(capsys, "compile", "smollm2", "--out", str(out))
     assert_one_line_error(code, err, "--out", "does not exist")
+    code, _, err = run_cli(capsys, "compile", "smollm2", "--out", str(tmp_path / "m.onnx"), "--policy",
+                           str(tmp_path / "nope.pt"))
+    assert_one_line_error(code, err, "--policy", "nope.pt", "no such file")
+    assert not (tmp_path / "m.onnx").exists()

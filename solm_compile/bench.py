@@ -1,0 +1,600 @@
+"""``solm bench``: decode-step throughput of a model's dense, solm and portable artifacts, in one process.
+
+    solm bench smollm2 --context 1024,2048 --attn-keep 0.5 --mlp-keep 0.5 --bits 16 --threads 1,2 --json
+
+What it does, per (context, threads):
+
+1. the artifacts: ``dense`` (the original model, stock CPU provider), ``solm`` (``ai.solm`` ops on SolmEP, the
+   policy inside), ``portable`` (the same semantics in standard ops, CPU provider) and ``fixed`` (the gated graph
+   with the controls as inputs, no policy, on SolmEP) are compiled once and cached under
+   ``<solm cache>/bench/<model>-<weights hash>/<kind>-<key>.onnx``; the key hashes the model identity, the gate
+   config, the policy file (policy kinds), the solm version and the exporter's sources, so an edit recompiles;
+2. one onnxruntime session per artifact with ``intra_op_num_threads = threads``, one inter-op thread and
+   ``session.intra_op.allow_spinning = 0`` (spinning threads would steal the other variants' cores);
+3. one dense prefill of ``context`` tokens (real text: the held-out Austen novel if it is in the cache, else
+   random ids), run once; every timed run starts from a copy of that KV cache;
+4. ``warmup`` steps per mode, then ``reps`` repetitions; each repetition runs ``steps`` teacher-forced decode
+   steps (the same tokens for every mode) of every mode in turn, the order rotated per repetition. A mode's step
+   time is the median over repetitions of (wall time of the repetition's steps / steps); ``tok_s`` is its
+   inverse. Timed: the whole step as a runtime does it (IO binding, run, carrying the presents and the policy
+   state, reading the controls) — not the token choice (teacher forcing) or the copy of the prefilled cache.
+
+Rows (``variant``, ``mode``):
+
+- ``dense``/``dense``: the baseline; ``ratio`` = tok/s over this row's tok/s at the same (context, threads);
+- ``solm``/``policy``: the solm artifact at the budget (``--attn-keep``, ``--mlp-keep``, ``--bits``);
+- ``solm``/``fixed``: the ``fixed`` artifact with the controls fed directly (κ, ρ, b constant): the kernels
+  alone, the number to hold against the cost model;
+- ``solm``/``replay``: the ``fixed`` artifact fed, step by step, the controls the policy chose in the same
+  repetition: the same work as ``policy`` without the policy. ``policy_ms`` = median over repetitions of the
+  paired per-step difference policy − replay, ``policy_pct`` = its share of the policy row's step time;
+- ``solm``/``dense_budget``: the solm artifact at the dense budget (1, 1, 16): policy runs, every step is dense;
+- ``portable``/``policy``: the portable artifact at the budget.
+
+``ideal_ratio`` is the cost model's bytes ratio (``cost.decode_cost`` over ``report.shapes_from_gated``) at the
+*realised* controls: Σ_t dense bytes(L_t) / Σ_t bytes(L_t, κ_t, ρ_t, b_t) over the timed steps, L_t the KV
+length with the current token. ``pct_of_ideal`` = 100 · ratio / ideal_ratio. ``usage`` is the mean realised
+(κ, ρ, bits). ``rss_mb`` is the growth of the process's resident memory while the row's session was created and
+warmed up (sessions are created one after another; the allocator may reuse freed pages, so it is indicative);
+``process_rss_mb`` the whole process after the block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+# --variants names -> the artifact kind each needs. "replay" runs whenever both "solm" and "fixed" are selected.
+VARIANT_KINDS = {"dense": "dense", "solm": "solm", "portable": "portable", "fixed": "fixed", "dense-budget": "solm"}
+DEFAULT_VARIANTS = ("dense", "solm", "fixed", "dense-budget", "portable")
+# Row (variant, mode) per mode, and which artifact kind runs it.
+MODES = {
+    "dense": ("dense", "dense", "dense"),
+    "policy": ("solm", "policy", "solm"),
+    "replay": ("solm", "replay", "fixed"),
+    "fixed": ("solm", "fixed", "fixed"),
+    "dense_budget": ("solm", "dense_budget", "solm"),
+    "portable": ("portable", "policy", "portable"),
+}
+ROW_KEYS = ("context", "threads", "variant", "mode", "kind", "provider", "tok_s", "step_ms", "ratio", "ideal_ratio",
+            "pct_of_ideal", "usage", "policy_ms", "policy_pct", "rss_mb", "process_rss_mb", "reps", "steps",
+            "step_ms_reps")
+# Sources whose edits change what an artifact contains (part of the cache key).
+_EXPORT_SOURCES = ("artifact.py", "artifact_step.py", "onnx_ops.py", "ops.py", "export.py", "gated.py", "policy.py")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    contexts: tuple[int, ...] = (256, 1024, 2048)
+    threads: tuple[int, ...] = (1, 2)
+    attn_keep: float = 0.5
+    mlp_keep: float = 0.5
+    bits: float = 16.0
+    reps: int = 5
+    steps: int = 32
+    warmup: int = 4
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    seed: int = 0
+
+    def __post_init__(self):
+        from .config import Budget
+
+        Budget(self.attn_keep, self.mlp_keep, self.bits)  # range checks, one-line errors
+        if not self.contexts or any(c < 1 for c in self.contexts):
+            raise UserError(f"--context must be positive token counts, got {list(self.contexts)}")
+        if not self.threads or any(t < 1 for t in self.threads):
+            raise UserError(f"--threads must be positive, got {list(self.threads)}")
+        if self.reps < 1 or self.steps < 1 or self.warmup < 0:
+            raise UserError(f"--reps and --steps must be >= 1 and --warmup >= 0, got {self.reps}/{self.steps}/"
+                            f"{self.warmup}")
+        unknown = [v for v in self.variants if v not in VARIANT_KINDS]
+        if unknown:
+            raise UserError(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANT_KINDS)})")
+
+    @property
+    def budget(self) -> tuple[float, float, float]:
+        return (self.attn_keep, self.mlp_keep, self.bits)
+
+    def modes(self) -> list[str]:
+        v = set(self.variants) | {"dense"}
+        out = ["dense"]
+        if "solm" in v:
+            out.append("policy")
+            if "fixed" in v:
+                out.append("replay")
+        if "fixed" in v:
+            out.append("fixed")
+        if "dense-budget" in v:
+            out.append("dense_budget")
+        if "portable" in v:
+            out.append("portable")
+        return out
+
+    def kinds(self) -> list[str]:
+        return sorted({MODES[m][2] for m in self.modes()})
+
+
+# ---------------------------------------------------------------------------------------------- artifacts
+
+
+def bench_dir(info) -> Path:
+    from .assets import cache_dir
+
+    return cache_dir() / "bench" / f"{_safe(info.name)}-{info.weights_hash}"
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60] or "model"
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def export_code_hash() -> str:
+    """Hash of the sources that decide what an artifact contains (so editing the exporter invalidates the cache)."""
+    from . import __version__
+
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256(__version__.encode())
+    for name in _EXPORT_SOURCES:
+        p = here / name
+        if p.is_file():
+            h.update(name.encode() + b"\0" + p.read_bytes())
+    try:
+        from . import passes
+
+        for p in sorted(Path(passes.__file__).resolve().parent.glob("*.py")):
+            h.update(p.name.encode() + b"\0" + p.read_bytes())
+    except ImportError:  # pragma: no cover - passes always ships with the package
+        pass
+    return h.hexdigest()[:16]
+
+
+def artifact_key(info, gate, kind: str, policy_path: Path | None) -> str:
+    from .checkpoint import model_identity
+
+    payload = {"model": model_identity(info), "gate": gate.to_dict(), "kind": kind, "code": export_code_hash(),
+               "policy": _file_hash(policy_path) if policy_path is not None and kind in ("solm", "portable") else None}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def random_policy(lm, seed: int = 0) -> Path:
+    """A random-init policy checkpoint for ``lm`` (timing only: its decisions are arbitrary), cached by seed."""
+    import torch
+
+    from . import checkpoint
+    from .policy import RecurrentActorCriticPolicy
+    from .train import TrainConfig
+
+    path = bench_dir(lm.info) / f"random-policy-s{seed}.pt"
+    if path.is_file():
+        return path
+    cfg = TrainConfig()
+    torch.manual_seed(seed)
+    policy = RecurrentActorCriticPolicy(lm.info.hidden_size, cfg.grid.num_actions, cfg.policy).eval()
+    checkpoint.save(path, checkpoint.policy_payload(policy, cfg.grid, lm.gate, checkpoint.model_identity(lm.info),
+                                                    cfg.to_dict()))
+    return path
+
+
+def ensure_artifacts(lm, kinds, policy_path: Path | None, say: Callable[[str], None] = lambda s: None) -> dict:
+    """kind -> path of the cached artifact, compiling the missing ones."""
+    from .artifact import write_artifact
+    from .checkpoint import load_policy
+
+    d = bench_dir(lm.info)
+    d.mkdir(parents=True, exist_ok=True)
+    loaded_policy = None
+    out = {}
+    for kind in kinds:
+        needs_policy = kind in ("solm", "portable")
+        if needs_policy and policy_path is None:
+            raise UserError("the solm and portable variants need a policy: pass --policy POLICY.pt, or "
+                            "--policy random (a random-init policy: timing only)")
+        path = d / f"{kind}-{artifact_key(lm.info, lm.gate, kind, policy_path if needs_policy else None)}.onnx"
+        if not path.is_file():
+            if needs_policy and loaded_policy is None:
+                loaded_policy = load_policy(policy_path, lm.info)
+            say(f"compiling the {kind} artifact -> {path}")
+            t0 = time.perf_counter()
+            write_artifact(lm, path, kind, loaded_policy if needs_policy else None)
+            say(f"  {kind}: {time.perf_counter() - t0:.0f} s")
+        out[kind] = path
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+
+
+def rss_mb() -> float:
+    """Resident memory of this process in MB (Linux /proc; else the peak from getrusage)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_tokens(tokenizer, n: int, vocab: int, seed: int = 0) -> tuple[list[int], str]:
+    """n token ids: the held-out Austen novel if it is already in the solm cache (nothing is downloaded), else
+    random ids. Returns (ids, source)."""
+    if tokenizer is not None:
+        try:
+            from . import data
+
+            path = data._austen_txt_dir() / f"{data.HELDOUT_NOVEL}.txt"
+            if path.is_file():
+                text = path.read_text(encoding="utf-8")
+                ids = tokenizer.encode(text[: 8 * n + 10_000], add_special_tokens=False)
+                ids = list(ids.ids if hasattr(ids, "ids") else ids)
+                if len(ids) >= n:
+                    return ids[:n], f"text:{data.HELDOUT_NOVEL}"
+        except Exception as e:  # noqa: BLE001 - text is a nicety; random ids are a valid benchmark input
+            log.debug("no bench text: %s", e)
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab, size=n).tolist(), "random"
+
+
+class CostTable:
+    """Memoised cost-model bytes per decode token."""
+
+    def __init__(self, shapes, gate):
+        from .cost import decode_cost
+
+        self.cost = decode_cost(shapes, gate)
+        self._memo: dict = {}
+
+    def bytes(self, L: int, kappa: float = 1.0, rho: float = 1.0, bits: float = 16.0) -> float:
+        key = (int(L), round(float(kappa), 6), round(float(rho), 6), round(float(bits), 6))
+        if key not in self._memo:
+            self._memo[key] = float(self.cost.at(key[0], key[1], key[2], key[3])["bytes"])
+        return self._memo[key]
+
+    def ideal_ratio(self, Ls, controls) -> float:
+        dense = sum(self.bytes(L) for L in Ls)
+        got = sum(self.bytes(L, *c) for L, c in zip(Ls, controls))
+        return dense / got
+
+
+@dataclass
+class Prefilled:
+    context: int
+    kv: dict                 # past_* name -> numpy [1, Hkv, context, d]
+    hidden: np.ndarray       # [1, D] last hidden state after the prefill (policy start)
+    tokens: list[int]        # the tokens that follow the context (fed teacher-forced by every run)
+
+
+@dataclass
+class _Run:
+    seconds: float
+    controls: list           # realised (κ, ρ, bits) per step
+
+
+class Bench:
+    """Sessions, prefilled caches and timed runs for one model. Use ``run_block`` per (context, threads)."""
+
+    def __init__(self, artifacts: dict, cfg: BenchConfig, cost: CostTable, token_ids: list[int],
+                 say: Callable[[str], None] = lambda s: None):
+        self.artifacts, self.cfg, self.cost, self.say = artifacts, cfg, cost, say
+        self.token_ids = token_ids
+        self._sessions: dict = {}       # threads -> {kind: SolmSession}
+        self._rss: dict = {}            # (threads, kind) -> MB grown while creating + warming
+        self._prefilled: dict = {}      # context -> Prefilled
+
+    # -------------------------------------------------------------------------------------- sessions
+    def sessions(self, threads: int) -> dict:
+        """The sessions for ``threads`` (created on first use; those of other thread counts are released)."""
+        if threads in self._sessions:
+            return self._sessions[threads]
+        self._sessions.clear()
+        import gc
+
+        import onnxruntime as ort
+
+        gc.collect()
+        ort.set_default_logger_severity(3)   # no "nodes not assigned to the preferred EP" notes in the output
+        from .runtime.session import SolmSession
+
+        out = {}
+        for kind, path in self.artifacts.items():
+            before = rss_mb()
+            s = SolmSession(path, threads=threads, tokenizer=False)
+            if kind in ("solm", "fixed") and not s.ep_active:
+                raise UserError(f"SolmEP is not available, so the {kind} artifact would run on the CPU provider; "
+                                "build it with `python -m solm_compile.runtime.ep_build`")
+            self._warm_session(s)
+            self._rss[(threads, kind)] = rss_mb() - before
+            out[kind] = s
+        self._sessions[threads] = out
+        return out
+
+    def _warm_session(self, s) -> None:
+        """One short prefill + step so lazy initialisation (weight re-layout, arenas) is out of the way."""
+        ids = [self.token_ids[:16]]
+        for i, _ in enumerate(s.steps(ids, self._budget_for(s.kind, "dense_budget"), max_new_tokens=1)):
+            pass
+
+    def _budget_for(self, kind: str, mode: str):
+        if mode in ("dense", "dense_budget"):
+            return (1.0, 1.0, 16.0)
+        return self.cfg.budget
+
+    # -------------------------------------------------------------------------------------- prefill
+    def prefill(self, context: int, threads: int) -> Prefilled:
+        """The KV cache of ``context`` tokens (one dense prefill, reused by every mode and thread count)."""
+        if context in self._prefilled:
+            return self._prefilled[context]
+        sessions = self.sessions(threads)
+        kind = next(k for k in ("portable", "solm", "fixed", "dense") if k in sessions)
+        s = sessions[kind]
+        need = context + max(self.cfg.warmup, self.cfg.steps)
+        ids = self.token_ids[:context]
+        if len(self.token_ids) < need:
+            raise UserError(f"bench needs {need} tokens, has {len(self.token_ids)}")
+        feeds = {"input_ids": np.asarray([ids], np.int64), "position_ids": np.arange(context, dtype=np.int64)[None],
+                 **s._empty_past(1)}
+        if kind in ("solm", "portable"):
+            feeds.update(s._policy_start(1, np.zeros((1, s.meta["hidden_size"]), np.float32)),
+                         budget=np.ones((1, 3), np.float32))
+        elif kind == "fixed":
+            feeds.update(attn_keep=np.ones(1, np.float32), mlp_keep=np.ones(1, np.float32),
+                         bits=np.full(1, 16.0, np.float32))
+        t0 = time.perf_counter()
+        out = s._run(feeds)
+        kv = {f"past_{k}_{i}": out[f"present_{k}_{i}"].numpy().copy() for i in range(s.n_layers) for k in ("key", "value")}
+        hidden = (out["policy_hidden_out"].numpy().copy() if "policy_hidden_out" in out
+                  else np.zeros((1, s.meta["hidden_size"]), np.float32))
+        self.say(f"prefill {context} tokens ({kind}, {threads} threads): {time.perf_counter() - t0:.1f} s")
+        p = Prefilled(context, kv, hidden, list(self.token_ids[context:need]))
+        self._prefilled[context] = p
+        return p
+
+    # -------------------------------------------------------------------------------------- one run
+    def _decode(self, s, mode: str, p: Prefilled, n: int, controls=None) -> _Run:
+        """Decode the ``n`` tokens after the context (teacher-forced) from the prefilled cache; time the loop."""
+        import onnxruntime as ort
+
+        ov = ort.OrtValue.ortvalue_from_numpy
+        tokens, first_pos = p.tokens[:n], p.context
+        feeds = {k: ov(v.copy()) for k, v in p.kv.items()}
+        ids = [ov(np.asarray([[t]], np.int64)) for t in tokens]
+        pos = [ov(np.asarray([[first_pos + i]], np.int64)) for i in range(n)]
+        kind = s.kind
+        policy = kind in ("solm", "portable")
+        episode = int(s.meta.get("episode_len", 16))
+        ctl_feeds = None
+        if policy:
+            feeds.update({k: ov(v) for k, v in s._policy_start(1, p.hidden).items()})
+            feeds["budget"] = ov(np.asarray([s.check_budget(self._budget_for(kind, mode))], np.float32))
+        elif kind == "fixed":
+            seq = controls if controls is not None else [self.cfg.budget] * n
+            ctl_feeds = [{"attn_keep": ov(np.asarray([c[0]], np.float32)), "mlp_keep": ov(np.asarray([c[1]], np.float32)),
+                          "bits": ov(np.asarray([c[2]], np.float32))} for c in seq]
+        realised = []
+        gate = s.meta.get("gate", {})
+        min_len = gate.get("ts", 4) + gate.get("tw", 2) + 1
+        t0 = time.perf_counter()
+        for t in range(n):
+            feeds["input_ids"], feeds["position_ids"] = ids[t], pos[t]
+            if ctl_feeds is not None:
+                feeds.update(ctl_feeds[t])
+            out = s._run(feeds)
+            s._carry(out, feeds)
+            if policy:
+                realised.append(out["controls"].numpy()[0])
+                if (t + 1) % episode == 0:
+                    feeds.update({k: ov(v) for k, v in s._policy_start(1, out["policy_hidden_out"].numpy()).items()})
+        elapsed = time.perf_counter() - t0
+        if policy:
+            realised = [tuple(float(x) for x in c) for c in realised]
+        elif kind == "fixed":
+            seq = controls if controls is not None else [self.cfg.budget] * n
+            realised = [tuple(float(x) for x in c) if first_pos + t + 1 > min_len else (1.0, 1.0, 16.0)
+                        for t, c in enumerate(seq)]
+        else:
+            realised = [(1.0, 1.0, 16.0)] * n
+        return _Run(elapsed, realised)
+
+    # -------------------------------------------------------------------------------------- a block
+    def run_block(self, context: int, threads: int) -> list[dict]:
+        """Time every mode at (context, threads); one row per mode."""
+        cfg = self.cfg
+        sessions = self.sessions(threads)
+        p = self.prefill(context, threads)
+        modes = cfg.modes()
+        if cfg.warmup:
+            for m in modes:
+                self._decode(sessions[MODES[m][2]], m, p, cfg.warmup)
+        # units rotate per repetition; replay stays right after policy (it replays that run's controls)
+        units = [[m] for m in modes if m != "replay"]
+        for u in units:
+            if u == ["policy"] and "replay" in modes:
+                u.append("replay")
+        runs: dict[str, list[_Run]] = {m: [] for m in modes}
+        for r in range(cfg.reps):
+            k = r % len(units)
+            for unit in units[k:] + units[:k]:
+                for m in unit:
+                    ctl = runs["policy"][-1].controls if m == "replay" else None
+                    runs[m].append(self._decode(sessions[MODES[m][2]], m, p, cfg.steps, controls=ctl))
+        Ls = [context + t + 1 for t in range(cfg.steps)]
+        step_ms = {m: statistics.median(x.seconds for x in runs[m]) / cfg.steps * 1e3 for m in modes}
+        proc_rss = rss_mb()
+        rows = []
+        for m in modes:
+            variant, mode, kind = MODES[m]
+            ctl = [c for x in runs[m] for c in x.controls]
+            # the policy's choices may differ between repetitions: the ideal is averaged over them
+            ideal = (1.0 if m in ("dense", "dense_budget")
+                     else statistics.fmean(self.cost.ideal_ratio(Ls, x.controls) for x in runs[m]))
+            ratio = step_ms["dense"] / step_ms[m]
+            s = sessions[kind]
+            row = {
+                "context": context, "threads": threads, "variant": variant, "mode": mode, "kind": kind,
+                "provider": s.sess.get_providers()[0], "tok_s": 1e3 / step_ms[m], "step_ms": step_ms[m],
+                "ratio": ratio, "ideal_ratio": ideal, "pct_of_ideal": 100.0 * ratio / ideal,
+                "usage": {"attn_keep": float(np.mean([c[0] for c in ctl])), "mlp_keep": float(np.mean([c[1] for c in ctl])),
+                          "bits": float(np.mean([c[2] for c in ctl]))},
+                "policy_ms": None, "policy_pct": None,
+                "rss_mb": self._rss.get((threads, kind)), "process_rss_mb": proc_rss,
+                "reps": cfg.reps, "steps": cfg.steps,
+                "step_ms_reps": [x.seconds / cfg.steps * 1e3 for x in runs[m]],
+            }
+            if m == "policy" and "replay" in runs:
+                diff = statistics.median(a.seconds - b.seconds for a, b in zip(runs["policy"], runs["replay"]))
+                row["policy_ms"] = diff / cfg.steps * 1e3
+                row["policy_pct"] = 100.0 * row["policy_ms"] / step_ms[m]
+            rows.append(row)
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------- top level
+
+
+def prepare(model: str, cfg: BenchConfig, policy: str | None = None, gate=None, trust_pickle: bool = False,
+            say: Callable[[str], None] = lambda s: None) -> Bench:
+    """Load MODEL, compile (or reuse) its artifacts and set up a ``Bench``."""
+    from .gated import GatedLM, _kv_shape_from_graph, compile_gated
+    from .models import load
+    from .report import shapes_from_gated
+
+    t0 = time.perf_counter()
+    loaded = load(model, trust_pickle=trust_pickle)
+    gated = compile_gated(loaded, gate)
+    lm = GatedLM(gated, _kv_shape_from_graph(loaded))
+    say(f"loaded {loaded.info.name} ({time.perf_counter() - t0:.0f} s)")
+    return prepare_lm(lm, cfg, policy, tokenizer=loaded.tokenizer, say=say)
+
+
+def prepare_lm(lm, cfg: BenchConfig, policy: str | Path | None = None, tokenizer=None,
+               say: Callable[[str], None] = lambda s: None) -> Bench:
+    from .report import shapes_from_gated
+
+    kinds = cfg.kinds()
+    policy_path = None
+    if any(k in ("solm", "portable") for k in kinds):
+        if policy == "random":
+            policy_path = random_policy(lm, cfg.seed)
+        elif policy:
+            policy_path = Path(policy)
+            if not policy_path.is_file():
+                raise UserError(f"--policy {policy}: no such file")
+        else:
+            from .cli_artifact import shipped_policy
+
+            policy_path = shipped_policy(lm.info)
+    arts = ensure_artifacts(lm, kinds, policy_path, say)
+    need = max(cfg.contexts) + max(cfg.warmup, cfg.steps)
+    ids, source = bench_tokens(tokenizer, need, lm.info.vocab_size, cfg.seed)
+    say(f"tokens: {source}")
+    bench = Bench(arts, cfg, CostTable(shapes_from_gated(lm.model), lm.gate), ids, say)
+    bench.token_source = source
+    bench.policy_path = policy_path
+    return bench
+
+
+def run_all(bench: Bench, around_block: Callable | None = None) -> list[dict]:
+    """Every (context, threads) block; ``around_block(fn)`` may wrap each timed block (e.g. pause other work)."""
+    rows = []
+    for threads in bench.cfg.threads:
+        for context in bench.cfg.contexts:
+            bench.sessions(threads)
+            bench.prefill(context, threads)
+            fn = lambda: bench.run_block(context, threads)  # noqa: E731
+            rows += around_block(fn) if around_block else fn()
+            bench.say(format_table([r for r in rows if r["context"] == context and r["threads"] == threads],
+                                   header=False))
+    return rows
+
+
+def format_table(rows: list[dict], header: bool = True) -> str:
+    cols = ("context", "threads", "variant", "mode", "tok/s", "ms/step", "ratio", "ideal", "%ideal", "usage κ/ρ/b",
+            "policy%", "rss MB")
+    lines = []
+    if header:
+        lines.append(" ".join(f"{c:>11}" if i > 3 else f"{c:<12}" for i, c in enumerate(cols)))
+    for r in rows:
+        u = r["usage"]
+        cells = [str(r["context"]), str(r["threads"]), r["variant"], r["mode"], f"{r['tok_s']:.2f}",
+                 f"{r['step_ms']:.2f}", f"{r['ratio']:.3f}", f"{r['ideal_ratio']:.3f}", f"{r['pct_of_ideal']:.1f}",
+                 f"{u['attn_keep']:.2f}/{u['mlp_keep']:.2f}/{u['bits']:.0f}",
+                 "" if r["policy_pct"] is None else f"{r['policy_pct']:.1f}",
+                 "" if r["rss_mb"] is None else f"{r['rss_mb']:.0f}"]
+        lines.append(" ".join(f"{c:>11}" if i > 3 else f"{c:<12}" for i, c in enumerate(cells)))
+    return "\n".join(lines)
+
+
+def _int_list(flag: str):
+    def parse(s: str) -> tuple[int, ...]:
+        try:
+            vals = tuple(int(x) for x in s.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {s!r}") from None
+        if not vals:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {s!r}")
+        return vals
+    return parse
+
+
+def add_bench_parser(sub, common) -> None:
+    p = sub.add_parser("bench", help="decode tok/s of the dense, solm and portable artifacts (one process)")
+    common(p)
+    d = BenchConfig()
+    p.add_argument("--context", type=_int_list("--context"), default=d.contexts,
+                   help="KV lengths to decode from, comma-separated (default 256,1024,2048)")
+    p.add_argument("--threads", type=_int_list("--threads"), default=d.threads,
+                   help="intra-op thread counts, comma-separated (default 1,2)")
+    p.add_argument("--attn-keep", type=float, default=d.attn_keep, help="attention keep κ̄ (default 0.5)")
+    p.add_argument("--mlp-keep", type=float, default=d.mlp_keep, help="MLP keep ρ̄ (default 0.5)")
+    p.add_argument("--bits", type=float, default=d.bits, help="bits b̄ (default 16)")
+    p.add_argument("--reps", type=int, default=d.reps, help="timed repetitions per mode (default 5); medians")
+    p.add_argument("--steps", type=int, default=d.steps, help="decode steps per repetition (default 32)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed decode steps per mode first (default 4)")
+    p.add_argument("--policy", help="policy checkpoint for the solm/portable artifacts (default: the shipped one); "
+                                    "'random' = a random-init policy (timing only)")
+    p.add_argument("--variants", default=",".join(d.variants),
+                   help=f"comma-separated subset of {','.join(VARIANT_KINDS)} (dense always runs; "
+                        "solm+fixed adds the replay row that isolates the policy's cost)")
+    p.set_defaults(fn=cmd_bench)
+
+
+def config_from_args(args) -> BenchConfig:
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    return BenchConfig(contexts=tuple(args.context), threads=tuple(args.threads), attn_keep=args.attn_keep,
+                       mlp_keep=args.mlp_keep, bits=args.bits, reps=args.reps, steps=args.steps,
+                       warmup=args.warmup, variants=variants)
+
+
+def cmd_bench(args) -> int:
+    from .cli import dataclass_from_args
+    from .config import GateConfig
+
+    cfg = config_from_args(args)
+    gate = dataclass_from_args(GateConfig, args)
+    say = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else (lambda s: None)
+    bench = prepare(args.model, cfg, args.policy, gate=gate, trust_pickle=args.trust_pickle, say=say)
+    rows = run_all(bench)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_table(rows))
+    return 0

@@ -1,0 +1,212 @@
+"""``torch.compile(model, backend="solm")`` on a tiny random Llama: discovery, exactness, the policy, recompiles."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from solm_compile import checkpoint, dynamo
+from solm_compile.actions import ActionGrid
+from solm_compile.artifact_step import ArtifactStep, initial_policy_state
+from solm_compile.config import GateConfig
+from solm_compile.errors import UserError
+from solm_compile.gated import GatedLM
+from solm_compile.models import hf_model_info
+from solm_compile.policy import PolicyConfig, RecurrentActorCriticPolicy
+
+PROMPT_LEN, NEW = 12, 16
+HALF = {"attn_keep": 0.5, "mlp_keep": 0.5, "bits": 8}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()     # every test compiles the same LlamaForCausalLM.forward code: keep the caches apart
+    yield
+    torch._dynamo.reset()
+
+
+def tiny_llama(seed=0):
+    from conftest import tiny_models
+
+    torch.manual_seed(seed)
+    return tiny_models()["llama-gqa"]().eval()
+
+
+def prompt(batch=1, seed=0):
+    return torch.randint(1, 160, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(seed))
+
+
+def generate(model, ids, n=NEW, **kw):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              pad_token_id=0, **kw)
+
+
+def solm_warnings(record):
+    return [str(w.message) for w in record if str(w.message).startswith("solm")]
+
+
+def test_backend_is_found_by_name_without_importing_solm():
+    code = ("import sys, torch\n"
+            "assert 'solm' in torch._dynamo.list_backends(), torch._dynamo.list_backends()\n"
+            "assert not [m for m in sys.modules if m.startswith('solm_compile')]\n"
+            "from torch._dynamo.backends.registry import lookup_backend\n"
+            "fn = lookup_backend('solm')\n"
+            "print(fn.__module__, fn.__name__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:] + "\n(is the package pip-installed? `pip install -e . --no-deps`)"
+    assert r.stdout.split() == ["solm_compile.dynamo", "solm_backend"]
+
+
+def test_dense_budget_generate_equals_eager():
+    model = tiny_llama()
+    ids = prompt()
+    ref = generate(model, ids)
+    model.compile(backend="solm")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = generate(model, ids)
+    assert torch.equal(out, ref)
+    assert dynamo.controller(model).calls == {"prefill": 1, "step": NEW - 1}   # every call ran the gated graph
+    assert not solm_warnings(record)
+
+
+@pytest.fixture
+def random_policy(tmp_path, monkeypatch):
+    """A random policy for the tiny Llama, shipped in a temporary policies/ directory."""
+    model = tiny_llama()
+    grid = ActionGrid()
+    torch.manual_seed(1)
+    policy = RecurrentActorCriticPolicy(64, grid.num_actions, PolicyConfig(d_model=32, max_steps=32)).eval()
+    for p in policy.parameters():
+        p.data.normal_(0, 0.3)
+    ident = checkpoint.model_identity(hf_model_info(model, "tiny"))
+    path = tmp_path / "tiny.pt"
+    checkpoint.save(path, checkpoint.policy_payload(policy, grid, GateConfig(), ident, {"policy": policy.cfg.to_dict()}))
+    monkeypatch.setattr(dynamo, "POLICY_DIR", tmp_path)
+    return model, path
+
+
+def artifact_step_actions(model, path, ids, tokens):
+    """ArtifactStep (the artifact's step) teacher-forced over ``tokens``: its actions and next-token choices."""
+    lm = GatedLM.from_hf(model)
+    lp = checkpoint.load_policy(path, lm.info)
+    step = ArtifactStep(lm.model.gm, lp.policy, lp.grid, lm._embedding, lm.gate.min_len, dynamo.EPISODE_LEN)
+    with torch.no_grad():
+        _, hid, cache = lm.prefill(ids)
+        state, past = initial_policy_state(lp.policy, ids.shape[0], hid[:, -1]), cache.tensors
+        budget = torch.tensor([[HALF["attn_keep"], HALF["mlp_keep"], HALF["bits"] / 16]])
+        actions, nxt = [], []
+        for t in range(tokens.shape[1]):
+            pos = torch.full((ids.shape[0], 1), ids.shape[1] + t)
+            out = step(tokens[:, t:t + 1], pos, past, *state, budget)
+            n = len(past)
+            past, state = list(out[1:1 + n]), tuple(out[1 + n:1 + n + 7])
+            actions.append(out[1 + n + 2])
+            nxt.append(out[0][:, -1].argmax(-1))
+    return actions, nxt
+
+
+def test_half_budget_runs_the_shipped_policy_like_the_artifact(random_policy):
+    model, path = random_policy
+    ids = prompt()
+    dense = generate(model, ids)
+    model.compile(backend="solm", options=HALF)          # no policy option: found in POLICY_DIR by identity
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = generate(model, ids)
+    assert not solm_warnings(record)
+    ctl = dynamo.controller(model)
+    assert ctl.loaded.path == path
+    assert ctl.calls == {"prefill": 1, "step": NEW - 1}
+    acts = torch.stack(ctl.actions)                       # [steps, B]
+    assert acts.shape == (NEW - 1, 1)
+    controls = torch.stack([h["controls"] for h in ctl.history])
+    assert (controls < torch.tensor([1.0, 1.0, 16.0])).any(), "a half budget should prune somewhere"
+    assert out.shape == dense.shape and out[0, :PROMPT_LEN].equal(ids[0])
+    # the same actions and tokens as the artifact's step, teacher-forced over what was generated
+    want_actions, want_next = artifact_step_actions(model, path, ids, out[:, PROMPT_LEN:-1])
+    assert torch.equal(acts, torch.stack(want_actions))
+    assert torch.equal(out[:, PROMPT_LEN + 1:], torch.stack(want_next, 1))
+    # a new generate starts a new episode: the same prompt gives the same actions
+    ctl.history.clear()
+    again = generate(model, ids)
+    assert torch.equal(again, out) and torch.equal(torch.stack(ctl.actions), acts)
+    # sampling goes through the same path
+    torch.manual_seed(0)
+    sampled = generate(model, ids, do_sample=True, temperature=1.0)
+    assert sampled.shape == out.shape and ctl.calls["step"] == 3 * (NEW - 1)
+
+
+def test_recompile_with_a_new_batch_size(random_policy):
+    model, _ = random_policy
+    model.compile(backend="solm", options=HALF)
+    generate(model, prompt(), n=6)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = generate(model, prompt(batch=3, seed=1), n=6)   # Dynamo recompiles with a dynamic batch (SymInts)
+    assert out.shape == (3, PROMPT_LEN + 6)
+    assert not solm_warnings(record)
+    ctl = dynamo.controller(model)
+    assert ctl.state.batch == 3 and ctl.calls == {"prefill": 2, "step": 10}
+    assert ctl.actions[-1].shape == (3,)
+
+
+class _Attention(torch.nn.Module):
+    """Not a transformers model: an embedding, one attention, no past."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.qkv = torch.nn.Linear(16, 48)
+        self.head = torch.nn.Linear(16, 50)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        q, k, v = self.qkv(x).view(*ids.shape, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(y.transpose(1, 2).reshape(*ids.shape, 16))
+
+
+def test_graph_with_nothing_to_gate_runs_unchanged():
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    x = torch.randn(2, 8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        y = torch.compile(mlp, backend="solm", options={"inductor": False})(x)
+    assert torch.allclose(y, mlp(x)) and not solm_warnings(record)
+
+
+def test_a_graph_that_cannot_be_lowered_falls_back_with_one_warning(monkeypatch):
+    def broken(prep):
+        raise RuntimeError("export says no")
+
+    monkeypatch.setattr(dynamo, "_export", broken)
+    monkeypatch.setattr(dynamo, "_WARNED", set())
+    m = _Attention().eval()
+    fn = torch.compile(m, backend="solm")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for T in (3, 5, 7):                                 # recompiles (then a dynamic T): still one warning
+            ids = torch.randint(0, 50, (2, T))
+            assert torch.allclose(fn(ids), m(ids), atol=1e-6)
+    assert len(solm_warnings(record)) == 1 and "export says no" in solm_warnings(record)[0]
+
+
+def test_options_are_checked(random_policy):
+    model, path = random_policy
+    with pytest.raises(UserError, match="unknown option"):
+        dynamo.Options.parse({"attn_kep": 0.5})
+    with pytest.raises(UserError, match="runtime"):
+        dynamo.Options.parse({"runtime": "tensorrt"})
+    with pytest.raises(UserError, match="attn-keep"):
+        dynamo.Options.parse({"attn_keep": 2})
+    with pytest.raises(UserError, match="no such file"):
+        dynamo._controller_for(model, dynamo.Options.parse({"policy": str(path) + ".missing", **HALF}))
+    other = tiny_llama(seed=5)
+    with pytest.raises(UserError, match="trained for"):
+        dynamo._controller_for(other, dynamo.Options.parse({"policy": str(path), **HALF}))
+    ctl = dynamo._controller_for(model, dynamo.Options.parse({"policy": str(path), **HALF}))
+    assert ctl.active and ctl.loaded.path == path

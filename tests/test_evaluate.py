@@ -1,0 +1,287 @@
+"""``solm eval``: matched baselines, the evaluation engine and the CLI, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tiny_lm import gated_tiny_llama, random_blocks
+from solm_compile import baselines as bl
+from solm_compile import checkpoint, cli
+from solm_compile.actions import ActionGrid
+from solm_compile.evaluate import (METHODS, CostModel, DenseController, PPLEvaluator, ScheduleController,
+                                   BlockSource, evaluate_choices, run_traces, summarize)
+from solm_compile.policy import PolicyConfig, RecurrentActorCriticPolicy
+from solm_compile.report import shapes_from_gated
+from solm_compile.train import TrainConfig, rollout
+
+CTX, T = 24, 8
+GRID = ActionGrid()
+PCFG = PolicyConfig(d_model=32, n_heads=2, max_steps=16)
+TARGETS = (0.5, 0.75, 0.5)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _policy(seed: int = 0, hidden: int = 32) -> RecurrentActorCriticPolicy:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return RecurrentActorCriticPolicy(hidden, GRID.num_actions, PCFG).eval()
+
+
+@pytest.fixture(scope="module")
+def result():
+    lm = gated_tiny_llama(0)
+    ev = PPLEvaluator(lm, _policy(), GRID, random_blocks(12, CTX + T + 1, seed=1), ctx=CTX, T=T,
+                      cost=CostModel(shapes_from_gated(lm.model), lm.gate),
+                      fit_blocks=random_blocks(3, CTX + T + 1, seed=2), random_seeds=3)
+    return ev, ev.run(TARGETS)
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+@pytest.mark.parametrize("levels,target", [(GRID.kappa_levels, 0.61), (GRID.rho_levels, 0.83), (GRID.bit_levels, 7.3),
+                                           (GRID.bit_levels, 12.9), (bl.INT_BITS, 9.37), (GRID.kappa_levels, 0.25)])
+def test_mixture_schedule_matches_target(levels, target):
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    mask[:, :3] = False                                               # non-effective steps stay dense
+    v = bl.mixture_schedule(levels, target, mask, dense=99.0)
+    assert abs(float(v[mask].mean()) - target) <= 0.01 * target
+    assert torch.all(v[~mask] == 99.0)
+    lo, hi, _ = bl.two_nearest(levels, target)
+    assert set(v[mask].tolist()) <= {lo, hi}
+    per_row_hi = (v[mask].view(16, 13) == hi).sum(1)
+    assert int(per_row_hi.max() - per_row_hi.min()) <= 1           # round-robin spreads the high level evenly
+
+
+def test_fixed_and_random_schedules():
+    mask = torch.ones(10, 12, dtype=torch.bool)
+    mask[:, :2] = False
+    usage = (0.4, 0.9, 0.45)
+    fixed = bl.fixed_controls(GRID, usage, mask)
+    got = fixed[mask].mean(0) / torch.tensor([1.0, 1.0, 16.0])
+    for g, u in zip(got.tolist(), usage):
+        assert abs(g - u) <= 0.01 * u
+    for seed in range(3):
+        rnd = bl.random_controls(fixed, mask, torch.Generator().manual_seed(seed))
+        assert torch.equal(rnd[~mask], fixed[~mask])
+        for i in range(10):
+            for a in range(3):                                        # same counts per sequence and axis
+                assert torch.equal(rnd[i, mask[i], a].sort().values, fixed[i, mask[i], a].sort().values)
+        assert not torch.equal(rnd, fixed)
+
+
+def test_uniform_and_step_schedule_match_usage():
+    mask = torch.ones(7, 16, dtype=torch.bool)
+    usage = (0.437, 0.81, 9.4 / 16)
+    uni = bl.uniform_controls(usage, mask)
+    assert torch.allclose(uni[..., 0], torch.tensor(0.437)) and torch.allclose(uni[..., 1], torch.tensor(0.81))
+    assert set(uni[..., 2].unique().tolist()) == {9.0, 10.0}              # nearest-integer bit mixture
+    assert abs(float(uni[..., 2].mean()) - 9.4) < 0.01 * 9.4
+    kl = tuple(torch.rand(len(lv), 16, generator=torch.Generator().manual_seed(a)) * torch.tensor(
+        [1.0] * (len(lv) - 1) + [0.0])[:, None] for a, lv in enumerate([GRID.kappa_levels, GRID.rho_levels,
+                                                                         GRID.bit_levels]))
+    costs = bl.StepCosts((GRID.kappa_levels, GRID.rho_levels, tuple(float(b) for b in GRID.bit_levels)), kl,
+                         torch.ones(16, dtype=torch.bool), 4)
+    sch = bl.step_schedule_controls(costs, usage, mask)
+    got = sch.mean((0, 1)) / torch.tensor([1.0, 1.0, 16.0])
+    for g, u in zip(got.tolist(), usage):
+        assert abs(g - u) <= 0.01 * u
+    # all but at most one step are the same for every row: the action depends on t only
+    assert int((sch != sch[:1]).any(-1).any(0).sum()) <= 3
+
+
+# ---------------------------------------------------------------------------------------------- engine
+def test_dense_equals_plain_hf_forward():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = gated_tiny_llama(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = LlamaForCausalLM(cfg).eval()                              # the same weights as gated_tiny_llama(0)
+    blocks = random_blocks(5, CTX + T + 1, seed=4)
+    tr = run_traces(lm, BlockSource(lm, blocks, CTX, T), {"dense": lambda x: DenseController().begin(x)})["dense"]
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(blocks).logits.float(), -1)             # [n, len, V]
+    ref = -logp[:, CTX:CTX + T].gather(-1, blocks[:, CTX + 1:CTX + T + 1, None])[..., 0]
+    torch.testing.assert_close(tr.nll, ref, atol=1e-4, rtol=1e-4)
+    s = summarize(tr)
+    assert s["ppl"] == pytest.approx(math.exp(float(ref.mean())), rel=1e-4)
+    rows = ref.double().mean(1)
+    assert s["ppl_se"] == pytest.approx(s["ppl"] * float(rows.std()) / math.sqrt(5), rel=1e-3)
+
+
+def test_uniform_at_full_usage_equals_dense():
+    lm = gated_tiny_llama(0)
+    src = BlockSource(lm, random_blocks(4, CTX + T + 1, seed=5), CTX, T)
+    uni = bl.uniform_controls((1.0, 1.0, 1.0), src.mask())
+    tr = run_traces(lm, src, {"dense": lambda x: DenseController().begin(x),
+                              "uniform": ScheduleController(uni).begin,
+                              "half": ScheduleController(bl.uniform_controls((0.3, 0.5, 0.3), src.mask())).begin})
+    torch.testing.assert_close(tr["uniform"].nll, tr["dense"].nll, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(tr["half"].nll, tr["dense"].nll)
+
+
+def test_policy_equals_training_rollout(result):
+    ev, r = result
+    lm = gated_tiny_llama(0)
+    blocks = ev.source.blocks
+    ep = rollout(lm, _policy(), blocks, torch.tensor([TARGETS]).expand(len(blocks), 3), GRID, T=T, K=1, greedy=True)
+    src = BlockSource(lm, blocks, CTX, T)
+    from solm_compile.evaluate import PolicyController
+
+    tr = run_traces(lm, src, {"policy": PolicyController(lm, _policy(), GRID, TARGETS).begin})["policy"]
+    torch.testing.assert_close(tr.nll, -ep.logp_true, atol=1e-5, rtol=1e-5)
+    assert torch.equal(tr.actions, ep.actions)
+    torch.testing.assert_close(torch.tensor(tr.usage(), dtype=torch.float64), ep.usage.double().mean(0),
+                               atol=1e-6, rtol=0)
+    assert r["methods"]["policy"]["ppl"] == pytest.approx(math.exp(float(-ep.logp_true.double().mean())), rel=1e-5)
+
+
+def test_evaluator_methods_and_matching(result):
+    _, r = result
+    names = {"dense", "policy", "fixed", "random_median", "random_best", "emc", "dac", "uniform", "schedule",
+             "static_attn", "static_mlp", "static_bits"}
+    assert set(r["methods"]) == names and len(METHODS) == len(names) - 1
+    for m in r["methods"].values():
+        assert {"ppl", "ppl_se", "usage", "net_keep", "flops_fraction", "bytes_fraction"} <= set(m)
+        assert {"attn_keep", "mlp_keep", "bits"} <= set(m["usage"])
+        assert m["ppl"] > 1 and m["ppl_se"] > 0 and 0 < m["flops_fraction"] <= 1.1
+    pol = r["methods"]["policy"]["usage"]
+    assert r["matched_usage"] == {k: pol[k] for k in ("attn_keep", "mlp_keep", "bits")}
+    for name in ("fixed", "random_median", "random_best", "uniform", "schedule"):
+        u = r["methods"][name]["usage"]
+        for k in ("attn_keep", "mlp_keep", "bits"):
+            assert abs(u[k] - pol[k]) <= 0.01 * pol[k], (name, k, u[k], pol[k])
+    assert r["methods"]["dense"]["net_keep"] == 1.0 and r["methods"]["dense"]["flops_fraction"] == 1.0
+    assert r["methods"]["static_attn"]["usage"]["mlp_keep"] == 1.0
+    assert r["methods"]["static_bits"]["usage"]["attn_keep"] == 1.0
+    assert len(r["methods"]["random_best"]["seeds_ppl"]) == 3
+    assert r["methods"]["random_best"]["ppl"] == min(r["methods"]["random_best"]["seeds_ppl"])
+    assert sum(r["methods"]["policy"]["actions"].values()) == 12 * T
+
+
+def test_multiple_choice_scoring():
+    lm = gated_tiny_llama(0)
+    g = torch.Generator().manual_seed(0)
+    items = [{"ctx": torch.randint(0, 64, (20,), generator=g).tolist(),
+              "conts": [torch.randint(0, 64, (n,), generator=g).tolist() for n in (3, 5, 2)],
+              "label": i % 3, "chars": [3, 5, 2]} for i in range(4)]
+    r = evaluate_choices(lm, _policy(), GRID, items, TARGETS)
+    assert set(r["methods"]) == {"dense", "policy", "fixed", "uniform", "emc", "dac"}
+    for m in r["methods"].values():
+        assert 0 <= m["acc"] <= 1 and 0 <= m["acc_norm"] <= 1 and m["items"] == 4
+    pol, fixed = r["methods"]["policy"]["usage"], r["methods"]["fixed"]["usage"]
+    assert r["methods"]["policy"]["counted_steps"] == 4 * (3 + 5 + 2)
+    assert abs(fixed["attn_keep"] - pol["attn_keep"]) <= 0.01 * pol["attn_keep"]
+
+
+def test_cost_model_matches_sympy():
+    from solm_compile.cost import fraction
+
+    lm = gated_tiny_llama(0)
+    shapes = shapes_from_gated(lm.model)
+    cm = CostModel(shapes, lm.gate)
+    for L, k, r in ((30, 0.25, 0.5), (33, 0.437, 0.81), (8, 0.5, 0.5), (100, 1.0, 0.75)):
+        want = fraction(shapes, lm.gate, L, k, r)
+        assert cm.fraction(L, k, r) == pytest.approx((want["flops"], want["bytes"]), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--attn-keep", "2", "--mlp-keep", "0.75", "--bits", "8"], "--attn-keep must be in [0.05, 1], got 2.0"),
+    (["--attn-keep", "0.5", "--mlp-keep", "0.75", "--bits", "40"], "--bits must be in [2, 16]"),
+    (["--attn-keep", "0.5", "--mlp-keep", "0.75"], "--attn-keep, --mlp-keep and --bits"),
+    (["--sweep"], "--sweep needs --out"),
+])
+def test_cli_bad_budget(capsys, tmp_path, flags, needle):
+    code, _, err = run_cli(capsys, "eval", "smollm2", "--policy", tmp_path / "p.pt", *flags)
+    _one_line_error(code, err, needle)
+
+
+def test_cli_policy_errors(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "eval", tmp_path / "m.gguf", "--attn-keep", "0.5", "--mlp-keep", "0.75",
+                           "--bits", "8")
+    _one_line_error(code, err, "no --policy given", "solm train")
+    code, _, err = run_cli(capsys, "eval", "smollm2", "--policy", tmp_path / "p.pt", "--attn-keep", "0.5",
+                           "--mlp-keep", "0.75", "--bits", "8")
+    _one_line_error(code, err, "p.pt", "no such policy checkpoint")
+
+
+def _tiny_model_dir(tmp_path):
+    """A tiny Llama with a character-level tokenizer, saved as a Hugging Face directory."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    chars = "?abcdefghijklmnopqrstuvwxyz .,;'\n"
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    cfg = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).eval()
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="?").save_pretrained(path)
+    return path
+
+
+def test_cli_json(capsys, tmp_path):
+    from solm_compile.models import load
+
+    model_dir = _tiny_model_dir(tmp_path)
+    info = load(str(model_dir)).info
+    cfg = TrainConfig(ctx=CTX, T=T, policy=PCFG)
+    ck = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "model": checkpoint.model_identity(info),
+          "train_config": cfg.to_dict(), "grid": GRID.to_dict(), "gate": {}, "policy": _policy().state_dict(),
+          "step": 0}
+    checkpoint.save(tmp_path / "p.pt", ck)
+    text = tmp_path / "text.txt"
+    text.write_text("it is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife.\n" * 8)
+    code, out, err = run_cli(capsys, "eval", model_dir, "--policy", tmp_path / "p.pt", "--data", text,
+                             "--fit-data", text, "--attn-keep", "0.5", "--mlp-keep", "0.75", "--bits", "8",
+                             "--blocks", "4", "--ctx", CTX, "--T", T, "--random-seeds", "2", "--fit-blocks", "2",
+                             "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert {"methods", "data", "blocks", "targets", "matched_usage", "wall_s"} <= set(r)
+    assert r["blocks"] == 4 and r["targets"] == {"attn_keep": 0.5, "mlp_keep": 0.75, "bits": 8.0}
+    for m in r["methods"].values():
+        assert {"ppl", "ppl_se", "usage", "net_keep", "flops_fraction", "bytes_fraction"} <= set(m)
+    code, out, err = run_cli(capsys, "eval", model_dir, "--policy", tmp_path / "p.pt", "--data", text,
+                             "--fit-data", text, "--attn-keep", "0.2", "--mlp-keep", "0.75", "--bits", "8")
+    _one_line_error(code, err, "--attn-keep 0.2 is below the policy's lowest level 0.25")
+    code, out, err = run_cli(capsys, "eval", model_dir, "--policy", tmp_path / "p.pt", "--data", text,
+                             "--fit-data", text, "--sweep", "--out", tmp_path / "sweep", "--blocks", "2", "--ctx", CTX,
+                             "--T", "4", "--random-seeds", "1", "--fit-blocks", "1")
+    assert code == 0, err
+    r = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(r["points"]) >= 8 and all("policy" in p["methods"] and "fixed" in p["methods"] for p in r["points"])
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    assert (tmp_path / "sweep.md").read_text().count("| policy |") == len(r["points"])
