@@ -40,8 +40,9 @@ def _(input_ids, past_key, kappa, rho, bits, min_len):
 def quest_keep(q: Tensor, k: Tensor, kappa: Tensor, page_size: int, sinks: int, window: int) -> Tensor:
     """Token keep mask [B,H,L] for single-token queries q [B,H,1,d] over keys k [B,Hkv,L,d].
 
-    Page bounds are taken once per KV head and scored by each of its G = H/Hkv query heads (the same numbers
-    as repeating the keys to every query head, G times cheaper).
+    Page bounds are taken once per KV head and scored by each of its G = H/Hkv query heads. The score
+    Σ_d max(q_d·max_d, q_d·min_d) is computed as q⁺·max + q⁻·min (max ≥ min, so the larger product is the
+    one whose bound has q's sign): two small matmuls instead of a [.., P, d] temporary.
     """
     B, H, _, d = q.shape
     Hkv, L, S = k.shape[1], k.shape[2], page_size
@@ -52,19 +53,22 @@ def quest_keep(q: Tensor, k: Tensor, kappa: Tensor, page_size: int, sinks: int, 
     if pad:  # repeat the last key: min/max of a page are unchanged by a duplicate
         kp = torch.cat([k, k[:, :, -1:].expand(B, Hkv, pad, d)], dim=2)  # [B,Hkv,P*S,d]
     pages = kp.view(B, Hkv, P, S, d)                                      # [B,Hkv,P,S,d]
-    hi, lo = pages.amax(3)[:, :, None], pages.amin(3)[:, :, None]         # [B,Hkv,1,P,d]
-    qv = q[:, :, 0].reshape(B, Hkv, G, 1, d)                              # [B,Hkv,G,1,d]
-    score = torch.maximum(qv * hi, qv * lo).sum(-1).reshape(B, H, P)      # [B,H,P]
+    hi, lo = pages.amax(3), pages.amin(3)                                 # [B,Hkv,P,d]
+    qv = q[:, :, 0].reshape(B, Hkv, G, d)                                 # [B,Hkv,G,d]
+    score = qv.clamp(min=0) @ hi.transpose(-1, -2) + qv.clamp(max=0) @ lo.transpose(-1, -2)  # [B,Hkv,G,P]
+    score = score.reshape(B, H, P)                                        # [B,H,P]
     n = torch.ceil(kappa.double() * L - 1e-9).clamp(0, L)                 # [B]
     pb = torch.ceil(n / S).clamp(max=P).long()                            # [B]
-    top = score.sort(dim=-1, descending=True).values                      # [B,H,P]
+    kmax = max(int(pb.max()), 1)
+    top = score.topk(kmax, dim=-1).values                                 # [B,H,kmax] descending
     thr = top.gather(-1, (pb - 1).clamp(min=0).view(B, 1, 1).expand(B, H, 1))  # [B,H,1]
     page_keep = (score >= thr) & (pb > 0).view(B, 1, 1)                   # [B,H,P]
     page_keep |= ((pb >= P) | (kappa >= 1)).view(B, 1, 1)
-    keep = page_keep.repeat_interleave(S, dim=-1)[..., :L]                # [B,H,L]
     pos = torch.arange(L, device=q.device)                                # [L]
-    keep = keep | (pos < sinks) | (pos >= L - window)                     # [B,H,L]
-    keep[..., -1] |= ~keep.any(-1)
+    keep = page_keep[..., pos // S]                                       # [B,H,L]
+    keep |= (pos < sinks) | (pos >= L - window)
+    if window == 0 and int(pb.min()) == 0:   # a head that keeps nothing keeps the last token
+        keep[..., -1] |= ~keep.any(-1)
     return keep
 
 
