@@ -77,7 +77,7 @@ def test_half_budget_artifact_equals_torch_graph(built):
     assert [int(g["action"][0]) for g in got] == [w[1] for w in want]
     assert len({w[1] for w in want}) > 1, "a random policy should vary its actions"
     for g, w in zip(got, want):
-        np.testing.assert_allclose(g["logits"][0], w[2][0], atol=1e-3)
+        np.testing.assert_allclose(g["logits"][0], w[2], atol=1e-3)
 
 
 def test_portable_needs_no_solm(built, tmp_path):
