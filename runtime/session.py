@@ -56,7 +56,8 @@ class SolmSession:
     """One onnxruntime session over an artifact; thread-safe (each call keeps its own state)."""
 
     def __init__(self, path: str | Path, providers: list | None = None, threads: int | None = None,
-                 use_ep: bool = True, tokenizer: bool = True):
+                 use_ep: bool = True, tokenizer: bool = True, ep_options: dict | None = None,
+                 profile_prefix: str | None = None):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -69,11 +70,14 @@ class SolmSession:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if profile_prefix:  # onnxruntime's profiler (per-node times); self.sess.end_profiling() writes the JSON
+            so.enable_profiling = True
+            so.profile_file_prefix = str(profile_prefix)
         self.ep_active = False
-        if self.kind == "solm" and use_ep and providers is None:
+        if self.kind in ("solm", "fixed") and use_ep and providers is None:
             from . import ep
 
-            so = ep.session_options_with_ep(so, ort=ort)
+            so = ep.session_options_with_ep(so, ort=ort, provider_options=ep_options)
             self.ep_active = ep.is_registered()
         try:
             self.sess = ort.InferenceSession(str(self.path), so, providers=providers)
@@ -136,7 +140,7 @@ class SolmSession:
         for i in range(self.n_layers):
             for kind in ("key", "value"):
                 feeds[f"past_{kind}_{i}"] = out[f"present_{kind}_{i}"]
-        if self.kind != "dense":
+        if self.kind in ("solm", "portable"):
             for name in POLICY_STATE:
                 feeds[name] = out["action" if name == "policy_prev_action" else f"{name}_out"]
 
@@ -152,11 +156,15 @@ class SolmSession:
         feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(T, dtype=np.int64), (B, 1)),
                  **self._empty_past(B)}
         target = np.tile(self.check_budget(budget), (B, 1)) if self.kind != "dense" else None
-        if self.kind != "dense":
+        policy = self.kind in ("solm", "portable")
+        if policy:
             feeds.update(self._policy_start(B, np.zeros((B, self.meta["hidden_size"]), np.float32)), budget=target)
+        elif self.kind == "fixed":    # no policy: the budget is fed as the controls themselves
+            feeds.update(attn_keep=np.full((B,), budget[0], np.float32), mlp_keep=np.full((B,), budget[1], np.float32),
+                         bits=np.full((B,), budget[2], np.float32))
         out = self._run(feeds)
         self._carry(out, feeds)
-        if self.kind != "dense":
+        if policy:
             feeds.update(self._policy_start(B, out["policy_hidden_out"].numpy()))   # the episode starts here
         logits = out["logits"].numpy()[:, -1]
         yield {"logits": logits, "action": None, "controls": None}
@@ -171,10 +179,14 @@ class SolmSession:
             self._carry(out, feeds)
             logits = out["logits"].numpy()[:, -1]
             step = {"logits": logits, "token": tok, "action": None, "controls": None}
-            if self.kind != "dense":
+            if policy:
                 step["action"], step["controls"] = out["action"].numpy(), out["controls"].numpy()
                 if (t + 1) % episode == 0:  # episode boundary: the policy starts afresh from the current h
                     feeds.update(self._policy_start(B, out["policy_hidden_out"].numpy()))
+            elif self.kind == "fixed":   # the controls GateControls applies (dense while L <= ts + tw + 1)
+                g = self.meta.get("gate", {})
+                on = T + t + 1 > g.get("ts", 4) + g.get("tw", 2) + 1
+                step["controls"] = np.tile(np.asarray(budget if on else (1.0, 1.0, 16.0), np.float32), (B, 1))
             yield step
 
     # ------------------------------------------------------------------------------------------ public API

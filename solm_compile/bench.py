@@ -27,15 +27,26 @@ Rows (``variant``, ``mode``):
   alone, the number to hold against the cost model;
 - ``solm``/``replay``: the ``fixed`` artifact fed, step by step, the controls the policy chose in the same
   repetition: the same work as ``policy`` without the policy. ``policy_ms`` = median over repetitions of the
-  paired per-step difference policy − replay, ``policy_pct`` = its share of the policy row's step time;
+  paired per-step difference policy − replay, ``policy_pct`` = its share of the policy row's step time (a
+  difference of two noisy timings: its noise is a few % of the step). The precise number comes from one extra
+  pass of the solm artifact under onnxruntime's profiler (``--no-profile-policy`` skips it):
+  ``policy_profile_ms`` = the kernel time of the policy's nodes per step (the nodes the exporter attributes to
+  ``policy.py`` / ``ArtifactStep`` rather than the gated LM) and ``policy_profile_pct`` its share of all node
+  time;
+- ``solm``/``fixed_kvhead`` (``--per-kv-head``): ``fixed`` with SolmEP's ``select_per_kv_head=1``: pages chosen
+  once per KV head for its whole GQA group (coarser than the reference's per-query-head choice, but each kept
+  K/V row is read once per group, which is what the cost model counts). A diagnostic, not the reference;
 - ``solm``/``dense_budget``: the solm artifact at the dense budget (1, 1, 16): policy runs, every step is dense;
 - ``portable``/``policy``: the portable artifact at the budget.
 
 ``ideal_ratio`` is the cost model's bytes ratio (``cost.decode_cost`` over ``report.shapes_from_gated``) at the
 *realised* controls: Σ_t dense bytes(L_t) / Σ_t bytes(L_t, κ_t, ρ_t, b_t) over the timed steps, L_t the KV
-length with the current token. ``pct_of_ideal`` = 100 · ratio / ideal_ratio. ``usage`` is the mean realised
-(κ, ρ, bits). ``rss_mb`` is the growth of the process's resident memory while the row's session was created and
-warmed up (sessions are created one after another; the allocator may reuse freed pages, so it is indicative);
+length with the current token. ``pct_of_ideal`` = 100 · ratio / ideal_ratio. ``model_gb_s`` = the cost model's
+bytes per step of the row's realised controls / step time: the effective bandwidth the variant reaches against
+what it must read (if dense itself is far from the machine's bandwidth, ratios above the ideal are possible).
+``usage`` is the mean realised (κ, ρ, bits). ``rss_mb`` is the growth of the process's resident memory while the
+row's session was first created and warmed up (sessions are created one after another, for the first thread
+count; later thread counts reuse freed pages, so their growth would read low; it is indicative);
 ``process_rss_mb`` the whole process after the block.
 """
 
@@ -61,17 +72,22 @@ log = logging.getLogger(__name__)
 # --variants names -> the artifact kind each needs. "replay" runs whenever both "solm" and "fixed" are selected.
 VARIANT_KINDS = {"dense": "dense", "solm": "solm", "portable": "portable", "fixed": "fixed", "dense-budget": "solm"}
 DEFAULT_VARIANTS = ("dense", "solm", "fixed", "dense-budget", "portable")
-# Row (variant, mode) per mode, and which artifact kind runs it.
+# Row (variant, mode) per mode, and the session that runs it.
 MODES = {
     "dense": ("dense", "dense", "dense"),
     "policy": ("solm", "policy", "solm"),
     "replay": ("solm", "replay", "fixed"),
     "fixed": ("solm", "fixed", "fixed"),
+    "fixed_kvhead": ("solm", "fixed_kvhead", "fixed_kvhead"),
     "dense_budget": ("solm", "dense_budget", "solm"),
     "portable": ("portable", "policy", "portable"),
 }
+# Session name -> (artifact kind, SolmEP provider options).
+SESSIONS = {"dense": ("dense", None), "solm": ("solm", None), "portable": ("portable", None),
+            "fixed": ("fixed", None), "fixed_kvhead": ("fixed", {"select_per_kv_head": "1"})}
 ROW_KEYS = ("context", "threads", "variant", "mode", "kind", "provider", "tok_s", "step_ms", "ratio", "ideal_ratio",
-            "pct_of_ideal", "usage", "policy_ms", "policy_pct", "rss_mb", "process_rss_mb", "reps", "steps",
+            "pct_of_ideal", "model_gb_s", "usage", "policy_ms", "policy_pct", "policy_profile_ms",
+            "policy_profile_pct", "rss_mb", "process_rss_mb", "reps", "steps",
             "step_ms_reps")
 # Sources whose edits change what an artifact contains (part of the cache key).
 _EXPORT_SOURCES = ("artifact.py", "artifact_step.py", "onnx_ops.py", "ops.py", "export.py", "gated.py", "policy.py")
@@ -89,6 +105,8 @@ class BenchConfig:
     warmup: int = 4
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     seed: int = 0
+    per_kv_head: bool = False   # also time the fixed artifact with SolmEP's select_per_kv_head=1 (diagnostic)
+    profile_policy: bool = True  # one onnxruntime-profiled pass of the solm artifact: the policy nodes' share
 
     def __post_init__(self):
         from .config import Budget
@@ -118,14 +136,19 @@ class BenchConfig:
                 out.append("replay")
         if "fixed" in v:
             out.append("fixed")
+            if self.per_kv_head:
+                out.append("fixed_kvhead")
         if "dense-budget" in v:
             out.append("dense_budget")
         if "portable" in v:
             out.append("portable")
         return out
 
+    def sessions(self) -> list[str]:
+        return [s for s in SESSIONS if s in {MODES[m][2] for m in self.modes()}]
+
     def kinds(self) -> list[str]:
-        return sorted({MODES[m][2] for m in self.modes()})
+        return sorted({SESSIONS[s][0] for s in self.sessions()})
 
 
 # ---------------------------------------------------------------------------------------------- artifacts
@@ -269,6 +292,9 @@ class CostTable:
             self._memo[key] = float(self.cost.at(key[0], key[1], key[2], key[3])["bytes"])
         return self._memo[key]
 
+    def mean_bytes(self, Ls, controls) -> float:
+        return sum(self.bytes(L, *c) for L, c in zip(Ls, controls)) / len(Ls)
+
     def ideal_ratio(self, Ls, controls) -> float:
         dense = sum(self.bytes(L) for L in Ls)
         got = sum(self.bytes(L, *c) for L, c in zip(Ls, controls))
@@ -280,13 +306,44 @@ class Prefilled:
     context: int
     kv: dict                 # past_* name -> numpy [1, Hkv, context, d]
     hidden: np.ndarray       # [1, D] last hidden state after the prefill (policy start)
-    tokens: list[int]        # the tokens that follow the context (fed teacher-forced by every run)
+    tokens: list[int]        # the warmup + steps tokens after the context (fed teacher-forced by every run)
 
 
 @dataclass
 class _Run:
     seconds: float
     controls: list           # realised (κ, ρ, bits) per step
+
+
+def policy_nodes(path) -> set[str]:
+    """Names of the nodes of a solm artifact that compute the policy (everything ArtifactStep does besides the
+    gated LM call), told apart by the source line the exporter recorded in each node's metadata."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    out = set()
+    for n in model.graph.node:
+        trace = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.stack_trace"), "")
+        if "policy.py" in trace or ("artifact_step.py" in trace and "self.lm(" not in trace):
+            out.add(n.name)
+    return out
+
+
+def profile_share(events: list, nodes: set[str], skip_runs: int = 0) -> tuple[float, float]:
+    """(ms per run in ``nodes``, ms per run in all nodes) from an onnxruntime profile, after ``skip_runs`` runs."""
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                  if e.get("cat") == "Session" and e.get("name") == "model_run")[skip_runs:]
+    if not runs:
+        return 0.0, 0.0
+    start = runs[0][0]
+    part = total = 0.0
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e.get("ts", -1) < start:
+            continue
+        total += e["dur"]
+        if e["name"][: -len("_kernel_time")] in nodes:
+            part += e["dur"]
+    return part / len(runs) / 1e3, total / len(runs) / 1e3
 
 
 class Bench:
@@ -297,8 +354,9 @@ class Bench:
         self.artifacts, self.cfg, self.cost, self.say = artifacts, cfg, cost, say
         self.token_ids = token_ids
         self._sessions: dict = {}       # threads -> {kind: SolmSession}
-        self._rss: dict = {}            # (threads, kind) -> MB grown while creating + warming
+        self._rss: dict = {}            # session name -> MB grown while first creating + warming it
         self._prefilled: dict = {}      # context -> Prefilled
+        self._policy_nodes: set | None = None
 
     # -------------------------------------------------------------------------------------- sessions
     def sessions(self, threads: int) -> dict:
@@ -315,22 +373,24 @@ class Bench:
         from .runtime.session import SolmSession
 
         out = {}
-        for kind, path in self.artifacts.items():
+        for name in self.cfg.sessions():
+            kind, ep_options = SESSIONS[name]
             before = rss_mb()
-            s = SolmSession(path, threads=threads, tokenizer=False)
+            s = SolmSession(self.artifacts[kind], threads=threads, tokenizer=False, ep_options=ep_options)
             if kind in ("solm", "fixed") and not s.ep_active:
                 raise UserError(f"SolmEP is not available, so the {kind} artifact would run on the CPU provider; "
                                 "build it with `python -m solm_compile.runtime.ep_build`")
             self._warm_session(s)
-            self._rss[(threads, kind)] = rss_mb() - before
-            out[kind] = s
+            # weights do not depend on the thread count: keep the first (cleanest) measurement of each session
+            self._rss.setdefault(name, rss_mb() - before)
+            out[name] = s
         self._sessions[threads] = out
         return out
 
     def _warm_session(self, s) -> None:
         """One short prefill + step so lazy initialisation (weight re-layout, arenas) is out of the way."""
         ids = [self.token_ids[:16]]
-        for i, _ in enumerate(s.steps(ids, self._budget_for(s.kind, "dense_budget"), max_new_tokens=1)):
+        for _ in s.steps(ids, self._budget_for(s.kind, "dense_budget"), max_new_tokens=1):
             pass
 
     def _budget_for(self, kind: str, mode: str):
@@ -346,7 +406,7 @@ class Bench:
         sessions = self.sessions(threads)
         kind = next(k for k in ("portable", "solm", "fixed", "dense") if k in sessions)
         s = sessions[kind]
-        need = context + max(self.cfg.warmup, self.cfg.steps)
+        need = context + self.cfg.warmup + self.cfg.steps
         ids = self.token_ids[:context]
         if len(self.token_ids) < need:
             raise UserError(f"bench needs {need} tokens, has {len(self.token_ids)}")
@@ -360,7 +420,8 @@ class Bench:
                          bits=np.full(1, 16.0, np.float32))
         t0 = time.perf_counter()
         out = s._run(feeds)
-        kv = {f"past_{k}_{i}": out[f"present_{k}_{i}"].numpy().copy() for i in range(s.n_layers) for k in ("key", "value")}
+        kv = {f"past_{k}_{i}": out[f"present_{k}_{i}"].numpy().copy()
+              for i in range(s.n_layers) for k in ("key", "value")}
         hidden = (out["policy_hidden_out"].numpy().copy() if "policy_hidden_out" in out
                   else np.zeros((1, s.meta["hidden_size"]), np.float32))
         self.say(f"prefill {context} tokens ({kind}, {threads} threads): {time.perf_counter() - t0:.1f} s")
@@ -387,8 +448,8 @@ class Bench:
             feeds["budget"] = ov(np.asarray([s.check_budget(self._budget_for(kind, mode))], np.float32))
         elif kind == "fixed":
             seq = controls if controls is not None else [self.cfg.budget] * n
-            ctl_feeds = [{"attn_keep": ov(np.asarray([c[0]], np.float32)), "mlp_keep": ov(np.asarray([c[1]], np.float32)),
-                          "bits": ov(np.asarray([c[2]], np.float32))} for c in seq]
+            names = ("attn_keep", "mlp_keep", "bits")
+            ctl_feeds = [{name: ov(np.asarray([v], np.float32)) for name, v in zip(names, c)} for c in seq]
         realised = []
         gate = s.meta.get("gate", {})
         min_len = gate.get("ts", 4) + gate.get("tw", 2) + 1
@@ -414,6 +475,25 @@ class Bench:
             realised = [(1.0, 1.0, 16.0)] * n
         return _Run(elapsed, realised)
 
+    def profile_policy(self, p: Prefilled, threads: int) -> tuple[float, float]:
+        """(policy ms, all-node ms) per step of the solm artifact at the budget, from one profiled pass (warm-up
+        steps excluded). Node times exclude the runtime's per-run overhead, so the share is of node time."""
+        import os
+        import tempfile
+
+        from .runtime.session import SolmSession
+
+        with tempfile.TemporaryDirectory(prefix="solm-bench-prof-") as tmp:
+            s = SolmSession(self.artifacts["solm"], threads=threads, tokenizer=False,
+                            profile_prefix=os.path.join(tmp, "solm"))
+            self._decode(s, "policy", p, self.cfg.warmup + self.cfg.steps)
+            with open(s.sess.end_profiling()) as f:
+                events = json.load(f)
+            del s
+        if self._policy_nodes is None:
+            self._policy_nodes = policy_nodes(self.artifacts["solm"])
+        return profile_share(events, self._policy_nodes, skip_runs=self.cfg.warmup)
+
     # -------------------------------------------------------------------------------------- a block
     def run_block(self, context: int, threads: int) -> list[dict]:
         """Time every mode at (context, threads); one row per mode."""
@@ -436,26 +516,31 @@ class Bench:
                 for m in unit:
                     ctl = runs["policy"][-1].controls if m == "replay" else None
                     runs[m].append(self._decode(sessions[MODES[m][2]], m, p, cfg.steps, controls=ctl))
+        prof = self.profile_policy(p, threads) if cfg.profile_policy and "policy" in modes else None
         Ls = [context + t + 1 for t in range(cfg.steps)]
         step_ms = {m: statistics.median(x.seconds for x in runs[m]) / cfg.steps * 1e3 for m in modes}
         proc_rss = rss_mb()
         rows = []
         for m in modes:
-            variant, mode, kind = MODES[m]
+            variant, mode, sname = MODES[m]
+            kind = SESSIONS[sname][0]
             ctl = [c for x in runs[m] for c in x.controls]
             # the policy's choices may differ between repetitions: the ideal is averaged over them
             ideal = (1.0 if m in ("dense", "dense_budget")
                      else statistics.fmean(self.cost.ideal_ratio(Ls, x.controls) for x in runs[m]))
             ratio = step_ms["dense"] / step_ms[m]
-            s = sessions[kind]
+            s = sessions[sname]
             row = {
                 "context": context, "threads": threads, "variant": variant, "mode": mode, "kind": kind,
                 "provider": s.sess.get_providers()[0], "tok_s": 1e3 / step_ms[m], "step_ms": step_ms[m],
                 "ratio": ratio, "ideal_ratio": ideal, "pct_of_ideal": 100.0 * ratio / ideal,
-                "usage": {"attn_keep": float(np.mean([c[0] for c in ctl])), "mlp_keep": float(np.mean([c[1] for c in ctl])),
-                          "bits": float(np.mean([c[2] for c in ctl]))},
-                "policy_ms": None, "policy_pct": None,
-                "rss_mb": self._rss.get((threads, kind)), "process_rss_mb": proc_rss,
+                # the cost model's bytes per step over the measured step time: how close to a bandwidth bound
+                "model_gb_s": statistics.fmean(self.cost.mean_bytes(Ls, x.controls) for x in runs[m])
+                / step_ms[m] / 1e6,
+                "usage": {name: float(np.mean([c[i] for c in ctl]))
+                          for i, name in enumerate(("attn_keep", "mlp_keep", "bits"))},
+                "policy_ms": None, "policy_pct": None, "policy_profile_ms": None, "policy_profile_pct": None,
+                "rss_mb": self._rss.get(sname), "process_rss_mb": proc_rss,
                 "reps": cfg.reps, "steps": cfg.steps,
                 "step_ms_reps": [x.seconds / cfg.steps * 1e3 for x in runs[m]],
             }
@@ -463,6 +548,8 @@ class Bench:
                 diff = statistics.median(a.seconds - b.seconds for a, b in zip(runs["policy"], runs["replay"]))
                 row["policy_ms"] = diff / cfg.steps * 1e3
                 row["policy_pct"] = 100.0 * row["policy_ms"] / step_ms[m]
+            if m == "policy" and prof is not None:
+                row["policy_profile_ms"], row["policy_profile_pct"] = prof[0], 100.0 * prof[0] / prof[1]
             rows.append(row)
         return rows
 
@@ -503,7 +590,7 @@ def prepare_lm(lm, cfg: BenchConfig, policy: str | Path | None = None, tokenizer
 
             policy_path = shipped_policy(lm.info)
     arts = ensure_artifacts(lm, kinds, policy_path, say)
-    need = max(cfg.contexts) + max(cfg.warmup, cfg.steps)
+    need = max(cfg.contexts) + cfg.warmup + cfg.steps
     ids, source = bench_tokens(tokenizer, need, lm.info.vocab_size, cfg.seed)
     say(f"tokens: {source}")
     bench = Bench(arts, cfg, CostTable(shapes_from_gated(lm.model), lm.gate), ids, say)
@@ -527,8 +614,8 @@ def run_all(bench: Bench, around_block: Callable | None = None) -> list[dict]:
 
 
 def format_table(rows: list[dict], header: bool = True) -> str:
-    cols = ("context", "threads", "variant", "mode", "tok/s", "ms/step", "ratio", "ideal", "%ideal", "usage κ/ρ/b",
-            "policy%", "rss MB")
+    cols = ("context", "threads", "variant", "mode", "tok/s", "ms/step", "ratio", "ideal", "%ideal", "GB/s",
+            "usage κ/ρ/b", "policy%", "rss MB")  # policy%: the profiled share if measured, else the difference
     lines = []
     if header:
         lines.append(" ".join(f"{c:>11}" if i > 3 else f"{c:<12}" for i, c in enumerate(cols)))
@@ -536,8 +623,10 @@ def format_table(rows: list[dict], header: bool = True) -> str:
         u = r["usage"]
         cells = [str(r["context"]), str(r["threads"]), r["variant"], r["mode"], f"{r['tok_s']:.2f}",
                  f"{r['step_ms']:.2f}", f"{r['ratio']:.3f}", f"{r['ideal_ratio']:.3f}", f"{r['pct_of_ideal']:.1f}",
+                 "" if r.get("model_gb_s") is None else f"{r['model_gb_s']:.2f}",
                  f"{u['attn_keep']:.2f}/{u['mlp_keep']:.2f}/{u['bits']:.0f}",
-                 "" if r["policy_pct"] is None else f"{r['policy_pct']:.1f}",
+                 (f"{r['policy_profile_pct']:.1f}" if r.get("policy_profile_pct") is not None
+                  else "" if r["policy_pct"] is None else f"{r['policy_pct']:.1f}"),
                  "" if r["rss_mb"] is None else f"{r['rss_mb']:.0f}"]
         lines.append(" ".join(f"{c:>11}" if i > 3 else f"{c:<12}" for i, c in enumerate(cells)))
     return "\n".join(lines)
@@ -574,6 +663,11 @@ def add_bench_parser(sub, common) -> None:
     p.add_argument("--variants", default=",".join(d.variants),
                    help=f"comma-separated subset of {','.join(VARIANT_KINDS)} (dense always runs; "
                         "solm+fixed adds the replay row that isolates the policy's cost)")
+    p.add_argument("--per-kv-head", action="store_true",
+                   help="also time the fixed artifact with SolmEP choosing pages once per KV head (a coarser "
+                        "selection than the reference; diagnostic row fixed_kvhead)")
+    p.add_argument("--profile-policy", action=argparse.BooleanOptionalAction, default=d.profile_policy,
+                   help="one profiled pass of the solm artifact for the policy's share of node time (default on)")
     p.set_defaults(fn=cmd_bench)
 
 
@@ -581,7 +675,8 @@ def config_from_args(args) -> BenchConfig:
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     return BenchConfig(contexts=tuple(args.context), threads=tuple(args.threads), attn_keep=args.attn_keep,
                        mlp_keep=args.mlp_keep, bits=args.bits, reps=args.reps, steps=args.steps,
-                       warmup=args.warmup, variants=variants)
+                       warmup=args.warmup, variants=variants, per_kv_head=args.per_kv_head,
+                       profile_policy=args.profile_policy)
 
 
 def cmd_bench(args) -> int:

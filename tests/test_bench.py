@@ -16,17 +16,29 @@ ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tiny_llama):
+def tiny_lm():
+    """One layer (GQA 4/2 heads): the exports dominate this module's time."""
     from test_artifact import word_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    loaded = models._from_hf(tiny_llama, word_tokenizer(), name="tiny", source="<test>")
-    return GatedLM.from_loaded(loaded)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)).eval()
+    return GatedLM.from_loaded(models._from_hf(hf, word_tokenizer(), name="tiny", source="<test>"))
 
 
-def test_bench_rows(tiny_lm, tmp_path, monkeypatch):
-    if not ep.register(ort):   # the package's (or the cache's) SolmEP, before the cache moves to tmp_path
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """Every artifact of this module in one fresh solm cache (SolmEP registered first, from its usual place)."""
+    has_ep = ep.register(ort)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOLM_CACHE", str(tmp_path_factory.mktemp("solm-cache")))
+        yield has_ep
+
+
+def test_bench_rows(tiny_lm, cache):
+    if not cache:
         pytest.skip("SolmEP is not built here (python -m solm_compile.runtime.ep_build)")
-    monkeypatch.setenv("SOLM_CACHE", str(tmp_path))
     cfg = bench.BenchConfig(contexts=(24,), threads=(1,), reps=2, steps=4, warmup=1)
     assert cfg.modes() == ["dense", "policy", "replay", "fixed", "dense_budget", "portable"]
     b = bench.prepare_lm(tiny_lm, cfg, "random")
@@ -41,7 +53,7 @@ def test_bench_rows(tiny_lm, tmp_path, monkeypatch):
         assert r["context"] == 24 and r["threads"] == 1 and r["tok_s"] > 0 and r["ideal_ratio"] > 0
         assert r["pct_of_ideal"] == pytest.approx(100 * r["ratio"] / r["ideal_ratio"])
         assert len(r["step_ms_reps"]) == 2
-    by = {r["mode"]: r for r in rows}
+    by = {r["mode"] if r["variant"] != "portable" else "portable": r for r in rows}
     assert by["dense"]["ratio"] == 1.0 and by["dense"]["ideal_ratio"] == 1.0
     assert by["dense"]["provider"] == "CPUExecutionProvider" and by["policy"]["provider"] == "SolmEP"
     assert by["portable"]["provider"] == "CPUExecutionProvider"
@@ -52,6 +64,8 @@ def test_bench_rows(tiny_lm, tmp_path, monkeypatch):
     assert by["replay"]["usage"] == pytest.approx(by["policy"]["usage"])
     assert by["replay"]["ideal_ratio"] == pytest.approx(by["policy"]["ideal_ratio"])
     assert by["policy"]["policy_ms"] is not None and by["policy"]["policy_pct"] is not None
+    assert 0 < by["policy"]["policy_profile_ms"] and 0 < by["policy"]["policy_profile_pct"] < 100
+    assert by["fixed"]["policy_profile_ms"] is None
     assert by["dense_budget"]["usage"] == {"attn_keep": 1.0, "mlp_keep": 1.0, "bits": 16.0}
     # the cache is reused: a second prepare compiles nothing
     again = bench.prepare_lm(tiny_lm, cfg, "random")
@@ -59,19 +73,22 @@ def test_bench_rows(tiny_lm, tmp_path, monkeypatch):
     assert "dense" in bench.format_table(rows)
 
 
-def test_fixed_artifact_equals_gated_graph(tiny_lm, tmp_path, monkeypatch):
+def test_fixed_artifact_equals_gated_graph(tiny_lm, cache):
     """The fixed artifact (controls as inputs, no policy) computes the torch gated graph at those controls."""
     import numpy as np
 
     from solm_compile.runtime.session import SolmSession
 
-    monkeypatch.setenv("SOLM_CACHE", str(tmp_path))
     arts = bench.ensure_artifacts(tiny_lm, ["fixed"], None)
-    s = SolmSession(arts["fixed"], tokenizer=False, use_ep=False)   # the custom ops need SolmEP: check on the EP
-    assert s.kind == "fixed" and {"attn_keep", "mlp_keep", "bits"} <= set(s.input_names)
-    if not ep.register(ort):
+    import onnx
+
+    m = onnx.load(str(arts["fixed"]))
+    assert [i.name for i in m.graph.input][-3:] == ["attn_keep", "mlp_keep", "bits"]
+    assert not any("policy" in i.name or i.name == "budget" for i in m.graph.input)
+    if not cache:
         pytest.skip("SolmEP is not built here")
     s = SolmSession(arts["fixed"], tokenizer=False)
+    assert s.kind == "fixed" and s.ep_active
     prompt = list(range(3, 23))
     got = [st for st in s.steps([prompt], (0.5, 0.5, 8), max_new_tokens=4)]
     with torch.no_grad():
@@ -86,8 +103,10 @@ def test_fixed_artifact_equals_gated_graph(tiny_lm, tmp_path, monkeypatch):
 
 
 def test_bench_cli_errors(capsys):
-    assert cli.main(["bench", "smollm2", "--context", "1,x"]) == 2
-    assert "--context" in capsys.readouterr().err
+    """Bad flags: one line naming the flag, exit 2, before the model loads."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "smollm2", "--context", "1,x"])
+    assert e.value.code == 2 and "--context" in capsys.readouterr().err
     assert cli.main(["bench", "smollm2", "--attn-keep", "3"]) == 2
     assert "--attn-keep" in capsys.readouterr().err
     assert cli.main(["bench", "smollm2", "--variants", "dense,nope"]) == 2
