@@ -83,7 +83,7 @@ def quest_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
                     window: int) -> Tensor:
     gqa = k.shape[1] != q.shape[1]
     if q.shape[2] != 1 or bool((kappa >= 1).all()):
-        return _sdpa(q, k, v, attn_mask, scale, is_causal, gqa)
+        return _sdpa(q, k, v, attn_mask, scale, is_causal, gqa).contiguous()   # the fake's layout (inductor checks)
     keep = quest_keep(q, k, kappa, page_size, sinks, window)[:, :, None, :]  # [B,H,1,L]
     if attn_mask is None:
         mask = keep
@@ -91,7 +91,7 @@ def quest_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
         mask = attn_mask & keep
     else:
         mask = attn_mask.masked_fill(~keep, float("-inf"))
-    return _sdpa(q, k, v, mask, scale, False, gqa)
+    return _sdpa(q, k, v, mask, scale, False, gqa).contiguous()
 
 
 @quest_attention.register_fake
@@ -154,3 +154,8 @@ OPS = (
     OpDef("sparse_mlp", "SparseMLP", sparse_mlp, ref.sparse_mlp_ref),
 )
 ONNX_DOMAIN = "ai.solm"
+
+# Torch-only implementations of a listed op (same schema, same numbers up to summation order), used where a
+# faster torch kernel matters (``fast_ops``: the torch.compile path). They add no semantics, so they have no
+# reference, ONNX translation or C++ kernel of their own.
+ALTERNATE_IMPLS = {"sparse_mlp_gather": "sparse_mlp"}
