@@ -29,6 +29,11 @@ class PassContext:
 
     gate: GateConfig = field(default_factory=GateConfig)
     model_name: str = "model"
+    # Where ``add_controls`` finds the step's token ids [B,T] and a key tensor [B,Hkv,P,d] whose dim 2 is the past
+    # length P: node names, or None for the decode-step signature's positions (placeholders 0 and 2). Graphs
+    # captured elsewhere (Dynamo) order their inputs differently and may have no past input at all.
+    input_ids: str | None = None
+    past_key: str | None = None
 
     def controls(self, graph: fx.Graph) -> tuple[fx.Node, fx.Node, fx.Node] | None:
         """The effective (κ, ρ, b) nodes: the outputs of the graph's ``solm.gate_controls`` node."""

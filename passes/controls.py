@@ -26,13 +26,21 @@ def add_controls(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result.skipped.append("controls already present")
         return result
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(inputs) < 3:
+    named = {n.name: n for n in graph.nodes}
+    for field_name in ("input_ids", "past_key"):
+        name = getattr(ctx, field_name)
+        if name is not None and name not in named:
+            raise UserError(f"{ctx.model_name}: no node named {name!r} for {field_name} in the graph")
+    if (ctx.input_ids is None or ctx.past_key is None) and len(inputs) < 3:
         raise UserError(f"{ctx.model_name}: the decode-step graph needs inputs (input_ids, position_ids, past...), "
                         f"found {len(inputs)} input(s)")
-    input_ids, past_key = inputs[0], inputs[2]
+    input_ids = named[ctx.input_ids] if ctx.input_ids is not None else inputs[0]
+    past_key = named[ctx.past_key] if ctx.past_key is not None else inputs[2]
     with graph.inserting_after(inputs[-1]):
         knobs = [graph.placeholder(name) for name in reversed(CONTROL_INPUTS)][::-1]
-    with graph.inserting_after(knobs[-1]):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    anchor = max((knobs[-1], input_ids, past_key), key=order.__getitem__)  # a named node may be computed
+    with graph.inserting_after(anchor):
         gate = graph.call_function(torch.ops.solm.gate_controls.default,
                                    (input_ids, past_key, *knobs, ctx.gate.min_len))
     with graph.inserting_after(gate):

@@ -24,9 +24,15 @@ multi-token call (prefill) or a call with an empty past is dense and starts a ne
 state is the prefill's last one; each single-token call is one policy step. ``controller(model)`` returns it
 (with the recorded actions).
 
-Fallbacks, each warned once per process: a graph without attention (a graph-break fragment) or without a token
-embedding is compiled by inductor unchanged; a graph the lowering or the passes cannot handle (e.g. a SymInt input
-that is no tensor's size) runs uncompiled (``gm.forward``); ``runtime="onnxruntime"`` runs the torch path.
+Fallbacks: a graph without attention (a graph-break fragment), without a token embedding feeding it, or in which
+the passes gate nothing is compiled by inductor unchanged (logged at INFO). A graph the lowering cannot handle (e.g.
+a SymFloat input, an export failure) runs uncompiled (``gm.forward``), and a gated graph that fails at run time
+switches to ``gm.forward`` — each with one warning per process, never an exception. ``runtime="onnxruntime"``
+warns once and runs the torch path. Bad options or a policy for another model raise ``UserError``.
+
+Use ``model.compile(backend="solm", options=...)`` (or ``model.forward = torch.compile(model.forward, ...)``)
+for ``model.generate()``: the module returned by ``torch.compile(model)`` forwards ``generate`` to the
+uncompiled model (PyTorch's OptimizedModule semantics), so its decode steps would not be compiled.
 """
 
 from __future__ import annotations
@@ -509,7 +515,8 @@ def _roles(gm: fx.GraphModule) -> _Roles | None:
         for n in nodes:
             if n.target is aten.linear.default:
                 w = _fetch(gm, n.args[1])
-                if isinstance(w, Tensor) and tuple(w.shape) == tuple(w_emb.shape):
+                x = _fetch(gm, n.args[0]) if isinstance(n.args[0], fx.Node) else None
+                if isinstance(w, Tensor) and tuple(w.shape) == tuple(w_emb.shape) and getattr(x, "ndim", 0) == 3:
                     hidden = n.args[0]                              # the last one: the LM head
     return _Roles(ids, past, is_input, hidden)
 
@@ -605,7 +612,10 @@ def _lower_and_gate(gm: fx.GraphModule, example_inputs, opts: Options):
         fast_ops.use_gather_mlp(agm)
     fn = agm
     if opts.inductor:
-        fn = torch.compile(agm, backend="inductor", dynamic=any(d is not None for d in prep.dynamic))
+        def gated(*args):         # (torch.compile of the GraphModule itself is not traced here; a function is)
+            return agm(*args)
+
+        fn = torch.compile(gated, backend="inductor", dynamic=any(d is not None for d in prep.dynamic))
     ids_pos = phs.index(roles.input_ids)
     past_pos = phs.index(roles.past_key) if roles.past_is_input else None
     log.info("solm: gated %s (%d inputs, dynamic=%s)", counts, len(phs), [d for d in prep.dynamic if d])

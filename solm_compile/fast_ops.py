@@ -18,6 +18,7 @@ when the weight is modified in place.
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -28,6 +29,7 @@ from . import ops, reference as ref
 
 MAX_ROWS = 64     # tokens per call above which the dense GEMM wins over per-token gathers
 _PACKED: dict = {}
+STATS = {"packed": 0, "gather_calls": 0}
 
 
 def _key(t: Tensor | None):
@@ -39,10 +41,12 @@ def packed_weight(w_gate: Tensor | None, w_up: Tensor) -> Tensor:
     key = (_key(w_gate), _key(w_up))
     hit = _PACKED.get(key)
     if hit is None:
-        for old in [k for k in _PACKED if k[1][0] == key[1][0] and k[1][1:3] == key[1][1:3]]:
+        for old in [k for k in _PACKED if k[1][:4] == key[1][:4]]:
             del _PACKED[old]                      # the same weight modified in place: drop the stale copy
         w = w_up if w_gate is None else torch.cat([w_gate, w_up], dim=0)
         hit = _PACKED[key] = w.t().contiguous()
+        STATS["packed"] += 1
+        weakref.finalize(w_up, _PACKED.pop, key, None)    # freed with the model's weight
     return hit
 
 
@@ -54,6 +58,7 @@ def sparse_mlp_gather(x: Tensor, w_gate: Optional[Tensor], b_gate: Optional[Tens
     N = x.numel() // D
     if N == 0 or N > MAX_ROWS or bool((rho >= 1).all()):
         return ops.sparse_mlp(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act)
+    STATS["gather_calls"] += 1
     xs = ops.topk_channels(x, rho).reshape(N, D)                      # [N, D] the kept channels, others 0
     rows, cols = xs.nonzero(as_tuple=True)                            # row-major: bag n's channels are contiguous
     counts = torch.bincount(rows, minlength=N)                        # [N]

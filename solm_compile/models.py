@@ -57,7 +57,7 @@ def weights_hash(tensors) -> str:
 
     h = hashlib.sha256()
     for t in tensors:
-        flat = t.detach().reshape(-1).float()
+        flat = t.detach().reshape(-1).float().cpu()
         step = max(1, flat.numel() // 4096)
         h.update(str(tuple(t.shape)).encode())
         h.update(flat[::step].contiguous().numpy().tobytes())
