@@ -53,7 +53,7 @@ class LoadedModel:
 
 def weights_hash(tensors) -> str:
     """sha256 over every tensor's shape and a strided sample of its values (cheap, and any real change shows)."""
-    import torch
+    import numpy as np
 
     h = hashlib.sha256()
     for t in tensors:
@@ -61,7 +61,7 @@ def weights_hash(tensors) -> str:
         step = max(1, flat.numel() // 4096)
         h.update(str(tuple(t.shape)).encode())
         h.update(flat[::step].contiguous().numpy().tobytes())
-        h.update(torch.tensor([flat.sum().item()]).numpy().tobytes())
+        h.update(np.float64(flat.numpy().sum(dtype=np.float64)).tobytes())   # numpy: the same sum at any thread count
     return h.hexdigest()[:16]
 
 

@@ -106,3 +106,15 @@ def test_exported_program_file_round_trip(tmp_path, tiny_llama):
     assert loaded.info.num_layers == 2 and loaded.info.vocab_size == 160 and loaded.hf is None
     r = verify(loaded, compile_gated(loaded), steps=8)
     assert r["ok"] and r["max_abs_diff"] == 0.0
+
+
+def test_weights_hash_is_the_same_at_any_thread_count(tiny_llama):
+    before = torch.get_num_threads()
+    try:
+        hashes = set()
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            hashes.add(models.weights_hash(tiny_llama.state_dict().values()))
+    finally:
+        torch.set_num_threads(before)
+    assert len(hashes) == 1
