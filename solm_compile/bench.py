@@ -586,7 +586,7 @@ def prepare_lm(lm, cfg: BenchConfig, policy: str | Path | None = None, tokenizer
             if not policy_path.is_file():
                 raise UserError(f"--policy {policy}: no such file")
         else:
-            from .cli_artifact import shipped_policy
+            from .checkpoint import shipped_policy
 
             policy_path = shipped_policy(lm.info)
     arts = ensure_artifacts(lm, kinds, policy_path, say)

@@ -129,3 +129,20 @@ def load_policy(path: Path, lm_info: Any) -> LoadedPolicy:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: policy checkpoint does not match its own config ({reason[:160]})") from e
     return LoadedPolicy(policy.eval(), grid, gate, dict(ck["train_config"]), int(ck.get("step", 0)), path)
+
+
+POLICY_DIR = Path(__file__).resolve().parent / "policies"
+
+
+def shipped_policy(info: Any) -> Path | None:
+    """The policy shipped in the package for this model's identity: policies/<name>.pt first, then any match."""
+    for path in [POLICY_DIR / f"{info.name}.pt"] + sorted(POLICY_DIR.glob("*.pt")):
+        if not path.is_file():
+            continue
+        try:
+            ck = read(path)
+        except UserError:  # a broken shipped file is simply not a match
+            continue
+        if info.same_model(ck.get("model", {})):
+            return path
+    return None

@@ -7,29 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-POLICY_DIR = Path(__file__).resolve().parent / "policies"
-
-
-def shipped_policy(info) -> Path | None:
-    """The policy shipped in the package for this model: by alias name, else by matching model identity."""
-    from . import checkpoint
-
-    by_name = POLICY_DIR / f"{info.name}.pt"
-    if by_name.is_file():
-        return by_name
-    for path in sorted(POLICY_DIR.glob("*.pt")):
-        try:
-            ck = checkpoint.read(path)
-        except Exception:  # noqa: BLE001 - a broken shipped file is simply not a match
-            continue
-        if info.same_model(ck.get("model", {})):
-            return path
-    return None
-
-
 def resolve_policy(arg: str | None, info):
     """Load --policy, or the shipped one; a one-line error saying how to train one if there is none."""
-    from .checkpoint import load_policy
+    from .checkpoint import load_policy, shipped_policy
     from .errors import UserError
 
     path = Path(arg) if arg else shipped_policy(info)

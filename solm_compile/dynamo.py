@@ -57,7 +57,6 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-POLICY_DIR = Path(__file__).resolve().parent / "policies"
 RUNTIMES = ("torch", "onnxruntime")
 EPISODE_LEN = 16          # TrainConfig.T's default, what artifacts use when the checkpoint does not say
 HISTORY = 4096            # decode steps of actions kept per controller
@@ -102,21 +101,7 @@ def _warn_once(key: str, msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the policy
-def shipped_policy(info) -> Path | None:
-    """The shipped policy trained for this model's identity: policies/<name>.pt first, then any match."""
-    from . import checkpoint
-
-    candidates = [POLICY_DIR / f"{info.name}.pt"] + sorted(POLICY_DIR.glob("*.pt"))
-    for path in candidates:
-        if not path.is_file():
-            continue
-        try:
-            ck = checkpoint.read(path)
-        except Exception:  # noqa: BLE001 - a broken shipped file is simply not a match
-            continue
-        if info.same_model(ck.get("model", {})):
-            return path
-    return None
+from .checkpoint import shipped_policy  # noqa: E402  (re-exported)
 
 
 class _State:

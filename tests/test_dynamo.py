@@ -84,7 +84,7 @@ def half(tmp_path_factory):
     ids = prompt()
     dense = generate(model, ids)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dynamo, "POLICY_DIR", path.parent)
+        mp.setattr(checkpoint, "POLICY_DIR", path.parent)   # where shipped policies are looked up
         model.compile(backend="solm", options=HALF)
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
