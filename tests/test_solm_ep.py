@@ -12,6 +12,7 @@ import ctypes
 import math
 import os
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -75,6 +76,22 @@ def _session(model, threads=1, **ep_kwargs):
 def _close(got, want):
     want = np.asarray(want)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * max(1.0, float(np.abs(want).max())))
+
+
+def _close_quantized(got, want, unquantized, bits):
+    """Like ``_close``, but an element whose unquantised value lies on a rounding boundary (within float noise of
+    k+½ steps) may land one quantisation step either side: the kernel's and the reference's matmuls sum in different
+    orders. Every other element must match; a flipped element must differ by exactly one step."""
+    got, want, unq = (np.asarray(a, np.float64) for a in (got, want, unquantized))
+    ok = np.isclose(got, want, rtol=RTOL, atol=RTOL * max(1.0, float(np.abs(want).max())))
+    for b in np.ndindex(*got.shape[:-1]):
+        if ok[b].all() or bits[b[0]] >= 16:
+            continue
+        step = np.abs(unq[b]).max() / (2 ** (int(bits[b[0]]) - 1) - 1)
+        bad = ~ok[b]
+        on_boundary = np.abs(np.abs(unq[b][bad] / step) % 1 - 0.5) < 1e-3
+        one_step = np.isclose(np.abs(got[b][bad] - want[b][bad]), step, rtol=1e-3)
+        assert on_boundary.all() and one_step.all(), f"row {b}: {bad.sum()} elements off the reference"
 
 
 def _stats(lib):
@@ -289,6 +306,10 @@ def _mlp_model(weights, act, as_initializers=True):
     return _model("SparseMLP", ins, ["y"], {"act": act}, inits)
 
 
+def _close_mlp(y, x, w, rho, bits, act):
+    _close_quantized(y, _mlp_ref(x, w, rho, bits, act), _mlp_ref(x, w, rho, np.full_like(bits, 16.0), act), bits)
+
+
 def _mlp_ref(x, w, rho, bits, act):
     t = lambda n: torch.from_numpy(w[n]) if n in w else None  # noqa: E731
     return ref.sparse_mlp_ref(torch.from_numpy(x), t("w_gate"), t("b_gate"), t("w_up"), t("b_up"), t("w_down"),
@@ -299,7 +320,7 @@ def _mlp_ref(x, w, rho, bits, act):
 @pytest.mark.parametrize("biases", [False, True])
 @pytest.mark.parametrize("T", [1, 3])
 def test_sparse_mlp_matches_reference(lib, gated, act, biases, T):
-    rng = np.random.default_rng(hash((gated, act, biases, T)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((gated, act, biases, T)).encode()))  # same data in every process
     B, D, I = 3, 48, 300  # I spans two column chunks (256 + 44)
     w = _mlp_weights(rng, D, I, gated, biases)
     x = rng.standard_normal((B, T, D), dtype=np.float32)
@@ -308,7 +329,7 @@ def test_sparse_mlp_matches_reference(lib, gated, act, biases, T):
     sess = _session(_mlp_model(w, act))
     y = sess.run(None, {"x": x, "rho": rho, "bits": bits})[0]
     assert y.shape == (B, T, D)
-    _close(y, _mlp_ref(x, w, rho, bits, act))
+    _close_mlp(y, x, w, rho, bits, act)
 
 
 @pytest.mark.parametrize("rho", [1.0, 0.5, 0.1])
@@ -320,7 +341,7 @@ def test_sparse_mlp_each_rho_bits(lib, rho, bits):
     x = rng.standard_normal((B, T, D), dtype=np.float32)
     r, b = np.full(B, rho, np.float32), np.full(B, bits, np.float32)
     y = _session(_mlp_model(w, "silu")).run(None, {"x": x, "rho": r, "bits": b})[0]
-    _close(y, _mlp_ref(x, w, r, b, "silu"))
+    _close_mlp(y, x, w, r, b, "silu")
 
 
 def test_sparse_mlp_topk_ties_and_many_tokens(lib):
@@ -331,7 +352,7 @@ def test_sparse_mlp_topk_ties_and_many_tokens(lib):
     x = np.round(rng.standard_normal((B, T, D)) * 2).astype(np.float32) / 2  # many equal magnitudes
     rho, bits = np.array([0.3, 0.25], np.float32), np.array([16, 6], np.float32)
     y = _session(_mlp_model(w, "silu")).run(None, {"x": x, "rho": rho, "bits": bits})[0]
-    _close(y, _mlp_ref(x, w, rho, bits, "silu"))
+    _close_mlp(y, x, w, rho, bits, "silu")
 
 
 def test_sparse_mlp_dense_block_equals_token_by_token(lib):
@@ -344,7 +365,7 @@ def test_sparse_mlp_dense_block_equals_token_by_token(lib):
     rho, bits = np.ones(B, np.float32), np.full(B, 16, np.float32)
     sess = _session(_mlp_model(w, "gelu_tanh"))
     y = sess.run(None, {"x": x, "rho": rho, "bits": bits})[0]
-    _close(y, _mlp_ref(x, w, rho, bits, "gelu_tanh"))
+    _close_mlp(y, x, w, rho, bits, "gelu_tanh")
     for t in range(T):
         yt = sess.run(None, {"x": x[:, t:t + 1], "rho": rho, "bits": bits})[0]
         np.testing.assert_array_equal(y[:, t:t + 1], yt)
@@ -358,7 +379,7 @@ def test_sparse_mlp_weights_as_graph_inputs(lib):
     rho, bits = np.array([0.5, 1.0], np.float32), np.array([8, 16], np.float32)
     sess = _session(_mlp_model(w, "gelu", as_initializers=False))
     y = sess.run(None, {"x": x, "rho": rho, "bits": bits, **w})[0]
-    _close(y, _mlp_ref(x, w, rho, bits, "gelu"))
+    _close_mlp(y, x, w, rho, bits, "gelu")
 
 
 def test_sparse_mlp_per_row_equals_separate_runs_and_threads(lib):
