@@ -48,27 +48,49 @@ def test_dense_budget_artifact_equals_hf_generate(smollm2_artifacts):
     assert got.tokens == want
 
 
-@pytest.mark.xfail(reason="known gap: torch, portable ONNX and SolmEP sum Quest page scores in different orders; "
-                          "a near-tie page flip makes SmolLM2's half-budget decodes diverge within 15–32 steps",
-                   strict=False)
-def test_half_budget_artifact_equals_torch_graph(smollm2_artifacts):
-    """The artifact (SolmEP and portable) against the torch gated graph with the same policy.
+@pytest.mark.parametrize("kind", ["solm", "portable"])
+def test_half_budget_artifact_equals_torch_graph(smollm2_artifacts, kind):
+    """64 steps at a half budget: the artifact and the torch gated graph with the same policy, fed the same state
+    at every step, choose the same action and give logits within 1e-3 — except at steps where a decision sat within
+    float noise of its boundary, and each of those must be reproduced exactly by taking the near-boundary
+    decisions the other way in torch (tests/lockstep.py explains why and how). (Carrying the cache and policy state
+    across runs is held to torch free-running by the dense test above and, through two episode boundaries, by the
+    tiny-model tests in test_artifact.py.)"""
+    from lockstep import lockstep, probe_copy
 
-    Torch, the portable ONNX ops and SolmEP sum Quest page scores in different orders, so a near-tie between two
-    page scores can flip a page and, later, a token. On SmolLM2 at this budget the first flip shows at step 15
-    (torch vs ORT) and step 32 (SolmEP vs portable), so the three are held to agree on the first 15 steps — a known
-    gap against the issue's 64 (see the notes: make the score order identical everywhere).
-    """
-    from solm_compile.artifact_step import decode_torch
     from solm_compile.runtime.session import SolmSession
 
     loaded, lm, policy, arts = smollm2_artifacts
-    budget, n = (0.5, 0.75, 8), 15
+    budget, n = (0.5, 0.75, 8), 64
     prompt = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    want = decode_torch(lm, policy, prompt, budget, n)
-    for kind in ("solm", "portable"):
-        got = list(SolmSession(arts[kind]).steps([prompt], budget, max_new_tokens=n))[1:]
-        assert [int(g["token"][0]) for g in got] == [w[0] for w in want], kind
-        assert [int(g["action"][0]) for g in got] == [w[1] for w in want], kind
-        worst = max(float(np.abs(g["logits"][0] - w[2]).max()) for g, w in zip(got, want))
-        assert worst <= 1e-3, (kind, worst)
+    path, names = probe_copy(arts[kind])
+    report = lockstep(lm, policy, SolmSession(path).sess, names, prompt, budget, n)
+    unexplained = [(t, r) for t, r in enumerate(report) if not r["agree"] and r["certificate"] is None]
+    assert not unexplained
+    assert sum(r["agree"] for r in report) >= 48, report     # boundary events are the exception
+    assert max(r["worst"] for r in report if r["agree"]) <= 1e-3
+    assert len({r["action"] for r in report}) > 3           # the policy really varies the work
+
+
+def test_lockstep_catches_a_semantic_difference(smollm2_artifacts, monkeypatch):
+    """The certificate is not a blanket excuse: with torch's quantiser off by one level (q_max = 2^(b−1) instead of
+    2^(b−1)−1) the differences at quantised steps are not explained by near-boundary flips."""
+    import torch
+    from lockstep import lockstep, probe_copy
+
+    from solm_compile import ops
+    from solm_compile.runtime.session import SolmSession
+
+    loaded, lm, policy, arts = smollm2_artifacts
+    prompt = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    path, names = probe_copy(arts["portable"])
+
+    def off_by_one(y, bits):
+        qmax = (2.0 ** (torch.round(bits) - 1)).view(-1, 1, 1)              # the spec says 2^(b−1) − 1
+        s = y.abs().amax(-1, keepdim=True) / qmax
+        yq = torch.clamp(torch.round(y / s), -qmax, qmax) * s
+        return torch.where((bits >= 16).view(-1, 1, 1), y, yq)
+
+    monkeypatch.setattr(ops, "fake_quant", off_by_one)
+    report = lockstep(lm, policy, SolmSession(path).sess, names, prompt, (0.5, 0.75, 8), 16)
+    assert any(not r["agree"] and r["certificate"] is None for r in report)
