@@ -70,6 +70,7 @@ class SolmSession:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.log_severity_level = 3   # errors only: the node-placement notice for shape ops is expected, not news
         if profile_prefix:  # onnxruntime's profiler (per-node times); self.sess.end_profiling() writes the JSON
             so.enable_profiling = True
             so.profile_file_prefix = str(profile_prefix)

@@ -23,7 +23,9 @@ ORDER = ("dense", "policy", "fixed", "random_median", "random_best", "emc", "dac
 def add_eval_parser(sub, common) -> None:
     from .data import MC_TASKS
 
-    p = sub.add_parser("eval", help="perplexity or accuracy of the policy against budget-matched baselines")
+    p = sub.add_parser("eval", help="perplexity or accuracy of the policy against budget-matched baselines",
+                       description="MODEL may also be a compiled artifact (.onnx): then its own policy is measured "
+                       "at the given budget against the same artifact at the dense budget (perplexity only)")
     common(p)
     p.add_argument("--policy", help="policy checkpoint (default: the shipped solm_compile/policies/<model>.pt)")
     p.add_argument("--data", default="persuasion", help=DATA_HELP)
@@ -159,6 +161,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .gated import GatedLM
     from .report import shapes_from_gated
 
+    if str(args.model).endswith(".onnx"):
+        return _eval_artifact(args)
     t_start = time.perf_counter()
     targets, policy_path = _check_args(args)
     loaded, gated = _load_gated(args)
@@ -213,6 +217,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(sweep_markdown(result))
         print(f"wrote {out}.png, {out}.md, {out}.json")
+    return 0
+
+
+def _eval_artifact(args: argparse.Namespace) -> int:
+    from .config import Budget
+    from .errors import UserError
+    from .eval_artifact import evaluate_artifact, format_artifact_eval
+
+    for flag, bad in (("--sweep", args.sweep), ("--task", args.task), ("--policy", args.policy)):
+        if bad:
+            raise UserError(f"{flag} does not apply to an artifact ({args.model}): its policy is compiled in and "
+                            f"it is evaluated for perplexity at one budget; evaluate the model for that")
+    for name, lo in (("blocks", 1), ("ctx", 1), ("T", 1), ("batch_rows", 1)):
+        if getattr(args, name) < lo:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    given = [v is not None for v in (args.attn_keep, args.mlp_keep, args.bits)]
+    if any(given) and not all(given):
+        raise UserError("give all of --attn-keep, --mlp-keep and --bits (or none: the dense budget)")
+    budget = (1.0, 1.0, 16.0)
+    if all(given):
+        b = Budget(attn_keep=args.attn_keep, mlp_keep=args.mlp_keep, bits=args.bits)
+        budget = (b.attn_keep, b.mlp_keep, b.bits)
+    if args.data not in ("persuasion", "lambada") and not Path(args.data).is_file():
+        raise UserError(f"--data {args.data}: not 'persuasion', 'lambada' or an existing text file")
+    r = evaluate_artifact(Path(args.model), _texts(args.data), budget, ctx=args.ctx, T=args.T, blocks=args.blocks,
+                          seed=args.seed, batch_rows=args.batch_rows)
+    print(json.dumps({"data": args.data, **r}, indent=2) if args.json else format_artifact_eval(r))
     return 0
 
 

@@ -172,3 +172,47 @@ def test_solm_artifact_on_solm_ep_equals_portable(built, tmp_path):
         a = s.generate(PROMPT, 20, budget=budget, greedy=True)
         b = SolmSession(built["arts"]["portable"]).generate(PROMPT, 20, budget=budget, greedy=True)
         assert a.tokens == b.tokens and a.actions == b.actions, budget
+
+
+def _word_text(n: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(f"w{int(i)}" for i in rng.integers(1, VOCAB, n))
+
+
+def test_eval_artifact_equals_torch_evaluator(built, capsys, tmp_path):
+    """`solm eval ARTIFACT`: the artifact's policy perplexity and usage equal the torch evaluator's on the same
+    blocks (same policy, same gated graph), and its dense number equals the dense method's."""
+    from solm_compile import data
+    from solm_compile.evaluate import PPLEvaluator
+
+    text = tmp_path / "words.txt"
+    text.write_text(_word_text(3000, 3))
+    ctx, T, n = 24, 16, 6      # T = the artifact's episode, so the policy's step-fraction feature is the same
+    code = cli.main(["eval", str(built["arts"]["portable"]), "--data", str(text), "--attn-keep", "0.5",
+                     "--mlp-keep", "0.75", "--bits", "8", "--ctx", str(ctx), "--T", str(T), "--blocks", str(n),
+                     "--batch-rows", "4", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    r = json.loads(out)
+    blocks = data.token_blocks(built["loaded"].tokenizer, [text.read_text()], ctx + T + 1, n, seed=0)
+    lp = built["policy"]
+    ev = PPLEvaluator(built["lm"], lp.policy, lp.grid, blocks, ctx=ctx, T=T, methods=("dense", "policy"))
+    want = ev.run((0.5, 0.75, 8 / 16))["methods"]
+    assert r["blocks"] == n and r["tokens"] == n * T
+    assert r["nll"] == pytest.approx(want["policy"]["nll"], abs=1e-4)
+    assert r["dense"]["nll"] == pytest.approx(want["dense"]["nll"], abs=1e-4)
+    assert r["nll"] != pytest.approx(r["dense"]["nll"], abs=1e-4)      # the budget really changed the work
+    assert sum(r["actions"].values()) == n * T
+    for k in ("attn_keep", "mlp_keep", "bits"):
+        assert r["usage"][k] == pytest.approx(want["policy"]["usage"][k], abs=1e-6), k
+
+
+def test_eval_artifact_errors(built, capsys, tmp_path):
+    art = str(built["arts"]["portable"])
+    one_line_error(capsys, ["eval", art, "--sweep", "--out", str(tmp_path / "x")], "--sweep", "artifact")
+    one_line_error(capsys, ["eval", art, "--policy", "p.pt"], "--policy")
+    one_line_error(capsys, ["eval", art, "--attn-keep", "0.5"], "--mlp-keep")
+    one_line_error(capsys, ["eval", art, "--attn-keep", "0.5", "--mlp-keep", "0.5", "--bits", "40"], "--bits")
+    one_line_error(capsys, ["eval", art, "--data", str(tmp_path / "missing.txt")], "--data")
+    one_line_error(capsys, ["eval", str(built["arts"]["dense"]), "--attn-keep", "0.5", "--mlp-keep", "0.5",
+                            "--bits", "8", "--data", __file__], "dense artifact")
