@@ -23,7 +23,7 @@ from . import ep_build
 
 EP_NAME = "SolmEP"
 MIN_ORT = (1, 24)  # the plugin-EP API level the library asks for
-NOT_BUILT = ("SolmEP is not built: running the portable path; build it with "
+NOT_BUILT = ("SolmEP is not built, so only portable artifacts run here; build it with "
              "`python -m solm_compile.runtime.ep_build` (needs g++ and npm)")
 
 _lock = threading.Lock()
@@ -88,16 +88,16 @@ def register(ort: Any = None, path: str | Path | None = None) -> bool:
             return False
         if _ort_version(ort) < MIN_ORT or not hasattr(ort, "register_execution_provider_library"):
             _warn_once(f"SolmEP needs onnxruntime >= {MIN_ORT[0]}.{MIN_ORT[1]} (found "
-                       f"{getattr(ort, '__version__', '?')}): running the portable path")
+                       f"{getattr(ort, '__version__', '?')}): only portable artifacts run here")
             return False
         try:
             ort.register_execution_provider_library(EP_NAME, str(lib))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises plain RuntimeError/Fail types
             if "already" not in str(e).lower():
-                _warn_once(f"SolmEP could not be registered from {lib}: {e}; running the portable path")
+                _warn_once(f"SolmEP could not be registered from {lib}: {e}; only portable artifacts run here")
                 return False
         if not any(d.ep_name == EP_NAME for d in ort.get_ep_devices()):
-            _warn_once(f"SolmEP registered from {lib} but offers no device; running the portable path")
+            _warn_once(f"SolmEP registered from {lib} but offers no device; only portable artifacts run here")
             return False
         _registered = lib
         return True

@@ -80,6 +80,10 @@ class SolmSession:
 
             so = ep.session_options_with_ep(so, ort=ort, provider_options=ep_options)
             self.ep_active = ep.is_registered()
+            if not self.ep_active:
+                raise UserError(f"{self.path}: a {self.kind} artifact runs its ai.solm ops on SolmEP, which is not "
+                                f"available here (build it with `python -m solm_compile.runtime.ep_build`), or "
+                                f"compile the model with --portable")
         try:
             self.sess = ort.InferenceSession(str(self.path), so, providers=providers)
         except Exception as e:  # noqa: BLE001

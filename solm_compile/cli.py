@@ -150,6 +150,8 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", category=RuntimeWarning, module=r"solm_compile\.")   # ours: e.g. no SolmEP
+    warnings.formatwarning = lambda message, category, *_, **__: f"warning: {message}\n"
     for name in ("transformers", "torch", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:

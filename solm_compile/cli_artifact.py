@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
 
 def resolve_policy(arg: str | None, info):
     """Load --policy, or the shipped one; a one-line error saying how to train one if there is none."""
@@ -31,6 +35,9 @@ def add_artifact_parsers(sub, common) -> None:
     kind.add_argument("--dense", action="store_true", help="the original model, ungated (the benchmark baseline)")
     kind.add_argument("--fixed", action="store_true",
                       help="no policy: the gated graph with attn_keep/mlp_keep/bits as inputs (kernel benchmarks)")
+    kind.add_argument("--custom-ops", action="store_true",
+                      help="the ai.solm artifact even where SolmEP is not available (to deploy elsewhere); by "
+                      "default a machine without SolmEP gets the portable artifact, with a warning")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", help="generate with an artifact")
@@ -63,6 +70,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     loaded, gated = _load_gated(args)
     lm = GatedLM(gated, _kv_shape_from_graph(loaded))
     kind = "dense" if args.dense else "fixed" if args.fixed else "portable" if args.portable else "solm"
+    if kind == "solm" and not args.custom_ops:
+        import warnings
+
+        from .runtime import ep
+
+        with warnings.catch_warnings(record=True) as why:
+            warnings.simplefilter("always")
+            available = ep.register()
+        if not available:   # one warning: why, and what was written instead
+            reason = str(why[0].message) if why else "SolmEP is not available"
+            log.warning("%s; writing the portable artifact instead (same semantics in standard ONNX ops; "
+                        "--custom-ops writes the ai.solm one anyway)", reason)
+            kind = "portable"
     policy = None if kind in ("dense", "fixed") else resolve_policy(args.policy, loaded.info)
     path = write_artifact(lm, out, kind, policy, tokenizer=loaded.tokenizer)
     print(f"wrote {path} ({kind}, {path.stat().st_size / 1e6:.1f} MB; gated {gated.count('attention')} attention "

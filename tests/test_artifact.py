@@ -216,3 +216,36 @@ def test_eval_artifact_errors(built, capsys, tmp_path):
     one_line_error(capsys, ["eval", art, "--data", str(tmp_path / "missing.txt")], "--data")
     one_line_error(capsys, ["eval", str(built["arts"]["dense"]), "--attn-keep", "0.5", "--mlp-keep", "0.5",
                             "--bits", "8", "--data", __file__], "dense artifact")
+
+
+def test_without_solm_ep(capsys, tmp_path, monkeypatch):
+    """No SolmEP here: `solm compile` writes the portable artifact with one warning saying why and how to get the
+    provider; --custom-ops still writes the ai.solm artifact, and running that one is a one-line error."""
+    from test_evaluate import _tiny_model_dir
+
+    from solm_compile.config import GateConfig
+
+    model_dir = _tiny_model_dir(tmp_path)
+    info = models.load(str(model_dir)).info
+    grid = ActionGrid()
+    policy = RecurrentActorCriticPolicy(info.hidden_size, grid.num_actions, PolicyConfig(d_model=32, max_steps=32))
+    checkpoint.save(tmp_path / "p.pt", checkpoint.policy_payload(policy.eval(), grid, GateConfig(),
+                                                                 checkpoint.model_identity(info),
+                                                                 {"policy": policy.cfg.to_dict()}))
+    monkeypatch.setattr(ep, "_registered", None)
+    monkeypatch.setattr(ep, "_warned", False)
+    monkeypatch.setattr(ep, "library_path", lambda: None)
+    out = tmp_path / "m.solm.onnx"
+    capsys.readouterr()
+    code = cli.main(["compile", str(model_dir), "--out", str(out), "--policy", str(tmp_path / "p.pt")])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert len(err.strip().splitlines()) == 1 and "SolmEP is not built" in err and "ep_build" in err \
+        and "portable" in err, err
+    s = SolmSession(out)
+    assert s.kind == "portable" and len(s.generate("abc", 3, budget=(0.5, 0.75, 8)).tokens) == 3
+    custom = tmp_path / "c.solm.onnx"
+    assert cli.main(["compile", str(model_dir), "--out", str(custom), "--policy", str(tmp_path / "p.pt"),
+                     "--custom-ops"]) == 0
+    capsys.readouterr()
+    one_line_error(capsys, ["run", str(custom), "--prompt", "abc"], "c.solm.onnx", "SolmEP", "--portable")

@@ -48,22 +48,30 @@ def test_dense_budget_artifact_equals_hf_generate(smollm2_artifacts):
     assert got.tokens == want
 
 
+@pytest.fixture(scope="module")
+def probes(smollm2_artifacts):
+    from lockstep import probe_copy
+
+    return {kind: probe_copy(path) for kind, path in smollm2_artifacts[3].items()}
+
+
+@pytest.mark.parametrize("budget", [(0.5, 0.75, 8), (0.7, 0.7, 16), (0.5, 0.5, 16), (0.3, 0.3, 16)])
 @pytest.mark.parametrize("kind", ["solm", "portable"])
-def test_half_budget_artifact_equals_torch_graph(smollm2_artifacts, kind):
-    """64 steps at a half budget: the artifact and the torch gated graph with the same policy, fed the same state
+def test_sparse_budget_artifact_equals_torch_graph(smollm2_artifacts, probes, kind, budget):
+    """64 steps at sparse budgets: the artifact and the torch gated graph with the same policy, fed the same state
     at every step, choose the same action and give logits within 1e-3 — except at steps where a decision sat within
     float noise of its boundary, and each of those must be reproduced exactly by taking the near-boundary
     decisions the other way in torch (tests/lockstep.py explains why and how). (Carrying the cache and policy state
     across runs is held to torch free-running by the dense test above and, through two episode boundaries, by the
     tiny-model tests in test_artifact.py.)"""
-    from lockstep import lockstep, probe_copy
+    from lockstep import lockstep
 
     from solm_compile.runtime.session import SolmSession
 
     loaded, lm, policy, arts = smollm2_artifacts
-    budget, n = (0.5, 0.75, 8), 64
+    n = 64
     prompt = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    path, names = probe_copy(arts[kind])
+    path, names = probes[kind]
     report = lockstep(lm, policy, SolmSession(path).sess, names, prompt, budget, n)
     unexplained = [(t, r) for t, r in enumerate(report) if not r["agree"] and r["certificate"] is None]
     assert not unexplained
@@ -72,18 +80,18 @@ def test_half_budget_artifact_equals_torch_graph(smollm2_artifacts, kind):
     assert len({r["action"] for r in report}) > 3           # the policy really varies the work
 
 
-def test_lockstep_catches_a_semantic_difference(smollm2_artifacts, monkeypatch):
+def test_lockstep_catches_a_semantic_difference(smollm2_artifacts, probes, monkeypatch):
     """The certificate is not a blanket excuse: with torch's quantiser off by one level (q_max = 2^(b−1) instead of
     2^(b−1)−1) the differences at quantised steps are not explained by near-boundary flips."""
     import torch
-    from lockstep import lockstep, probe_copy
+    from lockstep import lockstep
 
     from solm_compile import ops
     from solm_compile.runtime.session import SolmSession
 
     loaded, lm, policy, arts = smollm2_artifacts
     prompt = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    path, names = probe_copy(arts["portable"])
+    path, names = probes["portable"]
 
     def off_by_one(y, bits):
         qmax = (2.0 ** (torch.round(bits) - 1)).view(-1, 1, 1)              # the spec says 2^(b−1) − 1
