@@ -666,6 +666,9 @@ def add_bench_parser(sub, common) -> None:
     p.add_argument("--per-kv-head", action="store_true",
                    help="also time the fixed artifact with SolmEP choosing pages once per KV head (a coarser "
                         "selection than the reference; diagnostic row fixed_kvhead)")
+    p.add_argument("--backend", choices=("onnxruntime", "torch", "both"), default="onnxruntime",
+                   help="onnxruntime: the artifacts (default); torch: torch.compile(backend='solm') at the dense and "
+                        "the given budget against torch.compile(backend='inductor'); both: all rows")
     p.add_argument("--profile-policy", action=argparse.BooleanOptionalAction, default=d.profile_policy,
                    help="one profiled pass of the solm artifact for the policy's share of node time (default on)")
     p.set_defaults(fn=cmd_bench)
@@ -686,8 +689,14 @@ def cmd_bench(args) -> int:
     cfg = config_from_args(args)
     gate = dataclass_from_args(GateConfig, args)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else (lambda s: None)
-    bench = prepare(args.model, cfg, args.policy, gate=gate, trust_pickle=args.trust_pickle, say=say)
-    rows = run_all(bench)
+    rows = []
+    if args.backend in ("onnxruntime", "both"):
+        bench = prepare(args.model, cfg, args.policy, gate=gate, trust_pickle=args.trust_pickle, say=say)
+        rows += run_all(bench)
+    if args.backend in ("torch", "both"):
+        from .bench_torch import run_torch
+
+        rows += run_torch(args.model, cfg, args.policy, gate=gate, trust_pickle=args.trust_pickle, say=say)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:

@@ -111,3 +111,35 @@ def test_bench_cli_errors(capsys):
     assert "--attn-keep" in capsys.readouterr().err
     assert cli.main(["bench", "smollm2", "--variants", "dense,nope"]) == 2
     assert "--variants" in capsys.readouterr().err
+
+
+def test_torch_backend_rows(cache):
+    """`solm bench --backend torch`: inductor dense, solm at the dense budget and solm at the budget, one row each,
+    with the solm rows' usage taken from the backend's own controller."""
+    from solm_compile.bench_torch import torch_rows
+    from solm_compile.report import shapes_from_gated
+
+    loaded = models._from_hf(_tiny_hf(), None, name="tiny", source="<test>")
+    lm = GatedLM.from_loaded(loaded)
+    cfg = bench.BenchConfig(contexts=(24,), threads=(1,), reps=3, steps=4, warmup=1, attn_keep=0.5, mlp_keep=0.5)
+    ids = torch.randint(1, 160, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = torch_rows(loaded, cfg, bench.CostTable(shapes_from_gated(lm.model), lm.gate), ids,
+                      bench.random_policy(lm))
+    json.dumps(rows)
+    assert [(r["variant"], r["mode"]) for r in rows] == [("inductor", "dense"), ("torch-solm", "dense_budget"),
+                                                         ("torch-solm", "budget")]
+    for r in rows:
+        assert set(bench.ROW_KEYS) <= set(r) and r["tok_s"] > 0 and len(r["step_ms_reps"]) == 3
+    assert rows[0]["ratio"] == 1.0
+    assert rows[1]["usage"] == {"attn_keep": 1.0, "mlp_keep": 1.0, "bits": 16.0}
+    u = rows[2]["usage"]
+    assert u["attn_keep"] < 1 or u["mlp_keep"] < 1 or u["bits"] < 16      # the policy pruned somewhere
+    assert rows[2]["ideal_ratio"] > 1.0
+
+
+def _tiny_hf():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
