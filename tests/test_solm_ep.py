@@ -568,3 +568,32 @@ def test_ten_thousand_decode_steps_hold_resident_memory(lib, tiny_artifacts):
         samples.append(_rss_mb())
     assert steps == 10_000
     assert max(samples) - base < 8.0, (base, samples[::10])          # a leak of 1 KiB per step would be ~10 MB
+
+
+def test_four_threads_on_one_solm_ep_session(lib, tiny_artifacts):
+    """Four Python threads decoding at once through one SolmEP session (2 intra-op threads) get the identical
+    steps a lone run gets: the kernels' scratch is per thread and the session keeps no decode state."""
+    import threading
+
+    from solm_compile.runtime.session import SolmSession
+
+    s = SolmSession(tiny_artifacts["solm"], tokenizer=False, threads=2)
+    prompt = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+
+    def run():
+        return [(st["logits"], st["action"]) for st in s.steps(prompt, budget=(0.4, 0.5, 8), max_new_tokens=24)]
+
+    alone = run()
+    results = [None] * 4
+
+    def work(i):
+        results[i] = run()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for r in results:
+        assert len(r) == len(alone)
+        for (lg, a), (lg0, a0) in zip(r, alone):
+            np.testing.assert_array_equal(lg, lg0)
+            assert (a is None and a0 is None) or np.array_equal(a, a0)
