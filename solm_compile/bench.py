@@ -52,12 +52,9 @@ count; later thread counts reuse freed pages, so their growth would read low; it
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import logging
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +62,7 @@ from typing import Callable
 
 import numpy as np
 
+from .bench_artifacts import ensure_artifacts, random_policy
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -89,8 +87,6 @@ ROW_KEYS = ("context", "threads", "variant", "mode", "kind", "provider", "tok_s"
             "pct_of_ideal", "model_gb_s", "usage", "policy_ms", "policy_pct", "policy_profile_ms",
             "policy_profile_pct", "rss_mb", "process_rss_mb", "reps", "steps",
             "step_ms_reps")
-# Sources whose edits change what an artifact contains (part of the cache key).
-_EXPORT_SOURCES = ("artifact.py", "artifact_step.py", "onnx_ops.py", "ops.py", "export.py", "gated.py", "policy.py")
 
 
 @dataclass(frozen=True)
@@ -149,96 +145,6 @@ class BenchConfig:
 
     def kinds(self) -> list[str]:
         return sorted({SESSIONS[s][0] for s in self.sessions()})
-
-
-# ---------------------------------------------------------------------------------------------- artifacts
-
-
-def bench_dir(info) -> Path:
-    from .assets import cache_dir
-
-    return cache_dir() / "bench" / f"{_safe(info.name)}-{info.weights_hash}"
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60] or "model"
-
-
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def export_code_hash() -> str:
-    """Hash of the sources that decide what an artifact contains (so editing the exporter invalidates the cache)."""
-    from . import __version__
-
-    here = Path(__file__).resolve().parent
-    h = hashlib.sha256(__version__.encode())
-    for name in _EXPORT_SOURCES:
-        p = here / name
-        if p.is_file():
-            h.update(name.encode() + b"\0" + p.read_bytes())
-    try:
-        from . import passes
-
-        for p in sorted(Path(passes.__file__).resolve().parent.glob("*.py")):
-            h.update(p.name.encode() + b"\0" + p.read_bytes())
-    except ImportError:  # pragma: no cover - passes always ships with the package
-        pass
-    return h.hexdigest()[:16]
-
-
-def artifact_key(info, gate, kind: str, policy_path: Path | None) -> str:
-    from .checkpoint import model_identity
-
-    payload = {"model": model_identity(info), "gate": gate.to_dict(), "kind": kind, "code": export_code_hash(),
-               "policy": _file_hash(policy_path) if policy_path is not None and kind in ("solm", "portable") else None}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def random_policy(lm, seed: int = 0) -> Path:
-    """A random-init policy checkpoint for ``lm`` (timing only: its decisions are arbitrary), cached by seed."""
-    import torch
-
-    from . import checkpoint
-    from .policy import RecurrentActorCriticPolicy
-    from .train import TrainConfig
-
-    path = bench_dir(lm.info) / f"random-policy-s{seed}.pt"
-    if path.is_file():
-        return path
-    cfg = TrainConfig()
-    torch.manual_seed(seed)
-    policy = RecurrentActorCriticPolicy(lm.info.hidden_size, cfg.grid.num_actions, cfg.policy).eval()
-    checkpoint.save(path, checkpoint.policy_payload(policy, cfg.grid, lm.gate, checkpoint.model_identity(lm.info),
-                                                    cfg.to_dict()))
-    return path
-
-
-def ensure_artifacts(lm, kinds, policy_path: Path | None, say: Callable[[str], None] = lambda s: None) -> dict:
-    """kind -> path of the cached artifact, compiling the missing ones."""
-    from .artifact import write_artifact
-    from .checkpoint import load_policy
-
-    d = bench_dir(lm.info)
-    d.mkdir(parents=True, exist_ok=True)
-    loaded_policy = None
-    out = {}
-    for kind in kinds:
-        needs_policy = kind in ("solm", "portable")
-        if needs_policy and policy_path is None:
-            raise UserError("the solm and portable variants need a policy: pass --policy POLICY.pt, or "
-                            "--policy random (a random-init policy: timing only)")
-        path = d / f"{kind}-{artifact_key(lm.info, lm.gate, kind, policy_path if needs_policy else None)}.onnx"
-        if not path.is_file():
-            if needs_policy and loaded_policy is None:
-                loaded_policy = load_policy(policy_path, lm.info)
-            say(f"compiling the {kind} artifact -> {path}")
-            t0 = time.perf_counter()
-            write_artifact(lm, path, kind, loaded_policy if needs_policy else None)
-            say(f"  {kind}: {time.perf_counter() - t0:.0f} s")
-        out[kind] = path
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- measurement
@@ -562,7 +468,6 @@ def prepare(model: str, cfg: BenchConfig, policy: str | None = None, gate=None, 
     """Load MODEL, compile (or reuse) its artifacts and set up a ``Bench``."""
     from .gated import GatedLM, _kv_shape_from_graph, compile_gated
     from .models import load
-    from .report import shapes_from_gated
 
     t0 = time.perf_counter()
     loaded = load(model, trust_pickle=trust_pickle)
@@ -630,75 +535,3 @@ def format_table(rows: list[dict], header: bool = True) -> str:
                  "" if r["rss_mb"] is None else f"{r['rss_mb']:.0f}"]
         lines.append(" ".join(f"{c:>11}" if i > 3 else f"{c:<12}" for i, c in enumerate(cells)))
     return "\n".join(lines)
-
-
-def _int_list(flag: str):
-    def parse(s: str) -> tuple[int, ...]:
-        try:
-            vals = tuple(int(x) for x in s.split(",") if x.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {s!r}") from None
-        if not vals:
-            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {s!r}")
-        return vals
-    return parse
-
-
-def add_bench_parser(sub, common) -> None:
-    p = sub.add_parser("bench", help="decode tok/s of the dense, solm and portable artifacts (one process)")
-    common(p)
-    d = BenchConfig()
-    p.add_argument("--context", type=_int_list("--context"), default=d.contexts,
-                   help="KV lengths to decode from, comma-separated (default 256,1024,2048)")
-    p.add_argument("--threads", type=_int_list("--threads"), default=d.threads,
-                   help="intra-op thread counts, comma-separated (default 1,2)")
-    p.add_argument("--attn-keep", type=float, default=d.attn_keep, help="attention keep κ̄ (default 0.5)")
-    p.add_argument("--mlp-keep", type=float, default=d.mlp_keep, help="MLP keep ρ̄ (default 0.5)")
-    p.add_argument("--bits", type=float, default=d.bits, help="bits b̄ (default 16)")
-    p.add_argument("--reps", type=int, default=d.reps, help="timed repetitions per mode (default 5); medians")
-    p.add_argument("--steps", type=int, default=d.steps, help="decode steps per repetition (default 32)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed decode steps per mode first (default 4)")
-    p.add_argument("--policy", help="policy checkpoint for the solm/portable artifacts (default: the shipped one); "
-                                    "'random' = a random-init policy (timing only)")
-    p.add_argument("--variants", default=",".join(d.variants),
-                   help=f"comma-separated subset of {','.join(VARIANT_KINDS)} (dense always runs; "
-                        "solm+fixed adds the replay row that isolates the policy's cost)")
-    p.add_argument("--per-kv-head", action="store_true",
-                   help="also time the fixed artifact with SolmEP choosing pages once per KV head (a coarser "
-                        "selection than the reference; diagnostic row fixed_kvhead)")
-    p.add_argument("--backend", choices=("onnxruntime", "torch", "both"), default="onnxruntime",
-                   help="onnxruntime: the artifacts (default); torch: torch.compile(backend='solm') at the dense and "
-                        "the given budget against torch.compile(backend='inductor'); both: all rows")
-    p.add_argument("--profile-policy", action=argparse.BooleanOptionalAction, default=d.profile_policy,
-                   help="one profiled pass of the solm artifact for the policy's share of node time (default on)")
-    p.set_defaults(fn=cmd_bench)
-
-
-def config_from_args(args) -> BenchConfig:
-    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    return BenchConfig(contexts=tuple(args.context), threads=tuple(args.threads), attn_keep=args.attn_keep,
-                       mlp_keep=args.mlp_keep, bits=args.bits, reps=args.reps, steps=args.steps,
-                       warmup=args.warmup, variants=variants, per_kv_head=args.per_kv_head,
-                       profile_policy=args.profile_policy)
-
-
-def cmd_bench(args) -> int:
-    from .cli import dataclass_from_args
-    from .config import GateConfig
-
-    cfg = config_from_args(args)
-    gate = dataclass_from_args(GateConfig, args)
-    say = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else (lambda s: None)
-    rows = []
-    if args.backend in ("onnxruntime", "both"):
-        bench = prepare(args.model, cfg, args.policy, gate=gate, trust_pickle=args.trust_pickle, say=say)
-        rows += run_all(bench)
-    if args.backend in ("torch", "both"):
-        from .bench_torch import run_torch
-
-        rows += run_torch(args.model, cfg, args.policy, gate=gate, trust_pickle=args.trust_pickle, say=say)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(format_table(rows))
-    return 0

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_eval import add_eval_parser
 
     add_eval_parser(sub, _common)
-    from .bench import add_bench_parser
+    from .cli_bench import add_bench_parser
 
     add_bench_parser(sub, _common)
 
