@@ -180,42 +180,52 @@ def _replay(step, pol, flip, tok, pos, past, state, target):
         return step(tok, pos, tuple(past), *state, target), rec
 
 
-def _first_diff(torch_outs: list, ort_outs: list) -> int | None:
+def _diff(torch_outs: list, ort_outs: list) -> tuple[int, int]:
+    """(index of the first op whose output differs, how many of its elements differ); (n_ops, 0) if none."""
     for i, (a, b) in enumerate(zip(torch_outs, ort_outs)):
         b = b.reshape(a.shape)
-        if np.abs(a - b).max() > OP_TOL * max(1.0, float(np.abs(b).max())):
-            return i
-    return None
+        bad = np.abs(a - b) > OP_TOL * max(1.0, float(np.abs(b).max()))
+        if bad.any():
+            return i, int(bad.sum())
+    return len(torch_outs), 0
 
 
-def _explain(run, ort_outs: list, action, near: list, max_flips: int = 8) -> tuple | None:
+def _explain(run, ort_outs: list, action, near: list, max_flips: int = 8, reach: int = 4) -> tuple | None:
     """Flip near-boundary decisions, op by op in graph order, until the torch step's op outputs and action match
-    the artifact's. ``run(flips) -> (torch_out, Recorder)``. Returns the flips, or None if some differing op has
-    no near-boundary decision whose flip makes it agree."""
+    the artifact's. ``run(flips) -> (torch_out, Recorder)``. A flip is accepted when it moves the first differing
+    op later or leaves fewer differing elements in it (one op may hold several flips); it is looked for in that op
+    first, then in the ``reach`` ops before it (a flip too small to exceed
+    the tolerance where it happens shows a little later). Returns the flips, or None if nothing explains a
+    difference (``explain_failure`` says where)."""
     flips: list = []
     if action is not None:    # the policy chose differently: only a near-tie of its top two actions explains it
         pol = [c for c in near if c[0] == "policy"]
         if not pol:
+            _last_failure.update(op=-1, why="the actions differ and the policy's top two are not near-tied")
             return None
         flips.append(pol[0][:3])
-        _, rec = run(flips)
-        near = rec.near
     for _ in range(max_flips):
         o, rec = run(flips)
-        i = _first_diff(rec.outs, ort_outs)
-        if i is None:
+        i, n = _diff(rec.outs, ort_outs)
+        if i == len(rec.outs):
             return tuple(flips)
-        fixed = False
-        for c in [c for c in rec.near if c[3] == i and c[:3] not in flips]:
+        cands = sorted((c for c in rec.near if i - reach <= c[3] <= i and c[:3] not in flips), key=lambda c: -c[3])
+        for c in cands:
             _, r2 = run(flips + [c[:3]])
-            j = _first_diff(r2.outs, ort_outs)
-            if j is None or j > i:
+            j, m = _diff(r2.outs, ort_outs)
+            if j > i or (j == i and m < n):
                 flips.append(c[:3])
-                fixed = True
                 break
-        if not fixed:
+        else:
+            a, b = rec.outs[i], ort_outs[i].reshape(rec.outs[i].shape)
+            _last_failure.update(op=i, why=f"op {i} differs by {float(np.abs(a - b).max()):.3g} (max |x| "
+                                 f"{float(np.abs(b).max()):.3g}); near-boundary decisions in ops {i - reach}..{i}: "
+                                 f"{[c[:3] for c in cands][:8]}, flips so far {flips}")
             return None
     return None
+
+
+_last_failure: dict = {}
 
 
 def _distance(torch_out, ort_out, k: int) -> float:
@@ -259,12 +269,14 @@ def lockstep(lm, loaded_policy, sess, op_names: list[str], prompt_ids: list[int]
         worst = _distance(o, got, k)
         cert = None
         if worst > tol:
+            _last_failure.clear()
             diff_action = int(o[3 + k][0]) != int(got["action"][0])
             cert = _explain(run, [got[n] for n in op_names], got["action"] if diff_action else None, rec.near)
             if cert is not None and _distance(run(list(cert))[0], got, k) > tol:
+                _last_failure.update(why="op outputs agree after the flips but the logits do not")
                 cert = None
         report.append({"token": int(tok), "action": int(o[3 + k]), "agree": worst <= tol, "certificate": cert,
-                       "worst": worst})
+                       "worst": worst, "unexplained": None if worst <= tol or cert else _last_failure.get("why")})
         past, logits = list(o[1:1 + k]), o[0][:, -1]
         state = tuple(o[1 + k:8 + k])
         if (t + 1) % episode_len == 0:
