@@ -62,7 +62,7 @@ from typing import Callable
 
 import numpy as np
 
-from .bench_artifacts import ensure_artifacts, random_policy
+from .bench_artifacts import ensure_artifacts, policy_arg, random_policy  # noqa: F401 (random_policy: API)
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -484,13 +484,8 @@ def prepare_lm(lm, cfg: BenchConfig, policy: str | Path | None = None, tokenizer
     kinds = cfg.kinds()
     policy_path = None
     if any(k in ("solm", "portable") for k in kinds):
-        if policy == "random":
-            policy_path = random_policy(lm, cfg.seed)
-        elif policy:
-            policy_path = Path(policy)
-            if not policy_path.is_file():
-                raise UserError(f"--policy {policy}: no such file")
-        else:
+        policy_path = policy_arg(lm, policy, cfg.seed)
+        if policy_path is None:
             from .checkpoint import shipped_policy
 
             policy_path = shipped_policy(lm.info)

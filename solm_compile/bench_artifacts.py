@@ -79,6 +79,18 @@ def random_policy(lm, seed: int = 0) -> Path:
     return path
 
 
+def policy_arg(lm, policy: str | Path | None, seed: int = 0) -> Path | None:
+    """--policy as given: 'random' (a cached random-init policy), a checkpoint path (must exist), or None."""
+    if policy == "random":
+        return random_policy(lm, seed)
+    if not policy:
+        return None
+    path = Path(policy)
+    if not path.is_file():
+        raise UserError(f"--policy {policy}: no such file")
+    return path
+
+
 def ensure_artifacts(lm, kinds, policy_path: Path | None, say: Callable[[str], None] = lambda s: None) -> dict:
     """kind -> path of the cached artifact, compiling the missing ones."""
     from .artifact import write_artifact

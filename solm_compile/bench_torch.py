@@ -130,9 +130,9 @@ def _timed(loaded, cfg, cost, ids, policy, say) -> list[dict]:
 def run_torch(model: str, cfg, policy: str | None = None, gate=None, trust_pickle: bool = False,
               say: Callable[[str], None] = lambda s: None) -> list[dict]:
     """Load MODEL and time the torch rows (``solm bench --backend torch``)."""
-    from pathlib import Path
 
-    from .bench import CostTable, bench_tokens, random_policy
+    from .bench import CostTable, bench_tokens
+    from .bench_artifacts import policy_arg
     from .gated import GatedLM, _kv_shape_from_graph, compile_gated
     from .models import load
     from .report import shapes_from_gated
@@ -140,14 +140,7 @@ def run_torch(model: str, cfg, policy: str | None = None, gate=None, trust_pickl
     loaded = load(model, trust_pickle=trust_pickle)
     gated = compile_gated(loaded, gate)
     lm = GatedLM(gated, _kv_shape_from_graph(loaded))
-    if policy == "random":
-        policy_path = random_policy(lm, cfg.seed)
-    elif policy:
-        policy_path = Path(policy)
-        if not policy_path.is_file():
-            raise UserError(f"--policy {policy}: no such file")
-    else:
-        policy_path = None   # the backend finds the shipped one by the model's identity
+    policy_path = policy_arg(lm, policy, cfg.seed)   # None: the backend finds the shipped one by identity
     need = max(cfg.contexts) + cfg.warmup + cfg.reps * cfg.steps + 1
     ids, source = bench_tokens(loaded.tokenizer, need, lm.info.vocab_size, cfg.seed)
     say(f"tokens: {source}")
