@@ -28,6 +28,9 @@ def add_train_parser(sub, common) -> None:
             ("seed", int, 1234, "seed (same seed, same machine ⇒ same checkpoint)"),
             ("updates", int, 300, "PPO/GRPO updates"), ("checkpoint_every", int, 5, "updates between checkpoints"),
             ("buffer_decisions", int, 2048, "decisions per update"), ("lr", float, 1e-4, "AdamW learning rate"),
+            ("minibatch_decisions", int, 512, "decisions per minibatch"),
+            ("grad_accum", int, 0, "minibatches per AdamW step (0 = the whole buffer, as SOL)"),
+            ("ppo_epochs", int, 1, "passes over each buffer (1 = SOL; more reuse the costly CPU rollouts)"),
             ("d_model", int, 128, "policy width")):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=default, help=f"{help_} "
                        f"(default {default})")
@@ -65,7 +68,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(ctx=args.ctx, T=args.T, K=args.K, B=args.B, reward=args.reward, seed=args.seed,
                       updates=args.updates, checkpoint_every=args.checkpoint_every,
-                      buffer_decisions=args.buffer_decisions, lr=args.lr, policy=PolicyConfig(d_model=args.d_model))
+                      buffer_decisions=args.buffer_decisions, minibatch_decisions=args.minibatch_decisions,
+                      grad_accum=args.grad_accum, ppo_epochs=args.ppo_epochs, lr=args.lr,
+                      policy=PolicyConfig(d_model=args.d_model))
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: directory {out.parent} does not exist")

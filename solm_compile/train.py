@@ -6,8 +6,9 @@ One update::
         B blocks [ctx + T + 1] -> targets C ~ U[grid minima, 1] per sequence
         dense prefill of ctx tokens -> tile K -> T teacher-forced controlled steps, actions ~ pi(.)/tau
         rewards r_t (log p(true) or -KL(dense || sparse)) -> G_t (gamma) - budget penalty -> process advantages
-    one pass over the buffer in minibatches: re-run forward_sequence at tau, clipped-ratio loss - c_H entropy,
-    gradients accumulated over ``grad_accum`` minibatches (0 = the whole buffer: one AdamW step per update)
+    ppo_epochs passes over the buffer in minibatches (SOL: one): re-run forward_sequence at tau, clipped-ratio
+    loss - c_H entropy, gradients accumulated over ``grad_accum`` minibatches (0 = the whole buffer: one AdamW
+    step per pass)
 
 Under ``torchrun`` (``torch.distributed`` initialised) the policy is wrapped in DDP, blocks are sharded by
 rank and rank 0 writes the checkpoints.
@@ -40,7 +41,9 @@ from .policy import PolicyConfig, RecurrentActorCriticPolicy
 REWARDS = ("ll", "kl")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-_RESUMABLE = ("updates", "checkpoint_every")   # fields that may change between a run and its resume
+# fields that may change between a run and its resume: its length and the optimisation schedule (the rollout
+# distribution, reward and model stay fixed)
+_RESUMABLE = ("updates", "checkpoint_every", "lr", "grad_accum", "minibatch_decisions", "ppo_epochs")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class TrainConfig:
     buffer_decisions: int = 2048
     minibatch_decisions: int = 512
     grad_accum: int = 0                 # minibatches per optimiser step; 0 = the whole buffer
+    ppo_epochs: int = 1                 # passes over each buffer (SOL: 1; more reuse costly CPU rollouts)
     tau: float = 1.3
     gamma: float = grpo.GAMMA
     dead_zone: float = grpo.DEAD_ZONE
@@ -78,7 +82,8 @@ class TrainConfig:
         def whole(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        for name in ("ctx", "T", "B", "updates", "checkpoint_every", "buffer_decisions", "minibatch_decisions"):
+        for name in ("ctx", "T", "B", "updates", "checkpoint_every", "buffer_decisions", "minibatch_decisions",
+                     "ppo_epochs"):
             v = getattr(self, name)
             check(whole(v) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
         check(whole(self.K) and self.K >= 2, f"K must be >= 2 (the group baseline needs 2 rollouts), got {self.K!r}")
@@ -249,14 +254,16 @@ def _advantages(ep: Episode, cfg: TrainConfig, alpha: Tensor) -> tuple[Tensor, T
 
 def _update(model, policy: RecurrentActorCriticPolicy, opt: torch.optim.Optimizer, buf: dict, cfg: TrainConfig,
             gen: torch.Generator, world: int) -> dict:
-    """One pass over the buffer: minibatches of ~minibatch_decisions, an AdamW step every grad_accum of them."""
+    """``ppo_epochs`` passes over the buffer: minibatches of ~minibatch_decisions, an AdamW step every grad_accum."""
     M = buf["actions"].shape[0]
     rows = max(1, cfg.minibatch_decisions // cfg.T)
-    order = torch.randperm(M, generator=gen)
-    chunks = [order[i:i + rows] for i in range(0, M, rows)]
-    per_step = cfg.grad_accum or len(chunks)
-    groups = [chunks[i:i + per_step] for i in range(0, len(chunks), per_step)]
-    stats = {"loss": 0.0, "entropy": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+    groups = []
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(M, generator=gen)
+        chunks = [order[i:i + rows] for i in range(0, M, rows)]
+        per_step = cfg.grad_accum or len(chunks)
+        groups += [chunks[i:i + per_step] for i in range(0, len(chunks), per_step)]
+    stats = {"loss": 0.0, "entropy": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "opt_steps": len(groups)}
     for group in groups:
         n_group = sum(buf["eff"][c].sum() for c in group).clamp(min=1)
         opt.zero_grad(set_to_none=True)
@@ -325,6 +332,8 @@ def _restore(path: Path, lm: Any, cfg: TrainConfig, policy, opt, gen: torch.Gene
         raise UserError(f"{path}: cannot resume, the checkpoint holds no optimiser state")
     policy.load_state_dict(ck["policy"])
     opt.load_state_dict(ck["optimizer"])
+    for g in opt.param_groups:                     # a resume may change the learning rate (_RESUMABLE)
+        g["lr"] = cfg.lr
     gen.set_state(ck["rng"][rank])
     return int(ck["step"]), int(ck["batches"]), list(ck["history"])
 
@@ -396,7 +405,7 @@ def train(lm: Any, blocks: Tensor, cfg: TrainConfig, out: Path, resume: bool = F
         policy.train()
         stats = _update(model, policy, opt, buf, cfg, gen, world)
         step += 1
-        timing = {"rollout_s": t_roll, "update_s": time.perf_counter() - t0}
+        timing = {"rollout_s": t_roll, "update_s": time.perf_counter() - t0, "lr": cfg.lr}
         metrics = {"step": step, **_reduce({**_episode_metrics(eps, buf), **stats, **timing}, world)}
         history.append(metrics)
         bar.update(1)
