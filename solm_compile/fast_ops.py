@@ -184,7 +184,7 @@ def quest_attention_gather(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[
     wstart, wpage, wforced, wtail, wfirst, wlast, wpos = _extra_windows(L, S, sinks, window, last, q.device)
     W, E = wstart.shape[0], wpos.shape[0]
     if (Mu + W) * S >= L:                         # as many tokens as the dense kernel reads: mask instead
-        return _quest_attention(q, k, v, attn_mask, kappa, scale, is_causal, page_size, sinks, window)
+        return _masked(q, k, v, attn_mask, scale, page_keep, pbs, S, sinks, window)
     STATS["attn_gather_calls"] += 1
     uidx = ukeep.to(torch.uint8).topk(Mu, dim=-1).indices if Mu else ukeep.new_zeros(B, Hkv, 0, dtype=torch.long)
     base = (torch.arange(B * Hkv, device=q.device) * L).view(B, Hkv, 1)          # [B,Hkv,1]
@@ -209,6 +209,24 @@ def quest_attention_gather(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[
         mask = m & val if m.dtype == torch.bool else m.masked_fill(~val, float("-inf"))
     out = ops._sdpa(q.reshape(B, Hkv, G, d), kg, vg, mask, scale, False, False)  # [B,Hkv,G,dv]
     return out.reshape(B, H, 1, -1)
+
+
+def _masked(q, k, v, attn_mask, scale, page_keep, pbs, S, sinks, window) -> Tensor:
+    """``ops.quest_attention``'s masked full SDPA from already selected pages (``ops.quest_keep``'s tail)."""
+    L = k.shape[2]
+    pos = torch.arange(L, device=q.device)                                        # [L]
+    keep = page_keep[..., pos // S]                                               # [B,H,L]
+    keep |= (pos < sinks) | (pos >= L - window)
+    if window == 0 and min(pbs) == 0:
+        keep[..., -1] |= ~keep.any(-1)
+    keep = keep[:, :, None, :]                                                    # [B,H,1,L]
+    if attn_mask is None:
+        mask = keep
+    elif attn_mask.dtype == torch.bool:
+        mask = attn_mask & keep
+    else:
+        mask = attn_mask.masked_fill(~keep, float("-inf"))
+    return ops._sdpa(q, k, v, mask, scale, False, k.shape[1] != q.shape[1]).contiguous()
 
 
 def _split_dense_rows(q, k, v, attn_mask, kappa, scale, is_causal, page_size, sinks, window, pbs, P):

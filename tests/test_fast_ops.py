@@ -130,3 +130,14 @@ def test_use_gather_attention_rewrites_the_graph():
     kappa = torch.tensor([0.4])
     assert torch.allclose(gm(q, k, v, kappa), ref.quest_attention_ref(q, k, v, None, kappa, None, 8, 4, 8),
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_high_coverage_masks_from_the_same_selection(mask):
+    """When the union of a KV head's pages is nearly everything the op masks instead of gathering."""
+    torch.manual_seed(6)
+    q, k, v, m = inputs(2, 6, 2, 203, 16, ties=False, mask=mask)
+    for kappa in ([0.8, 0.9], [0.0, 0.9]):
+        kap = torch.tensor(kappa)
+        want = ref.quest_attention_ref(q, k, v, m, kap, None, 8, 4, 8)
+        assert torch.allclose(gather_attn(q, k, v, kap, 8, 4, 8, m), want, atol=1e-5)
