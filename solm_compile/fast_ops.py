@@ -14,6 +14,25 @@ products cost 26 ms dense, 16.6 / 9.9 / 5.1 ms at ρ = 0.75 / 0.5 / 0.25.
 
 The transposed copy costs one extra gate+up weight per MLP in memory; it is made on first use and refreshed
 when the weight is modified in place.
+
+``ops.quest_attention`` likewise masks the pruned tokens and runs full SDPA. ``solm::quest_attention_gather``
+selects the same pages per query head (``ops.page_scores``; ties at the threshold keep more; forced sinks/window;
+a head that keeps nothing keeps the last token) and reads only what some head keeps:
+
+    per KV head: the union of its G query heads' kept full pages   (S-token windows of an as_strided view of the
+                 + the sink pages and the last ⌈window/S⌉·S tokens   cache, one index_select into a reused buffer)
+    per query head: SDPA over those tokens, masked to its own pages (G queries per KV head: q viewed [B,Hkv,G,d])
+
+Per KV head rather than per query head because on SmolLM2 (9 query heads over 3 KV heads, pages of 8) a per-head
+gather copies G× the pages: at κ = 0.5 that is 1.5× the whole cache, more than dense SDPA reads. The union is 68 %
+of the pages at κ = 0.5 and 46 % at κ = 0.3 on SmolLM2's real keys (context 2048). Where the union plus the forced
+windows would be the whole cache the op masks instead, from the same selection. Fresh multi-100-KB buffers
+page-fault on every call on these VMs (~5 µs a page), hence the per-thread workspace. The page min/max pass still
+reads all of K every step (Quest keeps it in the cache; here the cache is transformers'), and selection plus
+the ~60 small eager ops cost more than dense SDPA itself at d = 64, so neither version beats dense SDPA on CPU.
+Measured on SmolLM2's captured decode-step q/k/v (30 layers, one thread, 2 busy cores, medians of 15 interleaved
+passes), gather/mask time: 1.08 / 1.05 at context 1025 (κ = 0.5 / 0.3), 1.00 / 1.00 at 2049; in the whole
+model at context 2048 and κ̄ = ρ̄ = 0.5 the gather version ran 1.07× the mask version's speed (one A/B run).
 """
 
 from __future__ import annotations
