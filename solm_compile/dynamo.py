@@ -27,6 +27,9 @@ multi-token call (prefill) or a call with an empty past is dense and starts a ne
 state is the prefill's last one; each single-token call is one policy step. ``controller(model)`` returns it
 (with the recorded actions).
 
+A graph on which every control would be dense (a dense budget, no policy, no LM head) skips the passes: inductor
+compiles Dynamo's graph unchanged and ``dynamo_run._Dense`` only keeps the controller's books.
+
 Fallbacks: a graph without attention (a graph-break fragment), without a token embedding feeding it, or in which
 the passes gate nothing is compiled by inductor unchanged (logged at INFO). A graph the lowering cannot handle (e.g.
 a SymFloat input, an export failure) runs uncompiled (``gm.forward``), and a gated graph that fails at run time
