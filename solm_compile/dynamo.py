@@ -8,6 +8,8 @@ Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), s
     attn_keep   attention keep target κ̄ (default 1)        mlp_keep   MLP keep target ρ̄ (default 1)
     bits        output bits target (default 16)            runtime    "torch" (default) | "onnxruntime"
     fast_mlp    use ``solm.sparse_mlp_gather`` (gathers the kept channels' weights; default True)
+    fast_attention  use ``solm.quest_attention_gather`` (reads only the kept pages' keys/values; default: as
+                fast_mlp, so ``fast_mlp=False`` alone gives the reference ops)
     inductor    compile the gated graph with inductor (default True; False runs it as an FX graph)
 
 What happens to each graph Dynamo hands over (``solm_backend``)::
@@ -16,13 +18,17 @@ What happens to each graph Dynamo hands over (``solm_backend``)::
     torch.export (non-strict, dynamic where Dynamo's shapes are symbolic) ──► flat ATen graph (the IR of
     ``export.py``) ──► roles: input_ids = the token-embedding index, past key = the first attention's
     ``cat(past, new)`` input (else its key), hidden = the LM head's input ──► ``passes.run_pipeline`` (the same
-    passes as ``solm compile``) ──► + output hidden[:, -1] ──► sparse_mlp → sparse_mlp_gather ──► inductor.
+    passes as ``solm compile``) ──► + output hidden[:, -1] ──► sparse_mlp → sparse_mlp_gather, quest_attention →
+    quest_attention_gather ──► inductor.
 
 At run time a ``PolicyController`` (one per model and options) computes the per-row controls before each call
 and keeps the policy's state across calls, exactly ``ArtifactStep.forward`` / ``train.rollout`` greedy: a
 multi-token call (prefill) or a call with an empty past is dense and starts a new episode whose first hidden
 state is the prefill's last one; each single-token call is one policy step. ``controller(model)`` returns it
 (with the recorded actions).
+
+A graph on which every control would be dense (a dense budget, no policy, no LM head) skips the passes: inductor
+compiles Dynamo's graph unchanged and ``dynamo_run._Dense`` only keeps the controller's books.
 
 Fallbacks: a graph without attention (a graph-break fragment), without a token embedding feeding it, or in which
 the passes gate nothing is compiled by inductor unchanged (logged at INFO). A graph the lowering cannot handle (e.g.
@@ -68,11 +74,12 @@ class Options:
     runtime: str = "torch"
     fast_mlp: bool = True
     inductor: bool = True
+    fast_attention: bool = True
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
         o = dict(options or {})
-        known = {"policy", "attn_keep", "mlp_keep", "bits", "runtime", "fast_mlp", "inductor"}
+        known = {"policy", "attn_keep", "mlp_keep", "bits", "runtime", "fast_mlp", "inductor", "fast_attention"}
         unknown = sorted(set(o) - known)
         if unknown:
             raise UserError(f"torch.compile(backend='solm'): unknown option(s) {unknown}; "
@@ -83,7 +90,7 @@ class Options:
         budget = Budget(float(o.get("attn_keep", 1.0)), float(o.get("mlp_keep", 1.0)), float(o.get("bits", 16.0)))
         policy = o.get("policy")
         return cls(str(policy) if policy is not None else None, budget, runtime, bool(o.get("fast_mlp", True)),
-                   bool(o.get("inductor", True)))
+                   bool(o.get("inductor", True)), bool(o.get("fast_attention", o.get("fast_mlp", True))))
 
 
 _WARNED: set = set()
@@ -295,34 +302,7 @@ from .dynamo_lower import (_add_hidden_output, _export, _has_attention, _isolate
 
 
 # ---------------------------------------------------------------------------------------------- runners
-class _Gated:
-    """The compiled callable Dynamo gets for a gated graph."""
-
-    def __init__(self, fn, keep, ids_pos, past_pos, n_out, with_hidden, ctl: PolicyController, fallback):
-        self.fn, self.keep, self.ids_pos, self.past_pos = fn, keep, ids_pos, past_pos
-        self.n_out, self.with_hidden, self.ctl, self.fallback = n_out, with_hidden, ctl, fallback
-        self.failed = False
-
-    def __call__(self, *args):
-        if self.failed:
-            return self.fallback(*args)
-        dyn = [args[i] for i in self.keep]
-        ids = dyn[self.ids_pos]
-        past_len = int(dyn[self.past_pos].shape[-2]) if self.past_pos is not None else 0
-        with torch.no_grad():
-            with self.ctl._lock:
-                kappa, rho, bits = self.ctl.before(ids, past_len, self.with_hidden)
-                try:
-                    out = self.fn(*dyn, kappa, rho, bits)
-                except Exception as e:  # noqa: BLE001 - a run-time compile failure must not end generation
-                    self.ctl.reset()
-                    self.failed = True
-                    _warn_once("run-fallback", f"solm: the gated graph failed at run time ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); running it uncompiled")
-                    return self.fallback(*args)
-                if self.with_hidden:
-                    self.ctl.after(out[-1])
-        return tuple(out[:self.n_out])
+from .dynamo_run import _Dense, _Gated  # noqa: E402
 
 
 def _ungated(gm: fx.GraphModule, example_inputs, opts: Options, why: str):
@@ -357,6 +337,11 @@ def _lower_and_gate(gm: fx.GraphModule, example_inputs, opts: Options):
     roles = _roles(agm)
     if roles is None:
         return _ungated(gm, example_inputs, opts, "no token embedding feeding attention in this graph")
+    ids_pos = phs.index(roles.input_ids)
+    past_pos = phs.index(roles.past_key) if roles.past_is_input else None
+    if not (ctl.active and roles.hidden is not None):   # every control would be dense: the graph as inductor has it
+        fn = _ungated(gm, example_inputs, opts, "a dense budget (or no policy to run)")
+        return _Dense(fn, prep.keep[ids_pos], None if past_pos is None else prep.keep[past_pos], ctl)
     name = ctl.info.name if ctl.info is not None else "model"
     results = run_pipeline(agm, PassContext(gate=ctl.gate, model_name=name, input_ids=roles.input_ids.name,
                                             past_key=roles.past_key.name))
@@ -373,14 +358,14 @@ def _lower_and_gate(gm: fx.GraphModule, example_inputs, opts: Options):
                    "running dense")
     if opts.fast_mlp:
         fast_ops.use_gather_mlp(agm)
+    if opts.fast_attention:
+        fast_ops.use_gather_attention(agm)
     fn = agm
     if opts.inductor:
         def gated(*args):         # (torch.compile of the GraphModule itself is not traced here; a function is)
             return agm(*args)
 
         fn = torch.compile(gated, backend="inductor", dynamic=any(d is not None for d in prep.dynamic))
-    ids_pos = phs.index(roles.input_ids)
-    past_pos = phs.index(roles.past_key) if roles.past_is_input else None
     log.info("solm: gated %s (%d inputs, dynamic=%s)", counts, len(phs), [d for d in prep.dynamic if d])
     runner = _Gated(fn, prep.keep, ids_pos, past_pos, n_out, with_hidden, ctl, gm.forward)
     runner.counts, runner.graph = counts, agm

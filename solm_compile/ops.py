@@ -37,26 +37,35 @@ def _(input_ids, past_key, kappa, rho, bits, min_len):
 
 
 # ---------------------------------------------------------------------------------------------- quest_attention
-def quest_keep(q: Tensor, k: Tensor, kappa: Tensor, page_size: int, sinks: int, window: int) -> Tensor:
-    """Token keep mask [B,H,L] for single-token queries q [B,H,1,d] over keys k [B,Hkv,L,d].
+def page_scores(q: Tensor, k: Tensor, page_size: int) -> Tensor:
+    """Quest page scores [B,H,P] of single-token queries q [B,H,1,d] over keys k [B,Hkv,L,d].
 
     Page bounds are taken once per KV head and scored by each of its G = H/Hkv query heads. The score
     Σ_d max(q_d·max_d, q_d·min_d) is computed as q⁺·max + q⁻·min (max ≥ min, so the larger product is the
-    one whose bound has q's sign): two small matmuls instead of a [.., P, d] temporary.
+    one whose bound has q's sign): two small matmuls instead of a [.., P, d] temporary. A partial last page's
+    bounds are taken on its own (no padded copy of the keys).
     """
     B, H, _, d = q.shape
     Hkv, L, S = k.shape[1], k.shape[2], page_size
     G = H // Hkv
-    P = -(-L // S)
-    pad = P * S - L
-    kp = k
-    if pad:  # repeat the last key: min/max of a page are unchanged by a duplicate
-        kp = torch.cat([k, k[:, :, -1:].expand(B, Hkv, pad, d)], dim=2)  # [B,Hkv,P*S,d]
-    pages = kp.view(B, Hkv, P, S, d)                                      # [B,Hkv,P,S,d]
-    hi, lo = pages.amax(3), pages.amin(3)                                 # [B,Hkv,P,d]
+    Pf = L // S                                                           # full pages
+    pages = k[:, :, :Pf * S].reshape(B, Hkv, Pf, S, d)                    # [B,Hkv,Pf,S,d]
+    hi, lo = pages.amax(3), pages.amin(3)                                 # [B,Hkv,Pf,d]
+    if Pf * S < L:
+        tail = k[:, :, Pf * S:]                                           # [B,Hkv,L-Pf*S,d]
+        hi = torch.cat([hi, tail.amax(2, keepdim=True)], dim=2)           # [B,Hkv,P,d]
+        lo = torch.cat([lo, tail.amin(2, keepdim=True)], dim=2)           # [B,Hkv,P,d]
     qv = q[:, :, 0].reshape(B, Hkv, G, d)                                 # [B,Hkv,G,d]
     score = qv.clamp(min=0) @ hi.transpose(-1, -2) + qv.clamp(max=0) @ lo.transpose(-1, -2)  # [B,Hkv,G,P]
-    score = score.reshape(B, H, P)                                        # [B,H,P]
+    return score.reshape(B, H, -1)                                        # [B,H,P]
+
+
+def quest_keep(q: Tensor, k: Tensor, kappa: Tensor, page_size: int, sinks: int, window: int) -> Tensor:
+    """Token keep mask [B,H,L] for single-token queries q [B,H,1,d] over keys k [B,Hkv,L,d]."""
+    B, H = q.shape[:2]
+    L, S = k.shape[2], page_size
+    P = -(-L // S)
+    score = page_scores(q, k, S)                                          # [B,H,P]
     n = torch.ceil(kappa.double() * L - 1e-9).clamp(0, L)                 # [B]
     pb = torch.ceil(n / S).clamp(max=P).long()                            # [B]
     kmax = max(int(pb.max()), 1)
@@ -158,4 +167,4 @@ ONNX_DOMAIN = "ai.solm"
 # Torch-only implementations of a listed op (same schema, same numbers up to summation order), used where a
 # faster torch kernel matters (``fast_ops``: the torch.compile path). They add no semantics, so they have no
 # reference, ONNX translation or C++ kernel of their own.
-ALTERNATE_IMPLS = {"sparse_mlp_gather": "sparse_mlp"}
+ALTERNATE_IMPLS = {"sparse_mlp_gather": "sparse_mlp", "quest_attention_gather": "quest_attention"}

@@ -208,3 +208,7 @@ def test_options_are_checked(half):
         dynamo._controller_for(other, dynamo.Options.parse({"policy": str(path), **HALF}))
     ctl = dynamo._controller_for(model, dynamo.Options.parse({"policy": str(path), **HALF}))
     assert ctl.active and ctl.loaded.path == path
+    # the gathering kernels: both on by default; fast_mlp=False alone gives the reference ops
+    assert dynamo.Options.parse({}).fast_attention and dynamo.Options.parse({}).fast_mlp
+    assert not dynamo.Options.parse({"fast_mlp": False}).fast_attention
+    assert dynamo.Options.parse({"fast_mlp": False, "fast_attention": True}).fast_attention
