@@ -95,10 +95,10 @@ def _close_quantized(got, want, unquantized, bits):
 
 
 def _stats(lib):
-    buf = (ctypes.c_uint64 * 9)()
-    lib.SolmEpGetStats(buf, 9)
+    buf = (ctypes.c_uint64 * 10)()
+    lib.SolmEpGetStats(buf, 10)
     keys = ("attn_calls", "attn_keys_scored", "attn_keys_dense", "attn_kv_rows_read", "mlp_calls", "mlp_in_rows",
-            "mlp_in_rows_dense", "mlp_down_rows", "mlp_down_rows_dense")
+            "mlp_in_rows_dense", "mlp_down_rows", "mlp_down_rows_dense", "attn_minmax_rows")
     return dict(zip(keys, buf))
 
 
@@ -279,6 +279,80 @@ def test_quest_skips_work(lib):
     assert dense == H * L
     # budget ⌈⌈0.2·256⌉/16⌉ = 4 of 16 pages per head (ties could add pages; random data has none)
     assert scored == H * 4 * S
+
+
+def _page_minmax(k, S):
+    """Independent reference of the carried page state: per page of S keys the element-wise min and max,
+    [B,Hkv,ceil(L/S),d] each."""
+    B, Hkv, L, d = k.shape
+    P = -(-L // S)
+    pad = np.concatenate([k, np.repeat(k[:, :, -1:], P * S - L, axis=2)], axis=2)   # repeat the last key
+    pages = pad.reshape(B, Hkv, P, S, d)
+    return pages.min(3), pages.max(3)
+
+
+def _stateful_quest_model(S, sinks, window, with_mask, **extra):
+    ins = [("q", F), ("k", F), ("v", F), ("mask", BOOL) if with_mask else None, ("kappa", F), ("pmin", F),
+           ("pmax", F)]
+    return _model("QuestAttention", ins, ["out", "pmin_out", "pmax_out"],
+                  dict(page_size=S, sinks=sinks, window=window, **extra))
+
+
+@pytest.mark.parametrize("S,per_kv_head,with_mask", [(1, 0, False), (3, 0, True), (8, 0, False), (8, 1, True)])
+def test_quest_page_state_carried_equals_stateless(lib, S, per_kv_head, with_mask):
+    """Decode with the page min/max carried from step to step: a 5-token prefill, then single-token steps across
+    several page boundaries (GQA 4/2, per-row kappa). Every step equals the stateless kernel bit for bit, reads only
+    the new key for the pages, and the carried state equals the page min/max recomputed from all of K."""
+    rng = np.random.default_rng(40 + S + per_kv_head)
+    B, H, Hkv, d, T0 = 3, 4, 2, 16, 5
+    kappa = np.array([1.0, 0.5, 0.2], np.float32)
+    stateful = _session(_stateful_quest_model(S, 1, 2, with_mask, select_per_kv_head=per_kv_head))
+    stateless = _session(_quest_model(S, 1, 2, with_mask, select_per_kv_head=per_kv_head))
+    q, k, v, mask = _attn_inputs(rng, B, H, Hkv, T0, T0, d, with_mask)
+    empty = np.zeros((1, Hkv, 0, d), np.float32)        # no state yet: one empty row serves any batch
+    feeds = {"q": q, "k": k, "v": v, "kappa": kappa, **({"mask": mask} if with_mask else {})}
+    out, pmin, pmax = stateful.run(None, {**feeds, "pmin": empty, "pmax": empty})
+    np.testing.assert_array_equal(out, stateless.run(None, feeds)[0])
+    for L in range(T0 + 1, T0 + 3 * S + 3):
+        want_min, want_max = _page_minmax(k, S)
+        np.testing.assert_array_equal(pmin, want_min)
+        np.testing.assert_array_equal(pmax, want_max)
+        q1, k1, v1, mask = _attn_inputs(rng, B, H, Hkv, 1, L, d, with_mask)
+        k = np.concatenate([k, k1[:, :, -1:]], axis=2)                              # the cache with the new key
+        v = np.concatenate([v, v1[:, :, -1:]], axis=2)
+        feeds = {"q": q1, "k": k, "v": v, "kappa": kappa, **({"mask": mask} if with_mask else {})}
+        before = _stats(lib)
+        out, pmin, pmax = stateful.run(None, {**feeds, "pmin": pmin, "pmax": pmax})
+        folded = _stats(lib)["attn_minmax_rows"] - before["attn_minmax_rows"]
+        assert folded == B * Hkv, f"L={L}: {folded} key rows folded into the page state, want only the new ones"
+        np.testing.assert_array_equal(out, stateless.run(None, feeds)[0], err_msg=f"L={L}")
+        if not per_kv_head:
+            _close(out, _quest_ref(q1, k, v, mask, kappa, None, S, 1, 2))
+    want_min, want_max = _page_minmax(k, S)
+    np.testing.assert_array_equal(pmin, want_min)
+    np.testing.assert_array_equal(pmax, want_max)
+
+
+def test_quest_page_state_chunked_prefill_and_errors(lib):
+    """A second multi-token call continues the carried pages (merging into the partial last page); a state that
+    does not hold ceil(L_past/S) pages is a one-line error."""
+    rng = np.random.default_rng(21)
+    B, H, Hkv, d, S = 2, 4, 2, 8, 4
+    sess = _session(_stateful_quest_model(S, 0, 0, False))
+    kappa = np.ones(B, np.float32)
+    q, k, v, _ = _attn_inputs(rng, B, H, Hkv, 6, 6, d, False)
+    empty = np.zeros((B, Hkv, 0, d), np.float32)
+    _, pmin, pmax = sess.run(None, {"q": q, "k": k, "v": v, "kappa": kappa, "pmin": empty, "pmax": empty})
+    q2, k2, v2, _ = _attn_inputs(rng, B, H, Hkv, 7, 13, d, False)
+    k2[:, :, :6], v2[:, :, :6] = k, v
+    _, pmin, pmax = sess.run(None, {"q": q2, "k": k2, "v": v2, "kappa": kappa, "pmin": pmin, "pmax": pmax})
+    want_min, want_max = _page_minmax(k2, S)
+    np.testing.assert_array_equal(pmin, want_min)
+    np.testing.assert_array_equal(pmax, want_max)
+    q3, k3, v3, _ = _attn_inputs(rng, B, H, Hkv, 1, 14, d, False)
+    stale = {"q": q3, "k": k3, "v": v3, "kappa": kappa, "pmin": pmin[:, :, :2], "pmax": pmax[:, :, :2]}
+    with pytest.raises(Exception, match="past_page_min/max .* not the pages of the 13 past keys"):
+        sess.run(None, stale)
 
 
 # ---------------------------------------------------------------------------------------------- SparseMLP

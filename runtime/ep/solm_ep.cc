@@ -158,6 +158,12 @@ size_t ElemSize(ONNXTensorElementDataType t) {
   }
 }
 
+// A kernel-owned buffer of at least n floats (grown on demand, never shrunk: no allocation once warm).
+float* Grow(std::vector<float>& v, int64_t n) {
+  if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
 std::string ShapeStr(const Shape& s) {
   std::string r = "[";
   for (size_t i = 0; i < s.size(); ++i) r += (i ? "," : "") + std::to_string(s[i]);
@@ -365,11 +371,13 @@ const float* RowValues(const TensorRef& t, int64_t B, const char* what, const st
        std::to_string(B));
 }
 
+// inputs: 0 q, 1 k, 2 v, 3 attn_mask?, 4 kappa, 5 past_page_min?, 6 past_page_max?;
+// outputs: 0 out, 1 present_page_min?, 2 present_page_max?
 struct QuestKernel : KernelBase {
   solm::QuestParams params;
   bool has_scale = false;
   solm::AttnScratch scratch;
-  std::vector<float> kappa_b;
+  std::vector<float> kappa_b, spare_out, spare_state;
 
   void Compute(OrtKernelContext* kc) override {
     std::lock_guard<std::mutex> lock(mu);
@@ -408,15 +416,52 @@ struct QuestKernel : KernelBase {
       mv.data = m.data;
       mv.sb = stride[0], mv.sh = stride[1], mv.st = stride[2], mv.sl = stride[3];
     }
+    solm::PageState ps;
+    const bool stateful = PageStateOf(kc, B, Hkv, T, L, d, &ps);
     float* out = Out(kc, 0, {B, H, T, dv});
-    if (out == nullptr || B * H * T * dv == 0) return;
-    if (L == 0) {
+    if (out == nullptr && ps.min == nullptr) return;
+    if (out == nullptr) out = Grow(spare_out, B * H * T * dv);  // only the page state is consumed
+    if (L == 0) {  // no keys (and no pages): softmax over nothing, NaN as in the reference
       for (int64_t i = 0; i < B * H * T * dv; ++i) out[i] = std::numeric_limits<float>::quiet_NaN();
       return;
     }
+    if (B * H * T * dv == 0 && ps.min == nullptr) return;
     solm::QuestParams p = params;
     if (!has_scale) p.scale = 1.0f / std::sqrt(static_cast<float>(d));
-    solm::QuestAttention(q.f(), k.f(), v.f(), mv, kappa, B, H, Hkv, T, L, d, dv, p, out, scratch, MakeParallel(kc));
+    solm::QuestAttention(q.f(), k.f(), v.f(), mv, kappa, B, H, Hkv, T, L, d, dv, p, out, scratch, MakeParallel(kc),
+                         stateful ? &ps : nullptr);
+  }
+
+  // The optional carried page state: inputs 5/6 past_page_min/max [B,Hkv,P_past,d] (P_past = ceil(L_past/S) with
+  // L_past = L - T, or 0: compute every page; then the batch dimension is not checked, so a [1,Hkv,0,d] default
+  // serves any batch) and outputs 1/2 present_page_min/max [B,Hkv,P,d]. Returns whether the node carries state.
+  bool PageStateOf(OrtKernelContext* kc, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d,
+                   solm::PageState* ps) {
+    TensorRef mn = In(kc, 5), mx = In(kc, 6);
+    if (mn.present != mx.present) Fail("SolmEP: QuestAttention takes past_page_min and past_page_max together");
+    const int64_t S = params.page_size, P = (L + S - 1) / S;
+    if (mn.present) {
+      RequireFloat(mn, "past_page_min");
+      RequireFloat(mx, "past_page_max");
+      const int64_t L_past = L - T;
+      const int64_t P_past = mn.shape.size() == 4 ? mn.shape[2] : -1;
+      const bool ok = mn.shape == mx.shape && P_past >= 0 && mn.shape[1] == Hkv && mn.shape[3] == d &&
+                      (P_past == 0 || (mn.shape[0] == B && L_past >= 0 && P_past == (L_past + S - 1) / S));
+      if (!ok)
+        Fail("SolmEP: QuestAttention past_page_min/max " + ShapeStr(mn.shape) + " / " + ShapeStr(mx.shape) +
+             " are not the pages of the " + std::to_string(L_past) + " past keys: expected [" + std::to_string(B) +
+             "," + std::to_string(Hkv) + ",ceil(L_past/" + std::to_string(S) + ")," + std::to_string(d) +
+             "] or an empty [*," + std::to_string(Hkv) + ",0," + std::to_string(d) + "]");
+      if (P_past > 0) ps->past_min = mn.f(), ps->past_max = mx.f(), ps->P_past = P_past;
+    }
+    ps->min = Out(kc, 1, {B, Hkv, P, d});
+    ps->max = Out(kc, 2, {B, Hkv, P, d});
+    if ((ps->min == nullptr) != (ps->max == nullptr)) {  // one of the two consumed: the other goes to scratch
+      float* spare = Grow(spare_state, B * Hkv * P * d);
+      if (ps->min == nullptr) ps->min = spare;
+      else ps->max = spare;
+    }
+    return mn.present || ps->min != nullptr;
   }
 };
 
@@ -496,13 +541,14 @@ struct OpSpec {
   std::vector<ONNXTensorElementDataType> in_types;  // UNDEFINED: any type
   std::vector<bool> in_optional;
   size_t n_out;
+  size_t n_out_required = SIZE_MAX;  // outputs from this index on are optional (default: none)
 };
 
 const std::vector<OpSpec>& OpSpecs() {
   constexpr auto F = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   constexpr auto U = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   static const std::vector<OpSpec> specs = {
-      {"QuestAttention", {F, F, F, U, F}, {false, false, false, true, false}, 1},
+      {"QuestAttention", {F, F, F, U, F, F, F}, {false, false, false, true, false, true, true}, 3, 1},
       {"SparseMLP", {F, F, F, F, F, F, F, F, F}, {false, true, true, false, true, false, true, false, false}, 1},
       {"GateControls", {U, U, F, F, F}, {false, false, false, false, false}, 3},
   };
@@ -531,7 +577,10 @@ struct PlaceholderOp : OrtCustomOp {
       return static_cast<const PlaceholderOp*>(op)->spec->in_optional[i] ? INPUT_OUTPUT_OPTIONAL
                                                                           : INPUT_OUTPUT_REQUIRED;
     };
-    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetOutputCharacteristic = [](const OrtCustomOp* op, size_t i) {
+      return i >= static_cast<const PlaceholderOp*>(op)->spec->n_out_required ? INPUT_OUTPUT_OPTIONAL
+                                                                                : INPUT_OUTPUT_REQUIRED;
+    };
     GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
     GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
     GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
@@ -900,12 +949,13 @@ SOLM_EXPORT const char* SolmEpIsa() { return solm::MlpKernelIsa(); }
 
 // Work counters of the kernels (process-wide), for tests and benchmarks:
 // [attn_calls, attn_keys_scored, attn_keys_dense, attn_kv_rows_read, mlp_calls, mlp_in_rows, mlp_in_rows_dense,
-//  mlp_down_rows, mlp_down_rows_dense]. Returns how many values were written.
+//  mlp_down_rows, mlp_down_rows_dense, attn_minmax_rows]. Returns how many values were written.
 SOLM_EXPORT size_t SolmEpGetStats(uint64_t* out, size_t n) {
   const solm::Stats& s = solm::GlobalStats();
   const uint64_t v[] = {s.attn_calls.load(),    s.attn_keys_scored.load(), s.attn_keys_dense.load(),
                         s.attn_kv_rows_read.load(), s.mlp_calls.load(),   s.mlp_in_rows.load(),
-                        s.mlp_in_rows_dense.load(), s.mlp_down_rows.load(), s.mlp_down_rows_dense.load()};
+                        s.mlp_in_rows_dense.load(), s.mlp_down_rows.load(), s.mlp_down_rows_dense.load(),
+                        s.attn_minmax_rows.load()};
   const size_t m = std::min(n, sizeof(v) / sizeof(v[0]));
   for (size_t i = 0; i < m; ++i) out[i] = v[i];
   return m;
@@ -914,6 +964,7 @@ SOLM_EXPORT size_t SolmEpGetStats(uint64_t* out, size_t n) {
 SOLM_EXPORT void SolmEpResetStats() {
   solm::Stats& s = solm::GlobalStats();
   for (auto* a : {&s.attn_calls, &s.attn_keys_scored, &s.attn_keys_dense, &s.attn_kv_rows_read, &s.mlp_calls,
-                  &s.mlp_in_rows, &s.mlp_in_rows_dense, &s.mlp_down_rows, &s.mlp_down_rows_dense})
+                  &s.mlp_in_rows, &s.mlp_in_rows_dense, &s.mlp_down_rows, &s.mlp_down_rows_dense,
+                  &s.attn_minmax_rows})
     a->store(0);
 }
