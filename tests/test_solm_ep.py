@@ -671,3 +671,74 @@ def test_four_threads_on_one_solm_ep_session(lib, tiny_artifacts):
         for (lg, a), (lg0, a0) in zip(r, alone):
             np.testing.assert_array_equal(lg, lg0)
             assert (a is None and a0 is None) or np.array_equal(a, a0)
+
+
+def _present_keys(sess, feeds_out):
+    return [feeds_out[f"present_key_{i}"].numpy() for i in range(sess.n_layers)]
+
+
+def test_artifact_carries_page_state(lib, tiny_artifacts):
+    """The solm artifact carries each layer's page min/max like the KV cache: after every step it equals the page
+    min/max of that layer's whole key cache, a carried decode step folds only the new key into it, and decoding
+    with it carried equals decoding with it left out (the empty default: pages recomputed from K) bit for bit."""
+    import onnx
+
+    from solm_compile.runtime.session import SolmSession
+
+    s = SolmSession(tiny_artifacts["solm"], tokenizer=False, threads=1)
+    assert s.meta["page_state"] == s.n_layers == 2
+    assert [p for p, _ in s.page_state] == ["past_page_min_0", "past_page_max_0", "past_page_min_1", "past_page_max_1"]
+    S = {a.name: a.i for n in onnx.load(str(tiny_artifacts["solm"])).graph.node if n.op_type == "QuestAttention"
+         for a in n.attribute}["page_size"]
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 5, 7, 3, 2, 9, 40, 41, 42, 7]]
+    B, Hkv = 2, s.meta["kv_heads"]
+    feeds = {"input_ids": np.asarray(prompts, np.int64), "position_ids": np.tile(np.arange(10), (B, 1)),
+             **s._empty_past(B), **s._policy_start(B, np.zeros((B, s.meta["hidden_size"]), np.float32)),
+             "budget": np.tile(np.array([0.3, 0.5, 0.4], np.float32), (B, 1))}
+    stateless = dict(feeds)
+    for t in range(2 * S + 3):
+        before = _stats(lib)
+        out = s._run(feeds)
+        folded = _stats(lib)["attn_minmax_rows"] - before["attn_minmax_rows"]
+        assert folded == (10 if t == 0 else 1) * B * Hkv * s.n_layers, t
+        out0 = s._run({k: v for k, v in stateless.items() if not k.startswith("past_page_")})
+        np.testing.assert_array_equal(out["logits"].numpy(), out0["logits"].numpy(), err_msg=f"step {t}")
+        for i, k in enumerate(_present_keys(s, out)):
+            want_min, want_max = _page_minmax(k, S)
+            np.testing.assert_array_equal(out[f"present_page_min_{i}"].numpy(), want_min)
+            np.testing.assert_array_equal(out[f"present_page_max_{i}"].numpy(), want_max)
+        tok = out["logits"].numpy()[:, -1].argmax(-1)[:, None]
+        L = 10 + t
+        for f, o in ((feeds, out), (stateless, out0)):
+            s._carry(o, f)
+            f["input_ids"], f["position_ids"] = tok, np.full((B, 1), L, np.int64)
+
+
+def test_artifact_page_state_pass_and_per_kv_head(lib, tiny_artifacts, tmp_path):
+    """passes/page_state.py on the written artifacts: a second run changes nothing, the portable artifact has no
+    QuestAttention to change, and select_per_kv_head in the artifact decodes exactly as SolmEP's provider option
+    select_per_kv_head=1 on the unmodified artifact."""
+    from onnxscript import ir
+
+    from solm_compile.passes.page_state import carry_page_state, select_per_kv_head
+    from solm_compile.runtime.session import SolmSession
+
+    model = ir.load(str(tiny_artifacts["solm"]))
+    again = carry_page_state(model)
+    assert not again.modified and not again.counts and not again.skipped
+    portable = carry_page_state(ir.load(str(tiny_artifacts["portable"])))
+    assert not portable.modified and not portable.counts
+    r = select_per_kv_head(model)
+    assert r.modified and r.counts["quest_attention"] == 2
+    assert not select_per_kv_head(model).modified
+    path = tmp_path / "tiny.kvhead.onnx"
+    ir.save(model, str(path))
+    prompt = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    attr = SolmSession(path, tokenizer=False, threads=1)
+    option = SolmSession(tiny_artifacts["solm"], tokenizer=False, threads=1, ep_options={"select_per_kv_head": "1"})
+    per_query = SolmSession(tiny_artifacts["solm"], tokenizer=False, threads=1)
+    differs = False
+    for a, b, c in zip(*(x.steps(prompt, budget=(0.3, 0.5, 6), max_new_tokens=24) for x in (attr, option, per_query))):
+        np.testing.assert_array_equal(a["logits"], b["logits"])
+        differs = differs or not np.array_equal(a["logits"], c["logits"])
+    assert differs, "per-KV-head selection should change some step of a GQA model at a sparse budget"
