@@ -12,6 +12,8 @@ the torch op ``solm::quest_attention`` keeps its schema (training and torch.comp
                    the pages computed from all of K, as without the state
     graph outputs  present_page_min_i, present_page_max_i  [batch, Hkv, pages_i, d], pages = ceil((past + T) / S)
 
+placed right after the KV cache's inputs (``past_value_{n-1}``) and outputs (``present_value_{n-1}``), layer by layer.
+
 Unlike the torch passes this is ``fn(model: ir.Model) -> PassResult``; running it twice changes nothing the second
 time. ``select_per_kv_head`` sets SolmEP's coarser per-KV-head page selection on every QuestAttention node.
 """
@@ -55,10 +57,18 @@ def _state_input(name: str, like: ir.Value, pages: str) -> ir.Value:
     return value
 
 
+def _after_cache(values, prefixes: tuple) -> int:
+    """The position just after the last value whose name starts with one of ``prefixes`` (the cache block)."""
+    hits = [i for i, v in enumerate(values) if (v.name or "").startswith(prefixes)]
+    return hits[-1] + 1 if hits else len(values)
+
+
 def carry_page_state(model: ir.Model) -> PassResult:
     graph = model.graph
     result = PassResult("carry_page_state")
     inputs = {v.name: v for v in graph.inputs}
+    at_in = _after_cache(graph.inputs, ("past_key_", "past_value_", "past_page_"))
+    at_out = _after_cache(graph.outputs, ("present_key_", "present_value_", "present_page_"))
     for node in _quest_nodes(graph):
         if len(node.inputs) > 5 and node.inputs[5] is not None:
             continue                                           # already carries its page state
@@ -71,14 +81,16 @@ def carry_page_state(model: ir.Model) -> PassResult:
         node.resize_inputs(7)
         node.resize_outputs(3)
         for j, value in enumerate(state_in):
-            graph.inputs.append(value)
+            graph.inputs.insert(at_in, value)
+            at_in += 1
             graph.register_initializer(value)
             node.replace_input_with(5 + j, value)
             out = node.outputs[1 + j]
             out.name = f"present_page_{('min', 'max')[j]}_{layer}"
             out.type = ir.TensorType(ir.DataType.FLOAT)
             out.shape = ir.Shape([past.shape[0], past.shape[1], f"pages_{layer}", past.shape[3]])
-            graph.outputs.append(out)
+            graph.outputs.insert(at_out, out)
+            at_out += 1
         result.counts["page_state"] += 1
         result.gated.append(("attention", f"layer {layer}"))
     result.modified = bool(result.counts)

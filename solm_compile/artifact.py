@@ -12,8 +12,9 @@ Three kinds, one exporter:
 The ``ai.solm`` kinds (``solm``, ``fixed``) also carry each layer's Quest page state, like the KV cache
 (``passes/page_state.py``): inputs ``past_page_min_i``/``past_page_max_i`` [B, Hkv, past_pages, d] (default: empty,
 then SolmEP computes the pages from all of K) and outputs ``present_page_min_i``/``present_page_max_i``
-[B, Hkv, ceil(L/page_size), d], after the other inputs and outputs. ``per_kv_head=True`` picks SolmEP's per-KV-head
-page selection (coarser than the reference's per query head; recorded as ``solm.select_per_kv_head``).
+[B, Hkv, ceil(L/page_size), d], right after the KV cache's inputs and outputs. ``per_kv_head=True`` picks
+SolmEP's per-KV-head page selection (coarser than the reference's per query head; recorded as
+``solm.select_per_kv_head``).
 
 The file is written atomically and is byte-identical when compiled twice from the same inputs.
 """
