@@ -93,12 +93,13 @@ class SolmSession:
         self.input_names = [i.name for i in self.sess.get_inputs()]
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.n_layers = int(self.meta["num_layers"])
-        # (past, present) names of the carried page state; optional inputs (they have a default), so not listed
-        # by get_inputs(); absent in portable, dense and older artifacts
-        optional = {i.name for i in self.sess.get_overridable_initializers()}
+        # (past, present) names of the carried page state (absent in portable, dense and older artifacts); its
+        # inputs have a default, so get_inputs() does not list them and _run binds them only when fed
+        optional = [i.name for i in self.sess.get_overridable_initializers()]
         self.page_state = [(f"past_page_{m}_{i}", f"present_page_{m}_{i}") for i in range(self.n_layers)
-                           for m in ("min", "max")
-                           if f"past_page_{m}_{i}" in optional and f"present_page_{m}_{i}" in self.output_names]
+                           for m in ("min", "max") if f"past_page_{m}_{i}" in optional + self.input_names
+                           and f"present_page_{m}_{i}" in self.output_names]
+        self.optional_inputs = [past for past, _ in self.page_state if past not in self.input_names]
         self.tokenizer = self._tokenizer() if tokenizer else None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -141,7 +142,7 @@ class SolmSession:
         import onnxruntime as ort
 
         binding = self.sess.io_binding()
-        optional = [past for past, _ in self.page_state if past in feeds]   # left out: the empty default
+        optional = [name for name in self.optional_inputs if name in feeds]   # left out: the empty default
         for name in self.input_names + optional:
             v = feeds[name]
             binding.bind_ortvalue_input(name, v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v))
