@@ -7,7 +7,9 @@
 
 One ``run`` per decode step. The prompt is prefilled densely in one run; the policy then acts on every
 single-token step, in episodes of ``episode_len`` steps (its state restarts at each episode boundary, as in
-training). Caches stay in onnxruntime: each step binds the previous step's outputs as the next step's inputs.
+training). Caches stay in onnxruntime: each step binds the previous step's outputs as the next step's inputs —
+the KV cache, the policy state and, in ``ai.solm`` artifacts, each layer's Quest page min/max
+(``past_page_min_i``/``past_page_max_i``, inputs with an empty default, so feeds without them still run).
 """
 
 from __future__ import annotations
@@ -91,6 +93,13 @@ class SolmSession:
         self.input_names = [i.name for i in self.sess.get_inputs()]
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.n_layers = int(self.meta["num_layers"])
+        # (past, present) names of the carried page state (absent in portable, dense and older artifacts); its
+        # inputs have a default, so get_inputs() does not list them and _run binds them only when fed
+        optional = [i.name for i in self.sess.get_overridable_initializers()]
+        self.page_state = [(f"past_page_{m}_{i}", f"present_page_{m}_{i}") for i in range(self.n_layers)
+                           for m in ("min", "max") if f"past_page_{m}_{i}" in optional + self.input_names
+                           and f"present_page_{m}_{i}" in self.output_names]
+        self.optional_inputs = [past for past, _ in self.page_state if past not in self.input_names]
         self.tokenizer = self._tokenizer() if tokenizer else None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -114,8 +123,9 @@ class SolmSession:
 
     def _empty_past(self, batch: int) -> dict:
         kvh, hd = self.meta["kv_heads"], self.meta["head_dim"]
-        z = np.zeros((batch, kvh, 0, hd), dtype=np.float32)
-        return {f"past_{kind}_{i}": z for i in range(self.n_layers) for kind in ("key", "value")}
+        z = np.zeros((batch, kvh, 0, hd), dtype=np.float32)                         # [B, Hkv, 0, d]
+        return {**{f"past_{kind}_{i}": z for i in range(self.n_layers) for kind in ("key", "value")},
+                **{past: z for past, _ in self.page_state}}
 
     def _policy_start(self, batch: int, hidden: np.ndarray) -> dict:
         ph, phd = self.meta["policy_heads"], self.meta["policy_head_dim"]
@@ -132,7 +142,8 @@ class SolmSession:
         import onnxruntime as ort
 
         binding = self.sess.io_binding()
-        for name in self.input_names:
+        optional = [name for name in self.optional_inputs if name in feeds]   # left out: the empty default
+        for name in self.input_names + optional:
             v = feeds[name]
             binding.bind_ortvalue_input(name, v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v))
         for name in self.output_names:
@@ -141,10 +152,12 @@ class SolmSession:
         return dict(zip(self.output_names, binding.get_outputs()))
 
     def _carry(self, out: dict, feeds: dict) -> None:
-        """Feed this step's presents (and policy state) into the next step's inputs."""
+        """Feed this step's presents (KV cache, page state and policy state) into the next step's inputs."""
         for i in range(self.n_layers):
             for kind in ("key", "value"):
                 feeds[f"past_{kind}_{i}"] = out[f"present_{kind}_{i}"]
+        for past, present in self.page_state:
+            feeds[past] = out[present]
         if self.kind in ("solm", "portable"):
             for name in POLICY_STATE:
                 feeds[name] = out["action" if name == "policy_prev_action" else f"{name}_out"]

@@ -9,6 +9,13 @@ Three kinds, one exporter:
   ``bits`` [B] are graph inputs (gated by ``GateControls`` as usual). For kernel measurements (``solm bench``)
   and external controllers.
 
+The ``ai.solm`` kinds (``solm``, ``fixed``) also carry each layer's Quest page state, like the KV cache
+(``passes/page_state.py``): inputs ``past_page_min_i``/``past_page_max_i`` [B, Hkv, past_pages, d] (default: empty,
+then SolmEP computes the pages from all of K) and outputs ``present_page_min_i``/``present_page_max_i``
+[B, Hkv, ceil(L/page_size), d], right after the KV cache's inputs and outputs. ``per_kv_head=True`` picks
+SolmEP's per-KV-head page selection (coarser than the reference's per query head; recorded as
+``solm.select_per_kv_head``).
+
 The file is written atomically and is byte-identical when compiled twice from the same inputs.
 """
 
@@ -141,8 +148,21 @@ def export_onnx(module: torch.nn.Module, args: tuple, policy, ins: list[str], ou
     return program
 
 
+def carry_ep_state(program, kind: str, per_kv_head: bool = False) -> dict:
+    """The ONNX passes of the ``ai.solm`` kinds (on ``program.model``, in place); returns their metadata."""
+    from .passes.page_state import carry_page_state, select_per_kv_head
+
+    if kind not in ("solm", "fixed"):
+        return {}
+    carried = carry_page_state(program.model)
+    log.debug("carry_page_state: %s (skipped: %s)", dict(carried.counts), carried.skipped)
+    if per_kv_head:
+        select_per_kv_head(program.model)
+    return {"page_state": carried.counts["page_state"], "select_per_kv_head": bool(per_kv_head)}
+
+
 def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=None, tokenizer=None,
-                   episode_len: int = EPISODE_LEN) -> Path:
+                   episode_len: int = EPISODE_LEN, per_kv_head: bool = False) -> Path:
     """Export, attach metadata, write ``out`` (and the tokenizer beside it) atomically."""
     import onnx
 
@@ -158,14 +178,17 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
     torch.manual_seed(0)
     args = _example(lm, policy, kind=kind)
     ins, outs = io_names(lm, kind)
+    if per_kv_head and kind not in ("solm", "fixed"):
+        raise UserError(f"per-KV-head page selection is a SolmEP option: a {kind} artifact cannot have it")
     program = export_onnx(module, args, policy, ins, outs, kind)
+    ep_meta = carry_ep_state(program, kind, per_kv_head)
     tok_name = None
     if tokenizer is not None:
         tok_name = out.name.split(".")[0] + ".tokenizer.json"
         _atomic_write(out.parent / tok_name, tokenizer.backend_tokenizer.to_str(pretty=True).encode())
     model = program.model_proto
     model.producer_name, model.producer_version = "solm", __version__
-    for k, v in metadata(lm, kind, loaded_policy, tok_name, episode_len).items():
+    for k, v in {**metadata(lm, kind, loaded_policy, tok_name, episode_len), **ep_meta}.items():
         model.metadata_props.add(key=f"solm.{k}", value=json.dumps(v, sort_keys=True))
     onnx.checker.check_model(model, full_check=False)
     large = model.ByteSize() > 1_900_000_000

@@ -8,7 +8,17 @@ Two flavours, each a ``{torch op overload: translation function}`` table for ``c
       QuestAttention(q, k, v, attn_mask?, kappa) -> out          scale: float, page_size, sinks, window: int
       SparseMLP(x, w_gate?, b_gate?, w_up, b_up?, w_down, b_down?, rho, bits) -> y         act: string
 
-  An absent optional input is an empty input name.
+  An absent optional input is an empty input name. In the written ``ai.solm`` artifact QuestAttention also carries
+  its page state like the KV cache (added after export by ``passes/page_state.py``; the torch op has no such
+  arguments)::
+
+      QuestAttention(q, k, v, attn_mask?, kappa, past_page_min?, past_page_max?)
+          -> (out, present_page_min?, present_page_max?)              select_per_kv_head: int (optional, SolmEP)
+
+  k [B,Hkv,L,d] is the whole cache (the L_past = L − T past keys, then the T new ones); past_page_min/max
+  [B,Hkv,ceil(L_past/S),d] are the element-wise min/max of the past keys per page of S = page_size tokens, or
+  [*,Hkv,0,d] for "none yet" (every page is then computed from k); present_page_min/max [B,Hkv,ceil(L/S),d] are
+  the same over all L keys. Single-token steps select pages from them in O(P·d) instead of reading all of K.
 - ``PORTABLE``: the same semantics (``reference.py``) in standard ONNX ops only (opset 18), so the exported model
   runs on stock onnxruntime with no registration. Selection is expressed as masks, like the SOL reference.
 

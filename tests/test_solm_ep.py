@@ -95,10 +95,10 @@ def _close_quantized(got, want, unquantized, bits):
 
 
 def _stats(lib):
-    buf = (ctypes.c_uint64 * 9)()
-    lib.SolmEpGetStats(buf, 9)
+    buf = (ctypes.c_uint64 * 10)()
+    lib.SolmEpGetStats(buf, 10)
     keys = ("attn_calls", "attn_keys_scored", "attn_keys_dense", "attn_kv_rows_read", "mlp_calls", "mlp_in_rows",
-            "mlp_in_rows_dense", "mlp_down_rows", "mlp_down_rows_dense")
+            "mlp_in_rows_dense", "mlp_down_rows", "mlp_down_rows_dense", "attn_minmax_rows")
     return dict(zip(keys, buf))
 
 
@@ -279,6 +279,80 @@ def test_quest_skips_work(lib):
     assert dense == H * L
     # budget ⌈⌈0.2·256⌉/16⌉ = 4 of 16 pages per head (ties could add pages; random data has none)
     assert scored == H * 4 * S
+
+
+def _page_minmax(k, S):
+    """Independent reference of the carried page state: per page of S keys the element-wise min and max,
+    [B,Hkv,ceil(L/S),d] each."""
+    B, Hkv, L, d = k.shape
+    P = -(-L // S)
+    pad = np.concatenate([k, np.repeat(k[:, :, -1:], P * S - L, axis=2)], axis=2)   # repeat the last key
+    pages = pad.reshape(B, Hkv, P, S, d)
+    return pages.min(3), pages.max(3)
+
+
+def _stateful_quest_model(S, sinks, window, with_mask, **extra):
+    ins = [("q", F), ("k", F), ("v", F), ("mask", BOOL) if with_mask else None, ("kappa", F), ("pmin", F),
+           ("pmax", F)]
+    return _model("QuestAttention", ins, ["out", "pmin_out", "pmax_out"],
+                  dict(page_size=S, sinks=sinks, window=window, **extra))
+
+
+@pytest.mark.parametrize("S,per_kv_head,with_mask", [(1, 0, False), (3, 0, True), (8, 0, False), (8, 1, True)])
+def test_quest_page_state_carried_equals_stateless(lib, S, per_kv_head, with_mask):
+    """Decode with the page min/max carried from step to step: a 5-token prefill, then single-token steps across
+    several page boundaries (GQA 4/2, per-row kappa). Every step equals the stateless kernel bit for bit, reads only
+    the new key for the pages, and the carried state equals the page min/max recomputed from all of K."""
+    rng = np.random.default_rng(40 + S + per_kv_head)
+    B, H, Hkv, d, T0 = 3, 4, 2, 16, 5
+    kappa = np.array([1.0, 0.5, 0.2], np.float32)
+    stateful = _session(_stateful_quest_model(S, 1, 2, with_mask, select_per_kv_head=per_kv_head))
+    stateless = _session(_quest_model(S, 1, 2, with_mask, select_per_kv_head=per_kv_head))
+    q, k, v, mask = _attn_inputs(rng, B, H, Hkv, T0, T0, d, with_mask)
+    empty = np.zeros((1, Hkv, 0, d), np.float32)        # no state yet: one empty row serves any batch
+    feeds = {"q": q, "k": k, "v": v, "kappa": kappa, **({"mask": mask} if with_mask else {})}
+    out, pmin, pmax = stateful.run(None, {**feeds, "pmin": empty, "pmax": empty})
+    np.testing.assert_array_equal(out, stateless.run(None, feeds)[0])
+    for L in range(T0 + 1, T0 + 3 * S + 3):
+        want_min, want_max = _page_minmax(k, S)
+        np.testing.assert_array_equal(pmin, want_min)
+        np.testing.assert_array_equal(pmax, want_max)
+        q1, k1, v1, mask = _attn_inputs(rng, B, H, Hkv, 1, L, d, with_mask)
+        k = np.concatenate([k, k1[:, :, -1:]], axis=2)                              # the cache with the new key
+        v = np.concatenate([v, v1[:, :, -1:]], axis=2)
+        feeds = {"q": q1, "k": k, "v": v, "kappa": kappa, **({"mask": mask} if with_mask else {})}
+        before = _stats(lib)
+        out, pmin, pmax = stateful.run(None, {**feeds, "pmin": pmin, "pmax": pmax})
+        folded = _stats(lib)["attn_minmax_rows"] - before["attn_minmax_rows"]
+        assert folded == B * Hkv, f"L={L}: {folded} key rows folded into the page state, want only the new ones"
+        np.testing.assert_array_equal(out, stateless.run(None, feeds)[0], err_msg=f"L={L}")
+        if not per_kv_head:
+            _close(out, _quest_ref(q1, k, v, mask, kappa, None, S, 1, 2))
+    want_min, want_max = _page_minmax(k, S)
+    np.testing.assert_array_equal(pmin, want_min)
+    np.testing.assert_array_equal(pmax, want_max)
+
+
+def test_quest_page_state_chunked_prefill_and_errors(lib):
+    """A second multi-token call continues the carried pages (merging into the partial last page); a state that
+    does not hold ceil(L_past/S) pages is a one-line error."""
+    rng = np.random.default_rng(21)
+    B, H, Hkv, d, S = 2, 4, 2, 8, 4
+    sess = _session(_stateful_quest_model(S, 0, 0, False))
+    kappa = np.ones(B, np.float32)
+    q, k, v, _ = _attn_inputs(rng, B, H, Hkv, 6, 6, d, False)
+    empty = np.zeros((B, Hkv, 0, d), np.float32)
+    _, pmin, pmax = sess.run(None, {"q": q, "k": k, "v": v, "kappa": kappa, "pmin": empty, "pmax": empty})
+    q2, k2, v2, _ = _attn_inputs(rng, B, H, Hkv, 7, 13, d, False)
+    k2[:, :, :6], v2[:, :, :6] = k, v
+    _, pmin, pmax = sess.run(None, {"q": q2, "k": k2, "v": v2, "kappa": kappa, "pmin": pmin, "pmax": pmax})
+    want_min, want_max = _page_minmax(k2, S)
+    np.testing.assert_array_equal(pmin, want_min)
+    np.testing.assert_array_equal(pmax, want_max)
+    q3, k3, v3, _ = _attn_inputs(rng, B, H, Hkv, 1, 14, d, False)
+    stale = {"q": q3, "k": k3, "v": v3, "kappa": kappa, "pmin": pmin[:, :, :2], "pmax": pmax[:, :, :2]}
+    with pytest.raises(Exception, match="past_page_min/max .* not the pages of the 13 past keys"):
+        sess.run(None, stale)
 
 
 # ---------------------------------------------------------------------------------------------- SparseMLP
@@ -597,3 +671,74 @@ def test_four_threads_on_one_solm_ep_session(lib, tiny_artifacts):
         for (lg, a), (lg0, a0) in zip(r, alone):
             np.testing.assert_array_equal(lg, lg0)
             assert (a is None and a0 is None) or np.array_equal(a, a0)
+
+
+def _present_keys(sess, feeds_out):
+    return [feeds_out[f"present_key_{i}"].numpy() for i in range(sess.n_layers)]
+
+
+def test_artifact_carries_page_state(lib, tiny_artifacts):
+    """The solm artifact carries each layer's page min/max like the KV cache: after every step it equals the page
+    min/max of that layer's whole key cache, a carried decode step folds only the new key into it, and decoding
+    with it carried equals decoding with it left out (the empty default: pages recomputed from K) bit for bit."""
+    import onnx
+
+    from solm_compile.runtime.session import SolmSession
+
+    s = SolmSession(tiny_artifacts["solm"], tokenizer=False, threads=1)
+    assert s.meta["page_state"] == s.n_layers == 2
+    assert [p for p, _ in s.page_state] == ["past_page_min_0", "past_page_max_0", "past_page_min_1", "past_page_max_1"]
+    S = {a.name: a.i for n in onnx.load(str(tiny_artifacts["solm"])).graph.node if n.op_type == "QuestAttention"
+         for a in n.attribute}["page_size"]
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 5, 7, 3, 2, 9, 40, 41, 42, 7]]
+    B, Hkv = 2, s.meta["kv_heads"]
+    feeds = {"input_ids": np.asarray(prompts, np.int64), "position_ids": np.tile(np.arange(10), (B, 1)),
+             **s._empty_past(B), **s._policy_start(B, np.zeros((B, s.meta["hidden_size"]), np.float32)),
+             "budget": np.tile(np.array([0.3, 0.5, 0.4], np.float32), (B, 1))}
+    stateless = dict(feeds)
+    for t in range(2 * S + 3):
+        before = _stats(lib)
+        out = s._run(feeds)
+        folded = _stats(lib)["attn_minmax_rows"] - before["attn_minmax_rows"]
+        assert folded == (10 if t == 0 else 1) * B * Hkv * s.n_layers, t
+        out0 = s._run({k: v for k, v in stateless.items() if not k.startswith("past_page_")})
+        np.testing.assert_array_equal(out["logits"].numpy(), out0["logits"].numpy(), err_msg=f"step {t}")
+        for i, k in enumerate(_present_keys(s, out)):
+            want_min, want_max = _page_minmax(k, S)
+            np.testing.assert_array_equal(out[f"present_page_min_{i}"].numpy(), want_min)
+            np.testing.assert_array_equal(out[f"present_page_max_{i}"].numpy(), want_max)
+        tok = out["logits"].numpy()[:, -1].argmax(-1)[:, None]
+        L = 10 + t
+        for f, o in ((feeds, out), (stateless, out0)):
+            s._carry(o, f)
+            f["input_ids"], f["position_ids"] = tok, np.full((B, 1), L, np.int64)
+
+
+def test_artifact_page_state_pass_and_per_kv_head(lib, tiny_artifacts, tmp_path):
+    """passes/page_state.py on the written artifacts: a second run changes nothing, the portable artifact has no
+    QuestAttention to change, and select_per_kv_head in the artifact decodes exactly as SolmEP's provider option
+    select_per_kv_head=1 on the unmodified artifact."""
+    from onnxscript import ir
+
+    from solm_compile.passes.page_state import carry_page_state, select_per_kv_head
+    from solm_compile.runtime.session import SolmSession
+
+    model = ir.load(str(tiny_artifacts["solm"]))
+    again = carry_page_state(model)
+    assert not again.modified and not again.counts and not again.skipped
+    portable = carry_page_state(ir.load(str(tiny_artifacts["portable"])))
+    assert not portable.modified and not portable.counts
+    r = select_per_kv_head(model)
+    assert r.modified and r.counts["quest_attention"] == 2
+    assert not select_per_kv_head(model).modified
+    path = tmp_path / "tiny.kvhead.onnx"
+    ir.save(model, str(path))
+    prompt = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    attr = SolmSession(path, tokenizer=False, threads=1)
+    option = SolmSession(tiny_artifacts["solm"], tokenizer=False, threads=1, ep_options={"select_per_kv_head": "1"})
+    per_query = SolmSession(tiny_artifacts["solm"], tokenizer=False, threads=1)
+    differs = False
+    for a, b, c in zip(*(x.steps(prompt, budget=(0.3, 0.5, 6), max_new_tokens=24) for x in (attr, option, per_query))):
+        np.testing.assert_array_equal(a["logits"], b["logits"])
+        differs = differs or not np.array_equal(a["logits"], c["logits"])
+    assert differs, "per-KV-head selection should change some step of a GQA model at a sparse budget"

@@ -103,39 +103,45 @@ inline bool Allowed(const MaskRow& m, int64_t j, float* add) {
   return true;
 }
 
-// Element-wise max/min of the keys of every page: out [P, 2, d] (max row, then min row).
-SOLM_CLONES void PageMinMax(const float* K, int64_t L, int64_t d, int64_t S, float* out) {
-  const int64_t P = (L + S - 1) / S;
-  for (int64_t p = 0; p < P; ++p) {
-    float* hi = out + p * 2 * d;
-    float* lo = hi + d;
-    const int64_t j0 = p * S, j1 = std::min(L, j0 + S);
-    std::memcpy(hi, K + j0 * d, d * sizeof(float));
-    std::memcpy(lo, K + j0 * d, d * sizeof(float));
-    for (int64_t j = j0 + 1; j < j1; ++j) {
+// Element-wise max/min of the keys of pages, hi/lo [P, d], folding keys [j0, L) in order: a page that starts at or
+// after j0 starts from its first key; the page holding j0, when j0 is inside it, continues from its current hi/lo
+// (its keys before j0 already folded in), so the result equals the fold over the whole page (j0 = 0: every page).
+SOLM_CLONES void PageMinMax(const float* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi, float* lo) {
+  for (int64_t p = j0 / S; p * S < L; ++p) {
+    float* h = hi + p * d;
+    float* l = lo + p * d;
+    int64_t j = std::max(j0, p * S);
+    const int64_t j1 = std::min(L, (p + 1) * S);
+    if (j == p * S) {
+      std::memcpy(h, K + j * d, d * sizeof(float));
+      std::memcpy(l, K + j * d, d * sizeof(float));
+      ++j;
+    }
+    for (; j < j1; ++j) {
       const float* kr = K + j * d;
       int64_t i = 0;
       for (; i + 8 <= d; i += 8) {
         v8 x = *reinterpret_cast<const v8*>(kr + i);
-        v8 a = *reinterpret_cast<v8*>(hi + i);
-        v8 b = *reinterpret_cast<v8*>(lo + i);
-        *reinterpret_cast<v8*>(hi + i) = x > a ? x : a;
-        *reinterpret_cast<v8*>(lo + i) = x < b ? x : b;
+        v8 a = *reinterpret_cast<v8*>(h + i);
+        v8 b = *reinterpret_cast<v8*>(l + i);
+        *reinterpret_cast<v8*>(h + i) = x > a ? x : a;
+        *reinterpret_cast<v8*>(l + i) = x < b ? x : b;
       }
       for (; i < d; ++i) {
-        hi[i] = kr[i] > hi[i] ? kr[i] : hi[i];
-        lo[i] = kr[i] < lo[i] ? kr[i] : lo[i];
+        h[i] = kr[i] > h[i] ? kr[i] : h[i];
+        l[i] = kr[i] < l[i] ? kr[i] : l[i];
       }
     }
   }
 }
 
 // Quest page scores of one query head: score[p] (+)= Σ_d max(q_d·max_d, q_d·min_d).
-SOLM_CLONES void PageScores(const float* qrow, const float* minmax, int64_t P, int64_t d, float* score,
-                            bool accumulate) {
+// hi/lo [P, d]: the page max/min.
+SOLM_CLONES void PageScores(const float* qrow, const float* hi_pages, const float* lo_pages, int64_t P, int64_t d,
+                            float* score, bool accumulate) {
   for (int64_t p = 0; p < P; ++p) {
-    const float* hi = minmax + p * 2 * d;
-    const float* lo = hi + d;
+    const float* hi = hi_pages + p * d;
+    const float* lo = lo_pages + p * d;
     v8 acc = {};
     int64_t i = 0;
     for (; i + 8 <= d; i += 8) {
@@ -233,6 +239,35 @@ SOLM_CLONES uint64_t AttendGroup(const float* qrows, int64_t qstride, int64_t G,
   return scored;
 }
 
+// Page min/max of this call: into the state outputs for every row (carried pages copied, the new tokens' pages
+// folded in), else into scratch for the rows that select (sparse(b, &pb)). Reads only the new keys when a past
+// state is given.
+template <class F>
+void PageMinMaxStep(const float* k, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t S,
+                    const PageState* state, bool any_sparse, F& sparse, AttnScratch& scratch, const Parallel& par) {
+  const int64_t P = (L + S - 1) / S;
+  const bool to_state = state != nullptr && state->min != nullptr && state->max != nullptr;
+  if (!to_state && !any_sparse) return;
+  float* hi = to_state ? state->max : Grow(scratch.page_max, static_cast<size_t>(B * Hkv * P * d));
+  float* lo = to_state ? state->min : Grow(scratch.page_min, static_cast<size_t>(B * Hkv * P * d));
+  const int64_t P_past = state != nullptr ? state->P_past : 0;
+  const int64_t j0 = P_past > 0 ? L - T : 0;  // first key not yet folded into the carried pages
+  Stats& st = GlobalStats();
+  auto item = [&](size_t it) {
+    const int64_t b = static_cast<int64_t>(it) / Hkv;
+    int64_t pb;
+    if (!to_state && !sparse(b, &pb)) return;
+    const int64_t o = static_cast<int64_t>(it);  // b * Hkv + hk
+    if (P_past > 0) {
+      std::memcpy(hi + o * P * d, state->past_max + o * P_past * d, P_past * d * sizeof(float));
+      std::memcpy(lo + o * P * d, state->past_min + o * P_past * d, P_past * d * sizeof(float));
+    }
+    PageMinMax(k + o * L * d, j0, L, d, S, hi + o * P * d, lo + o * P * d);
+    st.attn_minmax_rows.fetch_add(static_cast<uint64_t>(L - j0), std::memory_order_relaxed);
+  };
+  par.For(static_cast<size_t>(B * Hkv), item);
+}
+
 }  // namespace
 
 int64_t PageBudget(double kappa, int64_t L, int64_t S) {
@@ -245,7 +280,8 @@ int64_t PageBudget(double kappa, int64_t L, int64_t S) {
 
 void QuestAttention(const float* q, const float* k, const float* v, const MaskView& mask, const float* kappa,
                     int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t dv,
-                    const QuestParams& p, float* out, AttnScratch& scratch, const Parallel& par) {
+                    const QuestParams& p, float* out, AttnScratch& scratch, const Parallel& par,
+                    const PageState* state) {
   Stats& st = GlobalStats();
   st.attn_calls.fetch_add(1, std::memory_order_relaxed);
   st.attn_keys_dense.fetch_add(static_cast<uint64_t>(B * H * T * L), std::memory_order_relaxed);
@@ -253,6 +289,22 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
   const float scale = p.scale;
   const int64_t S = std::max<int64_t>(p.page_size, 1);
   const int64_t P = (L + S - 1) / S;
+
+  // Single-token step: per row, dense if kappa >= 1 or the page budget covers every page.
+  auto row_budget = [&](int64_t b, int64_t* pb) {
+    const double kb = static_cast<double>(kappa[b]);
+    *pb = PageBudget(kb, L, S);
+    return T == 1 && !(kb >= 1.0 || *pb >= P);  // true: sparse row
+  };
+  bool any_sparse = false;
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t pb;
+    any_sparse = any_sparse || row_budget(b, &pb);
+  }
+  PageMinMaxStep(k, B, Hkv, T, L, d, S, state, any_sparse, row_budget, scratch, par);
+  const bool to_state = state != nullptr && state->min != nullptr && state->max != nullptr;
+  const float* pmax = to_state ? state->max : scratch.page_max.data();
+  const float* pmin = to_state ? state->min : scratch.page_min.data();
 
   if (T != 1) {
     // Multi-token call (prefill): dense attention under the mask; one item per (row, KV head, query position).
@@ -278,29 +330,6 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
     return;
   }
 
-  // Single-token step: per row, dense if kappa >= 1 or the page budget covers every page.
-  auto row_budget = [&](int64_t b, int64_t* pb) {
-    const double kb = static_cast<double>(kappa[b]);
-    *pb = PageBudget(kb, L, S);
-    return !(kb >= 1.0 || *pb >= P);  // true: sparse row
-  };
-  bool any_sparse = false;
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t pb;
-    any_sparse = any_sparse || row_budget(b, &pb);
-  }
-  float* pm = nullptr;
-  if (any_sparse) {
-    pm = Grow(scratch.page_minmax, static_cast<size_t>(B * Hkv * P * 2 * d));
-    auto mm = [&](size_t it) {
-      const int64_t b = static_cast<int64_t>(it) / Hkv, hk = static_cast<int64_t>(it) % Hkv;
-      int64_t pb;
-      if (!row_budget(b, &pb)) return;
-      PageMinMax(k + (b * Hkv + hk) * L * d, L, d, S, pm + (b * Hkv + hk) * P * 2 * d);
-    };
-    par.For(static_cast<size_t>(B * Hkv), mm);
-  }
-
   // One item per (row, query head); dense rows and per-KV-head selection do the whole group in the item of its
   // first head (K/V rows read once per group), the other items of the group return at once.
   auto item = [&](size_t it) {
@@ -323,8 +352,8 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
     const float* K = k + (b * Hkv + hk) * L * d;
     const float* V = v + (b * Hkv + hk) * L * dv;
     if (sparse) {
-      const float* minmax = pm + (b * Hkv + hk) * P * 2 * d;
-      for (int64_t gg = 0; gg < heads; ++gg) PageScores(qh + gg * d, minmax, P, d, score, gg > 0);
+      const int64_t o = (b * Hkv + hk) * P * d;
+      for (int64_t gg = 0; gg < heads; ++gg) PageScores(qh + gg * d, pmax + o, pmin + o, P, d, score, gg > 0);
       KeepFromScores(score, P, pb, L, S, p.sinks, p.window, keep, tmp);
     }
     const uint64_t scored =

@@ -5,9 +5,10 @@
 // the reference's arithmetic exactly (double-precision budget with the same -1e-9 guard, ties at the threshold kept).
 //
 // Work skipping:
-//   QuestAttention, T == 1: per (row, KV head) the page min/max of the keys are computed once; per query head (or
-//     per KV head, see QuestParams::per_kv_head) the page scores pick the pages; q·k, the softmax and softmax·v
-//     then run over the kept (and mask-allowed) tokens only. Masked-out tokens are skipped in every mode.
+//   QuestAttention, T == 1: per (row, KV head) the page min/max of the keys are computed once -- or, with a
+//     carried PageState, only the pages the new tokens touch, so selection reads O(P·d) instead of all of K; per
+//     query head (or per KV head, see QuestParams::per_kv_head) the page scores pick the pages; q·k, the softmax and
+//     softmax·v then run over the kept (and mask-allowed) tokens only. Masked-out tokens are skipped in every mode.
 //   SparseMLP: per token the top-k input channels are selected; gate/up accumulate one contiguous input-major
 //     weight row per kept channel; the down projection accumulates one contiguous row per non-zero activation.
 //
@@ -47,6 +48,7 @@ struct Stats {
   std::atomic<uint64_t> attn_keys_scored{0};   // q·k dot products computed (per query head and query row)
   std::atomic<uint64_t> attn_keys_dense{0};    // L per query head and query row
   std::atomic<uint64_t> attn_kv_rows_read{0};  // distinct K rows read for q·k (per query head, or per group)
+  std::atomic<uint64_t> attn_minmax_rows{0};   // K rows folded into page min/max (per KV head)
   std::atomic<uint64_t> mlp_calls{0};
   std::atomic<uint64_t> mlp_in_rows{0};        // gate/up input-major rows accumulated (per token)
   std::atomic<uint64_t> mlp_in_rows_dense{0};  // D per token
@@ -78,14 +80,29 @@ struct QuestParams {
   bool is_causal = false;
 };
 
-struct AttnScratch {
-  std::vector<float> page_minmax;  // [B, Hkv, P, 2, d]
+// The element-wise min and max of the keys of every page of S tokens, carried from step to step like the KV cache.
+// k holds the past keys followed by the T new ones (L_past = L - T); only the pages of [L_past, L) are computed:
+// the last, possibly partial, past page continues from its carried value (the same left fold, so the result is
+// bit-identical to computing it from all of K), later pages start fresh. P_past = 0 (prefill, or a cache without
+// state) computes every page. P = ceil(L/S), P_past = ceil(L_past/S) or 0.
+struct PageState {
+  const float* past_min = nullptr;  // [B, Hkv, P_past, d]
+  const float* past_max = nullptr;
+  int64_t P_past = 0;
+  float* min = nullptr;  // [B, Hkv, P, d], written for every row
+  float* max = nullptr;
 };
 
-// q [B,H,T,d], k [B,Hkv,L,d], v [B,Hkv,L,dv], kappa [B], out [B,H,T,dv].
+struct AttnScratch {
+  std::vector<float> page_min, page_max;  // [B, Hkv, P, d] when no PageState output is given
+};
+
+// q [B,H,T,d], k [B,Hkv,L,d], v [B,Hkv,L,dv], kappa [B], out [B,H,T,dv]. state: nullptr (page min/max from all of
+// K, for the rows that select) or the carried page state (min/max outputs may be null: then kept in scratch).
 void QuestAttention(const float* q, const float* k, const float* v, const MaskView& mask, const float* kappa,
                     int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t dv,
-                    const QuestParams& p, float* out, AttnScratch& scratch, const Parallel& par);
+                    const QuestParams& p, float* out, AttnScratch& scratch, const Parallel& par,
+                    const PageState* state = nullptr);
 
 // Pages kept for keep fraction kappa at KV length L and page size S (reference.page_budget).
 int64_t PageBudget(double kappa, int64_t L, int64_t S);

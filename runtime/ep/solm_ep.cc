@@ -8,8 +8,8 @@
 //     constant initializers (the EP keeps its own re-laid-out copy of the MLP weights).
 //   SolmEp::Compile: reads the node's attributes and constant inputs (MLP weights transposed input-major here),
 //     maps every op input to its slot in the fused node (fused inputs are de-duplicated by name) and builds a kernel.
-//   Compute: KernelContext inputs -> kernels, parallel-for through onnxruntime's intra-op thread pool
-//     (OrtApi::KernelContext_ParallelFor), so `SessionOptions.intra_op_num_threads` controls the threads.
+//   Compute (ort_kernels.cc): KernelContext inputs -> kernels, parallel-for through onnxruntime's intra-op thread
+//     pool (OrtApi::KernelContext_ParallelFor), so `SessionOptions.intra_op_num_threads` controls the threads.
 //
 // API level: built against 1.29 headers but asks for and declares API version 24 (kSolmOrtApi), the oldest runtime
 // whose plugin-EP API has everything used here (OrtEpFactory::GetCustomOpDomains is 1.24); every OrtApi function
@@ -35,8 +35,15 @@
 #include <vector>
 
 #include "kernels.h"
+#include "ort_kernels.h"
 
 #define SOLM_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace solm_ep {
+const OrtApi* g_ort = nullptr;
+}  // namespace solm_ep
+
+using namespace solm_ep;
 
 namespace {
 
@@ -45,132 +52,7 @@ constexpr const char* kEpName = "SolmEP";
 constexpr const char* kDomain = "ai.solm";
 constexpr const char* kVersion = "0.1.0";
 
-const OrtApi* g_ort = nullptr;
 const OrtEpApi* g_ep = nullptr;
-
-// ------------------------------------------------------------------------------------------------ errors
-
-struct OrtError : std::runtime_error {
-  OrtErrorCode code;
-  OrtError(OrtErrorCode c, const std::string& m) : std::runtime_error(m), code(c) {}
-};
-
-void Check(OrtStatus* s) {
-  if (s == nullptr) return;
-  OrtError e(g_ort->GetErrorCode(s), g_ort->GetErrorMessage(s));
-  g_ort->ReleaseStatus(s);
-  throw e;
-}
-
-[[noreturn]] void Fail(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT) {
-  throw OrtError(code, msg);
-}
-
-template <class F>
-OrtStatus* Guard(F&& f) noexcept {
-  try {
-    f();
-    return nullptr;
-  } catch (const OrtError& e) {
-    return g_ort->CreateStatus(e.code, e.what());
-  } catch (const std::exception& e) {
-    return g_ort->CreateStatus(ORT_FAIL, e.what());
-  } catch (...) {
-    return g_ort->CreateStatus(ORT_FAIL, "SolmEP: unknown error");
-  }
-}
-
-// ------------------------------------------------------------------------------------------------ tensors
-
-// A tensor shape held inline (no heap allocation on the Compute path).
-struct Shape {
-  static constexpr size_t kMaxRank = 8;
-  int64_t d[kMaxRank] = {};
-  size_t n = 0;
-  Shape() = default;
-  Shape(std::initializer_list<int64_t> l) { Assign(l.begin(), l.size()); }
-  void Assign(const int64_t* p, size_t rank) {
-    if (rank > kMaxRank) Fail("SolmEP: tensor rank " + std::to_string(rank) + " > 8");
-    n = rank;
-    for (size_t i = 0; i < n; ++i) d[i] = p[i];
-  }
-  size_t size() const { return n; }
-  const int64_t* data() const { return d; }
-  const int64_t* begin() const { return d; }
-  const int64_t* end() const { return d + n; }
-  int64_t operator[](size_t i) const { return d[i]; }
-  bool operator==(const Shape& o) const { return n == o.n && std::equal(d, d + n, o.d); }
-  bool operator!=(const Shape& o) const { return !(*this == o); }
-};
-
-struct TensorRef {  // a borrowed tensor (kernel-context input or a saved constant)
-  const void* data = nullptr;
-  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  Shape shape;
-  bool present = false;
-  int64_t numel() const {
-    int64_t n = 1;
-    for (int64_t s : shape) n *= s;
-    return n;
-  }
-  const float* f() const { return static_cast<const float*>(data); }
-};
-
-void Describe(const OrtValue* value, TensorRef* t) {
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  Check(g_ort->GetTensorTypeAndShape(value, &info));
-  size_t nd = 0;
-  OrtStatus* s = g_ort->GetDimensionsCount(info, &nd);
-  if (!s && nd > Shape::kMaxRank) s = g_ort->CreateStatus(ORT_INVALID_ARGUMENT, "SolmEP: tensor rank > 8");
-  if (!s) {
-    t->shape.n = nd;
-    s = g_ort->GetDimensions(info, t->shape.d, nd);
-  }
-  if (!s) s = g_ort->GetTensorElementType(info, &t->type);
-  g_ort->ReleaseTensorTypeAndShapeInfo(info);
-  Check(s);
-  Check(g_ort->GetTensorData(value, &t->data));
-  t->present = true;
-}
-
-struct SavedTensor {  // a constant initializer copied at Compile time
-  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  std::vector<int64_t> shape;
-  std::vector<uint8_t> bytes;
-};
-
-size_t ElemSize(ONNXTensorElementDataType t) {
-  switch (t) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32: return 4;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64:
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return 8;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL:
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8:
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return 1;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16:
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16:
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: return 2;
-    default: return 0;
-  }
-}
-
-std::string ShapeStr(const Shape& s) {
-  std::string r = "[";
-  for (size_t i = 0; i < s.size(); ++i) r += (i ? "," : "") + std::to_string(s[i]);
-  return r + "]";
-}
-
-// Where an op input comes from at Compute time.
-struct InputSlot {
-  std::string name;          // empty: optional input absent
-  int ctx_index = -1;        // index among the fused node's (= kernel context's) inputs
-  std::shared_ptr<SavedTensor> saved;  // constant initializer kept by the EP
-  bool consumed = false;     // constant consumed at Compile (MLP weights), not needed at Compute
-};
 
 // ------------------------------------------------------------------------------------------------ graph helpers
 
@@ -282,213 +164,6 @@ std::shared_ptr<SavedTensor> SaveConstant(const OrtValueInfo* vi) {
   return saved;
 }
 
-// ------------------------------------------------------------------------------------------------ kernels
-
-struct KernelBase {
-  std::string op;
-  std::vector<InputSlot> inputs;
-  // Per op output: its index among the fused node's (= kernel context's) outputs, or -1 when ORT left it out of
-  // the fused node (an output no node consumes and that is no graph output; e.g. GateControls' unused rho/bits).
-  std::vector<int> outputs;
-  std::mutex mu;  // serialises Compute of one node (its scratch buffers) across concurrent Run() calls
-  virtual ~KernelBase() = default;
-  virtual void Compute(OrtKernelContext* kc) = 0;
-
-  TensorRef In(OrtKernelContext* kc, size_t i) const {
-    TensorRef t;
-    if (i >= inputs.size()) return t;
-    const InputSlot& s = inputs[i];
-    if (s.name.empty()) return t;
-    if (s.ctx_index >= 0) {
-      const OrtValue* v = nullptr;
-      Check(g_ort->KernelContext_GetInput(kc, static_cast<size_t>(s.ctx_index), &v));
-      if (v == nullptr) return t;
-      Describe(v, &t);
-      return t;
-    }
-    if (s.saved) {
-      t.data = s.saved->bytes.data();
-      t.type = s.saved->type;
-      t.shape.Assign(s.saved->shape.data(), s.saved->shape.size());
-      t.present = true;
-      return t;
-    }
-    Fail("SolmEP: " + op + " input '" + s.name + "' is not available at run time", ORT_FAIL);
-  }
-
-  bool HasOut(size_t i) const { return i < outputs.size() && outputs[i] >= 0; }
-
-  // The buffer of op output i, allocated with `shape`; nullptr if the fused node does not produce it (HasOut).
-  float* Out(OrtKernelContext* kc, size_t i, const Shape& shape) const {
-    if (!HasOut(i)) return nullptr;
-    OrtValue* v = nullptr;
-    Check(g_ort->KernelContext_GetOutput(kc, static_cast<size_t>(outputs[i]), shape.data(), shape.size(), &v));
-    if (v == nullptr)
-      Fail("SolmEP: " + op + " output #" + std::to_string(i) + " is not available at run time", ORT_FAIL);
-    void* p = nullptr;
-    Check(g_ort->GetTensorMutableData(v, &p));
-    return static_cast<float*>(p);
-  }
-
-  void RequireFloat(const TensorRef& t, const char* what) const {
-    if (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
-      Fail("SolmEP: " + op + " input '" + what + "' must be float32");
-  }
-};
-
-void ParallelLaunch(void* impl, size_t n, void (*fn)(void*, size_t), void* arg) {
-  auto* kc = static_cast<const OrtKernelContext*>(impl);
-  if (OrtStatus* s = g_ort->KernelContext_ParallelFor(kc, fn, n, 0, arg)) {
-    g_ort->ReleaseStatus(s);
-    for (size_t i = 0; i < n; ++i) fn(arg, i);
-  }
-}
-
-solm::Parallel MakeParallel(OrtKernelContext* kc) {
-  solm::Parallel p;
-  p.launch = ParallelLaunch;
-  p.impl = kc;
-  return p;
-}
-
-// A [B] control vector (kappa / rho / bits): one value per batch row, or one value broadcast to every row.
-const float* RowValues(const TensorRef& t, int64_t B, const char* what, const std::string& op,
-                       std::vector<float>& broadcast) {
-  if (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) Fail("SolmEP: " + op + " input '" + what + "' must be float32");
-  const int64_t n = t.numel();
-  if (n == B) return t.f();
-  if (n == 1) {
-    broadcast.assign(static_cast<size_t>(B), t.f()[0]);
-    return broadcast.data();
-  }
-  Fail("SolmEP: " + op + " input '" + what + "' has " + std::to_string(n) + " values for batch " +
-       std::to_string(B));
-}
-
-struct QuestKernel : KernelBase {
-  solm::QuestParams params;
-  bool has_scale = false;
-  solm::AttnScratch scratch;
-  std::vector<float> kappa_b;
-
-  void Compute(OrtKernelContext* kc) override {
-    std::lock_guard<std::mutex> lock(mu);
-    TensorRef q = In(kc, 0), k = In(kc, 1), v = In(kc, 2), m = In(kc, 3), kap = In(kc, 4);
-    RequireFloat(q, "q");
-    RequireFloat(k, "k");
-    RequireFloat(v, "v");
-    if (q.shape.size() != 4 || k.shape.size() != 4 || v.shape.size() != 4)
-      Fail("SolmEP: QuestAttention expects q [B,H,T,d] and k/v [B,Hkv,L,d], got " + ShapeStr(q.shape) + " " +
-           ShapeStr(k.shape) + " " + ShapeStr(v.shape));
-    const int64_t B = q.shape[0], H = q.shape[1], T = q.shape[2], d = q.shape[3];
-    const int64_t Hkv = k.shape[1], L = k.shape[2], dv = v.shape[3];
-    if (k.shape[0] != B || k.shape[3] != d || v.shape[0] != B || v.shape[1] != Hkv || v.shape[2] != L || Hkv <= 0 ||
-        H % Hkv != 0)
-      Fail("SolmEP: QuestAttention shape mismatch q " + ShapeStr(q.shape) + " k " + ShapeStr(k.shape) + " v " +
-           ShapeStr(v.shape));
-    const float* kappa = RowValues(kap, B, "kappa", op, kappa_b);
-    solm::MaskView mv;
-    if (m.present) {
-      if (m.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) mv.is_bool = true;
-      else if (m.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) mv.is_bool = false;
-      else Fail("SolmEP: QuestAttention attn_mask must be bool or float32");
-      if (m.shape.size() > 4) Fail("SolmEP: QuestAttention attn_mask rank > 4");
-      int64_t dims[4] = {1, 1, 1, 1};
-      const size_t off = 4 - m.shape.size();
-      for (size_t i = 0; i < m.shape.size(); ++i) dims[off + i] = m.shape[i];
-      const int64_t full[4] = {B, H, T, L};
-      int64_t stride[4];
-      int64_t acc = 1;
-      for (int i = 3; i >= 0; --i) {
-        if (dims[i] != 1 && dims[i] != full[i])
-          Fail("SolmEP: QuestAttention attn_mask " + ShapeStr(m.shape) + " does not broadcast to [B,H,T,L]");
-        stride[i] = dims[i] == 1 ? 0 : acc;
-        acc *= dims[i];
-      }
-      mv.data = m.data;
-      mv.sb = stride[0], mv.sh = stride[1], mv.st = stride[2], mv.sl = stride[3];
-    }
-    float* out = Out(kc, 0, {B, H, T, dv});
-    if (out == nullptr || B * H * T * dv == 0) return;
-    if (L == 0) {
-      for (int64_t i = 0; i < B * H * T * dv; ++i) out[i] = std::numeric_limits<float>::quiet_NaN();
-      return;
-    }
-    solm::QuestParams p = params;
-    if (!has_scale) p.scale = 1.0f / std::sqrt(static_cast<float>(d));
-    solm::QuestAttention(q.f(), k.f(), v.f(), mv, kappa, B, H, Hkv, T, L, d, dv, p, out, scratch, MakeParallel(kc));
-  }
-};
-
-struct MlpKernel : KernelBase {
-  solm::Act act = solm::Act::kSilu;
-  solm::MlpWeights weights;
-  bool weights_ready = false;  // all weights were constants, laid out at Compile
-  solm::MlpScratch scratch;
-  std::vector<float> rho_b, bits_b;
-
-  // inputs: 0 x, 1 w_gate, 2 b_gate, 3 w_up, 4 b_up, 5 w_down, 6 b_down, 7 rho, 8 bits
-  static constexpr size_t kWeightInputs[6] = {1, 2, 3, 4, 5, 6};
-
-  void SetWeights(const TensorRef& wg, const TensorRef& bg, const TensorRef& wu, const TensorRef& bu,
-                  const TensorRef& wd, const TensorRef& bd) {
-    auto need_float = [&](const TensorRef& t, const char* what) {
-      if (t.present && t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
-        Fail("SolmEP: SparseMLP " + std::string(what) + " must be float32");
-    };
-    need_float(wg, "w_gate"), need_float(bg, "b_gate"), need_float(wu, "w_up"), need_float(bu, "b_up");
-    need_float(wd, "w_down"), need_float(bd, "b_down");
-    if (!wu.present || !wd.present) Fail("SolmEP: SparseMLP needs w_up and w_down");
-    if (wu.shape.size() != 2 || wd.shape.size() != 2) Fail("SolmEP: SparseMLP weights must be 2-D");
-    const int64_t I = wu.shape[0], D = wu.shape[1], Dout = wd.shape[0];
-    if (wd.shape[1] != I) Fail("SolmEP: SparseMLP w_down " + ShapeStr(wd.shape) + " does not match w_up " + ShapeStr(wu.shape));
-    if (wg.present && wg.shape != wu.shape) Fail("SolmEP: SparseMLP w_gate shape != w_up shape");
-    if (bg.present && bg.numel() != I) Fail("SolmEP: SparseMLP b_gate must have I values");
-    if (bu.present && bu.numel() != I) Fail("SolmEP: SparseMLP b_up must have I values");
-    if (bd.present && bd.numel() != Dout) Fail("SolmEP: SparseMLP b_down must have Dout values");
-    weights.Set(wg.present ? wg.f() : nullptr, bg.present ? bg.f() : nullptr, wu.f(), bu.present ? bu.f() : nullptr,
-                wd.f(), bd.present ? bd.f() : nullptr, D, I, Dout);
-  }
-
-  void Compute(OrtKernelContext* kc) override {
-    std::lock_guard<std::mutex> lock(mu);
-    if (!weights_ready)  // weights are graph inputs (not constants): re-layout on every call
-      SetWeights(In(kc, 1), In(kc, 2), In(kc, 3), In(kc, 4), In(kc, 5), In(kc, 6));
-    TensorRef x = In(kc, 0), rho = In(kc, 7), bits = In(kc, 8);
-    RequireFloat(x, "x");
-    if (x.shape.size() != 3 || x.shape[2] != weights.D)
-      Fail("SolmEP: SparseMLP x must be [B,T,D] with D=" + std::to_string(weights.D) + ", got " + ShapeStr(x.shape));
-    const int64_t B = x.shape[0], T = x.shape[1];
-    const float* r = RowValues(rho, B, "rho", op, rho_b);
-    const float* b = RowValues(bits, B, "bits", op, bits_b);
-    float* y = Out(kc, 0, {B, T, weights.Dout});
-    if (y == nullptr) return;
-    solm::SparseMlp(x.f(), B, T, weights, r, b, act, y, scratch, MakeParallel(kc));
-  }
-};
-
-struct GateKernel : KernelBase {
-  int64_t min_len = 0;
-
-  void Compute(OrtKernelContext* kc) override {
-    TensorRef ids = In(kc, 0), past = In(kc, 1);
-    if (ids.shape.size() < 2) Fail("SolmEP: GateControls input_ids must be [B,T]");
-    if (past.shape.size() < 3) Fail("SolmEP: GateControls past_key must have rank >= 3 ([B,Hkv,Lpast,d])");
-    const int64_t T = ids.shape[1];
-    const int64_t L = past.shape[2] + T;
-    const bool active = T == 1 && L > min_len;
-    const float dense[3] = {1.f, 1.f, 16.f};
-    for (size_t i = 0; i < 3; ++i) {
-      TensorRef c = In(kc, 2 + i);
-      RequireFloat(c, i == 0 ? "kappa" : i == 1 ? "rho" : "bits");
-      float* o = Out(kc, i, c.shape);
-      if (o == nullptr) continue;  // output not consumed (left out of the fused node)
-      const int64_t n = c.numel();
-      for (int64_t j = 0; j < n; ++j) o[j] = active ? c.f()[j] : dense[i];
-    }
-  }
-};
-
 // ------------------------------------------------------------------------------------------------ op table
 
 struct OpSpec {
@@ -496,13 +171,14 @@ struct OpSpec {
   std::vector<ONNXTensorElementDataType> in_types;  // UNDEFINED: any type
   std::vector<bool> in_optional;
   size_t n_out;
+  size_t n_out_required = SIZE_MAX;  // outputs from this index on are optional (default: none)
 };
 
 const std::vector<OpSpec>& OpSpecs() {
   constexpr auto F = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   constexpr auto U = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   static const std::vector<OpSpec> specs = {
-      {"QuestAttention", {F, F, F, U, F}, {false, false, false, true, false}, 1},
+      {"QuestAttention", {F, F, F, U, F, F, F}, {false, false, false, true, false, true, true}, 3, 1},
       {"SparseMLP", {F, F, F, F, F, F, F, F, F}, {false, true, true, false, true, false, true, false, false}, 1},
       {"GateControls", {U, U, F, F, F}, {false, false, false, false, false}, 3},
   };
@@ -531,7 +207,10 @@ struct PlaceholderOp : OrtCustomOp {
       return static_cast<const PlaceholderOp*>(op)->spec->in_optional[i] ? INPUT_OUTPUT_OPTIONAL
                                                                           : INPUT_OUTPUT_REQUIRED;
     };
-    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetOutputCharacteristic = [](const OrtCustomOp* op, size_t i) {
+      return i >= static_cast<const PlaceholderOp*>(op)->spec->n_out_required ? INPUT_OUTPUT_OPTIONAL
+                                                                                : INPUT_OUTPUT_REQUIRED;
+    };
     GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
     GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
     GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
@@ -900,12 +579,13 @@ SOLM_EXPORT const char* SolmEpIsa() { return solm::MlpKernelIsa(); }
 
 // Work counters of the kernels (process-wide), for tests and benchmarks:
 // [attn_calls, attn_keys_scored, attn_keys_dense, attn_kv_rows_read, mlp_calls, mlp_in_rows, mlp_in_rows_dense,
-//  mlp_down_rows, mlp_down_rows_dense]. Returns how many values were written.
+//  mlp_down_rows, mlp_down_rows_dense, attn_minmax_rows]. Returns how many values were written.
 SOLM_EXPORT size_t SolmEpGetStats(uint64_t* out, size_t n) {
   const solm::Stats& s = solm::GlobalStats();
   const uint64_t v[] = {s.attn_calls.load(),    s.attn_keys_scored.load(), s.attn_keys_dense.load(),
                         s.attn_kv_rows_read.load(), s.mlp_calls.load(),   s.mlp_in_rows.load(),
-                        s.mlp_in_rows_dense.load(), s.mlp_down_rows.load(), s.mlp_down_rows_dense.load()};
+                        s.mlp_in_rows_dense.load(), s.mlp_down_rows.load(), s.mlp_down_rows_dense.load(),
+                        s.attn_minmax_rows.load()};
   const size_t m = std::min(n, sizeof(v) / sizeof(v[0]));
   for (size_t i = 0; i < m; ++i) out[i] = v[i];
   return m;
@@ -914,6 +594,7 @@ SOLM_EXPORT size_t SolmEpGetStats(uint64_t* out, size_t n) {
 SOLM_EXPORT void SolmEpResetStats() {
   solm::Stats& s = solm::GlobalStats();
   for (auto* a : {&s.attn_calls, &s.attn_keys_scored, &s.attn_keys_dense, &s.attn_kv_rows_read, &s.mlp_calls,
-                  &s.mlp_in_rows, &s.mlp_in_rows_dense, &s.mlp_down_rows, &s.mlp_down_rows_dense})
+                  &s.mlp_in_rows, &s.mlp_in_rows_dense, &s.mlp_down_rows, &s.mlp_down_rows_dense,
+                  &s.attn_minmax_rows})
     a->store(0);
 }

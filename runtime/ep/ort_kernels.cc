@@ -1,0 +1,178 @@
+// Compute of the ai.solm op kernels (ort_kernels.h): kernel-context inputs and outputs -> kernels.h.
+#include "ort_kernels.h"
+
+#include <cmath>
+#include <limits>
+
+namespace solm_ep {
+
+namespace {
+
+void ParallelLaunch(void* impl, size_t n, void (*fn)(void*, size_t), void* arg) {
+  auto* kc = static_cast<const OrtKernelContext*>(impl);
+  if (OrtStatus* s = g_ort->KernelContext_ParallelFor(kc, fn, n, 0, arg)) {
+    g_ort->ReleaseStatus(s);
+    for (size_t i = 0; i < n; ++i) fn(arg, i);
+  }
+}
+
+solm::Parallel MakeParallel(OrtKernelContext* kc) {
+  solm::Parallel p;
+  p.launch = ParallelLaunch;
+  p.impl = kc;
+  return p;
+}
+
+// A [B] control vector (kappa / rho / bits): one value per batch row, or one value broadcast to every row.
+const float* RowValues(const TensorRef& t, int64_t B, const char* what, const std::string& op,
+                       std::vector<float>& broadcast) {
+  if (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) Fail("SolmEP: " + op + " input '" + what + "' must be float32");
+  const int64_t n = t.numel();
+  if (n == B) return t.f();
+  if (n == 1) {
+    broadcast.assign(static_cast<size_t>(B), t.f()[0]);
+    return broadcast.data();
+  }
+  Fail("SolmEP: " + op + " input '" + what + "' has " + std::to_string(n) + " values for batch " +
+       std::to_string(B));
+}
+
+}  // namespace
+
+void QuestKernel::Compute(OrtKernelContext* kc) {
+  std::lock_guard<std::mutex> lock(mu);
+  TensorRef q = In(kc, 0), k = In(kc, 1), v = In(kc, 2), m = In(kc, 3), kap = In(kc, 4);
+  RequireFloat(q, "q");
+  RequireFloat(k, "k");
+  RequireFloat(v, "v");
+  if (q.shape.size() != 4 || k.shape.size() != 4 || v.shape.size() != 4)
+    Fail("SolmEP: QuestAttention expects q [B,H,T,d] and k/v [B,Hkv,L,d], got " + ShapeStr(q.shape) + " " +
+         ShapeStr(k.shape) + " " + ShapeStr(v.shape));
+  const int64_t B = q.shape[0], H = q.shape[1], T = q.shape[2], d = q.shape[3];
+  const int64_t Hkv = k.shape[1], L = k.shape[2], dv = v.shape[3];
+  if (k.shape[0] != B || k.shape[3] != d || v.shape[0] != B || v.shape[1] != Hkv || v.shape[2] != L || Hkv <= 0 ||
+      H % Hkv != 0)
+    Fail("SolmEP: QuestAttention shape mismatch q " + ShapeStr(q.shape) + " k " + ShapeStr(k.shape) + " v " +
+         ShapeStr(v.shape));
+  const float* kappa = RowValues(kap, B, "kappa", op, kappa_b);
+  solm::MaskView mv;
+  if (m.present) {
+    if (m.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) mv.is_bool = true;
+    else if (m.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) mv.is_bool = false;
+    else Fail("SolmEP: QuestAttention attn_mask must be bool or float32");
+    if (m.shape.size() > 4) Fail("SolmEP: QuestAttention attn_mask rank > 4");
+    int64_t dims[4] = {1, 1, 1, 1};
+    const size_t off = 4 - m.shape.size();
+    for (size_t i = 0; i < m.shape.size(); ++i) dims[off + i] = m.shape[i];
+    const int64_t full[4] = {B, H, T, L};
+    int64_t stride[4];
+    int64_t acc = 1;
+    for (int i = 3; i >= 0; --i) {
+      if (dims[i] != 1 && dims[i] != full[i])
+        Fail("SolmEP: QuestAttention attn_mask " + ShapeStr(m.shape) + " does not broadcast to [B,H,T,L]");
+      stride[i] = dims[i] == 1 ? 0 : acc;
+      acc *= dims[i];
+    }
+    mv.data = m.data;
+    mv.sb = stride[0], mv.sh = stride[1], mv.st = stride[2], mv.sl = stride[3];
+  }
+  solm::PageState ps;
+  const bool stateful = PageStateOf(kc, B, Hkv, T, L, d, &ps);
+  float* out = Out(kc, 0, {B, H, T, dv});
+  if (out == nullptr && ps.min == nullptr) return;
+  if (out == nullptr) out = Grow(spare_out, B * H * T * dv);  // only the page state is consumed
+  if (L == 0) {  // no keys (and no pages): softmax over nothing, NaN as in the reference
+    for (int64_t i = 0; i < B * H * T * dv; ++i) out[i] = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  if (B * H * T * dv == 0 && ps.min == nullptr) return;
+  solm::QuestParams p = params;
+  if (!has_scale) p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  solm::QuestAttention(q.f(), k.f(), v.f(), mv, kappa, B, H, Hkv, T, L, d, dv, p, out, scratch, MakeParallel(kc),
+                       stateful ? &ps : nullptr);
+}
+
+bool QuestKernel::PageStateOf(OrtKernelContext* kc, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d,
+                              solm::PageState* ps) {
+  TensorRef mn = In(kc, 5), mx = In(kc, 6);
+  if (mn.present != mx.present) Fail("SolmEP: QuestAttention takes past_page_min and past_page_max together");
+  const int64_t S = params.page_size, P = (L + S - 1) / S;
+  if (mn.present) {
+    RequireFloat(mn, "past_page_min");
+    RequireFloat(mx, "past_page_max");
+    const int64_t L_past = L - T;
+    const int64_t P_past = mn.shape.size() == 4 ? mn.shape[2] : -1;
+    const bool ok = mn.shape == mx.shape && P_past >= 0 && mn.shape[1] == Hkv && mn.shape[3] == d &&
+                    (P_past == 0 || (mn.shape[0] == B && L_past >= 0 && P_past == (L_past + S - 1) / S));
+    if (!ok)
+      Fail("SolmEP: QuestAttention past_page_min/max " + ShapeStr(mn.shape) + " / " + ShapeStr(mx.shape) +
+           " are not the pages of the " + std::to_string(L_past) + " past keys: expected [" + std::to_string(B) +
+           "," + std::to_string(Hkv) + ",ceil(L_past/" + std::to_string(S) + ")," + std::to_string(d) +
+           "] or an empty [*," + std::to_string(Hkv) + ",0," + std::to_string(d) + "]");
+    if (P_past > 0) ps->past_min = mn.f(), ps->past_max = mx.f(), ps->P_past = P_past;
+  }
+  ps->min = Out(kc, 1, {B, Hkv, P, d});
+  ps->max = Out(kc, 2, {B, Hkv, P, d});
+  if ((ps->min == nullptr) != (ps->max == nullptr)) {  // one of the two consumed: the other goes to scratch
+    float* spare = Grow(spare_state, B * Hkv * P * d);
+    if (ps->min == nullptr) ps->min = spare;
+    else ps->max = spare;
+  }
+  return mn.present || ps->min != nullptr;
+}
+
+void MlpKernel::SetWeights(const TensorRef& wg, const TensorRef& bg, const TensorRef& wu, const TensorRef& bu,
+                           const TensorRef& wd, const TensorRef& bd) {
+  auto need_float = [&](const TensorRef& t, const char* what) {
+    if (t.present && t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      Fail("SolmEP: SparseMLP " + std::string(what) + " must be float32");
+  };
+  need_float(wg, "w_gate"), need_float(bg, "b_gate"), need_float(wu, "w_up"), need_float(bu, "b_up");
+  need_float(wd, "w_down"), need_float(bd, "b_down");
+  if (!wu.present || !wd.present) Fail("SolmEP: SparseMLP needs w_up and w_down");
+  if (wu.shape.size() != 2 || wd.shape.size() != 2) Fail("SolmEP: SparseMLP weights must be 2-D");
+  const int64_t I = wu.shape[0], D = wu.shape[1], Dout = wd.shape[0];
+  if (wd.shape[1] != I) Fail("SolmEP: SparseMLP w_down " + ShapeStr(wd.shape) + " does not match w_up " + ShapeStr(wu.shape));
+  if (wg.present && wg.shape != wu.shape) Fail("SolmEP: SparseMLP w_gate shape != w_up shape");
+  if (bg.present && bg.numel() != I) Fail("SolmEP: SparseMLP b_gate must have I values");
+  if (bu.present && bu.numel() != I) Fail("SolmEP: SparseMLP b_up must have I values");
+  if (bd.present && bd.numel() != Dout) Fail("SolmEP: SparseMLP b_down must have Dout values");
+  weights.Set(wg.present ? wg.f() : nullptr, bg.present ? bg.f() : nullptr, wu.f(), bu.present ? bu.f() : nullptr,
+              wd.f(), bd.present ? bd.f() : nullptr, D, I, Dout);
+}
+
+void MlpKernel::Compute(OrtKernelContext* kc) {
+  std::lock_guard<std::mutex> lock(mu);
+  if (!weights_ready)  // weights are graph inputs (not constants): re-layout on every call
+    SetWeights(In(kc, 1), In(kc, 2), In(kc, 3), In(kc, 4), In(kc, 5), In(kc, 6));
+  TensorRef x = In(kc, 0), rho = In(kc, 7), bits = In(kc, 8);
+  RequireFloat(x, "x");
+  if (x.shape.size() != 3 || x.shape[2] != weights.D)
+    Fail("SolmEP: SparseMLP x must be [B,T,D] with D=" + std::to_string(weights.D) + ", got " + ShapeStr(x.shape));
+  const int64_t B = x.shape[0], T = x.shape[1];
+  const float* r = RowValues(rho, B, "rho", op, rho_b);
+  const float* b = RowValues(bits, B, "bits", op, bits_b);
+  float* y = Out(kc, 0, {B, T, weights.Dout});
+  if (y == nullptr) return;
+  solm::SparseMlp(x.f(), B, T, weights, r, b, act, y, scratch, MakeParallel(kc));
+}
+
+void GateKernel::Compute(OrtKernelContext* kc) {
+  TensorRef ids = In(kc, 0), past = In(kc, 1);
+  if (ids.shape.size() < 2) Fail("SolmEP: GateControls input_ids must be [B,T]");
+  if (past.shape.size() < 3) Fail("SolmEP: GateControls past_key must have rank >= 3 ([B,Hkv,Lpast,d])");
+  const int64_t T = ids.shape[1];
+  const int64_t L = past.shape[2] + T;
+  const bool active = T == 1 && L > min_len;
+  const float dense[3] = {1.f, 1.f, 16.f};
+  for (size_t i = 0; i < 3; ++i) {
+    TensorRef c = In(kc, 2 + i);
+    RequireFloat(c, i == 0 ? "kappa" : i == 1 ? "rho" : "bits");
+    float* o = Out(kc, i, c.shape);
+    if (o == nullptr) continue;  // output not consumed (left out of the fused node)
+    const int64_t n = c.numel();
+    for (int64_t j = 0; j < n; ++j) o[j] = active ? c.f()[j] : dense[i];
+  }
+}
+
+}  // namespace solm_ep

@@ -1,0 +1,247 @@
+// The onnxruntime side of SolmEP's op kernels: errors, tensors borrowed from the kernel context, and one kernel
+// object per ai.solm op whose Compute maps the node's inputs and outputs onto the kernels of kernels.h.
+// solm_ep.cc builds them at Compile time (attributes, constant inputs, input/output slots) and hands them to
+// onnxruntime; ort_kernels.cc holds their Compute.
+#pragma once
+
+#include "onnxruntime_c_api.h"  // includes onnxruntime_ep_c_api.h at its end; do not include that one again
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace solm_ep {
+
+extern const OrtApi* g_ort;  // set once by CreateEpFactories (solm_ep.cc)
+
+// ------------------------------------------------------------------------------------------------ errors
+
+struct OrtError : std::runtime_error {
+  OrtErrorCode code;
+  OrtError(OrtErrorCode c, const std::string& m) : std::runtime_error(m), code(c) {}
+};
+
+inline void Check(OrtStatus* s) {
+  if (s == nullptr) return;
+  OrtError e(g_ort->GetErrorCode(s), g_ort->GetErrorMessage(s));
+  g_ort->ReleaseStatus(s);
+  throw e;
+}
+
+[[noreturn]] inline void Fail(const std::string& msg, OrtErrorCode code = ORT_INVALID_ARGUMENT) {
+  throw OrtError(code, msg);
+}
+
+template <class F>
+OrtStatus* Guard(F&& f) noexcept {
+  try {
+    f();
+    return nullptr;
+  } catch (const OrtError& e) {
+    return g_ort->CreateStatus(e.code, e.what());
+  } catch (const std::exception& e) {
+    return g_ort->CreateStatus(ORT_FAIL, e.what());
+  } catch (...) {
+    return g_ort->CreateStatus(ORT_FAIL, "SolmEP: unknown error");
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ tensors
+
+// A tensor shape held inline (no heap allocation on the Compute path).
+struct Shape {
+  static constexpr size_t kMaxRank = 8;
+  int64_t d[kMaxRank] = {};
+  size_t n = 0;
+  Shape() = default;
+  Shape(std::initializer_list<int64_t> l) { Assign(l.begin(), l.size()); }
+  void Assign(const int64_t* p, size_t rank) {
+    if (rank > kMaxRank) Fail("SolmEP: tensor rank " + std::to_string(rank) + " > 8");
+    n = rank;
+    for (size_t i = 0; i < n; ++i) d[i] = p[i];
+  }
+  size_t size() const { return n; }
+  const int64_t* data() const { return d; }
+  const int64_t* begin() const { return d; }
+  const int64_t* end() const { return d + n; }
+  int64_t operator[](size_t i) const { return d[i]; }
+  bool operator==(const Shape& o) const { return n == o.n && std::equal(d, d + n, o.d); }
+  bool operator!=(const Shape& o) const { return !(*this == o); }
+};
+
+struct TensorRef {  // a borrowed tensor (kernel-context input or a saved constant)
+  const void* data = nullptr;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  Shape shape;
+  bool present = false;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    return n;
+  }
+  const float* f() const { return static_cast<const float*>(data); }
+};
+
+inline void Describe(const OrtValue* value, TensorRef* t) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  Check(g_ort->GetTensorTypeAndShape(value, &info));
+  size_t nd = 0;
+  OrtStatus* s = g_ort->GetDimensionsCount(info, &nd);
+  if (!s && nd > Shape::kMaxRank) s = g_ort->CreateStatus(ORT_INVALID_ARGUMENT, "SolmEP: tensor rank > 8");
+  if (!s) {
+    t->shape.n = nd;
+    s = g_ort->GetDimensions(info, t->shape.d, nd);
+  }
+  if (!s) s = g_ort->GetTensorElementType(info, &t->type);
+  g_ort->ReleaseTensorTypeAndShapeInfo(info);
+  Check(s);
+  Check(g_ort->GetTensorData(value, &t->data));
+  t->present = true;
+}
+
+struct SavedTensor {  // a constant initializer copied at Compile time
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> bytes;
+};
+
+inline size_t ElemSize(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32: return 4;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return 8;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return 1;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: return 2;
+    default: return 0;
+  }
+}
+
+// A kernel-owned buffer of at least n floats (grown on demand, never shrunk: no allocation once warm).
+inline float* Grow(std::vector<float>& v, int64_t n) {
+  if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
+inline std::string ShapeStr(const Shape& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? "," : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+// Where an op input comes from at Compute time.
+struct InputSlot {
+  std::string name;          // empty: optional input absent
+  int ctx_index = -1;        // index among the fused node's (= kernel context's) inputs
+  std::shared_ptr<SavedTensor> saved;  // constant initializer kept by the EP
+  bool consumed = false;     // constant consumed at Compile (MLP weights), not needed at Compute
+};
+
+// ------------------------------------------------------------------------------------------------ kernels
+
+struct KernelBase {
+  std::string op;
+  std::vector<InputSlot> inputs;
+  // Per op output: its index among the fused node's (= kernel context's) outputs, or -1 when ORT left it out of
+  // the fused node (an output no node consumes and that is no graph output; e.g. GateControls' unused rho/bits).
+  std::vector<int> outputs;
+  std::mutex mu;  // serialises Compute of one node (its scratch buffers) across concurrent Run() calls
+  virtual ~KernelBase() = default;
+  virtual void Compute(OrtKernelContext* kc) = 0;
+
+  TensorRef In(OrtKernelContext* kc, size_t i) const {
+    TensorRef t;
+    if (i >= inputs.size()) return t;
+    const InputSlot& s = inputs[i];
+    if (s.name.empty()) return t;
+    if (s.ctx_index >= 0) {
+      const OrtValue* v = nullptr;
+      Check(g_ort->KernelContext_GetInput(kc, static_cast<size_t>(s.ctx_index), &v));
+      if (v == nullptr) return t;
+      Describe(v, &t);
+      return t;
+    }
+    if (s.saved) {
+      t.data = s.saved->bytes.data();
+      t.type = s.saved->type;
+      t.shape.Assign(s.saved->shape.data(), s.saved->shape.size());
+      t.present = true;
+      return t;
+    }
+    Fail("SolmEP: " + op + " input '" + s.name + "' is not available at run time", ORT_FAIL);
+  }
+
+  bool HasOut(size_t i) const { return i < outputs.size() && outputs[i] >= 0; }
+
+  // The buffer of op output i, allocated with `shape`; nullptr if the fused node does not produce it (HasOut).
+  float* Out(OrtKernelContext* kc, size_t i, const Shape& shape) const {
+    if (!HasOut(i)) return nullptr;
+    OrtValue* v = nullptr;
+    Check(g_ort->KernelContext_GetOutput(kc, static_cast<size_t>(outputs[i]), shape.data(), shape.size(), &v));
+    if (v == nullptr)
+      Fail("SolmEP: " + op + " output #" + std::to_string(i) + " is not available at run time", ORT_FAIL);
+    void* p = nullptr;
+    Check(g_ort->GetTensorMutableData(v, &p));
+    return static_cast<float*>(p);
+  }
+
+  void RequireFloat(const TensorRef& t, const char* what) const {
+    if (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      Fail("SolmEP: " + op + " input '" + what + "' must be float32");
+  }
+};
+
+// inputs: 0 q, 1 k, 2 v, 3 attn_mask?, 4 kappa, 5 past_page_min?, 6 past_page_max?;
+// outputs: 0 out, 1 present_page_min?, 2 present_page_max?
+struct QuestKernel : KernelBase {
+  solm::QuestParams params;
+  bool has_scale = false;
+  solm::AttnScratch scratch;
+  std::vector<float> kappa_b, spare_out, spare_state;
+
+  void Compute(OrtKernelContext* kc) override;
+
+  // The optional carried page state: inputs 5/6 past_page_min/max [B,Hkv,P_past,d] (P_past = ceil(L_past/S) with
+  // L_past = L - T, or 0: compute every page; then the batch dimension is not checked, so a [1,Hkv,0,d] default
+  // serves any batch) and outputs 1/2 present_page_min/max [B,Hkv,P,d]. Returns whether the node carries state.
+  bool PageStateOf(OrtKernelContext* kc, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d,
+                   solm::PageState* ps);
+};
+
+struct MlpKernel : KernelBase {
+  solm::Act act = solm::Act::kSilu;
+  solm::MlpWeights weights;
+  bool weights_ready = false;  // all weights were constants, laid out at Compile
+  solm::MlpScratch scratch;
+  std::vector<float> rho_b, bits_b;
+
+  // inputs: 0 x, 1 w_gate, 2 b_gate, 3 w_up, 4 b_up, 5 w_down, 6 b_down, 7 rho, 8 bits
+  static constexpr size_t kWeightInputs[6] = {1, 2, 3, 4, 5, 6};
+
+  void SetWeights(const TensorRef& wg, const TensorRef& bg, const TensorRef& wu, const TensorRef& bu,
+                  const TensorRef& wd, const TensorRef& bd);
+
+  void Compute(OrtKernelContext* kc) override;
+};
+
+struct GateKernel : KernelBase {
+  int64_t min_len = 0;
+
+  void Compute(OrtKernelContext* kc) override;
+};
+
+}  // namespace solm_ep
