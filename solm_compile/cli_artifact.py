@@ -38,6 +38,9 @@ def add_artifact_parsers(sub, common) -> None:
     kind.add_argument("--custom-ops", action="store_true",
                       help="the ai.solm artifact even where SolmEP is not available (to deploy elsewhere); by "
                       "default a machine without SolmEP gets the portable artifact, with a warning")
+    p.add_argument("--per-kv-head", action="store_true",
+                   help="Quest pages chosen once per KV head (scores summed over its query heads), so each kept "
+                   "page is read once per GQA group; coarser than SOL's per-query-head choice (ai.solm artifacts)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", help="generate with an artifact")
@@ -83,8 +86,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
             log.warning("%s; writing the portable artifact instead (same semantics in standard ONNX ops; "
                         "--custom-ops writes the ai.solm one anyway)", reason)
             kind = "portable"
+    if args.per_kv_head and kind not in ("solm", "fixed"):
+        raise UserError(f"--per-kv-head: the {kind} artifact has no SolmEP attention to configure (it applies to "
+                        "the ai.solm and --fixed artifacts)")
     policy = None if kind in ("dense", "fixed") else resolve_policy(args.policy, loaded.info)
-    path = write_artifact(lm, out, kind, policy, tokenizer=loaded.tokenizer)
+    path = write_artifact(lm, out, kind, policy, tokenizer=loaded.tokenizer, per_kv_head=args.per_kv_head)
     print(f"wrote {path} ({kind}, {path.stat().st_size / 1e6:.1f} MB; gated {gated.count('attention')} attention "
           f"and {gated.count('mlp')} MLP ops" + (f"; policy {policy.path.name}" if policy else "") + ")")
     return 0

@@ -251,3 +251,12 @@ def test_without_solm_ep(capsys, caplog, tmp_path, monkeypatch):
                      "--custom-ops"]) == 0
     capsys.readouterr()
     one_line_error(capsys, ["run", str(custom), "--prompt", "abc"], "c.solm.onnx", "SolmEP", "--portable")
+    one_line_error(capsys, ["compile", str(model_dir), "--out", str(tmp_path / "k.onnx"), "--policy",
+                            str(tmp_path / "p.pt"), "--dense", "--per-kv-head"], "--per-kv-head", "dense")
+    assert not (tmp_path / "k.onnx").exists()
+    assert cli.main(["compile", str(model_dir), "--out", str(custom), "--policy", str(tmp_path / "p.pt"),
+                     "--custom-ops", "--per-kv-head"]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(custom), load_external_data=False).metadata_props}
+    assert meta["solm.select_per_kv_head"] in ("1", "true", "True"), meta
+    nodes = [n for n in onnx.load(str(custom), load_external_data=False).graph.node if n.op_type == "QuestAttention"]
+    assert nodes and all(any(a.name == "select_per_kv_head" and a.i == 1 for a in n.attribute) for n in nodes)
