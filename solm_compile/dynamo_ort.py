@@ -140,7 +140,7 @@ def _explicit_causal(gm: fx.GraphModule) -> fx.GraphModule:
                                                         graph.call_function(aten.unsqueeze.default, (rows, 1))))
         n.args = (*n.args[:3], mask, n.args[4], n.args[5], False, *n.args[7:])
     graph.lint()
-    return fx.GraphModule(gm, graph)
+    return fx.GraphModule(gm, graph).eval()      # (export warns about a module in training mode)
 
 
 def export_graph(gm: fx.GraphModule, args: tuple, dynamic: tuple, portable: bool, path: Path) -> list[str]:
@@ -201,6 +201,7 @@ def _build(gm: fx.GraphModule, examples: tuple, dynamic: list, ids_pos: int) -> 
         while len(_CACHE) > CACHE_SIZE:
             _, old = _CACHE.popitem(last=False)
             old.path.unlink(missing_ok=True)
+            old.path.with_name(old.path.name + ".data").unlink(missing_ok=True)    # external weights (> 2 GB)
     return fn
 
 
