@@ -102,3 +102,13 @@ def test_without_solm_ep_the_portable_form_runs_with_one_warning(reference, monk
     assert torch.equal(tokens, reference["tokens"])
     assert torch.equal(torch.stack(ctl.actions), reference["actions"])
     assert torch.allclose(logits, reference["logits"], atol=1e-4, rtol=0)
+
+
+def test_a_dense_budget_is_not_exported(monkeypatch):
+    monkeypatch.setattr(dynamo_ort, "_CACHE", OrderedDict())
+    torch._dynamo.reset()
+    model = tiny_llama()
+    ref = _generate(model, prompt())[0]
+    tokens, _, ctl, warned = _run({"runtime": "onnxruntime", "inductor": False}, model)
+    assert torch.equal(tokens, ref) and not warned
+    assert not dynamo_ort._CACHE and ctl.calls == {"prefill": 1, "step": NEW - 1}   # dynamo_run._Dense's books
