@@ -28,6 +28,11 @@ masks only, so the exported copy of the graph gets the same mask explicitly (``_
 Graphs that are dense on every call (a dense budget, no policy) are not exported: they run inductor's own graph
 (``dynamo_run._Dense``) whatever the runtime. The session runs on the CPU: a graph with inputs on another
 device, or of a dtype numpy lacks (bfloat16), runs the torch runtime.
+
+Measured on SmolLM2 (κ̄ = ρ̄ = 0.5 at 16 bits, shipped policy, one thread, 2 busy cores; 5 × 16 teacher-forced
+decode steps interleaved with the torch runtime, medians, one run each): 47 / 59 ms per token at context
+1024 / 2048 against 88 / 99 for the torch runtime (gather kernels + inductor), the same actions. Compile + prefill
++ 3 warm steps took 89 / 98 s (two exports) against 69 / 106 s for inductor.
 """
 
 from __future__ import annotations
