@@ -19,7 +19,8 @@ What happens to each graph Dynamo hands over (``solm_backend``)::
     ``export.py``) ──► roles: input_ids = the token-embedding index, past key = the first attention's
     ``cat(past, new)`` input (else its key), hidden = the LM head's input ──► ``passes.run_pipeline`` (the same
     passes as ``solm compile``) ──► + output hidden[:, -1] ──► sparse_mlp → sparse_mlp_gather, quest_attention →
-    quest_attention_gather ──► inductor.
+    quest_attention_gather ──► inductor.  With ``runtime="onnxruntime"`` the gated graph (reference ops) is
+    exported to ONNX instead and run by onnxruntime with SolmEP (``dynamo_ort.py``).
 
 At run time a ``PolicyController`` (one per model and options) computes the per-row controls before each call
 and keeps the policy's state across calls, exactly ``ArtifactStep.forward`` / ``train.rollout`` greedy: a
@@ -33,8 +34,10 @@ compiles Dynamo's graph unchanged and ``dynamo_run._Dense`` only keeps the contr
 Fallbacks: a graph without attention (a graph-break fragment), without a token embedding feeding it, or in which
 the passes gate nothing is compiled by inductor unchanged (logged at INFO). A graph the lowering cannot handle (e.g.
 a SymFloat input, an export failure) runs uncompiled (``gm.forward``), and a gated graph that fails at run time
-switches to ``gm.forward`` — each with one warning per process, never an exception. ``runtime="onnxruntime"``
-warns once and runs the torch path. Bad options or a policy for another model raise ``UserError``.
+switches to ``gm.forward`` — each with one warning per process, never an exception. With ``runtime="onnxruntime"``
+a gated graph that cannot be exported or loaded runs the torch runtime (one warning), and a graph that is dense on
+every call runs inductor's graph as above (nothing to skip). Bad options or a policy for another model raise
+``UserError``.
 
 Use ``model.compile(backend="solm", options=...)`` (or ``model.forward = torch.compile(model.forward, ...)``)
 for ``model.generate()``: the module returned by ``torch.compile(model)`` forwards ``generate`` to the
@@ -356,6 +359,20 @@ def _lower_and_gate(gm: fx.GraphModule, example_inputs, opts: Options):
     elif ctl.active:
         _warn_once("no-hidden", "solm: no LM head found in the graph, so the policy cannot see the hidden state; "
                    "running dense")
+    fn = None
+    if opts.runtime == "onnxruntime":     # before the gather kernels: they have no ONNX form
+        from .dynamo_ort import compile_ort
+
+        fn = compile_ort(agm, prep.examples, prep.dynamic, ids_pos)
+    if fn is None:
+        fn = _torch_runtime(agm, prep, opts)
+    log.info("solm: gated %s (%d inputs, dynamic=%s)", counts, len(phs), [d for d in prep.dynamic if d])
+    runner = _Gated(fn, prep.keep, ids_pos, past_pos, n_out, with_hidden, ctl, gm.forward)
+    runner.counts, runner.graph = counts, agm
+    return runner
+
+
+def _torch_runtime(agm: fx.GraphModule, prep, opts: Options):
     if opts.fast_mlp:
         fast_ops.use_gather_mlp(agm)
     if opts.fast_attention:
@@ -366,10 +383,7 @@ def _lower_and_gate(gm: fx.GraphModule, example_inputs, opts: Options):
             return agm(*args)
 
         fn = torch.compile(gated, backend="inductor", dynamic=any(d is not None for d in prep.dynamic))
-    log.info("solm: gated %s (%d inputs, dynamic=%s)", counts, len(phs), [d for d in prep.dynamic if d])
-    runner = _Gated(fn, prep.keep, ids_pos, past_pos, n_out, with_hidden, ctl, gm.forward)
-    runner.counts, runner.graph = counts, agm
-    return runner
+    return fn
 
 
 def solm_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
@@ -377,9 +391,6 @@ def solm_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
     opts = Options.parse(options)
     if kwargs.get("mode") not in (None, "default"):
         _warn_once("mode", f"solm: mode={kwargs['mode']!r} is ignored")
-    if opts.runtime == "onnxruntime":
-        _warn_once("ort", "solm: runtime='onnxruntime' is not implemented for torch.compile yet (use `solm compile`"
-                   " for the ONNX artifact); running the torch runtime")
     try:
         return _lower_and_gate(gm, example_inputs, opts)
     except UserError:
