@@ -75,7 +75,13 @@ def test_sparse_budget_artifact_equals_torch_graph(smollm2_artifacts, probes, ki
     report = lockstep(lm, policy, SolmSession(path).sess, names, prompt, budget, n)
     unexplained = [(t, r) for t, r in enumerate(report) if not r["agree"] and r["certificate"] is None]
     assert not unexplained
-    assert sum(r["agree"] for r in report) >= 48, report     # boundary events are the exception
+    # Boundary events are the exception. At 16 bits only channel/page decisions can flip (measured 52-64 of 64
+    # agree). With output quantisation every quantised step has several elements within float noise of a rounding
+    # boundary: the shipped policy (update 170) picks 5/8-bit actions on most steps at an 8-bit target, and 37-46
+    # of 64 steps agreed outright at 1-2 threads (every other step explained). The floor only keeps the comparison
+    # meaningful; test_lockstep_catches_a_semantic_difference shows explanations are not a blanket excuse.
+    floor = 48 if budget[2] >= 16 else 24
+    assert sum(r["agree"] for r in report) >= floor, report
     assert max(r["worst"] for r in report if r["agree"]) <= 1e-3
     assert len({r["action"] for r in report}) > 3           # the policy really varies the work
 
