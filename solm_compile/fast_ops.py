@@ -78,7 +78,7 @@ def packed_weight(w_gate: Tensor | None, w_up: Tensor) -> Tensor:
 def sparse_mlp_gather(x: Tensor, w_gate: Optional[Tensor], b_gate: Optional[Tensor], w_up: Tensor,
                       b_up: Optional[Tensor], w_down: Tensor, b_down: Optional[Tensor], rho: Tensor, bits: Tensor,
                       act: str) -> Tensor:
-    B, D = x.shape[0], x.shape[-1]
+    D = x.shape[-1]
     N = x.numel() // D
     if N == 0 or N > MAX_ROWS or bool((rho >= 1).all()):
         return _sparse_mlp(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act)
@@ -108,16 +108,21 @@ def _(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act):
     return x.new_empty(x.shape[:-1] + (w_down.shape[0],))
 
 
-def use_gather_mlp(gm: torch.fx.GraphModule) -> int:
-    """Point every ``solm.sparse_mlp`` of a gated graph at ``solm.sparse_mlp_gather``. Returns the count."""
+def _retarget(gm: torch.fx.GraphModule, old, new) -> int:
+    """Point every call of ``old`` in ``gm`` at ``new`` (same schema). Returns the count."""
     n = 0
     for node in gm.graph.nodes:
-        if node.target is torch.ops.solm.sparse_mlp.default:
-            node.target = torch.ops.solm.sparse_mlp_gather.default
+        if node.target is old:
+            node.target = new
             n += 1
     if n:
         gm.recompile()
     return n
+
+
+def use_gather_mlp(gm: torch.fx.GraphModule) -> int:
+    """Point every ``solm.sparse_mlp`` of a gated graph at ``solm.sparse_mlp_gather``. Returns the count."""
+    return _retarget(gm, torch.ops.solm.sparse_mlp.default, torch.ops.solm.sparse_mlp_gather.default)
 
 
 # ---------------------------------------------------------------------------------------------- quest_attention
@@ -238,13 +243,7 @@ def _masked(q, k, v, attn_mask, scale, page_keep, pbs, S, sinks, window) -> Tens
     keep |= (pos < sinks) | (pos >= L - window)
     if window == 0 and min(pbs) == 0:
         keep[..., -1] |= ~keep.any(-1)
-    keep = keep[:, :, None, :]                                                    # [B,H,1,L]
-    if attn_mask is None:
-        mask = keep
-    elif attn_mask.dtype == torch.bool:
-        mask = attn_mask & keep
-    else:
-        mask = attn_mask.masked_fill(~keep, float("-inf"))
+    mask = ops.with_keep(attn_mask, keep[:, :, None, :])                          # [B,H,1,L]
     return ops._sdpa(q, k, v, mask, scale, False, k.shape[1] != q.shape[1]).contiguous()
 
 
@@ -271,11 +270,4 @@ _gather_impl = getattr(quest_attention_gather, "_init_fn", quest_attention_gathe
 
 def use_gather_attention(gm: torch.fx.GraphModule) -> int:
     """Point every ``solm.quest_attention`` of a gated graph at ``solm.quest_attention_gather``. Returns the count."""
-    n = 0
-    for node in gm.graph.nodes:
-        if node.target is torch.ops.solm.quest_attention.default:
-            node.target = torch.ops.solm.quest_attention_gather.default
-            n += 1
-    if n:
-        gm.recompile()
-    return n
+    return _retarget(gm, torch.ops.solm.quest_attention.default, torch.ops.solm.quest_attention_gather.default)

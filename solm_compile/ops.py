@@ -94,13 +94,16 @@ def quest_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
     if q.shape[2] != 1 or bool((kappa >= 1).all()):
         return _sdpa(q, k, v, attn_mask, scale, is_causal, gqa).contiguous()   # the fake's layout (inductor checks)
     keep = quest_keep(q, k, kappa, page_size, sinks, window)[:, :, None, :]  # [B,H,1,L]
+    return _sdpa(q, k, v, with_keep(attn_mask, keep), scale, False, gqa).contiguous()
+
+
+def with_keep(attn_mask: Optional[Tensor], keep: Tensor) -> Tensor:
+    """The attention mask with the tokens outside ``keep`` [B,H,1,L] removed (bool: and; additive: -inf)."""
     if attn_mask is None:
-        mask = keep
-    elif attn_mask.dtype == torch.bool:
-        mask = attn_mask & keep
-    else:
-        mask = attn_mask.masked_fill(~keep, float("-inf"))
-    return _sdpa(q, k, v, mask, scale, False, gqa).contiguous()
+        return keep
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.masked_fill(~keep, float("-inf"))
 
 
 @quest_attention.register_fake
