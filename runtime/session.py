@@ -54,6 +54,19 @@ def read_metadata(path: Path) -> dict:
     return meta
 
 
+def session_options(ort, threads: int | None = None):
+    """solm's onnxruntime session settings: ``threads`` intra-op threads (onnxruntime's default if None), one
+    inter-op thread, no spinning (idle threads would steal cores), errors-only logging (the node-placement
+    notice for shape ops is expected, not news)."""
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
 class SolmSession:
     """One onnxruntime session over an artifact; thread-safe (each call keeps its own state)."""
 
@@ -67,12 +80,7 @@ class SolmSession:
             raise UserError(f"{self.path}: no such artifact")
         self.meta = read_metadata(self.path)
         self.kind = self.meta["kind"]
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.log_severity_level = 3   # errors only: the node-placement notice for shape ops is expected, not news
+        so = session_options(ort, threads)
         if profile_prefix:  # onnxruntime's profiler (per-node times); self.sess.end_profiling() writes the JSON
             so.enable_profiling = True
             so.profile_file_prefix = str(profile_prefix)

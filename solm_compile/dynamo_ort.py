@@ -163,11 +163,9 @@ def export_graph(gm: fx.GraphModule, args: tuple, dynamic: tuple, portable: bool
 def open_session(path: Path, portable: bool):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = max(1, torch.get_num_threads())
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
+    from .runtime.session import session_options
+
+    so = session_options(ort, max(1, torch.get_num_threads()))
     if not portable:
         from .runtime import ep
 
