@@ -31,9 +31,13 @@ def add_train_parser(sub, common) -> None:
             ("minibatch_decisions", int, 512, "decisions per minibatch"),
             ("grad_accum", int, 0, "minibatches per AdamW step (0 = the whole buffer, as SOL)"),
             ("ppo_epochs", int, 1, "passes over each buffer (1 = SOL; more reuse the costly CPU rollouts)"),
+            ("entropy_coef", float, 0.05, "entropy bonus weight (SOL 0.05)"),
             ("d_model", int, 128, "policy width")):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=default, help=f"{help_} "
                        f"(default {default})")
+    p.add_argument("--alpha", type=float, nargs=3, default=[100.0, 100.0, 200.0], metavar=("TOK", "PRU", "Q"),
+                   help="budget-penalty weight per axis (default SOL's 100 100 200); like --lr, --entropy-coef and "
+                   "the schedule flags it may change on --resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
 
@@ -70,6 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       updates=args.updates, checkpoint_every=args.checkpoint_every,
                       buffer_decisions=args.buffer_decisions, minibatch_decisions=args.minibatch_decisions,
                       grad_accum=args.grad_accum, ppo_epochs=args.ppo_epochs, lr=args.lr,
+                      alpha=tuple(args.alpha), entropy_coef=args.entropy_coef,
                       policy=PolicyConfig(d_model=args.d_model))
     out = Path(args.out)
     if not out.parent.is_dir():

@@ -41,9 +41,11 @@ from .policy import PolicyConfig, RecurrentActorCriticPolicy
 REWARDS = ("ll", "kl")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-# fields that may change between a run and its resume: its length and the optimisation schedule (the rollout
-# distribution, reward and model stay fixed)
-_RESUMABLE = ("updates", "checkpoint_every", "lr", "grad_accum", "minibatch_decisions", "ppo_epochs")
+# fields that may change between a run and its resume: its length, the optimisation schedule and the weights of
+# the objective's terms (a curriculum: budget penalty, entropy bonus); the rollout distribution, reward kind and
+# model stay fixed
+_RESUMABLE = ("updates", "checkpoint_every", "lr", "grad_accum", "minibatch_decisions", "ppo_epochs", "alpha",
+              "entropy_coef")
 
 
 @dataclass(frozen=True)
@@ -405,7 +407,8 @@ def train(lm: Any, blocks: Tensor, cfg: TrainConfig, out: Path, resume: bool = F
         policy.train()
         stats = _update(model, policy, opt, buf, cfg, gen, world)
         step += 1
-        timing = {"rollout_s": t_roll, "update_s": time.perf_counter() - t0, "lr": cfg.lr}
+        timing = {"rollout_s": t_roll, "update_s": time.perf_counter() - t0, "lr": cfg.lr,
+                  "entropy_coef": cfg.entropy_coef, **{f"alpha_{a}": w for a, w in zip(AXES, cfg.alpha)}}
         metrics = {"step": step, **_reduce({**_episode_metrics(eps, buf), **stats, **timing}, world)}
         history.append(metrics)
         bar.update(1)

@@ -189,15 +189,18 @@ def test_resume_is_deterministic(tmp_path):
               progress=False)
 
 
-def test_resume_may_change_the_optimisation_schedule(tmp_path):
+def test_resume_may_change_the_optimisation_schedule_and_weights(tmp_path):
     lm, cfg = gated_tiny_llama(0), dataclasses.replace(REAL, updates=1)
     first = train(lm, _real_blocks(), cfg, tmp_path / "a", progress=False)
     chunks = -(-cfg.buffer_decisions // cfg.minibatch_decisions)          # minibatches per pass over the buffer
     assert first.history[0]["opt_steps"] == chunks                         # grad_accum=1: a step per minibatch
-    more = dataclasses.replace(cfg, updates=2, lr=5e-3, ppo_epochs=3, grad_accum=0)
+    more = dataclasses.replace(cfg, updates=2, lr=5e-3, ppo_epochs=3, grad_accum=0, alpha=(50.0, 400.0, 200.0),
+                               entropy_coef=0.01)
     resumed = train(lm, _real_blocks(), more, tmp_path / "a", resume=True, progress=False)
-    last = resumed.history[-1]
+    first_row, last = resumed.history[0], resumed.history[-1]
     assert last["opt_steps"] == 3 and last["lr"] == 5e-3                   # one step per pass (grad_accum 0)
+    assert (first_row["alpha_pru"], first_row["entropy_coef"]) == (cfg.alpha[1], cfg.entropy_coef)
+    assert (last["alpha_tok"], last["alpha_pru"], last["entropy_coef"]) == (50.0, 400.0, 0.01)
     ck = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
     assert all(g["lr"] == 5e-3 for g in ck["optimizer"]["param_groups"])
     with pytest.raises(UserError, match="ppo_epochs must be an integer >= 1"):
