@@ -22,6 +22,7 @@ ORDER = ("dense", "policy", "fixed", "random_median", "random_best", "emc", "dac
 
 def add_eval_parser(sub, common) -> None:
     from .data import MC_TASKS
+    from .evaluate import METHODS
 
     p = sub.add_parser("eval", help="perplexity or accuracy of the policy against budget-matched baselines",
                        description="MODEL may also be a compiled artifact (.onnx): then its own policy is measured "
@@ -47,6 +48,8 @@ def add_eval_parser(sub, common) -> None:
                    "≈0.4 to ≈0.93; writes PREFIX.png (Pareto plot), PREFIX.md and PREFIX.json (needs --out)")
     p.add_argument("--out", help="output prefix for --sweep, e.g. results/smollm2-sweep")
     p.add_argument("--task", choices=tuple(MC_TASKS), help="multiple-choice accuracy instead of perplexity")
+    p.add_argument("--methods", help="comma-separated subset of the perplexity methods to run (the policy always "
+                   f"runs; default all: {','.join(METHODS)})")
     p.set_defaults(fn=cmd_eval)
 
 
@@ -78,6 +81,10 @@ def _check_args(args):
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} must be >= {lo}, got {getattr(args, name)}")
     given = [v is not None for v in (args.attn_keep, args.mlp_keep, args.bits)]
+    if args.methods is not None:
+        if args.task:
+            raise UserError("--methods selects perplexity methods; drop it with --task")
+        args.methods = _methods(args.methods)
     if args.sweep:
         if args.task:
             raise UserError("--sweep runs perplexity only; drop --task (or --sweep)")
@@ -123,6 +130,18 @@ def _check_args(args):
     return targets, path
 
 
+def _methods(spec: str) -> tuple[str, ...]:
+    from .errors import UserError
+    from .evaluate import METHODS
+
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise UserError(f"--methods {spec}: unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                        f"choose from {','.join(METHODS)}")
+    return tuple(m for m in METHODS if m in names or m == "policy")
+
+
 # ---------------------------------------------------------------------------------------------- data
 def _texts(data: str) -> list[str]:
     from . import data as d
@@ -157,7 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .cli import _load_gated
     from .cli_train import _kv
     from .errors import UserError
-    from .evaluate import CostModel, PPLEvaluator, evaluate_choices, sweep_points
+    from .evaluate import METHODS, CostModel, PPLEvaluator, evaluate_choices, sweep_points
     from .gated import GatedLM
     from .report import shapes_from_gated
 
@@ -193,7 +212,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  else [Path(f).read_text(encoding="utf-8", errors="replace") for f in args.fit_data])
     fit = d.token_blocks(loaded.tokenizer, fit_texts, block_len, args.fit_blocks, seed=args.seed + 1)
     ev = PPLEvaluator(lm, lp.policy, lp.grid, blocks, ctx=args.ctx, T=args.T, cost=cost, fit_blocks=fit,
-                      random_seeds=args.random_seeds, seed=args.seed, batch_rows=args.batch_rows)
+                      random_seeds=args.random_seeds, seed=args.seed, batch_rows=args.batch_rows,
+                      methods=args.methods or METHODS)
     common = {**head, "data": args.data, "blocks": args.blocks, "ctx": args.ctx, "T": args.T,
               "random_seeds": args.random_seeds, "fit_data": args.fit_data, "fit_blocks": args.fit_blocks}
     if not args.sweep:

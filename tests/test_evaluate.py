@@ -217,6 +217,7 @@ def _one_line_error(code, err, *needles):
     (["--attn-keep", "0.5", "--mlp-keep", "0.75", "--bits", "40"], "--bits must be in [2, 16]"),
     (["--attn-keep", "0.5", "--mlp-keep", "0.75"], "--attn-keep, --mlp-keep and --bits"),
     (["--sweep"], "--sweep needs --out"),
+    (["--sweep", "--out", "x", "--methods", "policy,unifrom"], "--methods policy,unifrom: unknown method(s) unifrom"),
 ])
 def test_cli_bad_budget(capsys, tmp_path, flags, needle):
     code, _, err = run_cli(capsys, "eval", "smollm2", "--policy", tmp_path / "p.pt", *flags)
@@ -274,6 +275,13 @@ def test_cli_json(capsys, tmp_path):
     assert r["blocks"] == 4 and r["targets"] == {"attn_keep": 0.5, "mlp_keep": 0.75, "bits": 8.0}
     for m in r["methods"].values():
         assert {"ppl", "ppl_se", "usage", "net_keep", "flops_fraction", "bytes_fraction"} <= set(m)
+    code, out, err = run_cli(capsys, "eval", model_dir, "--policy", tmp_path / "p.pt", "--data", text,
+                             "--attn-keep", "0.5", "--mlp-keep", "0.75", "--bits", "8", "--blocks", "4", "--ctx", CTX,
+                             "--T", T, "--methods", "uniform,dense", "--json")
+    assert code == 0, err
+    subset = json.loads(out)["methods"]
+    assert set(subset) == {"dense", "policy", "uniform"}
+    assert subset["policy"]["ppl"] == pytest.approx(r["methods"]["policy"]["ppl"])   # same blocks, same greedy policy
     code, out, err = run_cli(capsys, "eval", model_dir, "--policy", tmp_path / "p.pt", "--data", text,
                              "--fit-data", text, "--attn-keep", "0.2", "--mlp-keep", "0.75", "--bits", "8")
     _one_line_error(code, err, "--attn-keep 0.2 is below the policy's lowest level 0.25")
