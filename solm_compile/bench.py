@@ -37,7 +37,9 @@ Rows (``variant``, ``mode``):
   once per KV head for its whole GQA group (coarser than the reference's per-query-head choice, but each kept
   K/V row is read once per group, which is what the cost model counts). A diagnostic, not the reference;
 - ``solm``/``dense_budget``: the solm artifact at the dense budget (1, 1, 16): policy runs, every step is dense;
-- ``portable``/``policy``: the portable artifact at the budget.
+- ``portable``/``policy``: the portable artifact at the budget;
+- ``--prefill`` adds, per (context, threads), one row per artifact with ``mode`` ``prefill``: the time to prefill
+  ``context`` tokens, ratio to the dense artifact's (bench_prefill.py).
 
 ``ideal_ratio`` is the cost model's bytes ratio (``cost.decode_cost`` over ``report.shapes_from_gated``) at the
 *realised* controls: Σ_t dense bytes(L_t) / Σ_t bytes(L_t, κ_t, ρ_t, b_t) over the timed steps, L_t the KV
@@ -105,6 +107,7 @@ class BenchConfig:
     seed: int = 0
     per_kv_head: bool = False   # also time the fixed artifact with SolmEP's select_per_kv_head=1 (diagnostic)
     profile_policy: bool = True  # one onnxruntime-profiled pass of the solm artifact: the policy nodes' share
+    prefill: bool = False       # also time a whole prefill of ``context`` tokens per session (bench_prefill.py)
 
     def __post_init__(self):
         from .config import Budget
@@ -213,16 +216,8 @@ class Bench:
         ids = self.token_ids[:context]
         if len(self.token_ids) < need:
             raise UserError(f"bench needs {need} tokens, has {len(self.token_ids)}")
-        feeds = {"input_ids": np.asarray([ids], np.int64), "position_ids": np.arange(context, dtype=np.int64)[None],
-                 **s._empty_past(1)}
-        if kind in ("solm", "portable"):
-            feeds.update(s._policy_start(1, np.zeros((1, s.meta["hidden_size"]), np.float32)),
-                         budget=np.ones((1, 3), np.float32))
-        elif kind == "fixed":
-            feeds.update(attn_keep=np.ones(1, np.float32), mlp_keep=np.ones(1, np.float32),
-                         bits=np.full(1, 16.0, np.float32))
         t0 = time.perf_counter()
-        out = s._run(feeds)
+        out = s._run(prefill_feeds(s, ids))
         kv = {f"past_{k}_{i}": out[f"present_{k}_{i}"].numpy().copy()
               for i in range(s.n_layers) for k in ("key", "value")}
         hidden = (out["policy_hidden_out"].numpy().copy() if "policy_hidden_out" in out
@@ -357,6 +352,20 @@ class Bench:
         return rows
 
 
+def prefill_feeds(s, ids: list[int], budget=(1.0, 1.0, 16.0)) -> dict:
+    """The feeds of one prefill of ``ids`` from an empty cache at ``budget``, for any artifact kind."""
+    n = len(ids)
+    feeds = {"input_ids": np.asarray([ids], np.int64), "position_ids": np.arange(n, dtype=np.int64)[None],
+             **s._empty_past(1)}
+    if s.kind in ("solm", "portable"):
+        feeds.update(s._policy_start(1, np.zeros((1, s.meta["hidden_size"]), np.float32)),
+                     budget=s.check_budget(budget)[None])
+    elif s.kind == "fixed":
+        feeds.update(attn_keep=np.full(1, budget[0], np.float32), mlp_keep=np.full(1, budget[1], np.float32),
+                     bits=np.full(1, budget[2], np.float32))
+    return feeds
+
+
 # ---------------------------------------------------------------------------------------------- top level
 
 
@@ -405,6 +414,11 @@ def run_all(bench: Bench, around_block: Callable | None = None) -> list[dict]:
             bench.prefill(context, threads)
             fn = lambda: bench.run_block(context, threads)  # noqa: E731
             rows += around_block(fn) if around_block else fn()
+            if bench.cfg.prefill:
+                from .bench_prefill import prefill_rows
+
+                fn = lambda: prefill_rows(bench, context, threads)  # noqa: E731
+                rows += around_block(fn) if around_block else fn()
             bench.say(format_table([r for r in rows if r["context"] == context and r["threads"] == threads],
                                    header=False))
     return rows

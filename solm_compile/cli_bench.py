@@ -48,6 +48,9 @@ def add_bench_parser(sub, common) -> None:
                         "the given budget against torch.compile(backend='inductor'); both: all rows")
     p.add_argument("--profile-policy", action=argparse.BooleanOptionalAction, default=d.profile_policy,
                    help="one profiled pass of the solm artifact for the policy's share of node time (default on)")
+    p.add_argument("--prefill", action="store_true",
+                   help="also time a prefill of each context per artifact (rows with mode 'prefill'; ratio to the "
+                        "dense artifact's prefill)")
     p.set_defaults(fn=cmd_bench)
 
 
@@ -56,7 +59,7 @@ def config_from_args(args) -> BenchConfig:
     return BenchConfig(contexts=tuple(args.context), threads=tuple(args.threads), attn_keep=args.attn_keep,
                        mlp_keep=args.mlp_keep, bits=args.bits, reps=args.reps, steps=args.steps,
                        warmup=args.warmup, variants=variants, per_kv_head=args.per_kv_head,
-                       profile_policy=args.profile_policy)
+                       profile_policy=args.profile_policy, prefill=args.prefill)
 
 
 def cmd_bench(args) -> int:

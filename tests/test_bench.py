@@ -5,10 +5,12 @@ Smoke test only (timings on a tiny model are noise): the real measurement is ``s
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from solm_compile import bench, cli, models
+from solm_compile.bench_prefill import prefill_rows
 from solm_compile.gated import GatedLM
 from solm_compile.runtime import ep
 
@@ -67,6 +69,17 @@ def test_bench_rows(tiny_lm, cache):
     assert 0 < by["policy"]["policy_profile_ms"] and 0 < by["policy"]["policy_profile_pct"] < 100
     assert by["fixed"]["policy_profile_ms"] is None
     assert by["dense_budget"]["usage"] == {"attn_keep": 1.0, "mlp_keep": 1.0, "bits": 16.0}
+    # --prefill: one row per artifact, dense work whatever the budget, timed against the dense artifact
+    pre = prefill_rows(b, 24, 1)
+    assert [(r["variant"], r["mode"]) for r in pre] == [("dense", "prefill"), ("solm", "prefill"),
+                                                         ("solm-fixed", "prefill"), ("portable", "prefill")]
+    for r in pre:
+        assert set(bench.ROW_KEYS) <= set(r) and r["tok_s"] > 0 and len(r["step_ms_reps"]) == 2
+        assert r["ratio"] == pytest.approx(pre[0]["step_ms"] / r["step_ms"])
+    s = b.sessions(1)["solm"]
+    at_budget = s._run(bench.prefill_feeds(s, b.token_ids[:24], cfg.budget))["logits"].numpy()
+    dense = s._run(bench.prefill_feeds(s, b.token_ids[:24]))["logits"].numpy()
+    np.testing.assert_array_equal(at_budget, dense)    # a multi-token call is dense at any budget
     # the cache is reused: a second prepare compiles nothing
     again = bench.prepare_lm(tiny_lm, cfg, "random")
     assert again.artifacts == b.artifacts
