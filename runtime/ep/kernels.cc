@@ -395,9 +395,25 @@ void MlpWeights::Set(const float* w_gate, const float* b_gate_, const float* w_u
       for (int64_t c = 0; c < cols; ++c) panel[c * kPanel] = s[c];
     }
   };
-  if (gated) transpose(w_gate, I, D, gate_t);
-  else gate_t.clear();
-  transpose(w_up, I, D, up_t);
+  // gate/up: row c of gu_t = per slice [w_gate[cols, c] | pad | w_up[cols, c] | pad]
+  parts = gated ? 2 : 1;
+  const int64_t ns = Slices();
+  gu_stride = ns == 0 ? 0 : (ns - 1) * kSlice * parts + Padded(SliceWidth(ns - 1)) * parts;
+  // An odd number of cache lines per row: with a power-of-two-ish stride (12 KiB) the rows' pieces of one column
+  // tile would all fall into a few cache sets, and the multi-token kernel's tile (n rows x 256 B) would thrash L2.
+  if (gu_stride > 0 && (gu_stride / 16) % 2 == 0) gu_stride += 16;
+  gu_t.assign(static_cast<size_t>(D * gu_stride), 0.f);
+  for (int64_t sl = 0; sl < ns; ++sl) {
+    const int64_t c0 = sl * kSlice, w = SliceWidth(sl), wp = Padded(w);
+    for (int64_t part = 0; part < parts; ++part) {
+      const float* src = part == 0 && gated ? w_gate : w_up;  // [I, D]
+      for (int64_t i = 0; i < w; ++i) {
+        const float* s = src + (c0 + i) * D;
+        float* dst = gu_t.data() + sl * kSlice * parts + part * wp + i;
+        for (int64_t c = 0; c < D; ++c) dst[c * gu_stride] = s[c];
+      }
+    }
+  }
   transpose(w_down, Dout, I, down_t);
   auto copy = [](const float* src, int64_t n, std::vector<float>& dst) {
     if (src) dst.assign(src, src + n);
@@ -543,11 +559,126 @@ inline __attribute__((always_inline)) void GemmPanel(float* y, int64_t nt, const
   for (; t < nt; ++t) GemvPanel<V, NV1>(y + t * kColChunk, panel, idx, coef + t * cs, n);
 }
 
+// ---- row kernels (gate/up, input-major rows of stride rs) ------------------------------------------------------
+// y [width] += Σ_r coef[r] · row idx[r] (base + idx[r]*rs, `width` floats, a multiple of the vector width). One
+// token: the accumulators live in y (L1) and each pass folds 4 rows into them (one load and store of y per 4 rows);
+// each row is one contiguous segment, so skipped rows are skipped bytes. Adds the rows one at a time in the given
+// order, like the panel kernels: bit-identical to GemmRows for the same token.
+template <class V>
+inline __attribute__((always_inline)) void GemvRowsT(float* y, int64_t width, const float* base, int64_t rs,
+                                                     const int32_t* idx, const float* coef, int64_t n) {
+  constexpr int L = Lanes<V>();
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4) {
+    const float* w0 = base + static_cast<int64_t>(idx[r]) * rs;
+    const float* w1 = base + static_cast<int64_t>(idx[r + 1]) * rs;
+    const float* w2 = base + static_cast<int64_t>(idx[r + 2]) * rs;
+    const float* w3 = base + static_cast<int64_t>(idx[r + 3]) * rs;
+    const V a0 = V{} + coef[r], a1 = V{} + coef[r + 1], a2 = V{} + coef[r + 2], a3 = V{} + coef[r + 3];
+    for (int64_t k = 0; k < width; k += L) {
+      V acc = Load<V>(y + k);
+      acc += a0 * Load<V>(w0 + k);
+      acc += a1 * Load<V>(w1 + k);
+      acc += a2 * Load<V>(w2 + k);
+      acc += a3 * Load<V>(w3 + k);
+      Store<V>(y + k, acc);
+    }
+  }
+  for (; r < n; ++r) {
+    const float* w0 = base + static_cast<int64_t>(idx[r]) * rs;
+    const V a0 = V{} + coef[r];
+    for (int64_t k = 0; k < width; k += L) Store<V>(y + k, Load<V>(y + k) + a0 * Load<V>(w0 + k));
+  }
+}
+
+// NT tokens (buffers y + u*ys, coefficients coef + u*cs) over the column tile [c0, c0 + NV*L) of the rows.
+template <class V, int NV, int NT>
+inline __attribute__((always_inline)) void RowsTile(float* y, int64_t ys, int64_t c0, const float* base, int64_t rs,
+                                                    const int32_t* idx, const float* coef, int64_t cs, int64_t n) {
+  constexpr int L = Lanes<V>();
+  V acc[NT][NV];
+#pragma GCC unroll 32
+  for (int u = 0; u < NT; ++u)
+#pragma GCC unroll 32
+    for (int k = 0; k < NV; ++k) acc[u][k] = Load<V>(y + u * ys + c0 + k * L);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* x = base + static_cast<int64_t>(idx[r]) * rs + c0;
+    V w[NV];
+#pragma GCC unroll 32
+    for (int k = 0; k < NV; ++k) w[k] = Load<V>(x + k * L);
+#pragma GCC unroll 32
+    for (int u = 0; u < NT; ++u) {
+      const V a = V{} + coef[u * cs + r];
+#pragma GCC unroll 32
+      for (int k = 0; k < NV; ++k) acc[u][k] += a * w[k];
+    }
+  }
+#pragma GCC unroll 32
+  for (int u = 0; u < NT; ++u)
+#pragma GCC unroll 32
+    for (int k = 0; k < NV; ++k) Store<V>(y + u * ys + c0 + k * L, acc[u][k]);
+}
+
+// nt tokens (buffers y + t*ys, coefficients coef + t*cs) over rows of `width` floats, in chunks of 64 rows: a
+// chunk's segments (64 x width floats) stay in L2 while every column tile and token group uses them, and each
+// row is read front to back. NT tokens x NV vectors per register tile, leftover tokens one at a time; each
+// element still adds the rows one at a time in the given order.
+template <class V, int NV, int NT>
+inline __attribute__((always_inline)) void GemmRowsT(float* y, int64_t ys, int64_t nt, int64_t width,
+                                                     const float* base, int64_t rs, const int32_t* idx,
+                                                     const float* coef, int64_t cs, int64_t n) {
+  constexpr int TW = NV * Lanes<V>();
+  constexpr int64_t kRowChunk = 64;
+  for (int64_t r0 = 0; r0 < n; r0 += kRowChunk) {
+    const int64_t nr = std::min(kRowChunk, n - r0);
+    for (int64_t c0 = 0; c0 < width; c0 += TW) {
+      int64_t t = 0;
+      for (; t + NT <= nt; t += NT)
+        RowsTile<V, NV, NT>(y + t * ys, ys, c0, base, rs, idx + r0, coef + t * cs + r0, cs, nr);
+      for (; t < nt; ++t) RowsTile<V, NV, 1>(y + t * ys, ys, c0, base, rs, idx + r0, coef + t * cs + r0, cs, nr);
+    }
+  }
+}
+
+using GemvRowsFn = void (*)(float*, int64_t, const float*, int64_t, const int32_t*, const float*, int64_t);
+using GemmRowsFn = void (*)(float*, int64_t, int64_t, int64_t, const float*, int64_t, const int32_t*, const float*,
+                            int64_t, int64_t);
+
+void GemvRowsBase(float* y, int64_t w, const float* b, int64_t rs, const int32_t* i, const float* c, int64_t n) {
+  GemvRowsT<vf4>(y, w, b, rs, i, c, n);
+}
+void GemmRowsBase(float* y, int64_t ys, int64_t nt, int64_t w, const float* b, int64_t rs, const int32_t* i,
+                  const float* c, int64_t cs, int64_t n) {
+  GemmRowsT<vf4, 2, 4>(y, ys, nt, w, b, rs, i, c, cs, n);
+}
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(SOLM_NO_CLONES)
+__attribute__((target("arch=x86-64-v3"))) void GemvRowsV3(float* y, int64_t w, const float* b, int64_t rs,
+                                                          const int32_t* i, const float* c, int64_t n) {
+  GemvRowsT<v8>(y, w, b, rs, i, c, n);
+}
+__attribute__((target("arch=x86-64-v3"))) void GemmRowsV3(float* y, int64_t ys, int64_t nt, int64_t w, const float* b,
+                                                          int64_t rs, const int32_t* i, const float* c, int64_t cs,
+                                                          int64_t n) {
+  GemmRowsT<v8, 2, 4>(y, ys, nt, w, b, rs, i, c, cs, n);
+}
+__attribute__((target("arch=x86-64-v4"))) void GemvRowsV4(float* y, int64_t w, const float* b, int64_t rs,
+                                                          const int32_t* i, const float* c, int64_t n) {
+  GemvRowsT<vf16>(y, w, b, rs, i, c, n);
+}
+__attribute__((target("arch=x86-64-v4"))) void GemmRowsV4(float* y, int64_t ys, int64_t nt, int64_t w, const float* b,
+                                                          int64_t rs, const int32_t* i, const float* c, int64_t cs,
+                                                          int64_t n) {
+  GemmRowsT<vf16, 4, 4>(y, ys, nt, w, b, rs, i, c, cs, n);
+}
+#endif
+
 using GemvFn = void (*)(float*, const float*, const int32_t*, const float*, int64_t);
 using GemmFn = void (*)(float*, int64_t, const float*, const int32_t*, const float*, int64_t, int64_t);
 struct PanelKernels {
   GemvFn gemv;
   GemmFn gemm;
+  GemvRowsFn gemv_rows;
+  GemmRowsFn gemm_rows;
   const char* isa;
 };
 
@@ -585,10 +716,10 @@ const PanelKernels& Panel() {
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(SOLM_NO_CLONES)
     __builtin_cpu_init();
     if (want != "baseline" && want != "x86-64-v3" && __builtin_cpu_supports("x86-64-v4"))
-      return PanelKernels{GemvV4, GemmV4, "x86-64-v4"};
-    if (want != "baseline" && __builtin_cpu_supports("x86-64-v3")) return PanelKernels{GemvV3, GemmV3, "x86-64-v3"};
+      return PanelKernels{GemvV4, GemmV4, GemvRowsV4, GemmRowsV4, "x86-64-v4"};
+    if (want != "baseline" && __builtin_cpu_supports("x86-64-v3")) return PanelKernels{GemvV3, GemmV3, GemvRowsV3, GemmRowsV3, "x86-64-v3"};
 #endif
-    return PanelKernels{GemvBase, GemmBase, "baseline"};
+    return PanelKernels{GemvBase, GemmBase, GemvRowsBase, GemmRowsBase, "baseline"};
   }();
   return k;
 }
@@ -608,19 +739,22 @@ void InitAcc(float* acc, int64_t nt, const std::vector<float>& bias, int64_t j0,
 // exact, at most 1/3 extra multiply-adds, each weight vector loaded once per 4 tokens instead of once per token).
 constexpr double kMultiTokenFill = 0.75;
 
-// gate/up (+ activation) of a token block over one column panel. xs [N, D] top-k-zeroed inputs; uidx/ucount the
-// union of the block's kept channels. Scratch: acc 2*kTokBlock*kColChunk floats, coef kTokBlock*D floats,
-// rows D ints.
+// gate/up (+ activation) of a token block over one column slice sl of gu_t. xs [N, D] top-k-zeroed inputs;
+// uidx/ucount the union of the block's kept channels. Scratch: acc kTokBlock*parts*kSlice floats, coef kTokBlock*D
+// floats, rows D ints.
 void MlpUpItem(const MlpWeights& W, const float* xs, const int32_t* uidx, int64_t ucount, int64_t n0, int64_t nt,
-               int64_t i0, int64_t w, Act act, float* h, float* acc, float* coef, int32_t* rows) {
+               int64_t sl, Act act, float* h, float* acc, float* coef, int32_t* rows) {
   const int64_t D = W.D, I = W.I;
   const PanelKernels& K = Panel();
-  float* ga = acc;                           // [nt, kColChunk]
-  float* ua = acc + kTokBlock * kColChunk;   // [nt, kColChunk]
-  const float* gpanel = W.gated ? W.gate_t.data() + i0 * D : nullptr;  // panel i0/kColChunk
-  const float* upanel = W.up_t.data() + i0 * D;
-  if (W.gated) InitAcc(ga, nt, W.b_gate, i0, w);
-  InitAcc(ua, nt, W.b_up, i0, w);
+  const int64_t i0 = sl * MlpWeights::kSlice, w = W.SliceWidth(sl), wp = MlpWeights::Padded(w);
+  const int64_t width = W.parts * wp;  // accumulator floats per token: [gate | pad | up | pad]
+  const float* base = W.gu_t.data() + sl * MlpWeights::kSlice * W.parts;
+  for (int64_t t = 0; t < nt; ++t) {
+    float* a = acc + t * width;
+    std::memset(a, 0, width * sizeof(float));
+    if (W.gated && !W.b_gate.empty()) std::memcpy(a, W.b_gate.data() + i0, w * sizeof(float));
+    if (!W.b_up.empty()) std::memcpy(a + (W.parts - 1) * wp, W.b_up.data() + i0, w * sizeof(float));
+  }
   int64_t work = 0;
   for (int64_t t = 0; t < nt; ++t) {
     const float* x = xs + (n0 + t) * D;
@@ -631,8 +765,7 @@ void MlpUpItem(const MlpWeights& W, const float* xs, const int32_t* uidx, int64_
       const float* x = xs + (n0 + t) * D;
       for (int64_t u = 0; u < ucount; ++u) coef[t * ucount + u] = x[uidx[u]];
     }
-    if (gpanel) K.gemm(ga, nt, gpanel, uidx, coef, ucount, ucount);
-    K.gemm(ua, nt, upanel, uidx, coef, ucount, ucount);
+    K.gemm_rows(acc, width, nt, width, base, W.gu_stride, uidx, coef, ucount, ucount);
   } else {
     for (int64_t t = 0; t < nt; ++t) {
       const float* x = xs + (n0 + t) * D;
@@ -641,15 +774,14 @@ void MlpUpItem(const MlpWeights& W, const float* xs, const int32_t* uidx, int64_
         const int32_t c = uidx[u];
         if (x[c] != 0.f) rows[n] = c, coef[n++] = x[c];
       }
-      if (gpanel) K.gemv(ga + t * kColChunk, gpanel, rows, coef, n);
-      K.gemv(ua + t * kColChunk, upanel, rows, coef, n);
+      K.gemv_rows(acc + t * width, width, base, W.gu_stride, rows, coef, n);
     }
   }
   for (int64_t t = 0; t < nt; ++t) {
     float* hr = h + (n0 + t) * I + i0;
-    const float* g = ga + t * kColChunk;
-    const float* u = ua + t * kColChunk;
-    if (gpanel)
+    const float* g = acc + t * width;
+    const float* u = g + (W.parts - 1) * wp;
+    if (W.gated)
       for (int64_t i = 0; i < w; ++i) hr[i] = Activate(act, g[i]) * u[i];
     else
       for (int64_t i = 0; i < w; ++i) hr[i] = Activate(act, u[i]);
@@ -746,18 +878,18 @@ void SparseMlp(const float* x, int64_t B, int64_t T, const MlpWeights& W, const 
   };
   par.For(static_cast<size_t>(nblk), select);
 
-  // B: gate/up + activation, items (column chunk, token block); chunk-major so a thread keeps a weight slice hot.
-  const int64_t nci = (I + kColChunk - 1) / kColChunk;
+  // B: gate/up + activation, items (column slice, token block); slice-major so a thread keeps a weight slice hot.
+  const int64_t ns = W.Slices();
   auto up = [&](size_t it) {
-    const int64_t j = static_cast<int64_t>(it) / nblk, blk = static_cast<int64_t>(it) % nblk;
+    const int64_t sl = static_cast<int64_t>(it) / nblk, blk = static_cast<int64_t>(it) % nblk;
     const int64_t n0 = blk * kTokBlock, nt = std::min(kTokBlock, N - n0);
-    const int64_t i0 = j * kColChunk, w = std::min(kColChunk, I - i0);
     Tls& tls = ThreadScratch();
-    float* acc = Grow(tls.f1, static_cast<size_t>(2 * kTokBlock * kColChunk + kTokBlock * D));
+    const int64_t accn = kTokBlock * W.parts * MlpWeights::kSlice;
+    float* acc = Grow(tls.f1, static_cast<size_t>(accn + kTokBlock * D));
     int32_t* rows = Grow(tls.i0, static_cast<size_t>(D));
-    MlpUpItem(W, xs, uidx + blk * D, ucnt[blk], n0, nt, i0, w, act, h, acc, acc + 2 * kTokBlock * kColChunk, rows);
+    MlpUpItem(W, xs, uidx + blk * D, ucnt[blk], n0, nt, sl, act, h, acc, acc + accn, rows);
   };
-  par.For(static_cast<size_t>(nci * nblk), up);
+  par.For(static_cast<size_t>(ns * nblk), up);
 
   // C: down projection, items (output column panel, token block).
   const int64_t nco = (Dout + kColChunk - 1) / kColChunk;

@@ -16,6 +16,7 @@
 // never shrunk) and per-item temporaries in thread-local buffers.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -110,17 +111,28 @@ int64_t PageBudget(double kappa, int64_t L, int64_t S);
 enum class Act { kSilu, kGelu, kGeluTanh, kRelu };
 bool ParseAct(const std::string& name, Act* act);
 
-// MLP weights re-laid out input-major: one contiguous row per input channel, cut into column panels of kPanel
-// outputs so that a work item (one panel) streams one contiguous kPanel-float row segment per kept channel and a
-// dense pass reads each panel front to back. Measured on the SmolLM2 MLP shape (576 -> 1536), plain [D, I] rows
-// cut into 1 KiB pieces per work item ran ~3x slower (strided 1 KiB reads defeat the prefetchers).
+// MLP weights re-laid out input-major, so that a kept input channel is contiguous bytes and a skipped one is skipped
+// bytes. gate/up: one row per input channel, the I outputs cut into slices of kSlice columns; row c holds, slice
+// after slice, [gate slice | up slice] (each padded to a multiple of 64 floats), so a work item (one slice) streams
+// one contiguous 2*kSlice-float segment (6 KiB) per kept channel. (The earlier layout, [ceil(I/256), D, 256]
+// panels, made a kept channel a 1 KiB strip per panel: skipping half the strips saved almost no memory traffic.)
+// down: [ceil(Dout/kPanel), I, kPanel] panels (the down projection is dense unless activations are exactly 0; a
+// dense pass reads each panel front to back with its accumulators in registers).
 struct MlpWeights {
   static constexpr int64_t kPanel = 256;
+  static constexpr int64_t kSlice = 768;
   int64_t D = 0, I = 0, Dout = 0;
   bool gated = false;
-  std::vector<float> gate_t, up_t;  // [ceil(I/kPanel), D, kPanel]  (row c of panel j = W[j*kPanel.., c])
-  std::vector<float> down_t;        // [ceil(Dout/kPanel), I, kPanel]
+  int64_t parts = 1;      // 2 when gated (gate and up segments), else 1
+  int64_t gu_stride = 0;  // floats per input-channel row of gu_t (an odd number of 64-byte lines)
+  std::vector<float> gu_t;    // [D, gu_stride]: slice s at s*kSlice*parts: [gate cols | pad | up cols | pad]
+  std::vector<float> down_t;  // [ceil(Dout/kPanel), I, kPanel]
   std::vector<float> b_gate, b_up, b_down;  // empty when absent
+
+  int64_t Slices() const { return (I + kSlice - 1) / kSlice; }
+  // columns of slice s, and its padded width (a multiple of 64 floats)
+  int64_t SliceWidth(int64_t s) const { return std::min(kSlice, I - s * kSlice); }
+  static int64_t Padded(int64_t w) { return (w + 63) / 64 * 64; }
 
   // From nn.Linear layout: w_gate/w_up [I, D], w_down [Dout, I]; any pointer except w_up/w_down may be null.
   void Set(const float* w_gate, const float* b_gate_, const float* w_up, const float* b_up_, const float* w_down,
