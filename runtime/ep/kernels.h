@@ -8,7 +8,9 @@
 //   QuestAttention, T == 1: per (row, KV head) the page min/max of the keys are computed once -- or, with a
 //     carried PageState, only the pages the new tokens touch, so selection reads O(P·d) instead of all of K; per
 //     query head (or per KV head, see QuestParams::per_kv_head) the page scores pick the pages; q·k, the softmax and
-//     softmax·v then run over the kept (and mask-allowed) tokens only. Masked-out tokens are skipped in every mode.
+//     softmax·v then run over the kept (and mask-allowed) tokens only. Per (row, KV head) the union of its query
+//     heads' kept tokens is streamed once, each head scoring the tokens it kept, so every K/V row is read once per
+//     GQA group in every mode. Masked-out tokens are skipped in every mode.
 //   SparseMLP: per token the top-k input channels are selected; gate/up accumulate one contiguous input-major
 //     weight row per kept channel; the down projection accumulates one contiguous row per non-zero activation.
 //
@@ -48,7 +50,7 @@ struct Stats {
   std::atomic<uint64_t> attn_calls{0};
   std::atomic<uint64_t> attn_keys_scored{0};   // q·k dot products computed (per query head and query row)
   std::atomic<uint64_t> attn_keys_dense{0};    // L per query head and query row
-  std::atomic<uint64_t> attn_kv_rows_read{0};  // distinct K rows read for q·k (per query head, or per group)
+  std::atomic<uint64_t> attn_kv_rows_read{0};  // distinct K (and V) rows read, once per GQA group and query row
   std::atomic<uint64_t> attn_minmax_rows{0};   // K rows folded into page min/max (per KV head)
   std::atomic<uint64_t> mlp_calls{0};
   std::atomic<uint64_t> mlp_in_rows{0};        // gate/up input-major rows accumulated (per token)
@@ -72,9 +74,8 @@ struct QuestParams {
   int64_t window = 0;
   // false: pages are chosen per query head (reference semantics).
   // true: pages are chosen once per KV head from the page scores summed over the query heads of its GQA group;
-  //       every head of the group then attends over the same token set and each kept K/V row is read once per
-  //       group instead of once per query head. Not the reference's selection (it is a different, coarser policy);
-  //       identical when H == Hkv.
+  //       every head of the group then attends over the same token set (fewer distinct rows than the union of
+  //       per-head sets). Not the reference's selection (it is a different, coarser policy); identical when H == Hkv.
   bool per_kv_head = false;
   // Multi-token calls only: also mask keys j > t (top-left aligned, like torch SDPA's is_causal). Single-token
   // steps ignore it (the KV cache already holds only the past).
