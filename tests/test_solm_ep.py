@@ -431,7 +431,7 @@ def _mlp_ref(x, w, rho, bits, act):
 @pytest.mark.parametrize("T", [1, 3])
 def test_sparse_mlp_matches_reference(lib, gated, act, biases, T):
     rng = np.random.default_rng(zlib.crc32(repr((gated, act, biases, T)).encode()))  # same data in every process
-    B, D, I = 3, 48, 300  # I spans two column chunks (256 + 44)
+    B, D, I = 3, 48, 1000  # I spans two gate/up column slices (768 + 232, padded to 256) and four down panels
     w = _mlp_weights(rng, D, I, gated, biases)
     x = rng.standard_normal((B, T, D), dtype=np.float32)
     rho = np.array([1.0, 0.5, 0.1], np.float32)
@@ -469,7 +469,7 @@ def test_sparse_mlp_dense_block_equals_token_by_token(lib):
     """A dense multi-token call (prefill) takes the register-tiled multi-token kernel (4 tokens per pass + a
     remainder); every token must come out bit-identical to running it alone."""
     rng = np.random.default_rng(13)
-    B, T, D, I = 1, 7, 40, 300
+    B, T, D, I = 1, 7, 150, 1000  # D: three 64-row chunks of the multi-token kernel; I: two column slices
     w = _mlp_weights(rng, D, I, True, True)
     x = rng.standard_normal((B, T, D), dtype=np.float32)
     rho, bits = np.ones(B, np.float32), np.full(B, 16, np.float32)

@@ -429,19 +429,20 @@ void MlpWeights::Set(const float* w_gate, const float* b_gate_, const float* w_u
   };
   // gate/up: row c of gu_t = per slice [w_gate[cols, c] | pad | w_up[cols, c] | pad]
   parts = gated ? 2 : 1;
+  slice = std::max<int64_t>(64, slice / 64 * 64);
   const int64_t ns = Slices();
-  gu_stride = ns == 0 ? 0 : (ns - 1) * kSlice * parts + Padded(SliceWidth(ns - 1)) * parts;
+  gu_stride = ns == 0 ? 0 : (ns - 1) * slice * parts + Padded(SliceWidth(ns - 1)) * parts;
   // An odd number of cache lines per row: with a power-of-two-ish stride (12 KiB) the rows' pieces of one column
   // tile would all fall into a few cache sets, and the multi-token kernel's tile (n rows x 256 B) would thrash L2.
   if (gu_stride > 0 && (gu_stride / 16) % 2 == 0) gu_stride += 16;
   gu_t.assign(static_cast<size_t>(D * gu_stride), 0.f);
   for (int64_t sl = 0; sl < ns; ++sl) {
-    const int64_t c0 = sl * kSlice, w = SliceWidth(sl), wp = Padded(w);
+    const int64_t c0 = sl * slice, w = SliceWidth(sl), wp = Padded(w);
     for (int64_t part = 0; part < parts; ++part) {
       const float* src = part == 0 && gated ? w_gate : w_up;  // [I, D]
       for (int64_t i = 0; i < w; ++i) {
         const float* s = src + (c0 + i) * D;
-        float* dst = gu_t.data() + sl * kSlice * parts + part * wp + i;
+        float* dst = gu_t.data() + sl * slice * parts + part * wp + i;
         for (int64_t c = 0; c < D; ++c) dst[c * gu_stride] = s[c];
       }
     }
@@ -772,15 +773,15 @@ void InitAcc(float* acc, int64_t nt, const std::vector<float>& bias, int64_t j0,
 constexpr double kMultiTokenFill = 0.75;
 
 // gate/up (+ activation) of a token block over one column slice sl of gu_t. xs [N, D] top-k-zeroed inputs;
-// uidx/ucount the union of the block's kept channels. Scratch: acc kTokBlock*parts*kSlice floats, coef kTokBlock*D
+// uidx/ucount the union of the block's kept channels. Scratch: acc kTokBlock*parts*slice floats, coef kTokBlock*D
 // floats, rows D ints.
 void MlpUpItem(const MlpWeights& W, const float* xs, const int32_t* uidx, int64_t ucount, int64_t n0, int64_t nt,
                int64_t sl, Act act, float* h, float* acc, float* coef, int32_t* rows) {
   const int64_t D = W.D, I = W.I;
   const PanelKernels& K = Panel();
-  const int64_t i0 = sl * MlpWeights::kSlice, w = W.SliceWidth(sl), wp = MlpWeights::Padded(w);
+  const int64_t i0 = sl * W.slice, w = W.SliceWidth(sl), wp = MlpWeights::Padded(w);
   const int64_t width = W.parts * wp;  // accumulator floats per token: [gate | pad | up | pad]
-  const float* base = W.gu_t.data() + sl * MlpWeights::kSlice * W.parts;
+  const float* base = W.gu_t.data() + sl * W.slice * W.parts;
   for (int64_t t = 0; t < nt; ++t) {
     float* a = acc + t * width;
     std::memset(a, 0, width * sizeof(float));
@@ -916,7 +917,7 @@ void SparseMlp(const float* x, int64_t B, int64_t T, const MlpWeights& W, const 
     const int64_t sl = static_cast<int64_t>(it) / nblk, blk = static_cast<int64_t>(it) % nblk;
     const int64_t n0 = blk * kTokBlock, nt = std::min(kTokBlock, N - n0);
     Tls& tls = ThreadScratch();
-    const int64_t accn = kTokBlock * W.parts * MlpWeights::kSlice;
+    const int64_t accn = kTokBlock * W.parts * W.slice;
     float* acc = Grow(tls.f1, static_cast<size_t>(accn + kTokBlock * D));
     int32_t* rows = Grow(tls.i0, static_cast<size_t>(D));
     MlpUpItem(W, xs, uidx + blk * D, ucnt[blk], n0, nt, sl, act, h, acc, acc + accn, rows);

@@ -122,17 +122,18 @@ bool ParseAct(const std::string& name, Act* act);
 struct MlpWeights {
   static constexpr int64_t kPanel = 256;
   static constexpr int64_t kSlice = 768;
+  int64_t slice = kSlice;  // columns per slice (a multiple of 64; may be changed before Set)
   int64_t D = 0, I = 0, Dout = 0;
   bool gated = false;
   int64_t parts = 1;      // 2 when gated (gate and up segments), else 1
   int64_t gu_stride = 0;  // floats per input-channel row of gu_t (an odd number of 64-byte lines)
-  std::vector<float> gu_t;    // [D, gu_stride]: slice s at s*kSlice*parts: [gate cols | pad | up cols | pad]
+  std::vector<float> gu_t;    // [D, gu_stride]: slice s at s*slice*parts: [gate cols | pad | up cols | pad]
   std::vector<float> down_t;  // [ceil(Dout/kPanel), I, kPanel]
   std::vector<float> b_gate, b_up, b_down;  // empty when absent
 
-  int64_t Slices() const { return (I + kSlice - 1) / kSlice; }
+  int64_t Slices() const { return (I + slice - 1) / slice; }
   // columns of slice s, and its padded width (a multiple of 64 floats)
-  int64_t SliceWidth(int64_t s) const { return std::min(kSlice, I - s * kSlice); }
+  int64_t SliceWidth(int64_t s) const { return std::min(slice, I - s * slice); }
   static int64_t Padded(int64_t w) { return (w + 63) / 64 * 64; }
 
   // From nn.Linear layout: w_gate/w_up [I, D], w_down [Dout, I]; any pointer except w_up/w_down may be null.
