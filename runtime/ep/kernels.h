@@ -8,7 +8,9 @@
 //   QuestAttention, T == 1: per (row, KV head) the page min/max of the keys are computed once -- or, with a
 //     carried PageState, only the pages the new tokens touch, so selection reads O(P·d) instead of all of K; per
 //     query head (or per KV head, see QuestParams::per_kv_head) the page scores pick the pages; q·k, the softmax and
-//     softmax·v then run over the kept (and mask-allowed) tokens only. Masked-out tokens are skipped in every mode.
+//     softmax·v then run over the kept (and mask-allowed) tokens only. Per (row, KV head) the union of its query
+//     heads' kept tokens is streamed once, each head scoring the tokens it kept, so every K/V row is read once per
+//     GQA group in every mode. Masked-out tokens are skipped in every mode.
 //   SparseMLP: per token the top-k input channels are selected; gate/up accumulate one contiguous input-major
 //     weight row per kept channel; the down projection accumulates one contiguous row per non-zero activation.
 //
@@ -16,6 +18,7 @@
 // never shrunk) and per-item temporaries in thread-local buffers.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -47,7 +50,7 @@ struct Stats {
   std::atomic<uint64_t> attn_calls{0};
   std::atomic<uint64_t> attn_keys_scored{0};   // q·k dot products computed (per query head and query row)
   std::atomic<uint64_t> attn_keys_dense{0};    // L per query head and query row
-  std::atomic<uint64_t> attn_kv_rows_read{0};  // distinct K rows read for q·k (per query head, or per group)
+  std::atomic<uint64_t> attn_kv_rows_read{0};  // distinct K (and V) rows read, once per GQA group and query row
   std::atomic<uint64_t> attn_minmax_rows{0};   // K rows folded into page min/max (per KV head)
   std::atomic<uint64_t> mlp_calls{0};
   std::atomic<uint64_t> mlp_in_rows{0};        // gate/up input-major rows accumulated (per token)
@@ -71,9 +74,8 @@ struct QuestParams {
   int64_t window = 0;
   // false: pages are chosen per query head (reference semantics).
   // true: pages are chosen once per KV head from the page scores summed over the query heads of its GQA group;
-  //       every head of the group then attends over the same token set and each kept K/V row is read once per
-  //       group instead of once per query head. Not the reference's selection (it is a different, coarser policy);
-  //       identical when H == Hkv.
+  //       every head of the group then attends over the same token set (fewer distinct rows than the union of
+  //       per-head sets). Not the reference's selection (it is a different, coarser policy); identical when H == Hkv.
   bool per_kv_head = false;
   // Multi-token calls only: also mask keys j > t (top-left aligned, like torch SDPA's is_causal). Single-token
   // steps ignore it (the KV cache already holds only the past).
@@ -110,17 +112,29 @@ int64_t PageBudget(double kappa, int64_t L, int64_t S);
 enum class Act { kSilu, kGelu, kGeluTanh, kRelu };
 bool ParseAct(const std::string& name, Act* act);
 
-// MLP weights re-laid out input-major: one contiguous row per input channel, cut into column panels of kPanel
-// outputs so that a work item (one panel) streams one contiguous kPanel-float row segment per kept channel and a
-// dense pass reads each panel front to back. Measured on the SmolLM2 MLP shape (576 -> 1536), plain [D, I] rows
-// cut into 1 KiB pieces per work item ran ~3x slower (strided 1 KiB reads defeat the prefetchers).
+// MLP weights re-laid out input-major, so that a kept input channel is contiguous bytes and a skipped one is skipped
+// bytes. gate/up: one row per input channel, the I outputs cut into slices of kSlice columns; row c holds, slice
+// after slice, [gate slice | up slice] (each padded to a multiple of 64 floats), so a work item (one slice) streams
+// one contiguous 2*kSlice-float segment (6 KiB) per kept channel. (The earlier layout, [ceil(I/256), D, 256]
+// panels, made a kept channel a 1 KiB strip per panel: skipping half the strips saved almost no memory traffic.)
+// down: [ceil(Dout/kPanel), I, kPanel] panels (the down projection is dense unless activations are exactly 0; a
+// dense pass reads each panel front to back with its accumulators in registers).
 struct MlpWeights {
   static constexpr int64_t kPanel = 256;
+  static constexpr int64_t kSlice = 768;
+  int64_t slice = kSlice;  // columns per slice (a multiple of 64; may be changed before Set)
   int64_t D = 0, I = 0, Dout = 0;
   bool gated = false;
-  std::vector<float> gate_t, up_t;  // [ceil(I/kPanel), D, kPanel]  (row c of panel j = W[j*kPanel.., c])
-  std::vector<float> down_t;        // [ceil(Dout/kPanel), I, kPanel]
+  int64_t parts = 1;      // 2 when gated (gate and up segments), else 1
+  int64_t gu_stride = 0;  // floats per input-channel row of gu_t (an odd number of 64-byte lines)
+  std::vector<float> gu_t;    // [D, gu_stride]: slice s at s*slice*parts: [gate cols | pad | up cols | pad]
+  std::vector<float> down_t;  // [ceil(Dout/kPanel), I, kPanel]
   std::vector<float> b_gate, b_up, b_down;  // empty when absent
+
+  int64_t Slices() const { return (I + slice - 1) / slice; }
+  // columns of slice s, and its padded width (a multiple of 64 floats)
+  int64_t SliceWidth(int64_t s) const { return std::min(slice, I - s * slice); }
+  static int64_t Padded(int64_t w) { return (w + 63) / 64 * 64; }
 
   // From nn.Linear layout: w_gate/w_up [I, D], w_down [Dout, I]; any pointer except w_up/w_down may be null.
   void Set(const float* w_gate, const float* b_gate_, const float* w_up, const float* b_up_, const float* w_down,
