@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from solm_compile import checkpoint, dynamo
+from solm_compile import checkpoint, dynamo, fast_c, fast_ops
 from solm_compile.actions import ActionGrid
 from solm_compile.artifact_step import ArtifactStep, initial_policy_state
 from solm_compile.config import GateConfig
@@ -86,10 +86,13 @@ def half(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(checkpoint, "POLICY_DIR", path.parent)   # where shipped policies are looked up
         model.compile(backend="solm", options=HALF)
+        stats = {**fast_c.STATS, **fast_ops.STATS}
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             out = generate(model, ids)
-    yield {"model": model, "path": path, "ids": ids, "dense": dense, "out": out, "warnings": solm_warnings(record)}
+        used = {k: v - stats[k] for k, v in {**fast_c.STATS, **fast_ops.STATS}.items()}
+    yield {"model": model, "path": path, "ids": ids, "dense": dense, "out": out, "warnings": solm_warnings(record),
+           "kernel_calls": used}
     torch._dynamo.reset()
 
 
@@ -123,6 +126,10 @@ def test_half_budget_runs_the_shipped_policy_like_the_artifact(half):
     assert acts.shape == (NEW - 1, 1)
     controls = torch.stack([h["controls"] for h in ctl.history])
     assert (controls < torch.tensor([1.0, 1.0, 16.0])).any(), "a half budget should prune somewhere"
+    calls = half["kernel_calls"]
+    if fast_c.library() is not None:     # SolmEP's C kernels, not the torch fallback, run the pruned steps
+        assert calls["attn_c_calls"] + calls["mlp_c_calls"] > 0, calls
+        assert calls["attn_gather_calls"] == calls["gather_calls"] == 0, calls
     assert out.shape == dense.shape and out[0, :PROMPT_LEN].equal(ids[0])
     # the same actions and tokens as the artifact's step, teacher-forced over what was generated
     want_actions, want_next = artifact_step_actions(model, path, ids, out[:, PROMPT_LEN:-1])

@@ -1,0 +1,91 @@
+// A plain C API over kernels.h for callers outside onnxruntime (solm_compile/fast_c.py: the torch.compile path's
+// custom ops call it through ctypes), so both runtimes run the same kernels. Raw fp32 pointers, contiguous
+// row-major tensors unless strides are given; no onnxruntime symbol is used here.
+//
+// Threads: every call runs serially on the calling thread (torch's own intra-op pool is not reachable from here);
+// scratch is thread-local, so concurrent calls from different threads are safe, also on one MLP handle (its
+// weights are read-only after creation).
+#include <cmath>
+#include <cstdint>
+#include <new>
+#include <string>
+
+#include "kernels.h"
+
+#define SOLM_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+solm::AttnScratch& AttnTls() {
+  thread_local solm::AttnScratch s;
+  return s;
+}
+
+solm::MlpScratch& MlpTls() {
+  thread_local solm::MlpScratch s;
+  return s;
+}
+
+}  // namespace
+
+// Bumped when a signature below changes (the Python side checks it before binding).
+SOLM_EXPORT int solm_c_api_version() { return 1; }
+
+// solm.quest_attention (reference.quest_attention_ref): q [B,H,T,d], k [B,Hkv,L,d], v [B,Hkv,L,dv], kappa [B],
+// out [B,H,T,dv], all contiguous. mask: null, or bool (1 byte) / float (additive) elements at
+// b*sb + h*sh + t*st + j*sl (strides in elements, 0 where broadcast). scale <= 0 (or NaN): 1/sqrt(d).
+// Returns 0, or -1 on bad arguments / allocation failure (out is then unspecified).
+SOLM_EXPORT int solm_quest_attention(const float* q, const float* k, const float* v, const void* mask,
+                                     int mask_is_bool, int64_t sb, int64_t sh, int64_t st, int64_t sl,
+                                     const float* kappa, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t L,
+                                     int64_t d, int64_t dv, float scale, int64_t page_size, int64_t sinks,
+                                     int64_t window, int is_causal, int per_kv_head, float* out) {
+  if (!q || !k || !v || !kappa || !out || B < 0 || T < 0 || L <= 0 || d <= 0 || dv <= 0 || Hkv <= 0 ||
+      H % Hkv != 0 || page_size <= 0)
+    return -1;
+  solm::MaskView mv;
+  mv.data = mask;
+  mv.is_bool = mask_is_bool != 0;
+  mv.sb = sb, mv.sh = sh, mv.st = st, mv.sl = sl;
+  solm::QuestParams p;
+  p.scale = scale > 0.f ? scale : 1.0f / std::sqrt(static_cast<float>(d));
+  p.page_size = page_size, p.sinks = sinks, p.window = window;
+  p.is_causal = is_causal != 0, p.per_kv_head = per_kv_head != 0;
+  try {
+    solm::QuestAttention(q, k, v, mv, kappa, B, H, Hkv, T, L, d, dv, p, out, AttnTls(), solm::Parallel{});
+  } catch (const std::bad_alloc&) {
+    return -1;
+  }
+  return 0;
+}
+
+// solm.sparse_mlp weights (nn.Linear layout: w_gate/w_up [I, D], w_down [Dout, I]; w_gate and the biases may be
+// null) re-laid out input-major once. Returns an opaque handle for solm_mlp_run, or null on failure.
+SOLM_EXPORT void* solm_mlp_create(const float* w_gate, const float* b_gate, const float* w_up, const float* b_up,
+                                  const float* w_down, const float* b_down, int64_t D, int64_t I, int64_t Dout) {
+  if (!w_up || !w_down || D <= 0 || I <= 0 || Dout <= 0) return nullptr;
+  try {
+    auto* w = new solm::MlpWeights();
+    w->Set(w_gate, b_gate, w_up, b_up, w_down, b_down, D, I, Dout);
+    return w;
+  } catch (const std::bad_alloc&) {
+    return nullptr;
+  }
+}
+
+// solm.sparse_mlp (reference.sparse_mlp_ref): x [B,T,D], rho/bits [B], y [B,T,Dout], contiguous. act: "silu",
+// "gelu", "gelu_tanh" or "relu". Returns 0, or -1 on bad arguments / allocation failure.
+SOLM_EXPORT int solm_mlp_run(const void* handle, const float* x, int64_t B, int64_t T, const float* rho,
+                             const float* bits, const char* act, float* y) {
+  solm::Act a;
+  if (!handle || !x || !rho || !bits || !y || !act || B < 0 || T < 0 || !solm::ParseAct(act, &a)) return -1;
+  try {
+    solm::SparseMlp(x, B, T, *static_cast<const solm::MlpWeights*>(handle), rho, bits, a, y, MlpTls(),
+                    solm::Parallel{});
+  } catch (const std::bad_alloc&) {
+    return -1;
+  }
+  return 0;
+}
+
+SOLM_EXPORT void solm_mlp_free(void* handle) { delete static_cast<solm::MlpWeights*>(handle); }
