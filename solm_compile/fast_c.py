@@ -1,4 +1,4 @@
-"""SolmEP's C kernels (``runtime/ep/kernels.cc``) for the torch.compile path's custom ops, through ctypes.
+"""SolmEP's C kernels (``runtime/ep/kernels_*.cc``) for the torch.compile path's custom ops, through ctypes.
 
 ``fast_ops.quest_attention_gather`` and ``fast_ops.sparse_mlp_gather`` call these first on CPU fp32 decode steps;
 each returns None where it does not apply (no library, other dtype or device, non-contiguous input), and the op

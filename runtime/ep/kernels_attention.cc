@@ -1,0 +1,338 @@
+// fp32 Quest attention (QuestAttention, PageBudget); see kernels.h for the contract.
+#include "kernels_util.h"
+
+namespace solm {
+
+Stats& GlobalStats() {
+  static Stats stats;
+  return stats;
+}
+
+namespace {
+
+// ------------------------------------------------------------------------------------------------ attention
+
+inline MaskRow RowOf(const MaskView& m, int64_t b, int64_t h, int64_t t, bool causal) {
+  MaskRow r;
+  if (causal) r.jmax = t;
+  if (m.data == nullptr) return r;
+  const int64_t off = b * m.sb + h * m.sh + t * m.st;
+  if (m.is_bool)
+    r.b = static_cast<const uint8_t*>(m.data) + off;
+  else
+    r.f = static_cast<const float*>(m.data) + off;
+  r.sl = m.sl;
+  return r;
+}
+// Returns false if token j is masked out; else sets *add to the additive mask value.
+inline bool Allowed(const MaskRow& m, int64_t j, float* add) {
+  *add = 0.f;
+  if (j > m.jmax) return false;
+  if (m.b) return m.b[j * m.sl] != 0;
+  if (m.f) {
+    *add = m.f[j * m.sl];
+    return *add != kNegInf;
+  }
+  return true;
+}
+
+// Element-wise max/min of the keys of pages, hi/lo [P, d], folding keys [j0, L) in order: a page that starts at or
+// after j0 starts from its first key; the page holding j0, when j0 is inside it, continues from its current hi/lo
+// (its keys before j0 already folded in), so the result equals the fold over the whole page (j0 = 0: every page).
+SOLM_CLONES void PageMinMax(const float* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi, float* lo) {
+  for (int64_t p = j0 / S; p * S < L; ++p) {
+    float* h = hi + p * d;
+    float* l = lo + p * d;
+    int64_t j = std::max(j0, p * S);
+    const int64_t j1 = std::min(L, (p + 1) * S);
+    if (j == p * S) {
+      std::memcpy(h, K + j * d, d * sizeof(float));
+      std::memcpy(l, K + j * d, d * sizeof(float));
+      ++j;
+    }
+    for (; j < j1; ++j) {
+      const float* kr = K + j * d;
+      int64_t i = 0;
+      for (; i + 8 <= d; i += 8) {
+        v8 x = *reinterpret_cast<const v8*>(kr + i);
+        v8 a = *reinterpret_cast<v8*>(h + i);
+        v8 b = *reinterpret_cast<v8*>(l + i);
+        *reinterpret_cast<v8*>(h + i) = x > a ? x : a;
+        *reinterpret_cast<v8*>(l + i) = x < b ? x : b;
+      }
+      for (; i < d; ++i) {
+        h[i] = kr[i] > h[i] ? kr[i] : h[i];
+        l[i] = kr[i] < l[i] ? kr[i] : l[i];
+      }
+    }
+  }
+}
+
+// Quest page scores of one query head: score[p] (+)= Σ_d max(q_d·max_d, q_d·min_d).
+// hi/lo [P, d]: the page max/min.
+SOLM_CLONES void PageScores(const float* qrow, const float* hi_pages, const float* lo_pages, int64_t P, int64_t d,
+                            float* score, bool accumulate) {
+  for (int64_t p = 0; p < P; ++p) {
+    const float* hi = hi_pages + p * d;
+    const float* lo = lo_pages + p * d;
+    v8 acc = {};
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+      v8 qv = *reinterpret_cast<const v8*>(qrow + i);
+      v8 a = qv * *reinterpret_cast<const v8*>(hi + i);
+      v8 b = qv * *reinterpret_cast<const v8*>(lo + i);
+      acc += a > b ? a : b;
+    }
+    float s = HSum(acc);
+    for (; i < d; ++i) s += std::max(qrow[i] * hi[i], qrow[i] * lo[i]);
+    score[p] = accumulate ? score[p] + s : s;
+  }
+}
+
+// Token keep flags [L] from page scores: the pb best pages (ties at the threshold kept), the first `sinks` and last
+// `window` tokens, and the last token if nothing else is kept (reference.quest_keep_ref).
+void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_t S, int64_t sinks, int64_t window,
+                    uint8_t* keep, float* tmp) {
+  std::memset(keep, 0, L);
+  if (pb > 0) {
+    std::copy(score, score + P, tmp);
+    std::nth_element(tmp, tmp + (pb - 1), tmp + P, std::greater<float>());
+    const float thr = tmp[pb - 1];
+    for (int64_t p = 0; p < P; ++p)
+      if (score[p] >= thr) std::memset(keep + p * S, 1, std::min(S, L - p * S));
+  }
+  if (sinks > 0) std::memset(keep, 1, std::min(sinks, L));
+  if (window > 0) {
+    const int64_t s0 = std::max<int64_t>(L - window, 0);
+    std::memset(keep + s0, 1, L - s0);
+  }
+  bool any = false;
+  for (int64_t j = 0; j < L && !any; ++j) any = keep[j] != 0;
+  if (!any) keep[L - 1] = 1;
+}
+
+// Attention of G query heads (rows qrows[g*qstride]) that share one K/V head. Head g attends over the tokens j its
+// mask allows and, when keep is given, with keep[g*ks + j] (ks = 0: one token set for the group; ks = L: a set per
+// head). ukeep (null: every token) is the union of the heads' sets: the loop streams the union once, so each K and
+// V row is read once for the whole group, and computes q·k (and softmax·v) only for the heads that kept the
+// token. q·k over d, V rows and outputs of dv values. Scratch: logit [G*L + G], idx [L]. Returns the number of q·k
+// dot products computed; *rows = the K rows read (tokens of the union some head may attend).
+SOLM_CLONES uint64_t AttendGroup(const float* qrows, int64_t qstride, int64_t G, const float* K, const float* V,
+                                 int64_t L, int64_t d, int64_t dv, float scale, const uint8_t* ukeep,
+                                 const uint8_t* keep, int64_t ks, const MaskRow* masks, float* logit, int32_t* idx,
+                                 float* out, int64_t ostride, uint64_t* rows) {
+  uint64_t scored = 0;
+  // candidates: the union's tokens in order (idx[0, nc)); compacted in place to the tokens some head attends
+  int64_t nc = 0;
+  if (ukeep) {
+    for (int64_t j = 0; j < L; ++j)
+      if (ukeep[j]) idx[nc++] = static_cast<int32_t>(j);
+  } else {
+    for (int64_t j = 0; j < L; ++j) idx[j] = static_cast<int32_t>(j);
+    nc = L;
+  }
+  // Kept pages are short runs (S rows) at scattered places: the hardware prefetchers lose the stream, so the K and
+  // V rows kPrefetch candidates ahead are prefetched by hand (V is then in cache for the softmax·v pass). Measured
+  // at SmolLM2 shapes (L = 2048, kappa = 0.5 per KV head): 0.5x of the dense time without, ~1.1-1.6x with.
+  // Dense streams need no help.
+  constexpr int64_t kPrefetch = 12;
+  const int64_t npf = ukeep ? nc - kPrefetch : 0;
+  int64_t n = 0;
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t j = idx[c];
+    if (c < npf) {
+      const int64_t jp = idx[c + kPrefetch];
+      const char* kp = reinterpret_cast<const char*>(K + jp * d);
+      const char* vp = reinterpret_cast<const char*>(V + jp * dv);
+      for (int64_t b = 0; b < d * 4; b += 64) __builtin_prefetch(kp + b);
+      for (int64_t b = 0; b < dv * 4; b += 64) __builtin_prefetch(vp + b);
+    }
+    const float* kr = K + j * d;
+    bool any = false;
+    for (int64_t g = 0; g < G; ++g) {
+      float add;
+      if ((keep == nullptr || keep[g * ks + j]) && Allowed(masks[g], j, &add)) {
+        logit[g * L + n] = Dot(qrows + g * qstride, kr, d) * scale + add;
+        any = true;
+        ++scored;
+      } else {
+        logit[g * L + n] = kNegInf;
+      }
+    }
+    if (any) idx[n++] = static_cast<int32_t>(j);
+  }
+  *rows = static_cast<uint64_t>(n);
+  float* sums = logit + G * L;
+  for (int64_t g = 0; g < G; ++g) {
+    float* lg = logit + g * L;
+    float mx = kNegInf;
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, lg[i]);
+    float sum = 0.f;
+    if (mx != kNegInf) {
+      for (int64_t i = 0; i < n; ++i) {
+        lg[i] = std::exp(lg[i] - mx);
+        sum += lg[i];
+      }
+    }
+    // sum > 0 unless every token is masked out (softmax of all -inf) or a logit is NaN: NaN, as in the reference.
+    sums[g] = sum;
+    std::memset(out + g * ostride, 0, dv * sizeof(float));
+  }
+  // PV: every kept V row read once, accumulated into every head of the group.
+  for (int64_t i = 0; i < n; ++i) {
+    const float* vr = V + static_cast<int64_t>(idx[i]) * dv;
+    for (int64_t g = 0; g < G; ++g) {
+      const float e = logit[g * L + i];
+      if (e != 0.f && sums[g] > 0.f) Axpy(out + g * ostride, vr, e, dv);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* o = out + g * ostride;
+    if (!(sums[g] > 0.f)) {
+      for (int64_t i = 0; i < dv; ++i) o[i] = kNaN;
+      continue;
+    }
+    const float inv = 1.f / sums[g];
+    for (int64_t i = 0; i < dv; ++i) o[i] *= inv;
+  }
+  return scored;
+}
+
+// Page min/max of this call: into the state outputs for every row (carried pages copied, the new tokens' pages
+// folded in), else into scratch for the rows that select (sparse(b, &pb)). Reads only the new keys when a past
+// state is given.
+template <class F>
+void PageMinMaxStep(const float* k, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t S,
+                    const PageState* state, bool any_sparse, F& sparse, AttnScratch& scratch, const Parallel& par) {
+  const int64_t P = (L + S - 1) / S;
+  const bool to_state = state != nullptr && state->min != nullptr && state->max != nullptr;
+  if (!to_state && !any_sparse) return;
+  float* hi = to_state ? state->max : Grow(scratch.page_max, static_cast<size_t>(B * Hkv * P * d));
+  float* lo = to_state ? state->min : Grow(scratch.page_min, static_cast<size_t>(B * Hkv * P * d));
+  const int64_t P_past = state != nullptr ? state->P_past : 0;
+  const int64_t j0 = P_past > 0 ? L - T : 0;  // first key not yet folded into the carried pages
+  Stats& st = GlobalStats();
+  auto item = [&](size_t it) {
+    const int64_t b = static_cast<int64_t>(it) / Hkv;
+    int64_t pb;
+    if (!to_state && !sparse(b, &pb)) return;
+    const int64_t o = static_cast<int64_t>(it);  // b * Hkv + hk
+    if (P_past > 0) {
+      std::memcpy(hi + o * P * d, state->past_max + o * P_past * d, P_past * d * sizeof(float));
+      std::memcpy(lo + o * P * d, state->past_min + o * P_past * d, P_past * d * sizeof(float));
+    }
+    PageMinMax(k + o * L * d, j0, L, d, S, hi + o * P * d, lo + o * P * d);
+    st.attn_minmax_rows.fetch_add(static_cast<uint64_t>(L - j0), std::memory_order_relaxed);
+  };
+  par.For(static_cast<size_t>(B * Hkv), item);
+}
+
+}  // namespace
+
+int64_t PageBudget(double kappa, int64_t L, int64_t S) {
+  const double nd = std::ceil(kappa * static_cast<double>(L) - 1e-9);
+  int64_t n = 0;
+  if (nd > 0) n = nd >= static_cast<double>(L) ? L : static_cast<int64_t>(nd);
+  const int64_t P = (L + S - 1) / S;
+  return std::min((n + S - 1) / S, P);
+}
+
+void QuestAttention(const float* q, const float* k, const float* v, const MaskView& mask, const float* kappa,
+                    int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t dv,
+                    const QuestParams& p, float* out, AttnScratch& scratch, const Parallel& par,
+                    const PageState* state) {
+  Stats& st = GlobalStats();
+  st.attn_calls.fetch_add(1, std::memory_order_relaxed);
+  st.attn_keys_dense.fetch_add(static_cast<uint64_t>(B * H * T * L), std::memory_order_relaxed);
+  const int64_t G = H / Hkv;
+  const float scale = p.scale;
+  const int64_t S = std::max<int64_t>(p.page_size, 1);
+  const int64_t P = (L + S - 1) / S;
+
+  // Single-token step: per row, dense if kappa >= 1 or the page budget covers every page.
+  auto row_budget = [&](int64_t b, int64_t* pb) {
+    const double kb = static_cast<double>(kappa[b]);
+    *pb = PageBudget(kb, L, S);
+    return T == 1 && !(kb >= 1.0 || *pb >= P);  // true: sparse row
+  };
+  bool any_sparse = false;
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t pb;
+    any_sparse = any_sparse || row_budget(b, &pb);
+  }
+  PageMinMaxStep(k, B, Hkv, T, L, d, S, state, any_sparse, row_budget, scratch, par);
+  const bool to_state = state != nullptr && state->min != nullptr && state->max != nullptr;
+  const float* pmax = to_state ? state->max : scratch.page_max.data();
+  const float* pmin = to_state ? state->min : scratch.page_min.data();
+
+  if (T != 1) {
+    // Multi-token call (prefill): dense attention under the mask; one item per (row, KV head, query position).
+    auto item = [&](size_t it) {
+      const int64_t t = static_cast<int64_t>(it) % T;
+      const int64_t bk = static_cast<int64_t>(it) / T;
+      const int64_t b = bk / Hkv, hk = bk % Hkv;
+      Tls& tls = ThreadScratch();
+      float* logit = Grow(tls.f0, static_cast<size_t>(G * L + G));
+      int32_t* idx = Grow(tls.i0, static_cast<size_t>(L));
+      MaskRow* mr = Grow(tls.masks, static_cast<size_t>(G));
+      for (int64_t g = 0; g < G; ++g) mr[g] = RowOf(mask, b, hk * G + g, t, p.is_causal);
+      const float* qb = q + ((b * H + hk * G) * T + t) * d;
+      const float* K = k + (b * Hkv + hk) * L * d;
+      const float* V = v + (b * Hkv + hk) * L * dv;
+      float* ob = out + ((b * H + hk * G) * T + t) * dv;
+      uint64_t rows = 0;
+      const uint64_t scored =
+          AttendGroup(qb, T * d, G, K, V, L, d, dv, scale, nullptr, nullptr, 0, mr, logit, idx, ob, T * dv, &rows);
+      st.attn_keys_scored.fetch_add(scored, std::memory_order_relaxed);
+      st.attn_kv_rows_read.fetch_add(rows, std::memory_order_relaxed);
+    };
+    par.For(static_cast<size_t>(B * Hkv * T), item);
+    return;
+  }
+
+  // One item per (row, KV head): the pages are chosen per query head (or once for the group with per_kv_head), and
+  // the group streams the union of its heads' kept tokens once, each head scoring only the tokens it kept.
+  auto item = [&](size_t it) {
+    const int64_t b = static_cast<int64_t>(it) / Hkv, hk = static_cast<int64_t>(it) % Hkv;
+    const int64_t h = hk * G;  // first query head of the group
+    int64_t pb;
+    const bool sparse = row_budget(b, &pb);
+    const bool shared = p.per_kv_head || G == 1;  // one token set for the whole group
+    const int64_t nsets = sparse ? (shared ? 1 : G) : 0;
+    Tls& tls = ThreadScratch();
+    float* logit = Grow(tls.f0, static_cast<size_t>(G * L + G + 2 * P));
+    float* score = logit + G * L + G;
+    float* tmp = score + P;
+    int32_t* idx = Grow(tls.i0, static_cast<size_t>(L));
+    uint8_t* keep = sparse ? Grow(tls.u0, static_cast<size_t>((nsets + 1) * L)) : nullptr;
+    uint8_t* ukeep = keep == nullptr ? nullptr : nsets == 1 ? keep : keep + nsets * L;
+    MaskRow* mr = Grow(tls.masks, static_cast<size_t>(G));
+    for (int64_t g = 0; g < G; ++g) mr[g] = RowOf(mask, b, h + g, 0, false);
+    const float* qh = q + (b * H + h) * d;  // T == 1
+    const float* K = k + (b * Hkv + hk) * L * d;
+    const float* V = v + (b * Hkv + hk) * L * dv;
+    if (sparse) {
+      const int64_t o = (b * Hkv + hk) * P * d;
+      if (shared) {
+        for (int64_t g = 0; g < G; ++g) PageScores(qh + g * d, pmax + o, pmin + o, P, d, score, g > 0);
+        KeepFromScores(score, P, pb, L, S, p.sinks, p.window, keep, tmp);
+      } else {
+        for (int64_t g = 0; g < G; ++g) {
+          PageScores(qh + g * d, pmax + o, pmin + o, P, d, score, false);
+          KeepFromScores(score, P, pb, L, S, p.sinks, p.window, keep + g * L, tmp);
+        }
+        std::memcpy(ukeep, keep, L);
+        for (int64_t g = 1; g < G; ++g)
+          for (int64_t j = 0; j < L; ++j) ukeep[j] |= keep[g * L + j];
+      }
+    }
+    uint64_t rows = 0;
+    const uint64_t scored = AttendGroup(qh, d, G, K, V, L, d, dv, scale, ukeep, keep, nsets == 1 ? 0 : L, mr, logit,
+                                        idx, out + (b * H + h) * dv, dv, &rows);
+    st.attn_keys_scored.fetch_add(scored, std::memory_order_relaxed);
+    st.attn_kv_rows_read.fetch_add(rows, std::memory_order_relaxed);
+  };
+  par.For(static_cast<size_t>(B * Hkv), item);
+}
+
+}  // namespace solm
