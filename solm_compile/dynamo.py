@@ -151,6 +151,9 @@ class PolicyController:
         self._pending = None
         self._dense: dict = {}
         self._lock = threading.Lock()
+        from .fast_c import PageStates
+
+        self.page_states = PageStates()     # Quest page min/max carried across steps (fast_c; reset per sequence)
         if self.policy is not None:
             self._table = self.grid.table()
             self._usage_scale = torch.tensor([1.0, self.grid.rho_levels[-1], 16.0])
@@ -167,6 +170,7 @@ class PolicyController:
 
     def reset(self) -> None:
         self.state, self._pending = None, None
+        self.page_states.reset()
 
     def _dense_controls(self, B: int, device) -> tuple[Tensor, Tensor, Tensor]:
         key = (B, str(device))
@@ -190,6 +194,7 @@ class PolicyController:
             self.calls["prefill"] += 1
             self._pending = ("prefill",) if want_hidden else None
             self.state = None
+            self.page_states.reset()
             return self._dense_controls(B, dev)
         self.calls["step"] += 1
         eff_flag = past_len + T > self.min_len                       # gate_controls' rule (T == 1 here)

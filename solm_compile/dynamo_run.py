@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .fast_c import carrying
+
 
 class _Dense:
     """The compiled callable for a graph that is dense on every call: inductor's graph, the controller's books."""
@@ -44,7 +46,8 @@ class _Gated:
             with self.ctl._lock:
                 kappa, rho, bits = self.ctl.before(ids, past_len, self.with_hidden)
                 try:
-                    out = self.fn(*dyn, kappa, rho, bits)
+                    with carrying(self.ctl.page_states, id(self)):
+                        out = self.fn(*dyn, kappa, rho, bits)
                 except Exception as e:  # noqa: BLE001 - a run-time compile failure must not end generation
                     self.ctl.reset()
                     self.failed = True

@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-API_VERSION = 1           # runtime/ep/c_api.cc: solm_c_api_version()
-STATS = {"attn_c_calls": 0, "mlp_c_calls": 0, "mlp_handles": 0}
+API_VERSION = 2           # runtime/ep/c_api.cc: solm_c_api_version()
+STATS = {"attn_c_calls": 0, "attn_state_carried": 0, "mlp_c_calls": 0, "mlp_handles": 0}
 _log = logging.getLogger(__name__)
 _lock = threading.RLock()   # reentrant: a weight's finalizer may run (GC) while the handle cache is being filled
 _state: dict = {}           # "lib": the loaded CDLL or None, once tried
@@ -38,6 +38,9 @@ _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c
 _SIGNATURES = {
     "solm_quest_attention": (_INT, [_P, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64,
                                     _I64, _I64, _I64, _F32, _I64, _I64, _I64, _INT, _INT, _P]),
+    "solm_quest_attention_state": (_INT, [_P, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64,
+                                          _I64, _I64, _I64, _I64, _F32, _I64, _I64, _I64, _INT, _INT,
+                                          _P, _P, _I64, _P, _P, _P]),
     "solm_mlp_create": (_P, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64]),
     "solm_mlp_run": (_INT, [_P, _P, _I64, _I64, _P, _P, ctypes.c_char_p, _P]),
     "solm_mlp_free": (None, [_P]),
@@ -110,13 +113,124 @@ def quest_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
         return None
     out = q.new_empty(B, H, T, dv)                                     # [B,H,1,dv]
     ptr, is_bool, strides = mask
-    rc = lib.solm_quest_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), ptr, is_bool, *strides,
-                                  kap.data_ptr(), B, H, Hkv, T, L, d, dv, 0.0 if scale is None else float(scale),
-                                  page_size, sinks, window, 0, 0, out.data_ptr())
+    past_min, past_max, P_past, new_min, new_max = _page_state(k, page_size)
+    rc = lib.solm_quest_attention_state(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), ptr, is_bool, *strides, kap.data_ptr(), B, H, Hkv, T, L, d, dv,
+        0.0 if scale is None else float(scale), page_size, sinks, window, 0, 0, _ptr(past_min), _ptr(past_max),
+        P_past, _ptr(new_min), _ptr(new_max), out.data_ptr())
     if rc != 0:
+        _forget_page_state()
         return None
     STATS["attn_c_calls"] += 1
+    STATS["attn_state_carried"] += int(P_past > 0)
     return out
+
+
+def _ptr(t: Optional[Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------- page state
+class PageStates:
+    """The Quest page min/max of one decode sequence, carried across the compiled model's calls like the
+    artifact's ``present_page_*`` outputs, so a step folds only its new key instead of reading all of K.
+
+    Owned by the ``PolicyController`` (reset with its episode at every prefill); a gated call activates it with
+    ``carrying(states, key)`` and its attention ops take slots in call order. A slot is reused only if it was
+    left by the previous step of the same sequence: the same shapes, length L-1, and the same key at L-2
+    (so a reordered, cropped or foreign cache, or a different layer, recomputes every page instead)."""
+
+    def __init__(self):
+        self.slots: dict = {}
+        self.key, self.i = None, 0
+
+    def reset(self) -> None:
+        self.slots.clear()
+
+
+_active = threading.local()
+
+
+class carrying:
+    """``with carrying(states, key):`` the attention ops of one gated call (``key`` names the graph) use ``states``."""
+
+    def __init__(self, states: Optional[PageStates], key):
+        self.states, self.key = states, key
+
+    def __enter__(self):
+        self.prev = getattr(_active, "states", None)
+        if self.states is not None:
+            self.states.key, self.states.i = self.key, 0
+        _active.states = self.states
+        return self.states
+
+    def __exit__(self, *exc):
+        _active.states = self.prev
+        return False
+
+
+def _take_slot(k: Tensor, S: int):
+    """(states, slot key, the slot if it continues this sequence else None); (None, None, None) outside a call."""
+    ps = getattr(_active, "states", None)
+    if ps is None:
+        return None, None, None
+    B, Hkv, L, d = k.shape
+    slot_key = (ps.key, ps.i)
+    ps.i += 1
+    _active.slot = slot_key
+    slot = ps.slots.get(slot_key)
+    if (slot is None or slot["shape"] != (B, Hkv, d, S) or slot["L"] != L - 1 or L < 2
+            or not torch.equal(slot["last"], k[:, :, L - 2])):
+        slot = None
+    return ps, slot_key, slot
+
+
+def _page_state(k: Tensor, S: int):
+    """(past_min, past_max, P_past, new_min, new_max) for this call's slot, or no state outside a gated call."""
+    ps, slot_key, slot = _take_slot(k, S)
+    if ps is None:
+        return None, None, 0, None, None
+    B, Hkv, L, d = k.shape
+    P, P_past = -(-L // S), -(-(L - 1) // S)
+    if slot is not None:
+        pmin, pmax = slot["min"], slot["max"]
+        if P_past == P:                                   # the last page grows: update it in place
+            nmin, nmax = pmin, pmax
+        else:                                             # a new page starts: a buffer one page longer
+            nmin, nmax = k.new_empty(B, Hkv, P, d), k.new_empty(B, Hkv, P, d)              # [B,Hkv,P,d]
+    else:
+        pmin = pmax = None
+        P_past = 0
+        nmin, nmax = k.new_empty(B, Hkv, P, d), k.new_empty(B, Hkv, P, d)                  # [B,Hkv,P,d]
+    ps.slots[slot_key] = {"shape": (B, Hkv, d, S), "L": L, "min": nmin, "max": nmax,
+                          "last": k[:, :, L - 1].clone()}                                  # [B,Hkv,d]
+    return pmin, pmax, P_past, nmin, nmax
+
+
+def fold_dense_step(k: Tensor, S: int) -> None:
+    """A decode step that runs dense (torch's SDPA) inside a gated call: fold its new key into the carried page
+    min/max (exact: min and max do not depend on order), so the next pruned step still reads O(pages·d)."""
+    ps, slot_key, slot = _take_slot(k, S)
+    if ps is None:
+        return
+    if slot is None or not _plain(k):
+        ps.slots.pop(slot_key, None)                      # nothing to continue: the next C call recomputes
+        return
+    L = k.shape[2]
+    row = k[:, :, L - 1]                                                                   # [B,Hkv,d]
+    if (L - 1) % S:                                       # the key joins the last page
+        slot["min"][:, :, -1].copy_(torch.minimum(slot["min"][:, :, -1], row))
+        slot["max"][:, :, -1].copy_(torch.maximum(slot["max"][:, :, -1], row))
+    else:                                                 # the key starts a page
+        slot["min"] = torch.cat([slot["min"], row[:, :, None]], 2)                         # [B,Hkv,P,d]
+        slot["max"] = torch.cat([slot["max"], row[:, :, None]], 2)
+    slot["L"], slot["last"] = L, row.clone()
+
+
+def _forget_page_state() -> None:
+    ps = getattr(_active, "states", None)
+    if ps is not None:
+        ps.slots.pop(getattr(_active, "slot", None), None)
 
 
 def _mask_view(m: Optional[Tensor], B: int, H: int, T: int, L: int):

@@ -208,6 +208,8 @@ def quest_attention_gather(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[
         out = fast_c.quest_attention(q, k, v, attn_mask, kappa, scale, page_size, sinks, window)
         if out is not None:                                   # SolmEP's kernel (CPU fp32)
             return out
+    elif T == 1:
+        fast_c.fold_dense_step(k, page_size)                  # keep the carried page min/max current
     pbs = [ref.page_budget(x, L, S) for x in kappa.tolist()]
     if T != 1 or min(pbs) >= P or Pf == 0:                     # prefill, dense (κ ≥ 1 ⇒ pb = P), tiny L
         return _quest_attention(q, k, v, attn_mask, kappa, scale, is_causal, page_size, sinks, window)

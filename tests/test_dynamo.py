@@ -130,6 +130,8 @@ def test_half_budget_runs_the_shipped_policy_like_the_artifact(half):
     if fast_c.library() is not None:     # SolmEP's C kernels, not the torch fallback, run the pruned steps
         assert calls["attn_c_calls"] + calls["mlp_c_calls"] > 0, calls
         assert calls["attn_gather_calls"] == calls["gather_calls"] == 0, calls
+        if calls["attn_c_calls"]:        # the page min/max is carried from step to step (fast_c.PageStates)
+            assert calls["attn_state_carried"] > 0, calls
     assert out.shape == dense.shape and out[0, :PROMPT_LEN].equal(ids[0])
     # the same actions and tokens as the artifact's step, teacher-forced over what was generated
     want_actions, want_next = artifact_step_actions(model, path, ids, out[:, PROMPT_LEN:-1])

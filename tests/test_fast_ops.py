@@ -332,3 +332,60 @@ def test_without_the_library_the_torch_ops_run(monkeypatch, caplog):
     assert torch.allclose(attn, ref.quest_attention_ref(q, k, v, None, kap, None, 8, 4, 8), atol=1e-5)
     assert torch.allclose(mlp, ref.sparse_mlp_ref(x, *ws, torch.tensor([0.5]), torch.tensor([16.0]), "silu"),
                           atol=1e-5)
+
+
+def test_page_state_carried_across_decode_steps(c_lib):
+    """Inside a gated call (``fast_c.carrying``) the page min/max is carried: each step folds only its new key,
+    the output equals the reference at every step (across page boundaries, GQA, mixed κ per row), and the state
+    is really what selection reads (a corrupted state changes the pages chosen)."""
+    if c_lib is None:
+        pytest.skip("SolmEP's C API library is not built here")
+    torch.manual_seed(3)
+    B, H, Hkv, d, S = 3, 6, 2, 16, 8
+    kappa = torch.tensor([0.5, 0.25, 1.0])
+    k_all, v_all = torch.randn(B, Hkv, 60, d), torch.randn(B, Hkv, 60, d)     # [B,Hkv,60,d]
+    states = fast_c.PageStates()
+    with kernels("c", c_lib):
+        for L in range(30, 60):                                  # 30 steps: pages 4 → 8 start on the way
+            q = torch.randn(B, H, 1, d)
+            k, v = k_all[:, :, :L].contiguous(), v_all[:, :, :L].contiguous()
+            dense = L in (33, 40, 41, 47)                        # all-dense steps (SDPA) fold the key in torch
+            kap = torch.ones(B) if dense else kappa
+            before, rows0 = dict(fast_c.STATS), ep_stats(c_lib)["attn_minmax_rows"]
+            with fast_c.carrying(states, "graph"):
+                got = gather_attn(q, k, v, kap, S, 0, 0)
+            want = ref.quest_attention_ref(q, k, v, None, kap, None, S, 0, 0)
+            assert torch.allclose(got, want, atol=1e-5), L
+            carried = fast_c.STATS["attn_state_carried"] - before["attn_state_carried"]
+            folded = ep_stats(c_lib)["attn_minmax_rows"] - rows0
+            expect = (0, 0) if dense else (0, B * Hkv * L) if L == 30 else (1, B * Hkv)
+            assert (carried, folded) == expect, L
+            pages = k.view(B, Hkv, -1, S, d) if L % S == 0 else None
+            if pages is not None:                                # the carried state is K's exact page min/max
+                slot = states.slots[("graph", 0)]
+                assert torch.equal(slot["min"], pages.amin(3)) and torch.equal(slot["max"], pages.amax(3)), L
+        # a foreign cache of the next length (its key at L-2 differs): every page is recomputed, still exact
+        k2, v2 = torch.randn(B, Hkv, 60, d), torch.randn(B, Hkv, 60, d)
+        before = fast_c.STATS["attn_state_carried"]
+        with fast_c.carrying(states, "graph"):
+            got = gather_attn(q, k2, v2, kappa, S, 0, 0)
+        assert fast_c.STATS["attn_state_carried"] == before
+        assert torch.allclose(got, ref.quest_attention_ref(q, k2, v2, None, kappa, None, S, 0, 0), atol=1e-5)
+        # the carried state is what selection reads: swap in the state of other keys and the output moves
+        L = 60
+        k, v = k2[:, :, :L].clone(), v2[:, :, :L].clone()
+        k[:, :, -1] = torch.randn(B, Hkv, d)                     # another sequence whose slot check passes:
+        k = torch.cat([k, torch.randn(B, Hkv, 1, d)], 2)
+        v = torch.cat([v, torch.randn(B, Hkv, 1, d)], 2)
+        q = torch.randn(B, H, 1, d)
+        slot = states.slots[("graph", 0)]
+        slot["last"] = k[:, :, L - 2 + 1].clone()                # (the key at L-1 of the new length L+1)
+        slot["min"].fill_(-1e3)                                  # every page looks equally large
+        slot["max"].fill_(1e3)
+        with fast_c.carrying(states, "graph"):
+            bad = gather_attn(q, k, v, kappa, S, 0, 0)
+        want = ref.quest_attention_ref(q, k, v, None, kappa, None, S, 0, 0)
+        assert not torch.allclose(bad[:2], want[:2], atol=1e-3)  # the sparse rows chose other pages
+        assert torch.allclose(bad[2], want[2], atol=1e-5)        # the dense row does not select
+    states.reset()
+    assert not states.slots

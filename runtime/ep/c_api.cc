@@ -29,20 +29,33 @@ solm::MlpScratch& MlpTls() {
 }  // namespace
 
 // Bumped when a signature below changes (the Python side checks it before binding).
-SOLM_EXPORT int solm_c_api_version() { return 1; }
+SOLM_EXPORT int solm_c_api_version() { return 2; }
 
 // solm.quest_attention (reference.quest_attention_ref): q [B,H,T,d], k [B,Hkv,L,d], v [B,Hkv,L,dv], kappa [B],
 // out [B,H,T,dv], all contiguous. mask: null, or bool (1 byte) / float (additive) elements at
 // b*sb + h*sh + t*st + j*sl (strides in elements, 0 where broadcast). scale <= 0 (or NaN): 1/sqrt(d).
 // Returns 0, or -1 on bad arguments / allocation failure (out is then unspecified).
-SOLM_EXPORT int solm_quest_attention(const float* q, const float* k, const float* v, const void* mask,
-                                     int mask_is_bool, int64_t sb, int64_t sh, int64_t st, int64_t sl,
-                                     const float* kappa, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t L,
-                                     int64_t d, int64_t dv, float scale, int64_t page_size, int64_t sinks,
-                                     int64_t window, int is_causal, int per_kv_head, float* out) {
+// The _state variant carries the page min/max (kernels.h PageState): past_min/past_max [B,Hkv,P_past,d] with
+// P_past = ceil((L-T)/page_size) (or 0: none, every page is computed), min_out/max_out [B,Hkv,P,d],
+// P = ceil(L/page_size), written for every row (both null: not kept); the past buffers may be the output buffers
+// when P_past == P (updated in place).
+SOLM_EXPORT int solm_quest_attention_state(const float* q, const float* k, const float* v, const void* mask,
+                                           int mask_is_bool, int64_t sb, int64_t sh, int64_t st, int64_t sl,
+                                           const float* kappa, int64_t B, int64_t H, int64_t Hkv, int64_t T,
+                                           int64_t L, int64_t d, int64_t dv, float scale, int64_t page_size,
+                                           int64_t sinks, int64_t window, int is_causal, int per_kv_head,
+                                           const float* past_min, const float* past_max, int64_t P_past,
+                                           float* min_out, float* max_out, float* out) {
   if (!q || !k || !v || !kappa || !out || B < 0 || T < 0 || L <= 0 || d <= 0 || dv <= 0 || Hkv <= 0 ||
-      H % Hkv != 0 || page_size <= 0)
+      H % Hkv != 0 || page_size <= 0 || P_past < 0 || (P_past > 0 && (!past_min || !past_max)))
     return -1;
+  const int64_t P = (L + page_size - 1) / page_size;
+  if ((min_out == nullptr) != (max_out == nullptr)) return -1;
+  if (P_past > 0 && (L - T <= 0 || P_past != (L - T + page_size - 1) / page_size)) return -1;
+  if ((past_min == min_out || past_max == max_out) && P_past > 0 && P_past != P) return -1;
+  solm::PageState state;
+  state.past_min = past_min, state.past_max = past_max, state.P_past = P_past;
+  state.min = min_out, state.max = max_out;
   solm::MaskView mv;
   mv.data = mask;
   mv.is_bool = mask_is_bool != 0;
@@ -52,11 +65,23 @@ SOLM_EXPORT int solm_quest_attention(const float* q, const float* k, const float
   p.page_size = page_size, p.sinks = sinks, p.window = window;
   p.is_causal = is_causal != 0, p.per_kv_head = per_kv_head != 0;
   try {
-    solm::QuestAttention(q, k, v, mv, kappa, B, H, Hkv, T, L, d, dv, p, out, AttnTls(), solm::Parallel{});
+    const bool carried = P_past > 0 || min_out != nullptr;
+    solm::QuestAttention(q, k, v, mv, kappa, B, H, Hkv, T, L, d, dv, p, out, AttnTls(), solm::Parallel{},
+                         carried ? &state : nullptr);
   } catch (const std::bad_alloc&) {
     return -1;
   }
   return 0;
+}
+
+SOLM_EXPORT int solm_quest_attention(const float* q, const float* k, const float* v, const void* mask,
+                                     int mask_is_bool, int64_t sb, int64_t sh, int64_t st, int64_t sl,
+                                     const float* kappa, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t L,
+                                     int64_t d, int64_t dv, float scale, int64_t page_size, int64_t sinks,
+                                     int64_t window, int is_causal, int per_kv_head, float* out) {
+  return solm_quest_attention_state(q, k, v, mask, mask_is_bool, sb, sh, st, sl, kappa, B, H, Hkv, T, L, d, dv,
+                                    scale, page_size, sinks, window, is_causal, per_kv_head, nullptr, nullptr, 0,
+                                    nullptr, nullptr, out);
 }
 
 // solm.sparse_mlp weights (nn.Linear layout: w_gate/w_up [I, D], w_down [Dout, I]; w_gate and the biases may be

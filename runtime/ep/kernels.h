@@ -87,6 +87,7 @@ struct QuestParams {
 // the last, possibly partial, past page continues from its carried value (the same left fold, so the result is
 // bit-identical to computing it from all of K), later pages start fresh. P_past = 0 (prefill, or a cache without
 // state) computes every page. P = ceil(L/S), P_past = ceil(L_past/S) or 0.
+// past_min/past_max may alias min/max when P_past == P: the pages are then updated in place.
 struct PageState {
   const float* past_min = nullptr;  // [B, Hkv, P_past, d]
   const float* past_max = nullptr;

@@ -217,9 +217,9 @@ void PageMinMaxStep(const float* k, int64_t B, int64_t Hkv, int64_t T, int64_t L
     int64_t pb;
     if (!to_state && !sparse(b, &pb)) return;
     const int64_t o = static_cast<int64_t>(it);  // b * Hkv + hk
-    if (P_past > 0) {
-      std::memcpy(hi + o * P * d, state->past_max + o * P_past * d, P_past * d * sizeof(float));
-      std::memcpy(lo + o * P * d, state->past_min + o * P_past * d, P_past * d * sizeof(float));
+    if (P_past > 0 && state->past_max != hi) {  // in place (kernels.h: aliasing needs P_past == P): no copy
+      std::memmove(hi + o * P * d, state->past_max + o * P_past * d, P_past * d * sizeof(float));
+      std::memmove(lo + o * P * d, state->past_min + o * P_past * d, P_past * d * sizeof(float));
     }
     PageMinMax(k + o * L * d, j0, L, d, S, hi + o * P * d, lo + o * P * d);
     st.attn_minmax_rows.fetch_add(static_cast<uint64_t>(L - j0), std::memory_order_relaxed);
