@@ -144,31 +144,33 @@ inline __attribute__((always_inline)) void GemvTile(float* y, const float* base,
   for (int k = 0; k < NV; ++k) Store<V>(y + k * L, acc[k]);
 }
 
+// NT tokens (buffers y + u*ys, coefficients coef + u*cs) over the column tile [c0, c0 + NV*L) of the rows idx of
+// stride rs: the register tile of both layouts (panels: rs = kColChunk, c0 = 0; gate/up rows: the slice's stride).
 template <class V, int NV, int NT>
-inline __attribute__((always_inline)) void GemmTile(float* y, int64_t ys, const float* base, const int32_t* idx,
-                                                    const float* coef, int64_t cs, int64_t n) {
+inline __attribute__((always_inline)) void RowsTile(float* y, int64_t ys, int64_t c0, const float* base, int64_t rs,
+                                                    const int32_t* idx, const float* coef, int64_t cs, int64_t n) {
   constexpr int L = Lanes<V>();
   V acc[NT][NV];
 #pragma GCC unroll 32
-  for (int t = 0; t < NT; ++t)
+  for (int u = 0; u < NT; ++u)
 #pragma GCC unroll 32
-    for (int k = 0; k < NV; ++k) acc[t][k] = Load<V>(y + t * ys + k * L);
+    for (int k = 0; k < NV; ++k) acc[u][k] = Load<V>(y + u * ys + c0 + k * L);
   for (int64_t r = 0; r < n; ++r) {
-    const float* x = base + static_cast<int64_t>(idx[r]) * kColChunk;
+    const float* x = base + static_cast<int64_t>(idx[r]) * rs + c0;
     V w[NV];
 #pragma GCC unroll 32
     for (int k = 0; k < NV; ++k) w[k] = Load<V>(x + k * L);
 #pragma GCC unroll 32
-    for (int t = 0; t < NT; ++t) {
-      const V a = V{} + coef[t * cs + r];
+    for (int u = 0; u < NT; ++u) {
+      const V a = V{} + coef[u * cs + r];
 #pragma GCC unroll 32
-      for (int k = 0; k < NV; ++k) acc[t][k] += a * w[k];
+      for (int k = 0; k < NV; ++k) acc[u][k] += a * w[k];
     }
   }
 #pragma GCC unroll 32
-  for (int t = 0; t < NT; ++t)
+  for (int u = 0; u < NT; ++u)
 #pragma GCC unroll 32
-    for (int k = 0; k < NV; ++k) Store<V>(y + t * ys + k * L, acc[t][k]);
+    for (int k = 0; k < NV; ++k) Store<V>(y + u * ys + c0 + k * L, acc[u][k]);
 }
 
 // One token over a whole panel.
@@ -189,7 +191,7 @@ inline __attribute__((always_inline)) void GemmPanel(float* y, int64_t nt, const
   int64_t t = 0;
   for (; t + NT <= nt; t += NT)
     for (int64_t c0 = 0; c0 < kColChunk; c0 += TW)
-      GemmTile<V, NV, NT>(y + t * kColChunk + c0, kColChunk, panel + c0, idx, coef + t * cs, cs, n);
+      RowsTile<V, NV, NT>(y + t * kColChunk + c0, kColChunk, 0, panel + c0, kColChunk, idx, coef + t * cs, cs, n);
   for (; t < nt; ++t) GemvPanel<V, NV1>(y + t * kColChunk, panel, idx, coef + t * cs, n);
 }
 
@@ -225,33 +227,6 @@ inline __attribute__((always_inline)) void GemvRowsT(float* y, int64_t width, co
   }
 }
 
-// NT tokens (buffers y + u*ys, coefficients coef + u*cs) over the column tile [c0, c0 + NV*L) of the rows.
-template <class V, int NV, int NT>
-inline __attribute__((always_inline)) void RowsTile(float* y, int64_t ys, int64_t c0, const float* base, int64_t rs,
-                                                    const int32_t* idx, const float* coef, int64_t cs, int64_t n) {
-  constexpr int L = Lanes<V>();
-  V acc[NT][NV];
-#pragma GCC unroll 32
-  for (int u = 0; u < NT; ++u)
-#pragma GCC unroll 32
-    for (int k = 0; k < NV; ++k) acc[u][k] = Load<V>(y + u * ys + c0 + k * L);
-  for (int64_t r = 0; r < n; ++r) {
-    const float* x = base + static_cast<int64_t>(idx[r]) * rs + c0;
-    V w[NV];
-#pragma GCC unroll 32
-    for (int k = 0; k < NV; ++k) w[k] = Load<V>(x + k * L);
-#pragma GCC unroll 32
-    for (int u = 0; u < NT; ++u) {
-      const V a = V{} + coef[u * cs + r];
-#pragma GCC unroll 32
-      for (int k = 0; k < NV; ++k) acc[u][k] += a * w[k];
-    }
-  }
-#pragma GCC unroll 32
-  for (int u = 0; u < NT; ++u)
-#pragma GCC unroll 32
-    for (int k = 0; k < NV; ++k) Store<V>(y + u * ys + c0 + k * L, acc[u][k]);
-}
 
 // nt tokens (buffers y + t*ys, coefficients coef + t*cs) over rows of `width` floats, in chunks of 64 rows: a
 // chunk's segments (64 x width floats) stay in L2 while every column tile and token group uses them, and each
