@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-API_VERSION = 2           # runtime/ep/c_api.cc: solm_c_api_version()
+API_VERSION = 3           # runtime/ep/c_api.cc: solm_c_api_version()
 STATS = {"attn_c_calls": 0, "attn_state_carried": 0, "mlp_c_calls": 0, "mlp_handles": 0}
 _log = logging.getLogger(__name__)
 _lock = threading.RLock()   # reentrant: a weight's finalizer may run (GC) while the handle cache is being filled
@@ -40,7 +40,7 @@ _SIGNATURES = {
                                     _I64, _I64, _I64, _F32, _I64, _I64, _I64, _INT, _INT, _P]),
     "solm_quest_attention_state": (_INT, [_P, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64,
                                           _I64, _I64, _I64, _I64, _F32, _I64, _I64, _I64, _INT, _INT,
-                                          _P, _P, _I64, _P, _P, _P]),
+                                          _P, _P, _I64, _P, _P, _P, _P, _P]),
     "solm_mlp_create": (_P, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64]),
     "solm_mlp_run": (_INT, [_P, _P, _I64, _I64, _P, _P, ctypes.c_char_p, _P]),
     "solm_mlp_free": (None, [_P]),
@@ -92,6 +92,8 @@ def _rows(t: Tensor, B: int) -> Optional[Tensor]:
     """A [B] fp32 control vector (one value per row, or one broadcast to every row); None if neither."""
     if t.device.type != "cpu" or t.dtype != torch.float32 or t.numel() not in (1, B):
         return None
+    if t.dim() == 1 and t.shape[0] == B and t.is_contiguous():         # already [B]: no view ops per step
+        return t
     return t.reshape(-1).expand(B).contiguous()                        # [B]
 
 
@@ -113,16 +115,17 @@ def quest_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
         return None
     out = q.new_empty(B, H, T, dv)                                     # [B,H,1,dv]
     ptr, is_bool, strides = mask
-    past_min, past_max, P_past, new_min, new_max = _page_state(k, page_size)
+    past_min, past_max, P_past, new_min, new_max, last = _page_state(k, page_size)
+    lp = _ptr(last)
     rc = lib.solm_quest_attention_state(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), ptr, is_bool, *strides, kap.data_ptr(), B, H, Hkv, T, L, d, dv,
         0.0 if scale is None else float(scale), page_size, sinks, window, 0, 0, _ptr(past_min), _ptr(past_max),
-        P_past, _ptr(new_min), _ptr(new_max), out.data_ptr())
-    if rc != 0:
+        P_past, _ptr(new_min), _ptr(new_max), lp if P_past else None, lp, out.data_ptr())
+    if rc < 0:
         _forget_page_state()
         return None
     STATS["attn_c_calls"] += 1
-    STATS["attn_state_carried"] += int(P_past > 0)
+    STATS["attn_state_carried"] += int(P_past > 0 and rc == 0)   # 1: the key at L-2 changed, pages recomputed
     return out
 
 
@@ -169,8 +172,9 @@ class carrying:
         return False
 
 
-def _take_slot(k: Tensor, S: int):
-    """(states, slot key, the slot if it continues this sequence else None); (None, None, None) outside a call."""
+def _take_slot(k: Tensor, S: int, check_key: bool = True):
+    """(states, slot key, the slot if it continues this sequence else None); (None, None, None) outside a call.
+    ``check_key=False`` leaves the key at L-2 to the C kernel (``prev_key``), which compares it without a copy."""
     ps = getattr(_active, "states", None)
     if ps is None:
         return None, None, None
@@ -180,20 +184,22 @@ def _take_slot(k: Tensor, S: int):
     _active.slot = slot_key
     slot = ps.slots.get(slot_key)
     if (slot is None or slot["shape"] != (B, Hkv, d, S) or slot["L"] != L - 1 or L < 2
-            or not torch.equal(slot["last"], k[:, :, L - 2])):
+            or (check_key and not torch.equal(slot["last"], k[:, :, L - 2]))):
         slot = None
     return ps, slot_key, slot
 
 
 def _page_state(k: Tensor, S: int):
-    """(past_min, past_max, P_past, new_min, new_max) for this call's slot, or no state outside a gated call."""
-    ps, slot_key, slot = _take_slot(k, S)
+    """(past_min, past_max, P_past, new_min, new_max, last) for this call's slot, or no state outside a gated
+    call. ``last`` [B,Hkv,d] holds the key at L-2 the past state was folded up to (the kernel's ``prev_key``,
+    checked there) and receives the key at L-1."""
+    ps, slot_key, slot = _take_slot(k, S, check_key=False)
     if ps is None:
-        return None, None, 0, None, None
+        return None, None, 0, None, None, None
     B, Hkv, L, d = k.shape
     P, P_past = -(-L // S), -(-(L - 1) // S)
     if slot is not None:
-        pmin, pmax = slot["min"], slot["max"]
+        pmin, pmax, last = slot["min"], slot["max"], slot["last"]
         if P_past == P:                                   # the last page grows: update it in place
             nmin, nmax = pmin, pmax
         else:                                             # a new page starts: a buffer one page longer
@@ -202,9 +208,9 @@ def _page_state(k: Tensor, S: int):
         pmin = pmax = None
         P_past = 0
         nmin, nmax = k.new_empty(B, Hkv, P, d), k.new_empty(B, Hkv, P, d)                  # [B,Hkv,P,d]
-    ps.slots[slot_key] = {"shape": (B, Hkv, d, S), "L": L, "min": nmin, "max": nmax,
-                          "last": k[:, :, L - 1].clone()}                                  # [B,Hkv,d]
-    return pmin, pmax, P_past, nmin, nmax
+        last = k.new_empty(B, Hkv, d)                                                      # [B,Hkv,d]
+    ps.slots[slot_key] = {"shape": (B, Hkv, d, S), "L": L, "min": nmin, "max": nmax, "last": last}
+    return pmin, pmax, P_past, nmin, nmax, last
 
 
 def fold_dense_step(k: Tensor, S: int) -> None:
@@ -278,12 +284,12 @@ def _mlp_shapes_ok(x, w_gate, b_gate, w_up, b_up, w_down, b_down) -> bool:
 
 
 def _key(t: Optional[Tensor]):
-    return None if t is None else (t.data_ptr(), tuple(t.shape), t._version)
+    return None if t is None else (t.data_ptr(), t.shape, t._version)
 
 
 def _handle(lib: ctypes.CDLL, ws: tuple) -> Optional[int]:
     """The C-side re-laid-out weights of ws (gate, b_gate, up, b_up, down, b_down), made on first use."""
-    key = tuple(map(_key, ws))
+    key = tuple([_key(t) for t in ws])
     hit = _HANDLES.get(key)
     if hit is not None:
         return hit[0]

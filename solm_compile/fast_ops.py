@@ -86,7 +86,7 @@ def sparse_mlp_gather(x: Tensor, w_gate: Optional[Tensor], b_gate: Optional[Tens
                       act: str) -> Tensor:
     D = x.shape[-1]
     N = x.numel() // D
-    if N == 0 or N > MAX_ROWS or bool((rho >= 1).all()):
+    if N == 0 or N > MAX_ROWS or all(r >= 1 for r in (rho if rho.dim() == 1 else rho.reshape(-1)).tolist()):
         return _sparse_mlp(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act)
     y = fast_c.sparse_mlp(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act)
     if y is not None:                                                 # SolmEP's kernel (CPU fp32)
@@ -204,13 +204,14 @@ def quest_attention_gather(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[
     B, H, T, d = q.shape
     Hkv, L, S = k.shape[1], k.shape[2], page_size
     G, P, Pf = H // Hkv, -(-L // S), L // S
-    if T == 1 and not bool((kappa >= 1).all()):               # (all dense: torch's SDPA, exactly the original op)
+    kl = (kappa if kappa.dim() == 1 else kappa.reshape(-1)).tolist()  # one read of the tiny control, no tensor ops
+    if T == 1 and not all(x >= 1 for x in kl):                # (all dense: torch's SDPA, exactly the original op)
         out = fast_c.quest_attention(q, k, v, attn_mask, kappa, scale, page_size, sinks, window)
         if out is not None:                                   # SolmEP's kernel (CPU fp32)
             return out
     elif T == 1:
         fast_c.fold_dense_step(k, page_size)                  # keep the carried page min/max current
-    pbs = [ref.page_budget(x, L, S) for x in kappa.tolist()]
+    pbs = [ref.page_budget(x, L, S) for x in kl]
     if T != 1 or min(pbs) >= P or Pf == 0:                     # prefill, dense (κ ≥ 1 ⇒ pb = P), tiny L
         return _quest_attention(q, k, v, attn_mask, kappa, scale, is_causal, page_size, sinks, window)
     if max(pbs) >= P:                                          # dense rows among sparse ones: split the batch

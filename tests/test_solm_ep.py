@@ -153,6 +153,22 @@ def test_quest_attention_matches_reference(lib, T, sinks, window, with_mask):
     _close(out, _quest_ref(q, k, v, mask, kappa, 0.3, S, sinks, window))
 
 
+@pytest.mark.parametrize("d,L", [(12, 29), (24, 8), (8, 3)])
+def test_quest_decode_row_blocks_and_head_dims(lib, d, L):
+    """The decode kernel scores 8 K rows per reduction when d is a multiple of 8 and one at a time otherwise (or
+    for the rows after the last full block): both agree with the reference, with and without a mask."""
+    rng = np.random.default_rng(d * 100 + L)
+    B, H, Hkv, S = 3, 6, 2, 4
+    for with_mask in (False, True):
+        q, k, v, mask = _attn_inputs(rng, B, H, Hkv, 1, L, d, with_mask)
+        kappa = np.array([1.0, 0.6, 0.3], np.float32)
+        feeds = {"q": q, "k": k, "v": v, "kappa": kappa}
+        if with_mask:
+            feeds["mask"] = mask
+        out = _session(_quest_model(S, 1, 1, with_mask)).run(None, feeds)[0]
+        _close(out, _quest_ref(q, k, v, mask, kappa, None, S, 1, 1))
+
+
 @pytest.mark.parametrize("kappa", [1.0, 0.5, 0.2, 0.0])
 def test_quest_attention_default_scale_each_kappa(lib, kappa):
     rng = np.random.default_rng(7)

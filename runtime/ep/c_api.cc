@@ -7,6 +7,7 @@
 // weights are read-only after creation).
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <new>
 #include <string>
 
@@ -29,7 +30,7 @@ solm::MlpScratch& MlpTls() {
 }  // namespace
 
 // Bumped when a signature below changes (the Python side checks it before binding).
-SOLM_EXPORT int solm_c_api_version() { return 2; }
+SOLM_EXPORT int solm_c_api_version() { return 3; }
 
 // solm.quest_attention (reference.quest_attention_ref): q [B,H,T,d], k [B,Hkv,L,d], v [B,Hkv,L,dv], kappa [B],
 // out [B,H,T,dv], all contiguous. mask: null, or bool (1 byte) / float (additive) elements at
@@ -38,14 +39,18 @@ SOLM_EXPORT int solm_c_api_version() { return 2; }
 // The _state variant carries the page min/max (kernels.h PageState): past_min/past_max [B,Hkv,P_past,d] with
 // P_past = ceil((L-T)/page_size) (or 0: none, every page is computed), min_out/max_out [B,Hkv,P,d],
 // P = ceil(L/page_size), written for every row (both null: not kept); the past buffers may be the output buffers
-// when P_past == P (updated in place).
+// when P_past == P (updated in place). prev_key (optional, [B,Hkv,d]) is the key the caller saw last at position
+// L-T-1 when it kept the past state: if K holds another key there (a reordered, cropped or foreign cache) the past
+// state is not used and every page is recomputed from K, and the call returns 1 instead of 0. last_key_out
+// (optional, [B,Hkv,d], may be prev_key) receives the keys at position L-1, the next call's prev_key.
 SOLM_EXPORT int solm_quest_attention_state(const float* q, const float* k, const float* v, const void* mask,
                                            int mask_is_bool, int64_t sb, int64_t sh, int64_t st, int64_t sl,
                                            const float* kappa, int64_t B, int64_t H, int64_t Hkv, int64_t T,
                                            int64_t L, int64_t d, int64_t dv, float scale, int64_t page_size,
                                            int64_t sinks, int64_t window, int is_causal, int per_kv_head,
                                            const float* past_min, const float* past_max, int64_t P_past,
-                                           float* min_out, float* max_out, float* out) {
+                                           float* min_out, float* max_out, const float* prev_key,
+                                           float* last_key_out, float* out) {
   if (!q || !k || !v || !kappa || !out || B < 0 || T < 0 || L <= 0 || d <= 0 || dv <= 0 || Hkv <= 0 ||
       H % Hkv != 0 || page_size <= 0 || P_past < 0 || (P_past > 0 && (!past_min || !past_max)))
     return -1;
@@ -53,6 +58,12 @@ SOLM_EXPORT int solm_quest_attention_state(const float* q, const float* k, const
   if ((min_out == nullptr) != (max_out == nullptr)) return -1;
   if (P_past > 0 && (L - T <= 0 || P_past != (L - T + page_size - 1) / page_size)) return -1;
   if ((past_min == min_out || past_max == max_out) && P_past > 0 && P_past != P) return -1;
+  int rc = 0;
+  if (P_past > 0 && prev_key != nullptr) {  // the past state continues this K only if its last key is still there
+    for (int64_t r = 0; r < B * Hkv && rc == 0; ++r)
+      if (std::memcmp(k + (r * L + L - T - 1) * d, prev_key + r * d, d * sizeof(float)) != 0) rc = 1;
+    if (rc == 1) past_min = past_max = nullptr, P_past = 0;
+  }
   solm::PageState state;
   state.past_min = past_min, state.past_max = past_max, state.P_past = P_past;
   state.min = min_out, state.max = max_out;
@@ -71,7 +82,9 @@ SOLM_EXPORT int solm_quest_attention_state(const float* q, const float* k, const
   } catch (const std::bad_alloc&) {
     return -1;
   }
-  return 0;
+  if (last_key_out != nullptr)
+    for (int64_t r = 0; r < B * Hkv; ++r) std::memcpy(last_key_out + r * d, k + (r * L + L - 1) * d, d * sizeof(float));
+  return rc;
 }
 
 SOLM_EXPORT int solm_quest_attention(const float* q, const float* k, const float* v, const void* mask,
@@ -81,7 +94,7 @@ SOLM_EXPORT int solm_quest_attention(const float* q, const float* k, const float
                                      int64_t window, int is_causal, int per_kv_head, float* out) {
   return solm_quest_attention_state(q, k, v, mask, mask_is_bool, sb, sh, st, sl, kappa, B, H, Hkv, T, L, d, dv,
                                     scale, page_size, sinks, window, is_causal, per_kv_head, nullptr, nullptr, 0,
-                                    nullptr, nullptr, out);
+                                    nullptr, nullptr, nullptr, nullptr, out);
 }
 
 // solm.sparse_mlp weights (nn.Linear layout: w_gate/w_up [I, D], w_down [Dout, I]; w_gate and the biases may be

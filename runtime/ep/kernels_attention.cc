@@ -198,6 +198,159 @@ SOLM_CLONES uint64_t AttendGroup(const float* qrows, int64_t qstride, int64_t G,
   return scored;
 }
 
+// exp of 8 lanes: Cephes' expf (range reduction by ln 2 in two parts, a degree-6 polynomial, the exponent added to
+// the float's bits), within 2 ulp of std::exp for x in [-87.3, 88.3]. Lanes below -87.3 (a masked token's -inf
+// among them) give exactly 0, as std::exp's underflow does for a softmax; NaN lanes stay NaN.
+typedef int32_t vi8 __attribute__((vector_size(32)));
+inline __attribute__((always_inline)) v8 Exp8(v8 x) {
+  const v8 magic = v8{} + 12582912.f;  // 1.5 * 2^23: (y + magic) - magic rounds y to the nearest integer
+  const v8 xc = x > 88.3762626647949f ? v8{} + 88.3762626647949f : x;
+  const v8 n = (xc * 1.44269504088896341f + magic) - magic;
+  const v8 r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  v8 y = v8{} + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.f;
+  const vi8 e = (__builtin_convertvector(n, vi8) + 127) << 23;
+  v8 p;
+  __builtin_memcpy(&p, &e, sizeof(p));
+  y *= p;
+  y = x < -87.3365478515625f ? v8{} : y;
+  return x != x ? x : y;
+}
+
+// The softmax numerators of n logits in place (exp(lg - max)); returns their sum, in lane order then the tail.
+inline __attribute__((always_inline)) float ExpShiftSum(float* lg, int64_t n, float mx) {
+  v8 acc = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    v8 x;
+    __builtin_memcpy(&x, lg + i, sizeof(x));
+    x = Exp8(x - mx);
+    __builtin_memcpy(lg + i, &x, sizeof(x));
+    acc += x;
+  }
+  float sum = HSum(acc);
+  for (; i < n; ++i) {
+    lg[i] = std::exp(lg[i] - mx);
+    sum += lg[i];
+  }
+  return sum;
+}
+
+// Σ_i a_r[i] for the 8 vectors a_0..a_7: lane r of the result (a transposing tree of pairwise adds).
+inline __attribute__((always_inline)) v8 HSum8(const v8* a) {
+  auto pair = [](v8 x, v8 y) {  // [x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7]
+    return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
+  };
+  const v8 u0 = pair(pair(a[0], a[1]), pair(a[2], a[3]));  // [s0 s1 s2 s3 | s0' s1' s2' s3'] (halves of a_r)
+  const v8 u1 = pair(pair(a[4], a[5]), pair(a[6], a[7]));
+  return __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// lg[r] = q·K row idx[r] for the 8 rows idx[0..8) (d a multiple of 8): one accumulator per row, reduced together.
+inline __attribute__((always_inline)) void Dot8Rows(const float* q, const float* K, const int32_t* idx, int64_t d,
+                                                    float* lg) {
+  v8 acc[8] = {};
+  const float* kr[8];
+  for (int r = 0; r < 8; ++r) kr[r] = K + static_cast<int64_t>(idx[r]) * d;
+  for (int64_t i = 0; i < d; i += 8) {
+    v8 qv;
+    __builtin_memcpy(&qv, q + i, sizeof(qv));
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) {
+      v8 kv;
+      __builtin_memcpy(&kv, kr[r] + i, sizeof(kv));
+      acc[r] += qv * kv;
+    }
+  }
+  const v8 s = HSum8(acc);
+  __builtin_memcpy(lg, &s, sizeof(s));
+}
+
+// One decode query per head of a GQA group (T == 1) over the tokens its head kept: AttendGroup's contract and
+// results up to float rounding (the order of the q·k sums differs), in two streaming passes so each has one access
+// pattern: q·k of every head over the union's K rows (8 rows per reduction), a vectorised softmax, then softmax·v
+// over the V rows. Branch-free per head: a head scores every row of the union and a row it did not keep (or its
+// mask removes) gets -inf, so weight 0. Each pass prefetches its rows kPrefetch ahead (kept pages are 2 KiB runs at
+// scattered places, which the hardware prefetchers do not follow).
+SOLM_CLONES uint64_t AttendKept(const float* qrows, int64_t G, const float* K, const float* V, int64_t L, int64_t d,
+                                int64_t dv, float scale, const uint8_t* ukeep, const uint8_t* keep, int64_t ks,
+                                const MaskRow* masks, float* logit, int32_t* idx, float* out, uint64_t* rows) {
+  int64_t n = 0;
+  if (ukeep) {
+    for (int64_t j = 0; j < L; ++j)
+      if (ukeep[j]) idx[n++] = static_cast<int32_t>(j);
+  } else {
+    for (int64_t j = 0; j < L; ++j) idx[j] = static_cast<int32_t>(j);
+    n = L;
+  }
+  constexpr int64_t kPrefetch = 16;
+  const bool pf = ukeep != nullptr;
+  const int64_t kb = d * 4, vb = dv * 4;
+  // q·k: rows in blocks of 8 (one reduction tree per head and block), the tail one row at a time
+  const int64_t n8 = d % 8 == 0 ? n / 8 * 8 : 0;
+  for (int64_t c = 0; c < n8; c += 8) {
+    if (pf)
+      for (int64_t r = c + kPrefetch; r < std::min(c + kPrefetch + 8, n); ++r) {
+        const char* kp = reinterpret_cast<const char*>(K + static_cast<int64_t>(idx[r]) * d);
+        for (int64_t b = 0; b < kb; b += 64) __builtin_prefetch(kp + b);
+      }
+    for (int64_t g = 0; g < G; ++g) Dot8Rows(qrows + g * d, K, idx + c, d, logit + g * L + c);
+  }
+  for (int64_t c = n8; c < n; ++c)
+    for (int64_t g = 0; g < G; ++g) logit[g * L + c] = Dot(qrows + g * d, K + static_cast<int64_t>(idx[c]) * d, d);
+  // scale, mask and keep: a row some head attends counts as read
+  uint64_t scored = 0, nrows = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t j = idx[c];
+    bool any = false;
+    for (int64_t g = 0; g < G; ++g) {
+      float add;
+      const bool ok = (keep == nullptr || keep[g * ks + j]) && Allowed(masks[g], j, &add);
+      float& lg = logit[g * L + c];
+      lg = ok ? lg * scale + add : kNegInf;
+      any |= ok;
+      scored += ok;
+    }
+    nrows += any;
+  }
+  *rows = nrows;
+  float* sums = logit + G * L;
+  for (int64_t g = 0; g < G; ++g) {
+    float* lg = logit + g * L;
+    float mx = kNegInf;
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, lg[i]);
+    // sum > 0 unless every token is masked out (softmax of all -inf) or a logit is NaN: NaN, as in the reference.
+    sums[g] = mx != kNegInf ? ExpShiftSum(lg, n, mx) : 0.f;
+    std::memset(out + g * dv, 0, dv * sizeof(float));
+  }
+  // softmax·v: every V row of the union once, into every head (weight 0 where the head did not keep it)
+  for (int64_t i = 0; i < n; ++i) {
+    if (pf && i + kPrefetch < n) {
+      const char* vp = reinterpret_cast<const char*>(V + static_cast<int64_t>(idx[i + kPrefetch]) * dv);
+      for (int64_t b = 0; b < vb; b += 64) __builtin_prefetch(vp + b);
+    }
+    const float* vr = V + static_cast<int64_t>(idx[i]) * dv;
+    for (int64_t g = 0; g < G; ++g) Axpy(out + g * dv, vr, logit[g * L + i], dv);
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* o = out + g * dv;
+    if (!(sums[g] > 0.f)) {
+      for (int64_t i = 0; i < dv; ++i) o[i] = kNaN;
+      continue;
+    }
+    const float inv = 1.f / sums[g];
+    for (int64_t i = 0; i < dv; ++i) o[i] *= inv;
+  }
+  return scored;
+}
+
 // Page min/max of this call: into the state outputs for every row (carried pages copied, the new tokens' pages
 // folded in), else into scratch for the rows that select (sparse(b, &pb)). Reads only the new keys when a past
 // state is given.
@@ -327,8 +480,8 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
       }
     }
     uint64_t rows = 0;
-    const uint64_t scored = AttendGroup(qh, d, G, K, V, L, d, dv, scale, ukeep, keep, nsets == 1 ? 0 : L, mr, logit,
-                                        idx, out + (b * H + h) * dv, dv, &rows);
+    const uint64_t scored = AttendKept(qh, G, K, V, L, d, dv, scale, ukeep, keep, nsets == 1 ? 0 : L, mr, logit, idx,
+                                       out + (b * H + h) * dv, &rows);
     st.attn_keys_scored.fetch_add(scored, std::memory_order_relaxed);
     st.attn_kv_rows_read.fetch_add(rows, std::memory_order_relaxed);
   };
