@@ -107,26 +107,6 @@ int64_t TopK(const float* x, int64_t D, double rho, float* xs, float* tmp) {
 // the only memory traffic is the weight stream. Every variant adds the rows one FMA at a time in the order given,
 // so a token gets bit-identical results whichever variant (single- or multi-token) processes it.
 
-typedef float vf16 __attribute__((vector_size(64), aligned(4), may_alias));
-typedef float vf4 __attribute__((vector_size(16), aligned(4), may_alias));
-
-template <class V>
-constexpr int Lanes() {
-  return static_cast<int>(sizeof(V) / sizeof(float));
-}
-// Unaligned vector load/store. (A template parameter loses the typedef's aligned(4) attribute, so dereferencing a
-// V* would assume natural alignment.)
-template <class V>
-inline __attribute__((always_inline)) V Load(const float* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <class V>
-inline __attribute__((always_inline)) void Store(float* p, V v) {
-  __builtin_memcpy(p, &v, sizeof(V));
-}
-
 template <class V, int NV>
 inline __attribute__((always_inline)) void GemvTile(float* y, const float* base, const int32_t* idx,
                                                     const float* coef, int64_t n) {
@@ -136,7 +116,7 @@ inline __attribute__((always_inline)) void GemvTile(float* y, const float* base,
   for (int k = 0; k < NV; ++k) acc[k] = Load<V>(y + k * L);
   for (int64_t r = 0; r < n; ++r) {
     const float* x = base + static_cast<int64_t>(idx[r]) * kColChunk;
-    const V a = V{} + coef[r];
+    const V a = Splat<V>(coef[r]);
 #pragma GCC unroll 32
     for (int k = 0; k < NV; ++k) acc[k] += a * Load<V>(x + k * L);
   }
@@ -162,7 +142,7 @@ inline __attribute__((always_inline)) void RowsTile(float* y, int64_t ys, int64_
     for (int k = 0; k < NV; ++k) w[k] = Load<V>(x + k * L);
 #pragma GCC unroll 32
     for (int u = 0; u < NT; ++u) {
-      const V a = V{} + coef[u * cs + r];
+      const V a = Splat<V>(coef[u * cs + r]);
 #pragma GCC unroll 32
       for (int k = 0; k < NV; ++k) acc[u][k] += a * w[k];
     }
@@ -210,7 +190,8 @@ inline __attribute__((always_inline)) void GemvRowsT(float* y, int64_t width, co
     const float* w1 = base + static_cast<int64_t>(idx[r + 1]) * rs;
     const float* w2 = base + static_cast<int64_t>(idx[r + 2]) * rs;
     const float* w3 = base + static_cast<int64_t>(idx[r + 3]) * rs;
-    const V a0 = V{} + coef[r], a1 = V{} + coef[r + 1], a2 = V{} + coef[r + 2], a3 = V{} + coef[r + 3];
+    const V a0 = Splat<V>(coef[r]), a1 = Splat<V>(coef[r + 1]);
+    const V a2 = Splat<V>(coef[r + 2]), a3 = Splat<V>(coef[r + 3]);
     for (int64_t k = 0; k < width; k += L) {
       V acc = Load<V>(y + k);
       acc += a0 * Load<V>(w0 + k);
@@ -222,7 +203,7 @@ inline __attribute__((always_inline)) void GemvRowsT(float* y, int64_t width, co
   }
   for (; r < n; ++r) {
     const float* w0 = base + static_cast<int64_t>(idx[r]) * rs;
-    const V a0 = V{} + coef[r];
+    const V a0 = Splat<V>(coef[r]);
     for (int64_t k = 0; k < width; k += L) Store<V>(y + k, Load<V>(y + k) + a0 * Load<V>(w0 + k));
   }
 }
@@ -317,16 +298,12 @@ __attribute__((target("arch=x86-64-v4"))) void GemmV4(float* y, int64_t nt, cons
 }
 #endif
 
-// Picked once per process from the CPU; SOLM_EP_ISA=baseline|x86-64-v3 caps it (to test the other variants).
+// Picked once per process from the CPU (IsaLevel: SOLM_EP_ISA=baseline|x86-64-v3 caps it).
 const PanelKernels& Panel() {
   static const PanelKernels k = [] {
-    const char* cap = std::getenv("SOLM_EP_ISA");
-    const std::string want = cap ? cap : "";
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(SOLM_NO_CLONES)
-    __builtin_cpu_init();
-    if (want != "baseline" && want != "x86-64-v3" && __builtin_cpu_supports("x86-64-v4"))
-      return PanelKernels{GemvV4, GemmV4, GemvRowsV4, GemmRowsV4, "x86-64-v4"};
-    if (want != "baseline" && __builtin_cpu_supports("x86-64-v3")) return PanelKernels{GemvV3, GemmV3, GemvRowsV3, GemmRowsV3, "x86-64-v3"};
+    if (IsaLevel() == 4) return PanelKernels{GemvV4, GemmV4, GemvRowsV4, GemmRowsV4, "x86-64-v4"};
+    if (IsaLevel() == 3) return PanelKernels{GemvV3, GemmV3, GemvRowsV3, GemmRowsV3, "x86-64-v3"};
 #endif
     return PanelKernels{GemvBase, GemmBase, GemvRowsBase, GemmRowsBase, "baseline"};
   }();
