@@ -162,6 +162,76 @@ def test_prefill_attention_every_isa_variant(lib, isa):
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
 
 
+# ---------------------------------------------------------------------------------------------- MLP
+
+def _mlp_session(w, act):
+    names = ("x", "w_gate", "b_gate", "w_up", "b_up", "w_down", "b_down", "rho", "bits")
+    return _session([(n, F) if (n in w or n in ("x", "rho", "bits")) else (None, None) for n in names],
+                    "SparseMLP", dict(act=act), outputs=("y",))
+
+
+def mlp_reference(x, w, rho, bits, act):
+    """Plain torch, float64: top-k channels per token (ties kept), the MLP, symmetric per-token fake quantisation."""
+    fn = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[act]
+    t = {n: torch.from_numpy(a).double() for n, a in w.items()}
+    out = []
+    for b in range(x.shape[0]):
+        xb = torch.from_numpy(x[b]).double()
+        D = xb.shape[-1]
+        if rho[b] < 1:
+            kk = min(max(math.ceil(float(rho[b]) * D - 1e-9), 1), D)
+            thr = xb.abs().sort(-1, descending=True).values[:, kk - 1:kk]
+            xb = torch.where(xb.abs() >= thr, xb, 0.0)
+        up = xb @ t["w_up"].T + t.get("b_up", 0)
+        h = fn(xb @ t["w_gate"].T + t.get("b_gate", 0)) * up if "w_gate" in t else fn(up)
+        y = h @ t["w_down"].T + t.get("b_down", 0)
+        if bits[b] < 16:
+            qmax = 2 ** (int(round(float(bits[b]))) - 1) - 1
+            s = y.abs().amax(-1, keepdim=True) / qmax
+            y = torch.clamp(torch.round(y / s), -qmax, qmax) * s
+        out.append(y.float().numpy())
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("gated,act,rho,bits", [(True, "silu", (1.0, 1.0), (16, 16)),
+                                                (True, "silu", (0.9, 0.5), (16, 6)),
+                                                (False, "gelu", (1.0, 0.95), (8, 16))])
+def test_prefill_mlp_tokens_equal_single_token_runs(lib, gated, act, rho, bits):
+    """B=2 x T=300 tokens: groups of 128 tokens (the last partial, rows mixed in a group) go through the dense GEMM
+    path when they keep >= 3/4 of their union of channels (rho 1, 0.9, 0.95), else per 8-token block (rho 0.5);
+    some input channels are zero for every token and some hidden units are dead (zero activation), so the unions are
+    proper subsets (gathered coefficients); D = 150 makes the last down-projection panel a partial column tile.
+    Every token must equal the single-token run bit for bit, and the plain-torch reference to float tolerance."""
+    rng = np.random.default_rng(int(rho[1] * 100) + gated)
+    B, T, D, I = 2, 300, 150, 1000
+    w = {"w_up": rng.standard_normal((I, D), dtype=np.float32) / math.sqrt(D),
+         "w_down": rng.standard_normal((D, I), dtype=np.float32) / math.sqrt(I),
+         "b_down": rng.standard_normal(D, dtype=np.float32) * 0.1}
+    if gated:
+        w["w_gate"] = rng.standard_normal((I, D), dtype=np.float32) / math.sqrt(D)
+        w["b_up"] = rng.standard_normal(I, dtype=np.float32) * 0.1
+    else:
+        w["w_up"][::7] = 0.0                   # gelu(0) = 0: dead hidden units, exactly zero for every token
+    x = rng.standard_normal((B, T, D), dtype=np.float32)
+    x[:, :, ::10] = 0.0                        # channels no token keeps
+    r, bt = np.array(rho, np.float32), np.array(bits, np.float32)
+    sess = _mlp_session(w, act)
+    y = sess.run(None, {"x": x, "rho": r, "bits": bt, **w})[0]
+    want = mlp_reference(x, w, r, bt, act)
+    for b in range(B):
+        if bt[b] >= 16:
+            np.testing.assert_allclose(y[b], want[b], rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want[b]).max())))
+            continue
+        step = np.abs(want[b]).max(-1, keepdims=True) / (2 ** (int(bt[b]) - 1) - 1)
+        diff = np.abs(y[b] - want[b])
+        assert (diff <= step * 1.001).all()            # a value on a rounding boundary may land one step away
+        assert (diff <= step * 1e-3).mean() > 0.999    # every other value is the reference's
+    for b in range(B):
+        for t in range(T):
+            yt = sess.run(None, {"x": x[b:b + 1, t:t + 1], "rho": r[b:b + 1], "bits": bt[b:b + 1], **w})[0]
+            assert np.array_equal(yt[0, 0], y[b, t]), (b, t)
+
+
 def test_ep_sources_are_listed_everywhere():
     """Every C++ file of runtime/ep is compiled by both builds (ep_build.py and CMakeLists.txt) and hashed."""
     cc = sorted(p.name for p in EP_DIR.glob("*.cc"))

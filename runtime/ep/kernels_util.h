@@ -136,6 +136,26 @@ typename V::value_type* Grow(V& v, size_t n) {
 
 }  // namespace
 
+// SparseMLP's register-tiled micro-kernels (kernels_mlp_tiles.cc). gemv/gemm: y (+)= Σ_r coef[r] · row idx[r] of a
+// down-projection panel (kPanel floats per row), one token or nt (buffers y + t*kPanel, coefficients coef + t*cs);
+// gemv_rows/gemm_rows: the same over input-major rows of stride rs and `width` floats (gate/up), nt tokens at
+// y + t*ys. Every variant adds the rows one FMA at a time in the order given, so a token gets bit-identical results
+// whichever variant (single- or multi-token) processes it.
+using GemvRowsFn = void (*)(float*, int64_t, const float*, int64_t, const int32_t*, const float*, int64_t);
+using GemmRowsFn = void (*)(float*, int64_t, int64_t, int64_t, const float*, int64_t, const int32_t*, const float*,
+                            int64_t, int64_t);
+using GemvFn = void (*)(float*, const float*, const int32_t*, const float*, int64_t);
+using GemmFn = void (*)(float*, int64_t, const float*, const int32_t*, const float*, int64_t, int64_t);
+struct PanelKernels {
+  GemvFn gemv;
+  GemmFn gemm;
+  GemvRowsFn gemv_rows;
+  GemmRowsFn gemm_rows;
+  const char* isa;
+};
+// Picked once per process from the CPU (IsaLevel).
+const PanelKernels& Panel();
+
 // The multi-token (T > 1) path of QuestAttention (kernels_attention_prefill.cc): dense attention under the mask
 // (and is_causal), blocked like flash attention. Shapes as QuestAttention's; kappa plays no part.
 void AttendPrefill(const float* q, const float* k, const float* v, const MaskView& mask, int64_t B, int64_t H,
