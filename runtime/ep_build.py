@@ -39,7 +39,8 @@ REQUIRED_HEADERS = ("onnxruntime_c_api.h", "onnxruntime_ep_c_api.h")
 MIN_ORT_API = 24  # solm_ep.cc asks onnxruntime for this API level
 
 SRC_DIR = Path(__file__).resolve().parent / "ep"
-SOURCES = ("kernels_attention.cc", "kernels_mlp.cc", "ort_kernels.cc", "solm_ep.cc", "c_api.cc")
+SOURCES = ("kernels_attention.cc", "kernels_attention_prefill.cc", "kernels_mlp.cc", "kernels_mlp_tiles.cc",
+           "ort_kernels.cc", "solm_ep.cc", "c_api.cc")
 HEADERS = ("kernels.h", "kernels_util.h", "ort_kernels.h")
 # Portable code: no -march=native. The hot loops carry target_clones (AVX-512 / AVX2+FMA / baseline) and are
 # dispatched at load time, so plain -O3 is safe on every x86-64 machine.

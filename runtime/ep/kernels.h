@@ -11,8 +11,13 @@
 //     softmax·v then run over the kept (and mask-allowed) tokens only. Per (row, KV head) the union of its query
 //     heads' kept tokens is streamed once, each head scoring the tokens it kept, so every K/V row is read once per
 //     GQA group in every mode. Masked-out tokens are skipped in every mode.
+//   QuestAttention, T > 1 (prefill): dense attention under the mask, blocked like flash attention
+//     (kernels_attention_prefill.cc): per (row, KV head, tile of query positions x the GQA group's heads) the keys
+//     in blocks of 64, an online softmax, and key blocks that the mask (or is_causal) hides from every row skipped.
 //   SparseMLP: per token the top-k input channels are selected; gate/up accumulate one contiguous input-major
 //     weight row per kept channel; the down projection accumulates one contiguous row per non-zero activation.
+//     Groups of 128 tokens that keep most of their channels (prefill) run as one GEMM per weight slice/panel, so a
+//     weight tile is read once per 128 tokens; results stay bit-identical to running each token alone.
 //
 // No heap allocation on the hot path once warm: per-call buffers live in the caller's *Scratch (grown on demand,
 // never shrunk) and per-item temporaries in thread-local buffers.
@@ -51,6 +56,7 @@ struct Stats {
   std::atomic<uint64_t> attn_keys_scored{0};   // q·k dot products computed (per query head and query row)
   std::atomic<uint64_t> attn_keys_dense{0};    // L per query head and query row
   std::atomic<uint64_t> attn_kv_rows_read{0};  // distinct K (and V) rows read, once per GQA group and query row
+                                               // (T > 1: once per GQA group and tile of query positions)
   std::atomic<uint64_t> attn_minmax_rows{0};   // K rows folded into page min/max (per KV head)
   std::atomic<uint64_t> mlp_calls{0};
   std::atomic<uint64_t> mlp_in_rows{0};        // gate/up input-major rows accumulated (per token)
@@ -98,6 +104,7 @@ struct PageState {
 
 struct AttnScratch {
   std::vector<float> page_min, page_max;  // [B, Hkv, P, d] when no PageState output is given
+  std::vector<float> kt;                  // multi-token calls: K transposed per block of keys
 };
 
 // q [B,H,T,d], k [B,Hkv,L,d], v [B,Hkv,L,dv], kappa [B], out [B,H,T,dv]. state: nullptr (page min/max from all of

@@ -12,18 +12,6 @@ namespace {
 
 // ------------------------------------------------------------------------------------------------ attention
 
-inline MaskRow RowOf(const MaskView& m, int64_t b, int64_t h, int64_t t, bool causal) {
-  MaskRow r;
-  if (causal) r.jmax = t;
-  if (m.data == nullptr) return r;
-  const int64_t off = b * m.sb + h * m.sh + t * m.st;
-  if (m.is_bool)
-    r.b = static_cast<const uint8_t*>(m.data) + off;
-  else
-    r.f = static_cast<const float*>(m.data) + off;
-  r.sl = m.sl;
-  return r;
-}
 // Returns false if token j is masked out; else sets *add to the additive mask value.
 inline bool Allowed(const MaskRow& m, int64_t j, float* add) {
   *add = 0.f;
@@ -418,28 +406,8 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
   const float* pmax = to_state ? state->max : scratch.page_max.data();
   const float* pmin = to_state ? state->min : scratch.page_min.data();
 
-  if (T != 1) {
-    // Multi-token call (prefill): dense attention under the mask; one item per (row, KV head, query position).
-    auto item = [&](size_t it) {
-      const int64_t t = static_cast<int64_t>(it) % T;
-      const int64_t bk = static_cast<int64_t>(it) / T;
-      const int64_t b = bk / Hkv, hk = bk % Hkv;
-      Tls& tls = ThreadScratch();
-      float* logit = Grow(tls.f0, static_cast<size_t>(G * L + G));
-      int32_t* idx = Grow(tls.i0, static_cast<size_t>(L));
-      MaskRow* mr = Grow(tls.masks, static_cast<size_t>(G));
-      for (int64_t g = 0; g < G; ++g) mr[g] = RowOf(mask, b, hk * G + g, t, p.is_causal);
-      const float* qb = q + ((b * H + hk * G) * T + t) * d;
-      const float* K = k + (b * Hkv + hk) * L * d;
-      const float* V = v + (b * Hkv + hk) * L * dv;
-      float* ob = out + ((b * H + hk * G) * T + t) * dv;
-      uint64_t rows = 0;
-      const uint64_t scored =
-          AttendGroup(qb, T * d, G, K, V, L, d, dv, scale, nullptr, nullptr, 0, mr, logit, idx, ob, T * dv, &rows);
-      st.attn_keys_scored.fetch_add(scored, std::memory_order_relaxed);
-      st.attn_kv_rows_read.fetch_add(rows, std::memory_order_relaxed);
-    };
-    par.For(static_cast<size_t>(B * Hkv * T), item);
+  if (T != 1) {  // multi-token call (prefill): dense attention under the mask, blocked (kernels_attention_prefill.cc)
+    AttendPrefill(q, k, v, mask, B, H, Hkv, T, L, d, dv, scale, p.is_causal, out, scratch, par);
     return;
   }
 

@@ -60,7 +60,12 @@ void MlpWeights::Set(const float* w_gate, const float* b_gate_, const float* w_u
 
 namespace {
 
-constexpr int64_t kTokBlock = 8;   // tokens sharing one pass over a weight-row slice
+constexpr int64_t kTokBlock = 8;   // tokens per selection block (the union of kept channels; the sparse unit)
+// Dense multi-token calls (prefill): token blocks per GEMM item, 128 tokens. With one item per 8-token block
+// every 3.5 MiB gate/up slice (SmolLM2) was streamed from L3 128 times per layer at 1024 tokens; an item of 128
+// tokens keeps a tile of weight rows in L1 while all its tokens pass over it.
+constexpr int64_t kSuperBlock = 16;
+constexpr int64_t kTile = 64;      // output columns per dense GEMM tile (a multiple of every variant's tile width)
 constexpr int64_t kColChunk = MlpWeights::kPanel;  // output columns per work item = one weight panel
 
 inline float Activate(Act act, float x) {
@@ -99,238 +104,6 @@ int64_t TopK(const float* x, int64_t D, double rho, float* xs, float* tmp) {
     nz += xs[c] != 0.f;
   }
   return nz;
-}
-
-// ---- register-tiled panel kernels --------------------------------------------------------------------------
-// y (a kColChunk-float buffer, or NT of them) += Σ_r coef[r] · panel row idx[r]. The accumulators of a column tile
-// live in vector registers for the whole pass over the rows, so every weight element is loaded once per pass and
-// the only memory traffic is the weight stream. Every variant adds the rows one FMA at a time in the order given,
-// so a token gets bit-identical results whichever variant (single- or multi-token) processes it.
-
-typedef float vf16 __attribute__((vector_size(64), aligned(4), may_alias));
-typedef float vf4 __attribute__((vector_size(16), aligned(4), may_alias));
-
-template <class V>
-constexpr int Lanes() {
-  return static_cast<int>(sizeof(V) / sizeof(float));
-}
-// Unaligned vector load/store. (A template parameter loses the typedef's aligned(4) attribute, so dereferencing a
-// V* would assume natural alignment.)
-template <class V>
-inline __attribute__((always_inline)) V Load(const float* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <class V>
-inline __attribute__((always_inline)) void Store(float* p, V v) {
-  __builtin_memcpy(p, &v, sizeof(V));
-}
-
-template <class V, int NV>
-inline __attribute__((always_inline)) void GemvTile(float* y, const float* base, const int32_t* idx,
-                                                    const float* coef, int64_t n) {
-  constexpr int L = Lanes<V>();
-  V acc[NV];
-#pragma GCC unroll 32
-  for (int k = 0; k < NV; ++k) acc[k] = Load<V>(y + k * L);
-  for (int64_t r = 0; r < n; ++r) {
-    const float* x = base + static_cast<int64_t>(idx[r]) * kColChunk;
-    const V a = V{} + coef[r];
-#pragma GCC unroll 32
-    for (int k = 0; k < NV; ++k) acc[k] += a * Load<V>(x + k * L);
-  }
-#pragma GCC unroll 32
-  for (int k = 0; k < NV; ++k) Store<V>(y + k * L, acc[k]);
-}
-
-// NT tokens (buffers y + u*ys, coefficients coef + u*cs) over the column tile [c0, c0 + NV*L) of the rows idx of
-// stride rs: the register tile of both layouts (panels: rs = kColChunk, c0 = 0; gate/up rows: the slice's stride).
-template <class V, int NV, int NT>
-inline __attribute__((always_inline)) void RowsTile(float* y, int64_t ys, int64_t c0, const float* base, int64_t rs,
-                                                    const int32_t* idx, const float* coef, int64_t cs, int64_t n) {
-  constexpr int L = Lanes<V>();
-  V acc[NT][NV];
-#pragma GCC unroll 32
-  for (int u = 0; u < NT; ++u)
-#pragma GCC unroll 32
-    for (int k = 0; k < NV; ++k) acc[u][k] = Load<V>(y + u * ys + c0 + k * L);
-  for (int64_t r = 0; r < n; ++r) {
-    const float* x = base + static_cast<int64_t>(idx[r]) * rs + c0;
-    V w[NV];
-#pragma GCC unroll 32
-    for (int k = 0; k < NV; ++k) w[k] = Load<V>(x + k * L);
-#pragma GCC unroll 32
-    for (int u = 0; u < NT; ++u) {
-      const V a = V{} + coef[u * cs + r];
-#pragma GCC unroll 32
-      for (int k = 0; k < NV; ++k) acc[u][k] += a * w[k];
-    }
-  }
-#pragma GCC unroll 32
-  for (int u = 0; u < NT; ++u)
-#pragma GCC unroll 32
-    for (int k = 0; k < NV; ++k) Store<V>(y + u * ys + c0 + k * L, acc[u][k]);
-}
-
-// One token over a whole panel.
-template <class V, int NV>
-inline __attribute__((always_inline)) void GemvPanel(float* y, const float* panel, const int32_t* idx,
-                                                     const float* coef, int64_t n) {
-  constexpr int TW = NV * Lanes<V>();
-  static_assert(kColChunk % TW == 0, "tile must divide the panel");
-  for (int64_t c0 = 0; c0 < kColChunk; c0 += TW) GemvTile<V, NV>(y + c0, panel + c0, idx, coef, n);
-}
-
-// nt tokens (buffers y + t*kColChunk, coefficients coef + t*cs) over a whole panel, NT tokens per pass.
-template <class V, int NV1, int NV, int NT>
-inline __attribute__((always_inline)) void GemmPanel(float* y, int64_t nt, const float* panel, const int32_t* idx,
-                                                     const float* coef, int64_t cs, int64_t n) {
-  constexpr int TW = NV * Lanes<V>();
-  static_assert(kColChunk % TW == 0, "tile must divide the panel");
-  int64_t t = 0;
-  for (; t + NT <= nt; t += NT)
-    for (int64_t c0 = 0; c0 < kColChunk; c0 += TW)
-      RowsTile<V, NV, NT>(y + t * kColChunk + c0, kColChunk, 0, panel + c0, kColChunk, idx, coef + t * cs, cs, n);
-  for (; t < nt; ++t) GemvPanel<V, NV1>(y + t * kColChunk, panel, idx, coef + t * cs, n);
-}
-
-// ---- row kernels (gate/up, input-major rows of stride rs) ------------------------------------------------------
-// y [width] += Σ_r coef[r] · row idx[r] (base + idx[r]*rs, `width` floats, a multiple of the vector width). One
-// token: the accumulators live in y (L1) and each pass folds 4 rows into them (one load and store of y per 4 rows);
-// each row is one contiguous segment, so skipped rows are skipped bytes. Adds the rows one at a time in the given
-// order, like the panel kernels: bit-identical to GemmRows for the same token.
-template <class V>
-inline __attribute__((always_inline)) void GemvRowsT(float* y, int64_t width, const float* base, int64_t rs,
-                                                     const int32_t* idx, const float* coef, int64_t n) {
-  constexpr int L = Lanes<V>();
-  int64_t r = 0;
-  for (; r + 4 <= n; r += 4) {
-    const float* w0 = base + static_cast<int64_t>(idx[r]) * rs;
-    const float* w1 = base + static_cast<int64_t>(idx[r + 1]) * rs;
-    const float* w2 = base + static_cast<int64_t>(idx[r + 2]) * rs;
-    const float* w3 = base + static_cast<int64_t>(idx[r + 3]) * rs;
-    const V a0 = V{} + coef[r], a1 = V{} + coef[r + 1], a2 = V{} + coef[r + 2], a3 = V{} + coef[r + 3];
-    for (int64_t k = 0; k < width; k += L) {
-      V acc = Load<V>(y + k);
-      acc += a0 * Load<V>(w0 + k);
-      acc += a1 * Load<V>(w1 + k);
-      acc += a2 * Load<V>(w2 + k);
-      acc += a3 * Load<V>(w3 + k);
-      Store<V>(y + k, acc);
-    }
-  }
-  for (; r < n; ++r) {
-    const float* w0 = base + static_cast<int64_t>(idx[r]) * rs;
-    const V a0 = V{} + coef[r];
-    for (int64_t k = 0; k < width; k += L) Store<V>(y + k, Load<V>(y + k) + a0 * Load<V>(w0 + k));
-  }
-}
-
-
-// nt tokens (buffers y + t*ys, coefficients coef + t*cs) over rows of `width` floats, in chunks of 64 rows: a
-// chunk's segments (64 x width floats) stay in L2 while every column tile and token group uses them, and each
-// row is read front to back. NT tokens x NV vectors per register tile, leftover tokens one at a time; each
-// element still adds the rows one at a time in the given order.
-template <class V, int NV, int NT>
-inline __attribute__((always_inline)) void GemmRowsT(float* y, int64_t ys, int64_t nt, int64_t width,
-                                                     const float* base, int64_t rs, const int32_t* idx,
-                                                     const float* coef, int64_t cs, int64_t n) {
-  constexpr int TW = NV * Lanes<V>();
-  constexpr int64_t kRowChunk = 64;
-  for (int64_t r0 = 0; r0 < n; r0 += kRowChunk) {
-    const int64_t nr = std::min(kRowChunk, n - r0);
-    for (int64_t c0 = 0; c0 < width; c0 += TW) {
-      int64_t t = 0;
-      for (; t + NT <= nt; t += NT)
-        RowsTile<V, NV, NT>(y + t * ys, ys, c0, base, rs, idx + r0, coef + t * cs + r0, cs, nr);
-      for (; t < nt; ++t) RowsTile<V, NV, 1>(y + t * ys, ys, c0, base, rs, idx + r0, coef + t * cs + r0, cs, nr);
-    }
-  }
-}
-
-using GemvRowsFn = void (*)(float*, int64_t, const float*, int64_t, const int32_t*, const float*, int64_t);
-using GemmRowsFn = void (*)(float*, int64_t, int64_t, int64_t, const float*, int64_t, const int32_t*, const float*,
-                            int64_t, int64_t);
-
-void GemvRowsBase(float* y, int64_t w, const float* b, int64_t rs, const int32_t* i, const float* c, int64_t n) {
-  GemvRowsT<vf4>(y, w, b, rs, i, c, n);
-}
-void GemmRowsBase(float* y, int64_t ys, int64_t nt, int64_t w, const float* b, int64_t rs, const int32_t* i,
-                  const float* c, int64_t cs, int64_t n) {
-  GemmRowsT<vf4, 2, 4>(y, ys, nt, w, b, rs, i, c, cs, n);
-}
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(SOLM_NO_CLONES)
-__attribute__((target("arch=x86-64-v3"))) void GemvRowsV3(float* y, int64_t w, const float* b, int64_t rs,
-                                                          const int32_t* i, const float* c, int64_t n) {
-  GemvRowsT<v8>(y, w, b, rs, i, c, n);
-}
-__attribute__((target("arch=x86-64-v3"))) void GemmRowsV3(float* y, int64_t ys, int64_t nt, int64_t w, const float* b,
-                                                          int64_t rs, const int32_t* i, const float* c, int64_t cs,
-                                                          int64_t n) {
-  GemmRowsT<v8, 2, 4>(y, ys, nt, w, b, rs, i, c, cs, n);
-}
-__attribute__((target("arch=x86-64-v4"))) void GemvRowsV4(float* y, int64_t w, const float* b, int64_t rs,
-                                                          const int32_t* i, const float* c, int64_t n) {
-  GemvRowsT<vf16>(y, w, b, rs, i, c, n);
-}
-__attribute__((target("arch=x86-64-v4"))) void GemmRowsV4(float* y, int64_t ys, int64_t nt, int64_t w, const float* b,
-                                                          int64_t rs, const int32_t* i, const float* c, int64_t cs,
-                                                          int64_t n) {
-  GemmRowsT<vf16, 4, 4>(y, ys, nt, w, b, rs, i, c, cs, n);
-}
-#endif
-
-using GemvFn = void (*)(float*, const float*, const int32_t*, const float*, int64_t);
-using GemmFn = void (*)(float*, int64_t, const float*, const int32_t*, const float*, int64_t, int64_t);
-struct PanelKernels {
-  GemvFn gemv;
-  GemmFn gemm;
-  GemvRowsFn gemv_rows;
-  GemmRowsFn gemm_rows;
-  const char* isa;
-};
-
-// Baseline x86-64 (SSE2) / any other architecture: 4-lane vectors.
-void GemvBase(float* y, const float* p, const int32_t* i, const float* c, int64_t n) { GemvPanel<vf4, 8>(y, p, i, c, n); }
-void GemmBase(float* y, int64_t nt, const float* p, const int32_t* i, const float* c, int64_t cs, int64_t n) {
-  GemmPanel<vf4, 8, 2, 4>(y, nt, p, i, c, cs, n);
-}
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(SOLM_NO_CLONES)
-// AVX2 + FMA: 16 ymm registers (8 accumulators for one token; 4 tokens x 2 for the multi-token tile).
-__attribute__((target("arch=x86-64-v3"))) void GemvV3(float* y, const float* p, const int32_t* i, const float* c,
-                                                      int64_t n) {
-  GemvPanel<v8, 8>(y, p, i, c, n);
-}
-__attribute__((target("arch=x86-64-v3"))) void GemmV3(float* y, int64_t nt, const float* p, const int32_t* i,
-                                                      const float* c, int64_t cs, int64_t n) {
-  GemmPanel<v8, 8, 2, 4>(y, nt, p, i, c, cs, n);
-}
-// AVX-512: 32 zmm registers (a whole 256-float panel row for one token; 4 tokens x 64 floats).
-__attribute__((target("arch=x86-64-v4"))) void GemvV4(float* y, const float* p, const int32_t* i, const float* c,
-                                                      int64_t n) {
-  GemvPanel<vf16, 16>(y, p, i, c, n);
-}
-__attribute__((target("arch=x86-64-v4"))) void GemmV4(float* y, int64_t nt, const float* p, const int32_t* i,
-                                                      const float* c, int64_t cs, int64_t n) {
-  GemmPanel<vf16, 16, 4, 4>(y, nt, p, i, c, cs, n);
-}
-#endif
-
-// Picked once per process from the CPU; SOLM_EP_ISA=baseline|x86-64-v3 caps it (to test the other variants).
-const PanelKernels& Panel() {
-  static const PanelKernels k = [] {
-    const char* cap = std::getenv("SOLM_EP_ISA");
-    const std::string want = cap ? cap : "";
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(SOLM_NO_CLONES)
-    __builtin_cpu_init();
-    if (want != "baseline" && want != "x86-64-v3" && __builtin_cpu_supports("x86-64-v4"))
-      return PanelKernels{GemvV4, GemmV4, GemvRowsV4, GemmRowsV4, "x86-64-v4"};
-    if (want != "baseline" && __builtin_cpu_supports("x86-64-v3")) return PanelKernels{GemvV3, GemmV3, GemvRowsV3, GemmRowsV3, "x86-64-v3"};
-#endif
-    return PanelKernels{GemvBase, GemmBase, GemvRowsBase, GemmRowsBase, "baseline"};
-  }();
-  return k;
 }
 
 // Fill nt buffers of kColChunk floats with the bias slice [j0, j0+w) (or zeros) and zero padding.
@@ -432,6 +205,113 @@ void MlpDownItem(const MlpWeights& W, const float* h, int64_t n0, int64_t nt, in
   for (int64_t t = 0; t < nt; ++t) std::memcpy(y + (n0 + t) * Dout + j0, acc + t * kColChunk, w * sizeof(float));
 }
 
+// Dense gate/up (+ activation) of the tokens [n0, n0+nt) (the token blocks [blk0, blk0+nb)) over slice sl, as
+// one GEMM: the rows are the union U of the blocks' kept channels (a token that dropped one gets a zero
+// coefficient, exact as in MlpUpItem), the columns are taken a kTile-wide gate tile and its up tile at a time,
+// so the accumulators of all nt tokens for one tile stay in L1/L2 and the activation is applied per tile.
+// Returns false, doing nothing, when the tokens are too sparse for it (then MlpUpItem runs per token block).
+bool MlpUpDense(const MlpWeights& W, const float* xs, const int32_t* uidx, const int32_t* ucnt, int64_t blk0,
+                int64_t nb, int64_t n0, int64_t nt, int64_t sl, Act act, float* h) {
+  const int64_t D = W.D, I = W.I, parts = W.parts;
+  Tls& tls = ThreadScratch();
+  uint8_t* in = Grow(tls.u0, static_cast<size_t>(D));
+  int32_t* rows = Grow(tls.i0, static_cast<size_t>(D));
+  std::memset(in, 0, D);
+  for (int64_t blk = blk0; blk < blk0 + nb; ++blk)
+    for (int32_t u = 0; u < ucnt[blk]; ++u) in[uidx[blk * D + u]] = 1;
+  int64_t nu = 0;
+  for (int64_t c = 0; c < D; ++c)
+    if (in[c]) rows[nu++] = static_cast<int32_t>(c);
+  int64_t work = 0;
+  for (int64_t t = 0; t < nt; ++t)
+    for (int64_t c = 0; c < D; ++c) work += xs[(n0 + t) * D + c] != 0.f;
+  if (static_cast<double>(work) < kMultiTokenFill * static_cast<double>(nt * nu)) return false;
+  const int64_t accs = parts * kTile;  // accumulator floats per token: [gate tile | up tile]
+  float* acc = Grow(tls.f1, static_cast<size_t>(nt * accs + (nu < D ? nt * nu : 0)));
+  const float* coef = xs + n0 * D;  // every channel in U: the inputs are the coefficients
+  int64_t cs = D;
+  if (nu < D) {
+    float* cf = acc + nt * accs;
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t u = 0; u < nu; ++u) cf[t * nu + u] = xs[(n0 + t) * D + rows[u]];
+    coef = cf, cs = nu;
+  }
+  const PanelKernels& K = Panel();
+  const int64_t i0 = sl * W.slice, w = W.SliceWidth(sl), wp = MlpWeights::Padded(w);
+  const float* base = W.gu_t.data() + sl * W.slice * parts;
+  for (int64_t c0 = 0; c0 < w; c0 += kTile) {
+    const int64_t tw = std::min(kTile, w - c0);  // real columns of the tile; the rest is zero padding
+    for (int64_t part = 0; part < parts; ++part) {
+      const std::vector<float>& bias = part == 0 && W.gated ? W.b_gate : W.b_up;
+      for (int64_t t = 0; t < nt; ++t) {
+        float* a = acc + t * accs + part * kTile;
+        std::memset(a, 0, kTile * sizeof(float));
+        if (!bias.empty()) std::memcpy(a, bias.data() + i0 + c0, tw * sizeof(float));
+      }
+      K.gemm_rows(acc + part * kTile, accs, nt, kTile, base + part * wp + c0, W.gu_stride, rows, coef, cs, nu);
+    }
+    for (int64_t t = 0; t < nt; ++t) {
+      float* hr = h + (n0 + t) * I + i0 + c0;
+      const float* g = acc + t * accs;
+      const float* u = g + (parts - 1) * kTile;
+      if (W.gated)
+        for (int64_t i = 0; i < tw; ++i) hr[i] = Activate(act, g[i]) * u[i];
+      else
+        for (int64_t i = 0; i < tw; ++i) hr[i] = Activate(act, u[i]);
+    }
+  }
+  return true;
+}
+
+// Dense down projection of the tokens [n0, n0+nt) over the output panel at column j0 (w real columns), as one
+// GEMM over the union of the tokens' non-zero activations, kTile columns at a time (the zero padding of the last
+// panel is skipped). Returns false, doing nothing, when too sparse (then MlpDownItem runs per token block);
+// *nonzero as MlpDownItem's.
+bool MlpDownDense(const MlpWeights& W, const float* h, int64_t n0, int64_t nt, int64_t j0, int64_t w, float* y,
+                  uint64_t* nonzero) {
+  const int64_t I = W.I, Dout = W.Dout;
+  Tls& tls = ThreadScratch();
+  uint8_t* in = Grow(tls.u0, static_cast<size_t>(I));
+  int32_t* rows = Grow(tls.i0, static_cast<size_t>(I));
+  std::memset(in, 0, I);
+  int64_t work = 0;
+  for (int64_t t = 0; t < nt; ++t) {
+    const float* hr = h + (n0 + t) * I;
+    for (int64_t i = 0; i < I; ++i) {
+      const bool nz = hr[i] != 0.f;
+      in[i] |= nz;
+      work += nz;
+    }
+  }
+  int64_t nu = 0;
+  for (int64_t i = 0; i < I; ++i)
+    if (in[i]) rows[nu++] = static_cast<int32_t>(i);
+  if (static_cast<double>(work) < kMultiTokenFill * static_cast<double>(nt * nu)) return false;
+  *nonzero = static_cast<uint64_t>(work);
+  float* acc = Grow(tls.f1, static_cast<size_t>(nt * kColChunk + (nu < I ? nt * nu : 0)));
+  const float* coef = h + n0 * I;
+  int64_t cs = I;
+  if (nu < I) {
+    float* cf = acc + nt * kColChunk;
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t u = 0; u < nu; ++u) cf[t * nu + u] = h[(n0 + t) * I + rows[u]];
+    coef = cf, cs = nu;
+  }
+  const PanelKernels& K = Panel();
+  const float* panel = W.down_t.data() + j0 * I;  // panel j0/kColChunk
+  for (int64_t c0 = 0; c0 < w; c0 += kTile) {
+    const int64_t tw = std::min(kTile, w - c0);
+    for (int64_t t = 0; t < nt; ++t) {
+      float* a = acc + t * kColChunk + c0;
+      std::memset(a, 0, kTile * sizeof(float));
+      if (!W.b_down.empty()) std::memcpy(a, W.b_down.data() + j0 + c0, tw * sizeof(float));
+    }
+    K.gemm_rows(acc + c0, kColChunk, nt, kTile, panel + c0, kColChunk, rows, coef, cs, nu);
+  }
+  for (int64_t t = 0; t < nt; ++t) std::memcpy(y + (n0 + t) * Dout + j0, acc + t * kColChunk, w * sizeof(float));
+  return true;
+}
+
 // Symmetric per-token fake quantisation, q_max = 2^(b-1)-1; b >= 16 is the identity (reference.fake_quant_ref).
 void FakeQuant(float* y, int64_t n, double bits) {
   if (bits >= 16) return;
@@ -487,33 +367,48 @@ void SparseMlp(const float* x, int64_t B, int64_t T, const MlpWeights& W, const 
   };
   par.For(static_cast<size_t>(nblk), select);
 
-  // B: gate/up + activation, items (column slice, token block); slice-major so a thread keeps a weight slice hot.
-  const int64_t ns = W.Slices();
+  // B: gate/up + activation, items (column slice, group of kSuperBlock token blocks), slice-major so a thread keeps
+  // a weight slice hot: one dense GEMM over the group when its tokens keep most of the union of their channels
+  // (prefill), else per token block (MlpUpItem: a block's union, or token by token).
+  const int64_t ns = W.Slices(), nsb = (nblk + kSuperBlock - 1) / kSuperBlock;
   auto up = [&](size_t it) {
-    const int64_t sl = static_cast<int64_t>(it) / nblk, blk = static_cast<int64_t>(it) % nblk;
-    const int64_t n0 = blk * kTokBlock, nt = std::min(kTokBlock, N - n0);
-    Tls& tls = ThreadScratch();
-    const int64_t accn = kTokBlock * W.parts * W.slice;
-    float* acc = Grow(tls.f1, static_cast<size_t>(accn + kTokBlock * D));
-    int32_t* rows = Grow(tls.i0, static_cast<size_t>(D));
-    MlpUpItem(W, xs, uidx + blk * D, ucnt[blk], n0, nt, sl, act, h, acc, acc + accn, rows);
+    const int64_t sl = static_cast<int64_t>(it) / nsb, blk0 = static_cast<int64_t>(it) % nsb * kSuperBlock;
+    const int64_t nb = std::min(kSuperBlock, nblk - blk0);
+    const int64_t n0 = blk0 * kTokBlock, nt = std::min(nb * kTokBlock, N - n0);
+    if (nb > 1 && MlpUpDense(W, xs, uidx, ucnt, blk0, nb, n0, nt, sl, act, h)) return;
+    for (int64_t blk = blk0; blk < blk0 + nb; ++blk) {
+      const int64_t bn0 = blk * kTokBlock, bnt = std::min(kTokBlock, N - bn0);
+      Tls& tls = ThreadScratch();
+      const int64_t accn = kTokBlock * W.parts * W.slice;
+      float* acc = Grow(tls.f1, static_cast<size_t>(accn + kTokBlock * D));
+      int32_t* rows = Grow(tls.i0, static_cast<size_t>(D));
+      MlpUpItem(W, xs, uidx + blk * D, ucnt[blk], bn0, bnt, sl, act, h, acc, acc + accn, rows);
+    }
   };
-  par.For(static_cast<size_t>(ns * nblk), up);
+  par.For(static_cast<size_t>(ns * nsb), up);
 
-  // C: down projection, items (output column panel, token block).
+  // C: down projection, items (output column panel, group of kSuperBlock token blocks), likewise.
   const int64_t nco = (Dout + kColChunk - 1) / kColChunk;
   auto down = [&](size_t it) {
-    const int64_t j = static_cast<int64_t>(it) / nblk, blk = static_cast<int64_t>(it) % nblk;
-    const int64_t n0 = blk * kTokBlock, nt = std::min(kTokBlock, N - n0);
+    const int64_t j = static_cast<int64_t>(it) / nsb, blk0 = static_cast<int64_t>(it) % nsb * kSuperBlock;
+    const int64_t nb = std::min(kSuperBlock, nblk - blk0);
+    const int64_t n0 = blk0 * kTokBlock, nt = std::min(nb * kTokBlock, N - n0);
     const int64_t j0 = j * kColChunk, w = std::min(kColChunk, Dout - j0);
-    Tls& tls = ThreadScratch();
-    float* acc = Grow(tls.f1, static_cast<size_t>(kTokBlock * kColChunk + kTokBlock * I));
-    int32_t* rows = Grow(tls.i0, static_cast<size_t>(2 * I));
     uint64_t nz = 0;
-    MlpDownItem(W, h, n0, nt, j0, w, y, acc, acc + kTokBlock * kColChunk, rows, &nz);
+    if (!(nb > 1 && MlpDownDense(W, h, n0, nt, j0, w, y, &nz))) {
+      for (int64_t blk = blk0; blk < blk0 + nb; ++blk) {
+        const int64_t bn0 = blk * kTokBlock, bnt = std::min(kTokBlock, N - bn0);
+        Tls& tls = ThreadScratch();
+        float* acc = Grow(tls.f1, static_cast<size_t>(kTokBlock * kColChunk + kTokBlock * I));
+        int32_t* rows = Grow(tls.i0, static_cast<size_t>(2 * I));
+        uint64_t bnz = 0;
+        MlpDownItem(W, h, bn0, bnt, j0, w, y, acc, acc + kTokBlock * kColChunk, rows, &bnz);
+        nz += bnz;
+      }
+    }
     if (j == 0) st.mlp_down_rows.fetch_add(nz, std::memory_order_relaxed);
   };
-  par.For(static_cast<size_t>(nco * nblk), down);
+  par.For(static_cast<size_t>(nco * nsb), down);
 
   // D: per token fake quantisation.
   bool any_quant = false;

@@ -24,6 +24,37 @@ namespace solm {
 namespace {
 
 typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef float vf16 __attribute__((vector_size(64), aligned(4), may_alias));
+typedef float vf4 __attribute__((vector_size(16), aligned(4), may_alias));
+
+template <class V>
+constexpr int Lanes() {
+  return static_cast<int>(sizeof(V) / sizeof(float));
+}
+// Unaligned vector load/store. (A template parameter loses the typedef's aligned(4) attribute, so dereferencing a
+// V* would assume natural alignment.)
+template <class V>
+inline __attribute__((always_inline)) V Load(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <class V>
+inline __attribute__((always_inline)) void Store(float* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+// x in every lane, as one broadcast. (`V{} + x` is not one: 0 + x differs from x for x = -0, so GCC adds a scalar
+// add before every broadcast of the hot loops. x - 0 is x for every x, but splatting into the aligned(4) typedefs
+// themselves GCC builds lane by lane under masks (GCC 12); through a plain vector type it is one vbroadcastss.)
+template <class V>
+inline __attribute__((always_inline)) V Splat(float x) {
+  typedef float W __attribute__((vector_size(sizeof(V))));
+  const W w = x - W{};
+  V v;
+  __builtin_memcpy(&v, &w, sizeof(V));
+  return v;
+}
+
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -57,6 +88,35 @@ struct MaskRow {  // the mask restricted to one (b, h, t)
   int64_t jmax = INT64_MAX;  // is_causal: tokens j > jmax are masked out
 };
 
+inline MaskRow RowOf(const MaskView& m, int64_t b, int64_t h, int64_t t, bool causal) {
+  MaskRow r;
+  if (causal) r.jmax = t;
+  if (m.data == nullptr) return r;
+  const int64_t off = b * m.sb + h * m.sh + t * m.st;
+  if (m.is_bool)
+    r.b = static_cast<const uint8_t*>(m.data) + off;
+  else
+    r.f = static_cast<const float*>(m.data) + off;
+  r.sl = m.sl;
+  return r;
+}
+
+// The widest kernel variant this CPU runs: 4 (x86-64-v4, AVX-512), 3 (x86-64-v3, AVX2+FMA) or 0 (baseline).
+// SOLM_EP_ISA=baseline|x86-64-v3 caps it (to test the other variants). Read once per process.
+inline int IsaLevel() {
+  static const int level = [] {
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(SOLM_NO_CLONES)
+    const char* cap = std::getenv("SOLM_EP_ISA");
+    const std::string want = cap ? cap : "";
+    __builtin_cpu_init();
+    if (want != "baseline" && want != "x86-64-v3" && __builtin_cpu_supports("x86-64-v4")) return 4;
+    if (want != "baseline" && __builtin_cpu_supports("x86-64-v3")) return 3;
+#endif
+    return 0;
+  }();
+  return level;
+}
+
 // Thread-local temporaries for one work item (grown on demand, reused across calls).
 struct Tls {
   std::vector<float> f0, f1;
@@ -75,4 +135,31 @@ typename V::value_type* Grow(V& v, size_t n) {
 }
 
 }  // namespace
+
+// SparseMLP's register-tiled micro-kernels (kernels_mlp_tiles.cc). gemv/gemm: y (+)= Σ_r coef[r] · row idx[r] of a
+// down-projection panel (kPanel floats per row), one token or nt (buffers y + t*kPanel, coefficients coef + t*cs);
+// gemv_rows/gemm_rows: the same over input-major rows of stride rs and `width` floats (gate/up), nt tokens at
+// y + t*ys. Every variant adds the rows one FMA at a time in the order given, so a token gets bit-identical results
+// whichever variant (single- or multi-token) processes it.
+using GemvRowsFn = void (*)(float*, int64_t, const float*, int64_t, const int32_t*, const float*, int64_t);
+using GemmRowsFn = void (*)(float*, int64_t, int64_t, int64_t, const float*, int64_t, const int32_t*, const float*,
+                            int64_t, int64_t);
+using GemvFn = void (*)(float*, const float*, const int32_t*, const float*, int64_t);
+using GemmFn = void (*)(float*, int64_t, const float*, const int32_t*, const float*, int64_t, int64_t);
+struct PanelKernels {
+  GemvFn gemv;
+  GemmFn gemm;
+  GemvRowsFn gemv_rows;
+  GemmRowsFn gemm_rows;
+  const char* isa;
+};
+// Picked once per process from the CPU (IsaLevel).
+const PanelKernels& Panel();
+
+// The multi-token (T > 1) path of QuestAttention (kernels_attention_prefill.cc): dense attention under the mask
+// (and is_causal), blocked like flash attention. Shapes as QuestAttention's; kappa plays no part.
+void AttendPrefill(const float* q, const float* k, const float* v, const MaskView& mask, int64_t B, int64_t H,
+                   int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t dv, float scale, bool is_causal,
+                   float* out, AttnScratch& scratch, const Parallel& par);
+
 }  // namespace solm
