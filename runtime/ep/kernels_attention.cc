@@ -99,125 +99,15 @@ void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_
   if (!any) keep[L - 1] = 1;
 }
 
-// Attention of G query heads (rows qrows[g*qstride]) that share one K/V head. Head g attends over the tokens j its
-// mask allows and, when keep is given, with keep[g*ks + j] (ks = 0: one token set for the group; ks = L: a set per
-// head). ukeep (null: every token) is the union of the heads' sets: the loop streams the union once, so each K and
-// V row is read once for the whole group, and computes q·k (and softmax·v) only for the heads that kept the
-// token. q·k over d, V rows and outputs of dv values. Scratch: logit [G*L + G], idx [L]. Returns the number of q·k
-// dot products computed; *rows = the K rows read (tokens of the union some head may attend).
-SOLM_CLONES uint64_t AttendGroup(const float* qrows, int64_t qstride, int64_t G, const float* K, const float* V,
-                                 int64_t L, int64_t d, int64_t dv, float scale, const uint8_t* ukeep,
-                                 const uint8_t* keep, int64_t ks, const MaskRow* masks, float* logit, int32_t* idx,
-                                 float* out, int64_t ostride, uint64_t* rows) {
-  uint64_t scored = 0;
-  // candidates: the union's tokens in order (idx[0, nc)); compacted in place to the tokens some head attends
-  int64_t nc = 0;
-  if (ukeep) {
-    for (int64_t j = 0; j < L; ++j)
-      if (ukeep[j]) idx[nc++] = static_cast<int32_t>(j);
-  } else {
-    for (int64_t j = 0; j < L; ++j) idx[j] = static_cast<int32_t>(j);
-    nc = L;
-  }
-  // Kept pages are short runs (S rows) at scattered places: the hardware prefetchers lose the stream, so the K and
-  // V rows kPrefetch candidates ahead are prefetched by hand (V is then in cache for the softmax·v pass). Measured
-  // at SmolLM2 shapes (L = 2048, kappa = 0.5 per KV head): 0.5x of the dense time without, ~1.1-1.6x with.
-  // Dense streams need no help.
-  constexpr int64_t kPrefetch = 12;
-  const int64_t npf = ukeep ? nc - kPrefetch : 0;
-  int64_t n = 0;
-  for (int64_t c = 0; c < nc; ++c) {
-    const int64_t j = idx[c];
-    if (c < npf) {
-      const int64_t jp = idx[c + kPrefetch];
-      const char* kp = reinterpret_cast<const char*>(K + jp * d);
-      const char* vp = reinterpret_cast<const char*>(V + jp * dv);
-      for (int64_t b = 0; b < d * 4; b += 64) __builtin_prefetch(kp + b);
-      for (int64_t b = 0; b < dv * 4; b += 64) __builtin_prefetch(vp + b);
-    }
-    const float* kr = K + j * d;
-    bool any = false;
-    for (int64_t g = 0; g < G; ++g) {
-      float add;
-      if ((keep == nullptr || keep[g * ks + j]) && Allowed(masks[g], j, &add)) {
-        logit[g * L + n] = Dot(qrows + g * qstride, kr, d) * scale + add;
-        any = true;
-        ++scored;
-      } else {
-        logit[g * L + n] = kNegInf;
-      }
-    }
-    if (any) idx[n++] = static_cast<int32_t>(j);
-  }
-  *rows = static_cast<uint64_t>(n);
-  float* sums = logit + G * L;
-  for (int64_t g = 0; g < G; ++g) {
-    float* lg = logit + g * L;
-    float mx = kNegInf;
-    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, lg[i]);
-    float sum = 0.f;
-    if (mx != kNegInf) {
-      for (int64_t i = 0; i < n; ++i) {
-        lg[i] = std::exp(lg[i] - mx);
-        sum += lg[i];
-      }
-    }
-    // sum > 0 unless every token is masked out (softmax of all -inf) or a logit is NaN: NaN, as in the reference.
-    sums[g] = sum;
-    std::memset(out + g * ostride, 0, dv * sizeof(float));
-  }
-  // PV: every kept V row read once, accumulated into every head of the group.
-  for (int64_t i = 0; i < n; ++i) {
-    const float* vr = V + static_cast<int64_t>(idx[i]) * dv;
-    for (int64_t g = 0; g < G; ++g) {
-      const float e = logit[g * L + i];
-      if (e != 0.f && sums[g] > 0.f) Axpy(out + g * ostride, vr, e, dv);
-    }
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    float* o = out + g * ostride;
-    if (!(sums[g] > 0.f)) {
-      for (int64_t i = 0; i < dv; ++i) o[i] = kNaN;
-      continue;
-    }
-    const float inv = 1.f / sums[g];
-    for (int64_t i = 0; i < dv; ++i) o[i] *= inv;
-  }
-  return scored;
-}
-
-// exp of 8 lanes: Cephes' expf (range reduction by ln 2 in two parts, a degree-6 polynomial, the exponent added to
-// the float's bits), within 2 ulp of std::exp for x in [-87.3, 88.3]. Lanes below -87.3 (a masked token's -inf
-// among them) give exactly 0, as std::exp's underflow does for a softmax; NaN lanes stay NaN.
-typedef int32_t vi8 __attribute__((vector_size(32)));
-inline __attribute__((always_inline)) v8 Exp8(v8 x) {
-  const v8 magic = v8{} + 12582912.f;  // 1.5 * 2^23: (y + magic) - magic rounds y to the nearest integer
-  const v8 xc = x > 88.3762626647949f ? v8{} + 88.3762626647949f : x;
-  const v8 n = (xc * 1.44269504088896341f + magic) - magic;
-  const v8 r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  v8 y = v8{} + 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.f;
-  const vi8 e = (__builtin_convertvector(n, vi8) + 127) << 23;
-  v8 p;
-  __builtin_memcpy(&p, &e, sizeof(p));
-  y *= p;
-  y = x < -87.3365478515625f ? v8{} : y;
-  return x != x ? x : y;
-}
-
 // The softmax numerators of n logits in place (exp(lg - max)); returns their sum, in lane order then the tail.
 inline __attribute__((always_inline)) float ExpShiftSum(float* lg, int64_t n, float mx) {
+  const v8 m = Splat<v8>(mx), l2e = Splat<v8>(1.44269504088896341f);  // exp(y) = 2^(y log2 e)
   v8 acc = {};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     v8 x;
     __builtin_memcpy(&x, lg + i, sizeof(x));
-    x = Exp8(x - mx);
+    x = Exp2<v8>((x - m) * l2e);
     __builtin_memcpy(lg + i, &x, sizeof(x));
     acc += x;
   }
@@ -261,12 +151,15 @@ inline __attribute__((always_inline)) void Dot8Rows(const float* q, const float*
   __builtin_memcpy(lg, &s, sizeof(s));
 }
 
-// One decode query per head of a GQA group (T == 1) over the tokens its head kept: AttendGroup's contract and
-// results up to float rounding (the order of the q·k sums differs), in two streaming passes so each has one access
-// pattern: q·k of every head over the union's K rows (8 rows per reduction), a vectorised softmax, then softmax·v
-// over the V rows. Branch-free per head: a head scores every row of the union and a row it did not keep (or its
-// mask removes) gets -inf, so weight 0. Each pass prefetches its rows kPrefetch ahead (kept pages are 2 KiB runs at
-// scattered places, which the hardware prefetchers do not follow).
+// Decode attention (T == 1) of the G query heads (rows qrows + g*d) that share one K/V head. Head g attends over the
+// tokens j its mask allows and, when keep is given, with keep[g*ks + j] (ks = 0: one token set for the group;
+// ks = L: a set per head); ukeep (null: every token) is the union of the heads' sets, streamed once so each K and V
+// row is read once for the whole group. Two passes, each with one access pattern and its own prefetch kPrefetch
+// rows ahead (kept pages are 2 KiB runs at scattered places, which the hardware prefetchers do not follow): q·k of
+// every head over the union's K rows (8 rows per reduction tree), then, after a vectorised softmax, softmax·v over
+// the V rows. Branch-free per head: a row the head did not keep (or its mask removes) gets -inf, so weight 0.
+// Scratch: logit [G*L + G], idx [L]. Returns the q·k products that count (kept and allowed); *rows = the rows
+// some head attends. out [G, dv].
 SOLM_CLONES uint64_t AttendKept(const float* qrows, int64_t G, const float* K, const float* V, int64_t L, int64_t d,
                                 int64_t dv, float scale, const uint8_t* ukeep, const uint8_t* keep, int64_t ks,
                                 const MaskRow* masks, float* logit, int32_t* idx, float* out, uint64_t* rows) {

@@ -25,47 +25,6 @@ constexpr int64_t kKeyBlock = 64;   // keys per block (a multiple of every varia
 constexpr int64_t kTileRows = 24;   // target query rows per tile (positions x GQA heads)
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <class V>
-struct IntVec;
-template <>
-struct IntVec<vf4> {
-  typedef int32_t type __attribute__((vector_size(16)));
-};
-template <>
-struct IntVec<v8> {
-  typedef int32_t type __attribute__((vector_size(32)));
-};
-template <>
-struct IntVec<vf16> {
-  typedef int32_t type __attribute__((vector_size(64)));
-};
-
-// 2^x for x <= 0 (a logit minus its running max), -inf -> 0, NaN -> NaN. Round-to-nearest split x = n + r,
-// |r| <= 1/2, 2^r by the Cephes exp2f polynomial (relative error ~2e-7), 2^n built in the exponent bits.
-// Below -126 the result is flushed to 0 (it would be denormal; its weight in a softmax sum of >= 1 is nil).
-template <class V>
-inline __attribute__((always_inline)) V Exp2(V x) {
-  typedef typename IntVec<V>::type VI;
-  const V lo = V{} - 126.f;
-  const V xc = x < lo ? lo : x;                 // NaN compares false and stays NaN
-  const V magic = V{} + 12582912.f;             // 1.5 * 2^23: x + magic rounds x to an integer in the low bits
-  const V t = xc + magic;
-  const V r = xc - (t - magic);
-  V p = V{} + 1.535336188319500e-4f;
-  p = p * r + 1.339887440266574e-3f;
-  p = p * r + 9.618437357674640e-3f;
-  p = p * r + 5.550332471162809e-2f;
-  p = p * r + 2.402264791363012e-1f;
-  p = p * r + 6.931472028550421e-1f;
-  p = p * r + 1.f;
-  VI ti;
-  __builtin_memcpy(&ti, &t, sizeof(V));
-  const VI e = (ti - 0x4B400000 + 127) << 23;  // bits of t = bits of magic + n
-  V s;
-  __builtin_memcpy(&s, &e, sizeof(V));
-  return x < lo ? V{} : p * s;
-}
-
 // How query row m sees keys [j0, j0 + n): 0 every key allowed with no additive term, 1 every key masked out,
 // 2 mixed: bias[0, n) = the additive term in log2 units, -inf where masked.
 int ClassifyRow(const MaskRow& m, int64_t j0, int64_t n, float* bias) {

@@ -56,6 +56,39 @@ inline __attribute__((always_inline)) V Splat(float x) {
 }
 
 
+// The int32 vector of a float vector's width (keyed by size: the float typedefs' attributes do not survive as
+// template arguments).
+template <size_t Bytes>
+struct IntVec {
+  typedef int32_t type __attribute__((vector_size(Bytes)));
+};
+
+// 2^x for x <= 0 (a logit minus its running max), -inf -> 0, NaN -> NaN. Round-to-nearest split x = n + r,
+// |r| <= 1/2, 2^r by the Cephes exp2f polynomial (relative error ~2e-7), 2^n built in the exponent bits.
+// Below -126 the result is flushed to 0 (it would be denormal; its weight in a softmax sum of >= 1 is nil).
+template <class V>
+inline __attribute__((always_inline)) V Exp2(V x) {
+  typedef typename IntVec<sizeof(V)>::type VI;
+  const V lo = V{} - 126.f;
+  const V xc = x < lo ? lo : x;                 // NaN compares false and stays NaN
+  const V magic = V{} + 12582912.f;             // 1.5 * 2^23: x + magic rounds x to an integer in the low bits
+  const V t = xc + magic;
+  const V r = xc - (t - magic);
+  V p = V{} + 1.535336188319500e-4f;
+  p = p * r + 1.339887440266574e-3f;
+  p = p * r + 9.618437357674640e-3f;
+  p = p * r + 5.550332471162809e-2f;
+  p = p * r + 2.402264791363012e-1f;
+  p = p * r + 6.931472028550421e-1f;
+  p = p * r + 1.f;
+  VI ti;
+  __builtin_memcpy(&ti, &t, sizeof(V));
+  const VI e = (ti - 0x4B400000 + 127) << 23;  // bits of t = bits of magic + n
+  V s;
+  __builtin_memcpy(&s, &e, sizeof(V));
+  return x < lo ? V{} : p * s;
+}
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
