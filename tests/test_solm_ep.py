@@ -646,12 +646,14 @@ def test_real_artifact_matches_portable(lib, tiny_artifacts, threads, batch):
     solm = SolmSession(tiny_artifacts["solm"], tokenizer=False, threads=threads)
     assert solm.ep_active and solm.sess.get_providers()[0] == "SolmEP"
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 5, 7, 3, 2, 9, 40, 41, 42, 7]][:batch]
-    for budget in [(0.3, 0.5, 6), (1, 1, 16)]:
+    # the must-show: 64 greedy steps at budgets 1.0, 0.7, 0.5, 0.3 (16 bits; the policy's MLP-keep range
+    # starts at its lowest level, 0.5), and one with bits
+    for budget in [(1, 1, 16), (0.7, 0.7, 16), (0.5, 0.5, 16), (0.3, 0.5, 16), (0.3, 0.5, 6)]:
         before = _stats(lib)
         steps = 0
         sparse_mlp = False
-        for a, b in zip(portable.steps(prompts, budget=budget, max_new_tokens=12),
-                        solm.steps(prompts, budget=budget, max_new_tokens=12)):
+        for a, b in zip(portable.steps(prompts, budget=budget, max_new_tokens=64),
+                        solm.steps(prompts, budget=budget, max_new_tokens=64)):
             where = f"budget {budget}, step {steps}"
             np.testing.assert_allclose(b["logits"], a["logits"], rtol=0, atol=1e-4, err_msg=where)
             np.testing.assert_array_equal(b["logits"].argmax(-1), a["logits"].argmax(-1), err_msg=where)
@@ -661,10 +663,10 @@ def test_real_artifact_matches_portable(lib, tiny_artifacts, threads, batch):
                 np.testing.assert_array_equal(b["controls"], a["controls"], err_msg=where)
                 sparse_mlp = sparse_mlp or bool((a["controls"][:, 1] < 1).any())
             steps += 1
-        assert steps == 13  # prefill + 12 decode steps
+        assert steps == 65  # prefill + 64 decode steps
         after = _stats(lib)
         n = {k: after[k] - before[k] for k in after}
-        assert n["attn_calls"] == 2 * 13 and n["mlp_calls"] == 2 * 13  # every layer's ops ran on SolmEP
+        assert n["attn_calls"] == 2 * 65 and n["mlp_calls"] == 2 * 65  # every layer's ops ran on SolmEP
         if sparse_mlp:
             assert n["mlp_in_rows"] < n["mlp_in_rows_dense"]
 
