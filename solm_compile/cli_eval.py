@@ -198,7 +198,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.task:
         items = _mc_items(loaded.tokenizer, args.task, args.items, args.seed)
         try:
-            r = evaluate_choices(lm, lp.policy, lp.grid, items, targets, cost=cost, batch_rows=args.batch_rows)
+            r = evaluate_choices(lm, lp.policy, lp.grid, items, targets, cost=cost, batch_rows=args.batch_rows,
+                                 random_seeds=args.random_seeds, seed=args.seed)
         except ValueError as e:
             raise UserError(f"--task {args.task}: {e}") from e
         result = {**head, "task": args.task, "items": len(items), **r,
@@ -300,12 +301,16 @@ def format_choices(r: dict) -> str:
     u = r["matched_usage"]
     lines = [f"{r['model']} on {r['task']} ({r['items']} items); policy realised κ {u['attn_keep']:.3f}, "
              f"ρ {u['mlp_keep']:.3f}, bits {u['bits']:.2f}",
-             f"{'method':<10}{'acc':>8}{'±se':>7}{'acc_norm':>10}{'±se':>7}{'net':>7}{'FLOPs':>7}{'bytes':>7}"]
+             f"{'method':<14}{'acc':>7}{'±se':>7}{'Δacc':>8}{'±se':>7}{'acc_norm':>9}{'±se':>7}{'Δnorm':>8}{'±se':>7}"
+             f"{'net':>7}{'FLOPs':>7}{'bytes':>7}"]
     for name in _ordered(r["methods"]):
         m = r["methods"][name]
-        lines.append(f"{name:<10}{m['acc']:>8.3f}{m['acc_se']:>7.3f}{m['acc_norm']:>10.3f}{m['acc_norm_se']:>7.3f}"
+        lines.append(f"{name:<14}{m['acc']:>7.3f}{m['acc_se']:>7.3f}{_fmt(m.get('delta_acc_vs_policy'), '+.3f'):>8}"
+                     f"{_fmt(m.get('delta_acc_vs_policy_se')):>7}{m['acc_norm']:>9.3f}{m['acc_norm_se']:>7.3f}"
+                     f"{_fmt(m.get('delta_acc_norm_vs_policy'), '+.3f'):>8}{_fmt(m.get('delta_acc_norm_vs_policy_se')):>7}"
                      f"{m['net_keep']:>7.3f}{_fmt(m.get('flops_fraction')):>7}{_fmt(m.get('bytes_fraction')):>7}")
-    lines.append(f"wall {r['wall_s']:.1f} s")
+    lines.append(f"Δacc: paired per-item accuracy difference policy - method (> 0: worse than the policy). "
+                 f"wall {r['wall_s']:.1f} s")
     return "\n".join(lines)
 
 

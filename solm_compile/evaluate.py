@@ -18,7 +18,10 @@ mean over counted row-steps of the cost model's per-token fraction at that step'
 Multiple choice (``evaluate_choices``): per item a dense prefill of context[:-1]; the last context token and
 the continuation tokens are then processed one at a time under control (SOL's lm-eval runner, without its
 16-token dense refresh: continuations here are short). Each choice is scored by the sum of its continuation
-log-probabilities (``acc``) and by that sum per character (``acc_norm``, the HellaSwag metric).
+log-probabilities (``acc``) and by that sum per character (``acc_norm``, the HellaSwag metric). The baselines
+are those of perplexity but ``schedule`` and the static single-axis settings: a step-index schedule is fit on
+16-step perplexity blocks and has no meaning for continuations of 1 to 30 tokens whose counted steps differ per
+row. Each method reports its paired per-item accuracy difference to the policy.
 
 Layout: the controllers and the prefill sources are in ``eval_sources.py``, the cost model and the per-method
 summaries in ``eval_report.py``; here, the engine and the two evaluators.
@@ -44,7 +47,7 @@ from .train import gate_of
 
 METHODS = ("dense", "policy", "fixed", "random", "emc", "dac", "uniform", "schedule",
            "static_attn", "static_mlp", "static_bits")
-MC_METHODS = ("dense", "policy", "fixed", "uniform", "emc", "dac")
+MC_METHODS = ("dense", "policy", "fixed", "random", "emc", "dac", "uniform")
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -196,10 +199,34 @@ class PPLEvaluator:
 
 
 # ---------------------------------------------------------------------------------------------- multiple choice
+def choice_hits(nll: Tensor, offsets: Sequence[int], items: Sequence[dict]) -> tuple[Tensor, Tensor]:
+    """Per item, 1.0 where the choice with the highest summed log-probability (``hit``) or the highest
+    log-probability per character (``hit_norm``) is the labelled one. ``nll`` [rows, T] is 0 on padding."""
+    scores = -nll.double().sum(1)                                                    # [rows]
+    hit, hit_norm = torch.zeros(len(items)), torch.zeros(len(items))                 # [items]
+    for i, it in enumerate(items):
+        s = scores[offsets[i]:offsets[i + 1]]                                        # [choices]
+        chars = torch.tensor([max(1, int(c)) for c in it["chars"]], dtype=torch.float64)
+        hit[i] = float(int(s.argmax()) == int(it["label"]))
+        hit_norm[i] = float(int((s / chars).argmax()) == int(it["label"]))
+    return hit, hit_norm
+
+
+def _paired(ref: Tensor, other: Tensor) -> tuple[float, float]:
+    """Mean and standard error of the per-item difference ref - other."""
+    d = (ref - other).double()
+    n = d.numel()
+    return float(d.mean()), (float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan"))
+
+
 def evaluate_choices(lm, policy: RecurrentActorCriticPolicy, grid: ActionGrid, items: Sequence[dict],
                      targets: Sequence[float], *, cost: Optional[CostModel] = None, batch_rows: int = 32,
-                     methods: Sequence[str] = MC_METHODS) -> dict:
-    """Accuracy on ``items`` [{"ctx": [ids], "conts": [[ids], ...], "label": int, "chars": [int, ...]}]."""
+                     methods: Sequence[str] = MC_METHODS, random_seeds: int = 10, seed: int = 0) -> dict:
+    """Accuracy on ``items`` [{"ctx": [ids], "conts": [[ids], ...], "label": int, "chars": [int, ...]}].
+
+    ``random`` runs ``random_seeds`` permutations of the fixed schedule and reports the median and the best seed
+    by ``acc`` (best-of-N is an oracle over the evaluated items, as in perplexity). ``delta_acc_vs_policy`` is the
+    paired per-item difference policy - method (> 0: the method is worse than the policy), with its error."""
     unknown = set(methods) - set(MC_METHODS)
     if unknown:
         raise ValueError(f"unknown multiple-choice methods {sorted(unknown)} (have {', '.join(MC_METHODS)})")
@@ -211,29 +238,41 @@ def evaluate_choices(lm, policy: RecurrentActorCriticPolicy, grid: ActionGrid, i
     tr = run_traces(lm, source, first, batch_rows)
     usage = tr["policy"].usage()
     mask = source.mask()
-    second: dict[str, Factory] = {}
+    fixed = bl.fixed_controls(grid, usage, mask)
+    open_loop: dict[str, Tensor] = {}
     if "fixed" in methods:
-        second["fixed"] = ScheduleController(bl.fixed_controls(grid, usage, mask)).begin
+        open_loop["fixed"] = fixed
     if "uniform" in methods:
-        second["uniform"] = ScheduleController(bl.uniform_controls(usage, mask)).begin
+        open_loop["uniform"] = bl.uniform_controls(usage, mask)
+    if "random" in methods:
+        for k in range(random_seeds):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
+            open_loop[f"random_{k}"] = bl.random_controls(fixed, mask, gen)
+    second: dict[str, Factory] = {n: ScheduleController(v).begin for n, v in open_loop.items()}
     for kind in ("emc", "dac"):
         if kind in methods:
             second[kind] = lambda x, kind=kind: bl.HeuristicController(kind, lm, grid, usage).begin(x)
     tr.update(run_traces(lm, source, second, batch_rows))
-    labels = [int(it["label"]) for it in items]
+    hits = {name: choice_hits(t.nll, source.offsets, items) for name, t in tr.items()}
+    n = len(items)
     out = {}
-    for name in methods:
-        scores = -tr[name].nll.double().sum(1)                                      # [rows]
-        hit = hit_norm = 0
-        for i, it in enumerate(items):
-            s = scores[source.offsets[i]:source.offsets[i + 1]]
-            chars = torch.tensor([max(1, int(c)) for c in it["chars"]], dtype=torch.float64)
-            hit += int(int(s.argmax()) == labels[i])
-            hit_norm += int(int((s / chars).argmax()) == labels[i])
-        n = len(items)
-        acc, acc_n = hit / n, hit_norm / n
+    for name in tr:
+        h, hn = hits[name]
+        acc, acc_n = float(h.mean()), float(hn.mean())
         out[name] = {"acc": acc, "acc_se": math.sqrt(acc * (1 - acc) / n), "acc_norm": acc_n,
                      "acc_norm_se": math.sqrt(acc_n * (1 - acc_n) / n), "items": n, **_spend(tr[name], cost)}
+        if name != "policy":
+            d, se = _paired(hits["policy"][0], h)
+            dn, sen = _paired(hits["policy"][1], hn)
+            out[name].update(delta_acc_vs_policy=d, delta_acc_vs_policy_se=se, delta_acc_norm_vs_policy=dn,
+                             delta_acc_norm_vs_policy_se=sen)
+    if "random" in methods and random_seeds:
+        runs = sorted(range(random_seeds), key=lambda k: (-out[f"random_{k}"]["acc"], k))
+        seeds_acc = [out[f"random_{k}"]["acc"] for k in range(random_seeds)]
+        for label, k in (("random_median", runs[(random_seeds - 1) // 2]), ("random_best", runs[0])):
+            out[label] = {**out[f"random_{k}"], "seed": k, "seeds_acc": seeds_acc}
+        for k in range(random_seeds):
+            del out[f"random_{k}"]
     out["policy"]["actions"] = action_histogram(tr["policy"], grid)
     return {"targets": {"attn_keep": float(targets[0]), "mlp_keep": float(targets[1]), "bits": 16 * float(targets[2])},
             "matched_usage": {"attn_keep": usage[0], "mlp_keep": usage[1], "bits": 16 * usage[2]},

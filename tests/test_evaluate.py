@@ -177,13 +177,32 @@ def test_multiple_choice_scoring():
     items = [{"ctx": torch.randint(0, 64, (20,), generator=g).tolist(),
               "conts": [torch.randint(0, 64, (n,), generator=g).tolist() for n in (3, 5, 2)],
               "label": i % 3, "chars": [3, 5, 2]} for i in range(4)]
-    r = evaluate_choices(lm, _policy(), GRID, items, TARGETS)
-    assert set(r["methods"]) == {"dense", "policy", "fixed", "uniform", "emc", "dac"}
+    r = evaluate_choices(lm, _policy(), GRID, items, TARGETS, random_seeds=3)
+    assert set(r["methods"]) == {"dense", "policy", "fixed", "random_median", "random_best", "uniform", "emc", "dac"}
     for m in r["methods"].values():
         assert 0 <= m["acc"] <= 1 and 0 <= m["acc_norm"] <= 1 and m["items"] == 4
     pol, fixed = r["methods"]["policy"]["usage"], r["methods"]["fixed"]["usage"]
     assert r["methods"]["policy"]["counted_steps"] == 4 * (3 + 5 + 2)
     assert abs(fixed["attn_keep"] - pol["attn_keep"]) <= 0.01 * pol["attn_keep"]
+    rnd = r["methods"]["random_best"]
+    assert rnd["acc"] == max(rnd["seeds_acc"]) and len(rnd["seeds_acc"]) == 3
+    assert sorted(rnd["seeds_acc"])[1] == r["methods"]["random_median"]["acc"]
+    assert rnd["usage"]["mlp_keep"] == pytest.approx(fixed["mlp_keep"], abs=1e-6)       # a permutation of fixed
+    for name, m in r["methods"].items():
+        if name != "policy":                                  # paired: equals the difference of the two accuracies
+            assert m["delta_acc_vs_policy"] == pytest.approx(r["methods"]["policy"]["acc"] - m["acc"], abs=1e-9)
+
+
+def test_choice_hits_by_hand():
+    from solm_compile.evaluate import choice_hits
+
+    # item 0: choices of 2 and 1 tokens; NLL sums 1.0 and 0.8, per character (chars 10, 2) 0.1 and 0.4
+    # item 1: three one-token choices with NLL 2.0, 0.5, 0.7
+    nll = torch.tensor([[0.4, 0.6], [0.8, 0.0], [2.0, 0.0], [0.5, 0.0], [0.7, 0.0]])
+    items = [{"label": 0, "chars": [10, 2]}, {"label": 2, "chars": [1, 1, 1]}]
+    hit, hit_norm = choice_hits(nll, [0, 2, 5], items)
+    assert hit.tolist() == [0.0, 0.0]          # raw: choice 1 (0.8 < 1.0) and choice 1 (0.5) win
+    assert hit_norm.tolist() == [1.0, 0.0]     # per character choice 0 wins item 0
 
 
 def test_cost_model_matches_sympy():
