@@ -205,6 +205,20 @@ void MlpDownItem(const MlpWeights& W, const float* h, int64_t n0, int64_t nt, in
   for (int64_t t = 0; t < nt; ++t) std::memcpy(y + (n0 + t) * Dout + j0, acc + t * kColChunk, w * sizeof(float));
 }
 
+// The dense GEMMs' coefficients for the tokens [n0, n0+nt) of x [N, width] over the union rows[0, nu): x itself
+// when the union is every channel (stride width), else the nu union channels gathered into buf [nt, nu].
+const float* UnionCoefficients(const float* x, int64_t n0, int64_t nt, int64_t width, const int32_t* rows,
+                               int64_t nu, float* buf, int64_t* stride) {
+  if (nu == width) {
+    *stride = width;
+    return x + n0 * width;
+  }
+  for (int64_t t = 0; t < nt; ++t)
+    for (int64_t u = 0; u < nu; ++u) buf[t * nu + u] = x[(n0 + t) * width + rows[u]];
+  *stride = nu;
+  return buf;
+}
+
 // Dense gate/up (+ activation) of the tokens [n0, n0+nt) (the token blocks [blk0, blk0+nb)) over slice sl, as
 // one GEMM: the rows are the union U of the blocks' kept channels (a token that dropped one gets a zero
 // coefficient, exact as in MlpUpItem), the columns are taken a kTile-wide gate tile and its up tile at a time,
@@ -228,14 +242,8 @@ bool MlpUpDense(const MlpWeights& W, const float* xs, const int32_t* uidx, const
   if (static_cast<double>(work) < kMultiTokenFill * static_cast<double>(nt * nu)) return false;
   const int64_t accs = parts * kTile;  // accumulator floats per token: [gate tile | up tile]
   float* acc = Grow(tls.f1, static_cast<size_t>(nt * accs + (nu < D ? nt * nu : 0)));
-  const float* coef = xs + n0 * D;  // every channel in U: the inputs are the coefficients
-  int64_t cs = D;
-  if (nu < D) {
-    float* cf = acc + nt * accs;
-    for (int64_t t = 0; t < nt; ++t)
-      for (int64_t u = 0; u < nu; ++u) cf[t * nu + u] = xs[(n0 + t) * D + rows[u]];
-    coef = cf, cs = nu;
-  }
+  int64_t cs = 0;
+  const float* coef = UnionCoefficients(xs, n0, nt, D, rows, nu, acc + nt * accs, &cs);
   const PanelKernels& K = Panel();
   const int64_t i0 = sl * W.slice, w = W.SliceWidth(sl), wp = MlpWeights::Padded(w);
   const float* base = W.gu_t.data() + sl * W.slice * parts;
@@ -289,14 +297,8 @@ bool MlpDownDense(const MlpWeights& W, const float* h, int64_t n0, int64_t nt, i
   if (static_cast<double>(work) < kMultiTokenFill * static_cast<double>(nt * nu)) return false;
   *nonzero = static_cast<uint64_t>(work);
   float* acc = Grow(tls.f1, static_cast<size_t>(nt * kColChunk + (nu < I ? nt * nu : 0)));
-  const float* coef = h + n0 * I;
-  int64_t cs = I;
-  if (nu < I) {
-    float* cf = acc + nt * kColChunk;
-    for (int64_t t = 0; t < nt; ++t)
-      for (int64_t u = 0; u < nu; ++u) cf[t * nu + u] = h[(n0 + t) * I + rows[u]];
-    coef = cf, cs = nu;
-  }
+  int64_t cs = 0;
+  const float* coef = UnionCoefficients(h, n0, nt, I, rows, nu, acc + nt * kColChunk, &cs);
   const PanelKernels& K = Panel();
   const float* panel = W.down_t.data() + j0 * I;  // panel j0/kColChunk
   for (int64_t c0 = 0; c0 < w; c0 += kTile) {
