@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ def add_eval_parser(sub, common) -> None:
                        help=f"{help_} (default {default})")
     p.add_argument("--sweep", action="store_true", help="run every method at 8 budget points from net keep "
                    "≈0.4 to ≈0.93; writes PREFIX.png (Pareto plot), PREFIX.md and PREFIX.json (needs --out)")
-    p.add_argument("--out", help="output prefix for --sweep, e.g. results/smollm2-sweep")
+    p.add_argument("--out", help="output prefix: with --sweep writes PREFIX.png/.md/.json, with --task "
+                   "PREFIX.json/.md (e.g. results/smollm2-sweep)")
     p.add_argument("--task", choices=tuple(MC_TASKS), help="multiple-choice accuracy instead of perplexity")
     p.add_argument("--methods", help="comma-separated subset of the perplexity methods to run (the policy always "
                    f"runs; default all: {','.join(METHODS)})")
@@ -174,6 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import data as d
     from .checkpoint import load_policy
     from .cli import _load_gated
+    from .assets import atomic_target, atomic_write_text
     from .cli_train import _kv
     from .errors import UserError
     from .evaluate import METHODS, CostModel, PPLEvaluator, evaluate_choices, sweep_points
@@ -202,8 +205,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  random_seeds=args.random_seeds, seed=args.seed)
         except ValueError as e:
             raise UserError(f"--task {args.task}: {e}") from e
-        result = {**head, "task": args.task, "items": len(items), **r,
-                  "wall_s": time.perf_counter() - t_start}
+        result = {**head, "task": args.task, "items": len(items), "seed": args.seed,
+                  "random_seeds": args.random_seeds, **r, "wall_s": time.perf_counter() - t_start}
+        if args.out:
+            atomic_write_text(Path(f"{args.out}.json"), json.dumps(result, indent=2) + "\n")
+            atomic_write_text(Path(f"{args.out}.md"), choices_markdown([result]))
         print(json.dumps(result, indent=2) if args.json else format_choices(result))
         return 0
 
@@ -230,9 +236,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = {**common, "points": points, "schedule_fit": ev.step_costs.to_dict() if ev.step_costs else None,
               "wall_s": time.perf_counter() - t_start}
     out = Path(args.out)
-    Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    Path(f"{out}.md").write_text(sweep_markdown(result), encoding="utf-8")
-    plot_sweep(result, Path(f"{out}.png"))
+    atomic_write_text(Path(f"{out}.json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_text(Path(f"{out}.md"), sweep_markdown(result))
+    with atomic_target(Path(f"{out}.png")) as tmp:
+        plot_sweep(result, tmp)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -312,6 +319,24 @@ def format_choices(r: dict) -> str:
     lines.append(f"Δacc: paired per-item accuracy difference policy - method (> 0: worse than the policy). "
                  f"wall {r['wall_s']:.1f} s")
     return "\n".join(lines)
+
+
+def choices_markdown(results: Sequence[dict]) -> str:
+    """One table over multiple-choice results (``solm eval --task ... --json``), a row per task and method."""
+    lines = ["| task (items) | target → realised κ/ρ/b | method | net keep | acc ± se | Δacc ± se | acc_norm ± se | "
+             "Δacc_norm ± se | FLOPs |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        t, u = r["targets"], r["matched_usage"]
+        tag = (f"{t['attn_keep']:.2f}/{t['mlp_keep']:.2f}/{t['bits']:g} → "
+               f"{u['attn_keep']:.2f}/{u['mlp_keep']:.2f}/{u['bits']:.1f}")
+        for name in _ordered(r["methods"]):
+            m = r["methods"][name]
+            d = f"{_fmt(m.get('delta_acc_vs_policy'), '+.3f')} ± {_fmt(m.get('delta_acc_vs_policy_se'))}"
+            dn = f"{_fmt(m.get('delta_acc_norm_vs_policy'), '+.3f')} ± {_fmt(m.get('delta_acc_norm_vs_policy_se'))}"
+            lines.append(f"| {r['task']} ({r['items']}) | {tag} | {name} | {m['net_keep']:.3f} | {m['acc']:.3f} ± "
+                         f"{m['acc_se']:.3f} | {d} | {m['acc_norm']:.3f} ± {m['acc_norm_se']:.3f} | {dn} | "
+                         f"{_fmt(m.get('flops_fraction'))} |")
+    return "\n".join(lines) + "\n"
 
 
 def sweep_markdown(r: dict) -> str:

@@ -271,7 +271,7 @@ def _tiny_model_dir(tmp_path):
     return path
 
 
-def test_cli_json(capsys, tmp_path):
+def _tiny_model_and_policy(tmp_path):
     from solm_compile.models import load
 
     model_dir = _tiny_model_dir(tmp_path)
@@ -281,6 +281,34 @@ def test_cli_json(capsys, tmp_path):
           "train_config": cfg.to_dict(), "grid": GRID.to_dict(), "gate": {}, "policy": _policy().state_dict(),
           "step": 0}
     checkpoint.save(tmp_path / "p.pt", ck)
+    return model_dir
+
+
+def test_cli_task_writes_json_and_markdown(capsys, tmp_path, monkeypatch):
+    from solm_compile import data
+
+    def items(task, n, seed):
+        assert task == "piqa"
+        return [{"context": f"the {w} is", "choices": [" red.", " in the garden.", " a cat"], "label": i % 3}
+                for i, w in enumerate(("rose", "hat", "sea", "fox", "bird")[:n])]
+
+    monkeypatch.setattr(data, "multiple_choice", items)
+    model_dir = _tiny_model_and_policy(tmp_path)
+    code, out, err = run_cli(capsys, "eval", model_dir, "--policy", tmp_path / "p.pt", "--task", "piqa",
+                             "--items", "4", "--attn-keep", "0.5", "--mlp-keep", "0.75", "--bits", "8",
+                             "--random-seeds", "2", "--out", tmp_path / "mc")
+    assert code == 0, err
+    r = json.loads((tmp_path / "mc.json").read_text())
+    assert r["task"] == "piqa" and r["items"] == 4 and r["random_seeds"] == 2
+    assert set(r["methods"]) == {"dense", "policy", "fixed", "random_median", "random_best", "uniform", "emc", "dac"}
+    md = (tmp_path / "mc.md").read_text()
+    assert md.count("| piqa (4) |") == len(r["methods"])
+    assert "Δacc" in out and "random_best" in out
+    assert not list(tmp_path.glob(".mc*"))                   # no scratch left behind
+
+
+def test_cli_json(capsys, tmp_path):
+    model_dir = _tiny_model_and_policy(tmp_path)
     text = tmp_path / "text.txt"
     text.write_text("it is a truth universally acknowledged, that a single man in possession of a good fortune, "
                     "must be in want of a wife.\n" * 8)
