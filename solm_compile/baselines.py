@@ -289,3 +289,10 @@ class HeuristicController:
             self.signal = _entropy01(logits)
         else:
             self.h2, self.h1 = self.h1, hid.float()
+
+    def refresh(self, t: int, hid: Tensor, logits: Tensor) -> None:
+        """After a dense replay of the history: the signal comes from it (the budget accounting runs on)."""
+        if self.kind == "emc":
+            self.signal = _entropy01(logits.float())
+        else:
+            self.h1 = self.h2 = hid.float()

@@ -202,7 +202,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         items = _mc_items(loaded.tokenizer, args.task, args.items, args.seed)
         try:
             r = evaluate_choices(lm, lp.policy, lp.grid, items, targets, cost=cost, batch_rows=args.batch_rows,
-                                 random_seeds=args.random_seeds, seed=args.seed)
+                                 random_seeds=args.random_seeds, seed=args.seed, episode=int(lp.train_config["T"]))
         except ValueError as e:
             raise UserError(f"--task {args.task}: {e}") from e
         result = {**head, "task": args.task, "items": len(items), "seed": args.seed,

@@ -44,6 +44,7 @@ class PrefillBatch:
     labels: Tensor    # [c, T]
     valid: Tensor     # [c, T]
     L0: int           # cache length before the first controlled step
+    prefix: Optional[Tensor] = None  # [1 or c, L0] the tokens in the cache: a dense replay rebuilds it from them
 
 
 @dataclass
@@ -75,6 +76,9 @@ class DenseController:
     def observe(self, t, logits, hid, applied) -> None:
         pass
 
+    def refresh(self, t, hid, logits) -> None:
+        pass
+
 
 class ScheduleController:
     """Open loop: ``values`` [N_rows, T, 3] fixed before the run."""
@@ -92,28 +96,41 @@ class ScheduleController:
     def observe(self, t, logits, hid, applied) -> None:
         pass
 
+    def refresh(self, t, hid, logits) -> None:
+        pass
+
 
 class PolicyController:
-    """Greedy policy actions, exactly as ``train.rollout(..., K=1, greedy=True)`` takes them."""
+    """Greedy policy actions, exactly as ``train.rollout(..., K=1, greedy=True)`` takes them.
 
-    def __init__(self, lm, policy: RecurrentActorCriticPolicy, grid: ActionGrid, targets: Sequence[float]):
-        self.lm, self.policy, self.grid = lm, policy, grid
+    ``episode`` (SOL's lm-eval runner): the progress scalar is (t+1)/episode, and at every ``episode`` steps the
+    engine replays the history densely and calls ``refresh``, which starts a new episode (policy KV cache, running
+    usage, previous action and step index reset; h from the replay). None: one episode of the source's T steps."""
+
+    def __init__(self, lm, policy: RecurrentActorCriticPolicy, grid: ActionGrid, targets: Sequence[float],
+                 episode: Optional[int] = None):
+        self.lm, self.policy, self.grid, self.episode = lm, policy, grid, episode
         self.targets = torch.tensor([float(x) for x in targets])
 
     def begin(self, x: StepInputs) -> "PolicyController":
         n = x.ids.shape[0]
-        self.h = x.hid.float()
         self.E = self.lm.embed(x.ids).float()                                   # [n, T, D]
         self.C = self.targets.expand(n, 3)
-        self.usage_sum, self.count = torch.zeros(n, 3), torch.zeros(n)
-        self.prev = torch.full((n,), self.policy.bos, dtype=torch.long)
-        self.state, self.T, self.mask = None, x.T, x.mask
+        self.T, self.mask = self.episode or x.T, x.mask
         self.actions = torch.full((n, x.T), -1, dtype=torch.long)
+        self.refresh(0, x.hid, x.logits)
         return self
 
+    def refresh(self, t: int, hid: Tensor, logits: Tensor) -> None:
+        n = hid.shape[0]
+        self.h, self.t0, self.state = hid.float(), t, None
+        self.usage_sum, self.count = torch.zeros(n, 3), torch.zeros(n)
+        self.prev = torch.full((n,), self.policy.bos, dtype=torch.long)
+
     def act(self, t: int, eff: bool) -> Tensor:
-        s = step_scalars(t, self.T, eff, self.C, self.usage_sum, self.count)
-        logits, self.state = self.policy.step(self.h, self.E[:, t], s, self.prev, t, self.state, 1.0)
+        tl = t - self.t0                                                         # step within the episode
+        s = step_scalars(tl, self.T, eff, self.C, self.usage_sum, self.count)
+        logits, self.state = self.policy.step(self.h, self.E[:, t], s, self.prev, tl, self.state, 1.0)
         a = logits.argmax(-1)
         self.a_eff, self.eff = (a if eff else torch.full_like(a, self.grid.dense_idx)), eff
         self.actions[:, t] = torch.where(self.mask[:, t], self.a_eff, torch.full_like(a, -1))
@@ -173,7 +190,7 @@ class BlockSource:
             yield PrefillBatch(torch.tensor(rows), torch.stack([p[0] for p in parts]),
                                torch.stack([p[1] for p in parts]), b[:, self.ctx - 1], cache,
                                b[:, self.ctx:self.ctx + self.T], b[:, self.ctx + 1:self.ctx + self.T + 1],
-                               torch.ones(len(rows), self.T, dtype=torch.bool), self.ctx)
+                               torch.ones(len(rows), self.T, dtype=torch.bool), self.ctx, b[:, :self.ctx])
 
 
 class ChoiceSource:
@@ -219,7 +236,7 @@ class ChoiceSource:
             yield PrefillBatch(torch.arange(self.offsets[i], self.offsets[i] + k),
                                hid[:, -1].float().expand(k, -1).clone(), logits[:, -1].float().expand(k, -1).clone(),
                                torch.full((k,), ctx[-2]), bl.map_cache(cache, lambda x: x.repeat(k, 1, 1, 1)),
-                               ids, labels, valid, len(ctx) - 1)
+                               ids, labels, valid, len(ctx) - 1, torch.tensor([ctx[:-1]]))
 
 
 def _tensors(cache) -> list:

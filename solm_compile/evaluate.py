@@ -16,12 +16,16 @@ mean over counted row-steps of the cost model's per-token fraction at that step'
 (``*_at_mean``: one evaluation at L = ctx + T/2 and the mean usage).
 
 Multiple choice (``evaluate_choices``): per item a dense prefill of context[:-1]; the last context token and
-the continuation tokens are then processed one at a time under control (SOL's lm-eval runner, without its
-16-token dense refresh: continuations here are short). Each choice is scored by the sum of its continuation
-log-probabilities (``acc``) and by that sum per character (``acc_norm``, the HellaSwag metric). The baselines
-are those of perplexity but ``schedule`` and the static single-axis settings: a step-index schedule is fit on
-16-step perplexity blocks and has no meaning for continuations of 1 to 30 tokens whose counted steps differ per
-row. Each method reports its paired per-item accuracy difference to the policy.
+the continuation tokens are then processed one at a time under control, in episodes of the policy's training T
+(SOL's lm-eval runner): the progress scalar is (t+1)/T within the episode, and at each episode boundary the KV
+cache is rebuilt by a dense replay of every token so far and the policy starts a new episode (its own cache,
+running usage and previous action reset; h from the replay). Every method gets the same refreshes.
+Continuations run from 1 to ~60 tokens (hellaswag's median is ~30), so without episodes the policy would see
+progress values and step positions it was never trained on. Each choice is scored by the sum of its
+continuation log-probabilities (``acc``) and by that sum per character (``acc_norm``, the HellaSwag metric).
+The baselines are those of perplexity but ``schedule`` and the static single-axis settings: a step-index schedule
+is fit on 16-step perplexity blocks and has no meaning for continuations whose counted steps differ per row.
+Each method reports its paired per-item accuracy difference to the policy.
 
 Layout: the controllers and the prefill sources are in ``eval_sources.py``, the cost model and the per-method
 summaries in ``eval_report.py``; here, the engine and the two evaluators.
@@ -52,8 +56,13 @@ MC_METHODS = ("dense", "policy", "fixed", "random", "emc", "dac", "uniform")
 
 # ---------------------------------------------------------------------------------------------- engine
 @torch.no_grad()
-def run_batch(lm, pre: PrefillBatch, methods: Sequence[tuple[str, Factory]], batch_rows: int) -> dict:
-    """Run every method's controller over the rows of ``pre``: name -> (nll [c,T], controls [c,T,3], actions)."""
+def run_batch(lm, pre: PrefillBatch, methods: Sequence[tuple[str, Factory]], batch_rows: int,
+              episode: Optional[int] = None) -> dict:
+    """Run every method's controller over the rows of ``pre``: name -> (nll [c,T], controls [c,T,3], actions).
+
+    ``episode``: every ``episode`` steps the cache is rebuilt by a dense replay of all tokens so far (shared by
+    every method) and each controller is told so (``refresh``): SOL's lm-eval runner, where compressed KV
+    entries live for at most one episode."""
     c, T = pre.ids.shape
     min_len = gate_of(lm).min_len
     eff = [pre.L0 + t + 1 > min_len for t in range(T)]
@@ -70,6 +79,9 @@ def run_batch(lm, pre: PrefillBatch, methods: Sequence[tuple[str, Factory]], bat
         ids, labels = pre.ids.repeat(k, 1), pre.labels.repeat(k, 1)
         nll, ctl = torch.zeros(k * c, T), dense.repeat(k * c, T, 1)
         for t in range(T):
+            if episode and t and t % episode == 0:
+                cache = _dense_replay(lm, pre, t, ctrls)
+                cache = bl.map_cache(cache, lambda x: x.repeat(k, *([1] * (x.dim() - 1))))
             ctl_t = torch.cat([ctrl.act(t, eff[t]) for ctrl in ctrls]).float()   # [k·c, 3]
             if not eff[t]:
                 ctl_t = dense.repeat(k * c, 1)
@@ -86,7 +98,22 @@ def run_batch(lm, pre: PrefillBatch, methods: Sequence[tuple[str, Factory]], bat
     return out
 
 
-def run_traces(lm, source, methods: dict[str, Factory], batch_rows: int = 32) -> dict[str, Trace]:
+def _dense_replay(lm, pre: PrefillBatch, t: int, ctrls: Sequence) -> object:
+    """The dense cache of the prefix and the first t controlled tokens [c rows]; each controller is refreshed
+    with the replay's last hidden state and logits."""
+    if pre.prefix is None:
+        raise ValueError("episodes need the prefill's tokens (PrefillBatch.prefix) for the dense replay")
+    c = pre.ids.shape[0]
+    toks = torch.cat([pre.prefix.expand(c, -1), pre.ids[:, :t]], dim=1)           # [c, L0 + t]
+    logits, hid, cache = lm.prefill(toks)
+    h, lg = hid[:, -1].float(), logits[:, -1].float()                             # [c, D], [c, V]
+    for ctrl in ctrls:
+        ctrl.refresh(t, h, lg)
+    return cache
+
+
+def run_traces(lm, source, methods: dict[str, Factory], batch_rows: int = 32,
+               episode: Optional[int] = None) -> dict[str, Trace]:
     """Every method over every row of ``source`` (rows of one prefill batch share the prefill)."""
     n, T = source.n, source.T
     mask = source.mask()
@@ -95,7 +122,7 @@ def run_traces(lm, source, methods: dict[str, Factory], batch_rows: int = 32) ->
     items = list(methods.items())
     for pre in source.batches(max(1, batch_rows // max(1, len(items)))):
         Ti = pre.ids.shape[1]
-        for name, (nll, ctl, actions) in run_batch(lm, pre, items, batch_rows).items():
+        for name, (nll, ctl, actions) in run_batch(lm, pre, items, batch_rows, episode).items():
             tr = res[name]
             tr.nll[pre.rows, :Ti], tr.controls[pre.rows, :Ti] = nll, ctl
             tr.valid[pre.rows, :Ti], tr.L0[pre.rows] = pre.valid, pre.L0
@@ -221,21 +248,23 @@ def _paired(ref: Tensor, other: Tensor) -> tuple[float, float]:
 
 def evaluate_choices(lm, policy: RecurrentActorCriticPolicy, grid: ActionGrid, items: Sequence[dict],
                      targets: Sequence[float], *, cost: Optional[CostModel] = None, batch_rows: int = 32,
-                     methods: Sequence[str] = MC_METHODS, random_seeds: int = 10, seed: int = 0) -> dict:
+                     methods: Sequence[str] = MC_METHODS, random_seeds: int = 10, seed: int = 0,
+                     episode: Optional[int] = None) -> dict:
     """Accuracy on ``items`` [{"ctx": [ids], "conts": [[ids], ...], "label": int, "chars": [int, ...]}].
 
     ``random`` runs ``random_seeds`` permutations of the fixed schedule and reports the median and the best seed
     by ``acc`` (best-of-N is an oracle over the evaluated items, as in perplexity). ``delta_acc_vs_policy`` is the
-    paired per-item difference policy - method (> 0: the method is worse than the policy), with its error."""
+    paired per-item difference policy - method (> 0: the method is worse than the policy), with its error.
+    ``episode``: the policy's training T (see the module docstring); None runs each continuation as one episode."""
     unknown = set(methods) - set(MC_METHODS)
     if unknown:
         raise ValueError(f"unknown multiple-choice methods {sorted(unknown)} (have {', '.join(MC_METHODS)})")
     t0 = time.perf_counter()
     source = ChoiceSource(lm, items)
-    first: dict[str, Factory] = {"policy": PolicyController(lm, policy.eval(), grid, targets).begin}
+    first: dict[str, Factory] = {"policy": PolicyController(lm, policy.eval(), grid, targets, episode).begin}
     if "dense" in methods:
         first["dense"] = lambda x: DenseController().begin(x)
-    tr = run_traces(lm, source, first, batch_rows)
+    tr = run_traces(lm, source, first, batch_rows, episode)
     usage = tr["policy"].usage()
     mask = source.mask()
     fixed = bl.fixed_controls(grid, usage, mask)
@@ -252,7 +281,7 @@ def evaluate_choices(lm, policy: RecurrentActorCriticPolicy, grid: ActionGrid, i
     for kind in ("emc", "dac"):
         if kind in methods:
             second[kind] = lambda x, kind=kind: bl.HeuristicController(kind, lm, grid, usage).begin(x)
-    tr.update(run_traces(lm, source, second, batch_rows))
+    tr.update(run_traces(lm, source, second, batch_rows, episode))
     hits = {name: choice_hits(t.nll, source.offsets, items) for name, t in tr.items()}
     n = len(items)
     out = {}
@@ -276,7 +305,7 @@ def evaluate_choices(lm, policy: RecurrentActorCriticPolicy, grid: ActionGrid, i
     out["policy"]["actions"] = action_histogram(tr["policy"], grid)
     return {"targets": {"attn_keep": float(targets[0]), "mlp_keep": float(targets[1]), "bits": 16 * float(targets[2])},
             "matched_usage": {"attn_keep": usage[0], "mlp_keep": usage[1], "bits": 16 * usage[2]},
-            "methods": out, "timing": {"total_s": time.perf_counter() - t0}}
+            "episode": episode, "methods": out, "timing": {"total_s": time.perf_counter() - t0}}
 
 
 # ---------------------------------------------------------------------------------------------- sweep

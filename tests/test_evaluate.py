@@ -193,6 +193,70 @@ def test_multiple_choice_scoring():
             assert m["delta_acc_vs_policy"] == pytest.approx(r["methods"]["policy"]["acc"] - m["acc"], abs=1e-9)
 
 
+def _mc_item(ctx, cont):
+    return {"ctx": list(ctx), "conts": [list(cont)], "label": 0, "chars": [len(cont)]}
+
+
+def test_episode_refresh_is_a_fresh_start_on_the_longer_context():
+    """SOL's lm-eval episodes: after the dense replay at step E, the policy acts exactly as on a new item whose
+    context holds the first E continuation tokens (same actions, same NLL)."""
+    from solm_compile.eval_sources import ChoiceSource, PolicyController
+
+    lm, E = gated_tiny_llama(0), 4
+    g = torch.Generator().manual_seed(3)
+    ctx, cont = torch.randint(0, 64, (20,), generator=g).tolist(), torch.randint(0, 64, (7,), generator=g).tolist()
+    pol = _policy(1)
+
+    def trace(items):
+        make = PolicyController(lm, pol, GRID, (0.4, 0.6, 0.5), episode=E).begin
+        return run_traces(lm, ChoiceSource(lm, items), {"policy": make}, episode=E)["policy"]
+
+    whole = trace([_mc_item(ctx, cont)])
+    second = trace([_mc_item(ctx + cont[:E], cont[E:])])
+    assert torch.equal(whole.actions[0, E:7], second.actions[0, :3])
+    torch.testing.assert_close(whole.nll[0, E:7], second.nll[0, :3], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(whole.controls[0, :E], torch.tensor(bl.DENSE).repeat(E, 1))   # it did compress
+
+
+@pytest.mark.parametrize("episode,want_frac,want_pos", [(16, [1 / 16, 2 / 16, 3 / 16], [0, 1, 2]),
+                                                        (2, [1 / 2, 2 / 2, 1 / 2], [0, 1, 0]),
+                                                        (None, [1 / 3, 2 / 3, 3 / 3], [0, 1, 2])])
+def test_policy_progress_and_position_follow_the_episode(episode, want_frac, want_pos):
+    from solm_compile.eval_sources import ChoiceSource, PolicyController
+
+    lm, pol, seen = gated_tiny_llama(0), _policy(1), []
+    step = pol.step
+
+    def spy(h, e, s, prev, t, state, tau):
+        seen.append((round(float(s[0, 0]), 6), int(t), state is None))
+        return step(h, e, s, prev, t, state, tau)
+
+    pol.step = spy
+    make = PolicyController(lm, pol, GRID, TARGETS, episode=episode).begin
+    run_traces(lm, ChoiceSource(lm, [_mc_item(range(20), [5, 6, 7])]), {"policy": make}, episode=episode)
+    assert [x[0] for x in seen] == [round(f, 6) for f in want_frac]
+    assert [x[1] for x in seen] == want_pos
+    assert [x[2] for x in seen] == [p == 0 for p in want_pos]          # a new episode starts with no policy cache
+
+
+def test_episode_refresh_replaces_compressed_kv_with_dense():
+    """A schedule sparse for the first E steps and dense after: with episodes its NLL from step E on equals the
+    dense method's (the replay rebuilt the compressed entries); without, it does not."""
+    from solm_compile.eval_sources import ChoiceSource
+
+    lm, E = gated_tiny_llama(0), 4
+    g = torch.Generator().manual_seed(5)
+    item = _mc_item(torch.randint(0, 64, (24,), generator=g).tolist(), torch.randint(0, 64, (8,), generator=g).tolist())
+    ctl = torch.tensor(bl.DENSE).repeat(1, 8, 1)
+    ctl[0, :E] = torch.tensor([0.25, 0.5, 5.0])
+    methods = {"dense": lambda x: DenseController().begin(x), "early": ScheduleController(ctl).begin}
+    with_ep = run_traces(lm, ChoiceSource(lm, [item]), methods, episode=E)
+    without = run_traces(lm, ChoiceSource(lm, [item]), methods)
+    torch.testing.assert_close(with_ep["early"].nll[0, E:], with_ep["dense"].nll[0, E:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(with_ep["dense"].nll, without["dense"].nll, rtol=1e-5, atol=1e-5)
+    assert (without["early"].nll[0, E:] - without["dense"].nll[0, E:]).abs().max() > 1e-4
+
+
 def test_choice_hits_by_hand():
     from solm_compile.evaluate import choice_hits
 
