@@ -100,17 +100,8 @@ inline __attribute__((always_inline)) void QkTile(const float* qp, int64_t d, co
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
     for (int c = 0; c < NV; ++c) acc[r][c] = V{};
-  for (int64_t i = 0; i < d; ++i) {
-    V kv[NV];
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) kv[c] = Load<V>(kt + i * kKeyBlock + c * Ln);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const V a = Splat<V>(qp[r * d + i]);
-#pragma GCC unroll 8
-      for (int c = 0; c < NV; ++c) acc[r][c] += a * kv[c];
-    }
-  }
+  RankUpdates<V, MR, NV>(acc, d, [qp, d](int r, int64_t i) { return qp[r * d + i]; },
+                         [kt](int64_t i) { return kt + i * kKeyBlock; });
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
@@ -129,17 +120,8 @@ inline __attribute__((always_inline)) void PvTile(float* o, int64_t dv, int64_t 
 #pragma GCC unroll 8
     for (int c = 0; c < NV; ++c) acc[r][c] = Load<V>(o + r * dv + c0 + c * Ln) * a;
   }
-  for (int64_t j = 0; j < nk; ++j) {
-    V vv[NV];
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) vv[c] = Load<V>(vb + j * dv + c0 + c * Ln);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const V a = Splat<V>(p[r * kKeyBlock + j]);
-#pragma GCC unroll 8
-      for (int c = 0; c < NV; ++c) acc[r][c] += a * vv[c];
-    }
-  }
+  RankUpdates<V, MR, NV>(acc, nk, [p](int r, int64_t j) { return p[r * kKeyBlock + j]; },
+                         [vb, dv, c0](int64_t j) { return vb + j * dv + c0; });
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8

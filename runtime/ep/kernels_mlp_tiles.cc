@@ -42,18 +42,8 @@ inline __attribute__((always_inline)) void RowsTile(float* y, int64_t ys, int64_
   for (int u = 0; u < NT; ++u)
 #pragma GCC unroll 32
     for (int k = 0; k < NV; ++k) acc[u][k] = Load<V>(y + u * ys + c0 + k * L);
-  for (int64_t r = 0; r < n; ++r) {
-    const float* x = base + static_cast<int64_t>(idx[r]) * rs + c0;
-    V w[NV];
-#pragma GCC unroll 32
-    for (int k = 0; k < NV; ++k) w[k] = Load<V>(x + k * L);
-#pragma GCC unroll 32
-    for (int u = 0; u < NT; ++u) {
-      const V a = Splat<V>(coef[u * cs + r]);
-#pragma GCC unroll 32
-      for (int k = 0; k < NV; ++k) acc[u][k] += a * w[k];
-    }
-  }
+  RankUpdates<V, NT, NV>(acc, n, [coef, cs](int u, int64_t r) { return coef[u * cs + r]; },
+                         [base, idx, rs, c0](int64_t r) { return base + static_cast<int64_t>(idx[r]) * rs + c0; });
 #pragma GCC unroll 32
   for (int u = 0; u < NT; ++u)
 #pragma GCC unroll 32

@@ -56,6 +56,26 @@ inline __attribute__((always_inline)) V Splat(float x) {
 }
 
 
+// The register tile's inner loop, shared by the dense micro-kernels (attention q·k and p·v, MLP rows):
+// acc[r][c] += a(r, i) * B[i][c] for i < n, B row i being NV vectors at brow(i). The callers differ only in
+// where A and B live and how acc starts and ends.
+template <class V, int MR, int NV, class AAt, class BRow>
+inline __attribute__((always_inline)) void RankUpdates(V (&acc)[MR][NV], int64_t n, AAt a, BRow brow) {
+  constexpr int Ln = Lanes<V>();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* b = brow(i);
+    V w[NV];
+#pragma GCC unroll 32
+    for (int c = 0; c < NV; ++c) w[c] = Load<V>(b + c * Ln);
+#pragma GCC unroll 32
+    for (int r = 0; r < MR; ++r) {
+      const V x = Splat<V>(a(r, i));
+#pragma GCC unroll 32
+      for (int c = 0; c < NV; ++c) acc[r][c] += x * w[c];
+    }
+  }
+}
+
 // The int32 vector of a float vector's width (keyed by size: the float typedefs' attributes do not survive as
 // template arguments).
 template <size_t Bytes>
