@@ -70,6 +70,7 @@ def run_batch(lm, pre: PrefillBatch, methods: Sequence[tuple[str, Factory]], bat
     x = StepInputs(pre.rows, pre.hid, pre.logits, pre.last_ids, pre.ids, pre.valid, mask, T)
     dense = torch.tensor(bl.DENSE)
     G = max(1, batch_rows // c)
+    replays: dict[int, tuple] = {}                     # step -> (h, logits, cache): one replay for every group
     out = {}
     for g in range(0, len(methods), G):
         group = methods[g:g + G]
@@ -80,7 +81,11 @@ def run_batch(lm, pre: PrefillBatch, methods: Sequence[tuple[str, Factory]], bat
         nll, ctl = torch.zeros(k * c, T), dense.repeat(k * c, T, 1)
         for t in range(T):
             if episode and t and t % episode == 0:
-                cache = _dense_replay(lm, pre, t, ctrls)
+                if t not in replays:
+                    replays[t] = _dense_replay(lm, pre, t)
+                h, lg, cache = replays[t]
+                for ctrl in ctrls:
+                    ctrl.refresh(t, h, lg)
                 cache = bl.map_cache(cache, lambda x: x.repeat(k, *([1] * (x.dim() - 1))))
             ctl_t = torch.cat([ctrl.act(t, eff[t]) for ctrl in ctrls]).float()   # [k·c, 3]
             if not eff[t]:
@@ -98,18 +103,15 @@ def run_batch(lm, pre: PrefillBatch, methods: Sequence[tuple[str, Factory]], bat
     return out
 
 
-def _dense_replay(lm, pre: PrefillBatch, t: int, ctrls: Sequence) -> object:
-    """The dense cache of the prefix and the first t controlled tokens [c rows]; each controller is refreshed
-    with the replay's last hidden state and logits."""
+def _dense_replay(lm, pre: PrefillBatch, t: int) -> tuple[Tensor, Tensor, object]:
+    """The dense replay of the prefix and the first t controlled tokens [c rows]: its last hidden state [c, D],
+    last logits [c, V] and cache."""
     if pre.prefix is None:
         raise ValueError("episodes need the prefill's tokens (PrefillBatch.prefix) for the dense replay")
     c = pre.ids.shape[0]
     toks = torch.cat([pre.prefix.expand(c, -1), pre.ids[:, :t]], dim=1)           # [c, L0 + t]
     logits, hid, cache = lm.prefill(toks)
-    h, lg = hid[:, -1].float(), logits[:, -1].float()                             # [c, D], [c, V]
-    for ctrl in ctrls:
-        ctrl.refresh(t, h, lg)
-    return cache
+    return hid[:, -1].float(), logits[:, -1].float(), cache
 
 
 def run_traces(lm, source, methods: dict[str, Factory], batch_rows: int = 32,
