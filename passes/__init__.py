@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .attention import gate_attention
-from .base import PassContext, PassResult
-from .controls import CONTROL_INPUTS, add_controls
-from .mlp import gate_mlp
+from solm_compile.passes.gate_attention import gate_attention
+from solm_compile.passes.base import PassContext, PassResult
+from solm_compile.passes.add_controls import CONTROL_INPUTS, add_controls
+from solm_compile.passes.gate_mlp import gate_mlp
 
 
 def strip_asserts(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

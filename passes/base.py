@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-import solm_compile.ops  # noqa: F401  (registers torch.ops.solm.*)
+import solm_compile.ops.torch_ops  # noqa: F401  (registers torch.ops.solm.*)
 from solm_compile.config import GateConfig
 
 

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import ep_build
+from solm_compile.runtime import ep_build
 
 EP_NAME = "SolmEP"
 MIN_ORT = (1, 24)  # the plugin-EP API level the library asks for

@@ -53,7 +53,7 @@ class BuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """solm's cache root (same rule as ``solm_compile.assets.cache_dir``): ``$SOLM_CACHE`` or ``~/.cache/solm``."""
+    """solm's cache root (same rule as ``solm_compile.data.assets.cache_dir``): ``$SOLM_CACHE`` or ``~/.cache/solm``."""
     env = os.environ.get("SOLM_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "solm"
 

@@ -6,7 +6,7 @@
     r.text, r.tok_s, r.usage
 
 One ``run`` per decode step. The prompt is prefilled densely in one run; the policy then acts on every
-single-token step, in episodes of ``episode_len`` steps (its state restarts at each episode boundary, as in
+single-token step, in episodes of ``episode_len`` steps (the artifact restarts each row's episode itself, as in
 training). Caches stay in onnxruntime: each step binds the previous step's outputs as the next step's inputs —
 the KV cache, the policy state and, in ``ai.solm`` artifacts, each layer's Quest page min/max
 (``past_page_min_i``/``past_page_max_i``, inputs with an empty default, so feeds without them still run).
@@ -86,7 +86,7 @@ class SolmSession:
             so.profile_file_prefix = str(profile_prefix)
         self.ep_active = False
         if self.kind in ("solm", "fixed") and use_ep and providers is None:
-            from . import ep
+            from solm_compile.runtime import ep
 
             so = ep.session_options_with_ep(so, ort=ort, provider_options=ep_options)
             self.ep_active = ep.is_registered()
@@ -136,8 +136,8 @@ class SolmSession:
                 **{past: z for past, _ in self.page_state}}
 
     def _policy_start(self, batch: int, hidden: np.ndarray) -> dict:
-        ph, phd = self.meta["policy_heads"], self.meta["policy_head_dim"]
-        z = np.zeros((batch, ph, 0, phd), dtype=np.float32)
+        ph, phd, T = self.meta["policy_heads"], self.meta["policy_head_dim"], int(self.meta["episode_len"])
+        z = np.zeros((batch, ph, T, phd), dtype=np.float32)                        # [B, H, T_ep, hd] empty slots
         return {"policy_key": z, "policy_value": z.copy(),
                 "policy_prev_action": np.full((batch,), self.meta["num_actions"], dtype=np.int64),
                 "policy_usage": np.zeros((batch, 3), dtype=np.float32),
@@ -168,7 +168,7 @@ class SolmSession:
             feeds[past] = out[present]
         if self.kind in ("solm", "portable"):
             for name in POLICY_STATE:
-                feeds[name] = out["action" if name == "policy_prev_action" else f"{name}_out"]
+                feeds[name] = out[f"{name}_out"]
 
     def steps(self, prompt_ids: list[list[int]], budget=(1.0, 1.0, 16), next_token: Callable | None = None,
               max_new_tokens: int = 16, forced: list[list[int]] | None = None) -> Iterator[dict]:
@@ -189,13 +189,10 @@ class SolmSession:
             feeds.update(attn_keep=np.full((B,), budget[0], np.float32), mlp_keep=np.full((B,), budget[1], np.float32),
                          bits=np.full((B,), budget[2], np.float32))
         out = self._run(feeds)
-        self._carry(out, feeds)
-        if policy:
-            feeds.update(self._policy_start(B, out["policy_hidden_out"].numpy()))   # the episode starts here
+        self._carry(out, feeds)        # (a prefill starts each row's policy episode inside the artifact)
         logits = out["logits"].numpy()[:, -1]
         yield {"logits": logits, "action": None, "controls": None}
         n = len(forced[0]) if forced is not None else max_new_tokens
-        episode = int(self.meta.get("episode_len", 16))
         for t in range(n):
             tok = np.asarray([r[t] for r in forced], dtype=np.int64) if forced is not None else \
                 np.asarray(next_token(logits) if next_token else logits.argmax(-1), dtype=np.int64)
@@ -207,8 +204,6 @@ class SolmSession:
             step = {"logits": logits, "token": tok, "action": None, "controls": None}
             if policy:
                 step["action"], step["controls"] = out["action"].numpy(), out["controls"].numpy()
-                if (t + 1) % episode == 0:  # episode boundary: the policy starts afresh from the current h
-                    feeds.update(self._policy_start(B, out["policy_hidden_out"].numpy()))
             elif self.kind == "fixed":   # the controls GateControls applies (dense while L <= ts + tw + 1)
                 g = self.meta.get("gate", {})
                 on = T + t + 1 > g.get("ts", 4) + g.get("tw", 2) + 1

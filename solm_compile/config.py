@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .errors import UserError
+from solm_compile.errors import UserError
 
 ATTN_SELECT = ("solm", "sol")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from solm_compile import ops
+from solm_compile.ops import torch_ops as ops
 
 NEAR = 1e-4     # a decision whose relative margin is below this is a candidate for a float-noise flip
 NEAR_Q = 2e-3   # the same for quantisation, in steps: 1e-6 of a row's max is 1.3e-4 of a step at 8 bits
@@ -34,7 +34,7 @@ _OP_OUT = re.compile(r"(quest_attention|sparse_mlp)(?:_(\d+))?")
 
 @dataclass
 class Recorder:
-    """Wraps the decision points of ``solm_compile.ops`` for one torch step: records near-boundary decisions as
+    """Wraps the decision points of ``solm_compile.ops.torch_ops`` for one torch step: records near-boundary decisions as
     (kind, call, where) and takes the decisions listed in ``flip`` the other way."""
     flip: list | None = None
     calls: dict = field(default_factory=lambda: {"quant": 0, "chan": 0, "page": 0, "policy": 0})
@@ -230,31 +230,31 @@ _last_failure: dict = {}
 
 def _distance(torch_out, ort_out, k: int) -> float:
     """Max |Δlogit| between the two steps; infinite if they chose different actions."""
-    if int(torch_out[3 + k][0]) != int(ort_out["action"][0]):
+    if int(torch_out[8 + k][0]) != int(ort_out["action"][0]):
         return float("inf")
     return float(np.abs(torch_out[0][0, -1].numpy() - ort_out["logits"][0, -1]).max())
 
 
 @torch.no_grad()
 def lockstep(lm, loaded_policy, sess, op_names: list[str], prompt_ids: list[int], budget, n: int,
-             episode_len: int = 16, tol: float = 1e-3) -> list[dict]:
+             tol: float = 1e-3) -> list[dict]:
     """Run ``n`` greedy steps of the torch ArtifactStep; feed every step's exact inputs to the onnxruntime session
     ``sess`` (of a ``probe_copy``, whose extra outputs are ``op_names``) as well. Returns per step {token, action,
     agree, certificate, worst}: ``certificate`` lists the near-boundary decisions whose flips reproduce the
     artifact's step (None where the two agree, or where nothing explains the difference)."""
-    from solm_compile.artifact_step import ArtifactStep, initial_policy_state
+    from solm_compile.artifact.step import ArtifactStep, initial_policy_state
+    from solm_compile.policy.step import STATE_NAMES, PolicyStep
 
     pol = loaded_policy.policy
-    step = ArtifactStep(lm.model.gm, pol, loaded_policy.grid, lm._embedding, lm.gate.min_len, episode_len).eval()
+    step = ArtifactStep(lm.model.gm, PolicyStep.from_loaded(loaded_policy), lm._embedding, lm.gate.min_len).eval()
     names = [o.name for o in sess.get_outputs()]
     ids = torch.tensor([prompt_ids])                                                     # [1, T]
     target = torch.tensor([[budget[0], budget[1], budget[2] / 16]], dtype=torch.float32)  # [1, 3]
     logits, hid, cache = lm.prefill(ids)
     logits, past = logits[:, -1], list(cache.tensors)
-    state, report = initial_policy_state(pol, 1, hid[:, -1]), []
+    state, report = initial_policy_state(step.step, 1, hid[:, -1]), []
     n_layers = len(past) // 2
-    state_names = ("policy_key", "policy_value", "policy_prev_action", "policy_usage", "policy_count",
-                   "policy_step", "policy_hidden")
+    state_names = STATE_NAMES
     for t in range(n):
         tok = logits.argmax(-1, keepdim=True)                                            # [1, 1]
         pos = torch.full((1, 1), ids.shape[1] + t)
@@ -270,15 +270,13 @@ def lockstep(lm, loaded_policy, sess, op_names: list[str], prompt_ids: list[int]
         cert = None
         if worst > tol:
             _last_failure.clear()
-            diff_action = int(o[3 + k][0]) != int(got["action"][0])
+            diff_action = int(o[8 + k][0]) != int(got["action"][0])
             cert = _explain(run, [got[n] for n in op_names], got["action"] if diff_action else None, rec.near)
             if cert is not None and _distance(run(list(cert))[0], got, k) > tol:
                 _last_failure.update(why="op outputs agree after the flips but the logits do not")
                 cert = None
-        report.append({"token": int(tok), "action": int(o[3 + k]), "agree": worst <= tol, "certificate": cert,
+        report.append({"token": int(tok), "action": int(o[8 + k]), "agree": worst <= tol, "certificate": cert,
                        "worst": worst, "unexplained": None if worst <= tol or cert else _last_failure.get("why")})
         past, logits = list(o[1:1 + k]), o[0][:, -1]
         state = tuple(o[1 + k:8 + k])
-        if (t + 1) % episode_len == 0:
-            state = initial_policy_state(pol, 1, state[6])
     return report

@@ -5,19 +5,20 @@ import logging
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from solm_compile import checkpoint, cli, models
-from solm_compile.actions import ActionGrid
-from solm_compile.artifact import write_artifact
-from solm_compile.artifact_step import decode_torch
-from solm_compile.gated import GatedLM
-from solm_compile.policy import PolicyConfig, RecurrentActorCriticPolicy
+from solm_compile.policy import checkpoint
+from solm_compile.cli import app as cli
+from solm_compile.frontend import models
+from solm_compile.policy.actions import ActionGrid
+from solm_compile.artifact.write import write_artifact
+from solm_compile.artifact.step import decode_torch
+from solm_compile.frontend.gated import GatedLM
+from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
 from solm_compile.runtime import ep
 from solm_compile.runtime.session import SolmSession
 
@@ -88,7 +89,7 @@ s = ort.InferenceSession({str(built['arts']['portable'])!r})
 feeds = {{}}
 for i in s.get_inputs():
     shape = [d if isinstance(d, int) else 1 for d in i.shape]
-    if i.name.startswith(("past_", "policy_key", "policy_value")): shape[2] = 0
+    if i.name.startswith("past_"): shape[2] = 0
     dt = np.int64 if "int64" in i.type else np.float32
     feeds[i.name] = np.zeros(shape, dt) if i.name != "input_ids" else np.array([[1, 2, 3]], np.int64)
 feeds["position_ids"] = np.array([[0, 1, 2]], np.int64)
@@ -183,8 +184,8 @@ def _word_text(n: int, seed: int) -> str:
 def test_eval_artifact_equals_torch_evaluator(built, capsys, tmp_path):
     """`solm eval ARTIFACT`: the artifact's policy perplexity and usage equal the torch evaluator's on the same
     blocks (same policy, same gated graph), and its dense number equals the dense method's."""
-    from solm_compile import data
-    from solm_compile.evaluate import PPLEvaluator
+    from solm_compile.data import corpora as data
+    from solm_compile.eval.evaluate import PPLEvaluator
 
     text = tmp_path / "words.txt"
     text.write_text(_word_text(3000, 3))

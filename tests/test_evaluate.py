@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from tiny_lm import gated_tiny_llama, random_blocks
-from solm_compile import baselines as bl
-from solm_compile import checkpoint, cli
-from solm_compile.actions import ActionGrid
-from solm_compile.evaluate import (METHODS, CostModel, DenseController, PPLEvaluator, ScheduleController,
+from solm_compile.eval import baselines as bl
+from solm_compile.policy import checkpoint
+from solm_compile.cli import app as cli
+from solm_compile.policy.actions import ActionGrid
+from solm_compile.eval.evaluate import (METHODS, CostModel, DenseController, PPLEvaluator, ScheduleController,
                                    BlockSource, evaluate_choices, run_traces, summarize)
-from solm_compile.policy import PolicyConfig, RecurrentActorCriticPolicy
-from solm_compile.report import shapes_from_gated
-from solm_compile.train import TrainConfig, rollout
+from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
+from solm_compile.analysis.inspect import shapes_from_gated
+from solm_compile.train.config import TrainConfig
+from solm_compile.train.rollout import rollout
 
 CTX, T = 24, 8
 GRID = ActionGrid()
@@ -138,7 +140,7 @@ def test_policy_equals_training_rollout(result):
     blocks = ev.source.blocks
     ep = rollout(lm, _policy(), blocks, torch.tensor([TARGETS]).expand(len(blocks), 3), GRID, T=T, K=1, greedy=True)
     src = BlockSource(lm, blocks, CTX, T)
-    from solm_compile.evaluate import PolicyController
+    from solm_compile.eval.evaluate import PolicyController
 
     tr = run_traces(lm, src, {"policy": PolicyController(lm, _policy(), GRID, TARGETS).begin})["policy"]
     torch.testing.assert_close(tr.nll, -ep.logp_true, atol=1e-5, rtol=1e-5)
@@ -200,7 +202,7 @@ def _mc_item(ctx, cont):
 def test_episode_refresh_is_a_fresh_start_on_the_longer_context():
     """SOL's lm-eval episodes: after the dense replay at step E, the policy acts exactly as on a new item whose
     context holds the first E continuation tokens (same actions, same NLL)."""
-    from solm_compile.eval_sources import ChoiceSource, PolicyController
+    from solm_compile.eval.sources import ChoiceSource, PolicyController
 
     lm, E = gated_tiny_llama(0), 4
     g = torch.Generator().manual_seed(3)
@@ -222,14 +224,14 @@ def test_episode_refresh_is_a_fresh_start_on_the_longer_context():
                                                         (2, [1 / 2, 2 / 2, 1 / 2], [0, 1, 0]),
                                                         (None, [1 / 3, 2 / 3, 3 / 3], [0, 1, 2])])
 def test_policy_progress_and_position_follow_the_episode(episode, want_frac, want_pos):
-    from solm_compile.eval_sources import ChoiceSource, PolicyController
+    from solm_compile.eval.sources import ChoiceSource, PolicyController
 
     lm, pol, seen = gated_tiny_llama(0), _policy(1), []
     step = pol.step
 
-    def spy(h, e, s, prev, t, state, tau):
-        seen.append((round(float(s[0, 0]), 6), int(t), state is None))
-        return step(h, e, s, prev, t, state, tau)
+    def spy(h, e, s, prev, t, key, value, tau=1.0):
+        seen.append((round(float(s[0, 0]), 6), int(t[0]), bool((key == 0).all())))
+        return step(h, e, s, prev, t, key, value, tau)
 
     pol.step = spy
     make = PolicyController(lm, pol, GRID, TARGETS, episode=episode).begin
@@ -242,7 +244,7 @@ def test_policy_progress_and_position_follow_the_episode(episode, want_frac, wan
 def test_episode_refresh_replaces_compressed_kv_with_dense():
     """A schedule sparse for the first E steps and dense after: with episodes its NLL from step E on equals the
     dense method's (the replay rebuilt the compressed entries); without, it does not."""
-    from solm_compile.eval_sources import ChoiceSource
+    from solm_compile.eval.sources import ChoiceSource
 
     lm, E = gated_tiny_llama(0), 4
     g = torch.Generator().manual_seed(5)
@@ -258,7 +260,7 @@ def test_episode_refresh_replaces_compressed_kv_with_dense():
 
 
 def test_choice_hits_by_hand():
-    from solm_compile.evaluate import choice_hits
+    from solm_compile.eval.evaluate import choice_hits
 
     # item 0: choices of 2 and 1 tokens; NLL sums 1.0 and 0.8, per character (chars 10, 2) 0.1 and 0.4
     # item 1: three one-token choices with NLL 2.0, 0.5, 0.7
@@ -270,7 +272,7 @@ def test_choice_hits_by_hand():
 
 
 def test_cost_model_matches_sympy():
-    from solm_compile.cost import fraction
+    from solm_compile.analysis.cost import fraction
 
     lm = gated_tiny_llama(0)
     shapes = shapes_from_gated(lm.model)
@@ -336,7 +338,7 @@ def _tiny_model_dir(tmp_path):
 
 
 def _tiny_model_and_policy(tmp_path):
-    from solm_compile.models import load
+    from solm_compile.frontend.models import load
 
     model_dir = _tiny_model_dir(tmp_path)
     info = load(str(model_dir)).info
@@ -349,7 +351,7 @@ def _tiny_model_and_policy(tmp_path):
 
 
 def test_cli_task_writes_json_and_markdown(capsys, tmp_path, monkeypatch):
-    from solm_compile import data
+    from solm_compile.data import corpora as data
 
     def items(task, n, seed):
         assert task == "piqa"

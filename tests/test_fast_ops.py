@@ -11,8 +11,12 @@ import os
 import pytest
 import torch
 
-from solm_compile import fast_c, fast_ops, ops, reference as ref
-from solm_compile.runtime import ep, ep_build
+from solm_compile.ops import fast_c
+from solm_compile.ops import fast as fast_ops
+from solm_compile.ops import torch_ops as ops
+from solm_compile.ops import reference as ref
+from solm_compile.runtime import ep
+from solm_compile.runtime import ep_build
 
 
 @pytest.fixture(scope="module")
@@ -321,12 +325,12 @@ def test_without_the_library_the_torch_ops_run(monkeypatch, caplog):
     ws = mlp_weights(64, 128, 64, True, False)
     x, kap = torch.randn(1, 1, 64), torch.tensor([0.3])
     before = dict(fast_ops.STATS)
-    with caplog.at_level("DEBUG", logger="solm_compile.fast_c"):
+    with caplog.at_level("DEBUG", logger="solm_compile.ops.fast_c"):
         for _ in range(3):
             attn = gather_attn(q, k, v, kap, 8, 4, 8)
             mlp = gather_mlp(x, ws, [0.5], [16.0], "silu")
     assert fast_c.library() is None
-    assert len([r for r in caplog.records if r.name == "solm_compile.fast_c"]) == 1   # one debug line, no more
+    assert len([r for r in caplog.records if r.name == "solm_compile.ops.fast_c"]) == 1   # one debug line, no more
     assert fast_ops.STATS["attn_gather_calls"] == before["attn_gather_calls"] + 3
     assert fast_ops.STATS["gather_calls"] == before["gather_calls"] + 3
     assert torch.allclose(attn, ref.quest_attention_ref(q, k, v, None, kap, None, 8, 4, 8), atol=1e-5)

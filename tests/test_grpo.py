@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from solm_compile import grpo
-from solm_compile.actions import ActionGrid
-from solm_compile.train import step_scalars
+from solm_compile.train import grpo
+from solm_compile.policy.actions import ActionGrid
+from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
+from solm_compile.policy.step import PolicyStep
 
 
 def test_discounted_returns():
@@ -100,9 +101,13 @@ def test_realised_usage_and_scalars():
     u = grpo.realised_usage(torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 0.0]]), torch.tensor([2.0, 0.0]))
     torch.testing.assert_close(u, torch.tensor([[0.5, 1.0, 0.25], [1.0, 1.0, 1.0]]))
     C = torch.tensor([[0.5, 0.6, 0.7]])
-    s0 = step_scalars(0, 16, True, C, torch.zeros(1, 3), torch.zeros(1))
+    grid = ActionGrid()
+    step = PolicyStep(RecurrentActorCriticPolicy(4, grid.num_actions, PolicyConfig(d_model=8, n_heads=2)), grid, 16)
+    st = step.start(1, torch.zeros(1, 4))
+    s0 = step.scalars(st, torch.tensor([True]), C)
     torch.testing.assert_close(s0, torch.tensor([[1 / 16, 1.0, 0.5, 0.6, 0.7, 0.0, 0.0, 0.0]]))
-    s3 = step_scalars(3, 16, False, C, torch.tensor([[1.5, 1.5, 1.5]]), torch.tensor([3.0]))
+    st3 = st._replace(usage=torch.tensor([[1.5, 1.5, 1.5]]), count=torch.tensor([3.0]), step=torch.tensor([3]))
+    s3 = step.scalars(st3, torch.tensor([False]), C)
     torch.testing.assert_close(s3, torch.tensor([[4 / 16, 0.0, 0.5, 0.6, 0.7, 0.0, -0.1, -0.2]]))
 
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch.export import Dim
 
-from solm_compile import onnx_ops, ops, reference as ref
+from solm_compile.ops import to_onnx as onnx_ops
+from solm_compile.ops import torch_ops as ops
+from solm_compile.ops import reference as ref
 
 ATOL = 1e-5
 B, T, L, PAST = Dim("batch"), Dim("T"), Dim("L"), Dim("past")

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from solm_compile import ops, reference as ref
+from solm_compile.ops import torch_ops as ops
+from solm_compile.ops import reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,9 +161,9 @@ def test_op_list_is_complete():
     assert not extra, f"ops registered but not listed in ops.OPS: {extra}"
     for op in ops.OPS:
         assert getattr(torch.ops.solm, op.name).default is not None
-        assert callable(op.reference) and op.reference.__module__ == "solm_compile.reference"
+        assert callable(op.reference) and op.reference.__module__ == "solm_compile.ops.reference"
         assert op.onnx_name[0].isupper()
-    from solm_compile import onnx_ops
+    from solm_compile.ops import to_onnx as onnx_ops
 
     for portable in (False, True):
         table = onnx_ops.translation_table(portable)

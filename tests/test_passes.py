@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from conftest import tiny_models
-from solm_compile import models
+from solm_compile.frontend import models
 from solm_compile.errors import UserError
-from solm_compile.export import flat_module
-from solm_compile.gated import compile_gated
+from solm_compile.frontend.export import flat_module
+from solm_compile.frontend.gated import compile_gated
 from solm_compile.passes import PassContext, run_pipeline
-from solm_compile.verify import verify
+from solm_compile.analysis.verify import verify
 
 aten = torch.ops.aten
 
@@ -98,7 +98,7 @@ def test_nothing_to_gate_is_a_clear_error(tmp_path):
 
 
 def test_exported_program_file_round_trip(tmp_path, tiny_llama):
-    from solm_compile.export import export_decode_step
+    from solm_compile.frontend.export import export_decode_step
 
     path = tmp_path / "tiny.pt2"
     torch.export.save(export_decode_step(tiny_llama), str(path))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from solm_compile.actions import ActionGrid
+from solm_compile.policy.actions import ActionGrid
 from solm_compile.errors import UserError
-from solm_compile.policy import PolicyConfig, RecurrentActorCriticPolicy, num_params
+from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy, num_params
 
 
 # ---------------------------------------------------------------------------------------------- actions
@@ -70,11 +70,32 @@ def test_forward_sequence_equals_steps():
     h, e, s, prev = _inputs()
     with torch.no_grad():
         seq = torch.log_softmax(policy.forward_sequence(h, e, s, prev, tau=1.3), -1)     # [N, T, A]
-        state, steps = None, []
-        for t in range(h.shape[1]):
-            logits, state = policy.step(h[:, t], e[:, t], s[:, t], prev[:, t], t, state, tau=1.3)
+        N, T = h.shape[:2]
+        key = value = torch.full((N, policy.n_heads, T + 2, policy.head_dim), 1e4)   # unwritten slots: poison
+        steps = []
+        for t in range(T):
+            logits, key, value = policy.step(h[:, t], e[:, t], s[:, t], prev[:, t], torch.full((N,), t), key, value,
+                                             tau=1.3)
             steps.append(torch.log_softmax(logits, -1))
     torch.testing.assert_close(torch.stack(steps, 1), seq, atol=1e-5, rtol=0)
+
+
+def test_step_rows_at_different_positions_equal_their_own_sequences():
+    """Rows of one batched step may sit at different in-episode positions; each equals its own episode."""
+    torch.manual_seed(0)
+    policy = RecurrentActorCriticPolicy(12, 27, PolicyConfig(d_model=32, n_heads=4, max_steps=16)).eval()
+    h, e, s, prev = _inputs(N=2, T=5)
+    with torch.no_grad():
+        seq = policy.forward_sequence(h, e, s, prev)                                       # [2, 5, A]
+        key = value = torch.zeros(2, policy.n_heads, 5, policy.head_dim)
+        for t in range(3):                       # row 0 runs steps 0..2 alone
+            _, k0, v0 = policy.step(h[:1, t], e[:1, t], s[:1, t], prev[:1, t], torch.tensor([t]), key[:1], value[:1])
+            key, value = torch.cat([k0, key[1:]]), torch.cat([v0, value[1:]])
+        # one batched call: row 0 at step 3, row 1 at step 0
+        logits, _, _ = policy.step(torch.stack([h[0, 3], h[1, 0]]), torch.stack([e[0, 3], e[1, 0]]),
+                                   torch.stack([s[0, 3], s[1, 0]]), torch.stack([prev[0, 3], prev[1, 0]]),
+                                   torch.tensor([3, 0]), key, value)
+    torch.testing.assert_close(logits, torch.stack([seq[0, 3], seq[1, 0]]), atol=1e-5, rtol=0)
 
 
 def test_policy_heads_and_temperature():

@@ -2,10 +2,9 @@
 
 import json
 
-import numpy as np
 import pytest
 
-from solm_compile import cli
+from solm_compile.cli import app as cli
 
 pytestmark = pytest.mark.slow
 
@@ -21,10 +20,10 @@ def test_solm_verify_smollm2(capsys):
 
 @pytest.fixture(scope="module")
 def smollm2_artifacts(tmp_path_factory):
-    from solm_compile import models
-    from solm_compile.artifact import write_artifact
-    from solm_compile.cli_artifact import resolve_policy
-    from solm_compile.gated import GatedLM
+    from solm_compile.frontend import models
+    from solm_compile.artifact.write import write_artifact
+    from solm_compile.api import resolve_policy
+    from solm_compile.frontend.gated import GatedLM
 
     loaded = models.load("smollm2")
     lm = GatedLM.from_loaded(loaded)
@@ -92,7 +91,7 @@ def test_lockstep_catches_a_semantic_difference(smollm2_artifacts, probes, monke
     import torch
     from lockstep import lockstep
 
-    from solm_compile import ops
+    from solm_compile.ops import torch_ops as ops
     from solm_compile.runtime.session import SolmSession
 
     loaded, lm, policy, arts = smollm2_artifacts
@@ -122,7 +121,8 @@ def test_torch_compile_dense_generate_equals_eager():
     """torch.compile(backend="solm") with inductor at the dense budget: 64 greedy tokens equal eager exactly."""
     import torch
 
-    from solm_compile import dynamo, models
+    from solm_compile.backend import dynamo
+    from solm_compile.frontend import models
 
     torch._dynamo.reset()
     loaded = models.load("smollm2")
@@ -143,7 +143,8 @@ def test_torch_compile_half_budget_equals_the_artifact_step():
     import torch
     from test_dynamo import artifact_step_actions
 
-    from solm_compile import dynamo, models
+    from solm_compile.backend import dynamo
+    from solm_compile.frontend import models
 
     torch._dynamo.reset()
     loaded = models.load("smollm2")

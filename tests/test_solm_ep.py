@@ -1,4 +1,4 @@
-"""SolmEP (the C++ onnxruntime plugin EP) against the plain PyTorch references in ``solm_compile.reference``.
+"""SolmEP (the C++ onnxruntime plugin EP) against the plain PyTorch references in ``solm_compile.ops.reference``.
 
 Each test builds a one-node ONNX model (domain ``ai.solm``; data as graph inputs, weights as initializers), runs it
 on onnxruntime with SolmEP registered, and compares with the reference. The library is built once per test session
@@ -19,8 +19,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from solm_compile import reference as ref
-from solm_compile.runtime import ep, ep_build
+from solm_compile.ops import reference as ref
+from solm_compile.runtime import ep
+from solm_compile.runtime import ep_build
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -619,12 +620,12 @@ def tiny_artifacts(lib, tmp_path_factory):
     from pathlib import Path
 
     from conftest import tiny_models
-    from solm_compile.actions import ActionGrid
-    from solm_compile.artifact import write_artifact
-    from solm_compile.checkpoint import LoadedPolicy
+    from solm_compile.policy.actions import ActionGrid
+    from solm_compile.artifact.write import write_artifact
+    from solm_compile.policy.checkpoint import LoadedPolicy
     from solm_compile.config import GateConfig
-    from solm_compile.gated import GatedLM
-    from solm_compile.policy import PolicyConfig, RecurrentActorCriticPolicy
+    from solm_compile.frontend.gated import GatedLM
+    from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
 
     torch.manual_seed(0)
     lm = GatedLM.from_hf(tiny_models()["llama-gqa"]().eval())
@@ -774,7 +775,7 @@ def test_artifact_page_state_pass_and_per_kv_head(lib, tiny_artifacts, tmp_path)
     select_per_kv_head=1 on the unmodified artifact."""
     from onnxscript import ir
 
-    from solm_compile.passes.page_state import carry_page_state, select_per_kv_head
+    from solm_compile.passes.carry_page_state import carry_page_state, select_per_kv_head
     from solm_compile.runtime.session import SolmSession
 
     model = ir.load(str(tiny_artifacts["solm"]))

@@ -15,10 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tiny_lm import FakeGatedLM, counting_blocks, gated_tiny_llama, random_blocks
-from solm_compile import checkpoint
+from solm_compile.policy import checkpoint
 from solm_compile.errors import UserError
-from solm_compile.policy import PolicyConfig, RecurrentActorCriticPolicy
-from solm_compile.train import TrainConfig, rollout, train
+from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
+from solm_compile.train.config import TrainConfig
+from solm_compile.train.loop import train
+from solm_compile.train.rollout import rollout
 
 TINY = TrainConfig(ctx=12, T=8, K=4, B=2, updates=2, checkpoint_every=1, buffer_decisions=128,
                    minibatch_decisions=64, grad_accum=1, lr=1e-2, seed=3,
@@ -67,7 +69,7 @@ def _biased_policy(action: int) -> RecurrentActorCriticPolicy:
 def test_rollout_effective_steps_and_usage():
     lm = FakeGatedLM()
     blocks = counting_blocks(2, 3 + 8 + 1)                     # ctx 3: L = 4 + t, effective iff L > 7, i.e. t >= 4
-    targets = torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 1.0]])
+    targets = torch.tensor([[0.5, 0.5, 0.5], [0.9, 1.0, 1.0]])   # (an all-ones budget would force dense)
     run = lambda policy: rollout(lm, policy, blocks, targets, TINY.grid, T=8, K=3, tau=1.3,  # noqa: E731
                                  generator=torch.Generator().manual_seed(0))
     ep, dense = run(_biased_policy(0)), run(_biased_policy(TINY.grid.dense_idx))
@@ -92,7 +94,7 @@ def test_rollout_kl_reward_is_zero_when_dense():
     lm = FakeGatedLM()
     policy = RecurrentActorCriticPolicy(16, TINY.grid.num_actions, TINY.policy)
     blocks = _blocks(TINY, 2)
-    ep = rollout(lm, policy, blocks, torch.ones(2, 3), TINY.grid, T=8, K=2, reward="kl",
+    ep = rollout(lm, policy, blocks, torch.full((2, 3), 0.99), TINY.grid, T=8, K=2, reward="kl",
                  generator=torch.Generator().manual_seed(1))
     dense = ep.actions == TINY.grid.dense_idx
     assert torch.all(ep.reward <= 1e-6)

@@ -86,7 +86,7 @@ def gated_tiny_llama(seed: int = 0, vocab: int = 64):
     """GatedLM over a random Llama: hidden 32, 2 layers, 4 query / 2 KV heads (≈2 s to build, cached)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from solm_compile.gated import GatedLM
+    from solm_compile.frontend.gated import GatedLM
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

@@ -1,0 +1,117 @@
+"""solm's Python API: ``compile`` a model into a ``.solm.onnx`` artifact, ``load`` one to generate with it.
+
+    import solm_compile as solm
+
+    path = solm.compile("smollm2", solm.SolmConfig(), out="smollm2.solm.onnx")
+    session = solm.load(path)
+    result = session.generate("The capital of France is", max_new_tokens=16, budget=(0.5, 0.75, 8))
+    print(result.text, result.usage)
+
+``solm-compile`` and ``solm compile`` call ``compile`` with a ``SolmConfig`` built from their flags, so the command
+line and the API share every default. For ``torch.compile(model, backend="solm")`` see solm_compile/backend/.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from solm_compile.config import GateConfig
+from solm_compile.errors import UserError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "solm", "portable", "fixed", "dense")
+
+
+@dataclass(frozen=True)
+class SolmConfig:
+    """What to compile.
+
+    kind        "auto" (default): the ``ai.solm`` artifact run by SolmEP where SolmEP is available here, else the
+                portable one (the same semantics in standard ONNX ops); "solm" forces the ``ai.solm`` artifact,
+                "portable" the standard-ops one, "fixed" the gated graph with the controls as inputs (no policy),
+                "dense" the original model (the benchmark baseline)
+    policy      a policy checkpoint; None: the one shipped for the model
+    gate        where the gates go and how they select (Quest page size, sinks, window, warm-up)
+    per_kv_head Quest pages chosen once per KV head (SolmEP artifacts only)
+    trust_pickle  allow a pickled model file (unpickling runs arbitrary code)
+    """
+
+    kind: str = "auto"
+    policy: str | None = None
+    gate: GateConfig = field(default_factory=GateConfig)
+    per_kv_head: bool = False
+    trust_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UserError(f"SolmConfig: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not isinstance(self.gate, GateConfig):
+            raise UserError(f"SolmConfig: gate must be a GateConfig, got {type(self.gate).__name__}")
+        if self.policy is not None and not Path(self.policy).is_file():
+            raise UserError(f"--policy {self.policy}: no such file")
+        if self.per_kv_head and self.kind in ("portable", "dense"):
+            raise UserError(f"--per-kv-head: the {self.kind} artifact has no SolmEP attention to configure (it "
+                            "applies to the ai.solm and --fixed artifacts)")
+
+
+def _resolve_kind(kind: str) -> str:
+    if kind != "auto":
+        return kind
+    import warnings
+
+    from solm_compile.runtime import ep
+
+    with warnings.catch_warnings(record=True) as why:
+        warnings.simplefilter("always")
+        available = ep.register()
+    if available:
+        return "solm"
+    reason = str(why[0].message) if why else "SolmEP is not available"
+    log.warning("%s; writing the portable artifact instead (same semantics in standard ONNX ops; "
+                "--custom-ops writes the ai.solm one anyway)", reason)
+    return "portable"
+
+
+def resolve_policy(arg: str | None, info):
+    """Load ``arg``, or the policy shipped for the model; one line saying how to train one if there is none."""
+    from solm_compile.policy.checkpoint import load_policy, shipped_policy
+
+    path = Path(arg) if arg else shipped_policy(info)
+    if path is None:
+        raise UserError(f"{info.name}: no policy shipped for this model; train one with "
+                        f"`solm train {info.name} --out policy.pt` and pass --policy policy.pt (or use --dense)")
+    if not path.is_file():
+        raise UserError(f"--policy {path}: no such file")
+    return load_policy(path, info)
+
+
+def compile(model: str, config: SolmConfig = SolmConfig(), out: str | Path = "model.solm.onnx") -> Path:  # noqa: A001
+    """Compile ``model`` (smollm2 | gemma3-270m | an HF model directory | a .gguf | a .pt2 ExportedProgram) into the
+    artifact ``out``, written atomically; returns its path."""
+    from solm_compile.artifact.write import write_artifact
+    from solm_compile.frontend.gated import GatedLM, _kv_shape_from_graph, compile_gated
+    from solm_compile.frontend.models import load as load_model
+
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: directory {out.parent} does not exist")
+    loaded = load_model(model, trust_pickle=config.trust_pickle)
+    gated = compile_gated(loaded, config.gate)
+    lm = GatedLM(gated, _kv_shape_from_graph(loaded))
+    kind = _resolve_kind(config.kind)
+    policy = None if kind in ("dense", "fixed") else resolve_policy(config.policy, loaded.info)
+    path = write_artifact(lm, out, kind, policy, tokenizer=loaded.tokenizer, per_kv_head=config.per_kv_head)
+    log.info("wrote %s (%s; gated %d attention and %d MLP ops%s)", path, kind, gated.count("attention"),
+             gated.count("mlp"), f"; policy {policy.path.name}" if policy else "")
+    return path
+
+
+def load(path: str | Path, threads: int | None = None, **options):
+    """Open an artifact for generation: a ``SolmSession`` (``generate``, ``steps``, ``score``); SolmEP is
+    registered for ``ai.solm`` artifacts. ``options`` go to ``SolmSession`` (providers, ep_options, ...)."""
+    from solm_compile.runtime.session import SolmSession
+
+    return SolmSession(path, threads=threads, **options)

@@ -1,0 +1,216 @@
+"""Write the ``.solm.onnx`` artifact: the gated decode step with the policy inside, plus metadata and tokenizer.
+
+Three kinds, one exporter:
+
+- ``solm`` (default): sparse ops are ``ai.solm`` nodes (SolmEP runs them and skips the work);
+- ``portable``: the same semantics in standard ONNX ops (masks), runs on stock onnxruntime;
+- ``dense``: the original model, ungated — the baseline benchmarks compare against;
+- ``fixed``: the gated graph with ``ai.solm`` ops and *no policy*: the controls ``attn_keep``, ``mlp_keep``,
+  ``bits`` [B] are graph inputs (gated by ``GateControls`` as usual). For kernel measurements (``solm bench``)
+  and external controllers.
+
+The ``ai.solm`` kinds (``solm``, ``fixed``) also carry each layer's Quest page state, like the KV cache
+(``passes/page_state.py``): inputs ``past_page_min_i``/``past_page_max_i`` [B, Hkv, past_pages, d] (default: empty,
+then SolmEP computes the pages from all of K) and outputs ``present_page_min_i``/``present_page_max_i``
+[B, Hkv, ceil(L/page_size), d], right after the KV cache's inputs and outputs. ``per_kv_head=True`` picks
+SolmEP's per-KV-head page selection (coarser than the reference's per query head; recorded as
+``solm.select_per_kv_head``).
+
+The file is written atomically and is byte-identical when compiled twice from the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.export import Dim
+
+from solm_compile import __version__
+from solm_compile.artifact.step import ArtifactStep, initial_policy_state
+from solm_compile.policy.step import STATE_NAMES, PolicyStep, episode_length
+from solm_compile.errors import UserError
+from solm_compile.io import atomic_write_bytes
+from solm_compile.frontend.gated import GatedLM
+
+log = logging.getLogger(__name__)
+
+KINDS = ("solm", "portable", "dense", "fixed")
+
+
+class DenseStep(torch.nn.Module):
+    """The ungated decode step with the artifact's names: (logits, presents...)."""
+
+    def __init__(self, original: torch.fx.GraphModule):
+        super().__init__()
+        self.lm = original
+
+    def forward(self, input_ids, position_ids, past):
+        out = self.lm(input_ids, position_ids, *past)
+        return (out[0], *out[2:])
+
+
+class FixedStep(torch.nn.Module):
+    """The gated decode step with the controls as inputs and the artifact's names: (logits, presents...)."""
+
+    def __init__(self, gated: torch.fx.GraphModule):
+        super().__init__()
+        self.lm = gated
+
+    def forward(self, input_ids, position_ids, past, attn_keep, mlp_keep, bits):
+        out = self.lm(input_ids, position_ids, *past, attn_keep, mlp_keep, bits)
+        return (out[0], *out[2:])
+
+
+def _kv_names(n_layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+def _example(lm: GatedLM, policy, batch: int = 2, T: int = 3, past: int = 9, t: int = 2, kind: str = "solm"):
+    ids = torch.randint(0, lm.info.vocab_size, (batch, T))
+    pos = torch.arange(past, past + T).expand(batch, T).contiguous()
+    kv = tuple(torch.randn(batch, lm.kv_heads, past, lm.head_dim) for _ in range(2 * lm.info.num_layers))
+    if kind == "fixed":
+        return (ids, pos, kv, torch.rand(batch), torch.rand(batch), torch.full((batch,), 8.0))
+    if policy is None:
+        return (ids, pos, kv)
+    state = list(initial_policy_state(policy, batch, torch.randn(batch, lm.info.hidden_size)))
+    state[0], state[1] = torch.randn_like(state[0]), torch.randn_like(state[1])      # [B, H, T_ep, hd]
+    state[5] = torch.full((batch,), t, dtype=torch.long)
+    return (ids, pos, kv, *state, torch.rand(batch, 3))
+
+
+def _dynamic_shapes(args, policy):
+    tok, kv = {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, {0: Dim.DYNAMIC, 2: Dim.DYNAMIC}
+    shapes = [tok, tok, tuple(kv for _ in args[2])]
+    if policy is None and len(args) == 6:           # kind "fixed": attn_keep, mlp_keep, bits [B]
+        shapes += [{0: Dim.DYNAMIC}] * 3
+    if policy is not None:
+        row = {0: Dim.DYNAMIC}
+        shapes += [row] * 8
+    return tuple(shapes)
+
+
+def build_module(lm: GatedLM, kind: str, loaded_policy=None):
+    """The module to export and its ``PolicyStep`` (None for the dense and fixed kinds)."""
+    if kind == "dense":
+        return DenseStep(lm.model.original), None
+    if kind == "fixed":
+        return FixedStep(lm.model.gm), None
+    if loaded_policy is None:
+        raise UserError("a solm artifact needs a policy: pass --policy POLICY.pt (train one with `solm train`)")
+    step = PolicyStep.from_loaded(loaded_policy)
+    return ArtifactStep(lm.model.gm, step, lm._embedding, lm.gate.min_len), step
+
+
+def io_names(lm: GatedLM, kind: str) -> tuple[list[str], list[str]]:
+    n = lm.info.num_layers
+    ins = ["input_ids", "position_ids", *_kv_names(n, "past")]
+    outs = ["logits", *_kv_names(n, "present")]
+    if kind == "fixed":
+        ins += ["attn_keep", "mlp_keep", "bits"]
+    elif kind != "dense":
+        state = list(STATE_NAMES)
+        ins += [*state, "budget"]
+        outs += [f"{s}_out" for s in state] + ["action", "controls"]
+    return ins, outs
+
+
+def metadata(lm: GatedLM, kind: str, loaded_policy, tokenizer_file: str | None) -> dict:
+    meta = {
+        "version": __version__, "kind": kind, "model": lm.info.to_dict(), "num_layers": lm.info.num_layers,
+        "hidden_size": lm.info.hidden_size, "vocab_size": lm.info.vocab_size, "kv_heads": lm.kv_heads,
+        "head_dim": lm.head_dim, "gate": lm.gate.to_dict(), "tokenizer": tokenizer_file,
+    }
+    if kind == "fixed":
+        meta["budget_ranges"] = [[0.05, 1.0], [0.1, 1.0], [2, 16]]
+    if loaded_policy is not None and kind not in ("dense", "fixed"):
+        grid, pol = loaded_policy.grid, loaded_policy.policy
+        meta.update({
+            "action_grid": grid.to_dict(), "num_actions": grid.num_actions, "dense_action": grid.dense_idx,
+            "budget_ranges": [[grid.kappa_levels[0], 1.0], [grid.rho_levels[0], 1.0], [grid.bit_levels[0], 16]],
+            "episode_len": episode_length(loaded_policy.train_config), "policy_heads": pol.n_heads,
+            "policy_head_dim": pol.head_dim,
+            "policy_file": loaded_policy.path.name, "policy_step": loaded_policy.step,
+        })
+    return meta
+
+
+def export_onnx(module: torch.nn.Module, args: tuple, policy, ins: list[str], outs: list[str], kind: str):
+    from solm_compile.ops.to_onnx import translation_table
+
+    table = translation_table(portable=(kind == "portable")) if kind != "dense" else None
+    with torch.no_grad():
+        program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=table,
+                                    dynamic_shapes=_dynamic_shapes(args, policy), input_names=ins,
+                                    output_names=outs, optimize=True, verbose=False)
+    return program
+
+
+def carry_ep_state(program, kind: str, per_kv_head: bool = False) -> dict:
+    """The ONNX passes of the ``ai.solm`` kinds (on ``program.model``, in place); returns their metadata."""
+    from solm_compile.passes.carry_page_state import carry_page_state, select_per_kv_head
+
+    if kind not in ("solm", "fixed"):
+        return {}
+    carried = carry_page_state(program.model)
+    log.debug("carry_page_state: %s (skipped: %s)", dict(carried.counts), carried.skipped)
+    if per_kv_head:
+        select_per_kv_head(program.model)
+    return {"page_state": carried.counts["page_state"], "select_per_kv_head": bool(per_kv_head)}
+
+
+def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=None, tokenizer=None,
+                   per_kv_head: bool = False) -> Path:
+    """Export, attach metadata, write ``out`` (and the tokenizer beside it) atomically."""
+    import onnx
+
+    if kind not in KINDS:
+        raise UserError(f"unknown artifact kind {kind!r} (one of {', '.join(KINDS)})")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: directory {out.parent} does not exist")
+    module, policy = build_module(lm, kind, loaded_policy if kind not in ("dense", "fixed") else None)
+    module.eval()
+    torch.manual_seed(0)
+    args = _example(lm, policy, kind=kind)
+    ins, outs = io_names(lm, kind)
+    if per_kv_head and kind not in ("solm", "fixed"):
+        raise UserError(f"per-KV-head page selection is a SolmEP option: a {kind} artifact cannot have it")
+    program = export_onnx(module, args, policy, ins, outs, kind)
+    ep_meta = carry_ep_state(program, kind, per_kv_head)
+    tok_name = None
+    if tokenizer is not None:
+        tok_name = out.name.split(".")[0] + ".tokenizer.json"
+        atomic_write_bytes(out.parent / tok_name, tokenizer.backend_tokenizer.to_str(pretty=True).encode())
+    model = program.model_proto
+    model.producer_name, model.producer_version = "solm", __version__
+    for k, v in {**metadata(lm, kind, loaded_policy, tok_name), **ep_meta}.items():
+        model.metadata_props.add(key=f"solm.{k}", value=json.dumps(v, sort_keys=True))
+    onnx.checker.check_model(model, full_check=False)
+    large = model.ByteSize() > 1_900_000_000
+    _atomic_save(model, out, external=large)
+    return out
+
+
+def _atomic_save(model, out: Path, external: bool) -> None:
+    import onnx
+
+    if not external:
+        atomic_write_bytes(out, model.SerializeToString(deterministic=True))
+        return
+    data_name = out.name + ".data"
+    tmp = out.parent / f".{out.name}.tmp"
+    onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name + ".tmp")
+    os.replace(out.parent / (data_name + ".tmp"), out.parent / data_name)
+    m = onnx.load(str(tmp), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = data_name
+    atomic_write_bytes(out, m.SerializeToString(deterministic=True))
+    tmp.unlink()

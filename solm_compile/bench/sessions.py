@@ -1,0 +1,33 @@
+"""Which artifact session runs which benchmark row, and the feeds of one prefill for any artifact kind."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Row (variant, mode) per mode, and the session that runs it.
+MODES = {
+    "dense": ("dense", "dense", "dense"),
+    "policy": ("solm", "policy", "solm"),
+    "replay": ("solm", "replay", "fixed"),
+    "fixed": ("solm", "fixed", "fixed"),
+    "fixed_kvhead": ("solm", "fixed_kvhead", "fixed_kvhead"),
+    "dense_budget": ("solm", "dense_budget", "solm"),
+    "portable": ("portable", "policy", "portable"),
+}
+# Session name -> (artifact kind, SolmEP provider options).
+SESSIONS = {"dense": ("dense", None), "solm": ("solm", None), "portable": ("portable", None),
+            "fixed": ("fixed", None), "fixed_kvhead": ("fixed", {"select_per_kv_head": "1"})}
+
+
+def prefill_feeds(s, ids: list[int], budget=(1.0, 1.0, 16.0)) -> dict:
+    """The feeds of one prefill of ``ids`` from an empty cache at ``budget``, for any artifact kind."""
+    n = len(ids)
+    feeds = {"input_ids": np.asarray([ids], np.int64), "position_ids": np.arange(n, dtype=np.int64)[None],
+             **s._empty_past(1)}
+    if s.kind in ("solm", "portable"):
+        feeds.update(s._policy_start(1, np.zeros((1, s.meta["hidden_size"]), np.float32)),
+                     budget=s.check_budget(budget)[None])
+    elif s.kind == "fixed":
+        feeds.update(attn_keep=np.full(1, budget[0], np.float32), mlp_keep=np.full(1, budget[1], np.float32),
+                     bits=np.full(1, budget[2], np.float32))
+    return feeds

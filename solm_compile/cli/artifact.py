@@ -1,0 +1,87 @@
+"""``solm-compile`` / ``solm compile`` (write the artifact) and ``solm run`` (generate with it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_artifact_parsers(sub, common) -> None:
+    p = sub.add_parser("compile", help="write the .solm.onnx artifact (same as solm-compile)")
+    common(p)
+    p.add_argument("--out", required=True, help="output path, e.g. model.solm.onnx")
+    p.add_argument("--policy", help="policy checkpoint (default: the one shipped for the model)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--portable", action="store_true", help="standard ONNX ops only (runs on stock onnxruntime)")
+    kind.add_argument("--dense", action="store_true", help="the original model, ungated (the benchmark baseline)")
+    kind.add_argument("--fixed", action="store_true",
+                      help="no policy: the gated graph with attn_keep/mlp_keep/bits as inputs (kernel benchmarks)")
+    kind.add_argument("--custom-ops", action="store_true",
+                      help="the ai.solm artifact even where SolmEP is not available (to deploy elsewhere); by "
+                      "default a machine without SolmEP gets the portable artifact, with a warning")
+    p.add_argument("--per-kv-head", action="store_true",
+                   help="Quest pages chosen once per KV head (scores summed over its query heads), so each kept "
+                   "page is read once per GQA group; coarser than SOL's per-query-head choice (ai.solm artifacts)")
+    p.set_defaults(fn=cmd_compile)
+
+    p = sub.add_parser("run", help="generate with an artifact")
+    p.add_argument("artifact", metavar="ARTIFACT")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--attn-keep", type=float, default=1.0, help="attention keep target κ̄ (default 1)")
+    p.add_argument("--mlp-keep", type=float, default=1.0, help="MLP keep target ρ̄ (default 1)")
+    p.add_argument("--bits", type=float, default=16, help="bits target (default 16)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(fn=cmd_run)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from solm_compile.api import SolmConfig, compile
+    from solm_compile.cli.common import dataclass_from_args
+    from solm_compile.config import GateConfig
+    from solm_compile.runtime.session import read_metadata
+
+    kind = ("dense" if args.dense else "fixed" if args.fixed else "portable" if args.portable else
+            "solm" if args.custom_ops else "auto")
+    config = SolmConfig(kind=kind, policy=args.policy, gate=dataclass_from_args(GateConfig, args),
+                        per_kv_head=args.per_kv_head, trust_pickle=args.trust_pickle)
+    path = compile(args.model, config, out=args.out)
+    meta = read_metadata(path)
+    print(f"wrote {path} ({meta['kind']}, {path.stat().st_size / 1e6:.1f} MB"
+          + (f"; policy {meta['policy_file']}" if meta.get("policy_file") else "") + ")")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from solm_compile.errors import UserError
+    from solm_compile.runtime.session import SolmSession
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    sess = SolmSession(args.artifact, threads=args.threads)
+    budget = (args.attn_keep, args.mlp_keep, args.bits)
+    if sess.kind != "dense":
+        sess.check_budget(budget)
+    stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    if stream:
+        stream(args.prompt)
+    r = sess.generate(args.prompt, args.max_new_tokens, budget, greedy=args.greedy, temperature=args.temperature,
+                      seed=args.seed, on_text=stream)
+    if args.json:
+        print(json.dumps({"text": r.text, "tokens": r.tokens, "tok_s": r.tok_s, "usage": r.usage,
+                          "actions": r.actions, "kind": sess.kind, "providers": sess.sess.get_providers()}))
+    else:
+        u = r.usage
+        print(f"\n[{len(r.tokens)} tokens, {r.tok_s:.1f} tok/s, {sess.kind} on {sess.sess.get_providers()[0]}; "
+              f"usage attn_keep {u['attn_keep']:.2f} mlp_keep {u['mlp_keep']:.2f} bits {u['bits']:.1f}]")
+    return 0

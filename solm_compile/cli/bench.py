@@ -1,0 +1,84 @@
+"""``solm bench``'s command line: flags → ``BenchConfig``, the ONNX Runtime and/or torch rows, a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from solm_compile.bench.decode import VARIANT_KINDS, BenchConfig, format_table, prepare, run_all
+
+
+def _int_list(flag: str):
+    def parse(s: str) -> tuple[int, ...]:
+        try:
+            vals = tuple(int(x) for x in s.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {s!r}") from None
+        if not vals:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {s!r}")
+        return vals
+    return parse
+
+
+def add_bench_parser(sub, common) -> None:
+    p = sub.add_parser("bench", help="decode tok/s of the dense, solm and portable artifacts (one process)")
+    common(p)
+    d = BenchConfig()
+    p.add_argument("--context", type=_int_list("--context"), default=d.contexts,
+                   help="KV lengths to decode from, comma-separated (default 256,1024,2048)")
+    p.add_argument("--threads", type=_int_list("--threads"), default=d.threads,
+                   help="intra-op thread counts, comma-separated (default 1,2)")
+    p.add_argument("--attn-keep", type=float, default=d.attn_keep, help="attention keep κ̄ (default 0.5)")
+    p.add_argument("--mlp-keep", type=float, default=d.mlp_keep, help="MLP keep ρ̄ (default 0.5)")
+    p.add_argument("--bits", type=float, default=d.bits, help="bits b̄ (default 16)")
+    p.add_argument("--reps", type=int, default=d.reps, help="timed repetitions per mode (default 5); medians")
+    p.add_argument("--steps", type=int, default=d.steps, help="decode steps per repetition (default 32)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed decode steps per mode first (default 4)")
+    p.add_argument("--policy", help="policy checkpoint for the solm/portable artifacts (default: the shipped one); "
+                                    "'random' = a random-init policy (timing only)")
+    p.add_argument("--variants", default=",".join(d.variants),
+                   help=f"comma-separated subset of {','.join(VARIANT_KINDS)} (dense always runs; "
+                        "solm+fixed adds the replay row that isolates the policy's cost)")
+    p.add_argument("--per-kv-head", action="store_true",
+                   help="also time the fixed artifact with SolmEP choosing pages once per KV head (a coarser "
+                        "selection than the reference; diagnostic row fixed_kvhead)")
+    p.add_argument("--backend", choices=("onnxruntime", "torch", "both"), default="onnxruntime",
+                   help="onnxruntime: the artifacts (default); torch: torch.compile(backend='solm') at the dense and "
+                        "the given budget against torch.compile(backend='inductor'); both: all rows")
+    p.add_argument("--profile-policy", action=argparse.BooleanOptionalAction, default=d.profile_policy,
+                   help="one profiled pass of the solm artifact for the policy's share of node time (default on)")
+    p.add_argument("--prefill", action="store_true",
+                   help="also time a prefill of each context per artifact (rows with mode 'prefill'; ratio to the "
+                        "dense artifact's prefill)")
+    p.set_defaults(fn=cmd_bench)
+
+
+def config_from_args(args) -> BenchConfig:
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    return BenchConfig(contexts=tuple(args.context), threads=tuple(args.threads), attn_keep=args.attn_keep,
+                       mlp_keep=args.mlp_keep, bits=args.bits, reps=args.reps, steps=args.steps,
+                       warmup=args.warmup, variants=variants, per_kv_head=args.per_kv_head,
+                       profile_policy=args.profile_policy, prefill=args.prefill)
+
+
+def cmd_bench(args) -> int:
+    from solm_compile.cli.common import dataclass_from_args
+    from solm_compile.config import GateConfig
+
+    cfg = config_from_args(args)
+    gate = dataclass_from_args(GateConfig, args)
+    say = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else (lambda s: None)
+    rows = []
+    if args.backend in ("onnxruntime", "both"):
+        bench = prepare(args.model, cfg, args.policy, gate=gate, trust_pickle=args.trust_pickle, say=say)
+        rows += run_all(bench)
+    if args.backend in ("torch", "both"):
+        from solm_compile.bench.torch_compile import run_torch
+
+        rows += run_torch(args.model, cfg, args.policy, gate=gate, trust_pickle=args.trust_pickle, say=say)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_table(rows))
+    return 0

@@ -1,0 +1,390 @@
+"""``solm eval``: the policy against budget-matched baselines (perplexity, a budget sweep, or multiple choice).
+
+See ``evaluate.py`` for the protocol and ``baselines.py`` for what each baseline does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+DATA_HELP = ("held-out text: 'persuasion' (the Austen novel never trained on), 'lambada' (the LAMBADA test "
+             "passages, joined by blank lines) or a text file (default persuasion)")
+ORDER = ("dense", "policy", "fixed", "random_median", "random_best", "emc", "dac", "uniform", "schedule",
+         "static_attn", "static_mlp", "static_bits")
+
+
+def add_eval_parser(sub, common) -> None:
+    from solm_compile.data.corpora import MC_TASKS
+    from solm_compile.eval.evaluate import METHODS
+
+    p = sub.add_parser("eval", help="perplexity or accuracy of the policy against budget-matched baselines",
+                       description="MODEL may also be a compiled artifact (.onnx): then its own policy is measured "
+                       "at the given budget against the same artifact at the dense budget (perplexity only)")
+    common(p)
+    p.add_argument("--policy", help="policy checkpoint (default: the shipped solm_compile/policy/shipped/<model>.pt)")
+    p.add_argument("--data", default="persuasion", help=DATA_HELP)
+    p.add_argument("--fit-data", nargs="+", default=["austen"], help="training text the step-schedule baseline is "
+                   "fit on: 'austen' (the Austen novels but the held-out one) or text files (default austen)")
+    p.add_argument("--attn-keep", type=float, help="policy target: mean attention keep κ̄ (0.05..1)")
+    p.add_argument("--mlp-keep", type=float, help="policy target: mean MLP-input keep ρ̄ (0.1..1)")
+    p.add_argument("--bits", type=float, help="policy target: mean MLP-output bits b̄ (2..16)")
+    for name, default, help_ in (
+            ("blocks", 32, "held-out blocks of ctx+T+1 tokens"), ("ctx", 256, "dense prefill tokens per block"),
+            ("T", 16, "controlled, scored steps per block"),
+            ("random_seeds", 10, "random-schedule seeds (median and best of N are reported)"),
+            ("fit_blocks", 8, "training-text blocks to fit the step-schedule baseline on"),
+            ("batch_rows", 32, "rows per batched decode step"), ("seed", 0, "block selection and random seeds"),
+            ("items", 100, "multiple-choice items (with --task)")):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=default,
+                       help=f"{help_} (default {default})")
+    p.add_argument("--sweep", action="store_true", help="run every method at 8 budget points from net keep "
+                   "≈0.4 to ≈0.93; writes PREFIX.png (Pareto plot), PREFIX.md and PREFIX.json (needs --out)")
+    p.add_argument("--out", help="output prefix: with --sweep writes PREFIX.png/.md/.json, with --task "
+                   "PREFIX.json/.md (e.g. results/smollm2-sweep)")
+    p.add_argument("--task", choices=tuple(MC_TASKS), help="multiple-choice accuracy instead of perplexity")
+    p.add_argument("--methods", help="comma-separated subset of the perplexity methods to run (the policy always "
+                   f"runs; default all: {','.join(METHODS)})")
+    p.set_defaults(fn=cmd_eval)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _model_name(spec: str) -> str:
+    from solm_compile.frontend.models import ALIASES
+
+    if spec in ALIASES:
+        return spec
+    p = Path(spec)
+    return p.name if p.is_dir() else p.stem
+
+
+def shipped_policy(name: str) -> Path:
+    from solm_compile.policy.checkpoint import POLICY_DIR
+
+    return POLICY_DIR / f"{name}.pt"
+
+
+def _check_args(args):
+    """Every check that needs no model; returns (targets (κ, ρ, b/16) or None for a sweep, policy path)."""
+    from solm_compile.policy import checkpoint
+    from solm_compile.policy.actions import ActionGrid
+    from solm_compile.config import Budget
+    from solm_compile.errors import UserError
+    from solm_compile.policy.network import PolicyConfig
+
+    for name, lo in (("blocks", 1), ("ctx", 1), ("T", 1), ("random_seeds", 0), ("fit_blocks", 1),
+                     ("batch_rows", 1), ("items", 1)):
+        if getattr(args, name) < lo:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} must be >= {lo}, got {getattr(args, name)}")
+    given = [v is not None for v in (args.attn_keep, args.mlp_keep, args.bits)]
+    if args.methods is not None:
+        if args.task:
+            raise UserError("--methods selects perplexity methods; drop it with --task")
+        args.methods = _methods(args.methods)
+    if args.sweep:
+        if args.task:
+            raise UserError("--sweep runs perplexity only; drop --task (or --sweep)")
+        if not args.out:
+            raise UserError("--sweep needs --out PREFIX (writes PREFIX.png, PREFIX.md, PREFIX.json)")
+        if any(given):
+            raise UserError("--sweep picks its own budgets; drop --attn-keep/--mlp-keep/--bits")
+    else:
+        if not all(given):
+            raise UserError("give the policy's budget with --attn-keep, --mlp-keep and --bits (or use --sweep)")
+    if args.out and not Path(args.out).parent.is_dir():
+        raise UserError(f"--out {args.out}: directory {Path(args.out).parent} does not exist")
+    targets = None
+    if not args.sweep:
+        b = Budget(attn_keep=args.attn_keep, mlp_keep=args.mlp_keep, bits=args.bits)
+        targets = (b.attn_keep, b.mlp_keep, b.bits / 16.0)
+    if not args.task and args.data not in ("persuasion", "lambada") and not Path(args.data).is_file():
+        raise UserError(f"--data {args.data}: not 'persuasion', 'lambada' or an existing text file")
+    for f in args.fit_data:
+        if args.fit_data != ["austen"] and not Path(f).is_file():
+            raise UserError(f"--fit-data {f}: no such file")
+    if args.policy:
+        path = Path(args.policy)
+    else:
+        path = shipped_policy(_model_name(args.model))
+        if not path.is_file():
+            raise UserError(f"no --policy given and no shipped policy {path.name} for {args.model}; train one with "
+                            f"'solm train {args.model} --out policy.pt' and pass --policy policy.pt")
+    ck = checkpoint.read(path)
+    try:
+        grid = ActionGrid.from_dict(ck["grid"])
+        max_steps = PolicyConfig.from_dict(dict(ck["train_config"]["policy"])).max_steps
+    except (UserError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: policy checkpoint does not match its own config ({e})") from e
+    if targets is not None:
+        lows = (grid.kappa_levels[0], grid.rho_levels[0], grid.bit_levels[0] / 16.0)
+        for flag, t, lo, scale in zip(("--attn-keep", "--mlp-keep", "--bits"), targets, lows, (1, 1, 16)):
+            if t < lo - 1e-9:
+                raise UserError(f"{flag} {t * scale:g} is below the policy's lowest level {lo * scale:g} "
+                                f"(its grid: {grid.to_dict()})")
+    if not args.task and args.T > max_steps:
+        raise UserError(f"--T {args.T} exceeds the policy's position table ({max_steps} steps)")
+    return targets, path
+
+
+def _methods(spec: str) -> tuple[str, ...]:
+    from solm_compile.errors import UserError
+    from solm_compile.eval.evaluate import METHODS
+
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise UserError(f"--methods {spec}: unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                        f"choose from {','.join(METHODS)}")
+    return tuple(m for m in METHODS if m in names or m == "policy")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _texts(data: str) -> list[str]:
+    from solm_compile.data import corpora as d
+
+    if data == "persuasion":
+        return [d.heldout_text()]
+    if data == "lambada":
+        return ["\n\n".join(d.lambada_passages())]
+    return [Path(data).read_text(encoding="utf-8", errors="replace")]
+
+
+def _mc_items(tokenizer, task: str, n: int, seed: int) -> list[dict]:
+    """Tokenised items: the continuation is what the context + choice adds to the context's tokens."""
+    from solm_compile.data import corpora as d
+
+    items = []
+    for it in d.multiple_choice(task, n, seed):
+        ctx = list(tokenizer.encode(it["context"], add_special_tokens=False))
+        conts = []
+        for ch in it["choices"]:
+            whole = list(tokenizer.encode(it["context"] + ch, add_special_tokens=False))
+            cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else []
+            conts.append(cont or list(tokenizer.encode(ch, add_special_tokens=False)))
+        items.append({"ctx": ctx, "conts": conts, "label": int(it["label"]), "chars": [len(c) for c in it["choices"]]})
+    return items
+
+
+# ---------------------------------------------------------------------------------------------- command
+def cmd_eval(args: argparse.Namespace) -> int:
+    from solm_compile.data import corpora as d
+    from solm_compile.policy.checkpoint import load_policy
+    from solm_compile.cli.common import load_gated
+    from solm_compile.data.assets import atomic_target, atomic_write_text
+    from solm_compile.cli.common import kv_shape
+    from solm_compile.errors import UserError
+    from solm_compile.eval.evaluate import METHODS, CostModel, PPLEvaluator, evaluate_choices, sweep_points
+    from solm_compile.frontend.gated import GatedLM
+    from solm_compile.analysis.inspect import shapes_from_gated
+
+    if str(args.model).endswith(".onnx"):
+        return _eval_artifact(args)
+    t_start = time.perf_counter()
+    targets, policy_path = _check_args(args)
+    loaded, gated = load_gated(args)
+    if loaded.tokenizer is None:
+        raise UserError(f"{loaded.info.name}: evaluation needs the model's tokenizer (none found)")
+    lp = load_policy(policy_path, loaded.info)
+    if lp.gate != gated.gate:
+        log.warning("%s was trained with gate %s; evaluating with %s", policy_path, lp.gate.to_dict(),
+                    gated.gate.to_dict())
+    lm = GatedLM(gated, kv_shape(loaded))
+    cost = CostModel(shapes_from_gated(gated), gated.gate)
+    head = {"model": loaded.info.name, "policy": str(policy_path), "policy_step": lp.step, "grid": lp.grid.to_dict(),
+            "gate": gated.gate.to_dict()}
+    if args.task:
+        items = _mc_items(loaded.tokenizer, args.task, args.items, args.seed)
+        try:
+            r = evaluate_choices(lm, lp.policy, lp.grid, items, targets, cost=cost, batch_rows=args.batch_rows,
+                                 random_seeds=args.random_seeds, seed=args.seed, episode=int(lp.train_config["T"]))
+        except ValueError as e:
+            raise UserError(f"--task {args.task}: {e}") from e
+        result = {**head, "task": args.task, "items": len(items), "seed": args.seed,
+                  "random_seeds": args.random_seeds, **r, "wall_s": time.perf_counter() - t_start}
+        if args.out:
+            atomic_write_text(Path(f"{args.out}.json"), json.dumps(result, indent=2) + "\n")
+            atomic_write_text(Path(f"{args.out}.md"), choices_markdown([result]))
+        print(json.dumps(result, indent=2) if args.json else format_choices(result))
+        return 0
+
+    block_len = args.ctx + args.T + 1
+    blocks = d.token_blocks(loaded.tokenizer, _texts(args.data), block_len, args.blocks, seed=args.seed)
+    fit_texts = (d.training_text() if args.fit_data == ["austen"]
+                 else [Path(f).read_text(encoding="utf-8", errors="replace") for f in args.fit_data])
+    fit = d.token_blocks(loaded.tokenizer, fit_texts, block_len, args.fit_blocks, seed=args.seed + 1)
+    ev = PPLEvaluator(lm, lp.policy, lp.grid, blocks, ctx=args.ctx, T=args.T, cost=cost, fit_blocks=fit,
+                      random_seeds=args.random_seeds, seed=args.seed, batch_rows=args.batch_rows,
+                      methods=args.methods or METHODS)
+    common = {**head, "data": args.data, "blocks": args.blocks, "ctx": args.ctx, "T": args.T,
+              "random_seeds": args.random_seeds, "fit_data": args.fit_data, "fit_blocks": args.fit_blocks}
+    if not args.sweep:
+        r = ev.run(targets)
+        result = {**common, **r, "schedule_fit": ev.step_costs.to_dict() if ev.step_costs else None,
+                  "wall_s": time.perf_counter() - t_start}
+        print(json.dumps(result, indent=2) if args.json else format_ppl(result))
+        return 0
+    points = []
+    for p in sweep_points(lp.grid):
+        points.append(ev.run((p[0], p[1], p[2] / 16.0)))
+        log.info("sweep point %s done", p)
+    result = {**common, "points": points, "schedule_fit": ev.step_costs.to_dict() if ev.step_costs else None,
+              "wall_s": time.perf_counter() - t_start}
+    out = Path(args.out)
+    atomic_write_text(Path(f"{out}.json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_text(Path(f"{out}.md"), sweep_markdown(result))
+    with atomic_target(Path(f"{out}.png")) as tmp:
+        plot_sweep(result, tmp)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(sweep_markdown(result))
+        print(f"wrote {out}.png, {out}.md, {out}.json")
+    return 0
+
+
+def _eval_artifact(args: argparse.Namespace) -> int:
+    from solm_compile.config import Budget
+    from solm_compile.errors import UserError
+    from solm_compile.eval.artifact import evaluate_artifact, format_artifact_eval
+
+    for flag, bad in (("--sweep", args.sweep), ("--task", args.task), ("--policy", args.policy)):
+        if bad:
+            raise UserError(f"{flag} does not apply to an artifact ({args.model}): its policy is compiled in and "
+                            f"it is evaluated for perplexity at one budget; evaluate the model for that")
+    for name, lo in (("blocks", 1), ("ctx", 1), ("T", 1), ("batch_rows", 1)):
+        if getattr(args, name) < lo:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    given = [v is not None for v in (args.attn_keep, args.mlp_keep, args.bits)]
+    if any(given) and not all(given):
+        raise UserError("give all of --attn-keep, --mlp-keep and --bits (or none: the dense budget)")
+    budget = (1.0, 1.0, 16.0)
+    if all(given):
+        b = Budget(attn_keep=args.attn_keep, mlp_keep=args.mlp_keep, bits=args.bits)
+        budget = (b.attn_keep, b.mlp_keep, b.bits)
+    if args.data not in ("persuasion", "lambada") and not Path(args.data).is_file():
+        raise UserError(f"--data {args.data}: not 'persuasion', 'lambada' or an existing text file")
+    r = evaluate_artifact(Path(args.model), _texts(args.data), budget, ctx=args.ctx, T=args.T, blocks=args.blocks,
+                          seed=args.seed, batch_rows=args.batch_rows)
+    print(json.dumps({"data": args.data, **r}, indent=2) if args.json else format_artifact_eval(r))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- output
+def _fmt(x, spec: str = ".3f") -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _ordered(methods: dict) -> list[str]:
+    return [m for m in ORDER if m in methods] + [m for m in methods if m not in ORDER]
+
+
+def format_ppl(r: dict) -> str:
+    u, t = r["matched_usage"], r["targets"]
+    lines = [f"{r['model']} on {r['data']}: {r['blocks']} blocks x {r['T']} scored tokens after a {r['ctx']}-token "
+             f"dense prefill; policy {Path(r['policy']).name} (step {r['policy_step']})",
+             f"targets κ {t['attn_keep']:.3f}, ρ {t['mlp_keep']:.3f}, bits {t['bits']:.2f} -> the policy realised "
+             f"κ {u['attn_keep']:.3f}, ρ {u['mlp_keep']:.3f}, bits {u['bits']:.2f}; baselines are matched to that",
+             f"{'method':<14}{'ppl':>9}{'±se':>8}{'Δnll':>9}{'±se':>7}{'κ̄':>7}{'ρ̄':>7}{'b̄':>6}{'net':>7}"
+             f"{'FLOPs':>7}{'bytes':>7}"]
+    for name in _ordered(r["methods"]):
+        m = r["methods"][name]
+        lines.append(f"{name:<14}{m['ppl']:>9.3f}{_fmt(m['ppl_se']):>8}{_fmt(m.get('delta_nll_vs_policy'), '+.4f'):>9}"
+                     f"{_fmt(m.get('delta_nll_vs_policy_se'), '.4f'):>7}{m['usage']['attn_keep']:>7.3f}"
+                     f"{m['usage']['mlp_keep']:>7.3f}{m['usage']['bits']:>6.2f}{m['net_keep']:>7.3f}"
+                     f"{_fmt(m.get('flops_fraction')):>7}{_fmt(m.get('bytes_fraction')):>7}")
+    timing = ", ".join(f"{k} {v:.1f}" for k, v in r["timing"].items())
+    lines.append(f"Δnll: paired mean per-block NLL difference to the policy (> 0: worse than the policy). "
+                 f"Time: {timing}; wall {r['wall_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def format_choices(r: dict) -> str:
+    u = r["matched_usage"]
+    lines = [f"{r['model']} on {r['task']} ({r['items']} items); policy realised κ {u['attn_keep']:.3f}, "
+             f"ρ {u['mlp_keep']:.3f}, bits {u['bits']:.2f}",
+             f"{'method':<14}{'acc':>7}{'±se':>7}{'Δacc':>8}{'±se':>7}{'acc_norm':>9}{'±se':>7}{'Δnorm':>8}{'±se':>7}"
+             f"{'net':>7}{'FLOPs':>7}{'bytes':>7}"]
+    for name in _ordered(r["methods"]):
+        m = r["methods"][name]
+        lines.append(f"{name:<14}{m['acc']:>7.3f}{m['acc_se']:>7.3f}{_fmt(m.get('delta_acc_vs_policy'), '+.3f'):>8}"
+                     f"{_fmt(m.get('delta_acc_vs_policy_se')):>7}{m['acc_norm']:>9.3f}{m['acc_norm_se']:>7.3f}"
+                     f"{_fmt(m.get('delta_acc_norm_vs_policy'), '+.3f'):>8}{_fmt(m.get('delta_acc_norm_vs_policy_se')):>7}"
+                     f"{m['net_keep']:>7.3f}{_fmt(m.get('flops_fraction')):>7}{_fmt(m.get('bytes_fraction')):>7}")
+    lines.append(f"Δacc: paired per-item accuracy difference policy - method (> 0: worse than the policy). "
+                 f"wall {r['wall_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def choices_markdown(results: Sequence[dict]) -> str:
+    """One table over multiple-choice results (``solm eval --task ... --json``), a row per task and method."""
+    lines = ["| task (items) | target → realised κ/ρ/b | method | net keep | acc ± se | Δacc ± se | acc_norm ± se | "
+             "Δacc_norm ± se | FLOPs |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        t, u = r["targets"], r["matched_usage"]
+        tag = (f"{t['attn_keep']:.2f}/{t['mlp_keep']:.2f}/{t['bits']:g} → "
+               f"{u['attn_keep']:.2f}/{u['mlp_keep']:.2f}/{u['bits']:.1f}")
+        for name in _ordered(r["methods"]):
+            m = r["methods"][name]
+            d = f"{_fmt(m.get('delta_acc_vs_policy'), '+.3f')} ± {_fmt(m.get('delta_acc_vs_policy_se'))}"
+            dn = f"{_fmt(m.get('delta_acc_norm_vs_policy'), '+.3f')} ± {_fmt(m.get('delta_acc_norm_vs_policy_se'))}"
+            lines.append(f"| {r['task']} ({r['items']}) | {tag} | {name} | {m['net_keep']:.3f} | {m['acc']:.3f} ± "
+                         f"{m['acc_se']:.3f} | {d} | {m['acc_norm']:.3f} ± {m['acc_norm_se']:.3f} | {dn} | "
+                         f"{_fmt(m.get('flops_fraction'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_markdown(r: dict) -> str:
+    lines = [f"# solm eval sweep: {r['model']} on {r['data']}", "",
+             f"{r['blocks']} blocks x {r['T']} scored tokens (ctx {r['ctx']}); policy `{Path(r['policy']).name}`; "
+             f"{r['random_seeds']} random seeds. Budget points: (κ, ρ, bits) targets for the policy; every baseline "
+             "is matched to the usage the policy realised. Δnll: paired per-block NLL difference to the policy.", "",
+             "| target (κ, ρ, b) | method | net keep | ppl ± se | Δnll ± se | κ̄ | ρ̄ | b̄ | FLOPs | bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in r["points"]:
+        t = p["targets"]
+        tag = f"({t['attn_keep']:.2f}, {t['mlp_keep']:.2f}, {t['bits']:g})"
+        for name in _ordered(p["methods"]):
+            m = p["methods"][name]
+            u = m["usage"]
+            dnll = f"{_fmt(m.get('delta_nll_vs_policy'), '+.4f')} ± {_fmt(m.get('delta_nll_vs_policy_se'), '.4f')}"
+            lines.append(f"| {tag} | {name} | {m['net_keep']:.3f} | {m['ppl']:.3f} ± {_fmt(m['ppl_se'])} | {dnll} | "
+                         f"{u['attn_keep']:.3f} | {u['mlp_keep']:.3f} | {u['bits']:.2f} | "
+                         f"{_fmt(m.get('flops_fraction'))} | {_fmt(m.get('bytes_fraction'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    names = _ordered({k: None for p in r["points"] for k in p["methods"]})
+    palette = matplotlib.colormaps["tab20"]
+    for i, name in enumerate(names):
+        pts = sorted((p["methods"][name]["net_keep"], p["methods"][name]["ppl"], p["methods"][name]["ppl_se"] or 0.0)
+                     for p in r["points"] if name in p["methods"])
+        if name == "dense":
+            ax.axhline(pts[0][1], color="black", ls="--", lw=1, label="dense")
+            continue
+        x, y, e = zip(*pts)
+        ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=2, lw=2.5 if name == "policy" else 1.2,
+                    color="crimson" if name == "policy" else palette((2 * i) % 20 + (2 * i) // 20 % 2),
+                    ls="-" if not name.startswith("static") else ":", label=name, zorder=3 if name == "policy" else 2)
+    ax.set_xlabel("SOL net keep (κ̄ + ρ̄ + b̄/16) / 3")
+    ax.set_ylabel(f"perplexity ({r['data']}, {r['blocks']} blocks x {r['T']} tokens)")
+    ax.set_title(f"{r['model']}: policy vs matched baselines")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

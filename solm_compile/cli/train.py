@@ -1,0 +1,106 @@
+"""``solm train``: GRPO training of the allocation policy on real text (the Austen novels by default)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DATA_HELP = ("training text: 'austen' (the Austen novels except Persuasion, the held-out one) or text files "
+             "(default austen)")
+
+
+def add_train_parser(sub, common) -> None:
+    from solm_compile.train.config import TrainConfig
+
+    p = sub.add_parser("train", help="train the policy with GRPO (checkpoints, --resume, torchrun for DDP)")
+    common(p)
+    p.add_argument("--data", nargs="+", default=["austen"], help=DATA_HELP)
+    p.add_argument("--out", required=True, help="policy file to write, e.g. policy.pt (a run directory "
+                   "<out>.run/ beside it keeps the resumable checkpoint and metrics)")
+    p.add_argument("--resume", action="store_true", help="continue the run in <out>.run/")
+    p.add_argument("--blocks", type=int, default=3000, help="training blocks of ctx+T+1 tokens (default 3000)")
+    defaults = TrainConfig()
+    for name, help_ in (
+            ("ctx", "dense prefill tokens per episode"), ("T", "controlled steps per episode"),
+            ("K", "counterfactual rollouts per sequence"), ("B", "sequences per rollout batch"),
+            ("reward", "ll (log-likelihood, SOL's default) or kl (−KL(dense‖sparse))"),
+            ("seed", "seed (same seed, same machine ⇒ same checkpoint)"),
+            ("updates", "PPO/GRPO updates"), ("checkpoint_every", "updates between checkpoints"),
+            ("buffer_decisions", "decisions per update"), ("lr", "AdamW learning rate"),
+            ("minibatch_decisions", "decisions per minibatch"),
+            ("grad_accum", "minibatches per AdamW step (0 = the whole buffer, as SOL)"),
+            ("ppo_epochs", "passes over each buffer (1 = SOL; more reuse the costly CPU rollouts)"),
+            ("entropy_coef", "entropy bonus weight (SOL 0.05)")):
+        default = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=type(default), default=default,
+                       help=f"{help_} (default {default})")
+    p.add_argument("--d-model", dest="d_model", type=int, default=defaults.policy.d_model,
+                   help=f"policy width (default {defaults.policy.d_model})")
+    p.add_argument("--alpha", type=float, nargs=3, default=list(defaults.alpha), metavar=("TOK", "PRU", "Q"),
+                   help="budget-penalty weight per axis (default SOL's 100 100 200); like --lr, --entropy-coef and "
+                   "the schedule flags it may change on --resume")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
+
+
+def _blocks(loaded, data: list[str], block_len: int, n: int):
+    from solm_compile.data import corpora as d
+    from solm_compile.errors import UserError
+
+    if loaded.tokenizer is None:
+        raise UserError(f"{loaded.info.name}: training needs the model's tokenizer (none found)")
+    if data == ["austen"]:
+        texts = d.training_text()
+    else:
+        texts = []
+        for f in data:
+            path = Path(f)
+            if not path.is_file():
+                raise UserError(f"--data {f}: no such file")
+            texts.append(path.read_text(encoding="utf-8", errors="replace"))
+    return d.token_blocks(loaded.tokenizer, texts, block_len, n, seed=0)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from solm_compile.policy import checkpoint
+    from solm_compile.cli.common import kv_shape, load_gated
+    from solm_compile.errors import UserError
+    from solm_compile.frontend.gated import GatedLM
+    from solm_compile.policy.network import PolicyConfig
+    from solm_compile.train.config import CHECKPOINT, TrainConfig
+    from solm_compile.train.loop import train
+
+    cfg = TrainConfig(ctx=args.ctx, T=args.T, K=args.K, B=args.B, reward=args.reward, seed=args.seed,
+                      updates=args.updates, checkpoint_every=args.checkpoint_every,
+                      buffer_decisions=args.buffer_decisions, minibatch_decisions=args.minibatch_decisions,
+                      grad_accum=args.grad_accum, ppo_epochs=args.ppo_epochs, lr=args.lr,
+                      alpha=tuple(args.alpha), entropy_coef=args.entropy_coef,
+                      policy=PolicyConfig(d_model=args.d_model))
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: directory {out.parent} does not exist")
+    run_dir = out.with_name(out.name + ".run")
+    if (run_dir / CHECKPOINT).exists() and not args.resume:
+        raise UserError(f"--out {out}: {run_dir} holds a run already; pass --resume to continue it")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    loaded, gated = load_gated(args)
+    from solm_compile.analysis.inspect import shapes_from_gated  # noqa: F401  (keeps the gated graph's ops registered)
+
+    lm = GatedLM(gated, kv_shape(loaded))
+    blocks = _blocks(loaded, args.data, cfg.ctx + cfg.T + 1, args.blocks)
+    log.info("training on %d blocks of %d tokens", blocks.shape[0], blocks.shape[1])
+    result = train(lm, blocks, cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    ck = checkpoint.read(result.checkpoint)
+    stripped = {k: v for k, v in ck.items() if k not in ("optimizer", "rng")}
+    checkpoint.save(out, stripped)
+    shutil.copyfile(run_dir / "metrics.jsonl", out.with_suffix(".metrics.jsonl"))
+    last = result.history[-1] if result.history else {}
+    print(f"wrote {out} (step {ck.get('step')}; last reward {last.get('reward', float('nan')):.4f}, "
+          f"usage tok/pru/q {last.get('use_tok', 0):.2f}/{last.get('use_pru', 0):.2f}/{last.get('use_q', 0):.2f})")
+    return 0

@@ -1,0 +1,338 @@
+"""ONNX translations of the ``solm`` custom ops for ``torch.onnx.export(..., dynamo=True)``.
+
+Two flavours, each a ``{torch op overload: translation function}`` table for ``custom_translation_table``:
+
+- ``CUSTOM``: one node per op in domain ``ai.solm`` (version 1), run by SolmEP (``runtime/ep``)::
+
+      GateControls(input_ids, past_key, kappa, rho, bits) -> (kappa_e, rho_e, bits_e)     min_len: int
+      QuestAttention(q, k, v, attn_mask?, kappa) -> out          scale: float, page_size, sinks, window: int
+      SparseMLP(x, w_gate?, b_gate?, w_up, b_up?, w_down, b_down?, rho, bits) -> y         act: string
+
+  An absent optional input is an empty input name. In the written ``ai.solm`` artifact QuestAttention also carries
+  its page state like the KV cache (added after export by ``passes/page_state.py``; the torch op has no such
+  arguments)::
+
+      QuestAttention(q, k, v, attn_mask?, kappa, past_page_min?, past_page_max?)
+          -> (out, present_page_min?, present_page_max?)              select_per_kv_head: int (optional, SolmEP)
+
+  k [B,Hkv,L,d] is the whole cache (the L_past = L − T past keys, then the T new ones); past_page_min/max
+  [B,Hkv,ceil(L_past/S),d] are the element-wise min/max of the past keys per page of S = page_size tokens, or
+  [*,Hkv,0,d] for "none yet" (every page is then computed from k); present_page_min/max [B,Hkv,ceil(L/S),d] are
+  the same over all L keys. Single-token steps select pages from them in O(P·d) instead of reading all of K.
+- ``PORTABLE``: the same semantics (``reference.py``) in standard ONNX ops only (opset 18), so the exported model
+  runs on stock onnxruntime with no registration. Selection is expressed as masks, like the SOL reference.
+
+How the exporter calls these (torch 2.13, onnxscript 0.7.2): the functions are plain Python, traced (no
+``@onnxscript.script``): ``torch.onnx`` calls them with the FX node's arguments in the torch schema order — tensors
+arrive as ``ir.Value`` (``.dtype``, ``.shape`` with ints for static dims), ``None`` for an absent ``Tensor?``,
+Python ``int/float/bool/str/None`` for scalar arguments — under an evaluator that records every ``op.X(...)``
+call as a node. Custom-domain ops need an ``onnx.defs.OpSchema`` to be recorded (the recorder looks the schema
+up to split inputs from attributes and count outputs), so ``ai.solm`` ops are built here from local schemas
+(not registered globally with onnx). The ``ai.solm`` opset import is added by the exporter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+from onnxscript import ir
+from onnxscript.onnx_opset import opset18 as op
+from onnxscript.onnx_types import TensorType
+from onnxscript.values import Op, Opset
+
+from solm_compile.ops import torch_ops as _ops  # registers torch.ops.solm.*
+
+DOMAIN = _ops.ONNX_DOMAIN
+VERSION = 1
+SOLM = Opset(DOMAIN, VERSION)
+
+_INT64_MAX = 2**63 - 1
+
+
+# ---------------------------------------------------------------------------------------------- ai.solm schemas
+_FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+_INT_TYPES = ["tensor(int64)", "tensor(int32)"]
+_S = onnx.defs.OpSchema
+
+
+def _schema(name: str, inputs, outputs, attributes, constraints) -> onnx.defs.OpSchema:
+    """inputs/outputs: [(name, type var, optional?)]; attributes: [(name, AttrType)]; constraints: {var: types}."""
+    def param(n, t, optional=False):
+        option = _S.FormalParameterOption.Optional if optional else _S.FormalParameterOption.Single
+        return _S.FormalParameter(n, t, "", param_option=option)
+
+    return _S(name, DOMAIN, VERSION, "",
+              inputs=[param(*i) for i in inputs], outputs=[param(*o) for o in outputs],
+              type_constraints=[(k, v, "") for k, v in constraints.items()],
+              attributes=[_S.Attribute(n, t, "", required=True) for n, t in attributes])
+
+
+_GATE = Op(SOLM, "GateControls", _schema(
+    "GateControls",
+    [("input_ids", "I"), ("past_key", "T"), ("kappa", "C"), ("rho", "C"), ("bits", "C")],
+    [("kappa_e", "C"), ("rho_e", "C"), ("bits_e", "C")],
+    [("min_len", _S.AttrType.INT)],
+    {"I": _INT_TYPES, "T": _FLOAT_TYPES, "C": _FLOAT_TYPES}))
+
+_QUEST = Op(SOLM, "QuestAttention", _schema(
+    "QuestAttention",
+    [("q", "T"), ("k", "T"), ("v", "T"), ("attn_mask", "M", True), ("kappa", "C")],
+    [("out", "T")],
+    [("scale", _S.AttrType.FLOAT), ("page_size", _S.AttrType.INT), ("sinks", _S.AttrType.INT),
+     ("window", _S.AttrType.INT)],
+    {"T": _FLOAT_TYPES, "M": ["tensor(bool)"] + _FLOAT_TYPES, "C": _FLOAT_TYPES}))
+
+_SPARSE_MLP = Op(SOLM, "SparseMLP", _schema(
+    "SparseMLP",
+    [("x", "T"), ("w_gate", "T", True), ("b_gate", "T", True), ("w_up", "T"), ("b_up", "T", True),
+     ("w_down", "T"), ("b_down", "T", True), ("rho", "C"), ("bits", "C")],
+    [("y", "T")],
+    [("act", _S.AttrType.STRING)],
+    {"T": _FLOAT_TYPES, "C": _FLOAT_TYPES}))
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+def _check_act(act: str) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"solm.sparse_mlp: unknown activation {act!r}; expected one of {ACTIVATIONS}")
+
+
+def _default_scale(q) -> Optional[float]:
+    d = q.shape[-1] if q.shape is not None else None
+    return 1.0 / math.sqrt(d) if isinstance(d, int) else None
+
+
+def _no_causal(is_causal: bool) -> None:
+    if is_causal:
+        raise NotImplementedError(
+            "solm.quest_attention with is_causal=True has no ONNX translation: pass an explicit attn_mask "
+            "(Hugging Face models always do in the graphs solm rewrites)")
+
+
+# ---------------------------------------------------------------------------------------------- CUSTOM flavour
+def gate_controls_custom(input_ids: TensorType, past_key: TensorType, kappa: TensorType, rho: TensorType,
+                         bits: TensorType, min_len: int):
+    kappa_e, rho_e, bits_e = _GATE(input_ids, past_key, kappa, rho, bits, min_len=int(min_len))
+    return kappa_e, rho_e, bits_e
+
+
+def quest_attention_custom(q: TensorType, k: TensorType, v: TensorType, attn_mask: Optional[TensorType],
+                           kappa: TensorType, scale: Optional[float] = None, is_causal: bool = False,
+                           page_size: int = 16, sinks: int = 0, window: int = 0):
+    _no_causal(is_causal)
+    if scale is None:
+        scale = _default_scale(q)
+        if scale is None:
+            raise NotImplementedError("solm.quest_attention: scale=None needs a static head dim (q.shape[-1])")
+    return _QUEST(q, k, v, attn_mask, kappa, scale=float(scale), page_size=int(page_size), sinks=int(sinks),
+                  window=int(window))
+
+
+def sparse_mlp_custom(x: TensorType, w_gate: Optional[TensorType], b_gate: Optional[TensorType],
+                      w_up: TensorType, b_up: Optional[TensorType], w_down: TensorType,
+                      b_down: Optional[TensorType], rho: TensorType, bits: TensorType, act: str):
+    _check_act(act)
+    return _SPARSE_MLP(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act=str(act))
+
+
+# ---------------------------------------------------------------------------------------------- PORTABLE helpers
+def _i64(*vals: int):
+    """1-D int64 constant."""
+    return op.Constant(value_ints=list(vals))
+
+
+def _i64s(val: int):
+    """Scalar int64 constant."""
+    return op.Constant(value_int=int(val))
+
+
+def _f(val: float, like):
+    """Scalar constant of ``like``'s dtype."""
+    return op.CastLike(op.Constant(value_float=float(val)), like)
+
+
+def _f64(val: float):
+    return op.Constant(value=ir.tensor(np.array(val, dtype=np.float64)))
+
+
+def _dim(x, i: int):
+    """x.shape[i] as a 1-D int64 [1] tensor."""
+    return op.Shape(x, start=i, end=i + 1) if i != -1 else op.Shape(x, start=-1)
+
+
+def _static(x, i: int):
+    shape = x.shape
+    if shape is None:
+        return None
+    d = shape[i]
+    return d if isinstance(d, int) else None
+
+
+def _repeat_heads(x, q):
+    """[B, Hkv, N, d] -> [B, H, N, d], head h reading kv head h // (H // Hkv) (repeat_interleave)."""
+    H, Hkv = _static(q, 1), _static(x, 1)
+    if H is not None and H == Hkv:
+        return x
+    B, Hk, N, d = _dim(x, 0), _dim(x, 1), _dim(x, 2), _dim(x, 3)
+    G = op.Div(_dim(q, 1), Hk)
+    x5 = op.Expand(op.Unsqueeze(x, _i64(2)), op.Concat(B, Hk, G, N, d, axis=0))   # [B,Hkv,G,N,d]
+    return op.Reshape(x5, op.Concat(B, _dim(q, 1), N, d, axis=0))
+
+
+def _row(x, rank: int):
+    """Per-row control [B] -> [B, 1, ..., 1] (rank dims) for broadcasting."""
+    return op.Reshape(x, _i64(-1, *([1] * (rank - 1))))
+
+
+def _quest_keep(q, k, kappa, page_size: int, sinks: int, window: int):
+    """Token keep mask [B, H, L] (bool) from the LAST query position of q [B,H,T,d] over keys k [B,Hkv,L,d]."""
+    S = int(page_size)
+    if S < 1:
+        raise ValueError(f"solm.quest_attention: page_size must be ≥ 1, got {page_size}")
+    B, H = _dim(q, 0), _dim(q, 1)
+    L = _dim(k, 2)                                                              # [1]
+    L_s = op.Squeeze(L)                                                         # []
+    P = op.Div(op.Add(L, _i64(S - 1)), _i64(S))                                 # [1] = ceil(L/S)
+    # pad the last partial page by repeating the last key (min/max of a page are unchanged by a duplicate)
+    src = op.Min(op.Range(_i64s(0), op.Squeeze(op.Mul(P, _i64(S))), _i64s(1)), op.Sub(L_s, _i64s(1)))
+    kp = op.Gather(k, src, axis=2)                                              # [B,Hkv,P*S,d]
+    pages = op.Reshape(kp, op.Concat(_i64(0, 0), P, _i64(S, -1), axis=0))       # [B,Hkv,P,S,d]
+    hi = _repeat_heads(op.ReduceMax(pages, _i64(3), keepdims=0), q)             # [B,H,P,d]
+    lo = _repeat_heads(op.ReduceMin(pages, _i64(3), keepdims=0), q)             # [B,H,P,d]
+    qv = op.Slice(q, _i64(-1), _i64(_INT64_MAX), _i64(2))                       # [B,H,1,d] last query
+    score = op.ReduceSum(op.Max(op.Mul(qv, hi), op.Mul(qv, lo)), _i64(-1), keepdims=0)   # [B,H,P]
+    # page budget pb = min(ceil(clamp(ceil(κL − 1e-9), 0, L) / S), P), in double
+    Ld, Pd = op.Cast(L, to=ir.DataType.DOUBLE), op.Cast(P, to=ir.DataType.DOUBLE)
+    kd = op.Cast(kappa, to=ir.DataType.DOUBLE)                                  # [B]
+    n = op.Ceil(op.Sub(op.Mul(kd, Ld), _f64(1e-9)))
+    n = op.Max(op.Min(n, Ld), _f64(0.0))
+    pb = op.Cast(op.Min(op.Ceil(op.Div(n, _f64(float(S)))), Pd), to=ir.DataType.INT64)   # [B]
+    pb3 = _row(pb, 3)                                                           # [B,1,1]
+    top, _ = op.TopK(score, P, axis=-1, largest=1, sorted=1)                    # [B,H,P] descending
+    at = op.Expand(op.Max(op.Sub(pb3, _i64(1)), _i64(0)), op.Concat(B, H, _i64(1), axis=0))
+    thr = op.GatherElements(top, at, axis=-1)                                   # [B,H,1] pb-th largest
+    page_keep = op.And(op.GreaterOrEqual(score, thr), op.Greater(pb3, _i64(0)))  # ties keep
+    dense = op.Or(op.GreaterOrEqual(pb3, P), op.GreaterOrEqual(_row(kappa, 3), _f(1.0, kappa)))
+    page_keep = op.Or(page_keep, dense)                                         # [B,H,P]
+    pos = op.Range(_i64s(0), L_s, _i64s(1))                                     # [L]
+    keep = op.Gather(page_keep, op.Div(pos, _i64s(S)), axis=2)                  # [B,H,L] pages -> tokens
+    if sinks > 0 or window > 0:
+        forced = op.Or(op.Less(pos, _i64s(sinks)), op.GreaterOrEqual(pos, op.Sub(L_s, _i64s(window))))
+        keep = op.Or(keep, forced)
+    # a head that keeps nothing keeps the last token
+    none = op.Equal(op.ReduceMax(op.Cast(keep, to=ir.DataType.INT32), _i64(-1), keepdims=1), op.Constant(
+        value=ir.tensor(np.array(0, dtype=np.int32))))                          # [B,H,1]
+    keep = op.Or(keep, op.And(none, op.Equal(pos, op.Sub(L_s, _i64s(1)))))
+    return keep
+
+
+# ---------------------------------------------------------------------------------------------- PORTABLE flavour
+def gate_controls_portable(input_ids: TensorType, past_key: TensorType, kappa: TensorType, rho: TensorType,
+                           bits: TensorType, min_len: int):
+    shape_ids = op.Shape(input_ids)
+    T = op.Gather(shape_ids, _i64s(1))                                          # []
+    L = op.Add(op.Gather(op.Shape(past_key), _i64s(2)), T)                      # []
+    on = op.And(op.Equal(T, _i64s(1)), op.Greater(L, _i64s(int(min_len))))     # []
+    return (op.Where(on, kappa, _f(1.0, kappa)), op.Where(on, rho, _f(1.0, rho)),
+            op.Where(on, bits, _f(16.0, bits)))
+
+
+def quest_attention_portable(q: TensorType, k: TensorType, v: TensorType, attn_mask: Optional[TensorType],
+                             kappa: TensorType, scale: Optional[float] = None, is_causal: bool = False,
+                             page_size: int = 16, sinks: int = 0, window: int = 0):
+    _no_causal(is_causal)
+    if scale is None:
+        scale = _default_scale(q)
+    scale_v = (_f(scale, q) if scale is not None
+               else op.Div(_f(1.0, q), op.Sqrt(op.CastLike(_dim(q, -1), q))))
+    T = _static(q, 2)
+    keep = None
+    if T is None or T == 1:      # selection only on single-token steps; T > 1 (prefill) is dense
+        keep = _quest_keep(q, k, kappa, page_size, sinks, window)               # [B,H,L]
+        if T is None:
+            keep = op.Or(keep, op.Not(op.Equal(_dim(q, 2), _i64(1))))
+        keep = op.Unsqueeze(keep, _i64(2))                                      # [B,H,1,L]
+    kr, vr = _repeat_heads(k, q), _repeat_heads(v, q)                           # [B,H,L,d]
+    logits = op.Mul(op.MatMul(q, op.Transpose(kr, perm=[0, 1, 3, 2])), scale_v)   # [B,H,T,L]
+    mask = keep
+    if attn_mask is not None:
+        if attn_mask.dtype == ir.DataType.BOOL:
+            mask = attn_mask if keep is None else op.And(attn_mask, keep)
+        else:
+            logits = op.Add(logits, op.CastLike(attn_mask, logits))
+    if mask is not None:
+        logits = op.Where(mask, logits, _f(float("-inf"), logits))
+    return op.MatMul(op.Softmax(logits, axis=-1), vr)
+
+
+def _linear(x, w, b):
+    y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
+    return y if b is None else op.Add(y, b)
+
+
+def _activation(h, act: str):
+    if act == "silu":
+        return op.Mul(h, op.Sigmoid(h))
+    if act == "relu":
+        return op.Relu(h)
+    if act == "gelu":            # 0.5·x·(1 + erf(x/√2))
+        return op.Mul(op.Mul(h, _f(0.5, h)), op.Add(_f(1.0, h), op.Erf(op.Mul(h, _f(1 / math.sqrt(2), h)))))
+    if act == "gelu_tanh":       # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+        inner = op.Mul(_f(math.sqrt(2 / math.pi), h), op.Add(h, op.Mul(_f(0.044715, h), op.Mul(h, op.Mul(h, h)))))
+        return op.Mul(op.Mul(h, _f(0.5, h)), op.Add(_f(1.0, h), op.Tanh(inner)))
+    raise ValueError(f"solm.sparse_mlp: unknown activation {act!r}")
+
+
+def sparse_mlp_portable(x: TensorType, w_gate: Optional[TensorType], b_gate: Optional[TensorType],
+                        w_up: TensorType, b_up: Optional[TensorType], w_down: TensorType,
+                        b_down: Optional[TensorType], rho: TensorType, bits: TensorType, act: str):
+    _check_act(act)
+    rank = len(x.shape) if x.shape is not None else 3
+    # top-k channels per token: k = clamp(ceil(ρD − 1e-9), 1, D); keep |x| ≥ k-th largest |x| (ties kept)
+    D = _dim(x, -1)                                                             # [1]
+    Dd = op.Cast(D, to=ir.DataType.DOUBLE)
+    kk = op.Ceil(op.Sub(op.Mul(op.Cast(rho, to=ir.DataType.DOUBLE), Dd), _f64(1e-9)))
+    kk = op.Cast(op.Min(op.Max(kk, _f64(1.0)), Dd), to=ir.DataType.INT64)       # [B]
+    mag = op.Abs(x)
+    top, _ = op.TopK(mag, D, axis=-1, largest=1, sorted=1)                      # [..., D] descending
+    at = op.Expand(_row(op.Sub(kk, _i64s(1)), rank), op.Concat(op.Shape(x, end=-1), _i64(1), axis=0))
+    thr = op.GatherElements(top, at, axis=-1)                                   # [..., 1]
+    xs = op.Where(op.GreaterOrEqual(mag, thr), x, _f(0.0, x))
+    xs = op.Where(op.GreaterOrEqual(_row(rho, rank), _f(1.0, rho)), x, xs)     # ρ ≥ 1: untouched
+    up = _linear(xs, w_up, b_up)
+    h = (op.Mul(_activation(_linear(xs, w_gate, b_gate), act), up) if w_gate is not None
+         else _activation(up, act))
+    y = _linear(h, w_down, b_down)
+    # per-token symmetric fake quantisation, q_max = 2^(round(b) − 1) − 1; b ≥ 16 or s == 0: untouched
+    bits_r = _row(bits, rank)
+    qmax = op.CastLike(op.Sub(op.Pow(_f(2.0, bits), op.Sub(op.Round(bits_r), _f(1.0, bits))), _f(1.0, bits)), y)
+    s = op.Div(op.ReduceMax(op.Abs(y), _i64(-1), keepdims=1), qmax)            # [..., 1]
+    safe = op.Where(op.Greater(s, _f(0.0, s)), s, _f(1.0, s))
+    yq = op.Mul(op.Max(op.Min(op.Round(op.Div(y, safe)), qmax), op.Neg(qmax)), safe)
+    identity = op.Or(op.GreaterOrEqual(bits_r, _f(16.0, bits)), op.Equal(s, _f(0.0, s)))
+    return op.Where(identity, y, yq)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+CUSTOM = {
+    torch.ops.solm.gate_controls.default: gate_controls_custom,
+    torch.ops.solm.quest_attention.default: quest_attention_custom,
+    torch.ops.solm.sparse_mlp.default: sparse_mlp_custom,
+}
+
+PORTABLE = {
+    torch.ops.solm.gate_controls.default: gate_controls_portable,
+    torch.ops.solm.quest_attention.default: quest_attention_portable,
+    torch.ops.solm.sparse_mlp.default: sparse_mlp_portable,
+}
+
+
+def translation_table(portable: bool) -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``: standard ONNX ops when ``portable``
+    (runs on stock onnxruntime), else one ``ai.solm`` node per op (needs SolmEP)."""
+    return dict(PORTABLE if portable else CUSTOM)

@@ -1,0 +1,173 @@
+"""The ``solm`` custom ops: one name each, defined once, listed in ``OPS``.
+
+Every op has (1) a torch custom op with a fake impl (so torch.export / Dynamo can trace it), (2) a plain
+reference in ``reference.py``, (3) an ONNX translation (``onnx_ops.py``) and (4) a C++ kernel in SolmEP
+(``runtime/ep``). ``tests/test_ops.py`` checks that each listed op has all four.
+
+The torch implementations here are the fast path used for training and evaluation: vectorised over rows and
+heads, exact at dense controls (they call the very same aten ops the original graph called).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from solm_compile.ops import reference as ref
+
+
+# ---------------------------------------------------------------------------------------------- gate_controls
+@torch.library.custom_op("solm::gate_controls", mutates_args=())
+def gate_controls(input_ids: Tensor, past_key: Tensor, kappa: Tensor, rho: Tensor, bits: Tensor,
+                  min_len: int) -> tuple[Tensor, Tensor, Tensor]:
+    T = input_ids.shape[1]
+    L = past_key.shape[2] + T
+    if T == 1 and L > min_len:
+        return kappa.clone(), rho.clone(), bits.clone()
+    return torch.ones_like(kappa), torch.ones_like(rho), torch.full_like(bits, 16.0)
+
+
+@gate_controls.register_fake
+def _(input_ids, past_key, kappa, rho, bits, min_len):
+    return torch.empty_like(kappa), torch.empty_like(rho), torch.empty_like(bits)
+
+
+# ---------------------------------------------------------------------------------------------- quest_attention
+def page_scores(q: Tensor, k: Tensor, page_size: int) -> Tensor:
+    """Quest page scores [B,H,P] of single-token queries q [B,H,1,d] over keys k [B,Hkv,L,d].
+
+    Page bounds are taken once per KV head and scored by each of its G = H/Hkv query heads. The score
+    Σ_d max(q_d·max_d, q_d·min_d) is computed as q⁺·max + q⁻·min (max ≥ min, so the larger product is the
+    one whose bound has q's sign): two small matmuls instead of a [.., P, d] temporary. A partial last page's
+    bounds are taken on its own (no padded copy of the keys).
+    """
+    B, H, _, d = q.shape
+    Hkv, L, S = k.shape[1], k.shape[2], page_size
+    G = H // Hkv
+    Pf = L // S                                                           # full pages
+    pages = k[:, :, :Pf * S].reshape(B, Hkv, Pf, S, d)                    # [B,Hkv,Pf,S,d]
+    hi, lo = pages.amax(3), pages.amin(3)                                 # [B,Hkv,Pf,d]
+    if Pf * S < L:
+        tail = k[:, :, Pf * S:]                                           # [B,Hkv,L-Pf*S,d]
+        hi = torch.cat([hi, tail.amax(2, keepdim=True)], dim=2)           # [B,Hkv,P,d]
+        lo = torch.cat([lo, tail.amin(2, keepdim=True)], dim=2)           # [B,Hkv,P,d]
+    qv = q[:, :, 0].reshape(B, Hkv, G, d)                                 # [B,Hkv,G,d]
+    score = qv.clamp(min=0) @ hi.transpose(-1, -2) + qv.clamp(max=0) @ lo.transpose(-1, -2)  # [B,Hkv,G,P]
+    return score.reshape(B, H, -1)                                        # [B,H,P]
+
+
+def quest_keep(q: Tensor, k: Tensor, kappa: Tensor, page_size: int, sinks: int, window: int) -> Tensor:
+    """Token keep mask [B,H,L] for single-token queries q [B,H,1,d] over keys k [B,Hkv,L,d]."""
+    B, H = q.shape[:2]
+    L, S = k.shape[2], page_size
+    P = -(-L // S)
+    score = page_scores(q, k, S)                                          # [B,H,P]
+    n = torch.ceil(kappa.double() * L - 1e-9).clamp(0, L)                 # [B]
+    pb = torch.ceil(n / S).clamp(max=P).long()                            # [B]
+    kmax = max(int(pb.max()), 1)
+    top = score.topk(kmax, dim=-1).values                                 # [B,H,kmax] descending
+    thr = top.gather(-1, (pb - 1).clamp(min=0).view(B, 1, 1).expand(B, H, 1))  # [B,H,1]
+    page_keep = (score >= thr) & (pb > 0).view(B, 1, 1)                   # [B,H,P]
+    page_keep |= ((pb >= P) | (kappa >= 1)).view(B, 1, 1)
+    pos = torch.arange(L, device=q.device)                                # [L]
+    keep = page_keep[..., pos // S]                                       # [B,H,L]
+    keep |= (pos < sinks) | (pos >= L - window)
+    if window == 0 and int(pb.min()) == 0:   # a head that keeps nothing keeps the last token
+        keep[..., -1] |= ~keep.any(-1)
+    return keep
+
+
+def _sdpa(q, k, v, attn_mask, scale, is_causal, enable_gqa):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=enable_gqa)
+
+
+@torch.library.custom_op("solm::quest_attention", mutates_args=())
+def quest_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kappa: Tensor,
+                    scale: Optional[float], is_causal: bool, page_size: int, sinks: int,
+                    window: int) -> Tensor:
+    gqa = k.shape[1] != q.shape[1]
+    if q.shape[2] != 1 or bool((kappa >= 1).all()):
+        return _sdpa(q, k, v, attn_mask, scale, is_causal, gqa).contiguous()   # the fake's layout (inductor checks)
+    keep = quest_keep(q, k, kappa, page_size, sinks, window)[:, :, None, :]  # [B,H,1,L]
+    return _sdpa(q, k, v, with_keep(attn_mask, keep), scale, False, gqa).contiguous()
+
+
+def with_keep(attn_mask: Optional[Tensor], keep: Tensor) -> Tensor:
+    """The attention mask with the tokens outside ``keep`` [B,H,1,L] removed (bool: and; additive: -inf)."""
+    if attn_mask is None:
+        return keep
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.masked_fill(~keep, float("-inf"))
+
+
+@quest_attention.register_fake
+def _(q, k, v, attn_mask, kappa, scale, is_causal, page_size, sinks, window):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+# ---------------------------------------------------------------------------------------------- sparse_mlp
+def topk_channels(x: Tensor, rho: Tensor) -> Tensor:
+    """Zero all but the ⌈ρ·D⌉ largest-|x| channels of each token (ties kept). x [B,T,D], rho [B]."""
+    D = x.shape[-1]
+    k = torch.ceil(rho.double() * D - 1e-9).clamp(1, D).long()             # [B]
+    mag = x.abs()                                                         # [B,T,D]
+    top = mag.sort(dim=-1, descending=True).values                        # [B,T,D]
+    thr = top.gather(-1, (k - 1).view(-1, 1, 1).expand(x.shape[0], x.shape[1], 1))  # [B,T,1]
+    return torch.where(mag >= thr, x, torch.zeros_like(x))
+
+
+def fake_quant(y: Tensor, bits: Tensor) -> Tensor:
+    """Per-token symmetric fake quantisation; rows with bits ≥ 16 are untouched. y [B,T,D], bits [B]."""
+    qmax = (2.0 ** (torch.round(bits) - 1) - 1).view(-1, 1, 1)            # [B,1,1]
+    s = y.abs().amax(-1, keepdim=True) / qmax                             # [B,T,1]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    yq = torch.clamp(torch.round(y / safe), -qmax, qmax) * safe           # [B,T,D]
+    return torch.where((bits >= 16).view(-1, 1, 1) | (s == 0), y, yq)
+
+
+@torch.library.custom_op("solm::sparse_mlp", mutates_args=())
+def sparse_mlp(x: Tensor, w_gate: Optional[Tensor], b_gate: Optional[Tensor], w_up: Tensor,
+               b_up: Optional[Tensor], w_down: Tensor, b_down: Optional[Tensor], rho: Tensor, bits: Tensor,
+               act: str) -> Tensor:
+    fn = ref.ACTIVATIONS[act]
+    if not bool((rho >= 1).all()):
+        x = topk_channels(x, rho)
+    up = F.linear(x, w_up, b_up)
+    h = fn(F.linear(x, w_gate, b_gate)) * up if w_gate is not None else fn(up)
+    y = F.linear(h, w_down, b_down)
+    if not bool((bits >= 16).all()):
+        y = fake_quant(y, bits)
+    return y
+
+
+@sparse_mlp.register_fake
+def _(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act):
+    return x.new_empty(x.shape[:-1] + (w_down.shape[0],))
+
+
+# ---------------------------------------------------------------------------------------------- the list
+@dataclass(frozen=True)
+class OpDef:
+    name: str          # torch: torch.ops.solm.<name>; ONNX: ai.solm::<onnx_name>
+    onnx_name: str
+    torch_op: object
+    reference: object
+
+
+OPS = (
+    OpDef("gate_controls", "GateControls", gate_controls, ref.gate_controls_ref),
+    OpDef("quest_attention", "QuestAttention", quest_attention, ref.quest_attention_ref),
+    OpDef("sparse_mlp", "SparseMLP", sparse_mlp, ref.sparse_mlp_ref),
+)
+ONNX_DOMAIN = "ai.solm"
+
+# Torch-only implementations of a listed op (same schema, same numbers up to summation order), used where a
+# faster torch kernel matters (``fast_ops``: the torch.compile path). They add no semantics, so they have no
+# reference, ONNX translation or C++ kernel of their own.
+ALTERNATE_IMPLS = {"sparse_mlp_gather": "sparse_mlp", "quest_attention_gather": "quest_attention"}

@@ -1,0 +1,232 @@
+"""GRPO training of the allocation policy on teacher-forced episodes (shared/research/sol_method.md §5).
+
+One update::
+
+    repeat until the buffer holds >= buffer_decisions decisions (per rank: buffer_decisions / world):
+        B blocks [ctx + T + 1] -> targets C ~ U[grid minima, 1] per sequence
+        dense prefill of ctx tokens -> tile K -> T teacher-forced controlled steps, actions ~ pi(.)/tau
+        rewards r_t (log p(true) or -KL(dense || sparse)) -> G_t (gamma) - budget penalty -> process advantages
+    ppo_epochs passes over the buffer in minibatches (SOL: one): re-run forward_sequence at tau, clipped-ratio
+    loss - c_H entropy, gradients accumulated over ``grad_accum`` minibatches (0 = the whole buffer: one AdamW
+    step per pass)
+
+Under ``torchrun`` (``torch.distributed`` initialised) the policy is wrapped in DDP, blocks are sharded by
+rank and rank 0 writes the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from solm_compile.config import GateConfig
+from solm_compile.errors import UserError
+from solm_compile.io import atomic_write_text
+from solm_compile.policy import checkpoint
+from solm_compile.policy.actions import AXES
+from solm_compile.policy.network import RecurrentActorCriticPolicy
+from solm_compile.train import grpo
+from solm_compile.train.config import _RESUMABLE, CHECKPOINT, METRICS, TrainConfig  # noqa: F401 (re-exported)
+from solm_compile.train.rollout import Episode, gate_of, rollout  # noqa: F401 (re-exported)
+
+
+# ---------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainResult:
+    policy: RecurrentActorCriticPolicy
+    history: list[dict]
+    checkpoint: Path
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _batch_indices(shard: Tensor, batch: int, B: int, seed: int) -> Tensor:
+    """Blocks of global batch number ``batch``: a fresh permutation of this rank's shard every epoch."""
+    per_epoch = len(shard) // B
+    epoch, i = divmod(batch, per_epoch)
+    perm = torch.randperm(len(shard), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return shard[perm[i * B:(i + 1) * B]]
+
+
+def _advantages(ep: Episode, cfg: TrainConfig, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    B, K, T = ep.reward.shape[0] // cfg.K, cfg.K, cfg.T
+    G = grpo.discounted_returns(ep.reward.view(B, K, T), cfg.gamma)           # [B, K, T]
+    pen = grpo.budget_penalty(ep.usage, ep.targets, alpha, cfg.dead_zone)    # [N]
+    R = G - pen.view(B, K, 1)                                                 # [B, K, T]
+    adv = grpo.group_advantages(R, ep.eff.view(B, K, T))                      # [B, K, T]
+    return adv.reshape(B * K, T), pen
+
+
+def _update(model, policy: RecurrentActorCriticPolicy, opt: torch.optim.Optimizer, buf: dict, cfg: TrainConfig,
+            gen: torch.Generator, world: int) -> dict:
+    """``ppo_epochs`` passes over the buffer: minibatches of ~minibatch_decisions, an AdamW step every grad_accum."""
+    M = buf["actions"].shape[0]
+    rows = max(1, cfg.minibatch_decisions // cfg.T)
+    groups = []
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(M, generator=gen)
+        chunks = [order[i:i + rows] for i in range(0, M, rows)]
+        per_step = cfg.grad_accum or len(chunks)
+        groups += [chunks[i:i + per_step] for i in range(0, len(chunks), per_step)]
+    stats = {"loss": 0.0, "entropy": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "opt_steps": len(groups)}
+    for group in groups:
+        n_group = sum(buf["eff"][c].sum() for c in group).clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        for j, c in enumerate(group):
+            sync = world == 1 or j == len(group) - 1
+            with nullcontext() if sync else model.no_sync():
+                logits = model(buf["h"][c], buf["e"][c], buf["scalars"][c], buf["prev"][c], cfg.tau)  # [m, T, A]
+                logp = F.log_softmax(logits, -1).gather(-1, buf["actions"][c][..., None])[..., 0]   # [m, T]
+                loss, st = grpo.clipped_loss(logp, buf["logp"][c], buf["adv"][c], grpo.entropy(logits),
+                                             buf["eff"][c], cfg.clip, cfg.entropy_coef)
+                w = buf["eff"][c].sum() / n_group
+                (loss * w).backward()
+            stats["loss"] += float(loss.detach() * w) / len(groups)
+            stats["entropy"] += float(st["entropy"] * w) / len(groups)
+            stats["clip_frac"] += float(st["clip_frac"] * w) / len(groups)
+        gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        opt.step()
+        stats["grad_norm"] += float(gn) / len(groups)
+    opt.zero_grad(set_to_none=True)
+    return stats
+
+
+def _reduce(metrics: dict, world: int) -> dict:
+    if world == 1:
+        return metrics
+    keys = sorted(metrics)
+    v = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(v)
+    return {k: float(x) / world for k, x in zip(keys, v)}
+
+
+def _save(out: Path, cfg: TrainConfig, gate: GateConfig, ident: dict, policy, opt, step: int, batches: int,
+          gen: torch.Generator, history: list, rank: int, world: int) -> None:
+    states = [gen.get_state()]
+    if world > 1:
+        states = [None] * world
+        dist.all_gather_object(states, gen.get_state())
+    if rank == 0:
+        checkpoint.save(out / CHECKPOINT, {
+            **checkpoint.policy_payload(policy, cfg.grid, gate, ident, cfg.to_dict()),
+            "optimizer": opt.state_dict(), "step": step, "batches": batches,
+            "rng": states, "world_size": world, "history": history})
+        atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
+    if world > 1:
+        dist.barrier()
+
+
+def _restore(path: Path, lm: Any, cfg: TrainConfig, policy, opt, gen: torch.Generator, rank: int, world: int):
+    ck = checkpoint.read(path)
+    checkpoint.check_identity(path, ck, lm.info)
+    old = {k: v for k, v in ck["train_config"].items() if k not in _RESUMABLE}
+    new = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE}
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        raise UserError(f"{path}: cannot resume, the train config differs in {', '.join(diff)}")
+    if int(ck.get("world_size", 1)) != world:
+        raise UserError(f"{path}: cannot resume, saved with {ck.get('world_size')} processes, running {world}")
+    if "optimizer" not in ck:
+        raise UserError(f"{path}: cannot resume, the checkpoint holds no optimiser state")
+    policy.load_state_dict(ck["policy"])
+    opt.load_state_dict(ck["optimizer"])
+    for g in opt.param_groups:                     # a resume may change the learning rate (_RESUMABLE)
+        g["lr"] = cfg.lr
+    gen.set_state(ck["rng"][rank])
+    return int(ck["step"]), int(ck["batches"]), list(ck["history"])
+
+
+def _collect(lm, policy, blocks: Tensor, shard: Tensor, batches: int, n_batches: int, cfg: TrainConfig,
+             gate: GateConfig, gen: torch.Generator) -> tuple[list[Episode], dict, int]:
+    """Roll out ``n_batches`` batches of B blocks; return the episodes, the update buffer and the batch counter."""
+    alpha = grpo.penalty_alpha(cfg.grid, cfg.alpha)
+    policy.eval()
+    eps, advs, pens = [], [], []
+    for _ in range(n_batches):
+        idx = _batch_indices(shard, batches, cfg.B, cfg.seed)
+        batches += 1
+        targets = grpo.sample_budgets(cfg.B, cfg.grid, gen)
+        ep = rollout(lm, policy, blocks[idx], targets, cfg.grid, T=cfg.T, K=cfg.K, tau=cfg.tau,
+                     reward=cfg.reward, generator=gen, min_len=gate.min_len)
+        adv, pen = _advantages(ep, cfg, alpha)
+        eps.append(ep), advs.append(adv), pens.append(pen)
+    keys = ("h", "e", "scalars", "prev", "actions", "logp", "eff")
+    buf = {k: torch.cat([getattr(ep, k) for ep in eps]) for k in keys}
+    buf["adv"], buf["penalty"] = torch.cat(advs), torch.cat(pens)
+    return eps, buf, batches
+
+
+def _episode_metrics(eps: list[Episode], buf: dict) -> dict:
+    usage, targets = torch.cat([ep.usage for ep in eps]), torch.cat([ep.targets for ep in eps])
+    return {"reward": float(torch.cat([ep.reward for ep in eps]).mean()),
+            "nll": float(-torch.cat([ep.logp_true for ep in eps]).mean()),
+            "penalty": float(buf["penalty"].mean()),
+            **{f"use_{a}": float(u) for a, u in zip(AXES, usage.mean(0))},
+            **{f"target_{a}": float(u) for a, u in zip(AXES, targets.mean(0))},
+            **{f"err_{a}": float(u) for a, u in zip(AXES, (usage - targets).abs().mean(0))}}
+
+
+def train(lm: Any, blocks: Tensor, cfg: TrainConfig, out: Path, resume: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Train a policy for ``lm`` on token ``blocks`` [N, ctx+T+1]; checkpoints go to ``out/checkpoint.pt``."""
+    out = Path(out)
+    rank, world = _dist()
+    if blocks.dim() != 2 or blocks.shape[1] != cfg.ctx + cfg.T + 1:
+        raise UserError(f"training blocks must be [N, ctx+T+1] = [N, {cfg.ctx + cfg.T + 1}], "
+                        f"got {list(blocks.shape)}")
+    shard = torch.arange(blocks.shape[0])[rank::world]
+    if len(shard) < cfg.B:
+        raise UserError(f"{blocks.shape[0]} training blocks over {world} process(es) leave fewer than B={cfg.B} each")
+    gate, ident = gate_of(lm), checkpoint.model_identity(lm.info)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        policy = RecurrentActorCriticPolicy(ident["hidden_size"], cfg.grid.num_actions, cfg.policy)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 7919 * (rank + 1))
+    path = out / CHECKPOINT
+    step, batches, history = 0, 0, []
+    if resume:
+        step, batches, history = _restore(path, lm, cfg, policy, opt, gen, rank, world)
+    elif path.exists():
+        raise UserError(f"{path} exists; pass resume=True to continue it, or choose another output directory")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    model = policy
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(policy)
+    n_batches = math.ceil(math.ceil(cfg.buffer_decisions / world) / (cfg.B * cfg.K * cfg.T))
+    bar = tqdm(total=cfg.updates, initial=step, desc="grpo", unit="upd", disable=not progress or rank != 0)
+    while step < cfg.updates:
+        t0 = time.perf_counter()
+        eps, buf, batches = _collect(lm, policy, blocks, shard, batches, n_batches, cfg, gate, gen)
+        t_roll = time.perf_counter() - t0
+        policy.train()
+        stats = _update(model, policy, opt, buf, cfg, gen, world)
+        step += 1
+        timing = {"rollout_s": t_roll, "update_s": time.perf_counter() - t0, "lr": cfg.lr,
+                  "entropy_coef": cfg.entropy_coef, **{f"alpha_{a}": w for a, w in zip(AXES, cfg.alpha)}}
+        metrics = {"step": step, **_reduce({**_episode_metrics(eps, buf), **stats, **timing}, world)}
+        history.append(metrics)
+        bar.update(1)
+        bar.set_postfix(r=f"{metrics['reward']:.3f}", tok=f"{metrics['use_tok']:.2f}", pru=f"{metrics['use_pru']:.2f}",
+                        q=f"{metrics['use_q']:.2f}", loss=f"{metrics['loss']:.3f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.updates:
+            _save(out, cfg, gate, ident, policy, opt, step, batches, gen, history, rank, world)
+    bar.close()
+    policy.eval()
+    return TrainResult(policy, history, path)

@@ -1,0 +1,92 @@
+"""Teacher-forced GRPO rollouts: a dense prefill, then T controlled steps with K sampled action sequences each.
+
+The policy is driven by ``PolicyStep`` (solm_compile/policy/step.py), the state machine every consumer shares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from solm_compile.config import GateConfig
+from solm_compile.policy.actions import ActionGrid
+from solm_compile.policy.network import RecurrentActorCriticPolicy
+from solm_compile.policy.step import PolicyStep
+from solm_compile.train import grpo
+
+
+@dataclass
+class Episode:
+    """T controlled steps for N = B·K rows (row = b·K + k); everything the update needs, nothing with grad."""
+
+    h: Tensor          # [N, T, D] policy input: LM last hidden at the previous position
+    e: Tensor          # [N, T, D] policy input: embedding of the current token
+    scalars: Tensor    # [N, T, 8]
+    prev: Tensor       # [N, T] previous effective action (BOS at t=0)
+    actions: Tensor    # [N, T] chosen action (sampled or greedy)
+    logp: Tensor       # [N, T] log pi(action) at tau when chosen
+    eff: Tensor        # [N, T] bool: effective step (the action was applied and counts towards usage)
+    reward: Tensor     # [N, T] per-step reward
+    logp_true: Tensor  # [N, T] log p(true next token) under the controlled LM
+    usage: Tensor      # [N, 3] realised usage (κ, ρ, b/16) over the effective steps
+    targets: Tensor    # [N, 3]
+
+
+def gate_of(lm: Any) -> GateConfig:
+    gate = getattr(lm, "gate", None)
+    return gate if isinstance(gate, GateConfig) else GateConfig()
+
+
+@torch.no_grad()
+def rollout(lm: Any, policy: RecurrentActorCriticPolicy, blocks: Tensor, targets: Tensor, grid: ActionGrid, *,
+            T: int, K: int, tau: float = 1.0, greedy: bool = False, reward: str = "ll",
+            generator: Optional[torch.Generator] = None, min_len: Optional[int] = None) -> Episode:
+    """Dense prefill of blocks[:, :-T-1], then T teacher-forced steps under policy control, K rollouts each.
+
+    blocks [B, ctx+T+1]: step t feeds token ctx+t and scores token ctx+t+1. targets [B, 3].
+    """
+    B, n = blocks.shape
+    ctx, N = n - T - 1, B * K
+    min_len = gate_of(lm).min_len if min_len is None else min_len
+    _, hid, cache = lm.prefill(blocks[:, :ctx])                       # hid [B, ctx, D]
+    tiled = cache.repeat_interleave(K)                                # [N, ...] rows b·K + k
+    dense_lp = None
+    if reward == "kl":                                                # dense teacher-forced reference
+        ones, sixteen = torch.ones(B), torch.full((B,), 16.0)
+        lps = []
+        for t in range(T):
+            lg, _, cache = lm.step(blocks[:, ctx + t, None], cache, ones, ones, sixteen)   # [B, 1, V]
+            lps.append(F.log_softmax(lg[:, 0].float(), dim=-1))
+        dense_lp = torch.stack(lps, 1).repeat_interleave(K, 0)       # [N, T, V]
+    cache = tiled
+    E = lm.embed(blocks[:, ctx:ctx + T]).float().repeat_interleave(K, 0)   # [N, T, D]
+    labels = blocks[:, ctx + 1:ctx + T + 1].repeat_interleave(K, 0)        # [N, T]
+    ids = blocks[:, ctx:ctx + T].repeat_interleave(K, 0)                   # [N, T]
+    C = targets.float().repeat_interleave(K, 0)                            # [N, 3]
+    ps = PolicyStep(policy, grid, T)
+    state = ps.start(N, hid[:, -1].float().repeat_interleave(K, 0))       # h [N, D]
+    out = {k: [] for k in ("h", "s", "prev", "a", "logp", "eff", "r", "lp")}
+    for t in range(T):
+        eff = torch.full((N,), cache.length + 1 > min_len)                 # [N] bool
+        d = ps.decide(state, E[:, t], eff, C, tau, sample=None if greedy else (generator or True))
+        logp = F.log_softmax(d.logits, dim=-1).gather(-1, d.action[:, None])[:, 0]   # [N]
+        kappa, rho, bits = d.controls.unbind(-1)                           # 3 x [N]
+        lg, hid, cache = lm.step(ids[:, t, None], cache, kappa.contiguous(), rho.contiguous(),
+                                 bits.contiguous())                        # [N, 1, V], [N, 1, D]
+        lp_true = grpo.ll_reward(lg[:, 0], labels[:, t])                  # [N]
+        if reward == "kl":
+            lp_s = F.log_softmax(lg[:, 0].float(), dim=-1)                # [N, V]
+            r = -(dense_lp[:, t].exp() * (dense_lp[:, t] - lp_s)).sum(-1)  # [N]
+        else:
+            r = lp_true
+        for k, v in (("h", state.hidden), ("s", d.scalars), ("prev", state.prev), ("a", d.action), ("logp", logp),
+                     ("eff", eff), ("r", r), ("lp", lp_true)):
+            out[k].append(v)
+        state = ps.advance(state, d, eff, hid[:, 0], end_episode=t < T - 1)   # keep the last step's usage
+    st = {k: torch.stack(v, 1) for k, v in out.items()}
+    return Episode(st["h"], E, st["s"], st["prev"], st["a"], st["logp"], st["eff"], st["r"], st["lp"],
+                   grpo.realised_usage(state.usage, state.count), C)

@@ -1,0 +1,140 @@
+"""One policy step, every consumer: 3+ episodes, from tokens, against the independent reference (reference_sol.py).
+
+Each consumer runs its own wiring (features, episode bookkeeping, LM calls) on the tiny Llama with a random policy
+trained for episodes of E steps, teacher-forced over the same tokens at a half budget:
+
+- the artifact's torch step (``ArtifactStep``), the portable artifact and the SolmEP artifact in ``SolmSession``,
+  and ``torch.compile(backend="solm")``: the runtime's semantics ("carry": the policy restarts every E steps from
+  the current hidden state, the KV cache goes on);
+- evaluation (``PolicyController`` with episodes): SOL's lm-eval semantics ("replay": a dense replay at each
+  boundary);
+- training rollouts: one episode per rollout (the first episode of the reference).
+
+Before the one ``PolicyStep``, the torch.compile backend never restarted its episode: its actions left the
+reference's at step E.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from reference_sol import reference_actions
+from solm_compile.config import GateConfig
+from solm_compile.frontend.gated import GatedLM
+from solm_compile.frontend.models import hf_model_info
+from solm_compile.policy import checkpoint
+from solm_compile.policy.actions import ActionGrid
+from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
+
+E, P, N_STEPS = 4, 5, 3 * 4 + 2          # episode length, prompt tokens, controlled steps (> 3 episodes)
+BUDGET = (0.5, 0.5, 8)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from conftest import tiny_models
+
+    torch.manual_seed(0)
+    model = tiny_models()["llama-gqa"]().eval()
+    lm = GatedLM.from_hf(model)
+    grid = ActionGrid()
+    torch.manual_seed(1)
+    policy = RecurrentActorCriticPolicy(64, grid.num_actions, PolicyConfig(d_model=32, max_steps=16)).eval()
+    for p in policy.parameters():
+        p.data.normal_(0, 0.3)
+    ident = checkpoint.model_identity(hf_model_info(model, "tiny"))
+    path = tmp_path_factory.mktemp("policy") / "tiny.pt"
+    checkpoint.save(path, checkpoint.policy_payload(policy, grid, GateConfig(), ident,
+                                                    {"policy": policy.cfg.to_dict(), "T": E}))
+    loaded = checkpoint.load_policy(path, lm.info)
+    tokens = torch.randint(1, 160, (P + N_STEPS + 1,), generator=torch.Generator().manual_seed(7)).tolist()
+    carry, logits = reference_actions(lm, loaded.policy, grid, E, tokens[:P + N_STEPS], P, BUDGET)
+    replay, _ = reference_actions(lm, loaded.policy, grid, E, tokens[:P + N_STEPS], P, BUDGET, boundary="replay")
+    dense = grid.dense_idx
+    assert carry[:2] == [dense, dense] and len(set(carry[2:])) > 2      # warm-up dense, then the policy varies
+    no_restart, _ = reference_actions(lm, loaded.policy, grid, 16, tokens[:P + N_STEPS], P, BUDGET)
+    assert no_restart[:E] == carry[:E] and no_restart != carry         # so a missing episode restart shows
+    return {"model": model, "lm": lm, "loaded": loaded, "path": path, "tokens": tokens, "carry": carry,
+            "replay": replay, "logits": logits, "tmp": tmp_path_factory.mktemp("artifacts")}
+
+
+def test_artifact_torch_step(setup):
+    from solm_compile.artifact.step import ArtifactStep, initial_policy_state
+    from solm_compile.policy.step import PolicyStep
+
+    lm, tokens = setup["lm"], setup["tokens"]
+    step = ArtifactStep(lm.model.gm, PolicyStep.from_loaded(setup["loaded"]), lm._embedding, lm.gate.min_len)
+    budget = torch.tensor([[BUDGET[0], BUDGET[1], BUDGET[2] / 16]])
+    with torch.no_grad():
+        _, hid, cache = lm.prefill(torch.tensor([tokens[:P]]))
+        state, past, actions = initial_policy_state(step.step, 1, hid[:, -1]), cache.tensors, []
+        for t in range(N_STEPS):
+            out = step(torch.tensor([[tokens[P + t]]]), torch.tensor([[P + t]]), past, *state, budget)
+            n = len(past)
+            past, state = list(out[1:1 + n]), tuple(out[1 + n:1 + n + 7])
+            actions.append(int(out[1 + n + 7]))
+            torch.testing.assert_close(out[0][0, -1], setup["logits"][t], atol=1e-4, rtol=1e-4)
+    assert actions == setup["carry"]
+
+
+@pytest.mark.parametrize("kind", ["portable", "solm"])
+def test_artifact_in_onnxruntime(setup, kind):
+    from solm_compile.artifact.write import write_artifact
+    from solm_compile.runtime import ep
+    from solm_compile.runtime.session import SolmSession
+
+    if kind == "solm" and ep.library_path() is None:
+        if os.environ.get("SOLM_REQUIRE_EP"):
+            pytest.fail("SOLM_REQUIRE_EP is set but SolmEP is not built")
+        pytest.skip("SolmEP is not built here (python -m solm_compile.runtime.ep_build)")
+    path = write_artifact(setup["lm"], setup["tmp"] / f"tiny.{kind}.onnx", kind, setup["loaded"])
+    sess = SolmSession(path, tokenizer=False, threads=1)
+    tokens = setup["tokens"]
+    steps = list(sess.steps([tokens[:P]], BUDGET, forced=[tokens[P:P + N_STEPS]]))[1:]
+    assert [int(s["action"][0]) for s in steps] == setup["carry"]
+    got = torch.tensor([s["logits"][0] for s in steps])
+    torch.testing.assert_close(got, setup["logits"], atol=2e-3, rtol=1e-3)
+
+
+def test_torch_compile(setup):
+    from solm_compile.backend import dynamo
+
+    torch._dynamo.reset()
+    model, tokens = setup["model"], setup["tokens"]
+    model.compile(backend="solm", options={"policy": str(setup["path"]), "attn_keep": BUDGET[0],
+                                           "mlp_keep": BUDGET[1], "bits": BUDGET[2]})
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([tokens[:P]]), use_cache=True)
+            for t in range(N_STEPS):
+                out = model(torch.tensor([[tokens[P + t]]]), past_key_values=out.past_key_values, use_cache=True)
+        actions = [int(a[0]) for a in dynamo.controller(model).actions]
+    finally:
+        torch._dynamo.reset()
+    assert actions == setup["carry"]
+
+
+def test_evaluation_episodes(setup):
+    from solm_compile.eval.evaluate import run_traces
+    from solm_compile.eval.sources import ChoiceSource, PolicyController
+
+    lm, loaded, tokens = setup["lm"], setup["loaded"], setup["tokens"]
+    item = {"ctx": tokens[:P + 1], "conts": [tokens[P + 1:P + 1 + N_STEPS]], "label": 0, "chars": [N_STEPS]}
+    targets = (BUDGET[0], BUDGET[1], BUDGET[2] / 16)
+    make = PolicyController(lm, loaded.policy, loaded.grid, targets, episode=E).begin
+    trace = run_traces(lm, ChoiceSource(lm, [item]), {"policy": make}, episode=E)["policy"]
+    assert trace.actions[0].tolist()[2:] == setup["replay"][2:]        # (−1 marks the uncounted warm-up steps)
+
+
+def test_training_rollout_first_episode(setup):
+    from solm_compile.train.rollout import rollout
+
+    lm, loaded, tokens = setup["lm"], setup["loaded"], setup["tokens"]
+    blocks = torch.tensor([tokens[:P + E + 1]])
+    targets = torch.tensor([[BUDGET[0], BUDGET[1], BUDGET[2] / 16]])
+    ep = rollout(lm, loaded.policy, blocks, targets, loaded.grid, T=E, K=2, greedy=True)
+    applied = torch.where(ep.eff, ep.actions, torch.full_like(ep.actions, loaded.grid.dense_idx))
+    assert applied.tolist() == [setup["carry"][:E]] * 2
