@@ -211,13 +211,31 @@ class SolmSession:
             yield step
 
     # ------------------------------------------------------------------------------------------ public API
+    def chat_prompt(self, prompt: str) -> str:
+        """``prompt`` as the model's chat template renders one user turn and the assistant's cue."""
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+            self.meta["chat_template"])
+        return template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+                               bos_token=self.meta.get("bos_token") or "", eos_token=self.meta.get("eos_token") or "")
+
     def generate(self, prompt: str, max_new_tokens: int = 32, budget=(1.0, 1.0, 16), greedy: bool = True,
-                 temperature: float = 1.0, seed: int = 0, on_text: Callable[[str], None] | None = None
-                 ) -> GenerationResult:
-        """Greedy or sampled generation for one prompt; ``on_text`` receives text as it is produced."""
+                 temperature: float = 1.0, seed: int = 0, on_text: Callable[[str], None] | None = None,
+                 chat: bool | None = None) -> GenerationResult:
+        """Greedy or sampled generation for one prompt; ``on_text`` receives text as it is produced. ``chat``
+        (default: when the artifact carries a chat template) wraps the prompt in the template as a user turn.
+        Generation stops at an end-of-sequence token (not included) or after ``max_new_tokens``."""
         if self.tokenizer is None:
             raise UserError(f"{self.path}: opened without a tokenizer")
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        if chat is None:
+            chat = bool(self.meta.get("chat_template"))
+        elif chat and not self.meta.get("chat_template"):
+            raise UserError(f"{self.path}: this artifact has no chat template (compile an instruct model, or "
+                            "generate without --chat)")
+        text_in = self.chat_prompt(prompt) if chat else prompt
+        ids = self.tokenizer.encode(text_in, add_special_tokens=False).ids
+        eos = set(self.meta.get("eos_token_ids") or [])
         rng = np.random.default_rng(seed)
 
         def pick(logits):
@@ -233,6 +251,8 @@ class SolmSession:
         next(gen)                                   # the dense prefill
         start = time.perf_counter()
         for step in gen:                            # each step feeds the token picked from the last logits
+            if int(step["token"][0]) in eos:        # the answer ended (that step's output is not used)
+                break
             tokens.append(int(step["token"][0]))
             if step["controls"] is not None:
                 actions.append(int(step["action"][0]))

@@ -118,3 +118,18 @@ def test_weights_hash_is_the_same_at_any_thread_count(tiny_llama):
     finally:
         torch.set_num_threads(before)
     assert len(hashes) == 1
+
+
+def test_gpt2_mlp_is_tanh_gelu_and_plain_gelu_would_show():
+    """GPT-2's hand-written gelu_new is recognised as tanh-GELU: the gated op says so, and at a dense budget the
+    graph matches the original far more tightly than the plain-GELU version of the same graph does."""
+    loaded = models._from_hf(tiny_models()["gpt2"]().eval(), None, name="gpt2", source="<test>")
+    gated = compile_gated(loaded)
+    nodes = [n for n in gated.gm.graph.nodes if n.target is torch.ops.solm.sparse_mlp.default]
+    assert nodes and all(n.args[9] == "gelu_tanh" for n in nodes)
+    tight = verify(loaded, gated, steps=4)["max_abs_diff"]
+    for n in nodes:                                   # the same graph with erf GELU instead
+        n.args = (*n.args[:9], "gelu")
+    gated.gm.recompile()
+    loose = verify(loaded, gated, steps=4)["max_abs_diff"]
+    assert tight <= 1e-6 and loose > 10 * tight, (tight, loose)   # plain GELU passed the old 1e-4 check too

@@ -161,3 +161,23 @@ def test_torch_compile_half_budget_equals_the_artifact_step():
     assert torch.equal(out[:, ids.shape[1] + 1:], torch.stack(want_next, 1))
     assert len(set(acts.flatten().tolist())) > 3                              # the policy really varies the work
     torch._dynamo.reset()
+
+
+def test_solm_run_chats_and_stops_at_end_of_sequence(smollm2_artifacts, capsys):
+    """The instruct model gets its chat template (rendered as transformers renders it) and the answer ends at
+    <|im_end|> instead of rambling through invented turns."""
+    from solm_compile.runtime.session import SolmSession
+
+    loaded, _, _, arts = smollm2_artifacts
+    sess = SolmSession(arts["solm"])
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    assert sess.chat_prompt(msgs[0]["content"]) == loaded.tokenizer.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True)
+    code = cli.main(["run", str(arts["solm"]), "--prompt", msgs[0]["content"], "--max-new-tokens", "48",
+                     "--greedy", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert code == 0 and r["chat"]
+    assert "Paris" in r["text"] and len(r["tokens"]) < 48
+    assert "user" not in r["text"] and "assistant" not in r["text"]
+    eos = loaded.tokenizer.eos_token_id
+    assert eos not in r["tokens"]

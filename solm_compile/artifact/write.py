@@ -119,11 +119,21 @@ def io_names(lm: GatedLM, kind: str) -> tuple[list[str], list[str]]:
     return ins, outs
 
 
-def metadata(lm: GatedLM, kind: str, loaded_policy, tokenizer_file: str | None) -> dict:
+def chat_metadata(tokenizer) -> dict:
+    """What ``solm run`` needs to talk to an instruct model: its chat template and end-of-sequence token(s)."""
+    if tokenizer is None:
+        return {}
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return {"chat_template": getattr(tokenizer, "chat_template", None) or None,
+            "bos_token": getattr(tokenizer, "bos_token", None), "eos_token": getattr(tokenizer, "eos_token", None),
+            "eos_token_ids": [] if eos is None else sorted({int(x) for x in (eos if isinstance(eos, list) else [eos])})}
+
+
+def metadata(lm: GatedLM, kind: str, loaded_policy, tokenizer_file: str | None, tokenizer=None) -> dict:
     meta = {
         "version": __version__, "kind": kind, "model": lm.info.to_dict(), "num_layers": lm.info.num_layers,
         "hidden_size": lm.info.hidden_size, "vocab_size": lm.info.vocab_size, "kv_heads": lm.kv_heads,
-        "head_dim": lm.head_dim, "gate": lm.gate.to_dict(), "tokenizer": tokenizer_file,
+        "head_dim": lm.head_dim, "gate": lm.gate.to_dict(), "tokenizer": tokenizer_file, **chat_metadata(tokenizer),
     }
     if kind == "fixed":
         meta["budget_ranges"] = [[0.05, 1.0], [0.1, 1.0], [2, 16]]
@@ -188,7 +198,7 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
         atomic_write_bytes(out.parent / tok_name, tokenizer.backend_tokenizer.to_str(pretty=True).encode())
     model = program.model_proto
     model.producer_name, model.producer_version = "solm", __version__
-    for k, v in {**metadata(lm, kind, loaded_policy, tok_name), **ep_meta}.items():
+    for k, v in {**metadata(lm, kind, loaded_policy, tok_name, tokenizer), **ep_meta}.items():
         model.metadata_props.add(key=f"solm.{k}", value=json.dumps(v, sort_keys=True))
     onnx.checker.check_model(model, full_check=False)
     large = model.ByteSize() > 1_900_000_000

@@ -37,6 +37,9 @@ def add_artifact_parsers(sub, common) -> None:
     p.add_argument("--mlp-keep", type=float, default=1.0, help="MLP keep target ρ̄ (default 1)")
     p.add_argument("--bits", type=float, default=16, help="bits target (default 16)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
+    p.add_argument("--no-chat", dest="chat", action="store_false", default=None,
+                   help="feed the prompt as plain text (default: an instruct model's chat template wraps it as a "
+                   "user turn, and generation stops at its end-of-sequence token)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
@@ -73,12 +76,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if sess.kind != "dense":
         sess.check_budget(budget)
     stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    if stream:
-        stream(args.prompt)
+    chat = bool(sess.meta.get("chat_template")) if args.chat is None else args.chat
+    if stream and not chat:
+        stream(args.prompt)                         # plain text: the answer continues the prompt
     r = sess.generate(args.prompt, args.max_new_tokens, budget, greedy=args.greedy, temperature=args.temperature,
-                      seed=args.seed, on_text=stream)
+                      seed=args.seed, on_text=stream, chat=chat)
     if args.json:
-        print(json.dumps({"text": r.text, "tokens": r.tokens, "tok_s": r.tok_s, "usage": r.usage,
+        print(json.dumps({"text": r.text, "chat": chat, "tokens": r.tokens, "tok_s": r.tok_s, "usage": r.usage,
                           "actions": r.actions, "kind": sess.kind, "providers": sess.sess.get_providers()}))
     else:
         u = r.usage

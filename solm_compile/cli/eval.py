@@ -345,7 +345,8 @@ def sweep_markdown(r: dict) -> str:
     lines = [f"# solm eval sweep: {r['model']} on {r['data']}", "",
              f"{r['blocks']} blocks x {r['T']} scored tokens (ctx {r['ctx']}); policy `{Path(r['policy']).name}`; "
              f"{r['random_seeds']} random seeds. Budget points: (κ, ρ, bits) targets for the policy; every baseline "
-             "is matched to the usage the policy realised. Δnll: paired per-block NLL difference to the policy.", "",
+             "is matched to the usage the policy realised. Δnll = NLL(method) − NLL(policy), paired per block: "
+             "> 0 means the policy is better.", "",
              "| target (κ, ρ, b) | method | net keep | ppl ± se | Δnll ± se | κ̄ | ρ̄ | b̄ | FLOPs | bytes |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in r["points"]:

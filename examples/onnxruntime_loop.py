@@ -1,0 +1,67 @@
+"""Drive a solm artifact with plain onnxruntime: register SolmEP by hand, then prefill and greedy-decode.
+
+    python examples/onnxruntime_loop.py ARTIFACT [--max-new-tokens N]
+
+This is what a service in any onnxruntime language binding does; no solm code runs in the loop (solm is
+only asked where its SolmEP library is). The step protocol, as written in the artifact's metadata:
+inputs input_ids, position_ids, past_key_i/past_value_i, the policy state policy_* and budget; outputs logits,
+present_key_i/present_value_i and policy_*_out, which are fed back as the next step's inputs unchanged (the
+artifact restarts the policy's episodes itself), plus action and controls for the caller's information.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("artifact")
+parser.add_argument("--max-new-tokens", type=int, default=16)
+args = parser.parse_args()
+
+meta = {p.key.removeprefix("solm."): json.loads(p.value)
+        for p in onnx.load(args.artifact, load_external_data=False).metadata_props if p.key.startswith("solm.")}
+so = ort.SessionOptions()
+so.intra_op_num_threads = 2
+so.log_severity_level = 3                        # errors only (onnxruntime warns about the optional page-state inputs)
+if meta["kind"] in ("solm", "fixed"):            # ai.solm nodes: register SolmEP and put it first
+    from solm_compile.runtime.ep import library_path
+
+    ort.register_execution_provider_library("SolmEP", str(library_path()))
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == "SolmEP"]
+    so.add_provider_for_devices(devices, {})
+sess = ort.InferenceSession(args.artifact, so)
+
+tok = Tokenizer.from_file(str(Path(args.artifact).parent / meta["tokenizer"]))
+ids = tok.encode("The capital of France is", add_special_tokens=False).ids   # plain text, no chat template
+L, kvh, hd = meta["num_layers"], meta["kv_heads"], meta["head_dim"]
+feeds = {"input_ids": np.array([ids], np.int64), "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
+for i in range(L):
+    feeds[f"past_key_{i}"] = feeds[f"past_value_{i}"] = np.zeros((1, kvh, 0, hd), np.float32)
+state = ["policy_key", "policy_value", "policy_prev_action", "policy_usage", "policy_count", "policy_step",
+         "policy_hidden"]
+H, phd, T = meta["policy_heads"], meta["policy_head_dim"], meta["episode_len"]
+feeds.update(policy_key=np.zeros((1, H, T, phd), np.float32), policy_value=np.zeros((1, H, T, phd), np.float32),
+             policy_prev_action=np.array([meta["num_actions"]], np.int64), policy_usage=np.zeros((1, 3), np.float32),
+             policy_count=np.zeros(1, np.float32), policy_step=np.zeros(1, np.int64),
+             policy_hidden=np.zeros((1, meta["hidden_size"]), np.float32),
+             budget=np.array([[0.5, 0.75, 8 / 16]], np.float32))   # κ̄, ρ̄, b̄/16
+names = [o.name for o in sess.get_outputs()]
+out, new = None, []
+for t in range(args.max_new_tokens + 1):
+    out = dict(zip(names, sess.run(None, feeds)))
+    for i in range(L):
+        feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = out[f"present_key_{i}"], out[f"present_value_{i}"]
+    for name in state:
+        feeds[name] = out[f"{name}_out"]
+    nxt = int(out["logits"][0, -1].argmax())
+    if t == args.max_new_tokens or nxt in meta.get("eos_token_ids", []):
+        break
+    new.append(nxt)
+    feeds["input_ids"] = np.array([[nxt]], np.int64)
+    feeds["position_ids"] = np.array([[len(ids) + t]], np.int64)
+print(repr(tok.decode(new)), "| last action", int(out["action"][0]), "controls", out["controls"][0].tolist())

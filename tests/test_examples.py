@@ -1,0 +1,54 @@
+"""The examples in examples/ run, on the real SmolLM2, as a user would run them (few tokens)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _run(script: str, *args: str, timeout: int = 900) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    r = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, env=env,
+                       timeout=timeout)
+    assert r.returncode == 0, f"{script} failed:\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("example")
+    text = _run("compile_and_generate.py", "--out", str(out), "--max-new-tokens", "12")
+    assert "Paris" in text, text                     # "What is the capital…" → an answer naming Paris
+    return out / "smollm2.solm.onnx"
+
+
+def test_every_example_has_a_header_and_is_run_here():
+    scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
+    assert scripts == ["compile_and_generate.py", "onnxruntime_loop.py", "runtime_budgets.py",
+                       "torch_compile_generate.py"]
+    for s in scripts:
+        assert (EXAMPLES / s).read_text().startswith('"""'), f"{s}: no header docstring"
+
+
+def test_onnxruntime_loop(artifact):
+    text = _run("onnxruntime_loop.py", str(artifact), "--max-new-tokens", "6")
+    assert "Paris" in text, text                     # plain continuation of "The capital of France is"
+
+
+def test_runtime_budgets(artifact):
+    lines = [line for line in _run("runtime_budgets.py", str(artifact), "--max-new-tokens", "6").splitlines()
+             if line.startswith("target")]
+    assert len(lines) == 3
+    assert "realised κ 1.00 ρ 1.00 b 16.0" in lines[0]     # the dense budget is dense
+
+
+def test_torch_compile_generate():
+    text = _run("torch_compile_generate.py", "--max-new-tokens", "8")
+    assert "Paris" in text and "decode steps under the policy" in text, text
