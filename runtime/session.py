@@ -175,13 +175,18 @@ class SolmSession:
         """Prefill, then one controlled step per token; yields per step {logits, action, controls}.
 
         ``next_token(logits [B,V]) -> [B]`` picks each next token (greedy by default); ``forced`` [B,n] feeds given
-        tokens instead (teacher forcing, for ``score``).
+        tokens instead (teacher forcing, for ``score``). ``budget`` is one (attn_keep, mlp_keep, bits) for every row,
+        or (solm and portable artifacts) a list of B of them: each row carries its own.
         """
         ids = np.asarray(prompt_ids, dtype=np.int64)
         B, T = ids.shape
+        per_row = len(budget) == B and all(isinstance(b, (tuple, list)) for b in budget)
         feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(T, dtype=np.int64), (B, 1)),
                  **self._empty_past(B)}
-        target = np.tile(self.check_budget(budget), (B, 1)) if self.kind != "dense" else None
+        if per_row and self.kind not in ("solm", "portable"):
+            raise UserError(f"{self.path}: per-row budgets need a policy artifact (solm or portable), not {self.kind}")
+        target = (np.stack([self.check_budget(b) for b in budget]) if per_row else
+                  np.tile(self.check_budget(budget), (B, 1)) if self.kind != "dense" else None)
         policy = self.kind in ("solm", "portable")
         if policy:
             feeds.update(self._policy_start(B, np.zeros((B, self.meta["hidden_size"]), np.float32)), budget=target)

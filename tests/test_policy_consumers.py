@@ -138,3 +138,56 @@ def test_training_rollout_first_episode(setup):
     ep = rollout(lm, loaded.policy, blocks, targets, loaded.grid, T=E, K=2, greedy=True)
     applied = torch.where(ep.eff, ep.actions, torch.full_like(ep.actions, loaded.grid.dense_idx))
     assert applied.tolist() == [setup["carry"][:E]] * 2
+
+
+ROW_BUDGETS = [(0.5, 0.5, 8), (0.25, 0.75, 16), (0.9, 0.6, 5)]
+
+
+@pytest.fixture(scope="module")
+def rows(setup):
+    """Three rows: different prompts and budgets; each row's reference is its own B = 1 run."""
+    g = torch.Generator().manual_seed(11)
+    toks = [torch.randint(1, 160, (P + N_STEPS,), generator=g).tolist() for _ in ROW_BUDGETS]
+    refs = [reference_actions(setup["lm"], setup["loaded"].policy, setup["loaded"].grid, E, t, P, b)[0]
+            for t, b in zip(toks, ROW_BUDGETS)]
+    assert len({tuple(r) for r in refs}) == len(refs)                  # the rows really differ
+    return toks, refs
+
+
+def test_batch_equals_rows_in_the_artifact_step(setup, rows):
+    from solm_compile.artifact.step import ArtifactStep, initial_policy_state
+    from solm_compile.policy.step import PolicyStep
+
+    lm, (toks, refs) = setup["lm"], rows
+    step = ArtifactStep(lm.model.gm, PolicyStep.from_loaded(setup["loaded"]), lm._embedding, lm.gate.min_len)
+    budget = torch.tensor([[k, r, b / 16] for k, r, b in ROW_BUDGETS])
+    X = torch.tensor(toks)
+    with torch.no_grad():
+        _, hid, cache = lm.prefill(X[:, :P])
+        state, past, actions = initial_policy_state(step.step, len(toks), hid[:, -1]), cache.tensors, []
+        for t in range(N_STEPS):
+            out = step(X[:, P + t:P + t + 1], torch.full((len(toks), 1), P + t), past, *state, budget)
+            n = len(past)
+            past, state = list(out[1:1 + n]), tuple(out[1 + n:1 + n + 7])
+            actions.append(out[1 + n + 7].tolist())
+    assert [list(a) for a in zip(*actions)] == refs
+
+
+@pytest.mark.parametrize("kind", ["portable", "solm"])
+def test_batch_equals_rows_in_onnxruntime(setup, rows, kind):
+    from solm_compile.runtime import ep
+    from solm_compile.runtime.session import SolmSession
+
+    if kind == "solm" and ep.library_path() is None:
+        if os.environ.get("SOLM_REQUIRE_EP"):
+            pytest.fail("SOLM_REQUIRE_EP is set but SolmEP is not built")
+        pytest.skip("SolmEP is not built here")
+    path = setup["tmp"] / f"tiny.{kind}.onnx"
+    if not path.exists():
+        from solm_compile.artifact.write import write_artifact
+
+        write_artifact(setup["lm"], path, kind, setup["loaded"])
+    toks, refs = rows
+    sess = SolmSession(path, tokenizer=False, threads=1)
+    steps = list(sess.steps([t[:P] for t in toks], ROW_BUDGETS, forced=[t[P:] for t in toks]))[1:]
+    assert [[int(s["action"][i]) for s in steps] for i in range(len(toks))] == refs
