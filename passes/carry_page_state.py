@@ -25,15 +25,17 @@ import re
 import numpy as np
 from onnxscript import ir
 
+from solm_compile.ops import registry
 from solm_compile.passes.base import PassResult
 
-DOMAIN = "ai.solm"
+DOMAIN = registry.DOMAIN
+_QUEST = registry.QUEST_ATTENTION      # the artifact form: 7 inputs, 3 outputs (the last two of each: page state)
 _PRESENT_KEY = re.compile(r"present_key_(\d+)")
 _PAST_KEY = re.compile(r"past_key_(\d+)")
 
 
 def _quest_nodes(graph: ir.Graph) -> list[ir.Node]:
-    return [n for n in graph if n.domain == DOMAIN and n.op_type == "QuestAttention"]
+    return [n for n in graph if n.domain == DOMAIN and n.op_type == _QUEST.onnx_name]
 
 
 def _layer_of(node: ir.Node) -> int | None:
@@ -78,8 +80,8 @@ def carry_page_state(model: ir.Model) -> PassResult:
             result.skipped.append(f"{node.name}: k is not a layer's key cache (present_key_i = Concat(past_key_i, ·))")
             continue
         state_in = [_state_input(f"past_page_{m}_{layer}", past, f"past_pages_{layer}") for m in ("min", "max")]
-        node.resize_inputs(7)
-        node.resize_outputs(3)
+        node.resize_inputs(len(_QUEST.inputs))
+        node.resize_outputs(len(_QUEST.outputs))
         for j, value in enumerate(state_in):
             graph.inputs.insert(at_in, value)
             at_in += 1

@@ -9,11 +9,14 @@ kernels that skip the pruned work; every other node stays on onnxruntime's CPU E
     sess.get_providers()                         # ['SolmEP', 'CPUExecutionProvider']
 
 Without the built library every function here degrades gracefully: ``register`` warns once and returns False,
-``session_options_with_ep`` returns plain session options, and callers run the portable artifact instead.
+``session_options_with_ep`` returns plain session options, and callers run the portable artifact instead. The one
+exception is ``registered_ops`` (what the built library registers), which has nothing to report and raises.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
 import threading
 import warnings
 from pathlib import Path
@@ -132,3 +135,23 @@ def session_options_with_ep(so: Any = None, *, ort: Any = None, provider_options
         opts["select_per_kv_head"] = "1" if select_per_kv_head else "0"
     so.add_provider_for_devices(ep_devices(ort), opts)
     return so
+
+
+def registered_ops(path: str | Path | None = None) -> list[dict]:
+    """The ``ai.solm`` ops the built library registers, read from its own op table (``runtime/ep/op_table.h``,
+    through the C function ``solm_ep_registered_ops``), one dict per op::
+
+        {"op_type": "QuestAttention", "domain": "ai.solm", "since_version": 1, "inputs": 7,
+         "optional_inputs": [3, 5, 6], "outputs": 3, "optional_outputs": [1, 2],
+         "attributes": ["scale", "is_causal", ...]}
+
+    ``path`` overrides ``library_path()``. Needs no onnxruntime (the library is only loaded, not registered).
+    Raises FileNotFoundError without a built library, AttributeError for a library older than this function.
+    ``solm_compile.ops.registry.ep_view`` gives the same form for each op of the Python registry.
+    """
+    lib = Path(path) if path is not None else library_path()
+    if lib is None or not lib.is_file():
+        raise FileNotFoundError(NOT_BUILT)
+    fn = ctypes.CDLL(str(lib)).solm_ep_registered_ops
+    fn.restype, fn.argtypes = ctypes.c_char_p, []
+    return json.loads(fn().decode())

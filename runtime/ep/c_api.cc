@@ -1,6 +1,7 @@
 // A plain C API over kernels.h for callers outside onnxruntime (solm_compile/fast_c.py: the torch.compile path's
-// custom ops call it through ctypes), so both runtimes run the same kernels. Raw fp32 pointers, contiguous
-// row-major tensors unless strides are given; no onnxruntime symbol is used here.
+// custom ops call it through ctypes), so both runtimes run the same kernels; and solm_ep_registered_ops, which
+// reports the EP's op table (op_table.h) to Python. Raw fp32 pointers, contiguous row-major tensors unless strides
+// are given; no onnxruntime symbol is used here.
 //
 // Threads: every call runs serially on the calling thread (torch's own intra-op pool is not reachable from here);
 // scratch is thread-local, so concurrent calls from different threads are safe, also on one MLP handle (its
@@ -10,8 +11,10 @@
 #include <cstring>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "kernels.h"
+#include "op_table.h"
 
 #define SOLM_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -27,7 +30,53 @@ solm::MlpScratch& MlpTls() {
   return s;
 }
 
+// JSON string for `s` (the table's names are plain identifiers; quotes and backslashes are escaped anyway).
+std::string Quoted(const char* s) {
+  std::string out = "\"";
+  for (; *s; ++s) {
+    if (*s == '"' || *s == '\\') out += '\\';
+    out += *s;
+  }
+  return out + "\"";
+}
+
+std::string IndexList(const std::vector<size_t>& v) {
+  std::string out = "[";
+  for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+  return out + "]";
+}
+
+std::string RegisteredOpsJson() {
+  std::string out = "[";
+  bool first = true;
+  for (const auto& spec : solm_ep::OpSpecs()) {
+    std::vector<size_t> opt_in, opt_out;
+    for (size_t i = 0; i < spec.inputs.size(); ++i)
+      if (spec.inputs[i].optional) opt_in.push_back(i);
+    for (size_t i = spec.n_out_required; i < spec.n_out; ++i) opt_out.push_back(i);
+    std::string attrs = "[";
+    for (size_t i = 0; i < spec.attributes.size(); ++i) attrs += (i ? ", " : "") + Quoted(spec.attributes[i]);
+    out += std::string(first ? "" : ", ") + "{\"op_type\": " + Quoted(spec.name) +
+           ", \"domain\": " + Quoted(solm_ep::kDomain) +
+           ", \"since_version\": " + std::to_string(solm_ep::kDomainVersion) +
+           ", \"inputs\": " + std::to_string(spec.inputs.size()) + ", \"optional_inputs\": " + IndexList(opt_in) +
+           ", \"outputs\": " + std::to_string(spec.n_out) + ", \"optional_outputs\": " + IndexList(opt_out) +
+           ", \"attributes\": " + attrs + "]}";
+    first = false;
+  }
+  return out + "]";
+}
+
 }  // namespace
+
+// The ai.solm ops this library registers with onnxruntime, straight from its op table (op_table.h, the one
+// solm_ep.cc registers and compiles from), as a JSON array of {"op_type", "domain", "since_version", "inputs",
+// "optional_inputs", "outputs", "optional_outputs", "attributes"} (counts, optional positions, attribute names).
+// The string is built once and lives as long as the library.
+SOLM_EXPORT const char* solm_ep_registered_ops() {
+  static const std::string json = RegisteredOpsJson();
+  return json.c_str();
+}
 
 // Bumped when a signature below changes (the Python side checks it before binding).
 SOLM_EXPORT int solm_c_api_version() { return 3; }

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "op_table.h"
 #include "ort_kernels.h"
 
 #define SOLM_EXPORT extern "C" __attribute__((visibility("default")))
@@ -49,7 +50,6 @@ namespace {
 
 constexpr uint32_t kSolmOrtApi = 24;
 constexpr const char* kEpName = "SolmEP";
-constexpr const char* kDomain = "ai.solm";
 constexpr const char* kVersion = "0.1.0";
 
 const OrtEpApi* g_ep = nullptr;
@@ -165,30 +165,10 @@ std::shared_ptr<SavedTensor> SaveConstant(const OrtValueInfo* vi) {
 }
 
 // ------------------------------------------------------------------------------------------------ op table
+// The ops, their inputs, outputs and attributes: op_table.h (OpSpecs / FindSpec), shared with c_api.cc.
 
-struct OpSpec {
-  const char* name;
-  std::vector<ONNXTensorElementDataType> in_types;  // UNDEFINED: any type
-  std::vector<bool> in_optional;
-  size_t n_out;
-  size_t n_out_required = SIZE_MAX;  // outputs from this index on are optional (default: none)
-};
-
-const std::vector<OpSpec>& OpSpecs() {
-  constexpr auto F = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  constexpr auto U = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  static const std::vector<OpSpec> specs = {
-      {"QuestAttention", {F, F, F, U, F, F, F}, {false, false, false, true, false, true, true}, 3, 1},
-      {"SparseMLP", {F, F, F, F, F, F, F, F, F}, {false, true, true, false, true, false, true, false, false}, 1},
-      {"GateControls", {U, U, F, F, F}, {false, false, false, false, false}, 3},
-  };
-  return specs;
-}
-
-const OpSpec* FindSpec(const char* op) {
-  for (const auto& s : OpSpecs())
-    if (std::strcmp(s.name, op) == 0) return &s;
-  return nullptr;
+ONNXTensorElementDataType InputType(const OpSpec& spec, size_t i) {
+  return spec.inputs[i].float32 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 }
 
 // Placeholder custom ops: they only give ORT a schema for ai.solm so graphs validate; SolmEP compiles the nodes.
@@ -199,12 +179,12 @@ struct PlaceholderOp : OrtCustomOp {
     version = kSolmOrtApi;
     GetName = [](const OrtCustomOp* op) { return static_cast<const PlaceholderOp*>(op)->spec->name; };
     GetExecutionProviderType = [](const OrtCustomOp*) { return kEpName; };
-    GetInputTypeCount = [](const OrtCustomOp* op) { return static_cast<const PlaceholderOp*>(op)->spec->in_types.size(); };
-    GetInputType = [](const OrtCustomOp* op, size_t i) { return static_cast<const PlaceholderOp*>(op)->spec->in_types[i]; };
+    GetInputTypeCount = [](const OrtCustomOp* op) { return static_cast<const PlaceholderOp*>(op)->spec->inputs.size(); };
+    GetInputType = [](const OrtCustomOp* op, size_t i) { return InputType(*static_cast<const PlaceholderOp*>(op)->spec, i); };
     GetOutputTypeCount = [](const OrtCustomOp* op) { return static_cast<const PlaceholderOp*>(op)->spec->n_out; };
     GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
     GetInputCharacteristic = [](const OrtCustomOp* op, size_t i) {
-      return static_cast<const PlaceholderOp*>(op)->spec->in_optional[i] ? INPUT_OUTPUT_OPTIONAL
+      return static_cast<const PlaceholderOp*>(op)->spec->inputs[i].optional ? INPUT_OUTPUT_OPTIONAL
                                                                           : INPUT_OUTPUT_REQUIRED;
     };
     GetOutputCharacteristic = [](const OrtCustomOp* op, size_t i) {
@@ -216,7 +196,7 @@ struct PlaceholderOp : OrtCustomOp {
     GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
     GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
     GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
-    GetStartVersion = [](const OrtCustomOp*) { return 1; };
+    GetStartVersion = [](const OrtCustomOp*) { return kDomainVersion; };
     GetEndVersion = [](const OrtCustomOp*) { return 1 << 30; };
     CreateKernelV2 = [](const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo*, void** kernel) -> OrtStatusPtr {
       *kernel = const_cast<OrtCustomOp*>(op);
@@ -265,8 +245,8 @@ bool IsClaimable(const OrtNode* node, const OpSpec** spec_out) {
   if (spec == nullptr) return false;
   // fp32 kernels: every declared-float input that is present must be float (or of unknown type).
   auto ins = NodeInputs(node);
-  for (size_t i = 0; i < ins.size() && i < spec->in_types.size(); ++i) {
-    if (ins[i] == nullptr || spec->in_types[i] != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) continue;
+  for (size_t i = 0; i < ins.size() && i < spec->inputs.size(); ++i) {
+    if (ins[i] == nullptr || !spec->inputs[i].float32) continue;
     const auto t = ValueElemType(ins[i]);
     if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && t != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED) return false;
   }
@@ -286,6 +266,12 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
   const std::string op = opc ? opc : "";
   const OpSpec* spec = FindSpec(op.c_str());
   if (spec == nullptr) Fail("SolmEP: cannot compile op " + op, ORT_EP_FAIL);
+  // Every attribute read below must be declared in op_table.h, the table solm_ep_registered_ops reports.
+  auto attr = [&](const char* name) {
+    if (!spec->HasAttribute(name))
+      Fail("SolmEP: " + op + " reads attribute '" + name + "', which op_table.h does not declare", ORT_EP_FAIL);
+    return name;
+  };
 
   // Fused-node inputs, in kernel-context order (de-duplicated by name; constants dropped if ORT honoured
   // drop_constant_initializers).
@@ -300,7 +286,7 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
   auto ins = NodeInputs(node);
   if (std::getenv("SOLM_EP_DEBUG"))
     std::fprintf(stderr, "SolmEP compile %s: %zu op inputs, %zu fused inputs\n", op.c_str(), ins.size(), ctx_index.size());
-  std::vector<InputSlot> slots(spec->in_types.size());
+  std::vector<InputSlot> slots(spec->inputs.size());
   for (size_t i = 0; i < slots.size() && i < ins.size(); ++i) {
     slots[i].name = ValueName(ins[i]);
     if (slots[i].name.empty()) continue;
@@ -311,7 +297,7 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
       Fail("SolmEP: " + op + " input '" + slots[i].name + "' is neither a fused-node input nor a constant", ORT_EP_FAIL);
   }
   for (size_t i = 0; i < slots.size(); ++i)
-    if (slots[i].name.empty() && !spec->in_optional[i])
+    if (slots[i].name.empty() && !spec->inputs[i].optional)
       Fail("SolmEP: " + op + " is missing required input #" + std::to_string(i));
 
   // Op outputs -> fused-node outputs, by name. ORT gives the fused node only the outputs that something consumes
@@ -343,20 +329,20 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
   if (op == "QuestAttention") {
     auto k = std::make_unique<QuestKernel>();
     float scale = 0.f;
-    k->has_scale = AttrFloat(node, "scale", &scale);
+    k->has_scale = AttrFloat(node, attr("scale"), &scale);
     k->params.scale = scale;
-    k->params.page_size = AttrInt(node, "page_size", 8);
-    k->params.sinks = AttrInt(node, "sinks", 0);
-    k->params.window = AttrInt(node, "window", 0);
-    k->params.is_causal = AttrInt(node, "is_causal", 0) != 0;
-    const int64_t per_kv = AttrInt(node, "select_per_kv_head", 0);
+    k->params.page_size = AttrInt(node, attr("page_size"), 8);
+    k->params.sinks = AttrInt(node, attr("sinks"), 0);
+    k->params.window = AttrInt(node, attr("window"), 0);
+    k->params.is_causal = AttrInt(node, attr("is_causal"), 0) != 0;
+    const int64_t per_kv = AttrInt(node, attr("select_per_kv_head"), 0);
     k->params.per_kv_head = cfg.per_kv_head_override >= 0 ? cfg.per_kv_head_override != 0 : per_kv != 0;
     if (k->params.page_size < 1) Fail("SolmEP: QuestAttention page_size must be >= 1");
     if (k->params.sinks < 0 || k->params.window < 0) Fail("SolmEP: QuestAttention sinks/window must be >= 0");
     kernel = std::move(k);
   } else if (op == "SparseMLP") {
     auto k = std::make_unique<MlpKernel>();
-    const std::string act = AttrString(node, "act", "silu");
+    const std::string act = AttrString(node, attr("act"), "silu");
     if (!solm::ParseAct(act, &k->act))
       Fail("SolmEP: SparseMLP act must be silu | gelu | gelu_tanh | relu, got '" + act + "'");
     // Weights that are constants are laid out input-major now and not kept in their original layout.
@@ -384,7 +370,7 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
     kernel = std::move(k);
   } else {
     auto k = std::make_unique<GateKernel>();
-    k->min_len = AttrInt(node, "min_len", 0);
+    k->min_len = AttrInt(node, attr("min_len"), 0);
     kernel = std::move(k);
   }
   kernel->op = op;

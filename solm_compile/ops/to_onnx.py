@@ -2,7 +2,8 @@
 
 Two flavours, each a ``{torch op overload: translation function}`` table for ``custom_translation_table``:
 
-- ``CUSTOM``: one node per op in domain ``ai.solm`` (version 1), run by SolmEP (``runtime/ep``)::
+- ``CUSTOM``: one node per op in domain ``ai.solm`` (version 1), run by SolmEP (``runtime/ep``); the schemas are
+  the export forms of ``registry.py``'s entries::
 
       GateControls(input_ids, past_key, kappa, rho, bits) -> (kappa_e, rho_e, bits_e)     min_len: int
       QuestAttention(q, k, v, attn_mask?, kappa) -> out          scale: float, page_size, sinks, window: int
@@ -44,55 +45,42 @@ from onnxscript.onnx_opset import opset18 as op
 from onnxscript.onnx_types import TensorType
 from onnxscript.values import Op, Opset
 
-from solm_compile.ops import torch_ops as _ops  # registers torch.ops.solm.*
+from solm_compile.ops import registry
+from solm_compile.ops import torch_ops as _ops  # noqa: F401  (registers torch.ops.solm.*)
 
-DOMAIN = _ops.ONNX_DOMAIN
-VERSION = 1
+DOMAIN = registry.DOMAIN
+VERSION = registry.VERSION
 SOLM = Opset(DOMAIN, VERSION)
 
 _INT64_MAX = 2**63 - 1
 
 
 # ---------------------------------------------------------------------------------------------- ai.solm schemas
-_FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
-_INT_TYPES = ["tensor(int64)", "tensor(int32)"]
 _S = onnx.defs.OpSchema
+_ATTR_TYPES = {"int": _S.AttrType.INT, "float": _S.AttrType.FLOAT, "string": _S.AttrType.STRING}
 
 
-def _schema(name: str, inputs, outputs, attributes, constraints) -> onnx.defs.OpSchema:
-    """inputs/outputs: [(name, type var, optional?)]; attributes: [(name, AttrType)]; constraints: {var: types}."""
-    def param(n, t, optional=False):
-        option = _S.FormalParameterOption.Optional if optional else _S.FormalParameterOption.Single
-        return _S.FormalParameter(n, t, "", param_option=option)
+def _schema(sig: registry.OpSig) -> onnx.defs.OpSchema:
+    """The export form of ``sig`` (registry.py) as an OpSchema: its exported inputs, outputs and attributes (all
+    required: the translations below always write them) under the registry's type constraints."""
+    def param(p: registry.Param):
+        option = _S.FormalParameterOption.Optional if p.optional else _S.FormalParameterOption.Single
+        return _S.FormalParameter(p.name, p.type_var, "", param_option=option)
 
-    return _S(name, DOMAIN, VERSION, "",
-              inputs=[param(*i) for i in inputs], outputs=[param(*o) for o in outputs],
-              type_constraints=[(k, v, "") for k, v in constraints.items()],
-              attributes=[_S.Attribute(n, t, "", required=True) for n, t in attributes])
+    return _S(sig.onnx_name, DOMAIN, VERSION, "",
+              inputs=[param(p) for p in sig.export_inputs()], outputs=[param(p) for p in sig.export_outputs()],
+              type_constraints=[(var, list(types), "") for var, types in sig.types],
+              attributes=[_S.Attribute(a.name, _ATTR_TYPES[a.kind], "", required=True)
+                          for a in sig.export_attributes()])
 
 
-_GATE = Op(SOLM, "GateControls", _schema(
-    "GateControls",
-    [("input_ids", "I"), ("past_key", "T"), ("kappa", "C"), ("rho", "C"), ("bits", "C")],
-    [("kappa_e", "C"), ("rho_e", "C"), ("bits_e", "C")],
-    [("min_len", _S.AttrType.INT)],
-    {"I": _INT_TYPES, "T": _FLOAT_TYPES, "C": _FLOAT_TYPES}))
+def _op(sig: registry.OpSig) -> Op:
+    return Op(SOLM, sig.onnx_name, _schema(sig))
 
-_QUEST = Op(SOLM, "QuestAttention", _schema(
-    "QuestAttention",
-    [("q", "T"), ("k", "T"), ("v", "T"), ("attn_mask", "M", True), ("kappa", "C")],
-    [("out", "T")],
-    [("scale", _S.AttrType.FLOAT), ("page_size", _S.AttrType.INT), ("sinks", _S.AttrType.INT),
-     ("window", _S.AttrType.INT)],
-    {"T": _FLOAT_TYPES, "M": ["tensor(bool)"] + _FLOAT_TYPES, "C": _FLOAT_TYPES}))
 
-_SPARSE_MLP = Op(SOLM, "SparseMLP", _schema(
-    "SparseMLP",
-    [("x", "T"), ("w_gate", "T", True), ("b_gate", "T", True), ("w_up", "T"), ("b_up", "T", True),
-     ("w_down", "T"), ("b_down", "T", True), ("rho", "C"), ("bits", "C")],
-    [("y", "T")],
-    [("act", _S.AttrType.STRING)],
-    {"T": _FLOAT_TYPES, "C": _FLOAT_TYPES}))
+_GATE = _op(registry.GATE_CONTROLS)
+_QUEST = _op(registry.QUEST_ATTENTION)
+_SPARSE_MLP = _op(registry.SPARSE_MLP)
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 

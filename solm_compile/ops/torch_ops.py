@@ -1,8 +1,10 @@
-"""The ``solm`` custom ops: one name each, defined once, listed in ``OPS``.
+"""The ``solm`` custom ops' torch implementations, listed in ``OPS``.
 
-Every op has (1) a torch custom op with a fake impl (so torch.export / Dynamo can trace it), (2) a plain
-reference in ``reference.py``, (3) an ONNX translation (``onnx_ops.py``) and (4) a C++ kernel in SolmEP
-(``runtime/ep``). ``tests/test_ops.py`` checks that each listed op has all four.
+Each op's interface (names, ONNX domain, inputs, outputs, attributes) is written once, in ``registry.py``. Every
+op has (1) a torch custom op with a fake impl (so torch.export / Dynamo can trace it), (2) a plain reference in
+``reference.py``, (3) an ONNX translation (``to_onnx.py``) and (4) a C++ kernel in SolmEP (``runtime/ep``).
+``tests/test_ops.py`` checks that each registry entry has all four and that the torch schemas and the built
+SolmEP agree with the registry.
 
 The torch implementations here are the fast path used for training and evaluation: vectorised over rows and
 heads, exact at dense controls (they call the very same aten ops the original graph called).
@@ -18,10 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from solm_compile.ops import reference as ref
+from solm_compile.ops import registry
 
 
 # ---------------------------------------------------------------------------------------------- gate_controls
-@torch.library.custom_op("solm::gate_controls", mutates_args=())
+@torch.library.custom_op(registry.GATE_CONTROLS.torch_qualname, mutates_args=())
 def gate_controls(input_ids: Tensor, past_key: Tensor, kappa: Tensor, rho: Tensor, bits: Tensor,
                   min_len: int) -> tuple[Tensor, Tensor, Tensor]:
     T = input_ids.shape[1]
@@ -86,7 +89,7 @@ def _sdpa(q, k, v, attn_mask, scale, is_causal, enable_gqa):
                                           enable_gqa=enable_gqa)
 
 
-@torch.library.custom_op("solm::quest_attention", mutates_args=())
+@torch.library.custom_op(registry.QUEST_ATTENTION.torch_qualname, mutates_args=())
 def quest_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kappa: Tensor,
                     scale: Optional[float], is_causal: bool, page_size: int, sinks: int,
                     window: int) -> Tensor:
@@ -131,7 +134,7 @@ def fake_quant(y: Tensor, bits: Tensor) -> Tensor:
     return torch.where((bits >= 16).view(-1, 1, 1) | (s == 0), y, yq)
 
 
-@torch.library.custom_op("solm::sparse_mlp", mutates_args=())
+@torch.library.custom_op(registry.SPARSE_MLP.torch_qualname, mutates_args=())
 def sparse_mlp(x: Tensor, w_gate: Optional[Tensor], b_gate: Optional[Tensor], w_up: Tensor,
                b_up: Optional[Tensor], w_down: Tensor, b_down: Optional[Tensor], rho: Tensor, bits: Tensor,
                act: str) -> Tensor:
@@ -154,18 +157,25 @@ def _(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act):
 # ---------------------------------------------------------------------------------------------- the list
 @dataclass(frozen=True)
 class OpDef:
-    name: str          # torch: torch.ops.solm.<name>; ONNX: ai.solm::<onnx_name>
-    onnx_name: str
+    sig: registry.OpSig   # the interface: torch.ops.solm.<sig.name>; ONNX: ai.solm::<sig.onnx_name>
     torch_op: object
     reference: object
 
+    @property
+    def name(self) -> str:
+        return self.sig.name
+
+    @property
+    def onnx_name(self) -> str:
+        return self.sig.onnx_name
+
 
 OPS = (
-    OpDef("gate_controls", "GateControls", gate_controls, ref.gate_controls_ref),
-    OpDef("quest_attention", "QuestAttention", quest_attention, ref.quest_attention_ref),
-    OpDef("sparse_mlp", "SparseMLP", sparse_mlp, ref.sparse_mlp_ref),
+    OpDef(registry.GATE_CONTROLS, gate_controls, ref.gate_controls_ref),
+    OpDef(registry.QUEST_ATTENTION, quest_attention, ref.quest_attention_ref),
+    OpDef(registry.SPARSE_MLP, sparse_mlp, ref.sparse_mlp_ref),
 )
-ONNX_DOMAIN = "ai.solm"
+ONNX_DOMAIN = registry.DOMAIN
 
 # Torch-only implementations of a listed op (same schema, same numbers up to summation order), used where a
 # faster torch kernel matters (``fast_ops``: the torch.compile path). They add no semantics, so they have no

@@ -1,0 +1,57 @@
+// The ai.solm ops SolmEP runs, in one table. solm_ep.cc registers their placeholder schemas, claims their nodes and
+// compiles them from it; c_api.cc's solm_ep_registered_ops reports it, and tests/test_ops.py asserts the report
+// equals the Python registry (solm_compile/ops/registry.py, the artifact form: page-state inputs/outputs and the
+// attributes only SolmEP reads included). Free of onnxruntime types, so c_api.cc needs no onnxruntime header.
+#pragma once
+
+#include <cstddef>
+#include <cstring>
+#include <vector>
+
+namespace solm_ep {
+
+constexpr const char* kDomain = "ai.solm";
+constexpr int kDomainVersion = 1;  // the first opset version of the domain each op is registered for
+
+struct InputSpec {
+  bool float32;   // the kernel reads fp32 data (a node with another type here is not claimed); false: any type
+  bool optional;
+};
+
+struct OpSpec {
+  const char* name;
+  std::vector<InputSpec> inputs;
+  size_t n_out;
+  size_t n_out_required;                // outputs from this index on are optional
+  std::vector<const char*> attributes;  // every attribute the kernel reads (each optional, with a default there)
+
+  bool HasAttribute(const char* a) const {
+    for (const char* x : attributes)
+      if (std::strcmp(x, a) == 0) return true;
+    return false;
+  }
+};
+
+// One table for the whole library (an inline function's static is shared by every translation unit).
+inline const std::vector<OpSpec>& OpSpecs() {
+  constexpr InputSpec F{true, false}, Fo{true, true}, A{false, false}, Ao{false, true};
+  static const std::vector<OpSpec> specs = {
+      // q, k, v, attn_mask? (bool or float), kappa, past_page_min?, past_page_max?
+      //   -> out, present_page_min?, present_page_max?
+      {"QuestAttention", {F, F, F, Ao, F, Fo, Fo}, 3, 1,
+       {"scale", "is_causal", "page_size", "sinks", "window", "select_per_kv_head"}},
+      // x, w_gate?, b_gate?, w_up, b_up?, w_down, b_down?, rho, bits -> y
+      {"SparseMLP", {F, Fo, Fo, F, Fo, F, Fo, F, F}, 1, 1, {"act"}},
+      // input_ids, past_key (only their shapes are read), kappa, rho, bits -> kappa_e, rho_e, bits_e
+      {"GateControls", {A, A, F, F, F}, 3, 3, {"min_len"}},
+  };
+  return specs;
+}
+
+inline const OpSpec* FindSpec(const char* op) {
+  for (const auto& s : OpSpecs())
+    if (std::strcmp(s.name, op) == 0) return &s;
+  return nullptr;
+}
+
+}  // namespace solm_ep

@@ -1,0 +1,146 @@
+"""The interface of each ``solm`` custom op, written once: names, the ONNX domain, inputs, outputs, attributes.
+
+Everything else reads it or is checked against it:
+
+- ``torch_ops.OPS`` pairs each entry with its torch op and reference (``tests/test_ops.py`` checks the torch
+  schema's argument names, optional tensors and output count against the entry);
+- ``to_onnx`` builds its local ``ai.solm`` ONNX schemas from the entries (the export form, see below);
+- ``passes/carry_page_state.py`` takes the domain and QuestAttention's full input/output counts from here;
+- SolmEP's C++ op table (``runtime/ep/op_table.h``) is the one thing this module cannot generate: the built library
+  reports it (``runtime.ep.registered_ops()``) and ``tests/test_ops.py`` asserts it equals ``ep_view`` of every
+  entry, so the two cannot drift silently.
+
+Two forms of an op. The *export* form is what ``torch.onnx.export`` writes (one node per torch op call): inputs and
+outputs with ``state=False``, attributes with ``export=True``. The *artifact* form is what SolmEP runs: all of
+them. QuestAttention's page state (``past_page_min/max`` in, ``present_page_min/max`` out) is added after export by
+``passes/carry_page_state.py``; ``is_causal`` is a torch argument the exporter refuses to translate (``True``) or
+drops (``False``), which SolmEP still reads; ``select_per_kv_head`` is set by a pass or a provider option. Every
+attribute is optional to SolmEP (each has a default there); the export schemas declare the exported ones required,
+since the translation always writes them.
+
+Stdlib only: passes and the runtime import it without pulling in torch or onnx.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DOMAIN = "ai.solm"
+VERSION = 1
+TORCH_NAMESPACE = "solm"
+
+FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)")
+INT_TYPES = ("tensor(int64)", "tensor(int32)")
+ATTR_KINDS = ("int", "float", "string")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One input or output, by position. ``type_var`` names one of the op's ``types``."""
+    name: str
+    type_var: str
+    optional: bool = False
+    state: bool = False        # artifact form only (added after export by passes/carry_page_state.py)
+
+
+@dataclass(frozen=True)
+class Attr:
+    name: str
+    kind: str                  # one of ATTR_KINDS
+    torch: bool = True         # an argument of the torch op
+    export: bool = True        # written by the ONNX translation (to_onnx.CUSTOM)
+
+
+@dataclass(frozen=True)
+class OpSig:
+    name: str                  # torch: torch.ops.<TORCH_NAMESPACE>.<name>
+    onnx_name: str             # ONNX: <DOMAIN>::<onnx_name>, version VERSION
+    inputs: tuple[Param, ...]
+    outputs: tuple[Param, ...]
+    attributes: tuple[Attr, ...]
+    types: tuple[tuple[str, tuple[str, ...]], ...]   # (type var, allowed ONNX types), the schema's constraints
+
+    @property
+    def torch_qualname(self) -> str:
+        return f"{TORCH_NAMESPACE}::{self.name}"
+
+    def export_inputs(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.inputs if not p.state)
+
+    def export_outputs(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.outputs if not p.state)
+
+    def export_attributes(self) -> tuple[Attr, ...]:
+        return tuple(a for a in self.attributes if a.export)
+
+    def torch_attributes(self) -> tuple[Attr, ...]:
+        return tuple(a for a in self.attributes if a.torch)
+
+
+GATE_CONTROLS = OpSig(
+    "gate_controls", "GateControls",
+    inputs=(Param("input_ids", "I"), Param("past_key", "T"), Param("kappa", "C"), Param("rho", "C"),
+            Param("bits", "C")),
+    outputs=(Param("kappa_e", "C"), Param("rho_e", "C"), Param("bits_e", "C")),
+    attributes=(Attr("min_len", "int"),),
+    types=(("I", INT_TYPES), ("T", FLOAT_TYPES), ("C", FLOAT_TYPES)))
+
+QUEST_ATTENTION = OpSig(
+    "quest_attention", "QuestAttention",
+    inputs=(Param("q", "T"), Param("k", "T"), Param("v", "T"), Param("attn_mask", "M", optional=True),
+            Param("kappa", "C"),
+            Param("past_page_min", "T", optional=True, state=True),
+            Param("past_page_max", "T", optional=True, state=True)),
+    outputs=(Param("out", "T"),
+             Param("present_page_min", "T", optional=True, state=True),
+             Param("present_page_max", "T", optional=True, state=True)),
+    attributes=(Attr("scale", "float"), Attr("is_causal", "int", export=False), Attr("page_size", "int"),
+                Attr("sinks", "int"), Attr("window", "int"),
+                Attr("select_per_kv_head", "int", torch=False, export=False)),
+    types=(("T", FLOAT_TYPES), ("M", ("tensor(bool)",) + FLOAT_TYPES), ("C", FLOAT_TYPES)))
+
+SPARSE_MLP = OpSig(
+    "sparse_mlp", "SparseMLP",
+    inputs=(Param("x", "T"), Param("w_gate", "T", optional=True), Param("b_gate", "T", optional=True),
+            Param("w_up", "T"), Param("b_up", "T", optional=True), Param("w_down", "T"),
+            Param("b_down", "T", optional=True), Param("rho", "C"), Param("bits", "C")),
+    outputs=(Param("y", "T"),),
+    attributes=(Attr("act", "string"),),
+    types=(("T", FLOAT_TYPES), ("C", FLOAT_TYPES)))
+
+OPS = (GATE_CONTROLS, QUEST_ATTENTION, SPARSE_MLP)
+BY_NAME = {op.name: op for op in OPS}
+BY_ONNX_NAME = {op.onnx_name: op for op in OPS}
+
+
+def ep_view(op: OpSig) -> dict:
+    """What SolmEP must report for ``op`` (``runtime.ep.registered_ops()``): the artifact form's counts, which
+    positions are optional, and the attribute names, in the C++ table's terms."""
+    return {
+        "op_type": op.onnx_name,
+        "domain": DOMAIN,
+        "since_version": VERSION,
+        "inputs": len(op.inputs),
+        "optional_inputs": [i for i, p in enumerate(op.inputs) if p.optional],
+        "outputs": len(op.outputs),
+        "optional_outputs": [i for i, p in enumerate(op.outputs) if p.optional],
+        "attributes": sorted(a.name for a in op.attributes),
+    }
+
+
+def _check(ops: tuple[OpSig, ...]) -> None:
+    """Import-time sanity: unique names, known kinds and type vars, state params optional and last."""
+    assert len({o.name for o in ops}) == len(ops) and len({o.onnx_name for o in ops}) == len(ops)
+    for o in ops:
+        vars_ = {v for v, _ in o.types}
+        for params in (o.inputs, o.outputs):
+            assert all(p.type_var in vars_ for p in params), o.name
+            flags = [p.state for p in params]
+            assert flags == sorted(flags), f"{o.name}: state params come after the exported ones"
+            assert all(p.optional for p in params if p.state), o.name
+        assert all(a.kind in ATTR_KINDS for a in o.attributes), o.name
+        names = [p.name for p in o.inputs + o.outputs] + [a.name for a in o.attributes]
+        assert len(set(names)) == len(names), o.name
+
+
+_check(OPS)
