@@ -22,12 +22,10 @@ import pytest
 import torch
 
 from reference_sol import reference_actions
-from solm_compile.config import GateConfig
+from tiny_lm import random_policy_file
 from solm_compile.frontend.gated import GatedLM
 from solm_compile.frontend.models import hf_model_info
 from solm_compile.policy import checkpoint
-from solm_compile.policy.actions import ActionGrid
-from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
 
 E, P, N_STEPS = 4, 5, 3 * 4 + 2          # episode length, prompt tokens, controlled steps (> 3 episodes)
 BUDGET = (0.5, 0.5, 8)
@@ -40,16 +38,11 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     model = tiny_models()["llama-gqa"]().eval()
     lm = GatedLM.from_hf(model)
-    grid = ActionGrid()
-    torch.manual_seed(1)
-    policy = RecurrentActorCriticPolicy(64, grid.num_actions, PolicyConfig(d_model=32, max_steps=16)).eval()
-    for p in policy.parameters():
-        p.data.normal_(0, 0.3)
     ident = checkpoint.model_identity(hf_model_info(model, "tiny"))
-    path = tmp_path_factory.mktemp("policy") / "tiny.pt"
-    checkpoint.save(path, checkpoint.policy_payload(policy, grid, GateConfig(), ident,
-                                                    {"policy": policy.cfg.to_dict(), "T": E}))
+    path = random_policy_file(tmp_path_factory.mktemp("policy") / "tiny.pt", ident, train_config={"T": E},
+                              max_steps=16)
     loaded = checkpoint.load_policy(path, lm.info)
+    grid = loaded.grid
     tokens = torch.randint(1, 160, (P + N_STEPS + 1,), generator=torch.Generator().manual_seed(7)).tolist()
     carry, logits = reference_actions(lm, loaded.policy, grid, E, tokens[:P + N_STEPS], P, BUDGET)
     replay, _ = reference_actions(lm, loaded.policy, grid, E, tokens[:P + N_STEPS], P, BUDGET, boundary="replay")

@@ -99,3 +99,21 @@ def gated_tiny_llama(seed: int = 0, vocab: int = 64):
 
 def random_blocks(n: int, length: int, vocab: int = 64, seed: int = 0) -> Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def random_policy_file(path, ident: dict, gate: GateConfig = GateConfig(), hidden: int = 64, seed: int = 1,
+                       train_config: dict | None = None, max_steps: int = 32):
+    """A policy checkpoint with random weights N(0, 0.3) (so its actions vary) for the model ``ident``."""
+    from solm_compile.policy import checkpoint
+    from solm_compile.policy.actions import ActionGrid
+    from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
+
+    grid = ActionGrid()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        policy = RecurrentActorCriticPolicy(hidden, grid.num_actions, PolicyConfig(d_model=32, max_steps=max_steps))
+        for p in policy.parameters():
+            p.data.normal_(0, 0.3)
+    checkpoint.save(path, checkpoint.policy_payload(policy.eval(), grid, gate, ident,
+                                                    {"policy": policy.cfg.to_dict(), **(train_config or {})}))
+    return path
