@@ -20,6 +20,7 @@ from solm_compile.artifact.step import decode_torch
 from solm_compile.frontend.gated import GatedLM
 from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
 from solm_compile.runtime import ep
+from require import need_ep
 from solm_compile.runtime.session import SolmSession
 
 VOCAB = 160
@@ -164,8 +165,8 @@ def test_run_errors(built, capsys, tmp_path):
     one_line_error(capsys, ["run", str(lonely), "--prompt", "w1"], "tokenizer")
 
 
-@pytest.mark.skipif(ep.library_path() is None, reason="SolmEP not built")
 def test_solm_artifact_on_solm_ep_equals_portable(built, tmp_path):
+    need_ep(ep.library_path() is not None)
     art = write_artifact(built["lm"], built["dir"] / "tiny.solm.onnx", "solm", built["policy"],
                          tokenizer=built["loaded"].tokenizer)
     s = SolmSession(art)

@@ -15,6 +15,7 @@ from solm_compile.frontend import models
 from solm_compile.bench.prefill import prefill_rows
 from solm_compile.frontend.gated import GatedLM
 from solm_compile.runtime import ep
+from require import need_ep
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -41,8 +42,7 @@ def cache(tmp_path_factory):
 
 
 def test_bench_rows(tiny_lm, cache):
-    if not cache:
-        pytest.skip("SolmEP is not built here (python -m solm_compile.runtime.ep_build)")
+    need_ep(cache)
     cfg = bench.BenchConfig(contexts=(24,), threads=(1,), reps=2, steps=4, warmup=1)
     assert cfg.modes() == ["dense", "policy", "replay", "fixed", "dense_budget", "portable"]
     b = bench.prepare_lm(tiny_lm, cfg, "random")
@@ -100,8 +100,7 @@ def test_fixed_artifact_equals_gated_graph(tiny_lm, cache):
     m = onnx.load(str(arts["fixed"]))
     assert [i.name for i in m.graph.input][-3:] == ["attn_keep", "mlp_keep", "bits"]
     assert not any("policy" in i.name or i.name == "budget" for i in m.graph.input)
-    if not cache:
-        pytest.skip("SolmEP is not built here")
+    need_ep(cache)
     s = SolmSession(arts["fixed"], tokenizer=False)
     assert s.kind == "fixed" and s.ep_active
     prompt = list(range(3, 23))

@@ -16,12 +16,11 @@ reference's at step E.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from reference_sol import reference_actions
+from require import need_ep
 from tiny_lm import random_policy_file
 from solm_compile.frontend.gated import GatedLM
 from solm_compile.frontend.models import hf_model_info
@@ -79,10 +78,8 @@ def test_artifact_in_onnxruntime(setup, kind):
     from solm_compile.runtime import ep
     from solm_compile.runtime.session import SolmSession
 
-    if kind == "solm" and ep.library_path() is None:
-        if os.environ.get("SOLM_REQUIRE_EP"):
-            pytest.fail("SOLM_REQUIRE_EP is set but SolmEP is not built")
-        pytest.skip("SolmEP is not built here (python -m solm_compile.runtime.ep_build)")
+    if kind == "solm":
+        need_ep(ep.library_path() is not None)
     path = write_artifact(setup["lm"], setup["tmp"] / f"tiny.{kind}.onnx", kind, setup["loaded"])
     sess = SolmSession(path, tokenizer=False, threads=1)
     tokens = setup["tokens"]
@@ -171,10 +168,8 @@ def test_batch_equals_rows_in_onnxruntime(setup, rows, kind):
     from solm_compile.runtime import ep
     from solm_compile.runtime.session import SolmSession
 
-    if kind == "solm" and ep.library_path() is None:
-        if os.environ.get("SOLM_REQUIRE_EP"):
-            pytest.fail("SOLM_REQUIRE_EP is set but SolmEP is not built")
-        pytest.skip("SolmEP is not built here")
+    if kind == "solm":
+        need_ep(ep.library_path() is not None)
     path = setup["tmp"] / f"tiny.{kind}.onnx"
     if not path.exists():
         from solm_compile.artifact.write import write_artifact
