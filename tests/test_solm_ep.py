@@ -324,7 +324,8 @@ def test_quest_group_union_reads_each_row_once(lib, H, Hkv, with_mask):
             union = np.zeros(L, bool)
             for g in range(G):
                 keep = ref.quest_keep_ref(torch.from_numpy(q[b, hk * G + g, 0]), torch.from_numpy(k[b, hk]),
-                                          float(kappa[b]), S, sinks, window).numpy() & allowed
+                                          float(kappa[b]), S, sinks, window,
+                                          torch.from_numpy(allowed)).numpy() & allowed
                 scored += int(keep.sum())
                 union |= keep
             rows += int(union.sum())

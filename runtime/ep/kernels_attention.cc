@@ -12,16 +12,33 @@ namespace {
 
 // ------------------------------------------------------------------------------------------------ attention
 
-// Returns false if token j is masked out; else sets *add to the additive mask value.
+// Returns false if token j is masked out (bool false, or an additive value at or below the lowest finite float:
+// -inf or Hugging Face's finfo.min, as reference.valid_keys); else sets *add to the additive mask value.
 inline bool Allowed(const MaskRow& m, int64_t j, float* add) {
   *add = 0.f;
   if (j > m.jmax) return false;
   if (m.b) return m.b[j * m.sl] != 0;
   if (m.f) {
     *add = m.f[j * m.sl];
-    return *add != kNegInf;
+    return !(*add <= std::numeric_limits<float>::lowest());
   }
   return true;
+}
+
+// The pages [P] of S tokens holding a key that some of the n mask rows allows (page_ok |= ...; the caller zeroes
+// it); returns the number of such keys (L with no mask).
+int64_t UnmaskedPages(const MaskRow* m, int64_t n, int64_t L, int64_t S, uint8_t* page_ok) {
+  int64_t lv = 0;
+  for (int64_t j = 0; j < L; ++j) {
+    bool ok = false;
+    for (int64_t g = 0; g < n && !ok; ++g) {
+      float add;
+      ok = Allowed(m[g], j, &add);
+    }
+    if (ok) page_ok[j / S] = 1;
+    lv += ok;
+  }
+  return lv;
 }
 
 // Element-wise max/min of the keys of pages, hi/lo [P, d], folding keys [j0, L) in order: a page that starts at or
@@ -77,17 +94,20 @@ SOLM_CLONES void PageScores(const float* qrow, const float* hi_pages, const floa
   }
 }
 
-// Token keep flags [L] from page scores: the pb best pages (ties at the threshold kept), the first `sinks` and last
-// `window` tokens, and the last token if nothing else is kept (reference.quest_keep_ref).
+// Token keep flags [L] from page scores: the pb best pages (ties at the threshold kept) among the pages page_ok
+// allows (null: every page; the caller clamps pb to their number), the first `sinks` and last `window` tokens, and
+// the last token if nothing else is kept (reference.quest_keep_ref).
 void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_t S, int64_t sinks, int64_t window,
-                    uint8_t* keep, float* tmp) {
+                    uint8_t* keep, float* tmp, const uint8_t* page_ok) {
   std::memset(keep, 0, L);
   if (pb > 0) {
-    std::copy(score, score + P, tmp);
-    std::nth_element(tmp, tmp + (pb - 1), tmp + P, std::greater<float>());
+    int64_t n = 0;
+    for (int64_t p = 0; p < P; ++p)
+      if (page_ok == nullptr || page_ok[p]) tmp[n++] = score[p];
+    std::nth_element(tmp, tmp + (pb - 1), tmp + n, std::greater<float>());
     const float thr = tmp[pb - 1];
     for (int64_t p = 0; p < P; ++p)
-      if (score[p] >= thr) std::memset(keep + p * S, 1, std::min(S, L - p * S));
+      if ((page_ok == nullptr || page_ok[p]) && score[p] >= thr) std::memset(keep + p * S, 1, std::min(S, L - p * S));
   }
   if (sinks > 0) std::memset(keep, 1, std::min(sinks, L));
   if (window > 0) {
@@ -207,7 +227,7 @@ SOLM_CLONES uint64_t AttendKept(const float* qrows, int64_t G, const float* K, c
     float* lg = logit + g * L;
     float mx = kNegInf;
     for (int64_t i = 0; i < n; ++i) mx = std::max(mx, lg[i]);
-    // sum > 0 unless every token is masked out (softmax of all -inf) or a logit is NaN: NaN, as in the reference.
+    // sum > 0 unless every token is masked out (0: zeros, as in the reference) or a logit is NaN (NaN).
     sums[g] = mx != kNegInf ? ExpShiftSum(lg, n, mx) : 0.f;
     std::memset(out + g * dv, 0, dv * sizeof(float));
   }
@@ -222,8 +242,9 @@ SOLM_CLONES uint64_t AttendKept(const float* qrows, int64_t G, const float* K, c
   }
   for (int64_t g = 0; g < G; ++g) {
     float* o = out + g * dv;
-    if (!(sums[g] > 0.f)) {
-      for (int64_t i = 0; i < dv; ++i) o[i] = kNaN;
+    if (!(sums[g] > 0.f)) {  // no allowed key: zeros; a NaN logit: NaN
+      const float f = sums[g] == 0.f ? 0.f : kNaN;
+      for (int64_t i = 0; i < dv; ++i) o[i] = f;
       continue;
     }
     const float inv = 1.f / sums[g];
@@ -283,11 +304,14 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
   const int64_t S = std::max<int64_t>(p.page_size, 1);
   const int64_t P = (L + S - 1) / S;
 
-  // Single-token step: per row, dense if kappa >= 1 or the page budget covers every page.
+  // Single-token step: per row, dense if kappa >= 1 or the page budget covers every page. Under a mask the budget
+  // is per query head, over its unmasked keys and pages (reference.quest_keep_ref), so every row with kappa < 1 may
+  // select (and a head whose budget covers its unmasked pages keeps them all).
+  const bool masked = mask.data != nullptr;
   auto row_budget = [&](int64_t b, int64_t* pb) {
     const double kb = static_cast<double>(kappa[b]);
     *pb = PageBudget(kb, L, S);
-    return T == 1 && !(kb >= 1.0 || *pb >= P);  // true: sparse row
+    return T == 1 && !(kb >= 1.0 || (!masked && *pb >= P));  // true: sparse row (may select)
   };
   bool any_sparse = false;
   for (int64_t b = 0; b < B; ++b) {
@@ -317,6 +341,24 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
     float* logit = Grow(tls.f0, static_cast<size_t>(G * L + G + 2 * P));
     float* score = logit + G * L + G;
     float* tmp = score + P;
+    uint8_t* page_ok = masked && sparse ? Grow(tls.u1, static_cast<size_t>(P)) : nullptr;
+    // one token set: its keep flags (the set of query heads mh[0, nh) decides what is unmasked: one head, or the
+    // group's union when it shares a set)
+    auto select = [&](const MaskRow* mh, int64_t nh, uint8_t* kp) {
+      int64_t pbs = pb;
+      if (masked) {
+        std::memset(page_ok, 0, P);
+        const int64_t lv = UnmaskedPages(mh, nh, L, S, page_ok);
+        int64_t pv = 0;
+        for (int64_t i = 0; i < P; ++i) pv += page_ok[i];
+        pbs = std::min(PageBudget(static_cast<double>(kappa[b]), lv, S), pv);
+        if (pbs >= pv) {  // the budget covers every unmasked page: dense under the mask
+          std::memset(kp, 1, L);
+          return;
+        }
+      }
+      KeepFromScores(score, P, pbs, L, S, p.sinks, p.window, kp, tmp, page_ok);
+    };
     int32_t* idx = Grow(tls.i0, static_cast<size_t>(L));
     uint8_t* keep = sparse ? Grow(tls.u0, static_cast<size_t>((nsets + 1) * L)) : nullptr;
     uint8_t* ukeep = keep == nullptr ? nullptr : nsets == 1 ? keep : keep + nsets * L;
@@ -329,11 +371,11 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
       const int64_t o = (b * Hkv + hk) * P * d;
       if (shared) {
         for (int64_t g = 0; g < G; ++g) PageScores(qh + g * d, pmax + o, pmin + o, P, d, score, g > 0);
-        KeepFromScores(score, P, pb, L, S, p.sinks, p.window, keep, tmp);
+        select(mr, G, keep);
       } else {
         for (int64_t g = 0; g < G; ++g) {
           PageScores(qh + g * d, pmax + o, pmin + o, P, d, score, false);
-          KeepFromScores(score, P, pb, L, S, p.sinks, p.window, keep + g * L, tmp);
+          select(mr + g, 1, keep + g * L);
         }
         std::memcpy(ukeep, keep, L);
         for (int64_t g = 1; g < G; ++g)

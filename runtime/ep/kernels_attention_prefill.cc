@@ -14,8 +14,8 @@
 //      output rescaled by 2^(m_old - m_new);
 //   4. O += P·V, a register tile of rows x output columns, each V row loaded once per micro-tile of rows.
 // Q is pre-scaled by scale·log2(e) (and a float mask by log2(e)), so the softmax runs in base 2; the result equals
-// softmax(q·kᵀ·scale + mask)·v up to float rounding. A row with no allowed key (softmax of all -inf) or a NaN
-// logit comes out NaN, as in the reference.
+// softmax(q·kᵀ·scale + mask)·v up to float rounding. A row with no allowed key (every key masked: bool false, or an
+// additive value at or below the lowest finite float) comes out zeros, a NaN logit NaN, as in the reference.
 #include "kernels_util.h"
 
 namespace solm {
@@ -64,9 +64,10 @@ int ClassifyRow(const MaskRow& m, int64_t j0, int64_t n, float* bias) {
     bool zero = nc == n, dead = true;
     for (int64_t j = 0; j < nc; ++j) {
       const float a = p[j * m.sl];
-      bias[j] = a * kLog2e;
+      const bool off = a <= std::numeric_limits<float>::lowest();  // masked out (reference.valid_keys)
+      bias[j] = off ? kNegInf : a * kLog2e;
       zero = zero && a == 0.f;
-      dead = dead && a == kNegInf;
+      dead = dead && off;
     }
     for (int64_t j = nc; j < n; ++j) bias[j] = kNegInf;
     return dead ? 1 : zero ? 0 : 2;
@@ -254,8 +255,8 @@ inline __attribute__((always_inline)) void PrefillItem(const PrefillArgs& a, siz
     const int64_t tl = r / G, g = r % G;
     float* dst = a.out + ((b * a.H + hk * G + g) * T + t0 + tl) * dv;
     const float* src = o + r * dv;
-    if (!(l[r] > 0.f)) {  // all masked out, or a NaN logit: NaN, as the reference's softmax
-      for (int64_t c = 0; c < dv; ++c) dst[c] = kNaN;
+    if (!(l[r] > 0.f)) {  // all masked out: zeros; a NaN logit: NaN (the reference)
+      for (int64_t c = 0; c < dv; ++c) dst[c] = l[r] == 0.f ? 0.f : kNaN;
       continue;
     }
     const float inv = 1.f / l[r];

@@ -174,7 +174,7 @@ inline int IsaLevel() {
 struct Tls {
   std::vector<float> f0, f1;
   std::vector<int32_t> i0;
-  std::vector<uint8_t> u0;
+  std::vector<uint8_t> u0, u1;
   std::vector<MaskRow> masks;
 };
 Tls& ThreadScratch() {

@@ -81,8 +81,8 @@ void QuestKernel::Compute(OrtKernelContext* kc) {
   float* out = Out(kc, 0, {B, H, T, dv});
   if (out == nullptr && ps.min == nullptr) return;
   if (out == nullptr) out = Grow(spare_out, B * H * T * dv);  // only the page state is consumed
-  if (L == 0) {  // no keys (and no pages): softmax over nothing, NaN as in the reference
-    for (int64_t i = 0; i < B * H * T * dv; ++i) out[i] = std::numeric_limits<float>::quiet_NaN();
+  if (L == 0) {  // no keys (and no pages): no allowed key, zeros as in the reference
+    for (int64_t i = 0; i < B * H * T * dv; ++i) out[i] = 0.f;
     return;
   }
   if (B * H * T * dv == 0 && ps.min == nullptr) return;

@@ -22,7 +22,8 @@ The transposed copy costs one extra gate+up weight per MLP in memory; it is made
 when the weight is modified in place.
 
 ``ops.quest_attention`` likewise masks the pruned tokens and runs full SDPA. ``solm::quest_attention_gather``
-selects the same pages per query head (``ops.page_scores``; ties at the threshold keep more; forced sinks/window;
+(where no key is masked out; else it is ``ops.quest_attention``, whose selection sees the mask) selects the same
+pages per query head (``ops.page_scores``; ties at the threshold keep more; forced sinks/window;
 a head that keeps nothing keeps the last token) and reads only what some head keeps:
 
     per KV head: the union of its G query heads' kept full pages   (S-token windows of an as_strided view of the
@@ -213,6 +214,9 @@ def quest_attention_gather(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[
             return out
     elif T == 1:
         fast_c.fold_dense_step(k, page_size)                  # keep the carried page min/max current
+    if T == 1 and attn_mask is not None and not bool(ref.valid_keys(attn_mask).all()):
+        # keys masked out: per-row budgets over the unmasked pages (reference), selected by the torch op
+        return _quest_attention(q, k, v, attn_mask, kappa, scale, is_causal, page_size, sinks, window)
     pbs = [ref.page_budget(x, L, S) for x in kl]
     if T != 1 or min(pbs) >= P or Pf == 0:                     # prefill, dense (κ ≥ 1 ⇒ pb = P), tiny L
         return _quest_attention(q, k, v, attn_mask, kappa, scale, is_causal, page_size, sinks, window)

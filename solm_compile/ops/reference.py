@@ -13,6 +13,14 @@ Semantics (SOL, shared/research/sol_method.md §2, plus solm's forced sinks/wind
   ties keep more); then the first ``sinks`` and last ``window`` tokens are forced on; a head that keeps nothing
   keeps the last token. GQA keys are repeated to the query heads. κ ≥ 1 or a page budget covering every page is
   dense. Multi-token calls (prefill) are dense.
+- under an attention mask (``valid_keys``): a key is masked for a query row where the mask is False (bool) or its
+  additive value is ≤ the lowest finite value of the mask's dtype (−inf, or Hugging Face's ``finfo.min``). Page
+  selection sees only that row's unmasked keys: a page with no unmasked key is never selected, and "keep κ" means
+  κ of the unmasked keys, ⌈⌈κ·Lᵥ⌉/S⌉ pages (Lᵥ = unmasked keys) of the Pᵥ pages holding one, the row dense
+  (every unmasked key) when that covers all Pᵥ. With no mask (or nothing masked) Lᵥ = L, Pᵥ = P: unchanged. Sinks,
+  window and the last-token rule are positions, as above, still under the mask.
+- a query row with no unmasked, kept key (every key masked) outputs zeros, not the NaN of softmax over all −inf;
+  dense steps and prefill included.
 - ``sparse_mlp``: per token keep the ⌈ρ·D⌉ input channels of largest |x| (every channel ≥ the k-th largest),
   zero the rest, run the MLP, then fake-quantise its output per token, symmetric, q_max = 2^(b−1)−1; b ≥ 16 is
   the identity.
@@ -46,12 +54,23 @@ def page_budget(kappa: float, L: int, S: int) -> int:
     return min(math.ceil(n / S), math.ceil(L / S))
 
 
-def quest_keep_ref(q_h: torch.Tensor, k_h: torch.Tensor, kappa: float, S: int, sinks: int, window: int):
-    """Token keep mask [L] for one query head: q_h [d], k_h [L, d] (that head's keys)."""
+def valid_keys(m: torch.Tensor) -> torch.Tensor:
+    """The unmasked keys of a mask (bool: True; additive: above the dtype's lowest finite value, NaN counted in)."""
+    if m.dtype == torch.bool:
+        return m
+    return ~(m <= torch.finfo(m.dtype).min)
+
+
+def quest_keep_ref(q_h: torch.Tensor, k_h: torch.Tensor, kappa: float, S: int, sinks: int, window: int,
+                   valid: torch.Tensor | None = None):
+    """Token keep mask [L] for one query head: q_h [d], k_h [L, d] (that head's keys), valid [L] its unmasked keys."""
     L = k_h.shape[0]
     P = math.ceil(L / S)
-    pb = page_budget(kappa, L, S)
-    if kappa >= 1.0 or pb >= P:
+    valid = torch.ones(L, dtype=torch.bool) if valid is None else valid
+    page_ok = [bool(valid[p * S:(p + 1) * S].any()) for p in range(P)]
+    Pv = sum(page_ok)
+    pb = min(page_budget(kappa, int(valid.sum()), S), Pv)
+    if kappa >= 1.0 or pb >= Pv:
         return torch.ones(L, dtype=torch.bool)
     scores = []
     for p in range(P):
@@ -61,9 +80,9 @@ def quest_keep_ref(q_h: torch.Tensor, k_h: torch.Tensor, kappa: float, S: int, s
     scores = torch.stack(scores)
     keep = torch.zeros(L, dtype=torch.bool)
     if pb > 0:
-        thr = scores.sort(descending=True).values[pb - 1]
+        thr = scores[torch.tensor(page_ok)].sort(descending=True).values[pb - 1]
         for p in range(P):
-            if scores[p] >= thr:
+            if page_ok[p] and scores[p] >= thr:
                 keep[p * S:(p + 1) * S] = True
     keep[:sinks] = True
     if window > 0:
@@ -83,13 +102,17 @@ def quest_attention_ref(q, k, v, attn_mask, kappa, scale, page_size, sinks, wind
         for h in range(H):
             kh, vh = k[b, h // (H // Hkv)], v[b, h // (H // Hkv)]
             logits = (q[b, h] @ kh.T) * scale  # [T, L]
+            valid = torch.ones(T, L, dtype=torch.bool)
             if attn_mask is not None:
                 m = attn_mask.expand(B, H, T, L)[b, h]
-                logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m
+                valid = valid_keys(m)
+                logits = logits.masked_fill(~valid, float("-inf")) if m.dtype == torch.bool else logits + m
             if T == 1:
-                keep = quest_keep_ref(q[b, h, 0], kh, float(kappa[b]), page_size, sinks, window)
-                logits = logits.masked_fill(~keep[None, :], float("-inf"))
-            out[b, h] = torch.softmax(logits, dim=-1) @ vh
+                keep = quest_keep_ref(q[b, h, 0], kh, float(kappa[b]), page_size, sinks, window, valid[0])
+                valid = valid & keep[None, :]
+            logits = logits.masked_fill(~valid, float("-inf"))
+            p = torch.softmax(logits, dim=-1).masked_fill(~valid.any(-1, keepdim=True), 0.0)  # all masked: zeros
+            out[b, h] = p @ vh
     return out
 
 

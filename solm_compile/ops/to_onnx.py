@@ -177,8 +177,21 @@ def _row(x, rank: int):
     return op.Reshape(x, _i64(-1, *([1] * (rank - 1))))
 
 
-def _quest_keep(q, k, kappa, page_size: int, sinks: int, window: int):
-    """Token keep mask [B, H, L] (bool) from the LAST query position of q [B,H,T,d] over keys k [B,Hkv,L,d]."""
+def _valid(attn_mask):
+    """The unmasked keys of a mask (bool: itself; additive: above its dtype's lowest finite value, as reference)."""
+    if attn_mask.dtype == ir.DataType.BOOL:
+        return attn_mask
+    low = float(torch.finfo(_TORCH_DTYPES.get(attn_mask.dtype, torch.float32)).min)
+    return op.Not(op.LessOrEqual(attn_mask, op.CastLike(op.Constant(value_float=low), attn_mask)))
+
+
+_TORCH_DTYPES = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16,
+                 ir.DataType.BFLOAT16: torch.bfloat16, ir.DataType.DOUBLE: torch.float64}
+
+
+def _quest_keep(q, k, kappa, page_size: int, sinks: int, window: int, valid=None):
+    """Token keep mask [B, H, L] (bool) from the LAST query position of q [B,H,T,d] over keys k [B,Hkv,L,d];
+    ``valid`` (bool, broadcastable to [B,H,T,L]) the unmasked keys: selection sees only those (``reference``)."""
     S = int(page_size)
     if S < 1:
         raise ValueError(f"solm.quest_attention: page_size must be ≥ 1, got {page_size}")
@@ -194,18 +207,33 @@ def _quest_keep(q, k, kappa, page_size: int, sinks: int, window: int):
     lo = _repeat_heads(op.ReduceMin(pages, _i64(3), keepdims=0), q)             # [B,H,P,d]
     qv = op.Slice(q, _i64(-1), _i64(_INT64_MAX), _i64(2))                       # [B,H,1,d] last query
     score = op.ReduceSum(op.Max(op.Mul(qv, hi), op.Mul(qv, lo)), _i64(-1), keepdims=0)   # [B,H,P]
-    # page budget pb = min(ceil(clamp(ceil(κL − 1e-9), 0, L) / S), P), in double
+    # page budget pb = min(ceil(clamp(ceil(κ·Lv − 1e-9), 0, Lv) / S), Pv), in double; Lv, Pv: the unmasked keys
+    # and the pages holding one ([B,H,1]; L and P with no mask)
     Ld, Pd = op.Cast(L, to=ir.DataType.DOUBLE), op.Cast(P, to=ir.DataType.DOUBLE)
-    kd = op.Cast(kappa, to=ir.DataType.DOUBLE)                                  # [B]
+    page_ok = None
+    if valid is not None:
+        vrow = op.Slice(valid, _i64(-1), _i64(_INT64_MAX), _i64(2))             # [B|1,H|1,1,L] last query
+        vrow = op.Squeeze(op.Expand(vrow, op.Concat(B, H, _i64(1), L, axis=0)), _i64(2))   # [B,H,L]
+        vpad = op.Pad(op.Cast(vrow, to=ir.DataType.INT64), op.Concat(_i64(0, 0, 0, 0, 0), op.Sub(op.Mul(P, _i64(S)), L),
+                                                                     axis=0))   # [B,H,P*S], 0 past L
+        page_ok = op.Greater(op.ReduceMax(op.Reshape(vpad, op.Concat(B, H, P, _i64(S), axis=0)), _i64(-1),
+                                          keepdims=0), _i64s(0))                # [B,H,P]
+        Ld = op.Cast(op.ReduceSum(vpad, _i64(-1), keepdims=1), to=ir.DataType.DOUBLE)        # [B,H,1]
+        Pd = op.Cast(op.ReduceSum(op.Cast(page_ok, to=ir.DataType.INT64), _i64(-1), keepdims=1),
+                     to=ir.DataType.DOUBLE)                                     # [B,H,1]
+        score = op.Where(page_ok, score, _f(float("-inf"), score))
+    kd = _row(op.Cast(kappa, to=ir.DataType.DOUBLE), 3)                        # [B,1,1]
     n = op.Ceil(op.Sub(op.Mul(kd, Ld), _f64(1e-9)))
     n = op.Max(op.Min(n, Ld), _f64(0.0))
-    pb = op.Cast(op.Min(op.Ceil(op.Div(n, _f64(float(S)))), Pd), to=ir.DataType.INT64)   # [B]
-    pb3 = _row(pb, 3)                                                           # [B,1,1]
+    pb3 = op.Cast(op.Min(op.Ceil(op.Div(n, _f64(float(S)))), Pd), to=ir.DataType.INT64)   # [B,1|H,1]
+    Pv3 = op.Cast(Pd, to=ir.DataType.INT64)
     top, _ = op.TopK(score, P, axis=-1, largest=1, sorted=1)                    # [B,H,P] descending
     at = op.Expand(op.Max(op.Sub(pb3, _i64(1)), _i64(0)), op.Concat(B, H, _i64(1), axis=0))
     thr = op.GatherElements(top, at, axis=-1)                                   # [B,H,1] pb-th largest
     page_keep = op.And(op.GreaterOrEqual(score, thr), op.Greater(pb3, _i64(0)))  # ties keep
-    dense = op.Or(op.GreaterOrEqual(pb3, P), op.GreaterOrEqual(_row(kappa, 3), _f(1.0, kappa)))
+    if page_ok is not None:
+        page_keep = op.And(page_keep, page_ok)
+    dense = op.Or(op.GreaterOrEqual(pb3, Pv3), op.GreaterOrEqual(_row(kappa, 3), _f(1.0, kappa)))
     page_keep = op.Or(page_keep, dense)                                         # [B,H,P]
     pos = op.Range(_i64s(0), L_s, _i64s(1))                                     # [L]
     keep = op.Gather(page_keep, op.Div(pos, _i64s(S)), axis=2)                  # [B,H,L] pages -> tokens
@@ -239,23 +267,26 @@ def quest_attention_portable(q: TensorType, k: TensorType, v: TensorType, attn_m
     scale_v = (_f(scale, q) if scale is not None
                else op.Div(_f(1.0, q), op.Sqrt(op.CastLike(_dim(q, -1), q))))
     T = _static(q, 2)
+    valid = None if attn_mask is None else _valid(attn_mask)                    # unmasked keys
     keep = None
     if T is None or T == 1:      # selection only on single-token steps; T > 1 (prefill) is dense
-        keep = _quest_keep(q, k, kappa, page_size, sinks, window)               # [B,H,L]
+        keep = _quest_keep(q, k, kappa, page_size, sinks, window, valid)        # [B,H,L]
         if T is None:
             keep = op.Or(keep, op.Not(op.Equal(_dim(q, 2), _i64(1))))
         keep = op.Unsqueeze(keep, _i64(2))                                      # [B,H,1,L]
     kr, vr = _repeat_heads(k, q), _repeat_heads(v, q)                           # [B,H,L,d]
     logits = op.Mul(op.MatMul(q, op.Transpose(kr, perm=[0, 1, 3, 2])), scale_v)   # [B,H,T,L]
-    mask = keep
-    if attn_mask is not None:
-        if attn_mask.dtype == ir.DataType.BOOL:
-            mask = attn_mask if keep is None else op.And(attn_mask, keep)
-        else:
-            logits = op.Add(logits, op.CastLike(attn_mask, logits))
-    if mask is not None:
-        logits = op.Where(mask, logits, _f(float("-inf"), logits))
-    return op.MatMul(op.Softmax(logits, axis=-1), vr)
+    if attn_mask is not None and attn_mask.dtype != ir.DataType.BOOL:
+        logits = op.Add(logits, op.CastLike(attn_mask, logits))
+    mask = keep if valid is None else valid if keep is None else op.And(valid, keep)
+    if mask is None:
+        return op.MatMul(op.Softmax(logits, axis=-1), vr)
+    logits = op.Where(mask, logits, _f(float("-inf"), logits))
+    out = op.MatMul(op.Softmax(logits, axis=-1), vr)
+    # a row with no unmasked, kept key: zeros (reference), not softmax(all −inf) = NaN
+    row = op.ReduceMax(op.Cast(mask, to=ir.DataType.INT32), _i64(-1), keepdims=1)        # [B|1,H|1,T,1]
+    return op.Where(op.Greater(row, op.Constant(value=ir.tensor(np.array(0, dtype=np.int32)))), out,
+                    _f(0.0, out))
 
 
 def _linear(x, w, b):

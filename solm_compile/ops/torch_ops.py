@@ -63,25 +63,52 @@ def page_scores(q: Tensor, k: Tensor, page_size: int) -> Tensor:
     return score.reshape(B, H, -1)                                        # [B,H,P]
 
 
-def quest_keep(q: Tensor, k: Tensor, kappa: Tensor, page_size: int, sinks: int, window: int) -> Tensor:
-    """Token keep mask [B,H,L] for single-token queries q [B,H,1,d] over keys k [B,Hkv,L,d]."""
+def quest_keep(q: Tensor, k: Tensor, kappa: Tensor, page_size: int, sinks: int, window: int,
+               attn_mask: Optional[Tensor] = None) -> Tensor:
+    """Token keep mask [B,H,L] for single-token queries q [B,H,1,d] over keys k [B,Hkv,L,d].
+
+    Under ``attn_mask`` (broadcastable to [B,H,1,L]) selection sees each row's unmasked keys only (``reference``):
+    pages with none are never kept, and the budget is κ of the unmasked keys, among the pages holding one."""
     B, H = q.shape[:2]
     L, S = k.shape[2], page_size
     P = -(-L // S)
     score = page_scores(q, k, S)                                          # [B,H,P]
-    n = torch.ceil(kappa.double() * L - 1e-9).clamp(0, L)                 # [B]
-    pb = torch.ceil(n / S).clamp(max=P).long()                            # [B]
+    kap = kappa.double().view(B, 1)                                       # [B,1]
+    if attn_mask is None:
+        Lv, page_ok, Pv = torch.full_like(kap, L), None, P                # [B,1]
+    else:
+        valid = ref.valid_keys(attn_mask).expand(B, H, 1, L)[:, :, 0]     # [B,H,L]
+        Lv = valid.sum(-1).double()                                       # [B,H]
+        page_ok = F.pad(valid, (0, P * S - L)).view(B, H, P, S).any(-1)   # [B,H,P] pages with an unmasked key
+        Pv = page_ok.sum(-1)                                              # [B,H]
+        score = score.masked_fill(~page_ok, float("-inf"))
+    n = torch.minimum(torch.ceil(kap * Lv - 1e-9).clamp(min=0), Lv)      # [B,1|H]
+    pb = torch.minimum(torch.ceil(n / S).long(), torch.as_tensor(Pv))     # [B,1|H]
     kmax = max(int(pb.max()), 1)
     top = score.topk(kmax, dim=-1).values                                 # [B,H,kmax] descending
-    thr = top.gather(-1, (pb - 1).clamp(min=0).view(B, 1, 1).expand(B, H, 1))  # [B,H,1]
-    page_keep = (score >= thr) & (pb > 0).view(B, 1, 1)                   # [B,H,P]
-    page_keep |= ((pb >= P) | (kappa >= 1)).view(B, 1, 1)
+    thr = top.gather(-1, (pb - 1).clamp(min=0)[..., None].expand(B, H, 1))   # [B,H,1]
+    page_keep = (score >= thr) & (pb > 0)[..., None]                      # [B,H,P]
+    if page_ok is not None:
+        page_keep &= page_ok
+    page_keep |= ((pb >= torch.as_tensor(Pv)) | (kap >= 1))[..., None]
     pos = torch.arange(L, device=q.device)                                # [L]
     keep = page_keep[..., pos // S]                                       # [B,H,L]
     keep |= (pos < sinks) | (pos >= L - window)
     if window == 0 and int(pb.min()) == 0:   # a head that keeps nothing keeps the last token
         keep[..., -1] |= ~keep.any(-1)
     return keep
+
+
+def zero_masked_rows(out: Tensor, attn_mask: Optional[Tensor], keep: Optional[Tensor] = None) -> Tensor:
+    """``out`` [B,H,T,dv] with zeros on the query rows that have no unmasked (and kept) key, where softmax over
+    all −inf gives NaN (or an additive ``finfo.min`` mask a uniform average): ``reference``'s convention."""
+    if attn_mask is None:
+        return out
+    ok = ref.valid_keys(attn_mask)
+    if keep is not None:
+        ok = ok & keep
+    row = ok.any(-1, keepdim=True)                                        # [B|1,H|1,T,1]
+    return out if bool(row.all()) else out.masked_fill(~row, 0.0)
 
 
 def _sdpa(q, k, v, attn_mask, scale, is_causal, enable_gqa):
@@ -95,9 +122,11 @@ def quest_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
                     window: int) -> Tensor:
     gqa = k.shape[1] != q.shape[1]
     if q.shape[2] != 1 or bool((kappa >= 1).all()):
-        return _sdpa(q, k, v, attn_mask, scale, is_causal, gqa).contiguous()   # the fake's layout (inductor checks)
-    keep = quest_keep(q, k, kappa, page_size, sinks, window)[:, :, None, :]  # [B,H,1,L]
-    return _sdpa(q, k, v, with_keep(attn_mask, keep), scale, False, gqa).contiguous()
+        out = _sdpa(q, k, v, attn_mask, scale, is_causal, gqa)
+        return zero_masked_rows(out, attn_mask).contiguous()   # the fake's layout (inductor checks)
+    keep = quest_keep(q, k, kappa, page_size, sinks, window, attn_mask)[:, :, None, :]  # [B,H,1,L]
+    out = _sdpa(q, k, v, with_keep(attn_mask, keep), scale, False, gqa)
+    return zero_masked_rows(out, attn_mask, keep).contiguous()
 
 
 def with_keep(attn_mask: Optional[Tensor], keep: Tensor) -> Tensor:
