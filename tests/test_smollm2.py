@@ -43,7 +43,7 @@ def test_dense_budget_artifact_equals_hf_generate(smollm2_artifacts):
     loaded, _, _, arts = smollm2_artifacts
     ids = loaded.tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
     want = loaded.hf.generate(ids, max_new_tokens=64, do_sample=False)[0, ids.shape[1]:].tolist()
-    got = SolmSession(arts["solm"]).generate(PROMPT, 64, budget=(1.0, 1.0, 16), greedy=True)
+    got = SolmSession(arts["solm"]).generate(PROMPT, 64, budget=(1.0, 1.0, 16), greedy=True, chat=False)
     assert got.tokens == want
 
 

@@ -40,7 +40,7 @@ const float* RowValues(const TensorRef& t, int64_t B, const char* what, const st
 }  // namespace
 
 void QuestKernel::Compute(OrtKernelContext* kc) {
-  std::lock_guard<std::mutex> lock(mu);
+  const CallPool<Call>::Lease call = calls.Get();
   TensorRef q = In(kc, 0), k = In(kc, 1), v = In(kc, 2), m = In(kc, 3), kap = In(kc, 4);
   RequireFloat(q, "q");
   RequireFloat(k, "k");
@@ -54,7 +54,7 @@ void QuestKernel::Compute(OrtKernelContext* kc) {
       H % Hkv != 0)
     Fail("SolmEP: QuestAttention shape mismatch q " + ShapeStr(q.shape) + " k " + ShapeStr(k.shape) + " v " +
          ShapeStr(v.shape));
-  const float* kappa = RowValues(kap, B, "kappa", op, kappa_b);
+  const float* kappa = RowValues(kap, B, "kappa", op, call->kappa_b);
   solm::MaskView mv;
   if (m.present) {
     if (m.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) mv.is_bool = true;
@@ -77,10 +77,10 @@ void QuestKernel::Compute(OrtKernelContext* kc) {
     mv.sb = stride[0], mv.sh = stride[1], mv.st = stride[2], mv.sl = stride[3];
   }
   solm::PageState ps;
-  const bool stateful = PageStateOf(kc, B, Hkv, T, L, d, &ps);
+  const bool stateful = PageStateOf(kc, B, Hkv, T, L, d, &ps, call->spare_state);
   float* out = Out(kc, 0, {B, H, T, dv});
   if (out == nullptr && ps.min == nullptr) return;
-  if (out == nullptr) out = Grow(spare_out, B * H * T * dv);  // only the page state is consumed
+  if (out == nullptr) out = Grow(call->spare_out, B * H * T * dv);  // only the page state is consumed
   if (L == 0) {  // no keys (and no pages): no allowed key, zeros as in the reference
     for (int64_t i = 0; i < B * H * T * dv; ++i) out[i] = 0.f;
     return;
@@ -88,12 +88,12 @@ void QuestKernel::Compute(OrtKernelContext* kc) {
   if (B * H * T * dv == 0 && ps.min == nullptr) return;
   solm::QuestParams p = params;
   if (!has_scale) p.scale = 1.0f / std::sqrt(static_cast<float>(d));
-  solm::QuestAttention(q.f(), k.f(), v.f(), mv, kappa, B, H, Hkv, T, L, d, dv, p, out, scratch, MakeParallel(kc),
+  solm::QuestAttention(q.f(), k.f(), v.f(), mv, kappa, B, H, Hkv, T, L, d, dv, p, out, call->scratch, MakeParallel(kc),
                        stateful ? &ps : nullptr);
 }
 
 bool QuestKernel::PageStateOf(OrtKernelContext* kc, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d,
-                              solm::PageState* ps) {
+                              solm::PageState* ps, std::vector<float>& spare_state) const {
   TensorRef mn = In(kc, 5), mx = In(kc, 6);
   if (mn.present != mx.present) Fail("SolmEP: QuestAttention takes past_page_min and past_page_max together");
   const int64_t S = params.page_size, P = (L + S - 1) / S;
@@ -122,7 +122,7 @@ bool QuestKernel::PageStateOf(OrtKernelContext* kc, int64_t B, int64_t Hkv, int6
 }
 
 void MlpKernel::SetWeights(const TensorRef& wg, const TensorRef& bg, const TensorRef& wu, const TensorRef& bu,
-                           const TensorRef& wd, const TensorRef& bd) {
+                           const TensorRef& wd, const TensorRef& bd, solm::MlpWeights& into) const {
   auto need_float = [&](const TensorRef& t, const char* what) {
     if (t.present && t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
       Fail("SolmEP: SparseMLP " + std::string(what) + " must be float32");
@@ -137,24 +137,25 @@ void MlpKernel::SetWeights(const TensorRef& wg, const TensorRef& bg, const Tenso
   if (bg.present && bg.numel() != I) Fail("SolmEP: SparseMLP b_gate must have I values");
   if (bu.present && bu.numel() != I) Fail("SolmEP: SparseMLP b_up must have I values");
   if (bd.present && bd.numel() != Dout) Fail("SolmEP: SparseMLP b_down must have Dout values");
-  weights.Set(wg.present ? wg.f() : nullptr, bg.present ? bg.f() : nullptr, wu.f(), bu.present ? bu.f() : nullptr,
+  into.Set(wg.present ? wg.f() : nullptr, bg.present ? bg.f() : nullptr, wu.f(), bu.present ? bu.f() : nullptr,
               wd.f(), bd.present ? bd.f() : nullptr, D, I, Dout);
 }
 
 void MlpKernel::Compute(OrtKernelContext* kc) {
-  std::lock_guard<std::mutex> lock(mu);
-  if (!weights_ready)  // weights are graph inputs (not constants): re-layout on every call
-    SetWeights(In(kc, 1), In(kc, 2), In(kc, 3), In(kc, 4), In(kc, 5), In(kc, 6));
+  const CallPool<Call>::Lease call = calls.Get();
+  if (!weights_ready)  // weights are graph inputs (not constants): re-layout on every call, into this call's state
+    SetWeights(In(kc, 1), In(kc, 2), In(kc, 3), In(kc, 4), In(kc, 5), In(kc, 6), call->weights);
+  const solm::MlpWeights& weights = weights_ready ? this->weights : call->weights;
   TensorRef x = In(kc, 0), rho = In(kc, 7), bits = In(kc, 8);
   RequireFloat(x, "x");
   if (x.shape.size() != 3 || x.shape[2] != weights.D)
     Fail("SolmEP: SparseMLP x must be [B,T,D] with D=" + std::to_string(weights.D) + ", got " + ShapeStr(x.shape));
   const int64_t B = x.shape[0], T = x.shape[1];
-  const float* r = RowValues(rho, B, "rho", op, rho_b);
-  const float* b = RowValues(bits, B, "bits", op, bits_b);
+  const float* r = RowValues(rho, B, "rho", op, call->rho_b);
+  const float* b = RowValues(bits, B, "bits", op, call->bits_b);
   float* y = Out(kc, 0, {B, T, weights.Dout});
   if (y == nullptr) return;
-  solm::SparseMlp(x.f(), B, T, weights, r, b, act, y, scratch, MakeParallel(kc));
+  solm::SparseMlp(x.f(), B, T, weights, r, b, act, y, call->scratch, MakeParallel(kc));
 }
 
 void GateKernel::Compute(OrtKernelContext* kc) {

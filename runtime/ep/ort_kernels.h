@@ -151,15 +151,62 @@ struct InputSlot {
   bool consumed = false;     // constant consumed at Compile (MLP weights), not needed at Compute
 };
 
+// ------------------------------------------------------------------------------------------------ per-call state
+
+// The buffers one Compute writes (scratch, broadcast control vectors, spare outputs), pooled per node. onnxruntime
+// calls Compute of one node concurrently when several threads Run() one session; each call checks out its own
+// state (the pool's mutex is held only to pop or push a pointer, never during the work), so the calls proceed in
+// parallel without sharing a buffer. A pool holds as many states as calls were ever in flight at once; a state is
+// reused warm (no allocation once every state has grown).
+template <class T>
+class CallPool {
+ public:
+  class Lease {
+   public:
+    Lease(CallPool& pool, std::unique_ptr<T> t) : pool_(pool), t_(std::move(t)) {}
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    ~Lease() { pool_.Put(std::move(t_)); }
+    T& operator*() const { return *t_; }
+    T* operator->() const { return t_.get(); }
+
+   private:
+    CallPool& pool_;
+    std::unique_ptr<T> t_;
+  };
+
+  Lease Get() {
+    std::unique_ptr<T> t;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!free_.empty()) {
+        t = std::move(free_.back());
+        free_.pop_back();
+      }
+    }
+    if (!t) t = std::make_unique<T>();
+    return Lease(*this, std::move(t));
+  }
+
+ private:
+  void Put(std::unique_ptr<T> t) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(std::move(t));
+  }
+  std::mutex mu_;
+  std::vector<std::unique_ptr<T>> free_;
+};
+
 // ------------------------------------------------------------------------------------------------ kernels
 
+// A kernel object is shared by every Run() of its session: after Compile it is read-only; what a Compute writes
+// lives in a CallPool state.
 struct KernelBase {
   std::string op;
   std::vector<InputSlot> inputs;
   // Per op output: its index among the fused node's (= kernel context's) outputs, or -1 when ORT left it out of
   // the fused node (an output no node consumes and that is no graph output; e.g. GateControls' unused rho/bits).
   std::vector<int> outputs;
-  std::mutex mu;  // serialises Compute of one node (its scratch buffers) across concurrent Run() calls
   virtual ~KernelBase() = default;
   virtual void Compute(OrtKernelContext* kc) = 0;
 
@@ -210,8 +257,11 @@ struct KernelBase {
 struct QuestKernel : KernelBase {
   solm::QuestParams params;
   bool has_scale = false;
-  solm::AttnScratch scratch;
-  std::vector<float> kappa_b, spare_out, spare_state;
+  struct Call {
+    solm::AttnScratch scratch;
+    std::vector<float> kappa_b, spare_out, spare_state;
+  };
+  CallPool<Call> calls;
 
   void Compute(OrtKernelContext* kc) override;
 
@@ -219,21 +269,25 @@ struct QuestKernel : KernelBase {
   // L_past = L - T, or 0: compute every page; then the batch dimension is not checked, so a [1,Hkv,0,d] default
   // serves any batch) and outputs 1/2 present_page_min/max [B,Hkv,P,d]. Returns whether the node carries state.
   bool PageStateOf(OrtKernelContext* kc, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d,
-                   solm::PageState* ps);
+                   solm::PageState* ps, std::vector<float>& spare_state) const;
 };
 
 struct MlpKernel : KernelBase {
   solm::Act act = solm::Act::kSilu;
-  solm::MlpWeights weights;
-  bool weights_ready = false;  // all weights were constants, laid out at Compile
-  solm::MlpScratch scratch;
-  std::vector<float> rho_b, bits_b;
+  solm::MlpWeights weights;    // laid out at Compile when every weight is a constant (weights_ready)
+  bool weights_ready = false;
+  struct Call {
+    solm::MlpScratch scratch;
+    std::vector<float> rho_b, bits_b;
+    solm::MlpWeights weights;  // this call's layout when the weights are graph inputs (not weights_ready)
+  };
+  CallPool<Call> calls;
 
   // inputs: 0 x, 1 w_gate, 2 b_gate, 3 w_up, 4 b_up, 5 w_down, 6 b_down, 7 rho, 8 bits
   static constexpr size_t kWeightInputs[6] = {1, 2, 3, 4, 5, 6};
 
   void SetWeights(const TensorRef& wg, const TensorRef& bg, const TensorRef& wu, const TensorRef& bu,
-                  const TensorRef& wd, const TensorRef& bd);
+                  const TensorRef& wd, const TensorRef& bd, solm::MlpWeights& into) const;
 
   void Compute(OrtKernelContext* kc) override;
 };

@@ -10,6 +10,8 @@
 //     maps every op input to its slot in the fused node (fused inputs are de-duplicated by name) and builds a kernel.
 //   Compute (ort_kernels.cc): KernelContext inputs -> kernels, parallel-for through onnxruntime's intra-op thread
 //     pool (OrtApi::KernelContext_ParallelFor), so `SessionOptions.intra_op_num_threads` controls the threads.
+//     Concurrent Run() calls of one session compute a node in parallel: the kernel object is read-only after
+//     Compile and each Compute takes its buffers from the node's CallPool (ort_kernels.h).
 //
 // API level: built against 1.29 headers but asks for and declares API version 24 (kSolmOrtApi), the oldest runtime
 // whose plugin-EP API has everything used here (OrtEpFactory::GetCustomOpDomains is 1.24); every OrtApi function
@@ -360,7 +362,7 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
         return t;
       };
       k->op = op;
-      k->SetWeights(ref(1), ref(2), ref(3), ref(4), ref(5), ref(6));
+      k->SetWeights(ref(1), ref(2), ref(3), ref(4), ref(5), ref(6), k->weights);
       k->weights_ready = true;
       for (size_t i : MlpKernel::kWeightInputs) {
         slots[i].saved.reset();

@@ -23,7 +23,9 @@ def _original_step(loaded: LoadedModel, model: GatedModel):
 
 def prompt_ids(loaded: LoadedModel, prompt: str) -> torch.Tensor:
     if loaded.tokenizer is not None:
-        return torch.tensor([loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if ids:                                        # an empty prompt has no logits to compare
+            return torch.tensor([ids], dtype=torch.long)
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, loaded.info.vocab_size, (1, 8), generator=g)
 

@@ -146,10 +146,21 @@ def _load_hf_dir(path: Path, trust_pickle: bool):
         raise UserError(f"{path}: cannot load weights: {str(e).splitlines()[0]}") from e
     tok = None
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = usable_tokenizer(AutoTokenizer.from_pretrained(path), model.config.vocab_size)
     except (ValueError, OSError, KeyError, TypeError):
         log.info("%s: no tokenizer found", path)
     return model, tok
+
+
+def usable_tokenizer(tok, vocab_size: int):
+    """tok if it turns text into ids the model can embed, else None (logged). transformers builds a tokenizer from
+    config.json's tokenizer class alone (e.g. GPTNeoXTokenizer for a directory holding only weights): it has no
+    vocabulary and encodes every text to [], which is no prompt."""
+    ids = tok("The capital of France is", add_special_tokens=False)["input_ids"]
+    if not ids or max(ids) >= vocab_size:
+        log.info("tokenizer %s encodes a probe to %s (vocab %d): ignored", type(tok).__name__, ids[:8], vocab_size)
+        return None
+    return tok
 
 
 def _from_hf(model, tokenizer, name: str, source: str) -> LoadedModel:

@@ -13,7 +13,10 @@ Missing, stale without the C API, or unloadable: one debug log, and every call r
 on the calling thread (torch's intra-op pool is not reachable from C); scratch is per thread.
 
 MLP weights are re-laid out input-major once per weight set (a C-side copy of gate/up/down, ~the weights' size),
-cached per weight storage and version like ``fast_ops.packed_weight`` and freed when a weight dies.
+cached per weight storage and version like ``fast_ops.packed_weight`` and freed when a weight dies, is modified in
+place, or ``reset()`` runs. ctypes drops the GIL for the C call, so any of those can happen on another thread while
+a call reads the copy: a call holds a reference on its handle (``_Handle.refs``, taken and given back under
+``_lock``) and the C copy is freed by whoever drops the last reference, never while a call is in flight.
 """
 
 from __future__ import annotations
@@ -78,9 +81,13 @@ def library() -> Optional[ctypes.CDLL]:
 
 
 def reset() -> None:
-    """Forget the loaded library (the next call loads again). Handles already made stay valid."""
+    """Forget the loaded library and the cached MLP weight copies (the next call loads and re-lays out again).
+    A copy that a call on another thread is using is freed when that call returns."""
     with _lock:
         _state.pop("lib", None)
+        keys = list(_HANDLES)
+    for key in keys:
+        _drop(key)
 
 
 def _plain(t: Optional[Tensor]) -> bool:
@@ -265,11 +272,16 @@ def sparse_mlp(x: Tensor, w_gate: Optional[Tensor], b_gate: Optional[Tensor], w_
     r, b = _rows(rho, B), _rows(bits, B)                               # [B], [B]
     if r is None or b is None:
         return None
-    handle = _handle(lib, ws)
+    handle = _acquire(lib, ws)
     if handle is None:
         return None
     y = x.new_empty(B, T, w_down.shape[0])                             # [B,T,Dout]
-    if lib.solm_mlp_run(handle, x.data_ptr(), B, T, r.data_ptr(), b.data_ptr(), act.encode(), y.data_ptr()) != 0:
+    try:                                                               # the GIL is released inside the C call
+        rc = handle.lib.solm_mlp_run(handle.ptr, x.data_ptr(), B, T, r.data_ptr(), b.data_ptr(), act.encode(),
+                                     y.data_ptr())
+    finally:
+        _release(handle)
+    if rc != 0:
         return None
     STATS["mlp_c_calls"] += 1
     return y
@@ -287,30 +299,57 @@ def _key(t: Optional[Tensor]):
     return None if t is None else (t.data_ptr(), t.shape, t._version)
 
 
-def _handle(lib: ctypes.CDLL, ws: tuple) -> Optional[int]:
-    """The C-side re-laid-out weights of ws (gate, b_gate, up, b_up, down, b_down), made on first use."""
+class _Handle:
+    """One C-side weight copy (``solm_mlp_create``) and the calls using it: ``refs`` counts the cache's reference
+    (until ``_drop``) plus one per call in flight; the copy is freed when it reaches 0. Guarded by ``_lock``."""
+
+    __slots__ = ("ptr", "lib", "refs")
+
+    def __init__(self, ptr: int, lib: ctypes.CDLL):
+        self.ptr, self.lib, self.refs = ptr, lib, 1
+
+
+def _acquire(lib: ctypes.CDLL, ws: tuple) -> Optional[_Handle]:
+    """The C-side re-laid-out weights of ws (gate, b_gate, up, b_up, down, b_down), made on first use, with a
+    reference held for the caller (give it back with ``_release``)."""
     key = tuple([_key(t) for t in ws])
-    hit = _HANDLES.get(key)
-    if hit is not None:
-        return hit[0]
     with _lock:
-        for old in [kk for kk in _HANDLES if kk[2][:2] == key[2][:2]]:
-            _drop(old)                                   # the same weight modified in place: free the stale copy
-        w_gate, b_gate, w_up, b_up, w_down, b_down = ws
-        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        h = lib.solm_mlp_create(*map(ptr, ws), w_up.shape[1], w_up.shape[0], w_down.shape[0])
-        if not h:
-            return None
-        _HANDLES[key] = (h, lib)
-        STATS["mlp_handles"] += 1
-        for t in ws:
-            if t is not None:
-                weakref.finalize(t, _drop, key)          # freed with the first of its weights that dies
+        h = _HANDLES.get(key)
+        if h is None:
+            h = _create(lib, ws, key)
+        if h is not None:
+            h.refs += 1
+        return h
+
+
+def _create(lib: ctypes.CDLL, ws: tuple, key) -> Optional[_Handle]:
+    """Called under _lock (reentrant: a weight's finalizer may run _drop while this fills the cache)."""
+    for old in [kk for kk in _HANDLES if kk[2][:2] == key[2][:2]]:
+        _drop(old)                                       # the same weight modified in place: free the stale copy
+    w_gate, b_gate, w_up, b_up, w_down, b_down = ws
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    p = lib.solm_mlp_create(*map(ptr, ws), w_up.shape[1], w_up.shape[0], w_down.shape[0])
+    if not p:
+        return None
+    h = _HANDLES[key] = _Handle(p, lib)
+    STATS["mlp_handles"] += 1
+    for t in ws:
+        if t is not None:
+            weakref.finalize(t, _drop, key)              # uncached with the first of its weights that dies
     return h
 
 
-def _drop(key) -> None:
+def _release(h: _Handle) -> None:
     with _lock:
-        hit = _HANDLES.pop(key, None)
-    if hit is not None:
-        hit[1].solm_mlp_free(hit[0])
+        h.refs -= 1
+        last = h.refs == 0
+    if last:
+        h.lib.solm_mlp_free(h.ptr)
+
+
+def _drop(key) -> None:
+    """Uncache key's copy; it is freed now, or by the last call still using it."""
+    with _lock:
+        h = _HANDLES.pop(key, None)
+    if h is not None:
+        _release(h)
