@@ -67,6 +67,18 @@ def session_options(ort, threads: int | None = None):
     return so
 
 
+def pick_tokens(logits: np.ndarray, rng: np.random.Generator, greedy: bool = False,
+                temperature: float = 1.0) -> np.ndarray:
+    """The next token of each row of ``logits`` [B, V]: the argmax if ``greedy``, else a draw from
+    softmax(logits / temperature) (temperature floored at 1e-6, so 0 is greedy up to ties)."""
+    if greedy:
+        return logits.argmax(-1)
+    z = logits / max(temperature, 1e-6)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(len(row), p=row) for row in p])
+
+
 class SolmSession:
     """One onnxruntime session over an artifact; thread-safe (each call keeps its own state)."""
 
@@ -244,12 +256,7 @@ class SolmSession:
         rng = np.random.default_rng(seed)
 
         def pick(logits):
-            if greedy:
-                return logits.argmax(-1)
-            z = logits / max(temperature, 1e-6)
-            p = np.exp(z - z.max(-1, keepdims=True))
-            p /= p.sum(-1, keepdims=True)
-            return np.array([rng.choice(len(row), p=row) for row in p])
+            return pick_tokens(logits, rng, greedy=greedy, temperature=temperature)
 
         tokens, actions, controls, text = [], [], [], ""
         gen = self.steps([ids], budget, next_token=pick, max_new_tokens=max_new_tokens)
@@ -278,7 +285,8 @@ class SolmSession:
         return {"attn_keep": float(c[:, 0].mean()), "mlp_keep": float(c[:, 1].mean()), "bits": float(c[:, 2].mean())}
 
     def score(self, ids: list[int], context: int, budget=(1.0, 1.0, 16)) -> np.ndarray:
-        """Teacher-forced log-probs of ids[context+1:], dense prefill of ids[:context+1]... one step per token."""
+        """Teacher-forced log-probs of ids[context:], each given the ids before it: a dense prefill of
+        ids[:context], then one step per token."""
         prompt, rest = ids[:context], ids[context:]
         out = []
         gen = self.steps([prompt], budget, forced=[rest[:-1]])

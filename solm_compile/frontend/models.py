@@ -120,8 +120,10 @@ def _load_gguf(path: Path):
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except (ValueError, OSError, KeyError, EOFError) as e:
-        raise UserError(f"{path}: cannot load GGUF: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # noqa: BLE001 - a truncated file fails anywhere in the reader (struct.error, ...)
+        kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: truncated or corrupt GGUF ({kind}: {first})") from e
     return model, tok
 
 
