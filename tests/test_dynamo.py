@@ -1,5 +1,6 @@
 """``torch.compile(model, backend="solm")`` on a tiny random Llama: discovery, exactness, the policy, recompiles."""
 
+import contextlib
 import subprocess
 import sys
 import warnings
@@ -9,6 +10,7 @@ import torch
 
 from solm_compile.policy import checkpoint
 from solm_compile.backend import dynamo, once
+from solm_compile.backend import run as runners
 from solm_compile.ops import fast_c
 from solm_compile.ops import fast as fast_ops
 from solm_compile.policy.actions import ActionGrid
@@ -57,18 +59,74 @@ def test_backend_is_found_by_name_without_importing_solm():
     assert r.stdout.split() == ["solm_compile.backend.dynamo", "solm_backend"]
 
 
-def test_dense_budget_generate_equals_eager():
+@contextlib.contextmanager
+def runner_calls():
+    """Count the calls of the two callables the backend hands Dynamo (backend/run.py): ``_Dense`` runs the graph
+    inductor compiled from Dynamo's graph unchanged (no solm op in it), ``_Gated`` the gated graph."""
+    counts = {"dense": 0, "gated": 0}
+    orig = {"dense": runners._Dense.__call__, "gated": runners._Gated.__call__}
+
+    def counting(kind):
+        def call(self, *args):
+            counts[kind] += 1
+            return orig[kind](self, *args)
+        return call
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runners._Dense, "__call__", counting("dense"))
+        mp.setattr(runners._Gated, "__call__", counting("gated"))
+        yield counts
+
+
+def kernel_stats():
+    return {**fast_c.STATS, **fast_ops.STATS}
+
+
+def pruned_work(before):
+    """How many calls of the gathering ops did pruned work since ``before`` (their C kernels or torch versions)."""
+    now = kernel_stats()
+    return sum(now[k] - before[k] for k in ("attn_c_calls", "mlp_c_calls", "attn_gather_calls", "gather_calls"))
+
+
+@pytest.fixture(scope="module")
+def dense():
+    """The tiny Llama compiled at the default (dense) budget, after one greedy generate."""
     torch._dynamo.reset()     # the tests compile the same LlamaForCausalLM.forward code: keep their caches apart
     model = tiny_llama()
     ids = prompt()
     ref = generate(model, ids)
     model.compile(backend="solm")
-    with warnings.catch_warnings(record=True) as record:
+    before = kernel_stats()
+    with runner_calls() as calls, warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         out = generate(model, ids)
-    assert torch.equal(out, ref)
-    assert dynamo.controller(model).calls == {"prefill": 1, "step": NEW - 1}   # every call ran the gated graph
-    assert not solm_warnings(record)
+    yield {"model": model, "ids": ids, "ref": ref, "out": out, "calls": dict(calls), "pruned": pruned_work(before),
+           "warnings": solm_warnings(record)}
+    torch._dynamo.reset()
+
+
+def test_dense_budget_runs_inductor_on_the_ungated_graph(dense):
+    """At a dense budget the backend does not gate: every call runs inductor's graph of the original model
+    (``_Dense``), which only keeps the controller's books; the output equals eager."""
+    assert torch.equal(dense["out"], dense["ref"])
+    assert dense["calls"] == {"dense": NEW, "gated": 0}                 # 1 prefill + NEW - 1 decode steps
+    assert dense["pruned"] == 0
+    ctl = dynamo.controller(dense["model"])
+    assert not ctl.active and ctl.calls == {"prefill": 1, "step": NEW - 1}
+    assert all(h["action"] is None and bool((h["controls"] == torch.tensor([1.0, 1.0, 16.0])).all())
+               for h in ctl.history)
+    assert not dense["warnings"]
+
+
+def test_dense_budget_batch_rows_equal_single_runs(dense):
+    """A batch of 3 (Dynamo recompiles with a dynamic batch) gives each row the tokens of that prompt alone."""
+    model = dense["model"]
+    ids3 = prompt(batch=3, seed=1)
+    with runner_calls() as calls:
+        out = generate(model, ids3, n=6)
+    assert out.shape == (3, PROMPT_LEN + 6) and calls == {"dense": 6, "gated": 0}
+    for i in range(3):
+        assert torch.equal(out[i:i + 1], generate(model, ids3[i:i + 1], n=6)), i
 
 
 @pytest.fixture(scope="module")
@@ -151,18 +209,59 @@ def test_half_budget_runs_the_shipped_policy_like_the_artifact(half):
     assert sampled.shape == out.shape and ctl.calls["step"] == 3 * (NEW - 1)
 
 
+def test_sparse_budget_runs_the_gated_ops(half):
+    """At a half budget every call runs the gated graph, the pruning ops do work, and each decode step's logits are
+    those of the gated LM (reference ops) at the controls the controller chose, not the dense ones."""
+    model, ids = half["model"], half["ids"]
+    ctl = dynamo.controller(model)
+    ctl.history.clear()
+    before = kernel_stats()
+    with runner_calls() as calls, torch.no_grad():
+        res = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    assert calls == {"dense": 0, "gated": NEW}
+    assert pruned_work(before) > 0                       # diagnostic: the gathering ops ran with something pruned
+    controls = [h["controls"] for h in ctl.history]      # [B, 3] per decode step
+    assert len(controls) == NEW - 1
+    lm = GatedLM.from_hf(model)
+    toks = res.sequences[:, PROMPT_LEN:]
+    dense_ctl = torch.tensor([[1.0, 1.0, 16.0]])
+    with torch.no_grad():
+        lg, _, cache = lm.prefill(ids)
+        _, _, dcache = lm.prefill(ids)
+        torch.testing.assert_close(res.logits[0], lg[:, -1], rtol=1e-4, atol=1e-4)
+        gap = []
+        for t, c in enumerate(controls):
+            lg, _, cache = lm.step(toks[:, t:t + 1], cache, c[:, 0], c[:, 1], c[:, 2])
+            dlg, _, dcache = lm.step(toks[:, t:t + 1], dcache, *dense_ctl.T)
+            torch.testing.assert_close(res.logits[t + 1], lg[:, -1], rtol=1e-4, atol=1e-4)
+            gap.append(float((res.logits[t + 1] - dlg[:, -1]).abs().max()))
+    assert max(gap) > 1e-2, gap                          # the pruned steps really changed the logits
+
+
 def test_recompile_with_a_new_batch_size(half):
+    """A batch of 3 (Dynamo recompiles with a dynamic batch) gives each row the policy's actions (and tokens) of
+    that prompt alone."""
     model = half["model"]
     ctl = dynamo.controller(model)
     calls = dict(ctl.calls)
-    with warnings.catch_warnings(record=True) as record:
+    ids3 = prompt(batch=3, seed=1)
+    ctl.history.clear()
+    with runner_calls() as ran, warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        out = generate(model, prompt(batch=3, seed=1), n=6)   # Dynamo recompiles with a dynamic batch (SymInts)
+        out = generate(model, ids3, n=6)
     assert out.shape == (3, PROMPT_LEN + 6)
     assert not solm_warnings(record)
     assert ctl.state.prev.shape[0] == 3
-    assert ctl.calls == {"prefill": calls["prefill"] + 1, "step": calls["step"] + 5}   # all through the gated graphs
-    assert ctl.actions[-1].shape == (3,)
+    assert ctl.calls == {"prefill": calls["prefill"] + 1, "step": calls["step"] + 5}
+    assert ran == {"dense": 0, "gated": 6}                # all through the gated graphs
+    acts = torch.stack(ctl.actions)                       # [5 steps, 3 rows]
+    assert acts.shape == (5, 3)
+    for i in range(3):
+        ctl.history.clear()
+        row = generate(model, ids3[i:i + 1], n=6)
+        assert torch.equal(torch.stack(ctl.actions)[:, 0], acts[:, i]), i
+        assert torch.equal(row, out[i:i + 1]), i
 
 
 class _Attention(torch.nn.Module):
