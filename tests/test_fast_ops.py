@@ -16,6 +16,7 @@ from solm_compile.ops import fast as fast_ops
 from solm_compile.ops import torch_ops as ops
 from solm_compile.ops import reference as ref
 from solm_compile.runtime import ep
+from require import need_ep
 from solm_compile.runtime import ep_build
 
 
@@ -177,8 +178,8 @@ def test_single_row_per_kappa_equals_the_batch(c_lib):
 
 @pytest.mark.parametrize("impl", ["torch", "c"])
 def test_prefill_dense_and_noncontiguous_inputs_take_the_reference_semantics(impl, c_lib):
-    if impl == "c" and c_lib is None:
-        pytest.skip("no C API library")
+    if impl == "c":
+        need_ep(c_lib is not None, "no C API library")
     torch.manual_seed(4)
     k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
     qp = torch.randn(1, 4, 5, 8)
@@ -284,8 +285,7 @@ def test_gather_mlp_matches_reference(gated, act, biases, T, c_lib):
 
 
 def test_gather_mlp_skips_input_channels(c_lib):
-    if c_lib is None:
-        pytest.skip("no C API library")
+    need_ep(c_lib is not None, "no C API library")
     torch.manual_seed(7)
     ws = mlp_weights(576, 1536, 576, True, False)             # SmolLM2's MLP
     x = torch.randn(1, 1, 576)
@@ -298,8 +298,7 @@ def test_gather_mlp_skips_input_channels(c_lib):
 
 
 def test_mlp_handles_are_cached_refreshed_and_freed(c_lib):
-    if c_lib is None:
-        pytest.skip("no C API library")
+    need_ep(c_lib is not None, "no C API library")
     torch.manual_seed(8)
     ws = mlp_weights(32, 64, 32, True, True)
     x, rho, bits = torch.randn(2, 1, 32), [0.5, 0.25], [16.0, 16.0]
@@ -319,8 +318,7 @@ def test_mlp_handles_are_cached_refreshed_and_freed(c_lib):
 
 def test_default_loader_uses_the_library_when_it_exists(c_lib):
     """If ``ep.library_path()`` finds a library, the ops must really run SolmEP's kernels (its work counters)."""
-    if ep.library_path() is None:
-        pytest.skip("no library where ep.library_path() looks")
+    need_ep(ep.library_path() is not None, "no library where ep.library_path() looks")
     fast_c.reset()
     lib = fast_c.library()
     assert lib is not None, "libsolm_ep.so exists but fast_c did not load its C API"
@@ -359,8 +357,7 @@ def test_page_state_carried_across_decode_steps(c_lib):
     """Inside a gated call (``fast_c.carrying``) the page min/max is carried: each step folds only its new key,
     the output equals the reference at every step (across page boundaries, GQA, mixed κ per row), and the state
     is really what selection reads (a corrupted state changes the pages chosen)."""
-    if c_lib is None:
-        pytest.skip("SolmEP's C API library is not built here")
+    need_ep(c_lib is not None, "SolmEP's C API library is not built here")
     torch.manual_seed(3)
     B, H, Hkv, d, S = 3, 6, 2, 16, 8
     kappa = torch.tensor([0.5, 0.25, 1.0])
