@@ -19,6 +19,7 @@ import torch
 
 from solm_compile.ops import fast_c
 from solm_compile.runtime import ep
+from require import need_ep
 
 THREADS = 4
 
@@ -161,31 +162,20 @@ def test_calls_while_another_thread_resets(c_lib, monkeypatch):
 # ---------------------------------------------------------------------------------------------- SolmEP
 @pytest.fixture(scope="module")
 def solm_artifact(tmp_path_factory, tiny_llama):
-    if ep.library_path() is None:
-        if os.environ.get("SOLM_REQUIRE_EP"):
-            pytest.fail("SolmEP is not built")
-        pytest.skip("SolmEP not built")
+    need_ep(ep.library_path() is not None)
     from test_artifact import word_tokenizer
 
     from solm_compile.artifact.write import write_artifact
     from solm_compile.frontend import models
     from solm_compile.frontend.gated import GatedLM
     from solm_compile.policy import checkpoint
-    from solm_compile.policy.actions import ActionGrid
-    from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
+    from tiny_lm import random_policy_file
 
     d = tmp_path_factory.mktemp("conc")
     loaded = models._from_hf(tiny_llama, word_tokenizer(), name="tiny", source="<test>")
     lm = GatedLM.from_loaded(loaded)
-    grid = ActionGrid()
-    torch.manual_seed(3)
-    policy = RecurrentActorCriticPolicy(64, grid.num_actions, PolicyConfig(d_model=32, max_steps=32)).eval()
-    for p in policy.parameters():
-        p.data.normal_(0, 0.3)
-    checkpoint.save(d / "policy.pt", checkpoint.policy_payload(policy, grid, lm.gate,
-                                                               checkpoint.model_identity(lm.info),
-                                                               {"policy": policy.cfg.to_dict()}))
-    lp = checkpoint.load_policy(d / "policy.pt", lm.info)
+    path = random_policy_file(d / "policy.pt", checkpoint.model_identity(lm.info), lm.gate, seed=3)
+    lp = checkpoint.load_policy(path, lm.info)
     return write_artifact(lm, d / "tiny.solm.onnx", "solm", lp, tokenizer=loaded.tokenizer)
 
 
