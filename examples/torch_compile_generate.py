@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from solm_compile.backend import controller
+from solm_compile.backend.dynamo import controller
 from solm_compile.frontend.models import load
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -86,9 +86,11 @@ class Recorder:
             out[b, t, order[b, t, kb]] = x[b, t, order[b, t, kb]]
         return out
 
-    def quest_keep(self, orig, q, k, kappa, S, sinks, window):
+    def quest_keep(self, orig, q, k, kappa, S, sinks, window, attn_mask=None):
+        # (the near-tie analysis below assumes every key is unmasked: true for SmolLM2's decode steps, whose mask,
+        # when there is one, allows every past key)
         c = self._next("page")
-        keep = orig(q, k, kappa, S, sinks, window)                           # [B,H,L]
+        keep = orig(q, k, kappa, S, sinks, window, attn_mask)                # [B,H,L]
         B, H, _, d = q.shape
         Hkv, L = k.shape[1], k.shape[2]
         P = -(-L // S)
