@@ -155,3 +155,23 @@ def registered_ops(path: str | Path | None = None) -> list[dict]:
     fn = ctypes.CDLL(str(lib)).solm_ep_registered_ops
     fn.restype, fn.argtypes = ctypes.c_char_p, []
     return json.loads(fn().decode())
+
+
+def isa_report(path: str | Path | None = None) -> dict:
+    """Which SIMD variant each SolmEP kernel family ran last in this process, from the library itself (the C
+    function ``solm_ep_isa_report``)::
+
+        {"selected": "x86-64-v4", "cap": None, "decode_attention": "x86-64-v4", "prefill_attention": None,
+         "sparse_mlp": "x86-64-v4"}
+
+    ``selected`` is what the CPU supports, capped by the environment variable SOLM_EP_ISA (baseline | x86-64-v3 |
+    x86-64-v4, read once per process); a family is None until it has run. ``path`` overrides the registered library
+    (else ``library_path()``); loading the library the process registered shares its state. Raises
+    FileNotFoundError without a built library.
+    """
+    lib = Path(path) if path is not None else (_registered or library_path())
+    if lib is None or not lib.is_file():
+        raise FileNotFoundError(NOT_BUILT)
+    fn = ctypes.CDLL(str(lib)).solm_ep_isa_report
+    fn.restype, fn.argtypes = ctypes.c_char_p, []
+    return json.loads(fn().decode())

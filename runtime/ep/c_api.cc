@@ -8,6 +8,7 @@
 // weights are read-only after creation).
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <string>
@@ -75,6 +76,20 @@ std::string RegisteredOpsJson() {
 // The string is built once and lives as long as the library.
 SOLM_EXPORT const char* solm_ep_registered_ops() {
   static const std::string json = RegisteredOpsJson();
+  return json.c_str();
+}
+
+// Which ISA variant each kernel family runs, as JSON: {"selected": <the variant IsaLevel picks: the CPU capped by
+// SOLM_EP_ISA>, "cap": <SOLM_EP_ISA or null>, "decode_attention": ..., "prefill_attention": ..., "sparse_mlp": ...},
+// each family's value the variant ("baseline", "x86-64-v3", "x86-64-v4") its last call in this process ran, or null
+// if it has not run. The string is valid until the next call on the same thread.
+SOLM_EXPORT const char* solm_ep_isa_report() {
+  thread_local std::string json;
+  auto str = [](const char* s) { return s ? Quoted(s) : std::string("null"); };
+  json = "{\"selected\": " + str(solm::SelectedIsa()) + ", \"cap\": " + str(std::getenv("SOLM_EP_ISA")) +
+         ", \"decode_attention\": " + str(solm::LastIsa(solm::kIsaDecode)) +
+         ", \"prefill_attention\": " + str(solm::LastIsa(solm::kIsaPrefill)) +
+         ", \"sparse_mlp\": " + str(solm::LastIsa(solm::kIsaMlp)) + "}";
   return json.c_str();
 }
 

@@ -159,6 +159,17 @@ struct MlpScratch {
 // The MLP micro-kernel variant picked for this CPU: "x86-64-v4" (AVX-512), "x86-64-v3" (AVX2+FMA) or "baseline".
 const char* MlpKernelIsa();
 
+// ISA variants. Every SIMD kernel family is compiled as baseline x86-64, x86-64-v3 (AVX2+FMA) and x86-64-v4
+// (AVX-512) and dispatched once per process through one table per family, picked by IsaLevel (kernels_util.h: the
+// CPU, capped by SOLM_EP_ISA=baseline|x86-64-v3|x86-64-v4). Each call records the variant it ran, per family, so a
+// test can check that the cap was honoured (c_api.cc: solm_ep_isa_report).
+enum IsaFamily { kIsaDecode = 0, kIsaPrefill = 1, kIsaMlp = 2, kIsaFamilies = 3 };
+void NoteIsa(IsaFamily family, const char* isa);
+// The variant `family` last ran in this process, or nullptr if it has not run.
+const char* LastIsa(IsaFamily family);
+// The variant IsaLevel picks (every family runs it): "baseline", "x86-64-v3" or "x86-64-v4".
+const char* SelectedIsa();
+
 // x [B,T,D] (N = B*T tokens), rho/bits [B], y [B,T,Dout].
 void SparseMlp(const float* x, int64_t B, int64_t T, const MlpWeights& w, const float* rho, const float* bits,
                Act act, float* y, MlpScratch& scratch, const Parallel& par);

@@ -9,6 +9,14 @@ Stats& GlobalStats() {
 }
 
 namespace {
+std::atomic<const char*> g_last_isa[kIsaFamilies];
+}  // namespace
+
+void NoteIsa(IsaFamily family, const char* isa) { g_last_isa[family].store(isa, std::memory_order_relaxed); }
+const char* LastIsa(IsaFamily family) { return g_last_isa[family].load(std::memory_order_relaxed); }
+const char* SelectedIsa() { return IsaName(IsaLevel()); }
+
+namespace {
 
 // ------------------------------------------------------------------------------------------------ attention
 
@@ -44,7 +52,7 @@ int64_t UnmaskedPages(const MaskRow* m, int64_t n, int64_t L, int64_t S, uint8_t
 // Element-wise max/min of the keys of pages, hi/lo [P, d], folding keys [j0, L) in order: a page that starts at or
 // after j0 starts from its first key; the page holding j0, when j0 is inside it, continues from its current hi/lo
 // (its keys before j0 already folded in), so the result equals the fold over the whole page (j0 = 0: every page).
-SOLM_CLONES void PageMinMax(const float* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi, float* lo) {
+SOLM_INLINE void PageMinMaxBody(const float* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi, float* lo) {
   for (int64_t p = j0 / S; p * S < L; ++p) {
     float* h = hi + p * d;
     float* l = lo + p * d;
@@ -75,8 +83,8 @@ SOLM_CLONES void PageMinMax(const float* K, int64_t j0, int64_t L, int64_t d, in
 
 // Quest page scores of one query head: score[p] (+)= Σ_d max(q_d·max_d, q_d·min_d).
 // hi/lo [P, d]: the page max/min.
-SOLM_CLONES void PageScores(const float* qrow, const float* hi_pages, const float* lo_pages, int64_t P, int64_t d,
-                            float* score, bool accumulate) {
+SOLM_INLINE void PageScoresBody(const float* qrow, const float* hi_pages, const float* lo_pages, int64_t P, int64_t d,
+                                float* score, bool accumulate) {
   for (int64_t p = 0; p < P; ++p) {
     const float* hi = hi_pages + p * d;
     const float* lo = lo_pages + p * d;
@@ -180,9 +188,9 @@ inline __attribute__((always_inline)) void Dot8Rows(const float* q, const float*
 // the V rows. Branch-free per head: a row the head did not keep (or its mask removes) gets -inf, so weight 0.
 // Scratch: logit [G*L + G], idx [L]. Returns the q·k products that count (kept and allowed); *rows = the rows
 // some head attends. out [G, dv].
-SOLM_CLONES uint64_t AttendKept(const float* qrows, int64_t G, const float* K, const float* V, int64_t L, int64_t d,
-                                int64_t dv, float scale, const uint8_t* ukeep, const uint8_t* keep, int64_t ks,
-                                const MaskRow* masks, float* logit, int32_t* idx, float* out, uint64_t* rows) {
+SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const float* K, const float* V, int64_t L, int64_t d,
+                                    int64_t dv, float scale, const uint8_t* ukeep, const uint8_t* keep, int64_t ks,
+                                    const MaskRow* masks, float* logit, int32_t* idx, float* out, uint64_t* rows) {
   int64_t n = 0;
   if (ukeep) {
     for (int64_t j = 0; j < L; ++j)
@@ -253,6 +261,48 @@ SOLM_CLONES uint64_t AttendKept(const float* qrows, int64_t G, const float* K, c
   return scored;
 }
 
+// The decode family's variants (kernels_util.h): the bodies above compiled for each ISA, one table per process.
+#define SOLM_DECODE_VARIANT(SUFFIX, ATTR)                                                                          \
+  ATTR void PageMinMax##SUFFIX(const float* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi,           \
+                               float* lo) {                                                                      \
+    PageMinMaxBody(K, j0, L, d, S, hi, lo);                                                                      \
+  }                                                                                                              \
+  ATTR void PageScores##SUFFIX(const float* qrow, const float* hi, const float* lo, int64_t P, int64_t d,         \
+                               float* score, bool accumulate) {                                                  \
+    PageScoresBody(qrow, hi, lo, P, d, score, accumulate);                                                       \
+  }                                                                                                              \
+  ATTR uint64_t AttendKept##SUFFIX(const float* qrows, int64_t G, const float* K, const float* V, int64_t L,      \
+                                   int64_t d, int64_t dv, float scale, const uint8_t* ukeep, const uint8_t* keep, \
+                                   int64_t ks, const MaskRow* masks, float* logit, int32_t* idx, float* out,      \
+                                   uint64_t* rows) {                                                             \
+    return AttendKeptBody(qrows, G, K, V, L, d, dv, scale, ukeep, keep, ks, masks, logit, idx, out, rows);       \
+  }
+SOLM_DECODE_VARIANT(Base, )
+#ifdef SOLM_ISA_VARIANTS
+SOLM_DECODE_VARIANT(V3, SOLM_TARGET_V3)
+SOLM_DECODE_VARIANT(V4, SOLM_TARGET_V4)
+#endif
+#undef SOLM_DECODE_VARIANT
+
+struct DecodeKernelTable {
+  decltype(&PageMinMaxBase) page_minmax;
+  decltype(&PageScoresBase) page_scores;
+  decltype(&AttendKeptBase) attend_kept;
+  const char* isa;
+};
+
+// Picked once per process (IsaLevel: the CPU, capped by SOLM_EP_ISA).
+const DecodeKernelTable& DecodeKernels() {
+  static const DecodeKernelTable t = [] {
+#ifdef SOLM_ISA_VARIANTS
+    if (IsaLevel() == 4) return DecodeKernelTable{PageMinMaxV4, PageScoresV4, AttendKeptV4, IsaName(4)};
+    if (IsaLevel() == 3) return DecodeKernelTable{PageMinMaxV3, PageScoresV3, AttendKeptV3, IsaName(3)};
+#endif
+    return DecodeKernelTable{PageMinMaxBase, PageScoresBase, AttendKeptBase, IsaName(0)};
+  }();
+  return t;
+}
+
 // Page min/max of this call: into the state outputs for every row (carried pages copied, the new tokens' pages
 // folded in), else into scratch for the rows that select (sparse(b, &pb)). Reads only the new keys when a past
 // state is given.
@@ -276,7 +326,7 @@ void PageMinMaxStep(const float* k, int64_t B, int64_t Hkv, int64_t T, int64_t L
       std::memmove(hi + o * P * d, state->past_max + o * P_past * d, P_past * d * sizeof(float));
       std::memmove(lo + o * P * d, state->past_min + o * P_past * d, P_past * d * sizeof(float));
     }
-    PageMinMax(k + o * L * d, j0, L, d, S, hi + o * P * d, lo + o * P * d);
+    DecodeKernels().page_minmax(k + o * L * d, j0, L, d, S, hi + o * P * d, lo + o * P * d);
     st.attn_minmax_rows.fetch_add(static_cast<uint64_t>(L - j0), std::memory_order_relaxed);
   };
   par.For(static_cast<size_t>(B * Hkv), item);
@@ -328,6 +378,8 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
     return;
   }
 
+  const DecodeKernelTable& dk = DecodeKernels();
+  NoteIsa(kIsaDecode, dk.isa);
   // One item per (row, KV head): the pages are chosen per query head (or once for the group with per_kv_head), and
   // the group streams the union of its heads' kept tokens once, each head scoring only the tokens it kept.
   auto item = [&](size_t it) {
@@ -370,11 +422,11 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
     if (sparse) {
       const int64_t o = (b * Hkv + hk) * P * d;
       if (shared) {
-        for (int64_t g = 0; g < G; ++g) PageScores(qh + g * d, pmax + o, pmin + o, P, d, score, g > 0);
+        for (int64_t g = 0; g < G; ++g) dk.page_scores(qh + g * d, pmax + o, pmin + o, P, d, score, g > 0);
         select(mr, G, keep);
       } else {
         for (int64_t g = 0; g < G; ++g) {
-          PageScores(qh + g * d, pmax + o, pmin + o, P, d, score, false);
+          dk.page_scores(qh + g * d, pmax + o, pmin + o, P, d, score, false);
           select(mr + g, 1, keep + g * L);
         }
         std::memcpy(ukeep, keep, L);
@@ -383,8 +435,8 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
       }
     }
     uint64_t rows = 0;
-    const uint64_t scored = AttendKept(qh, G, K, V, L, d, dv, scale, ukeep, keep, nsets == 1 ? 0 : L, mr, logit, idx,
-                                       out + (b * H + h) * dv, &rows);
+    const uint64_t scored = dk.attend_kept(qh, G, K, V, L, d, dv, scale, ukeep, keep, nsets == 1 ? 0 : L, mr, logit,
+                                           idx, out + (b * H + h) * dv, &rows);
     st.attn_keys_scored.fetch_add(scored, std::memory_order_relaxed);
     st.attn_kv_rows_read.fetch_add(rows, std::memory_order_relaxed);
   };

@@ -281,6 +281,15 @@ __attribute__((target("arch=x86-64-v4"))) void PrefillV4(const PrefillArgs& a, s
 }
 #endif
 
+// The variant PrefillKernel picks (the same test of IsaLevel).
+const char* PrefillIsa() {
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(SOLM_NO_CLONES)
+  return IsaName(IsaLevel());
+#else
+  return IsaName(0);
+#endif
+}
+
 PrefillFn PrefillKernel() {
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(SOLM_NO_CLONES)
   if (IsaLevel() == 4) return PrefillV4;
@@ -318,6 +327,7 @@ void AttendPrefill(const float* q, const float* k, const float* v, const MaskVie
   a.qscale = scale * kLog2e;
   a.is_causal = is_causal;
   static const PrefillFn fn = PrefillKernel();
+  NoteIsa(kIsaPrefill, PrefillIsa());
   auto item = [&](size_t it) { fn(a, it); };
   par.For(static_cast<size_t>(B * Hkv * a.ntiles), item);
 }

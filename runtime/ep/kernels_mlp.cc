@@ -340,6 +340,7 @@ void SparseMlp(const float* x, int64_t B, int64_t T, const MlpWeights& W, const 
   st.mlp_calls.fetch_add(1, std::memory_order_relaxed);
   const int64_t N = B * T, D = W.D, I = W.I, Dout = W.Dout;
   if (N == 0) return;
+  NoteIsa(kIsaMlp, Panel().isa);  // every gate/up and down tile of this call runs Panel()'s variant
   const int64_t nblk = (N + kTokBlock - 1) / kTokBlock;
   float* xs = Grow(sc.xs, static_cast<size_t>(N * D));
   float* h = Grow(sc.h, static_cast<size_t>(N * I));

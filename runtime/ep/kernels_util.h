@@ -12,13 +12,18 @@
 #include <functional>
 #include <limits>
 
-// The hot per-item functions are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and picked at load
-// time by GCC's ifunc resolver (__builtin_cpu_supports), so the library stays portable across CI machines.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(SOLM_NO_CLONES)
-#define SOLM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SOLM_CLONES
+// The hot per-item functions are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and picked once per
+// process from IsaLevel() (the CPU, capped by SOLM_EP_ISA), so the library stays portable across CI machines and
+// every variant can be tested on one machine. Each family keeps a table of its variants' function pointers
+// (Panel(), DecodeKernels(), PrefillKernel()); the variant bodies are always_inline templates/functions wrapped in
+// SOLM_TARGET_V3 / SOLM_TARGET_V4 functions. (GCC's target_clones would ignore SOLM_EP_ISA: not used.)
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(SOLM_NO_CLONES)
+#define SOLM_ISA_VARIANTS 1
+#define SOLM_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
+#define SOLM_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
 #endif
+// A variant body: inlined into each ISA's wrapper, so it is compiled with that wrapper's target.
+#define SOLM_INLINE inline __attribute__((always_inline))
 
 namespace solm {
 namespace {
@@ -155,7 +160,7 @@ inline MaskRow RowOf(const MaskView& m, int64_t b, int64_t h, int64_t t, bool ca
 }
 
 // The widest kernel variant this CPU runs: 4 (x86-64-v4, AVX-512), 3 (x86-64-v3, AVX2+FMA) or 0 (baseline).
-// SOLM_EP_ISA=baseline|x86-64-v3 caps it (to test the other variants). Read once per process.
+// SOLM_EP_ISA=baseline|x86-64-v3|x86-64-v4 caps it (to test the other variants). Read once per process.
 inline int IsaLevel() {
   static const int level = [] {
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(SOLM_NO_CLONES)
@@ -169,6 +174,8 @@ inline int IsaLevel() {
   }();
   return level;
 }
+
+inline const char* IsaName(int level) { return level == 4 ? "x86-64-v4" : level == 3 ? "x86-64-v3" : "baseline"; }
 
 // Thread-local temporaries for one work item (grown on demand, reused across calls).
 struct Tls {
