@@ -114,9 +114,14 @@ def test_metadata_and_checker(built):
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
 
 
-def test_compiling_twice_is_byte_identical(built, tmp_path):
-    again = write_artifact(built["lm"], tmp_path / "tiny.dense.onnx", "dense", None, tokenizer=built["loaded"].tokenizer)
-    assert again.read_bytes() == built["arts"]["dense"].read_bytes()
+@pytest.mark.parametrize("kind", ["dense", "portable", "solm", "fixed"])
+def test_compiling_twice_is_byte_identical(built, tmp_path, kind):
+    policy = None if kind in ("dense", "fixed") else built["policy"]
+    first = write_artifact(built["lm"], tmp_path / f"a.{kind}.onnx", kind, policy, tokenizer=built["loaded"].tokenizer)
+    (tmp_path / "b").mkdir()
+    again = write_artifact(built["lm"], tmp_path / "b" / f"a.{kind}.onnx", kind, policy,
+                           tokenizer=built["loaded"].tokenizer)
+    assert again.read_bytes() == first.read_bytes()
 
 
 def test_threads_share_one_session(built):
