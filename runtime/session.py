@@ -27,6 +27,7 @@ from solm_compile.errors import UserError
 
 log = logging.getLogger(__name__)
 
+POLICY_PROTOCOL = (0, 2)   # artifacts from 0.2 on: fixed-size policy KV, episodes restarted inside the graph
 POLICY_STATE = ("policy_key", "policy_value", "policy_prev_action", "policy_usage", "policy_count", "policy_step",
                 "policy_hidden")
 
@@ -92,6 +93,10 @@ class SolmSession:
             raise UserError(f"{self.path}: no such artifact")
         self.meta = read_metadata(self.path)
         self.kind = self.meta["kind"]
+        made_by = tuple(int(x) for x in str(self.meta.get("version", "0.0")).split(".")[:2])
+        if self.kind in ("solm", "portable") and made_by < POLICY_PROTOCOL:
+            raise UserError(f"{self.path}: written by solm {self.meta.get('version')}, whose policy state this "
+                            f"runtime no longer drives; compile it again with this solm")
         so = session_options(ort, threads)
         if profile_prefix:  # onnxruntime's profiler (per-node times); self.sess.end_profiling() writes the JSON
             so.enable_profiling = True

@@ -11,7 +11,7 @@ rewrites), ``ops`` (each custom op, once), ``policy`` (actions, network, the one
 (torch.compile), ``bench``, ``analysis`` (cost model, inspect, verify), ``data`` (registry assets), ``cli``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["GateConfig", "SolmConfig", "__version__", "compile", "load"]
 

@@ -19,6 +19,7 @@ from solm_compile.artifact.write import write_artifact
 from solm_compile.artifact.step import decode_torch
 from solm_compile.frontend.gated import GatedLM
 from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
+from solm_compile.errors import UserError
 from solm_compile.runtime import ep
 from require import need_ep
 from solm_compile.runtime.session import SolmSession
@@ -267,3 +268,14 @@ def test_without_solm_ep(capsys, caplog, tmp_path, monkeypatch):
     assert meta["solm.select_per_kv_head"] in ("1", "true", "True"), meta
     nodes = [n for n in onnx.load(str(custom), load_external_data=False).graph.node if n.op_type == "QuestAttention"]
     assert nodes and all(any(a.name == "select_per_kv_head" and a.i == 1 for a in n.attribute) for n in nodes)
+
+
+def test_an_artifact_from_before_the_policy_protocol_change_is_refused(built, tmp_path):
+    old = onnx.load(str(built["arts"]["portable"]))
+    for prop in old.metadata_props:
+        if prop.key == "solm.version":
+            prop.value = '"0.1.0"'
+    path = tmp_path / "old.onnx"
+    onnx.save(old, str(path))
+    with pytest.raises(UserError, match="compile it again"):
+        SolmSession(path, tokenizer=False)
