@@ -36,6 +36,8 @@ class SolmConfig:
     policy      a policy checkpoint; None: the one shipped for the model
     gate        where the gates go and how they select (Quest page size, sinks, window, warm-up)
     per_kv_head Quest pages chosen once per KV head (SolmEP artifacts only)
+    weights     how the weights are stored: "source" (default: a GGUF keeps its own blocks, losslessly), "fp32"
+                (the exactness reference), "int8" or "int4" (round-to-nearest, block 32); see quant/weights.py
     trust_pickle  allow a pickled model file (unpickling runs arbitrary code)
     """
 
@@ -44,6 +46,7 @@ class SolmConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     per_kv_head: bool = False
     trust_pickle: bool = False
+    weights: str = "source"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -52,6 +55,10 @@ class SolmConfig:
             raise UserError(f"SolmConfig: gate must be a GateConfig, got {type(self.gate).__name__}")
         if self.policy is not None and not Path(self.policy).is_file():
             raise UserError(f"--policy {self.policy}: no such file")
+        from solm_compile.quant.weights import WEIGHTS
+
+        if self.weights not in WEIGHTS:
+            raise UserError(f"--weights: must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         if self.per_kv_head and self.kind in ("portable", "dense"):
             raise UserError(f"--per-kv-head: the {self.kind} artifact has no SolmEP attention to configure (it "
                             "applies to the ai.solm and --fixed artifacts)")
@@ -98,14 +105,15 @@ def compile(model: str, config: SolmConfig = SolmConfig(), out: str | Path = "mo
     out = Path(out)
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: directory {out.parent} does not exist")
-    loaded = load_model(model, trust_pickle=config.trust_pickle)
+    loaded = load_model(model, trust_pickle=config.trust_pickle, weights=config.weights)
     gated = compile_gated(loaded, config.gate)
     lm = GatedLM(gated, _kv_shape_from_graph(loaded))
     kind = _resolve_kind(config.kind)
     policy = None if kind in ("dense", "fixed") else resolve_policy(config.policy, loaded.info)
-    path = write_artifact(lm, out, kind, policy, tokenizer=loaded.tokenizer, per_kv_head=config.per_kv_head)
-    log.info("wrote %s (%s; gated %d attention and %d MLP ops%s)", path, kind, gated.count("attention"),
-             gated.count("mlp"), f"; policy {policy.path.name}" if policy else "")
+    path = write_artifact(lm, out, kind, policy, tokenizer=loaded.tokenizer, per_kv_head=config.per_kv_head,
+                          weights=loaded.weights)
+    log.info("wrote %s (%s; gated %d attention and %d MLP ops%s; weights %s)", path, kind, gated.count("attention"),
+             gated.count("mlp"), f"; policy {policy.path.name}" if policy else "", loaded.weights.describe())
     return path
 
 

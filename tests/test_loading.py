@@ -47,7 +47,8 @@ def tiny_hf_llama():
         return LlamaForCausalLM(cfg).eval()
 
 
-def write_tiny_gguf(path: Path, model) -> Path:
+def write_tiny_gguf(path: Path, model, quant: dict | None = None) -> Path:
+    """``quant``: GGUF tensor-name suffix (e.g. "attn_q.weight") -> a GGMLQuantizationType to store it in."""
     import gguf
 
     tokens = _vocab()
@@ -79,7 +80,12 @@ def write_tiny_gguf(path: Path, model) -> Path:
             t = _llama_cpp_permute(t, HEADS)
         elif g.endswith("attn_k.weight"):
             t = _llama_cpp_permute(t, KV_HEADS)
-        w.add_tensor(g, np.ascontiguousarray(t, dtype=np.float32))
+        qtype = next((q for suffix, q in (quant or {}).items() if g.endswith(suffix)), None)
+        if qtype is None:
+            w.add_tensor(g, np.ascontiguousarray(t, dtype=np.float32))
+        else:
+            raw = gguf.quants.quantize(np.ascontiguousarray(t, dtype=np.float32), qtype)
+            w.add_tensor(g, raw, raw_shape=raw.shape, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

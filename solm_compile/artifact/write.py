@@ -173,9 +173,21 @@ def carry_ep_state(program, kind: str, per_kv_head: bool = False) -> dict:
     return {"page_state": carried.counts["page_state"], "select_per_kv_head": bool(per_kv_head)}
 
 
+def pack_low_bit(program, weights) -> dict:
+    """``passes/pack_weights`` on ``program.model``; returns the metadata saying what each weight is stored as."""
+    from solm_compile.passes.pack_weights import pack_weights
+
+    if weights is None:
+        return {"weights": "fp32", "formats": {}}
+    packed = pack_weights(program.model, weights)
+    log.debug("pack_weights: %s (skipped: %s)", dict(packed.counts), packed.skipped)
+    return {**weights.to_dict(), "packed": dict(sorted(packed.counts.items()))}
+
+
 def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=None, tokenizer=None,
-                   per_kv_head: bool = False) -> Path:
-    """Export, attach metadata, write ``out`` (and the tokenizer beside it) atomically."""
+                   per_kv_head: bool = False, weights=None) -> Path:
+    """Export, attach metadata, write ``out`` (and the tokenizer beside it) atomically. ``weights``: the loaded
+    model's ``WeightTable`` (``--weights``): the weights it knows are stored as their low-bit blocks."""
     import onnx
 
     if kind not in KINDS:
@@ -192,6 +204,7 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
         raise UserError(f"per-KV-head page selection is a SolmEP option: a {kind} artifact cannot have it")
     program = export_onnx(module, args, policy, ins, outs, kind)
     ep_meta = carry_ep_state(program, kind, per_kv_head)
+    ep_meta["weights"] = pack_low_bit(program, weights)
     tok_name = None
     if tokenizer is not None:
         tok_name = out.name.split(".")[0] + ".tokenizer.json"

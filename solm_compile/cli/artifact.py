@@ -8,6 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+from solm_compile.api import SolmConfig
+from solm_compile.quant.weights import WEIGHTS
+
 log = logging.getLogger(__name__)
 
 
@@ -27,6 +30,9 @@ def add_artifact_parsers(sub, common) -> None:
     p.add_argument("--per-kv-head", action="store_true",
                    help="Quest pages chosen once per KV head (scores summed over its query heads), so each kept "
                    "page is read once per GQA group; coarser than SOL's per-query-head choice (ai.solm artifacts)")
+    p.add_argument("--weights", choices=WEIGHTS, default=SolmConfig.weights,
+                   help="how the weights are stored (default source: a GGUF keeps its own Q4_0/Q4_1/Q5_0/Q8_0 blocks "
+                   "losslessly; fp32: the exactness reference; int8/int4: round-to-nearest, block 32)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", help="generate with an artifact")
@@ -57,10 +63,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     kind = ("dense" if args.dense else "fixed" if args.fixed else "portable" if args.portable else
             "solm" if args.custom_ops else "auto")
     config = SolmConfig(kind=kind, policy=args.policy, gate=dataclass_from_args(GateConfig, args),
-                        per_kv_head=args.per_kv_head, trust_pickle=args.trust_pickle)
+                        per_kv_head=args.per_kv_head, trust_pickle=args.trust_pickle, weights=args.weights)
     path = compile(args.model, config, out=args.out)
     meta = read_metadata(path)
-    print(f"wrote {path} ({meta['kind']}, {path.stat().st_size / 1e6:.1f} MB"
+    fmts = ", ".join(f"{k} ×{v}" for k, v in (meta.get("weights") or {}).get("packed", {}).items())
+    print(f"wrote {path} ({meta['kind']}, {path.stat().st_size / 1e6:.1f} MB; weights {args.weights}"
+          + (f": {fmts}" if fmts else "")
           + (f"; policy {meta['policy_file']}" if meta.get("policy_file") else "") + ")")
     return 0
 

@@ -50,6 +50,7 @@ class LoadedModel:
     hf: object | None = None   # the transformers model, when there is one (the "original" for verify)
     tokenizer: object | None = None
     source: str = ""           # where the weights came from (alias target, directory, file)
+    weights: object = None     # quant.weights.WeightTable: the low-bit blocks (``--weights``), found by value
 
 
 def weights_hash(tensors) -> str:
@@ -66,19 +67,23 @@ def weights_hash(tensors) -> str:
     return h.hexdigest()[:16]
 
 
-def load(spec: str, trust_pickle: bool = False) -> LoadedModel:
-    """Resolve MODEL and export its decode step."""
+def load(spec: str, trust_pickle: bool = False, weights: str = "source") -> LoadedModel:
+    """Resolve MODEL, put its weights in the ``weights`` format (``quant/weights.py``), export its decode step."""
+    from solm_compile.quant.weights import WEIGHTS
+
+    if weights not in WEIGHTS:
+        raise UserError(f"--weights: must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     if spec in ALIASES:
-        return _from_hf(*_load_alias(spec), name=spec, source=spec)
+        return _from_hf(*_load_alias(spec), name=spec, source=spec, weights=weights, gguf=_alias_gguf(spec))
     path = Path(spec)
     if not path.exists():
         raise UserError(f"{spec}: no such file or directory (MODEL must be {FORMATS})")
     if path.is_dir():
-        return _from_hf(*_load_hf_dir(path, trust_pickle), name=path.name, source=str(path))
+        return _from_hf(*_load_hf_dir(path, trust_pickle), name=path.name, source=str(path), weights=weights)
     if path.suffix == ".gguf":
-        return _from_hf(*_load_gguf(path), name=path.stem, source=str(path))
+        return _from_hf(*_load_gguf(path), name=path.stem, source=str(path), weights=weights, gguf=path)
     if path.suffix in (".pt2", ".pt", ".pth", ".bin"):
-        return _load_torch_file(path, trust_pickle)
+        return _load_torch_file(path, trust_pickle, weights)
     raise UserError(f"{spec}: unknown model format '{path.suffix}' (MODEL must be {FORMATS})")
 
 
@@ -91,12 +96,15 @@ def _check_architecture(config, where: str) -> None:
                         "(solm needs a transformers causal LM)")
 
 
-def _load_alias(alias: str):
-    """The alias's GGUF, dequantised once to an fp32 safetensors directory beside it (loads in a second)."""
-
+def _alias_gguf(alias: str) -> Path:
     from solm_compile.data import assets
 
-    gguf = assets.smollm2_gguf() if alias == "smollm2" else assets.gemma3_270m_gguf()
+    return assets.smollm2_gguf() if alias == "smollm2" else assets.gemma3_270m_gguf()
+
+
+def _load_alias(alias: str):
+    """The alias's GGUF, dequantised once to an fp32 safetensors directory beside it (loads in a second)."""
+    gguf = _alias_gguf(alias)
     converted = gguf.parent / "hf-fp32"
     if (converted / "config.json").is_file():
         return _load_hf_dir(converted, trust_pickle=False)
@@ -165,18 +173,21 @@ def usable_tokenizer(tok, vocab_size: int):
     return tok
 
 
-def _from_hf(model, tokenizer, name: str, source: str) -> LoadedModel:
+def _from_hf(model, tokenizer, name: str, source: str, weights: str = "source", gguf: Path | None = None
+             ) -> LoadedModel:
     from solm_compile.frontend.export import export_decode_step
+    from solm_compile.quant.weights import quantize_model
 
     model.eval()
     _check_architecture(model.config, name)
-    info = hf_model_info(model, name)
+    info = hf_model_info(model, name)          # the base model's identity: a policy trained on it still applies
+    table = quantize_model(model, weights, gguf)
     try:
         ep = export_decode_step(model)
     except Exception as e:  # export failures are model limitations, not bugs of ours
         raise UserError(f"{name}: torch.export of the decode step failed ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]})") from e
-    return LoadedModel(info=info, ep=ep, hf=model, tokenizer=tokenizer, source=source)
+    return LoadedModel(info=info, ep=ep, hf=model, tokenizer=tokenizer, source=source, weights=table)
 
 
 def hf_model_info(model, name: str) -> ModelInfo:
@@ -189,7 +200,7 @@ def hf_model_info(model, name: str) -> ModelInfo:
 
 
 # ---------------------------------------------------------------------------------------------- torch files
-def _load_torch_file(path: Path, trust_pickle: bool) -> LoadedModel:
+def _load_torch_file(path: Path, trust_pickle: bool, weights: str = "source") -> LoadedModel:
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:2] == b"PK":
@@ -198,12 +209,15 @@ def _load_torch_file(path: Path, trust_pickle: bool) -> LoadedModel:
         except zipfile.BadZipFile as e:
             raise UserError(f"{path}: truncated or corrupt archive ({e})") from e
         if any(n.endswith("models/model.json") for n in names):
+            if weights in ("int4", "int8"):
+                raise UserError(f"{path}: --weights {weights} needs a model solm loads itself (an alias, a Hugging "
+                                "Face directory, a .gguf); an ExportedProgram keeps its own weights")
             return _load_exported(path)
         if any(n.endswith("data.pkl") for n in names):
-            return _load_pickle(path, trust_pickle)
+            return _load_pickle(path, trust_pickle, weights)
         raise UserError(f"{path}: a zip archive that is neither an ExportedProgram nor a torch.save file")
     if head[:1] == b"\x80":
-        return _load_pickle(path, trust_pickle)
+        return _load_pickle(path, trust_pickle, weights)
     raise UserError(f"{path}: not a PyTorch file (expected a torch.export.save archive)")
 
 
@@ -228,7 +242,7 @@ def _load_exported(path: Path) -> LoadedModel:
     return LoadedModel(info=info, ep=ep, source=str(path))
 
 
-def _load_pickle(path: Path, trust_pickle: bool) -> LoadedModel:
+def _load_pickle(path: Path, trust_pickle: bool, weights: str = "source") -> LoadedModel:
     import torch
 
     if not trust_pickle:
@@ -240,4 +254,4 @@ def _load_pickle(path: Path, trust_pickle: bool) -> LoadedModel:
         raise UserError(f"{path}: cannot unpickle: {str(e).splitlines()[0][:200]}") from e
     if not isinstance(obj, torch.nn.Module) or not hasattr(obj, "config"):
         raise UserError(f"{path}: the pickle holds a {type(obj).__name__}, expected a transformers causal LM module")
-    return _from_hf(obj.float(), None, name=path.stem, source=str(path))
+    return _from_hf(obj.float(), None, name=path.stem, source=str(path), weights=weights)
