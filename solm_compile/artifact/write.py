@@ -205,6 +205,10 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
     program = export_onnx(module, args, policy, ins, outs, kind)
     ep_meta = carry_ep_state(program, kind, per_kv_head)
     ep_meta["weights"] = pack_low_bit(program, weights)
+    if kind == "dense":
+        from solm_compile.artifact.dense import fuse_dense_attention
+
+        ep_meta["dense_attention"] = fuse_dense_attention(program)
     tok_name = None
     if tokenizer is not None:
         tok_name = out.name.split(".")[0] + ".tokenizer.json"

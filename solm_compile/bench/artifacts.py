@@ -16,7 +16,8 @@ from solm_compile.errors import UserError
 
 # Sources whose edits change what an artifact contains (part of the cache key).
 _EXPORT_SOURCES = ("artifact/write.py", "artifact/step.py", "ops/to_onnx.py", "ops/torch_ops.py", "frontend/export.py",
-                   "frontend/gated.py", "policy/network.py", "policy/step.py")
+                   "frontend/gated.py", "policy/network.py", "policy/step.py", "quant/blocks.py", "quant/gguf.py",
+                   "quant/weights.py")
 
 
 def bench_dir(info) -> Path:
@@ -53,10 +54,11 @@ def export_code_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def artifact_key(info, gate, kind: str, policy_path: Path | None) -> str:
+def artifact_key(info, gate, kind: str, policy_path: Path | None, weights: str = "fp32") -> str:
     from solm_compile.policy.checkpoint import model_identity
 
     payload = {"model": model_identity(info), "gate": gate.to_dict(), "kind": kind, "code": export_code_hash(),
+               "weights": weights,
                "policy": _file_hash(policy_path) if policy_path is not None and kind in ("solm", "portable") else None}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -106,13 +108,16 @@ def ensure_artifacts(lm, kinds, policy_path: Path | None, say: Callable[[str], N
         if needs_policy and policy_path is None:
             raise UserError("the solm and portable variants need a policy: pass --policy POLICY.pt, or "
                             "--policy random (a random-init policy: timing only)")
-        path = d / f"{kind}-{artifact_key(lm.info, lm.gate, kind, policy_path if needs_policy else None)}.onnx"
+        table = getattr(lm, "weights", None)                  # bench.decode.prepare sets it (--weights)
+        mode = table.weights if table is not None else "fp32"
+        key = artifact_key(lm.info, lm.gate, kind, policy_path if needs_policy else None, mode)
+        path = d / f"{kind}-{mode}-{key}.onnx"
         if not path.is_file():
             if needs_policy and loaded_policy is None:
                 loaded_policy = load_policy(policy_path, lm.info)
             say(f"compiling the {kind} artifact -> {path}")
             t0 = time.perf_counter()
-            write_artifact(lm, path, kind, loaded_policy if needs_policy else None)
+            write_artifact(lm, path, kind, loaded_policy if needs_policy else None, weights=table)
             say(f"  {kind}: {time.perf_counter() - t0:.0f} s")
         out[kind] = path
     return out

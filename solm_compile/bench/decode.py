@@ -341,16 +341,17 @@ class Bench:
 
 
 def prepare(model: str, cfg: BenchConfig, policy: str | None = None, gate=None, trust_pickle: bool = False,
-            say: Callable[[str], None] = lambda s: None) -> Bench:
-    """Load MODEL, compile (or reuse) its artifacts and set up a ``Bench``."""
+            say: Callable[[str], None] = lambda s: None, weights: str = "source") -> Bench:
+    """Load MODEL with ``weights`` (``--weights``), compile (or reuse) its artifacts and set up a ``Bench``."""
     from solm_compile.frontend.gated import GatedLM, _kv_shape_from_graph, compile_gated
     from solm_compile.frontend.models import load
 
     t0 = time.perf_counter()
-    loaded = load(model, trust_pickle=trust_pickle)
+    loaded = load(model, trust_pickle=trust_pickle, weights=weights)
     gated = compile_gated(loaded, gate)
     lm = GatedLM(gated, _kv_shape_from_graph(loaded))
-    say(f"loaded {loaded.info.name} ({time.perf_counter() - t0:.0f} s)")
+    lm.weights = loaded.weights                 # the artifacts store what the table knows as low-bit blocks
+    say(f"loaded {loaded.info.name} ({time.perf_counter() - t0:.0f} s; weights {weights})")
     return prepare_lm(lm, cfg, policy, tokenizer=loaded.tokenizer, say=say)
 
 

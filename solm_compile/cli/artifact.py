@@ -8,9 +8,6 @@ import logging
 import sys
 from pathlib import Path
 
-from solm_compile.api import SolmConfig
-from solm_compile.quant.weights import WEIGHTS
-
 log = logging.getLogger(__name__)
 
 
@@ -30,9 +27,6 @@ def add_artifact_parsers(sub, common) -> None:
     p.add_argument("--per-kv-head", action="store_true",
                    help="Quest pages chosen once per KV head (scores summed over its query heads), so each kept "
                    "page is read once per GQA group; coarser than SOL's per-query-head choice (ai.solm artifacts)")
-    p.add_argument("--weights", choices=WEIGHTS, default=SolmConfig.weights,
-                   help="how the weights are stored (default source: a GGUF keeps its own Q4_0/Q4_1/Q5_0/Q8_0 blocks "
-                   "losslessly; fp32: the exactness reference; int8/int4: round-to-nearest, block 32)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", help="generate with an artifact")

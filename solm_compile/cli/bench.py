@@ -71,7 +71,8 @@ def cmd_bench(args) -> int:
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else (lambda s: None)
     rows = []
     if args.backend in ("onnxruntime", "both"):
-        bench = prepare(args.model, cfg, args.policy, gate=gate, trust_pickle=args.trust_pickle, say=say)
+        bench = prepare(args.model, cfg, args.policy, gate=gate, trust_pickle=args.trust_pickle, say=say,
+                        weights=args.weights)
         rows += run_all(bench)
     if args.backend in ("torch", "both"):
         from solm_compile.bench.torch_compile import run_torch

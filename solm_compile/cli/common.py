@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from solm_compile.config import GateConfig
+from solm_compile.quant.weights import WEIGHTS
 
 GATE_HELP = {
     "page_size": "Quest page size S in tokens",
@@ -39,6 +40,10 @@ def add_model_args(p: argparse.ArgumentParser, gate: bool = True) -> None:
                    help="smollm2 | gemma3-270m | HF model dir | file.gguf | file.pt2 (ExportedProgram)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickled model (unpickling runs arbitrary code)")
+    p.add_argument("--weights", choices=WEIGHTS, default="source",
+                   help="how the weights are stored and computed with (default source: a GGUF keeps its own "
+                   "Q4_0/Q4_1/Q5_0/Q8_0 blocks losslessly; fp32: the exactness reference; int8/int4: "
+                   "round-to-nearest, block 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     if gate:
@@ -50,7 +55,7 @@ def load_gated(args):
     from solm_compile.frontend.models import load
 
     gate = dataclass_from_args(GateConfig, args)  # bad flags fail before the model loads
-    loaded = load(args.model, trust_pickle=args.trust_pickle)
+    loaded = load(args.model, trust_pickle=args.trust_pickle, weights=args.weights)
     return loaded, compile_gated(loaded, gate)
 
 

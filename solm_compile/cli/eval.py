@@ -198,8 +198,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     gated.gate.to_dict())
     lm = GatedLM(gated, kv_shape(loaded))
     cost = CostModel(shapes_from_gated(gated), gated.gate)
-    head = {"model": loaded.info.name, "policy": str(policy_path), "policy_step": lp.step, "grid": lp.grid.to_dict(),
-            "gate": gated.gate.to_dict()}
+    head = {"model": loaded.info.name, "weights": args.weights, "policy": str(policy_path), "policy_step": lp.step,
+            "grid": lp.grid.to_dict(), "gate": gated.gate.to_dict()}
     if args.task:
         items = _mc_items(loaded.tokenizer, args.task, args.items, args.seed)
         try:

@@ -87,6 +87,7 @@ class GatedLM:
         self.info = model.info
         self.gate = model.gate
         self.kv_heads, self.head_dim = kv_shape
+        self.weights = None          # quant.weights.WeightTable of the loaded model (--weights), set by its loader
         self._embedding = _embedding_weight(model.gm)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

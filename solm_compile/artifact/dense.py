@@ -1,0 +1,70 @@
+"""The dense artifact's attention: fused into ``GroupQueryAttention`` only where that provably changes nothing.
+
+``passes/fuse_attention.py`` rewrites the exported eager attention; here the fused and the unfused graphs both run
+on probe steps (random ids and cache: 2 rows × 3 tokens with no cache, 2 rows × 1 token after 5 cached, 1 row ×
+3 tokens after 5 cached) and the fused one is kept only if its logits and presents match to float32 rounding.
+onnxruntime's GroupQueryAttention refuses the one remaining shape, several rows of several tokens over a non-empty
+cache (its message says so); the dense artifact is the single-stream baseline, which never feeds it. A model whose attention the pass misreads (a sliding window,
+a soft cap) keeps the exported graph, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 1e-4           # relative to each output's magnitude; fusion only reorders float32 sums
+
+
+PROBES = ((2, 3, 0), (2, 1, 5), (1, 3, 5))      # (rows, new tokens, cached tokens)
+
+
+def _probe_feeds(session, rng, rows: int, new: int, past: int) -> dict:
+    vocab = session.get_outputs()[0].shape[-1]                               # logits [B, T, V]
+    vocab = vocab if isinstance(vocab, int) else 2
+    feeds = {"input_ids": rng.integers(0, vocab, (rows, new)),
+             "position_ids": np.tile(np.arange(past, past + new), (rows, 1))}
+    for i in session.get_inputs()[2:]:
+        feeds[i.name] = rng.standard_normal((rows, i.shape[1], past, i.shape[3])).astype(np.float32)
+    return feeds
+
+
+def _agree(before: bytes, after: bytes) -> str | None:
+    """None if both graphs compute the same outputs on the probe; else what differs."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    a = ort.InferenceSession(before, opts, providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(after, opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for probe in PROBES:
+        feeds = _probe_feeds(a, rng, *probe)
+        for out, x, y in zip(a.get_outputs(), a.run(None, feeds), b.run(None, feeds)):
+            err = float(np.abs(x - y).max()) / max(float(np.abs(x).max()), 1e-6)
+            if x.shape != y.shape or not err <= TOLERANCE:
+                return f"{out.name} differs at (rows, new, cached) = {probe} (relative {err:.2g})"
+    return None
+
+
+def fuse_dense_attention(program) -> dict:
+    """Fuse ``program.model``'s attention if the probe agrees (in place); returns metadata saying what happened."""
+    from onnxscript import ir
+
+    from solm_compile.passes.fuse_attention import fuse_attention
+
+    before = program.model_proto.SerializeToString()
+    fused = ir.from_proto(program.model_proto)
+    result = fuse_attention(fused)
+    if not result.modified:
+        return {"attention": "exported", "why": "; ".join(result.skipped[:3])}
+    why = _agree(before, ir.to_proto(fused).SerializeToString())
+    if why is not None:
+        log.warning("dense artifact: kept the exported attention (GroupQueryAttention would change it: %s)", why)
+        return {"attention": "exported", "why": why}
+    program.model = fused
+    layers = result.counts["group_query_attention"]
+    return {"attention": "GroupQueryAttention", "layers": layers, "unfused": result.skipped}
