@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from passes.pack_weights import _pack
+from solm_compile.passes.pack_weights import _pack
 from solm_compile.ops import reference as ref
 from solm_compile.ops import torch_ops
 from solm_compile.quant.blocks import BlockQuant, quantize_int4, quantize_int8

@@ -2,9 +2,9 @@
 //
 // Layout. Each matrix W [N, K] (w = scale·code + offset per block of 32 inputs) is repacked at prepare time
 // block-column-major: block column b (inputs 32b..32b+31 of every row) is one contiguous run of bytes, rows in
-// groups of kRows = 16, and inside a group the codes are "row-lane" ordered: for each pair of inputs (2p, 2p+1) the
-// 16 rows' bytes (4 bits: byte r = code(r, 2p) | code(r, 2p+1) << 4; 8 bits: one byte per input). A vector lane is
-// an output row, so one input channel is a broadcast x_k times a vector of 16 rows' codes: no horizontal sums, and
+// groups of kRows = 16, and inside a group the codes are "row-lane" ordered: word j of row r is the row's 4 bytes
+// 4j..4j+3 of the block as the op gives them (4 bits: inputs 8j..8j+7, one nibble each, the first lowest; 8 bits:
+// inputs 4j..4j+3), and the 16 rows' words j are adjacent. A vector lane is an output row, so one input channel is a broadcast x_k times a vector of 16 rows' codes: no horizontal sums, and
 // a skipped block column (all 32 inputs zero now; whole structured blocks in issue 17) costs no byte read at all.
 // scale/offset are [nb, Np] (block-column-major too).
 //
@@ -25,10 +25,9 @@ void BlockMatrix::Set(const uint8_t* src, const float* scale_, const float* offs
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* s = src + n * src_row;
     for (int64_t b = 0; b < nb; ++b) {
-      uint8_t* g = codes.data() + (b * (Np / kRows) + n / kRows) * gb + n % kRows;
+      uint8_t* g = codes.data() + (b * (Np / kRows) + n / kRows) * gb;
       const uint8_t* sb = s + b * kBlock * bits / 8;
-      // 4 bits: the source byte j already holds inputs (2j, 2j+1) low/high, as the lane byte of pair j wants
-      for (int64_t j = 0; j < kBlock * bits / 8; ++j) g[j * kRows] = sb[j];
+      for (int64_t j = 0; j < kBlock * bits / 32; ++j) std::memcpy(g + j * kRows * 4 + n % kRows * 4, sb + 4 * j, 4);
       scale[b * Np + n] = scale_[n * nb + b];
       offset[b * Np + n] = offset_[n * nb + b];
     }
@@ -44,110 +43,96 @@ struct BlockIn {
   const uint8_t* nz;  // [nb]
 };
 
-// Byte and int32 vectors of Ln lanes (explicit specialisations: vector_size of a template-dependent size is
-// ignored by GCC).
-template <int Ln> struct CodeVec;
-template <> struct CodeVec<4> {
-  typedef uint8_t b __attribute__((vector_size(4)));
-  typedef int32_t i __attribute__((vector_size(16)));
-};
-template <> struct CodeVec<8> {
-  typedef uint8_t b __attribute__((vector_size(8)));
-  typedef int32_t i __attribute__((vector_size(32)));
-};
-template <> struct CodeVec<16> {
-  typedef uint8_t b __attribute__((vector_size(16)));
-  typedef int32_t i __attribute__((vector_size(64)));
-};
-
-// Codes of `Ln` rows (one lane each) as floats: lo (even input) and hi (odd input) of a 4-bit pair, or one code.
-template <class VF, int Ln>
-SOLM_INLINE void Codes4(const uint8_t* p, VF* lo, VF* hi) {
-  typename CodeVec<Ln>::b b;
-  __builtin_memcpy(&b, p, Ln);
-  const typename CodeVec<Ln>::i i = __builtin_convertvector(b, typename CodeVec<Ln>::i);
-  *lo = __builtin_convertvector(i & 15, VF);
-  *hi = __builtin_convertvector(i >> 4, VF);
-}
-template <class VF, int Ln>
-SOLM_INLINE VF Codes8(const uint8_t* p) {
-  typename CodeVec<Ln>::b b;
-  __builtin_memcpy(&b, p, Ln);
-  return __builtin_convertvector(__builtin_convertvector(b, typename CodeVec<Ln>::i), VF);
-}
-
-// y[g*16 .. (g+G)*16) (+)= W rows of G row groups · x, one token. Accumulators: G groups x H vectors x 2 chains.
-template <class VF, int G, int BITS>
-SOLM_INLINE void GemvGroups(const BlockMatrix& W, const BlockIn& in, int64_t g0, float* y) {
-  constexpr int Ln = Lanes<VF>(), H = BlockMatrix::kRows / Ln;
-  const int64_t gb = W.GroupBytes(), ngroups = W.Np / BlockMatrix::kRows;
-  VF acc[G][H];
-  for (int r = 0; r < G; ++r)
-    for (int h = 0; h < H; ++h) acc[r][h] = VF{};
-  for (int64_t b = 0; b < W.nb; ++b) {
-    if (!in.nz[b]) continue;  // every input of the block is zero: the block column is not read
-    const float* xb = in.x + b * BlockMatrix::kBlock;
-    const uint8_t* col = W.codes.data() + (b * ngroups + g0) * gb;
-    VF s0[G][H], s1[G][H];
-    for (int r = 0; r < G; ++r)
-      for (int h = 0; h < H; ++h) s0[r][h] = s1[r][h] = VF{};
-    if (BITS == 4) {
-#pragma GCC unroll 4
-      for (int p = 0; p < BlockMatrix::kBlock / 2; ++p) {
-        const VF xe = Splat<VF>(xb[2 * p]), xo = Splat<VF>(xb[2 * p + 1]);
-#pragma GCC unroll 8
-        for (int r = 0; r < G; ++r)
-#pragma GCC unroll 8
-          for (int h = 0; h < H; ++h) {
-            VF lo, hi;
-            Codes4<VF, Ln>(col + r * gb + p * BlockMatrix::kRows + h * Ln, &lo, &hi);
-            s0[r][h] += xe * lo;
-            s1[r][h] += xo * hi;
-          }
-      }
-    } else {
-#pragma GCC unroll 4
-      for (int p = 0; p < BlockMatrix::kBlock; p += 2) {
-        const VF xe = Splat<VF>(xb[p]), xo = Splat<VF>(xb[p + 1]);
-#pragma GCC unroll 8
-        for (int r = 0; r < G; ++r)
-#pragma GCC unroll 8
-          for (int h = 0; h < H; ++h) {
-            const uint8_t* c = col + r * gb + p * BlockMatrix::kRows + h * Ln;
-            s0[r][h] += xe * Codes8<VF, Ln>(c);
-            s1[r][h] += xo * Codes8<VF, Ln>(c + BlockMatrix::kRows);
-          }
-      }
-    }
-    const VF xs = Splat<VF>(in.xsum[b]);
-    const float* sc = W.scale.data() + b * W.Np + g0 * BlockMatrix::kRows;
-    const float* of = W.offset.data() + b * W.Np + g0 * BlockMatrix::kRows;
-    for (int r = 0; r < G; ++r)
-      for (int h = 0; h < H; ++h) {
-        const int64_t o = r * BlockMatrix::kRows + h * Ln;
-        acc[r][h] += Load<VF>(sc + o) * (s0[r][h] + s1[r][h]) + Load<VF>(of + o) * xs;
-      }
+// The float codes of one vector of rows from their words shifted right by the code's position: the low `bits`
+// bits of each lane. 4 bits at 16 lanes: GCC's __builtin_shuffle takes indices modulo the lane count, i.e. the low
+// nibble, so the float is a permute of the table 0..15 (vpermps: no mask, no int->float conversion).
+template <class VF, int BITS>
+SOLM_INLINE VF Code(typename IntVec<sizeof(VF)>::type w) {
+  typedef typename IntVec<sizeof(VF)>::type VI;
+  if constexpr (BITS == 4 && Lanes<VF>() == 16) {
+    const VF table = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    return __builtin_shuffle(table, w);
+  } else {
+    return __builtin_convertvector(w & (VI{} + ((1 << BITS) - 1)), VF);
   }
-  for (int r = 0; r < G; ++r)
-    for (int h = 0; h < H; ++h) Store<VF>(y + r * BlockMatrix::kRows + h * Ln, acc[r][h]);
 }
 
-// Rows [g0*16, g1*16) of y = W·x for one token (y has Np entries; the rows past N are padding).
+// y[g*16 .. (g+G)*16) += block column b of G row groups · x, one token. Accumulators: G groups x H vectors x 2
+// chains; y is read and written once per block (the block column is streamed front to back).
+template <class VF, int G, int BITS>
+SOLM_INLINE void GemvBlock(const BlockMatrix& W, const float* xb, float xsum, const uint8_t* col, int64_t g0,
+                           int64_t b, float* y) {
+  typedef typename IntVec<sizeof(VF)>::type VI;
+  constexpr int Ln = Lanes<VF>(), H = BlockMatrix::kRows / Ln, PER = 32 / BITS;  // codes per word
+  const int64_t gb = W.GroupBytes();
+  VF s0[G][H], s1[G][H];
+  for (int r = 0; r < G; ++r)
+    for (int h = 0; h < H; ++h) s0[r][h] = s1[r][h] = VF{};
+  for (int j = 0; j < BlockMatrix::kBlock / PER; ++j) {
+    VI w[G][H];
+#pragma GCC unroll 8
+    for (int r = 0; r < G; ++r)
+#pragma GCC unroll 8
+      for (int h = 0; h < H; ++h)
+        __builtin_memcpy(&w[r][h], col + r * gb + (j * BlockMatrix::kRows + h * Ln) * 4, sizeof(VI));
+#pragma GCC unroll 8
+    for (int i = 0; i < PER; i += 2) {
+      const VF xe = Splat<VF>(xb[j * PER + i]), xo = Splat<VF>(xb[j * PER + i + 1]);
+#pragma GCC unroll 8
+      for (int r = 0; r < G; ++r)
+#pragma GCC unroll 8
+        for (int h = 0; h < H; ++h) {
+          s0[r][h] += xe * Code<VF, BITS>(w[r][h] >> (BITS * i));
+          s1[r][h] += xo * Code<VF, BITS>(w[r][h] >> (BITS * (i + 1)));
+        }
+    }
+  }
+  const VF xs = Splat<VF>(xsum);
+  const float* sc = W.scale.data() + b * W.Np + g0 * BlockMatrix::kRows;
+  const float* of = W.offset.data() + b * W.Np + g0 * BlockMatrix::kRows;
+  for (int r = 0; r < G; ++r)
+    for (int h = 0; h < H; ++h) {
+      const int64_t o = r * BlockMatrix::kRows + h * Ln;
+      Store<VF>(y + o, Load<VF>(y + o) + (Load<VF>(sc + o) * (s0[r][h] + s1[r][h]) + Load<VF>(of + o) * xs));
+    }
+}
+
+// Rows [g0*16, g1*16) of y = W·x for one token (y has Np entries; the rows past N are padding): block column by
+// block column (each streamed front to back over the rows), a column whose 32 inputs are all zero not read at all.
+template <class VF, int G, int BITS>
+SOLM_INLINE void GemvBits(const BlockMatrix& W, const BlockIn& in, int64_t g0, int64_t g1, float* y) {
+  const int64_t gb = W.GroupBytes(), ngroups = W.Np / BlockMatrix::kRows, R = BlockMatrix::kRows;
+  std::memset(y + g0 * R, 0, (g1 - g0) * R * sizeof(float));
+  for (int64_t b = 0; b < W.nb; ++b) {
+    if (!in.nz[b]) continue;
+    const float* xb = in.x + b * BlockMatrix::kBlock;
+    const uint8_t* col = W.codes.data() + b * ngroups * gb;
+    int64_t g = g0;
+    for (; g + G <= g1; g += G) GemvBlock<VF, G, BITS>(W, xb, in.xsum[b], col + g * gb, g, b, y + g * R);
+    for (; g < g1; ++g) GemvBlock<VF, 1, BITS>(W, xb, in.xsum[b], col + g * gb, g, b, y + g * R);
+  }
+}
 template <class VF, int G>
 SOLM_INLINE void GemvT(const BlockMatrix& W, const BlockIn& in, int64_t g0, int64_t g1, float* y) {
-  int64_t g = g0;
-  if (W.bits == 4) {
-    for (; g + G <= g1; g += G) GemvGroups<VF, G, 4>(W, in, g, y + g * BlockMatrix::kRows);
-    for (; g < g1; ++g) GemvGroups<VF, 1, 4>(W, in, g, y + g * BlockMatrix::kRows);
-  } else {
-    for (; g + G <= g1; g += G) GemvGroups<VF, G, 8>(W, in, g, y + g * BlockMatrix::kRows);
-    for (; g < g1; ++g) GemvGroups<VF, 1, 8>(W, in, g, y + g * BlockMatrix::kRows);
-  }
+  if (W.bits == 4) GemvBits<VF, G, 4>(W, in, g0, g1, y);
+  else GemvBits<VF, G, 8>(W, in, g0, g1, y);
+}
+
+// The fp32 codes of block b, group g: q[k][16 rows].
+template <class VF, int BITS>
+SOLM_INLINE void Dequant(const uint8_t* col, float* q) {
+  typedef typename IntVec<sizeof(VF)>::type VI;
+  constexpr int Ln = Lanes<VF>(), H = BlockMatrix::kRows / Ln, PER = 32 / BITS, R = BlockMatrix::kRows;
+  for (int j = 0; j < BlockMatrix::kBlock / PER; ++j)
+    for (int h = 0; h < H; ++h) {
+      VI w;
+      __builtin_memcpy(&w, col + (j * R + h * Ln) * 4, sizeof(VI));
+      for (int i = 0; i < PER; ++i) Store<VF>(q + (j * PER + i) * R + h * Ln, Code<VF, BITS>(w >> (BITS * i)));
+    }
 }
 
 // Multi-token: rows [g0*16, g1*16) for nt tokens (y + t*ys). Each group's block is dequantised to fp32 codes once
-// (q[32][16] in L1) and applied to every token whose block is non-zero: same sums, same order as GemvGroups with
-// G = 1 (bit-identical to the single-token path).
+// (q[32][16] in L1) and applied to every token whose block is non-zero, in GemvGroups' order of sums.
 template <class VF>
 SOLM_INLINE void GemmT(const BlockMatrix& W, const BlockIn* in, int64_t nt, int64_t g0, int64_t g1, float* y,
                        int64_t ys) {
@@ -161,18 +146,8 @@ SOLM_INLINE void GemmT(const BlockMatrix& W, const BlockIn* in, int64_t nt, int6
       for (int64_t t = 0; t < nt && !any; ++t) any = in[t].nz[b];
       if (!any) continue;
       const uint8_t* col = W.codes.data() + (b * ngroups + g) * gb;
-      for (int p = 0; p < BlockMatrix::kBlock / 2; ++p)
-        for (int h = 0; h < H; ++h) {
-          VF lo, hi;
-          if (W.bits == 4) {
-            Codes4<VF, Ln>(col + p * R + h * Ln, &lo, &hi);
-          } else {
-            lo = Codes8<VF, Ln>(col + 2 * p * R + h * Ln);
-            hi = Codes8<VF, Ln>(col + (2 * p + 1) * R + h * Ln);
-          }
-          Store<VF>(q + 2 * p * R + h * Ln, lo);
-          Store<VF>(q + (2 * p + 1) * R + h * Ln, hi);
-        }
+      if (W.bits == 4) Dequant<VF, 4>(col, q);
+      else Dequant<VF, 8>(col, q);
       const float* sc = W.scale.data() + b * W.Np + g * R;
       const float* of = W.offset.data() + b * W.Np + g * R;
       for (int64_t t = 0; t < nt; ++t) {
@@ -242,7 +217,7 @@ const BlockKernels& Blocks() {
   return k;
 }
 
-constexpr int64_t kChunkGroups = 4;   // row groups (64 rows) per work item
+constexpr int64_t kChunkGroups = 16;  // row groups (256 rows) per work item: each block column streams 4-8 KiB
 constexpr int64_t kTokTile = 32;      // tokens per multi-token work item
 
 // Per token: the block sums and non-zero flags of a [N, K] input (K a multiple of 32).
