@@ -11,7 +11,8 @@ low-bit values into the torch model (``quant/weights.py``). A weight is found by
 The Q4_1 form is lossless: Σ_k x_k (d q_k + m) = d Σ_k x_k q_k + m Σ_k x_k per block, and the block sums of x are
 computed once per input and shared by the layers reading it (q, k, v; gate, up). ``accuracy_level`` 4 lets the
 CPU kernel quantize activations to int8 per block, as llama.cpp's Q4/Q8 dot products do; 0 keeps them float32.
-Weights the table does not know (norms, SparseMLP's operands: SolmEP reads those) stay float32.
+A ``SparseMLP`` (the ai.solm kinds' MLP) whose weights the table knows becomes ``SparseMLPBlocks`` on the same
+blocks (``pack_mlp.py``), run by SolmEP. Weights the table does not know (norms) stay float32.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from onnxscript import ir
 
 from solm_compile.passes.base import PassResult
+from solm_compile.passes.pack_mlp import pack_mlp
 from solm_compile.quant.blocks import BlockQuant
 from solm_compile.quant.weights import WeightTable
 
@@ -124,6 +126,7 @@ def pack_weights(model: ir.Model, table: WeightTable, accuracy_level: int = 4) -
     if not table.by_key:
         return result
     graph, b = model.graph, _Builder(model.graph)
+    pack_mlp(model, table, result, _pack, b.const)
     for node in list(graph):
         if node.domain != "" or node.op_type not in ("MatMul", "Gather"):
             continue

@@ -193,7 +193,8 @@ def test_onnx_schemas_are_the_registry_entries():
     from solm_compile.ops import to_onnx as onnx_ops
 
     for sig, op in [(registry.GATE_CONTROLS, onnx_ops._GATE), (registry.QUEST_ATTENTION, onnx_ops._QUEST),
-                    (registry.SPARSE_MLP, onnx_ops._SPARSE_MLP)]:
+                    (registry.SPARSE_MLP, onnx_ops._SPARSE_MLP),
+                    (registry.SPARSE_MLP_BLOCKS, onnx_ops._SPARSE_MLP_BLOCKS)]:
         schema = op.op_schema
         assert (schema.name, schema.domain, schema.since_version) == (sig.onnx_name, registry.DOMAIN,
                                                                       registry.VERSION)

@@ -216,3 +216,40 @@ def test_gguf_source_blocks_are_found_for_every_quantized_tensor(tmp_path):
     assert table.formats == {"Q4_1": 2 * 7, "Q8_0": 1}
     q = loaded.hf.model.layers[1].self_attn.q_proj.weight.detach().numpy()
     assert np.array_equal(table.find(q).dequantize(), q)
+
+
+def test_fixed_artifact_mlp_runs_on_blocks_on_solm_ep(tmp_path):
+    """kind "fixed", --weights int4: every SparseMLP becomes SparseMLPBlocks (no float32 MLP weight left), and SolmEP
+    runs it: logits against HF eager on the same dequantised weights (q/k/v/o are MatMulNBits: int8 activations)."""
+    from require import need_ep
+
+    from solm_compile.api import SolmConfig, compile
+    from solm_compile.quant.weights import quantize_model
+    from solm_compile.runtime import ep
+    from solm_compile.runtime.session import read_metadata
+
+    model, d = _tiny_dir(tmp_path)
+    art = compile(str(d), SolmConfig(kind="fixed", weights="int4"), tmp_path / "tiny.onnx")
+    meta = read_metadata(art)["weights"]
+    assert meta["packed"]["sparse_mlp_blocks"] == 2
+    proto = onnx.load(str(art))
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    assert ops["SparseMLPBlocks"] == 2 and ops["SparseMLP"] == 0
+    floats = {i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2}
+    assert not [n for n in floats if "mlp" in n and "offset" not in n and "scale" not in n], floats
+    need_ep(ep.register(ort))
+    ref = model.float()
+    quantize_model(ref, "int4")
+    ids = torch.tensor([[5, 17, 99, 3, 250, 42]])
+    with torch.no_grad():
+        want = ref(ids).logits[0].numpy()
+    sess = ort.InferenceSession(str(art), ep.session_options_with_ep(ort.SessionOptions(), ort=ort))
+    feeds = {"input_ids": ids.numpy(), "position_ids": np.arange(6)[None]}
+    for i in sess.get_inputs()[2:]:
+        shape = [1 if s in ("batch", "B") or not isinstance(s, int) and i.shape.index(s) == 0 else
+                 (0 if not isinstance(s, int) else s) for s in i.shape]
+        feeds[i.name] = np.zeros(shape, np.float32)
+    got = sess.run(["logits"], feeds)[0][0]
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() < 0.05 * scale
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 5 / 6

@@ -89,7 +89,8 @@ SOLM_EXPORT const char* solm_ep_isa_report() {
   json = "{\"selected\": " + str(solm::SelectedIsa()) + ", \"cap\": " + str(std::getenv("SOLM_EP_ISA")) +
          ", \"decode_attention\": " + str(solm::LastIsa(solm::kIsaDecode)) +
          ", \"prefill_attention\": " + str(solm::LastIsa(solm::kIsaPrefill)) +
-         ", \"sparse_mlp\": " + str(solm::LastIsa(solm::kIsaMlp)) + "}";
+         ", \"sparse_mlp\": " + str(solm::LastIsa(solm::kIsaMlp)) +
+         ", \"sparse_mlp_blocks\": " + str(solm::LastIsa(solm::kIsaMlpBlocks)) + "}";
   return json.c_str();
 }
 

@@ -163,7 +163,7 @@ const char* MlpKernelIsa();
 // (AVX-512) and dispatched once per process through one table per family, picked by IsaLevel (kernels_util.h: the
 // CPU, capped by SOLM_EP_ISA=baseline|x86-64-v3|x86-64-v4). Each call records the variant it ran, per family, so a
 // test can check that the cap was honoured (c_api.cc: solm_ep_isa_report).
-enum IsaFamily { kIsaDecode = 0, kIsaPrefill = 1, kIsaMlp = 2, kIsaFamilies = 3 };
+enum IsaFamily { kIsaDecode = 0, kIsaPrefill = 1, kIsaMlp = 2, kIsaMlpBlocks = 3, kIsaFamilies = 4 };
 void NoteIsa(IsaFamily family, const char* isa);
 // The variant `family` last ran in this process, or nullptr if it has not run.
 const char* LastIsa(IsaFamily family);
@@ -173,5 +173,39 @@ const char* SelectedIsa();
 // x [B,T,D] (N = B*T tokens), rho/bits [B], y [B,T,Dout].
 void SparseMlp(const float* x, int64_t B, int64_t T, const MlpWeights& w, const float* rho, const float* bits,
                Act act, float* y, MlpScratch& scratch, const Parallel& par);
+
+// SparseMLPBlocks (kernels_mlp_blocks.cc): one matrix W [N, K] as low-bit blocks, w = scale·code + offset per block of
+// kBlock inputs, repacked block-column-major (block column b of all rows contiguous, rows in lane groups of kRows;
+// see the file's header): a block column whose inputs are all zero is skipped without reading a byte of it.
+struct BlockMatrix {
+  static constexpr int64_t kBlock = 32;
+  static constexpr int64_t kRows = 16;
+  int64_t N = 0, K = 0, nb = 0, Np = 0;  // Np: N rounded up to kRows (padding rows have zero scale and offset)
+  int bits = 4;                          // 4 (two codes a byte) or 8
+  std::vector<uint8_t> codes;            // [nb, Np/kRows, GroupBytes()]
+  std::vector<float> scale, offset;      // [nb, Np]
+  int64_t GroupBytes() const { return kBlock * bits / 8 * kRows; }
+  // From the op's operands: codes [N, K/32, 32·bits/8] (4 bits: input 2j low nibble, 2j+1 high), scale/offset
+  // [N, K/32].
+  void Set(const uint8_t* codes, const float* scale, const float* offset, int64_t N, int64_t K, int bits);
+};
+
+struct MlpBlockWeights {
+  bool gated = false;
+  BlockMatrix gate, up, down;               // gate/up [I, D], down [Dout, I]
+  std::vector<float> b_gate, b_up, b_down;  // empty when absent
+};
+
+struct MlpBlockScratch {
+  std::vector<float> xs, xsum, h, hsum, y;
+  std::vector<uint8_t> xnz, hnz;
+};
+
+// The variant the block kernels run here ("x86-64-v4", "x86-64-v3" or "baseline").
+const char* MlpBlocksKernelIsa();
+
+// x [B,T,D], rho/bits [B], y [B,T,Dout]: SparseMlp's semantics on the dequantised weights (D and I multiples of 32).
+void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights& w, const float* rho,
+                     const float* bits, Act act, float* y, MlpBlockScratch& scratch, const Parallel& par);
 
 }  // namespace solm

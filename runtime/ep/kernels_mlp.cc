@@ -68,44 +68,6 @@ constexpr int64_t kSuperBlock = 16;
 constexpr int64_t kTile = 64;      // output columns per dense GEMM tile (a multiple of every variant's tile width)
 constexpr int64_t kColChunk = MlpWeights::kPanel;  // output columns per work item = one weight panel
 
-inline float Activate(Act act, float x) {
-  switch (act) {
-    case Act::kSilu: return x / (1.f + std::exp(-x));
-    case Act::kGelu: return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752440f));
-    case Act::kGeluTanh: {
-      const float c = 0.79788456080286535588f;  // sqrt(2/pi)
-      return 0.5f * x * (1.f + std::tanh(c * (x + 0.044715f * x * x * x)));
-    }
-    case Act::kRelu: return x > 0.f ? x : 0.f;
-  }
-  return x;
-}
-
-// Keep the ceil(rho*D) channels of largest |x| (ties at the threshold kept), zero the rest
-// (reference.topk_channels_ref). Returns the number of non-zero channels written.
-int64_t TopK(const float* x, int64_t D, double rho, float* xs, float* tmp) {
-  if (rho >= 1.0) {
-    int64_t nz = 0;
-    for (int64_t c = 0; c < D; ++c) {
-      xs[c] = x[c];
-      nz += x[c] != 0.f;
-    }
-    return nz;
-  }
-  const double kd = std::ceil(rho * static_cast<double>(D) - 1e-9);
-  int64_t kk = kd >= static_cast<double>(D) ? D : (kd > 1 ? static_cast<int64_t>(kd) : 1);
-  for (int64_t c = 0; c < D; ++c) tmp[c] = std::fabs(x[c]);
-  std::nth_element(tmp, tmp + (kk - 1), tmp + D, std::greater<float>());
-  const float thr = tmp[kk - 1];
-  int64_t nz = 0;
-  for (int64_t c = 0; c < D; ++c) {
-    const bool keep = std::fabs(x[c]) >= thr;
-    xs[c] = keep ? x[c] : 0.f;
-    nz += xs[c] != 0.f;
-  }
-  return nz;
-}
-
 // Fill nt buffers of kColChunk floats with the bias slice [j0, j0+w) (or zeros) and zero padding.
 void InitAcc(float* acc, int64_t nt, const std::vector<float>& bias, int64_t j0, int64_t w) {
   for (int64_t t = 0; t < nt; ++t) {
@@ -314,6 +276,33 @@ bool MlpDownDense(const MlpWeights& W, const float* h, int64_t n0, int64_t nt, i
   return true;
 }
 
+}  // namespace
+
+// Keep the ceil(rho*D) channels of largest |x| (ties at the threshold kept), zero the rest
+// (reference.topk_channels_ref). Returns the number of non-zero channels written.
+int64_t TopK(const float* x, int64_t D, double rho, float* xs, float* tmp) {
+  if (rho >= 1.0) {
+    int64_t nz = 0;
+    for (int64_t c = 0; c < D; ++c) {
+      xs[c] = x[c];
+      nz += x[c] != 0.f;
+    }
+    return nz;
+  }
+  const double kd = std::ceil(rho * static_cast<double>(D) - 1e-9);
+  int64_t kk = kd >= static_cast<double>(D) ? D : (kd > 1 ? static_cast<int64_t>(kd) : 1);
+  for (int64_t c = 0; c < D; ++c) tmp[c] = std::fabs(x[c]);
+  std::nth_element(tmp, tmp + (kk - 1), tmp + D, std::greater<float>());
+  const float thr = tmp[kk - 1];
+  int64_t nz = 0;
+  for (int64_t c = 0; c < D; ++c) {
+    const bool keep = std::fabs(x[c]) >= thr;
+    xs[c] = keep ? x[c] : 0.f;
+    nz += xs[c] != 0.f;
+  }
+  return nz;
+}
+
 // Symmetric per-token fake quantisation, q_max = 2^(b-1)-1; b >= 16 is the identity (reference.fake_quant_ref).
 void FakeQuant(float* y, int64_t n, double bits) {
   if (bits >= 16) return;
@@ -329,8 +318,6 @@ void FakeQuant(float* y, int64_t n, double bits) {
     y[i] = r * s;
   }
 }
-
-}  // namespace
 
 const char* MlpKernelIsa() { return Panel().isa; }
 

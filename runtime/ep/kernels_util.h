@@ -194,7 +194,25 @@ typename V::value_type* Grow(V& v, size_t n) {
   return v.data();
 }
 
+inline float Activate(Act act, float x) {
+  switch (act) {
+    case Act::kSilu: return x / (1.f + std::exp(-x));
+    case Act::kGelu: return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752440f));
+    case Act::kGeluTanh: {
+      const float c = 0.79788456080286535588f;  // sqrt(2/pi)
+      return 0.5f * x * (1.f + std::tanh(c * (x + 0.044715f * x * x * x)));
+    }
+    case Act::kRelu: return x > 0.f ? x : 0.f;
+  }
+  return x;
+}
+
 }  // namespace
+
+// Shared by SparseMLP and SparseMLPBlocks (kernels_mlp.cc): the per-token top-k of the input channels (returns
+// the non-zero channels written to xs) and the output's fake quantisation.
+int64_t TopK(const float* x, int64_t D, double rho, float* xs, float* tmp);
+void FakeQuant(float* y, int64_t n, double bits);
 
 // SparseMLP's register-tiled micro-kernels (kernels_mlp_tiles.cc). gemv/gemm: y (+)= Σ_r coef[r] · row idx[r] of a
 // down-projection panel (kPanel floats per row), one token or nt (buffers y + t*kPanel, coefficients coef + t*cs);

@@ -42,6 +42,10 @@ inline const std::vector<OpSpec>& OpSpecs() {
        {"scale", "is_causal", "page_size", "sinks", "window", "select_per_kv_head"}},
       // x, w_gate?, b_gate?, w_up, b_up?, w_down, b_down?, rho, bits -> y
       {"SparseMLP", {F, Fo, Fo, F, Fo, F, Fo, F, F}, 1, 1, {"act"}},
+      // x, codes_gate?, scale_gate?, offset_gate?, b_gate?, codes_up, scale_up, offset_up, b_up?, codes_down,
+      //   scale_down, offset_down, b_down?, rho, bits -> y   (codes uint8: A)
+      {"SparseMLPBlocks", {F, Ao, Fo, Fo, Fo, A, F, F, Fo, A, F, F, Fo, F, F}, 1, 1,
+       {"act", "bits_gate", "bits_up", "bits_down", "block_size"}},
       // input_ids, past_key (only their shapes are read), kappa, rho, bits -> kappa_e, rho_e, bits_e
       {"GateControls", {A, A, F, F, F}, 3, 3, {"min_len"}},
   };

@@ -158,6 +158,64 @@ void MlpKernel::Compute(OrtKernelContext* kc) {
   solm::SparseMlp(x.f(), B, T, weights, r, b, act, y, call->scratch, MakeParallel(kc));
 }
 
+void MlpBlocksKernel::SetWeights(const TensorRef* t) {
+  if (block_size != solm::BlockMatrix::kBlock) Fail("SolmEP: SparseMLPBlocks block_size must be 32");
+  auto matrix = [&](size_t at, int bits, const char* what, solm::BlockMatrix& m) {
+    const TensorRef &c = t[at], &s = t[at + 1], &o = t[at + 2];
+    const std::string w = what;
+    if (bits != 4 && bits != 8) Fail("SolmEP: SparseMLPBlocks bits_" + w + " must be 4 or 8");
+    if (!c.present || !s.present || !o.present)
+      Fail("SolmEP: SparseMLPBlocks needs codes, scale and offset of " + w);
+    if (c.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) Fail("SolmEP: SparseMLPBlocks codes_" + w + " must be uint8");
+    RequireFloat(s, "scale");
+    RequireFloat(o, "offset");
+    if (c.shape.size() != 3 || c.shape[2] != solm::BlockMatrix::kBlock * bits / 8)
+      Fail("SolmEP: SparseMLPBlocks codes_" + w + " must be [N, K/32, " + std::to_string(32 * bits / 8) + "], got " +
+           ShapeStr(c.shape));
+    const int64_t N = c.shape[0], nb = c.shape[1];
+    if (s.shape != Shape{N, nb} || o.shape != Shape{N, nb})
+      Fail("SolmEP: SparseMLPBlocks scale/offset of " + w + " must be [" + std::to_string(N) + "," +
+           std::to_string(nb) + "]");
+    m.Set(static_cast<const uint8_t*>(c.data), s.f(), o.f(), N, nb * solm::BlockMatrix::kBlock, bits);
+  };
+  auto bias = [&](const TensorRef& b, int64_t n, const char* what, std::vector<float>& into) {
+    into.clear();
+    if (!b.present) return;
+    RequireFloat(b, what);
+    if (b.numel() != n) Fail(std::string("SolmEP: SparseMLPBlocks ") + what + " must have " + std::to_string(n) + " values");
+    into.assign(b.f(), b.f() + n);
+  };
+  solm::MlpBlockWeights& W = weights;
+  W.gated = t[0].present;
+  matrix(4, bits_up, "up", W.up);
+  matrix(8, bits_down, "down", W.down);
+  if (W.gated) {
+    matrix(0, bits_gate, "gate", W.gate);
+    if (W.gate.N != W.up.N || W.gate.K != W.up.K) Fail("SolmEP: SparseMLPBlocks gate and up shapes differ");
+  }
+  if (W.down.K != W.up.N)
+    Fail("SolmEP: SparseMLPBlocks down has K=" + std::to_string(W.down.K) + ", up has N=" + std::to_string(W.up.N));
+  bias(t[3], W.up.N, "b_gate", W.b_gate);
+  bias(t[7], W.up.N, "b_up", W.b_up);
+  bias(t[11], W.down.N, "b_down", W.b_down);
+  if (!W.gated) W.b_gate.clear();
+}
+
+void MlpBlocksKernel::Compute(OrtKernelContext* kc) {
+  const CallPool<Call>::Lease call = calls.Get();
+  TensorRef x = In(kc, 0), rho = In(kc, 13), bits = In(kc, 14);
+  RequireFloat(x, "x");
+  if (x.shape.size() != 3 || x.shape[2] != weights.up.K)
+    Fail("SolmEP: SparseMLPBlocks x must be [B,T,D] with D=" + std::to_string(weights.up.K) + ", got " +
+         ShapeStr(x.shape));
+  const int64_t B = x.shape[0], T = x.shape[1];
+  const float* r = RowValues(rho, B, "rho", op, call->rho_b);
+  const float* b = RowValues(bits, B, "bits", op, call->bits_b);
+  float* y = Out(kc, 0, {B, T, weights.down.N});
+  if (y == nullptr) return;
+  solm::SparseMlpBlocks(x.f(), B, T, weights, r, b, act, y, call->scratch, MakeParallel(kc));
+}
+
 void GateKernel::Compute(OrtKernelContext* kc) {
   TensorRef ids = In(kc, 0), past = In(kc, 1);
   if (ids.shape.size() < 2) Fail("SolmEP: GateControls input_ids must be [B,T]");

@@ -292,6 +292,24 @@ struct MlpKernel : KernelBase {
   void Compute(OrtKernelContext* kc) override;
 };
 
+// SparseMLPBlocks: the weights are always constants (initializers made by passes/pack_mlp.py), repacked at Compile.
+struct MlpBlocksKernel : KernelBase {
+  solm::Act act = solm::Act::kSilu;
+  int bits_gate = 4, bits_up = 4, bits_down = 4;
+  int64_t block_size = 32;
+  solm::MlpBlockWeights weights;
+  struct Call {
+    solm::MlpBlockScratch scratch;
+    std::vector<float> rho_b, bits_b;
+  };
+  CallPool<Call> calls;
+  // inputs: 0 x, 1-4 codes/scale/offset/b of gate, 5-8 up, 9-12 down, 13 rho, 14 bits
+  static constexpr size_t kWeightInputs[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+  // t[i] for the 12 weight inputs (absent: not present)
+  void SetWeights(const TensorRef* t);
+  void Compute(OrtKernelContext* kc) override;
+};
+
 struct GateKernel : KernelBase {
   int64_t min_len = 0;
 

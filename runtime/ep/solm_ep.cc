@@ -370,6 +370,33 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
       }
     }
     kernel = std::move(k);
+  } else if (op == "SparseMLPBlocks") {
+    auto k = std::make_unique<MlpBlocksKernel>();
+    const std::string act = AttrString(node, attr("act"), "silu");
+    if (!solm::ParseAct(act, &k->act))
+      Fail("SolmEP: SparseMLPBlocks act must be silu | gelu | gelu_tanh | relu, got '" + act + "'");
+    k->bits_gate = static_cast<int>(AttrInt(node, attr("bits_gate"), 4));
+    k->bits_up = static_cast<int>(AttrInt(node, attr("bits_up"), 4));
+    k->bits_down = static_cast<int>(AttrInt(node, attr("bits_down"), 4));
+    k->block_size = AttrInt(node, attr("block_size"), 32);
+    // The weights must be constants: they are repacked block-column-major now and not kept as given.
+    TensorRef t[12];
+    for (size_t j = 0; j < 12; ++j) {
+      const InputSlot& sl = slots[MlpBlocksKernel::kWeightInputs[j]];
+      if (sl.name.empty()) continue;
+      if (!sl.saved) Fail("SolmEP: SparseMLPBlocks weight input '" + sl.name + "' must be a constant initializer");
+      t[j].data = sl.saved->bytes.data();
+      t[j].type = sl.saved->type;
+      t[j].shape.Assign(sl.saved->shape.data(), sl.saved->shape.size());
+      t[j].present = true;
+    }
+    k->op = op;
+    k->SetWeights(t);
+    for (size_t i : MlpBlocksKernel::kWeightInputs) {
+      slots[i].saved.reset();
+      slots[i].consumed = true;
+    }
+    kernel = std::move(k);
   } else {
     auto k = std::make_unique<GateKernel>();
     k->min_len = AttrInt(node, attr("min_len"), 0);

@@ -21,6 +21,8 @@ Semantics (SOL, shared/research/sol_method.md §2, plus solm's forced sinks/wind
   window and the last-token rule are positions, as above, still under the mask.
 - a query row with no unmasked, kept key (every key masked) outputs zeros, not the NaN of softmax over all −inf;
   dense steps and prefill included.
+- ``sparse_mlp_blocks``: ``sparse_mlp`` on the weights its low-bit blocks dequantise to, w = (scale·code) + offset
+  in float32 (``dequantize_blocks_ref``).
 - ``sparse_mlp``: per token keep the ⌈ρ·D⌉ input channels of largest |x| (every channel ≥ the k-th largest),
   zero the rest, run the MLP, then fake-quantise its output per token, symmetric, q_max = 2^(b−1)−1; b ≥ 16 is
   the identity.
@@ -149,3 +151,28 @@ def sparse_mlp_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act
             h = fn(F.linear(xt, w_gate, b_gate)) * up if w_gate is not None else fn(up)
             out[b, t] = fake_quant_ref(F.linear(h, w_down, b_down), float(bits[b]))
     return out
+
+
+def unpack_codes_ref(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, nb, block·bits/8] uint8 -> [N, nb, block] codes; 4 bits: two per byte, the even one in the low nibble."""
+    if bits == 8:
+        return codes
+    lo, hi = codes & 15, codes >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(codes.shape[0], codes.shape[1], -1)
+
+
+def dequantize_blocks_ref(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
+    """W [N, K] float32 = (scale·code) + offset per block (quant/blocks.py ``BlockQuant.dequantize``)."""
+    q = unpack_codes_ref(codes, bits).to(torch.float32)                        # [N, nb, block]
+    w = q * scale[..., None] + offset[..., None]
+    return w.reshape(q.shape[0], -1)
+
+
+def sparse_mlp_blocks_ref(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
+                          codes_down, scale_down, offset_down, b_down, rho, bits, act: str, bits_gate: int,
+                          bits_up: int, bits_down: int, block_size: int):
+    """``sparse_mlp_ref`` on the dequantised weights (block_size: the codes' last axis at 8 bits)."""
+    wg = None if codes_gate is None else dequantize_blocks_ref(codes_gate, scale_gate, offset_gate, bits_gate)
+    wu = dequantize_blocks_ref(codes_up, scale_up, offset_up, bits_up)
+    wd = dequantize_blocks_ref(codes_down, scale_down, offset_down, bits_down)
+    return sparse_mlp_ref(x, wg, b_gate, wu, b_up, wd, b_down, rho, bits, act)

@@ -59,6 +59,7 @@ class OpSig:
     outputs: tuple[Param, ...]
     attributes: tuple[Attr, ...]
     types: tuple[tuple[str, tuple[str, ...]], ...]   # (type var, allowed ONNX types), the schema's constraints
+    from_pass: bool = False    # made by an ONNX pass on the artifact, never by export (it still has every part)
 
     @property
     def torch_qualname(self) -> str:
@@ -108,7 +109,26 @@ SPARSE_MLP = OpSig(
     attributes=(Attr("act", "string"),),
     types=(("T", FLOAT_TYPES), ("C", FLOAT_TYPES)))
 
-OPS = (GATE_CONTROLS, QUEST_ATTENTION, SPARSE_MLP)
+# SparseMLP on low-bit block weights (issue 16): each matrix W [N, K] (nn.Linear layout) as codes
+# [N, K/block, block·bits/8] uint8 (4 bits: two codes per byte, the even input in the low nibble, as MatMulNBits),
+# scale and offset [N, K/block] float32, meaning w = scale·code + offset (quant/blocks.py's BlockQuant). The same
+# semantics as SparseMLP on the dequantised weights. Made by passes/pack_mlp.py from a SparseMLP whose weights the
+# WeightTable knows (never by export: the portable kind's MLP is MatMuls that pack_weights packs itself).
+SPARSE_MLP_BLOCKS = OpSig(
+    "sparse_mlp_blocks", "SparseMLPBlocks",
+    inputs=(Param("x", "T"),
+            Param("codes_gate", "Q", optional=True), Param("scale_gate", "T", optional=True),
+            Param("offset_gate", "T", optional=True), Param("b_gate", "T", optional=True),
+            Param("codes_up", "Q"), Param("scale_up", "T"), Param("offset_up", "T"), Param("b_up", "T", optional=True),
+            Param("codes_down", "Q"), Param("scale_down", "T"), Param("offset_down", "T"),
+            Param("b_down", "T", optional=True), Param("rho", "C"), Param("bits", "C")),
+    outputs=(Param("y", "T"),),
+    attributes=(Attr("act", "string"), Attr("bits_gate", "int"), Attr("bits_up", "int"), Attr("bits_down", "int"),
+                Attr("block_size", "int")),
+    types=(("T", ("tensor(float)",)), ("Q", ("tensor(uint8)",)), ("C", ("tensor(float)",))),
+    from_pass=True)
+
+OPS = (GATE_CONTROLS, QUEST_ATTENTION, SPARSE_MLP, SPARSE_MLP_BLOCKS)
 BY_NAME = {op.name: op for op in OPS}
 BY_ONNX_NAME = {op.onnx_name: op for op in OPS}
 

@@ -81,6 +81,7 @@ def _op(sig: registry.OpSig) -> Op:
 _GATE = _op(registry.GATE_CONTROLS)
 _QUEST = _op(registry.QUEST_ATTENTION)
 _SPARSE_MLP = _op(registry.SPARSE_MLP)
+_SPARSE_MLP_BLOCKS = _op(registry.SPARSE_MLP_BLOCKS)
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
@@ -126,6 +127,16 @@ def sparse_mlp_custom(x: TensorType, w_gate: Optional[TensorType], b_gate: Optio
                       b_down: Optional[TensorType], rho: TensorType, bits: TensorType, act: str):
     _check_act(act)
     return _SPARSE_MLP(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act=str(act))
+
+
+def sparse_mlp_blocks_custom(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
+                             codes_down, scale_down, offset_down, b_down, rho, bits, act: str, bits_gate: int,
+                             bits_up: int, bits_down: int, block_size: int):
+    _check_act(act)
+    return _SPARSE_MLP_BLOCKS(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
+                              codes_down, scale_down, offset_down, b_down, rho, bits, act=str(act),
+                              bits_gate=int(bits_gate), bits_up=int(bits_up), bits_down=int(bits_down),
+                              block_size=int(block_size))
 
 
 # ---------------------------------------------------------------------------------------------- PORTABLE helpers
@@ -337,17 +348,39 @@ def sparse_mlp_portable(x: TensorType, w_gate: Optional[TensorType], b_gate: Opt
     return op.Where(identity, y, yq)
 
 
+def _dequantize(codes, scale, offset, bits: int):
+    """W [N, K] = (scale·code) + offset per block; 4-bit codes two per byte, the even one low."""
+    if bits == 4:
+        c = op.Unsqueeze(codes, _i64(-1))
+        codes = op.Concat(op.BitwiseAnd(c, op.Constant(value=ir.tensor(np.array(15, np.uint8)))),
+                          op.BitShift(c, op.Constant(value=ir.tensor(np.array(4, np.uint8))), direction="RIGHT"),
+                          axis=-1)                                              # [N, nb, block/2, 2]
+    q = op.Reshape(op.Cast(codes, to=ir.DataType.FLOAT), _i64(0, 0, -1))       # [N, nb, block]
+    w = op.Add(op.Mul(q, op.Unsqueeze(scale, _i64(-1))), op.Unsqueeze(offset, _i64(-1)))
+    return op.Reshape(w, _i64(0, -1))                                           # [N, K]
+
+
+def sparse_mlp_blocks_portable(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
+                               codes_down, scale_down, offset_down, b_down, rho, bits, act: str, bits_gate: int,
+                               bits_up: int, bits_down: int, block_size: int):
+    wg = None if codes_gate is None else _dequantize(codes_gate, scale_gate, offset_gate, bits_gate)
+    return sparse_mlp_portable(x, wg, b_gate, _dequantize(codes_up, scale_up, offset_up, bits_up), b_up,
+                               _dequantize(codes_down, scale_down, offset_down, bits_down), b_down, rho, bits, act)
+
+
 # ---------------------------------------------------------------------------------------------- tables
 CUSTOM = {
     torch.ops.solm.gate_controls.default: gate_controls_custom,
     torch.ops.solm.quest_attention.default: quest_attention_custom,
     torch.ops.solm.sparse_mlp.default: sparse_mlp_custom,
+    torch.ops.solm.sparse_mlp_blocks.default: sparse_mlp_blocks_custom,
 }
 
 PORTABLE = {
     torch.ops.solm.gate_controls.default: gate_controls_portable,
     torch.ops.solm.quest_attention.default: quest_attention_portable,
     torch.ops.solm.sparse_mlp.default: sparse_mlp_portable,
+    torch.ops.solm.sparse_mlp_blocks.default: sparse_mlp_blocks_portable,
 }
 
 

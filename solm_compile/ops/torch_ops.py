@@ -183,6 +183,27 @@ def _(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act):
     return x.new_empty(x.shape[:-1] + (w_down.shape[0],))
 
 
+# ---------------------------------------------------------------------------------------------- sparse_mlp_blocks
+# Made by an ONNX pass (passes/pack_mlp.py), never traced from a model: the torch op is the reference's
+# dequantisation followed by the fast sparse_mlp, enough to run and test the op from torch.
+@torch.library.custom_op(registry.SPARSE_MLP_BLOCKS.torch_qualname, mutates_args=())
+def sparse_mlp_blocks(x: Tensor, codes_gate: Optional[Tensor], scale_gate: Optional[Tensor],
+                      offset_gate: Optional[Tensor], b_gate: Optional[Tensor], codes_up: Tensor, scale_up: Tensor,
+                      offset_up: Tensor, b_up: Optional[Tensor], codes_down: Tensor, scale_down: Tensor,
+                      offset_down: Tensor, b_down: Optional[Tensor], rho: Tensor, bits: Tensor, act: str,
+                      bits_gate: int, bits_up: int, bits_down: int, block_size: int) -> Tensor:
+    deq = ref.dequantize_blocks_ref
+    wg = None if codes_gate is None else deq(codes_gate, scale_gate, offset_gate, bits_gate)
+    return sparse_mlp(x, wg, b_gate, deq(codes_up, scale_up, offset_up, bits_up), b_up,
+                      deq(codes_down, scale_down, offset_down, bits_down), b_down, rho, bits, act)
+
+
+@sparse_mlp_blocks.register_fake
+def _(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up, codes_down, scale_down,
+      offset_down, b_down, rho, bits, act, bits_gate, bits_up, bits_down, block_size):
+    return x.new_empty(x.shape[:-1] + (codes_down.shape[0],))
+
+
 # ---------------------------------------------------------------------------------------------- the list
 @dataclass(frozen=True)
 class OpDef:
@@ -203,6 +224,7 @@ OPS = (
     OpDef(registry.GATE_CONTROLS, gate_controls, ref.gate_controls_ref),
     OpDef(registry.QUEST_ATTENTION, quest_attention, ref.quest_attention_ref),
     OpDef(registry.SPARSE_MLP, sparse_mlp, ref.sparse_mlp_ref),
+    OpDef(registry.SPARSE_MLP_BLOCKS, sparse_mlp_blocks, ref.sparse_mlp_blocks_ref),
 )
 ONNX_DOMAIN = registry.DOMAIN
 

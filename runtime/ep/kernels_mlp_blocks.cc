@@ -1,0 +1,343 @@
+// SparseMLPBlocks: SparseMLP on low-bit block weights (BlockMatrix, SparseMlpBlocks); see kernels.h.
+//
+// Layout. Each matrix W [N, K] (w = scale·code + offset per block of 32 inputs) is repacked at prepare time
+// block-column-major: block column b (inputs 32b..32b+31 of every row) is one contiguous run of bytes, rows in
+// groups of kRows = 16, and inside a group the codes are "row-lane" ordered: word j of row r is the row's 4 bytes
+// 4j..4j+3 of the block as the op gives them (4 bits: inputs 8j..8j+7, one nibble each, the first lowest; 8 bits:
+// inputs 4j..4j+3), and the 16 rows' words j are adjacent. A vector lane is an output row, so one input channel is a broadcast x_k times a vector of 16 rows' codes: no horizontal sums, and
+// a skipped block column (all 32 inputs zero now; whole structured blocks in issue 17) costs no byte read at all.
+// scale/offset are [nb, Np] (block-column-major too).
+//
+// Arithmetic. Per row and block the kernel sums s = Σ_k x_k·code_k in fp32 and adds scale·s + offset·Σ_k x_k: the
+// same value as Σ_k x_k·(scale·code_k + offset) (the reference's dequantised dot product) up to fp32 rounding, with
+// activations kept fp32 throughout (no activation quantisation, unlike MatMulNBits' accuracy_level 4).
+#include "kernels_util.h"
+
+namespace solm {
+
+void BlockMatrix::Set(const uint8_t* src, const float* scale_, const float* offset_, int64_t N_, int64_t K_,
+                      int bits_) {
+  N = N_, K = K_, bits = bits_, nb = K / kBlock, Np = (N + kRows - 1) / kRows * kRows;
+  const int64_t gb = GroupBytes(), src_row = nb * kBlock * bits / 8;
+  codes.assign(static_cast<size_t>(nb * Np / kRows * gb), 0);
+  scale.assign(static_cast<size_t>(nb * Np), 0.f);
+  offset.assign(static_cast<size_t>(nb * Np), 0.f);
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* s = src + n * src_row;
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* g = codes.data() + (b * (Np / kRows) + n / kRows) * gb;
+      const uint8_t* sb = s + b * kBlock * bits / 8;
+      for (int64_t j = 0; j < kBlock * bits / 32; ++j) std::memcpy(g + j * kRows * 4 + n % kRows * 4, sb + 4 * j, 4);
+      scale[b * Np + n] = scale_[n * nb + b];
+      offset[b * Np + n] = offset_[n * nb + b];
+    }
+  }
+}
+
+namespace {
+
+// One block of 32 inputs of one token: the values, their sum, and whether any is non-zero.
+struct BlockIn {
+  const float* x;  // [K]
+  const float* xsum;  // [nb]
+  const uint8_t* nz;  // [nb]
+};
+
+// The float codes of one vector of rows from their words shifted right by the code's position: the low `bits`
+// bits of each lane. 4 bits at 16 lanes: GCC's __builtin_shuffle takes indices modulo the lane count, i.e. the low
+// nibble, so the float is a permute of the table 0..15 (vpermps: no mask, no int->float conversion).
+template <class VF, int BITS>
+SOLM_INLINE VF Code(typename IntVec<sizeof(VF)>::type w) {
+  typedef typename IntVec<sizeof(VF)>::type VI;
+  if constexpr (BITS == 4 && Lanes<VF>() == 16) {
+    const VF table = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    return __builtin_shuffle(table, w);
+  } else {
+    return __builtin_convertvector(w & (VI{} + ((1 << BITS) - 1)), VF);
+  }
+}
+
+// y[g*16 .. (g+G)*16) += block column b of G row groups · x, one token. Accumulators: G groups x H vectors x 2
+// chains; y is read and written once per block (the block column is streamed front to back).
+template <class VF, int G, int BITS>
+SOLM_INLINE void GemvBlock(const BlockMatrix& W, const float* xb, float xsum, const uint8_t* col, int64_t g0,
+                           int64_t b, float* y) {
+  typedef typename IntVec<sizeof(VF)>::type VI;
+  constexpr int Ln = Lanes<VF>(), H = BlockMatrix::kRows / Ln, PER = 32 / BITS;  // codes per word
+  const int64_t gb = W.GroupBytes();
+  VF s0[G][H], s1[G][H];
+  for (int r = 0; r < G; ++r)
+    for (int h = 0; h < H; ++h) s0[r][h] = s1[r][h] = VF{};
+  for (int j = 0; j < BlockMatrix::kBlock / PER; ++j) {
+    VI w[G][H];
+#pragma GCC unroll 8
+    for (int r = 0; r < G; ++r)
+#pragma GCC unroll 8
+      for (int h = 0; h < H; ++h)
+        __builtin_memcpy(&w[r][h], col + r * gb + (j * BlockMatrix::kRows + h * Ln) * 4, sizeof(VI));
+#pragma GCC unroll 8
+    for (int i = 0; i < PER; i += 2) {
+      const VF xe = Splat<VF>(xb[j * PER + i]), xo = Splat<VF>(xb[j * PER + i + 1]);
+#pragma GCC unroll 8
+      for (int r = 0; r < G; ++r)
+#pragma GCC unroll 8
+        for (int h = 0; h < H; ++h) {
+          s0[r][h] += xe * Code<VF, BITS>(w[r][h] >> (BITS * i));
+          s1[r][h] += xo * Code<VF, BITS>(w[r][h] >> (BITS * (i + 1)));
+        }
+    }
+  }
+  const VF xs = Splat<VF>(xsum);
+  const float* sc = W.scale.data() + b * W.Np + g0 * BlockMatrix::kRows;
+  const float* of = W.offset.data() + b * W.Np + g0 * BlockMatrix::kRows;
+  for (int r = 0; r < G; ++r)
+    for (int h = 0; h < H; ++h) {
+      const int64_t o = r * BlockMatrix::kRows + h * Ln;
+      Store<VF>(y + o, Load<VF>(y + o) + (Load<VF>(sc + o) * (s0[r][h] + s1[r][h]) + Load<VF>(of + o) * xs));
+    }
+}
+
+// Rows [g0*16, g1*16) of y = W·x for one token (y has Np entries; the rows past N are padding): block column by
+// block column (each streamed front to back over the rows), a column whose 32 inputs are all zero not read at all.
+template <class VF, int G, int BITS>
+SOLM_INLINE void GemvBits(const BlockMatrix& W, const BlockIn& in, int64_t g0, int64_t g1, float* y) {
+  const int64_t gb = W.GroupBytes(), ngroups = W.Np / BlockMatrix::kRows, R = BlockMatrix::kRows;
+  std::memset(y + g0 * R, 0, (g1 - g0) * R * sizeof(float));
+  for (int64_t b = 0; b < W.nb; ++b) {
+    if (!in.nz[b]) continue;
+    const float* xb = in.x + b * BlockMatrix::kBlock;
+    const uint8_t* col = W.codes.data() + b * ngroups * gb;
+    int64_t g = g0;
+    for (; g + G <= g1; g += G) GemvBlock<VF, G, BITS>(W, xb, in.xsum[b], col + g * gb, g, b, y + g * R);
+    for (; g < g1; ++g) GemvBlock<VF, 1, BITS>(W, xb, in.xsum[b], col + g * gb, g, b, y + g * R);
+  }
+}
+template <class VF, int G>
+SOLM_INLINE void GemvT(const BlockMatrix& W, const BlockIn& in, int64_t g0, int64_t g1, float* y) {
+  if (W.bits == 4) GemvBits<VF, G, 4>(W, in, g0, g1, y);
+  else GemvBits<VF, G, 8>(W, in, g0, g1, y);
+}
+
+// The fp32 codes of block b, group g: q[k][16 rows].
+template <class VF, int BITS>
+SOLM_INLINE void Dequant(const uint8_t* col, float* q) {
+  typedef typename IntVec<sizeof(VF)>::type VI;
+  constexpr int Ln = Lanes<VF>(), H = BlockMatrix::kRows / Ln, PER = 32 / BITS, R = BlockMatrix::kRows;
+  for (int j = 0; j < BlockMatrix::kBlock / PER; ++j)
+    for (int h = 0; h < H; ++h) {
+      VI w;
+      __builtin_memcpy(&w, col + (j * R + h * Ln) * 4, sizeof(VI));
+      for (int i = 0; i < PER; ++i) Store<VF>(q + (j * PER + i) * R + h * Ln, Code<VF, BITS>(w >> (BITS * i)));
+    }
+}
+
+// Multi-token: rows [g0*16, g1*16) for nt tokens (y + t*ys). Each group's block is dequantised to fp32 codes once
+// (q[32][16] in L1) and applied to every token whose block is non-zero, in GemvGroups' order of sums.
+template <class VF>
+SOLM_INLINE void GemmT(const BlockMatrix& W, const BlockIn* in, int64_t nt, int64_t g0, int64_t g1, float* y,
+                       int64_t ys) {
+  constexpr int Ln = Lanes<VF>(), H = BlockMatrix::kRows / Ln, R = BlockMatrix::kRows;
+  const int64_t gb = W.GroupBytes(), ngroups = W.Np / R;
+  alignas(64) float q[BlockMatrix::kBlock * R];
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t t = 0; t < nt; ++t) std::memset(y + t * ys + g * R, 0, R * sizeof(float));
+    for (int64_t b = 0; b < W.nb; ++b) {
+      bool any = false;
+      for (int64_t t = 0; t < nt && !any; ++t) any = in[t].nz[b];
+      if (!any) continue;
+      const uint8_t* col = W.codes.data() + (b * ngroups + g) * gb;
+      if (W.bits == 4) Dequant<VF, 4>(col, q);
+      else Dequant<VF, 8>(col, q);
+      const float* sc = W.scale.data() + b * W.Np + g * R;
+      const float* of = W.offset.data() + b * W.Np + g * R;
+      for (int64_t t = 0; t < nt; ++t) {
+        if (!in[t].nz[b]) continue;
+        const float* xb = in[t].x + b * BlockMatrix::kBlock;
+        VF s0[H], s1[H];
+        for (int h = 0; h < H; ++h) s0[h] = s1[h] = VF{};
+        for (int p = 0; p < BlockMatrix::kBlock / 2; ++p) {
+          const VF xe = Splat<VF>(xb[2 * p]), xo = Splat<VF>(xb[2 * p + 1]);
+          for (int h = 0; h < H; ++h) {
+            s0[h] += xe * Load<VF>(q + 2 * p * R + h * Ln);
+            s1[h] += xo * Load<VF>(q + (2 * p + 1) * R + h * Ln);
+          }
+        }
+        const VF xs = Splat<VF>(in[t].xsum[b]);
+        float* yt = y + t * ys + g * R;
+        for (int h = 0; h < H; ++h)
+          Store<VF>(yt + h * Ln, Load<VF>(yt + h * Ln) + (Load<VF>(sc + h * Ln) * (s0[h] + s1[h]) +
+                                                          Load<VF>(of + h * Ln) * xs));
+      }
+    }
+  }
+}
+
+using BlockGemvFn = void (*)(const BlockMatrix&, const BlockIn&, int64_t, int64_t, float*);
+using BlockGemmFn = void (*)(const BlockMatrix&, const BlockIn*, int64_t, int64_t, int64_t, float*, int64_t);
+struct BlockKernels {
+  BlockGemvFn gemv;
+  BlockGemmFn gemm;
+  const char* isa;
+};
+
+// Baseline x86-64 (SSE2): 4 lanes, a group is 4 vectors; one group at a time (8 accumulator chains).
+void GemvBase(const BlockMatrix& W, const BlockIn& in, int64_t g0, int64_t g1, float* y) {
+  GemvT<vf4, 1>(W, in, g0, g1, y);
+}
+void GemmBase(const BlockMatrix& W, const BlockIn* in, int64_t nt, int64_t g0, int64_t g1, float* y, int64_t ys) {
+  GemmT<vf4>(W, in, nt, g0, g1, y, ys);
+}
+#if defined(SOLM_ISA_VARIANTS)
+// AVX2 + FMA: 8 lanes, two groups at a time (2 x 2 vectors x 2 chains = 8 accumulators).
+SOLM_TARGET_V3 void GemvV3(const BlockMatrix& W, const BlockIn& in, int64_t g0, int64_t g1, float* y) {
+  GemvT<v8, 2>(W, in, g0, g1, y);
+}
+SOLM_TARGET_V3 void GemmV3(const BlockMatrix& W, const BlockIn* in, int64_t nt, int64_t g0, int64_t g1, float* y,
+                           int64_t ys) {
+  GemmT<v8>(W, in, nt, g0, g1, y, ys);
+}
+// AVX-512: 16 lanes (a group is one vector), four groups at a time (8 accumulator chains).
+SOLM_TARGET_V4 void GemvV4(const BlockMatrix& W, const BlockIn& in, int64_t g0, int64_t g1, float* y) {
+  GemvT<vf16, 4>(W, in, g0, g1, y);
+}
+SOLM_TARGET_V4 void GemmV4(const BlockMatrix& W, const BlockIn* in, int64_t nt, int64_t g0, int64_t g1, float* y,
+                           int64_t ys) {
+  GemmT<vf16>(W, in, nt, g0, g1, y, ys);
+}
+#endif
+
+const BlockKernels& Blocks() {
+  static const BlockKernels k = [] {
+#if defined(SOLM_ISA_VARIANTS)
+    if (IsaLevel() == 4) return BlockKernels{GemvV4, GemmV4, "x86-64-v4"};
+    if (IsaLevel() == 3) return BlockKernels{GemvV3, GemmV3, "x86-64-v3"};
+#endif
+    return BlockKernels{GemvBase, GemmBase, "baseline"};
+  }();
+  return k;
+}
+
+constexpr int64_t kChunkGroups = 16;  // row groups (256 rows) per work item: each block column streams 4-8 KiB
+constexpr int64_t kTokTile = 32;      // tokens per multi-token work item
+
+// Per token: the block sums and non-zero flags of a [N, K] input (K a multiple of 32).
+void BlockSums(const float* x, int64_t n, int64_t K, float* xsum, uint8_t* nz) {
+  const int64_t nb = K / BlockMatrix::kBlock;
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + t * K + b * BlockMatrix::kBlock;
+      float s = 0.f;
+      bool any = false;
+      for (int64_t k = 0; k < BlockMatrix::kBlock; ++k) s += xb[k], any |= xb[k] != 0.f;
+      xsum[t * nb + b] = s;
+      nz[t * nb + b] = any;
+    }
+}
+
+// y rows [g0, g1) (groups) of tokens [n0, n0+nt): y + t*ys, x [.., K] with its block sums.
+void Apply(const BlockKernels& K, const BlockMatrix& W, const float* x, const float* xsum, const uint8_t* nz,
+           int64_t n0, int64_t nt, int64_t g0, int64_t g1, float* y, int64_t ys) {
+  BlockIn in[kTokTile];
+  for (int64_t t = 0; t < nt; ++t)
+    in[t] = BlockIn{x + (n0 + t) * W.K, xsum + (n0 + t) * W.nb, nz + (n0 + t) * W.nb};
+  if (nt == 1) K.gemv(W, in[0], g0, g1, y);
+  else K.gemm(W, in, nt, g0, g1, y, ys);
+}
+
+}  // namespace
+
+const char* MlpBlocksKernelIsa() { return Blocks().isa; }
+
+void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights& W, const float* rho,
+                     const float* bits, Act act, float* y, MlpBlockScratch& sc, const Parallel& par) {
+  Stats& st = GlobalStats();
+  st.mlp_calls.fetch_add(1, std::memory_order_relaxed);
+  const int64_t N = B * T, D = W.up.K, I = W.up.N, Dout = W.down.N;
+  if (N == 0) return;
+  const BlockKernels& K = Blocks();
+  NoteIsa(kIsaMlpBlocks, K.isa);
+  const int64_t nbD = D / BlockMatrix::kBlock, nbI = I / BlockMatrix::kBlock, Ip = W.up.Np, Dp = W.down.Np;
+  float* xs = Grow(sc.xs, static_cast<size_t>(N * D));
+  float* xsum = Grow(sc.xsum, static_cast<size_t>(N * nbD));
+  uint8_t* xnz = Grow(sc.xnz, static_cast<size_t>(N * nbD));
+  float* h = Grow(sc.h, static_cast<size_t>(N * Ip));
+  float* hsum = Grow(sc.hsum, static_cast<size_t>(N * nbI));
+  uint8_t* hnz = Grow(sc.hnz, static_cast<size_t>(N * nbI));
+  float* yp = Grow(sc.y, static_cast<size_t>(N * Dp));
+  st.mlp_in_rows_dense.fetch_add(static_cast<uint64_t>(N * D), std::memory_order_relaxed);
+  st.mlp_down_rows_dense.fetch_add(static_cast<uint64_t>(N * I), std::memory_order_relaxed);
+
+  // A: per token the top-k channels and the input's block sums.
+  const int64_t ntile = (N + kTokTile - 1) / kTokTile;
+  auto select = [&](size_t it) {
+    const int64_t n0 = static_cast<int64_t>(it) * kTokTile, nt = std::min(kTokTile, N - n0);
+    float* tmp = Grow(ThreadScratch().f0, static_cast<size_t>(D));
+    uint64_t rows = 0;
+    for (int64_t n = n0; n < n0 + nt; ++n)
+      rows += static_cast<uint64_t>(TopK(x + n * D, D, static_cast<double>(rho[n / T]), xs + n * D, tmp));
+    BlockSums(xs + n0 * D, nt, D, xsum + n0 * nbD, xnz + n0 * nbD);
+    st.mlp_in_rows.fetch_add(rows, std::memory_order_relaxed);
+  };
+  par.For(static_cast<size_t>(ntile), select);
+
+  // B: gate and up of a chunk of 64 rows for a tile of tokens, then the activation of those rows.
+  const int64_t chunksI = (Ip / BlockMatrix::kRows + kChunkGroups - 1) / kChunkGroups;
+  auto up = [&](size_t it) {
+    const int64_t c = static_cast<int64_t>(it) % chunksI, n0 = static_cast<int64_t>(it) / chunksI * kTokTile;
+    const int64_t nt = std::min(kTokTile, N - n0);
+    const int64_t g0 = c * kChunkGroups, g1 = std::min(g0 + kChunkGroups, Ip / BlockMatrix::kRows);
+    const int64_t r0 = g0 * BlockMatrix::kRows, r1 = std::min(g1 * BlockMatrix::kRows, I);
+    float* gbuf = Grow(ThreadScratch().f1, static_cast<size_t>(kTokTile * Ip));
+    // up rows go straight to h (each token's row of h at stride Ip); gate rows to gbuf at the same offsets
+    Apply(K, W.up, xs, xsum, xnz, n0, nt, g0, g1, h + n0 * Ip, Ip);
+    if (W.gated) Apply(K, W.gate, xs, xsum, xnz, n0, nt, g0, g1, gbuf, Ip);
+    for (int64_t t = 0; t < nt; ++t) {
+      float* hr = h + (n0 + t) * Ip;
+      const float* gr = gbuf + t * Ip;
+      for (int64_t i = r0; i < r1; ++i) {
+        const float u = hr[i] + (W.b_up.empty() ? 0.f : W.b_up[i]);
+        hr[i] = W.gated ? Activate(act, gr[i] + (W.b_gate.empty() ? 0.f : W.b_gate[i])) * u : Activate(act, u);
+      }
+    }
+  };
+  par.For(static_cast<size_t>(chunksI * ntile), up);
+
+  // h's block sums (the down projection's input; padding rows of h are never read: nbI blocks of I).
+  auto hsums = [&](size_t it) {
+    const int64_t n0 = static_cast<int64_t>(it) * kTokTile, nt = std::min(kTokTile, N - n0);
+    for (int64_t n = n0; n < n0 + nt; ++n) BlockSums(h + n * Ip, 1, I, hsum + n * nbI, hnz + n * nbI);
+  };
+  par.For(static_cast<size_t>(ntile), hsums);
+  uint64_t hnonzero = 0;
+  for (int64_t i = 0; i < N * nbI; ++i) hnonzero += hnz[i];
+  st.mlp_down_rows.fetch_add(hnonzero * BlockMatrix::kBlock, std::memory_order_relaxed);
+
+  // C: down projection, same items; h rows are Ip apart (BlockIn reads K = I of them).
+  const int64_t chunksD = (Dp / BlockMatrix::kRows + kChunkGroups - 1) / kChunkGroups;
+  auto down = [&](size_t it) {
+    const int64_t c = static_cast<int64_t>(it) % chunksD, n0 = static_cast<int64_t>(it) / chunksD * kTokTile;
+    const int64_t nt = std::min(kTokTile, N - n0);
+    const int64_t g0 = c * kChunkGroups, g1 = std::min(g0 + kChunkGroups, Dp / BlockMatrix::kRows);
+    BlockIn in[kTokTile];
+    for (int64_t t = 0; t < nt; ++t) in[t] = BlockIn{h + (n0 + t) * Ip, hsum + (n0 + t) * nbI, hnz + (n0 + t) * nbI};
+    if (nt == 1) K.gemv(W.down, in[0], g0, g1, yp + n0 * Dp);
+    else K.gemm(W.down, in, nt, g0, g1, yp + n0 * Dp, Dp);
+    const int64_t r0 = g0 * BlockMatrix::kRows, r1 = std::min(g1 * BlockMatrix::kRows, Dout);
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t j = r0; j < r1; ++j)
+        y[(n0 + t) * Dout + j] = yp[(n0 + t) * Dp + j] + (W.b_down.empty() ? 0.f : W.b_down[j]);
+  };
+  par.For(static_cast<size_t>(chunksD * ntile), down);
+
+  // D: per token fake quantisation.
+  bool any_quant = false;
+  for (int64_t b = 0; b < B; ++b) any_quant = any_quant || static_cast<double>(bits[b]) < 16;
+  if (any_quant) {
+    auto quant = [&](size_t n) {
+      FakeQuant(y + static_cast<int64_t>(n) * Dout, Dout, static_cast<double>(bits[static_cast<int64_t>(n) / T]));
+    };
+    par.For(static_cast<size_t>(N), quant);
+  }
+}
+
+}  // namespace solm

@@ -1,0 +1,126 @@
+"""Per-token decode time of one MLP (SmolLM2: 576 -> 1536 -> 576, gated SiLU), one thread: SolmEP's fp32 SparseMLP,
+SolmEP's SparseMLPBlocks (Q4_1-style and int8 blocks), and stock onnxruntime's MatMulNBits (accuracy_level 4) x 3
+with the activation between them. ``python -m solm_compile.bench.mlp_blocks [--reps N]``; prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from solm_compile.quant.blocks import BlockQuant, quantize_int8
+
+F, U8 = TensorProto.FLOAT, TensorProto.UINT8
+D, I = 576, 1536
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    return codes if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _q4_1(rng, n, k) -> BlockQuant:
+    codes = rng.integers(0, 16, (n, k // 32, 32), dtype=np.uint8)
+    d = (rng.random((n, k // 32)) * 0.004 + 0.001).astype(np.float16).astype(np.float32)
+    m = (-8 * d - rng.random((n, k // 32)).astype(np.float32) * 1e-3).astype(np.float16).astype(np.float32)
+    return BlockQuant(codes, d, m, 4, "Q4_1")
+
+
+def _model(nodes, inputs, inits, domains):
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info(n, F, None) for n in inputs],
+                          [helper.make_tensor_value_info("y", F, None)],
+                          initializer=[numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in inits])
+    return helper.make_model(g, ir_version=10, opset_imports=[helper.make_opsetid(d, 1 if d else 17)
+                                                               for d in ("",) + domains])
+
+
+def fp32_model(w):
+    node = helper.make_node("SparseMLP", ["x", "wg", "", "wu", "", "wd", "", "rho", "bits"], ["y"],
+                            domain="ai.solm", act="silu")
+    return _model([node], ["x", "rho", "bits"], [(k, w[k].dequantize()) for k in ("wg", "wu", "wd")],
+                  ("ai.solm",))
+
+
+def blocks_model(w):
+    names, inits = ["x"], []
+    for k in ("wg", "wu", "wd"):
+        bq = w[k]
+        inits += [(f"{k}.q", _pack(bq.codes, bq.bits)), (f"{k}.s", bq.scale), (f"{k}.m", bq.offset)]
+        names += [f"{k}.q", f"{k}.s", f"{k}.m", ""]
+    node = helper.make_node("SparseMLPBlocks", names + ["rho", "bits"], ["y"], domain="ai.solm", act="silu",
+                            bits_gate=w["wg"].bits, bits_up=w["wu"].bits, bits_down=w["wd"].bits, block_size=32)
+    return _model([node], ["x", "rho", "bits"], inits, ("ai.solm",))
+
+
+def matmulnbits_model(w, accuracy_level=4):
+    """Stock onnxruntime: MatMulNBits x 3 (zero points: the blocks' integer offsets) and SiLU between."""
+    nodes, inits = [], []
+    for k, x, y in (("wg", "x", "g"), ("wu", "x", "u"), ("wd", "h", "y")):
+        bq = w[k]
+        n, kk = bq.shape
+        zp = bq.zero_point if bq.zero_point is not None else np.full(bq.scale.shape, 8, np.uint8)
+        if bq.bits == 4:
+            zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+        inits += [(f"{k}.q", _pack(bq.codes, bq.bits)), (f"{k}.s", bq.scale), (f"{k}.z", zp)]
+        nodes.append(helper.make_node("MatMulNBits", [x, f"{k}.q", f"{k}.s", f"{k}.z"], [y], domain="com.microsoft",
+                                      K=kk, N=n, bits=bq.bits, block_size=32, accuracy_level=accuracy_level))
+    nodes += [helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["a"]),
+              helper.make_node("Mul", ["a", "u"], ["h"])]
+    return _model(nodes, ["x"], inits, ("com.microsoft",))
+
+
+def _time(sess, feeds, reps):
+    for _ in range(max(reps // 10, 20)):
+        sess.run(None, feeds)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(reps):
+            sess.run(None, feeds)
+        best = min(best, (time.perf_counter() - t) / reps * 1e6)
+    return best
+
+
+def main(argv=None) -> None:
+    import onnxruntime as ort
+    from solm_compile.runtime import ep
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--reps", type=int, default=400)
+    args = p.parse_args(argv)
+    ep.register(ort)
+    rng = np.random.default_rng(0)
+    weights = {"q4_1": {k: _q4_1(rng, *s) for k, s in (("wg", (I, D)), ("wu", (I, D)), ("wd", (D, I)))}}
+    weights["int8"] = {k: quantize_int8(weights["q4_1"][k].dequantize()) for k in ("wg", "wu", "wd")}
+    x = rng.standard_normal((1, 1, D), dtype=np.float32)
+
+    def session(model, solm: bool):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not solm:
+            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model.SerializeToString(), ep.session_options_with_ep(so, ort=ort))
+        assert sess.get_providers()[0] == "SolmEP", sess.get_providers()
+        return sess
+
+    rows = []
+    for rho in (1.0, 0.5):
+        feeds = {"x": x, "rho": np.array([rho], np.float32), "bits": np.array([16.0], np.float32)}
+        rows.append((f"SolmEP SparseMLP fp32", rho, _time(session(fp32_model(weights["q4_1"]), True), feeds,
+                                                           args.reps)))
+        for kind in ("q4_1", "int8"):
+            rows.append((f"SolmEP SparseMLPBlocks {kind}", rho,
+                         _time(session(blocks_model(weights[kind]), True), feeds, args.reps)))
+        for kind in ("q4_1", "int8"):
+            rows.append((f"MatMulNBits acc4 x3 ({'int4' if kind == 'q4_1' else 'int8'}, dense)", rho,
+                         _time(session(matmulnbits_model(weights[kind]), False), {"x": x}, args.reps)))
+    print("| path | ρ | µs / token |\n|---|---|---|")
+    for name, rho, us in rows:
+        print(f"| {name} | {rho} | {us:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
