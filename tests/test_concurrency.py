@@ -195,7 +195,16 @@ def test_threads_sharing_a_solm_ep_session_equal_lone_runs(solm_artifact):
     inputs = [(rng.integers(0, 160, (2, 24 + 8 * i)).tolist(), budget)
               for i, budget in enumerate([(0.5, 0.75, 8), (0.25, 0.5, 5), (0.3, 0.6, 12), (0.75, 0.9, 16)])]
     lone = [_trace(s, *inp) for inp in inputs]
-    errors = []
+    errors, spans = [], []
+    run = s.sess.run_with_iobinding
+
+    def timed_run(*args, **kwargs):                  # when each thread's calls ran: they must overlap
+        t0 = time.perf_counter()
+        out = run(*args, **kwargs)
+        spans.append((threading.get_ident(), t0, time.perf_counter()))
+        return out
+
+    s.sess.run_with_iobinding = timed_run
 
     def work(i):
         for _ in range(3):
@@ -209,3 +218,7 @@ def test_threads_sharing_a_solm_ep_session_equal_lone_runs(solm_artifact):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert not errors, errors
+    assert len(spans) == THREADS * 3 * 41                                   # prefill + 40 steps, 3 rounds each
+    spans.sort(key=lambda sp: sp[1])
+    overlaps = sum(1 for a, b in zip(spans, spans[1:]) if a[0] != b[0] and b[1] < a[2])
+    assert overlaps > 0, "no two threads' session.run calls overlapped: the session serialised them"
