@@ -204,11 +204,11 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
         raise UserError(f"per-KV-head page selection is a SolmEP option: a {kind} artifact cannot have it")
     program = export_onnx(module, args, policy, ins, outs, kind)
     ep_meta = carry_ep_state(program, kind, per_kv_head)
-    ep_meta["weights"] = pack_low_bit(program, weights)
-    if kind == "dense":
+    if kind == "dense":      # before packing: the probe compares float32 graphs (int8 activations would add noise)
         from solm_compile.artifact.dense import fuse_dense_attention
 
         ep_meta["dense_attention"] = fuse_dense_attention(program)
+    ep_meta["weights"] = pack_low_bit(program, weights)
     tok_name = None
     if tokenizer is not None:
         tok_name = out.name.split(".")[0] + ".tokenizer.json"
