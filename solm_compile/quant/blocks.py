@@ -11,12 +11,15 @@ Q4_0         4      d                          −8·d
 Q4_1         4      d                          m
 Q5_0         8*     d                          −16·d
 Q8_0         8      d                          −128·d   (codes = q + 128)
+Q4_K         4      d·sc_j (per 32)            −dmin·m_j
+Q6_K         8*     d·sc_j (per 16: block 16)  −32·d·sc_j
 ===========  =====  =========================  =========================
 
-(*) 5-bit codes are stored one per byte. Because GGUF's d and m are fp16 values, d·q is exact in fp32 for every
-code and d·q + m rounds exactly as GGUF's own dequantiser does, so ``dequantize()`` is bit-identical to
-``gguf.quants.dequantize``, except that where GGUF's d·(q − 8) gives −0 we give +0 (tests/test_quant.py checks it
-on random blocks; the weight lookup reads −0 as +0).
+(*) 5- and 6-bit codes are stored one per byte. Where the offset is an integer multiple of the scale (every type
+but Q4_1 and Q4_K) the block records that ``zero_point`` z and ``dequantize()`` computes d·(q − z), otherwise
+(d·q) + m: the same one rounding as GGUF's own dequantiser, so ``dequantize()`` is bit-identical to
+``gguf.quants.dequantize`` (tests/test_quant.py checks every type on random blocks; the weight lookup also reads
+−0 as +0).
 
 The round-to-nearest quantizers (``int4``: asymmetric, group 32; ``int8``: symmetric, group 32) keep their scales
 fp16-representable for the same reason, and they also record an integer ``zero_point`` (``m = −zero_point·d``):
@@ -67,7 +70,10 @@ class BlockQuant:
         return self.codes.shape[2]
 
     def dequantize(self) -> np.ndarray:
-        """W [N, K] float32, computed as GGUF does: (d·q) + m."""
+        """W [N, K] float32, computed as GGUF does: d·(q − z) with an integer zero point, else (d·q) + m."""
+        if self.zero_point is not None:
+            q = self.codes.astype(np.float32) - self.zero_point[..., None].astype(np.float32)   # exact small ints
+            return (q * self.scale[..., None]).reshape(self.shape)
         w = self.codes.astype(np.float32) * self.scale[..., None]         # [N, nb, block]
         w = w + self.offset[..., None]                                      # [N, nb, block]
         return w.reshape(self.shape)
