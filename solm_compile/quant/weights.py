@@ -1,8 +1,8 @@
 """``--weights``: which bytes the model's linear layers and embedding are stored as, decided once at load.
 
-- ``source`` (default): what the model file holds. A GGUF keeps its own blocks (Q4_0, Q4_1, Q5_0, Q8_0; read
-  losslessly, see ``gguf.py``); the K-quants are not read yet and stay fp32 (dequantised), and an HF checkpoint
-  stays in its own floats.
+- ``source`` (default): what the model file holds. A GGUF keeps its own blocks (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K,
+  Q6_K; read losslessly, see ``gguf.py``); other types stay fp32 (dequantised), and an HF checkpoint stays in its
+  own floats.
 - ``fp32``: every weight dequantised to float32: the exactness reference (``solm verify`` against HF eager).
 - ``int4``: every linear layer (q, k, v, o, gate, up, down) round-to-nearest asymmetric int4, block 32; the
   embedding and the LM head int8 (GGUF's own Q4 files keep that tensor at Q8_0 too).
