@@ -15,8 +15,8 @@
 //
 // Variants: x86-64-v4-vnni (vpdpbusd: 64 MACs, one instruction), x86-64-v4 and x86-64-v3 (vpmaddubsw + vpmaddwd:
 // 8-bit codes as two nibbles, since maddubs' int16 pair sums saturate past 32767 = 2·255·127 would), baseline (int32
-// lanes). All compute the same integers, so every variant gives the same result up to nothing: the float epilogue is
-// the same expression in the same order.
+// lanes). All compute the same integer sums; the float epilogue is one expression in one order (fused into FMAs where
+// the ISA has them), and the single- and multi-token kernels give a token bit-identical results.
 #include <immintrin.h>  // declares the __builtin_ia32_* below; each is used only inside a wrapper whose target has it
 
 #include "kernels_util.h"
