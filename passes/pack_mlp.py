@@ -8,7 +8,8 @@ float32 initializers [N, K] in nn.Linear layout, found by value as they are (no 
         -> SparseMLPBlocks(x, codes_g, scale_g, offset_g, bg, codes_u, ..., codes_d, scale_d, offset_d, bd, rho, bits)
 
 codes [N, K/32, 32·bits/8] uint8 (4 bits: two per byte, the even input low, as MatMulNBits), scale and offset
-[N, K/32] float32: w = scale·code + offset, exactly the blocks the table holds. A node is left float32 (and said
+[N, K/32] float32: w = scale·code + offset, exactly the blocks the table holds. ``activations`` ("int8" from ``pack_weights`` by
+default, the trade MatMulNBits' accuracy_level 4 makes for the other layers; "fp32": exact) is written on the node. A node is left float32 (and said
 why in ``skipped``) unless every one of its weights has blocks of 32.
 """
 
@@ -29,9 +30,13 @@ def _find(value: ir.Value | None, table: WeightTable):
     return table.find(value.const_value.numpy())
 
 
-def pack_mlp(model: ir.Model, table: WeightTable, result: PassResult, pack, const) -> None:
+def pack_mlp(model: ir.Model, table: WeightTable, result: PassResult, pack, const,
+             activations: str = "int8") -> None:
     """Rewrite every SparseMLP of ``model.graph`` whose weights ``table`` knows. ``pack``: codes -> packed bytes;
-    ``const(name, array)``: a new initializer value (both from pack_weights)."""
+    ``const(name, array)``: a new initializer value (both from pack_weights); ``activations``: the node attribute
+    (registry.BLOCK_ACTIVATIONS)."""
+    if activations not in registry.BLOCK_ACTIVATIONS:
+        raise ValueError(f"pack_mlp: activations must be one of {registry.BLOCK_ACTIVATIONS}, got {activations!r}")
     graph = model.graph
     sig = registry.SPARSE_MLP_BLOCKS
     for node in list(graph):
@@ -47,7 +52,7 @@ def pack_mlp(model: ir.Model, table: WeightTable, result: PassResult, pack, cons
             continue
         operands, attrs = [x], [ir.AttrString("act", node.attributes["act"].as_string()
                                               if "act" in node.attributes else "silu"),
-                                ir.AttrInt64("block_size", 32)]
+                                ir.AttrInt64("block_size", 32), ir.AttrString("activations", activations)]
         for p, bias in (("gate", bg), ("up", bu), ("down", bd)):
             bq = found.get(p)
             if bq is None:

@@ -12,7 +12,8 @@ The Q4_1 form is lossless: Σ_k x_k (d q_k + m) = d Σ_k x_k q_k + m Σ_k x_k pe
 computed once per input and shared by the layers reading it (q, k, v; gate, up). ``accuracy_level`` 4 lets the
 CPU kernel quantize activations to int8 per block, as llama.cpp's Q4/Q8 dot products do; 0 keeps them float32.
 A ``SparseMLP`` (the ai.solm kinds' MLP) whose weights the table knows becomes ``SparseMLPBlocks`` on the same
-blocks (``pack_mlp.py``), run by SolmEP. Weights the table does not know (norms) stay float32.
+blocks (``pack_mlp.py``), run by SolmEP, with the same trade: activations "int8" under accuracy_level 4 (the
+default), "fp32" (exact) otherwise; ``mlp_activations`` overrides it. Weights the table does not know (norms) stay float32.
 """
 
 from __future__ import annotations
@@ -121,12 +122,14 @@ def _weight(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
-def pack_weights(model: ir.Model, table: WeightTable, accuracy_level: int = 4) -> PassResult:
+def pack_weights(model: ir.Model, table: WeightTable, accuracy_level: int = 4,
+                 mlp_activations: str | None = None) -> PassResult:
     result = PassResult("pack_weights")
     if not table.by_key:
         return result
     graph, b = model.graph, _Builder(model.graph)
-    pack_mlp(model, table, result, _pack, b.const)
+    acts = mlp_activations or ("int8" if accuracy_level >= 4 else "fp32")
+    pack_mlp(model, table, result, _pack, b.const, activations=acts)
     for node in list(graph):
         if node.domain != "" or node.op_type not in ("MatMul", "Gather"):
             continue

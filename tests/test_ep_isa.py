@@ -156,4 +156,4 @@ def test_isa_report_in_process(lib_path):
     assert r.returncode == 0, r.stderr[-2000:]
     # sparse_mlp_blocks: its variants are checked per cap by test_solm_ep_blocks.py (through onnxruntime)
     assert json.loads(r.stdout) == {"selected": "baseline", "cap": "baseline",
-                                    **{f: None for f in FAMILIES + ("sparse_mlp_blocks",)}}
+                                    **{f: None for f in FAMILIES + ("sparse_mlp_blocks", "sparse_mlp_blocks_int8")}}

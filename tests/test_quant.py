@@ -240,6 +240,8 @@ def test_fixed_artifact_mlp_runs_on_blocks_on_solm_ep(tmp_path):
     proto = onnx.load(str(art))
     ops = collections.Counter(n.op_type for n in proto.graph.node)
     assert ops["SparseMLPBlocks"] == 2 and ops["SparseMLP"] == 0
+    assert [a.s for n in proto.graph.node if n.op_type == "SparseMLPBlocks" for a in n.attribute
+            if a.name == "activations"] == [b"int8"] * 2                    # the default: int8 activations
     floats = {i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2}
     assert not [n for n in floats if "mlp" in n and "offset" not in n and "scale" not in n], floats
     need_ep(ep.register(ort))
@@ -258,3 +260,28 @@ def test_fixed_artifact_mlp_runs_on_blocks_on_solm_ep(tmp_path):
     scale = np.abs(want).max()
     assert np.abs(got - want).max() < 0.05 * scale
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 5 / 6
+
+
+@pytest.mark.parametrize("kwargs,want", [({}, "int8"), ({"accuracy_level": 0}, "fp32"),
+                                         ({"mlp_activations": "fp32"}, "fp32"),
+                                         ({"accuracy_level": 0, "mlp_activations": "int8"}, "int8")])
+def test_pack_mlp_writes_the_activations_mode(kwargs, want):
+    """SparseMLP -> SparseMLPBlocks carries activations="int8" under accuracy_level 4 (pack_weights' default, the
+    artifacts' trade) and "fp32" under 0; mlp_activations overrides either."""
+    from solm_compile.passes.pack_weights import pack_weights
+
+    table, inits = WeightTable("test"), []
+    for name, shape in (("wg", (64, 32)), ("wu", (64, 32)), ("wd", (32, 64))):
+        bq = quantize_int4(RNG.standard_normal(shape).astype(np.float32))
+        table.add(bq.dequantize(), bq)
+        inits.append(numpy_helper.from_array(bq.dequantize(), name))
+    node = helper.make_node("SparseMLP", ["x", "wg", "", "wu", "", "wd", "", "rho", "bits"], ["y"],
+                            domain="ai.solm", act="silu")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                                            for n in ("x", "rho", "bits")],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                                  helper.make_opsetid("ai.solm", 1)]))
+    pack_weights(model, table, **kwargs)
+    (blocks,) = [n for n in model.graph if n.op_type == "SparseMLPBlocks"]
+    assert blocks.attributes["activations"].as_string() == want

@@ -25,7 +25,7 @@ from solm_compile.ops import torch_ops
 from solm_compile.quant.blocks import BlockQuant, quantize_int4, quantize_int8
 from solm_compile.runtime import ep
 from test_ep_isa import host_isa
-from test_solm_ep import F, _close, _close_quantized, _model, _session, lib  # noqa: F401  (lib: the fixture)
+from test_solm_ep import RTOL, F, _close, _close_quantized, _model, _session, lib  # noqa: F401  (lib: the fixture)
 
 U8 = 2  # TensorProto.UINT8
 
@@ -48,8 +48,11 @@ def make_weights(rng, kind: str, D: int, I: int, gated: bool) -> dict[str, Block
     return out
 
 
-def blocks_model(w: dict[str, BlockQuant], act: str, biases: dict[str, np.ndarray] | None = None):
+def blocks_model(w: dict[str, BlockQuant], act: str, biases: dict[str, np.ndarray] | None = None,
+                 activations: str | None = None):
     inits, ins, attrs = [], [("x", F)], {"act": act, "block_size": 32}
+    if activations is not None:                 # absent: SolmEP's default, fp32
+        attrs["activations"] = activations
     biases = biases or {}
     for part in ("gate", "up", "down"):
         bq = w.get(part)
@@ -68,7 +71,7 @@ def blocks_model(w: dict[str, BlockQuant], act: str, biases: dict[str, np.ndarra
     return _model("SparseMLPBlocks", ins, ["y"], attrs, inits)
 
 
-def reference(w, x, rho, bits, act, biases=None):
+def reference(w, x, rho, bits, act, biases=None, activations="fp32"):
     biases = biases or {}
     t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))
     args = []
@@ -77,7 +80,7 @@ def reference(w, x, rho, bits, act, biases=None):
         args += [None] * 3 if bq is None else [t(_pack(bq.codes, bq.bits)), t(bq.scale), t(bq.offset)]
         args.append(t(biases.get(part)))
     bits_kw = [w[p].bits if p in w else 4 for p in ("gate", "up", "down")]
-    return ref.sparse_mlp_blocks_ref(t(x), *args, t(rho), t(bits), act, *bits_kw, 32).numpy()
+    return ref.sparse_mlp_blocks_ref(t(x), *args, t(rho), t(bits), act, *bits_kw, 32, activations).numpy()
 
 
 def test_reference_is_sparse_mlp_on_the_dequantised_weights():
@@ -154,24 +157,149 @@ import test_solm_ep_blocks as t
 from solm_compile.runtime import ep
 assert ep.register(ort, path=sys.argv[1])
 rng = np.random.default_rng(1)
-for kind, T in [("q4_1", 1), ("int8", 1), ("int4", 20)]:
+for kind, T in [("q4_1", 1), ("int8", 1), ("int4", 20), ("q4_1", 33)]:
     w = t.make_weights(rng, kind, 64, 96, True)
     x = rng.standard_normal((2, T, 64), dtype=np.float32)
     r, b = np.array([1.0, 0.5], np.float32), np.full(2, 16.0, np.float32)
-    got = t._session(t.blocks_model(w, "silu")).run(None, {"x": x, "rho": r, "bits": b})[0]
-    t._close(got, t.reference(w, x, r, b, "silu"))
+    for acts in ("fp32", "int8"):
+        got = t._session(t.blocks_model(w, "silu", activations=acts)).run(None, {"x": x, "rho": r, "bits": b})[0]
+        want = t.reference(w, x, r, b, "silu", activations=acts)
+        if acts == "int8":
+            t.close_int8(got, want, w, x, r, "silu")
+        else:
+            t._close(got, want)
 print("REPORT " + json.dumps(ep.isa_report(sys.argv[1])))
 """
 
 
-@pytest.mark.parametrize("cap", ["baseline", "x86-64-v3", "x86-64-v4"])
+def _host_vnni() -> bool:
+    try:
+        return "avx512_vnni" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("cap", ["baseline", "x86-64-v3", "x86-64-v4", "x86-64-v4-vnni"])
 def test_every_isa_variant(lib, cap):
-    rank = {"baseline": 0, "x86-64-v3": 1, "x86-64-v4": 2}
+    """Both activation modes under each cap; the int8 path has one more variant, x86-64-v4-vnni (AVX512_VNNI), which
+    the cap x86-64-v4 turns off."""
+    rank = {"baseline": 0, "x86-64-v3": 1, "x86-64-v4": 2, "x86-64-v4-vnni": 2}
     if rank[cap] > rank[host_isa()]:
         pytest.skip(f"this CPU runs at most {host_isa()}")
+    if cap.endswith("vnni") and not _host_vnni():
+        pytest.skip("this CPU has no AVX512_VNNI")
     env = {**os.environ, "SOLM_EP_ISA": cap}
     r = subprocess.run([sys.executable, "-c", _SCRIPT, str(ep._registered), str(Path(__file__).parent)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.split("REPORT ", 1)[1])
-    assert report["sparse_mlp_blocks"] == cap and report["selected"] == cap
+    level = cap.removesuffix("-vnni")
+    assert report["sparse_mlp_blocks"] == level and report["selected"] == level
+    assert report["sparse_mlp_blocks_int8"] == cap
+
+
+# ---------------------------------------------------------------------------------------------- int8 activations
+# activations="int8" (llama.cpp's Q4_1 x Q8_1): x and h quantised per block of 32 (d = max|x|/127, round half to
+# even), integer dot products with the codes, the offset term on the fp32 block sums. The reference models that
+# exactly (reference.quantize_blocks_ref / linear_blocks_int8_ref), so the kernel differs from it only by the order
+# of its float32 sums: RTOL of max|y|, and, through that order, h: an h element within float noise of a rounding
+# boundary (x·(1/d) = k + ½) may round to the other side, which moves y_n by |scale·code|·d_h of that element. The
+# check allows FLIPS such steps per output on top of RTOL (the x side has no such slack: x and its top-k are exact).
+FLIPS = 2
+
+
+def hidden_ref(w, x_row, rho, act, biases=None):
+    """The reference's h of one token (int8 mode): for the size of one int8 step of h."""
+    t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+    biases = biases or {}
+    xt = ref.topk_channels_ref(t(x_row), rho)
+    lin = lambda p: ref.linear_blocks_int8_ref(xt, t(_pack(w[p].codes, w[p].bits)), t(w[p].scale), t(w[p].offset),
+                                               w[p].bits, t(biases.get(p)))
+    fn = ref.ACTIVATIONS[act]
+    return (fn(lin("gate")) * lin("up") if "gate" in w else fn(lin("up"))).numpy()
+
+
+def close_int8(got, want, w, x, rho, act, biases=None, step=None):
+    """got == want (both int8 mode) up to RTOL and FLIPS h-rounding steps per row; ``step`` [B]: a fake-quantisation
+    step of the output that an element may also cross."""
+    dn = w["down"]
+    wmax = float(np.abs(dn.codes * dn.scale[..., None]).max())          # max |scale·code| of down
+    for b, t in np.ndindex(*got.shape[:2]):
+        hmax = float(np.abs(hidden_ref(w, x[b, t], float(rho[b]), act, biases)).max())
+        tol = RTOL * max(1.0, float(np.abs(want).max())) + FLIPS * wmax * hmax / 127
+        tol += 0.0 if step is None else float(step[b]) * 1.001
+        err = np.abs(got[b, t] - want[b, t]).max()
+        assert err <= tol, f"token {(b, t)}: {err} > {tol}"
+
+
+def test_int8_quantizer_rounds_half_to_even():
+    """d = max|x|/127; x·(1/d) on a tie rounds to the even integer; an all-zero block is zeros with d = 0."""
+    x = np.zeros(64, np.float32)
+    x[:6] = [127.0, 2.5, 3.5, -2.5, -0.5, 1.4999999]       # d = 1 exactly: the products are the values
+    q, d, s = ref.quantize_blocks_ref(torch.from_numpy(x))
+    assert d.tolist() == [1.0, 0.0] and s[0].item() == pytest.approx(x[:32].sum())
+    assert q[0, :6].tolist() == [127, 2, 4, -2, 0, 1] and not q[1].any()
+
+
+@pytest.mark.parametrize("kind,gated,act,T,rho", CASES)
+def test_int8_blocks_match_reference(lib, kind, gated, act, T, rho):
+    """Against the int8 reference (tight, see above) and, looser, against the fp32 reference on the dequantised
+    weights. The expected error of int8 activations: each value is off by up to 1/254 of its block's max|x| (rms
+    1/440 of it), ~0.5 % of a layer's output for Gaussian x, more for h (a product of two layers, heavier-tailed
+    blocks) and compounded over the two layers: in these cases rms 1.3-3 % of rms y, at most 3.4 % of max|y| per
+    element (the same trade as MatMulNBits accuracy_level 4). The check allows 6 % of max|y|."""
+    rng = np.random.default_rng(len(kind) * 100 + T)
+    D, I, B = 96, 160, 2
+    w = make_weights(rng, kind, D, I, gated)
+    biases = {} if gated else {"up": rng.standard_normal(I).astype(np.float32),
+                               "down": rng.standard_normal(D).astype(np.float32)}
+    x = rng.standard_normal((B, T, D), dtype=np.float32)
+    r = np.array(rho, np.float32)
+    sess = _session(blocks_model(w, act, biases, activations="int8"))
+    for bits in ([16.0, 16.0], [8.0, 16.0]):
+        b = np.array(bits, np.float32)
+        got = sess.run(None, {"x": x, "rho": r, "bits": b})[0]
+        want = reference(w, x, r, b, act, biases, activations="int8")
+        step = None
+        if bits[0] < 16:
+            unq = reference(w, x, r, np.full(B, 16.0, np.float32), act, biases, activations="int8")
+            step = np.abs(unq).reshape(B, -1).max(1) / np.where(b < 16, 2 ** (b - 1) - 1, np.inf)
+        close_int8(got, want, w, x, r, act, biases, step)
+        fp = reference(w, x, r, b, act, biases)
+        assert np.abs(got - fp).max() <= 0.06 * np.abs(fp).max() + (0 if step is None else step.max())
+
+
+def test_int8_tokens_are_independent_of_the_batch(lib):
+    """T > 1 (the multi-token kernel: codes loaded once per tile) gives each token exactly what T = 1 gives it."""
+    rng = np.random.default_rng(9)
+    for kind in ("q4_1", "int8"):
+        w = make_weights(rng, kind, 64, 96, True)
+        x = rng.standard_normal((1, 6, 64), dtype=np.float32)
+        r, b = np.array([0.6], np.float32), np.array([16.0], np.float32)
+        sess = _session(blocks_model(w, "silu", activations="int8"))
+        many = sess.run(None, {"x": x, "rho": r, "bits": b})[0]
+        for t in range(6):
+            one = sess.run(None, {"x": x[:, t:t + 1], "rho": r, "bits": b})[0]
+            np.testing.assert_array_equal(one[0, 0], many[0, t])
+
+
+def test_int8_zero_blocks_are_skipped(lib):
+    """As test_zero_blocks_are_skipped_exactly, in int8 mode: the NaN-scaled block columns are never read."""
+    rng = np.random.default_rng(5)
+    D, I = 128, 64
+    w = make_weights(rng, "q4_1", D, I, True)
+    x = rng.standard_normal((1, 1, D), dtype=np.float32) * 0.01
+    x[0, 0, 40:50] = np.arange(1, 11)
+    for p in ("gate", "up"):
+        w[p].scale[:, [0, 2, 3]] = np.nan
+    r, b = np.array([10 / D], np.float32), np.array([16.0], np.float32)
+    got = _session(blocks_model(w, "silu", activations="int8")).run(None, {"x": x, "rho": r, "bits": b})[0]
+    for p in ("gate", "up"):
+        w[p].scale[:, [0, 2, 3]] = 0.0
+    close_int8(got, reference(w, x, r, b, "silu", activations="int8"), w, x, r, "silu")
+
+
+def test_bad_activations_attribute_is_refused(lib):
+    rng = np.random.default_rng(0)
+    with pytest.raises(Exception, match=r"activations must be fp32 \| int8"):
+        _session(blocks_model(make_weights(rng, "int4", 64, 32, True), "silu", activations="int4"))

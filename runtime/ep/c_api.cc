@@ -90,7 +90,8 @@ SOLM_EXPORT const char* solm_ep_isa_report() {
          ", \"decode_attention\": " + str(solm::LastIsa(solm::kIsaDecode)) +
          ", \"prefill_attention\": " + str(solm::LastIsa(solm::kIsaPrefill)) +
          ", \"sparse_mlp\": " + str(solm::LastIsa(solm::kIsaMlp)) +
-         ", \"sparse_mlp_blocks\": " + str(solm::LastIsa(solm::kIsaMlpBlocks)) + "}";
+         ", \"sparse_mlp_blocks\": " + str(solm::LastIsa(solm::kIsaMlpBlocks)) +
+         ", \"sparse_mlp_blocks_int8\": " + str(solm::LastIsa(solm::kIsaMlpBlocksInt8)) + "}";
   return json.c_str();
 }
 

@@ -163,7 +163,11 @@ const char* MlpKernelIsa();
 // (AVX-512) and dispatched once per process through one table per family, picked by IsaLevel (kernels_util.h: the
 // CPU, capped by SOLM_EP_ISA=baseline|x86-64-v3|x86-64-v4). Each call records the variant it ran, per family, so a
 // test can check that the cap was honoured (c_api.cc: solm_ep_isa_report).
-enum IsaFamily { kIsaDecode = 0, kIsaPrefill = 1, kIsaMlp = 2, kIsaMlpBlocks = 3, kIsaFamilies = 4 };
+// kIsaMlpBlocksInt8: SparseMLPBlocks' int8-activation path, which also has an "x86-64-v4-vnni" variant (AVX512_VNNI
+// vpdpbusd; picked when the CPU has it and SOLM_EP_ISA is unset or x86-64-v4-vnni: x86-64-v4 alone excludes VNNI).
+enum IsaFamily {
+  kIsaDecode = 0, kIsaPrefill = 1, kIsaMlp = 2, kIsaMlpBlocks = 3, kIsaMlpBlocksInt8 = 4, kIsaFamilies = 5
+};
 void NoteIsa(IsaFamily family, const char* isa);
 // The variant `family` last ran in this process, or nullptr if it has not run.
 const char* LastIsa(IsaFamily family);
@@ -182,16 +186,22 @@ struct BlockMatrix {
   static constexpr int64_t kRows = 16;
   int64_t N = 0, K = 0, nb = 0, Np = 0;  // Np: N rounded up to kRows (padding rows have zero scale and offset)
   int bits = 4;                          // 4 (two codes a byte) or 8
+  bool int8_layout = false;              // 4 bits, the int8-activation path's nibble order (kernels_mlp_blocks.cc)
   std::vector<uint8_t> codes;            // [nb, Np/kRows, GroupBytes()]
   std::vector<float> scale, offset;      // [nb, Np]
   int64_t GroupBytes() const { return kBlock * bits / 8 * kRows; }
   // From the op's operands: codes [N, K/32, 32·bits/8] (4 bits: input 2j low nibble, 2j+1 high), scale/offset
-  // [N, K/32].
-  void Set(const uint8_t* codes, const float* scale, const float* offset, int64_t N, int64_t K, int bits);
+  // [N, K/32]. int8_layout: see the member.
+  void Set(const uint8_t* codes, const float* scale, const float* offset, int64_t N, int64_t K, int bits,
+           bool int8_layout = false);
 };
 
 struct MlpBlockWeights {
   bool gated = false;
+  // Activations: false = fp32 (exact: Σ x·w in fp32); true = int8 per block of 32 (the op's activations="int8",
+  // reference.sparse_mlp_blocks_ref: x and h quantised per block, sx = max|x|/127, round half to even; integer dot
+  // products with the codes, the offset term on the fp32 block sums). Set before the matrices (their layout).
+  bool int8 = false;
   BlockMatrix gate, up, down;               // gate/up [I, D], down [Dout, I]
   std::vector<float> b_gate, b_up, b_down;  // empty when absent
 };
@@ -199,10 +209,14 @@ struct MlpBlockWeights {
 struct MlpBlockScratch {
   std::vector<float> xs, xsum, h, hsum, y;
   std::vector<uint8_t> xnz, hnz;
+  std::vector<int8_t> xq, hq;  // int8 activations: the quantised x and h, [N, D] / [N, I]
+  std::vector<float> xd, hd;   // and their per-block scales, [N, D/32] / [N, I/32]
 };
 
-// The variant the block kernels run here ("x86-64-v4", "x86-64-v3" or "baseline").
+// The variant the block kernels run here ("x86-64-v4", "x86-64-v3" or "baseline"); the int8-activation kernels'
+// (the same, or "x86-64-v4-vnni").
 const char* MlpBlocksKernelIsa();
+const char* MlpBlocksInt8KernelIsa();
 
 // x [B,T,D], rho/bits [B], y [B,T,Dout]: SparseMlp's semantics on the dequantised weights (D and I multiples of 32).
 void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights& w, const float* rho,

@@ -8,6 +8,9 @@
 // a skipped block column (all 32 inputs zero now; whole structured blocks in issue 17) costs no byte read at all.
 // scale/offset are [nb, Np] (block-column-major too).
 //
+// With int8 activations (MlpBlockWeights::int8) the 4-bit words are re-paired (int8_layout) and the int8 kernels of
+// kernels_mlp_blocks_int8.cc run instead; see there.
+//
 // Arithmetic. Per row and block the kernel sums s = Σ_k x_k·code_k in fp32 and adds scale·s + offset·Σ_k x_k: the
 // same value as Σ_k x_k·(scale·code_k + offset) (the reference's dequantised dot product) up to fp32 rounding, with
 // activations kept fp32 throughout (no activation quantisation, unlike MatMulNBits' accuracy_level 4).
@@ -16,8 +19,10 @@
 namespace solm {
 
 void BlockMatrix::Set(const uint8_t* src, const float* scale_, const float* offset_, int64_t N_, int64_t K_,
-                      int bits_) {
+                      int bits_, bool int8_layout_) {
   N = N_, K = K_, bits = bits_, nb = K / kBlock, Np = (N + kRows - 1) / kRows * kRows;
+  int8_layout = int8_layout_ && bits == 4;
+  uint8_t sb8[kBlock / 2];  // int8_layout: a row's block re-paired, byte 4j+i = input 8j+i (low) | 8j+4+i (high)
   const int64_t gb = GroupBytes(), src_row = nb * kBlock * bits / 8;
   codes.assign(static_cast<size_t>(nb * Np / kRows * gb), 0);
   scale.assign(static_cast<size_t>(nb * Np), 0.f);
@@ -27,6 +32,13 @@ void BlockMatrix::Set(const uint8_t* src, const float* scale_, const float* offs
     for (int64_t b = 0; b < nb; ++b) {
       uint8_t* g = codes.data() + (b * (Np / kRows) + n / kRows) * gb;
       const uint8_t* sb = s + b * kBlock * bits / 8;
+      if (int8_layout) {
+        auto code = [&](int64_t k) { return (sb[k / 2] >> (4 * (k % 2))) & 15; };
+        for (int64_t j = 0; j < kBlock / 8; ++j)
+          for (int64_t i = 0; i < 4; ++i)
+            sb8[4 * j + i] = static_cast<uint8_t>(code(8 * j + i) | code(8 * j + 4 + i) << 4);
+        sb = sb8;
+      }
       for (int64_t j = 0; j < kBlock * bits / 32; ++j) std::memcpy(g + j * kRows * 4 + n % kRows * 4, sb + 4 * j, 4);
       scale[b * Np + n] = scale_[n * nb + b];
       offset[b * Np + n] = offset_[n * nb + b];
@@ -244,6 +256,18 @@ void Apply(const BlockKernels& K, const BlockMatrix& W, const float* x, const fl
   else K.gemm(W, in, nt, g0, g1, y, ys);
 }
 
+// The same with int8 activations: q [.., K], d/xsum/nz [.., nb].
+void ApplyQ(const BlockInt8Kernels& K, const BlockMatrix& W, const int8_t* q, const float* d, const float* xsum,
+            const uint8_t* nz, int64_t n0, int64_t nt, int64_t g0, int64_t g1, float* y, int64_t ys) {
+  BlockQIn in[kTokTile];
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t n = n0 + t;
+    in[t] = BlockQIn{q + n * W.K, d + n * W.nb, xsum + n * W.nb, nz + n * W.nb};
+  }
+  if (nt == 1) K.gemv(W, in[0], g0, g1, y);
+  else K.gemm(W, in, nt, g0, g1, y, ys);
+}
+
 }  // namespace
 
 const char* MlpBlocksKernelIsa() { return Blocks().isa; }
@@ -255,7 +279,10 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
   const int64_t N = B * T, D = W.up.K, I = W.up.N, Dout = W.down.N;
   if (N == 0) return;
   const BlockKernels& K = Blocks();
-  NoteIsa(kIsaMlpBlocks, K.isa);
+  const BlockInt8Kernels& KQ = BlocksInt8();
+  const bool q8 = W.int8;
+  if (q8) NoteIsa(kIsaMlpBlocksInt8, KQ.isa);
+  else NoteIsa(kIsaMlpBlocks, K.isa);
   const int64_t nbD = D / BlockMatrix::kBlock, nbI = I / BlockMatrix::kBlock, Ip = W.up.Np, Dp = W.down.Np;
   float* xs = Grow(sc.xs, static_cast<size_t>(N * D));
   float* xsum = Grow(sc.xsum, static_cast<size_t>(N * nbD));
@@ -264,6 +291,10 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
   float* hsum = Grow(sc.hsum, static_cast<size_t>(N * nbI));
   uint8_t* hnz = Grow(sc.hnz, static_cast<size_t>(N * nbI));
   float* yp = Grow(sc.y, static_cast<size_t>(N * Dp));
+  int8_t* xq = q8 ? Grow(sc.xq, static_cast<size_t>(N * D)) : nullptr;
+  int8_t* hq = q8 ? Grow(sc.hq, static_cast<size_t>(N * I)) : nullptr;
+  float* xd = q8 ? Grow(sc.xd, static_cast<size_t>(N * nbD)) : nullptr;
+  float* hd = q8 ? Grow(sc.hd, static_cast<size_t>(N * nbI)) : nullptr;
   st.mlp_in_rows_dense.fetch_add(static_cast<uint64_t>(N * D), std::memory_order_relaxed);
   st.mlp_down_rows_dense.fetch_add(static_cast<uint64_t>(N * I), std::memory_order_relaxed);
 
@@ -276,6 +307,8 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
     for (int64_t n = n0; n < n0 + nt; ++n)
       rows += static_cast<uint64_t>(TopK(x + n * D, D, static_cast<double>(rho[n / T]), xs + n * D, tmp));
     BlockSums(xs + n0 * D, nt, D, xsum + n0 * nbD, xnz + n0 * nbD);
+    if (q8)
+      for (int64_t n = n0; n < n0 + nt; ++n) KQ.quant(xs + n * D, nbD, xq + n * D, xd + n * nbD);
     st.mlp_in_rows.fetch_add(rows, std::memory_order_relaxed);
   };
   par.For(static_cast<size_t>(ntile), select);
@@ -289,14 +322,24 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
     const int64_t r0 = g0 * BlockMatrix::kRows, r1 = std::min(g1 * BlockMatrix::kRows, I);
     float* gbuf = Grow(ThreadScratch().f1, static_cast<size_t>(kTokTile * Ip));
     // up rows go straight to h (each token's row of h at stride Ip); gate rows to gbuf at the same offsets
-    Apply(K, W.up, xs, xsum, xnz, n0, nt, g0, g1, h + n0 * Ip, Ip);
-    if (W.gated) Apply(K, W.gate, xs, xsum, xnz, n0, nt, g0, g1, gbuf, Ip);
+    if (q8) {
+      ApplyQ(KQ, W.up, xq, xd, xsum, xnz, n0, nt, g0, g1, h + n0 * Ip, Ip);
+      if (W.gated) ApplyQ(KQ, W.gate, xq, xd, xsum, xnz, n0, nt, g0, g1, gbuf, Ip);
+    } else {
+      Apply(K, W.up, xs, xsum, xnz, n0, nt, g0, g1, h + n0 * Ip, Ip);
+      if (W.gated) Apply(K, W.gate, xs, xsum, xnz, n0, nt, g0, g1, gbuf, Ip);
+    }
     for (int64_t t = 0; t < nt; ++t) {
       float* hr = h + (n0 + t) * Ip;
       const float* gr = gbuf + t * Ip;
       for (int64_t i = r0; i < r1; ++i) {
         const float u = hr[i] + (W.b_up.empty() ? 0.f : W.b_up[i]);
         hr[i] = W.gated ? Activate(act, gr[i] + (W.b_gate.empty() ? 0.f : W.b_gate[i])) * u : Activate(act, u);
+      }
+      if (q8) {  // these rows' blocks of h (r0 and r1 are multiples of 32): sums and int8, for down
+        const int64_t n = n0 + t, b0 = r0 / BlockMatrix::kBlock;
+        BlockSums(hr + r0, 1, r1 - r0, hsum + n * nbI + b0, hnz + n * nbI + b0);
+        KQ.quant(hr + r0, (r1 - r0) / BlockMatrix::kBlock, hq + n * I + r0, hd + n * nbI + b0);
       }
     }
   };
@@ -307,7 +350,7 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
     const int64_t n0 = static_cast<int64_t>(it) * kTokTile, nt = std::min(kTokTile, N - n0);
     for (int64_t n = n0; n < n0 + nt; ++n) BlockSums(h + n * Ip, 1, I, hsum + n * nbI, hnz + n * nbI);
   };
-  par.For(static_cast<size_t>(ntile), hsums);
+  if (!q8) par.For(static_cast<size_t>(ntile), hsums);
   uint64_t hnonzero = 0;
   for (int64_t i = 0; i < N * nbI; ++i) hnonzero += hnz[i];
   st.mlp_down_rows.fetch_add(hnonzero * BlockMatrix::kBlock, std::memory_order_relaxed);
@@ -318,10 +361,14 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
     const int64_t c = static_cast<int64_t>(it) % chunksD, n0 = static_cast<int64_t>(it) / chunksD * kTokTile;
     const int64_t nt = std::min(kTokTile, N - n0);
     const int64_t g0 = c * kChunkGroups, g1 = std::min(g0 + kChunkGroups, Dp / BlockMatrix::kRows);
-    BlockIn in[kTokTile];
-    for (int64_t t = 0; t < nt; ++t) in[t] = BlockIn{h + (n0 + t) * Ip, hsum + (n0 + t) * nbI, hnz + (n0 + t) * nbI};
-    if (nt == 1) K.gemv(W.down, in[0], g0, g1, yp + n0 * Dp);
-    else K.gemm(W.down, in, nt, g0, g1, yp + n0 * Dp, Dp);
+    if (q8) {
+      ApplyQ(KQ, W.down, hq, hd, hsum, hnz, n0, nt, g0, g1, yp + n0 * Dp, Dp);
+    } else {
+      BlockIn in[kTokTile];
+      for (int64_t t = 0; t < nt; ++t) in[t] = BlockIn{h + (n0 + t) * Ip, hsum + (n0 + t) * nbI, hnz + (n0 + t) * nbI};
+      if (nt == 1) K.gemv(W.down, in[0], g0, g1, yp + n0 * Dp);
+      else K.gemm(W.down, in, nt, g0, g1, yp + n0 * Dp, Dp);
+    }
     const int64_t r0 = g0 * BlockMatrix::kRows, r1 = std::min(g1 * BlockMatrix::kRows, Dout);
     for (int64_t t = 0; t < nt; ++t)
       for (int64_t j = r0; j < r1; ++j)

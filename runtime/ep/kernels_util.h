@@ -177,6 +177,20 @@ inline int IsaLevel() {
 
 inline const char* IsaName(int level) { return level == 4 ? "x86-64-v4" : level == 3 ? "x86-64-v3" : "baseline"; }
 
+// AVX512_VNNI on top of x86-64-v4, used only by SparseMLPBlocks' int8-activation kernels (vpdpbusd): the CPU has it
+// and SOLM_EP_ISA does not say plain x86-64-v4 (that level has no VNNI; "x86-64-v4-vnni" or no cap allows it).
+inline bool IsaVnni() {
+  static const bool vnni = [] {
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(SOLM_NO_CLONES)
+    const char* cap = std::getenv("SOLM_EP_ISA");
+    return IsaLevel() == 4 && !(cap && std::string(cap) == "x86-64-v4") && __builtin_cpu_supports("avx512vnni");
+#else
+    return false;
+#endif
+  }();
+  return vnni;
+}
+
 // Thread-local temporaries for one work item (grown on demand, reused across calls).
 struct Tls {
   std::vector<float> f0, f1;
@@ -233,6 +247,28 @@ struct PanelKernels {
 };
 // Picked once per process from the CPU (IsaLevel).
 const PanelKernels& Panel();
+
+// SparseMLPBlocks' int8-activation kernels (kernels_mlp_blocks_int8.cc), on BlockMatrix with int8_layout.
+// quant: one token's nb blocks of 32 values x -> q (int8) and d (scale): d = max|x|/127, q = round-half-even(x·(1/d))
+// (0 where d = 0). gemv/gemm: y rows [g0*16, g1*16) = W·x (one token; nt tokens at y + t*ys), per block and row
+// scale·(d·Σ code·q) + offset·xsum, a block whose nz is 0 skipped. Both give a token bit-identical results.
+struct BlockQIn {
+  const int8_t* q;     // [K]
+  const float* d;      // [nb]
+  const float* xsum;   // [nb], of the fp32 values
+  const uint8_t* nz;   // [nb]
+};
+using QuantFn = void (*)(const float* x, int64_t nb, int8_t* q, float* d);
+using QGemvFn = void (*)(const BlockMatrix&, const BlockQIn&, int64_t, int64_t, float*);
+using QGemmFn = void (*)(const BlockMatrix&, const BlockQIn*, int64_t, int64_t, int64_t, float*, int64_t);
+struct BlockInt8Kernels {
+  QuantFn quant;
+  QGemvFn gemv;
+  QGemmFn gemm;
+  const char* isa;
+};
+// Picked once per process (IsaLevel, IsaVnni).
+const BlockInt8Kernels& BlocksInt8();
 
 // The multi-token (T > 1) path of QuestAttention (kernels_attention_prefill.cc): dense attention under the mask
 // (and is_causal), blocked like flash attention. Shapes as QuestAttention's; kappa plays no part.

@@ -176,7 +176,8 @@ void MlpBlocksKernel::SetWeights(const TensorRef* t) {
     if (s.shape != Shape{N, nb} || o.shape != Shape{N, nb})
       Fail("SolmEP: SparseMLPBlocks scale/offset of " + w + " must be [" + std::to_string(N) + "," +
            std::to_string(nb) + "]");
-    m.Set(static_cast<const uint8_t*>(c.data), s.f(), o.f(), N, nb * solm::BlockMatrix::kBlock, bits);
+    m.Set(static_cast<const uint8_t*>(c.data), s.f(), o.f(), N, nb * solm::BlockMatrix::kBlock, bits,
+          weights.int8);
   };
   auto bias = [&](const TensorRef& b, int64_t n, const char* what, std::vector<float>& into) {
     into.clear();

@@ -379,6 +379,11 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
     k->bits_up = static_cast<int>(AttrInt(node, attr("bits_up"), 4));
     k->bits_down = static_cast<int>(AttrInt(node, attr("bits_down"), 4));
     k->block_size = AttrInt(node, attr("block_size"), 32);
+    // Absent: fp32, the exact path (an artifact from before the attribute keeps its meaning).
+    const std::string acts = AttrString(node, attr("activations"), "fp32");
+    if (acts != "fp32" && acts != "int8")
+      Fail("SolmEP: SparseMLPBlocks activations must be fp32 | int8, got '" + acts + "'");
+    k->weights.int8 = acts == "int8";
     // The weights must be constants: they are repacked block-column-major now and not kept as given.
     TensorRef t[12];
     for (size_t j = 0; j < 12; ++j) {

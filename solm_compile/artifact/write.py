@@ -173,21 +173,27 @@ def carry_ep_state(program, kind: str, per_kv_head: bool = False) -> dict:
     return {"page_state": carried.counts["page_state"], "select_per_kv_head": bool(per_kv_head)}
 
 
-def pack_low_bit(program, weights) -> dict:
-    """``passes/pack_weights`` on ``program.model``; returns the metadata saying what each weight is stored as."""
+def pack_low_bit(program, weights, activations: str = "int8") -> dict:
+    """``passes/pack_weights`` on ``program.model``; returns the metadata saying what each weight is stored as.
+    ``activations``: "int8" (MatMulNBits accuracy_level 4, SparseMLPBlocks activations="int8": int8 activations per
+    block, llama.cpp's trade) or "fp32" (accuracy_level 0 and activations="fp32": exact up to float rounding)."""
     from solm_compile.passes.pack_weights import pack_weights
 
     if weights is None:
         return {"weights": "fp32", "formats": {}}
-    packed = pack_weights(program.model, weights)
+    if activations not in ("int8", "fp32"):
+        raise UserError(f"activations must be int8 or fp32, got {activations!r}")
+    packed = pack_weights(program.model, weights, accuracy_level=4 if activations == "int8" else 0,
+                          mlp_activations=activations)
     log.debug("pack_weights: %s (skipped: %s)", dict(packed.counts), packed.skipped)
-    return {**weights.to_dict(), "packed": dict(sorted(packed.counts.items()))}
+    return {**weights.to_dict(), "packed": dict(sorted(packed.counts.items())), "activations": activations}
 
 
 def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=None, tokenizer=None,
-                   per_kv_head: bool = False, weights=None) -> Path:
+                   per_kv_head: bool = False, weights=None, activations: str = "int8") -> Path:
     """Export, attach metadata, write ``out`` (and the tokenizer beside it) atomically. ``weights``: the loaded
-    model's ``WeightTable`` (``--weights``): the weights it knows are stored as their low-bit blocks."""
+    model's ``WeightTable`` (``--weights``): the weights it knows are stored as their low-bit blocks, their layers
+    computed with ``activations`` (``pack_low_bit``: "int8" per block, or "fp32")."""
     import onnx
 
     if kind not in KINDS:
@@ -208,7 +214,7 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
         from solm_compile.artifact.dense import fuse_dense_attention
 
         ep_meta["dense_attention"] = fuse_dense_attention(program)
-    ep_meta["weights"] = pack_low_bit(program, weights)
+    ep_meta["weights"] = pack_low_bit(program, weights, activations)
     tok_name = None
     if tokenizer is not None:
         tok_name = out.name.split(".")[0] + ".tokenizer.json"

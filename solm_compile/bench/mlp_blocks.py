@@ -1,6 +1,8 @@
 """Per-token decode time of one MLP (SmolLM2: 576 -> 1536 -> 576, gated SiLU), one thread: SolmEP's fp32 SparseMLP,
-SolmEP's SparseMLPBlocks (Q4_1-style and int8 blocks), and stock onnxruntime's MatMulNBits (accuracy_level 4) x 3
-with the activation between them. ``python -m solm_compile.bench.mlp_blocks [--reps N]``; prints a markdown table.
+SolmEP's SparseMLPBlocks (Q4_1-style and int8 blocks; activations fp32 and int8), and stock onnxruntime's
+MatMulNBits (accuracy_level 4) x 3 with the activation between them. ``python -m solm_compile.bench.mlp_blocks
+[--reps N] [--rounds R]``: R interleaved rounds (every path once per round, N calls each), the median per path of
+the rounds' µs per call; prints a markdown table.
 """
 
 from __future__ import annotations
@@ -43,14 +45,15 @@ def fp32_model(w):
                   ("ai.solm",))
 
 
-def blocks_model(w):
+def blocks_model(w, activations="fp32"):
     names, inits = ["x"], []
     for k in ("wg", "wu", "wd"):
         bq = w[k]
         inits += [(f"{k}.q", _pack(bq.codes, bq.bits)), (f"{k}.s", bq.scale), (f"{k}.m", bq.offset)]
         names += [f"{k}.q", f"{k}.s", f"{k}.m", ""]
     node = helper.make_node("SparseMLPBlocks", names + ["rho", "bits"], ["y"], domain="ai.solm", act="silu",
-                            bits_gate=w["wg"].bits, bits_up=w["wu"].bits, bits_down=w["wd"].bits, block_size=32)
+                            bits_gate=w["wg"].bits, bits_up=w["wu"].bits, bits_down=w["wd"].bits, block_size=32,
+                            activations=activations)
     return _model([node], ["x", "rho", "bits"], inits, ("ai.solm",))
 
 
@@ -72,15 +75,10 @@ def matmulnbits_model(w, accuracy_level=4):
 
 
 def _time(sess, feeds, reps):
-    for _ in range(max(reps // 10, 20)):
+    t = time.perf_counter()
+    for _ in range(reps):
         sess.run(None, feeds)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(reps):
-            sess.run(None, feeds)
-        best = min(best, (time.perf_counter() - t) / reps * 1e6)
-    return best
+    return (time.perf_counter() - t) / reps * 1e6
 
 
 def main(argv=None) -> None:
@@ -88,7 +86,8 @@ def main(argv=None) -> None:
     from solm_compile.runtime import ep
 
     p = argparse.ArgumentParser()
-    p.add_argument("--reps", type=int, default=400)
+    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=15)
     args = p.parse_args(argv)
     ep.register(ort)
     rng = np.random.default_rng(0)
@@ -106,20 +105,26 @@ def main(argv=None) -> None:
         assert sess.get_providers()[0] == "SolmEP", sess.get_providers()
         return sess
 
-    rows = []
+    paths = []   # (name, rho, session, feeds)
     for rho in (1.0, 0.5):
         feeds = {"x": x, "rho": np.array([rho], np.float32), "bits": np.array([16.0], np.float32)}
-        rows.append((f"SolmEP SparseMLP fp32", rho, _time(session(fp32_model(weights["q4_1"]), True), feeds,
-                                                           args.reps)))
+        paths.append(("SolmEP SparseMLP fp32", rho, session(fp32_model(weights["q4_1"]), True), feeds))
         for kind in ("q4_1", "int8"):
-            rows.append((f"SolmEP SparseMLPBlocks {kind}", rho,
-                         _time(session(blocks_model(weights[kind]), True), feeds, args.reps)))
+            for acts in ("fp32", "int8"):
+                paths.append((f"SolmEP SparseMLPBlocks {kind}, activations {acts}", rho,
+                              session(blocks_model(weights[kind], acts), True), feeds))
         for kind in ("q4_1", "int8"):
-            rows.append((f"MatMulNBits acc4 x3 ({'int4' if kind == 'q4_1' else 'int8'}, dense)", rho,
-                         _time(session(matmulnbits_model(weights[kind]), False), {"x": x}, args.reps)))
-    print("| path | ρ | µs / token |\n|---|---|---|")
-    for name, rho, us in rows:
-        print(f"| {name} | {rho} | {us:.1f} |")
+            paths.append((f"MatMulNBits acc4 x3 ({'int4' if kind == 'q4_1' else 'int8'}, dense)", rho,
+                          session(matmulnbits_model(weights[kind]), False), {"x": x}))
+    for _, _, sess, feeds in paths:              # warm up
+        _time(sess, feeds, max(args.reps // 4, 20))
+    times = [[] for _ in paths]
+    for _ in range(args.rounds):
+        for i, (_, _, sess, feeds) in enumerate(paths):
+            times[i].append(_time(sess, feeds, args.reps))
+    print("| path | ρ | µs / token (median) | min |\n|---|---|---|---|")
+    for (name, rho, _, _), ts in zip(paths, times):
+        print(f"| {name} | {rho} | {float(np.median(ts)):.1f} | {min(ts):.1f} |")
 
 
 if __name__ == "__main__":

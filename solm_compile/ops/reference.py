@@ -22,7 +22,10 @@ Semantics (SOL, shared/research/sol_method.md §2, plus solm's forced sinks/wind
 - a query row with no unmasked, kept key (every key masked) outputs zeros, not the NaN of softmax over all −inf;
   dense steps and prefill included.
 - ``sparse_mlp_blocks``: ``sparse_mlp`` on the weights its low-bit blocks dequantise to, w = (scale·code) + offset
-  in float32 (``dequantize_blocks_ref``).
+  in float32 (``dequantize_blocks_ref``). With ``activations="int8"`` each linear layer's input (the top-k masked x,
+  then h) is quantised per block of 32 first (``quantize_blocks_ref``: d = max|x|/127 in fp32, q = round(x·(1/d)),
+  half to even) and y_n = Σ_b scale·(d_b·Σ_i code·q) + offset·Σ_i x_i: integer dot products, the offset term on
+  the unquantised block sums (``linear_blocks_int8_ref``).
 - ``sparse_mlp``: per token keep the ⌈ρ·D⌉ input channels of largest |x| (every channel ≥ the k-th largest),
   zero the rest, run the MLP, then fake-quantise its output per token, symmetric, q_max = 2^(b−1)−1; b ≥ 16 is
   the identity.
@@ -168,10 +171,49 @@ def dequantize_blocks_ref(codes: torch.Tensor, scale: torch.Tensor, offset: torc
     return w.reshape(q.shape[0], -1)
 
 
+def quantize_blocks_ref(x_row: torch.Tensor, block: int = 32):
+    """x [K] float32 -> q [K/block, block] (integers, as float32), d [K/block], block sums [K/block]: d = max|x|/127,
+    q = round(x·(1/d)) half to even (torch.round), 0 where d = 0; every step a float32 operation, as SolmEP does."""
+    xb = x_row.to(torch.float32).reshape(-1, block)
+    d = xb.abs().amax(-1) / 127.0
+    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    return torch.round(xb * inv[:, None]).clamp(-127, 127), d, xb.sum(-1)
+
+
+def linear_blocks_int8_ref(x_row, codes, scale, offset, bits: int, bias=None):
+    """y [N] = Σ_b scale·(d_b·Σ_i code_i·q_i) + offset·Σx_b (+ bias): x quantised per block, the integer sums exact
+    (float64), the rest summed in float64 too (SolmEP sums in float32: the tests' tolerance)."""
+    q, d, xs = quantize_blocks_ref(x_row, x_row.shape[-1] // codes.shape[1])
+    isum = (unpack_codes_ref(codes, bits).to(torch.float64) * q.to(torch.float64)).sum(-1)      # [N, nb]
+    y = (scale.double() * (d.double() * isum) + offset.double() * xs.double()).sum(-1)
+    return (y if bias is None else y + bias.double()).to(torch.float32)
+
+
+def _sparse_mlp_blocks_int8(x, g, u, dn, rho, bits, act):
+    """``sparse_mlp_ref`` with int8 activations; g/u/dn: (codes, scale, offset, bits, bias), g None if not gated."""
+    fn = ACTIVATIONS[act]
+    B, T, _ = x.shape
+    out = torch.empty(B, T, dn[0].shape[0], dtype=torch.float32)
+    for b in range(B):
+        for t in range(T):
+            xt = topk_channels_ref(x[b, t], float(rho[b]))
+            up = linear_blocks_int8_ref(xt, *u)
+            h = fn(linear_blocks_int8_ref(xt, *g)) * up if g is not None else fn(up)
+            out[b, t] = fake_quant_ref(linear_blocks_int8_ref(h, *dn), float(bits[b]))
+    return out
+
+
 def sparse_mlp_blocks_ref(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
                           codes_down, scale_down, offset_down, b_down, rho, bits, act: str, bits_gate: int,
-                          bits_up: int, bits_down: int, block_size: int):
-    """``sparse_mlp_ref`` on the dequantised weights (block_size: the codes' last axis at 8 bits)."""
+                          bits_up: int, bits_down: int, block_size: int, activations: str = "fp32"):
+    """``sparse_mlp_ref`` on the dequantised weights (block_size: the codes' last axis at 8 bits); activations
+    "int8": each layer's input quantised per block (``linear_blocks_int8_ref``)."""
+    if activations == "int8":
+        g = None if codes_gate is None else (codes_gate, scale_gate, offset_gate, bits_gate, b_gate)
+        return _sparse_mlp_blocks_int8(x, g, (codes_up, scale_up, offset_up, bits_up, b_up),
+                                       (codes_down, scale_down, offset_down, bits_down, b_down), rho, bits, act)
+    if activations != "fp32":
+        raise ValueError(f"sparse_mlp_blocks: activations must be fp32 or int8, got {activations!r}")
     wg = None if codes_gate is None else dequantize_blocks_ref(codes_gate, scale_gate, offset_gate, bits_gate)
     wu = dequantize_blocks_ref(codes_up, scale_up, offset_up, bits_up)
     wd = dequantize_blocks_ref(codes_down, scale_down, offset_down, bits_down)

@@ -114,6 +114,10 @@ SPARSE_MLP = OpSig(
 # scale and offset [N, K/block] float32, meaning w = scale·code + offset (quant/blocks.py's BlockQuant). The same
 # semantics as SparseMLP on the dequantised weights. Made by passes/pack_mlp.py from a SparseMLP whose weights the
 # WeightTable knows (never by export: the portable kind's MLP is MatMuls that pack_weights packs itself).
+# ``activations``: "fp32" (the default: the dot products in fp32, exact up to rounding) or "int8" (x and h quantised
+# per block of 32 to int8, d = max|x|/127, round half to even, integer dot products with the codes, the offset term
+# on the fp32 block sums: llama.cpp's Q4_1 x Q8_1, MatMulNBits' accuracy_level 4; ``reference.quantize_blocks_ref``).
+BLOCK_ACTIVATIONS = ("fp32", "int8")
 SPARSE_MLP_BLOCKS = OpSig(
     "sparse_mlp_blocks", "SparseMLPBlocks",
     inputs=(Param("x", "T"),
@@ -124,7 +128,7 @@ SPARSE_MLP_BLOCKS = OpSig(
             Param("b_down", "T", optional=True), Param("rho", "C"), Param("bits", "C")),
     outputs=(Param("y", "T"),),
     attributes=(Attr("act", "string"), Attr("bits_gate", "int"), Attr("bits_up", "int"), Attr("bits_down", "int"),
-                Attr("block_size", "int")),
+                Attr("block_size", "int"), Attr("activations", "string")),
     types=(("T", ("tensor(float)",)), ("Q", ("tensor(uint8)",)), ("C", ("tensor(float)",))),
     from_pass=True)
 

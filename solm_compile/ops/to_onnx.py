@@ -131,12 +131,12 @@ def sparse_mlp_custom(x: TensorType, w_gate: Optional[TensorType], b_gate: Optio
 
 def sparse_mlp_blocks_custom(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
                              codes_down, scale_down, offset_down, b_down, rho, bits, act: str, bits_gate: int,
-                             bits_up: int, bits_down: int, block_size: int):
+                             bits_up: int, bits_down: int, block_size: int, activations: str = "fp32"):
     _check_act(act)
     return _SPARSE_MLP_BLOCKS(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
                               codes_down, scale_down, offset_down, b_down, rho, bits, act=str(act),
                               bits_gate=int(bits_gate), bits_up=int(bits_up), bits_down=int(bits_down),
-                              block_size=int(block_size))
+                              block_size=int(block_size), activations=str(activations))
 
 
 # ---------------------------------------------------------------------------------------------- PORTABLE helpers
@@ -362,7 +362,9 @@ def _dequantize(codes, scale, offset, bits: int):
 
 def sparse_mlp_blocks_portable(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
                                codes_down, scale_down, offset_down, b_down, rho, bits, act: str, bits_gate: int,
-                               bits_up: int, bits_down: int, block_size: int):
+                               bits_up: int, bits_down: int, block_size: int, activations: str = "fp32"):
+    if activations != "fp32":   # never exported (a pass makes the op); int8 has no portable decomposition here
+        raise NotImplementedError("sparse_mlp_blocks: the portable translation has fp32 activations only")
     wg = None if codes_gate is None else _dequantize(codes_gate, scale_gate, offset_gate, bits_gate)
     return sparse_mlp_portable(x, wg, b_gate, _dequantize(codes_up, scale_up, offset_up, bits_up), b_up,
                                _dequantize(codes_down, scale_down, offset_down, bits_down), b_down, rho, bits, act)

@@ -191,7 +191,12 @@ def sparse_mlp_blocks(x: Tensor, codes_gate: Optional[Tensor], scale_gate: Optio
                       offset_gate: Optional[Tensor], b_gate: Optional[Tensor], codes_up: Tensor, scale_up: Tensor,
                       offset_up: Tensor, b_up: Optional[Tensor], codes_down: Tensor, scale_down: Tensor,
                       offset_down: Tensor, b_down: Optional[Tensor], rho: Tensor, bits: Tensor, act: str,
-                      bits_gate: int, bits_up: int, bits_down: int, block_size: int) -> Tensor:
+                      bits_gate: int, bits_up: int, bits_down: int, block_size: int,
+                      activations: str = "fp32") -> Tensor:
+    if activations != "fp32":   # int8 activations: the reference itself (slow, exact)
+        return ref.sparse_mlp_blocks_ref(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up,
+                                         offset_up, b_up, codes_down, scale_down, offset_down, b_down, rho, bits, act,
+                                         bits_gate, bits_up, bits_down, block_size, activations)
     deq = ref.dequantize_blocks_ref
     wg = None if codes_gate is None else deq(codes_gate, scale_gate, offset_gate, bits_gate)
     return sparse_mlp(x, wg, b_gate, deq(codes_up, scale_up, offset_up, bits_up), b_up,
@@ -200,7 +205,7 @@ def sparse_mlp_blocks(x: Tensor, codes_gate: Optional[Tensor], scale_gate: Optio
 
 @sparse_mlp_blocks.register_fake
 def _(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up, codes_down, scale_down,
-      offset_down, b_down, rho, bits, act, bits_gate, bits_up, bits_down, block_size):
+      offset_down, b_down, rho, bits, act, bits_gate, bits_up, bits_down, block_size, activations="fp32"):
     return x.new_empty(x.shape[:-1] + (codes_down.shape[0],))
 
 
