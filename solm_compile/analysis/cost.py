@@ -34,7 +34,7 @@ Terms, per layer unless noted (``n = 2`` gate+up for a GLU MLP, ``1`` for an up-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import sympy as sp
@@ -99,6 +99,15 @@ class ModelShapes:
         return cls(layers=(layer,) * _attr(cfg, "num_hidden_layers", "n_layer"), vocab=cfg.vocab_size, D=D,
                    tied=bool(getattr(cfg, "tie_word_embeddings", gpt2)),
                    final_norm_params=2 * D if gpt2 else D, embed_rows=2 if gpt2 else 1)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (the artifact keeps it as ``solm.cost_shapes``, so a runtime can cost each token)."""
+        return {"layers": [asdict(s) for s in self.layers], "vocab": self.vocab, "D": self.D, "tied": self.tied,
+                "final_norm_params": self.final_norm_params, "embed_rows": self.embed_rows}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelShapes":
+        return cls(**{**d, "layers": tuple(LayerShapes(**s) for s in d["layers"])})
 
 
 def _attr(cfg, *names):
