@@ -2,7 +2,7 @@
 
 A token's compute is the step that processed it (the policy picks the controls for the token it reads): the
 cost model's bytes at that step's KV length L and controls (κ, ρ, bits) over the dense bytes at the same L
-(``analysis.cost.fraction``, the shapes kept in the artifact's ``solm.cost_shapes``). The colour scale runs from
+(``analysis.cost.CostModel``, the shapes kept in the artifact's ``solm.cost_shapes``). The colour scale runs from
 the cheapest action the artifact could take at the longest L of the run (``lo``) to the dense budget (1).
 The rendering itself is ``analysis/shade.py``.
 """
@@ -10,34 +10,26 @@ The rendering itself is ``analysis/shade.py``.
 from __future__ import annotations
 
 import sys
-from functools import lru_cache
 
 from solm_compile.analysis import shade
-from solm_compile.analysis.cost import ModelShapes, fraction
+from solm_compile.analysis.cost import CostModel, ModelShapes
 from solm_compile.config import GateConfig
 from solm_compile.errors import UserError
 
 
 class TokenCost:
-    """Per-token bytes fraction of one artifact (memoised per (L, controls))."""
+    """Per-token bytes fraction of one artifact (``analysis.cost.CostModel``, memoised per (L, controls))."""
 
     def __init__(self, meta: dict, path: str = "the artifact"):
         if "cost_shapes" not in meta:
             raise UserError(f"{path}: compiled before artifacts carried their cost shapes; compile it again "
                             "for per-token costs (--show, --json)")
-        self.shapes = ModelShapes.from_dict(meta["cost_shapes"])
-        self.gate = GateConfig.from_dict(meta.get("gate") or {})
+        self.model = CostModel(ModelShapes.from_dict(meta["cost_shapes"]), GateConfig.from_dict(meta.get("gate") or {}))
         self.meta = meta
-        self._at = lru_cache(maxsize=None)(self._fraction)
-
-    def _fraction(self, L: int, kappa: float, rho: float, bits: float) -> float:
-        return fraction(self.shapes, self.gate, L, kappa, rho, bits)["bytes"]
 
     def __call__(self, L: int, controls) -> float:
         """The fraction at KV length ``L`` and ``controls`` (κ, ρ, bits); None controls: dense (1.0)."""
-        if controls is None:
-            return 1.0
-        return self._at(int(L), *(round(float(c), 6) for c in controls))
+        return 1.0 if controls is None else self.model.fraction(int(L), *controls)[1]
 
     def floor(self, L: int, budget) -> float:
         """The cheapest this artifact can make a token at ``L``: its lowest-cost action (a fixed artifact: the
