@@ -244,8 +244,9 @@ class SolmSession:
 
     def generate(self, prompt: str, max_new_tokens: int = 32, budget=(1.0, 1.0, 16), greedy: bool = True,
                  temperature: float = 1.0, seed: int = 0, on_text: Callable[[str], None] | None = None,
-                 chat: bool | None = None) -> GenerationResult:
-        """Greedy or sampled generation for one prompt; ``on_text`` receives text as it is produced. ``chat``
+                 chat: bool | None = None, on_step: Callable[[dict], None] | None = None) -> GenerationResult:
+        """Greedy or sampled generation for one prompt; ``on_text`` receives text as it is produced, ``on_step``
+        each generated token's step: {token, action, controls (κ, ρ, bits; None if dense), L (KV length)}. ``chat``
         (default: when the artifact carries a chat template) wraps the prompt in the template as a user turn.
         Generation stops at an end-of-sequence token (not included) or after ``max_new_tokens``."""
         if self.tokenizer is None:
@@ -274,6 +275,10 @@ class SolmSession:
             if step["controls"] is not None:
                 actions.append(int(step["action"][0]))
                 controls.append(step["controls"][0])
+            if on_step is not None:
+                on_step({"token": tokens[-1], "L": len(ids) + len(tokens),
+                         "action": None if step["action"] is None else int(step["action"][0]),
+                         "controls": None if step["controls"] is None else [float(c) for c in step["controls"][0]]})
             if on_text is not None:
                 new = self.tokenizer.decode(tokens)
                 on_text(new[len(text):])

@@ -34,10 +34,13 @@ Terms, per layer unless noted (``n = 2`` gate+up for a GLU MLP, ``1`` for an up-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
+from fractions import Fraction
 from functools import lru_cache
 
 import sympy as sp
+from sympy.printing.pycode import PythonCodePrinter
 
 from solm_compile.config import GateConfig
 
@@ -99,6 +102,15 @@ class ModelShapes:
         return cls(layers=(layer,) * _attr(cfg, "num_hidden_layers", "n_layer"), vocab=cfg.vocab_size, D=D,
                    tied=bool(getattr(cfg, "tie_word_embeddings", gpt2)),
                    final_norm_params=2 * D if gpt2 else D, embed_rows=2 if gpt2 else 1)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (the artifact keeps it as ``solm.cost_shapes``, so a runtime can cost each token)."""
+        return {"layers": [asdict(s) for s in self.layers], "vocab": self.vocab, "D": self.D, "tied": self.tied,
+                "final_norm_params": self.final_norm_params, "embed_rows": self.embed_rows}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelShapes":
+        return cls(**{**d, "layers": tuple(LayerShapes(**s) for s in d["layers"])})
 
 
 def _attr(cfg, *names):
@@ -205,3 +217,41 @@ def net_keep(kappa, rho, b):
 def ideal_speedup(shapes: ModelShapes, gate_cfg: GateConfig, L: int, kappa, rho, b=16) -> float:
     """Batch-1 decode is memory-bound, so the ideal speedup is dense bytes / gated bytes."""
     return 1.0 / fraction(shapes, gate_cfg, L, kappa, rho, b)["bytes"]
+
+
+# ---------------------------------------------------------------------------------------------- fast numeric form
+class _FractionPrinter(PythonCodePrinter):
+    def _print_Rational(self, e):
+        return f"Fraction({e.p}, {e.q})"
+
+    def _print_Half(self, e):
+        return "Fraction(1, 2)"
+
+
+def _dec(x) -> Fraction:
+    return Fraction(str(round(float(x), 6)))
+
+
+class CostModel:
+    """:func:`decode_cost` compiled to exact Python arithmetic (Fractions: the same ceilings as ``Cost.at``), for
+    many evaluations (every step of an evaluation, every token of ``solm run --show``); memoised."""
+
+    def __init__(self, shapes: ModelShapes, gate, dtype_bytes: int = 4):
+        c = decode_cost(shapes, gate, dtype_bytes)
+        self._fn = sp.lambdify((L, kappa, rho, b), [c.flops, c.bytes],
+                               modules=[{"Fraction": Fraction, "math": math}, "math"], printer=_FractionPrinter)
+        self._memo: dict = {}
+
+    def fraction(self, L: int, kappa, rho, bits=16) -> tuple[float, float]:
+        """(flops, bytes) at the controls over the dense ones (κ=ρ=1, b=16) at the same L."""
+        key = (int(L), _dec(kappa), _dec(rho), _dec(bits))
+        if key not in self._memo:
+            got = self._fn(key[0], key[1], key[2], key[3])
+            dense = self._fn(key[0], Fraction(1), Fraction(1), Fraction(16))
+            self._memo[key] = (float(Fraction(got[0]) / dense[0]), float(Fraction(got[1]) / dense[1]))
+        return self._memo[key]
+
+    def mean_fraction(self, Ls, controls) -> tuple[float, float]:
+        """Mean (flops, bytes) fraction over steps: ``Ls`` [n] and ``controls`` [n, 3] (tensors or lists)."""
+        fr = [self.fraction(int(L), *(c.tolist() if hasattr(c, "tolist") else c)) for L, c in zip(Ls, controls)]
+        return sum(f for f, _ in fr) / len(fr), sum(y for _, y in fr) / len(fr)

@@ -35,6 +35,7 @@ from solm_compile.policy.step import STATE_NAMES, PolicyStep, episode_length
 from solm_compile.errors import UserError
 from solm_compile.io import atomic_write_bytes
 from solm_compile.frontend.gated import GatedLM
+from solm_compile.analysis.inspect import shapes_from_gated
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ def metadata(lm: GatedLM, kind: str, loaded_policy, tokenizer_file: str | None, 
         "version": __version__, "kind": kind, "model": lm.info.to_dict(), "num_layers": lm.info.num_layers,
         "hidden_size": lm.info.hidden_size, "vocab_size": lm.info.vocab_size, "kv_heads": lm.kv_heads,
         "head_dim": lm.head_dim, "gate": lm.gate.to_dict(), "tokenizer": tokenizer_file, **chat_metadata(tokenizer),
+        "cost_shapes": shapes_from_gated(lm.model).to_dict(),   # what `solm run --show` costs each token with
     }
     if kind == "fixed":
         meta["budget_ranges"] = [[0.05, 1.0], [0.1, 1.0], [2, 16]]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -46,7 +45,11 @@ def add_artifact_parsers(sub, common) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object (per_token: each token's text, "
+                   "action, controls and cost_fraction)")
+    p.add_argument("--show", action="store_true", help="colour each token by the compute it received (bytes read "
+                   "over the dense budget's), then a legend and the per-token sparkline; plain text through a pipe "
+                   "or with NO_COLOR")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(fn=cmd_run)
 
@@ -81,17 +84,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     budget = (args.attn_keep, args.mlp_keep, args.bits)
     if sess.kind != "dense":
         sess.check_budget(budget)
-    stream = None if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     chat = bool(sess.meta.get("chat_template")) if args.chat is None else args.chat
-    if stream and not chat:
+    if args.show or args.json:
+        from solm_compile.cli.show import run_show
+
+        return run_show(sess, args, budget, chat)
+    stream = lambda s: (sys.stdout.write(s), sys.stdout.flush())      # noqa: E731
+    if not chat:
         stream(args.prompt)                         # plain text: the answer continues the prompt
     r = sess.generate(args.prompt, args.max_new_tokens, budget, greedy=args.greedy, temperature=args.temperature,
                       seed=args.seed, on_text=stream, chat=chat)
-    if args.json:
-        print(json.dumps({"text": r.text, "chat": chat, "tokens": r.tokens, "tok_s": r.tok_s, "usage": r.usage,
-                          "actions": r.actions, "kind": sess.kind, "providers": sess.sess.get_providers()}))
-    else:
-        u = r.usage
-        print(f"\n[{len(r.tokens)} tokens, {r.tok_s:.1f} tok/s, {sess.kind} on {sess.sess.get_providers()[0]}; "
-              f"usage attn_keep {u['attn_keep']:.2f} mlp_keep {u['mlp_keep']:.2f} bits {u['bits']:.1f}]")
+    u = r.usage
+    print(f"\n[{len(r.tokens)} tokens, {r.tok_s:.1f} tok/s, {sess.kind} on {sess.sess.get_providers()[0]}; "
+          f"usage attn_keep {u['attn_keep']:.2f} mlp_keep {u['mlp_keep']:.2f} bits {u['bits']:.1f}]")
     return 0

@@ -46,9 +46,9 @@ def add_eval_parser(sub, common) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=default,
                        help=f"{help_} (default {default})")
     p.add_argument("--sweep", action="store_true", help="run every method at 8 budget points from net keep "
-                   "≈0.4 to ≈0.93; writes PREFIX.png (Pareto plot), PREFIX.md and PREFIX.json (needs --out)")
-    p.add_argument("--out", help="output prefix: with --sweep writes PREFIX.png/.md/.json, with --task "
-                   "PREFIX.json/.md (e.g. results/smollm2-sweep)")
+                   "≈0.4 to ≈0.93; writes PREFIX.png (Pareto plot), .md, .json and .html (needs --out)")
+    p.add_argument("--out", help="output prefix: perplexity writes PREFIX.json and PREFIX.html (held-out passages "
+                   "shaded by the policy's per-token compute), --sweep also PREFIX.png/.md, --task PREFIX.json/.md")
     p.add_argument("--task", choices=tuple(MC_TASKS), help="multiple-choice accuracy instead of perplexity")
     p.add_argument("--methods", help="comma-separated subset of the perplexity methods to run (the policy always "
                    f"runs; default all: {','.join(METHODS)})")
@@ -184,6 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from solm_compile.eval.evaluate import METHODS, CostModel, PPLEvaluator, evaluate_choices, sweep_points
     from solm_compile.frontend.gated import GatedLM
     from solm_compile.analysis.inspect import shapes_from_gated
+    from solm_compile.eval.report_html import write_report
 
     if str(args.model).endswith(".onnx"):
         return _eval_artifact(args)
@@ -229,6 +230,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         r = ev.run(targets)
         result = {**common, **r, "schedule_fit": ev.step_costs.to_dict() if ev.step_costs else None,
                   "wall_s": time.perf_counter() - t_start}
+        if args.out:
+            atomic_write_text(Path(f"{args.out}.json"), json.dumps(result, indent=2) + "\n")
+            write_report(args.out, result, ev.passages, loaded.tokenizer, lp.grid, ORDER)
         print(json.dumps(result, indent=2) if args.json else format_ppl(result))
         return 0
     points = []
@@ -242,11 +246,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     atomic_write_text(Path(f"{out}.md"), sweep_markdown(result))
     with atomic_target(Path(f"{out}.png")) as tmp:
         plot_sweep(result, tmp)
+    write_report(out, result, ev.passages, loaded.tokenizer, lp.grid, ORDER)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(sweep_markdown(result))
-        print(f"wrote {out}.png, {out}.md, {out}.json")
+        print(f"wrote {out}.png, {out}.md, {out}.json, {out}.html")
     return 0
 
 

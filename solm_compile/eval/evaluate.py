@@ -42,6 +42,7 @@ from torch import Tensor
 
 from solm_compile.eval import baselines as bl
 from solm_compile.policy.actions import ActionGrid
+from solm_compile.eval.report_html import passages_of
 from solm_compile.eval.summarize import CostModel, _spend, action_histogram, summarize
 from solm_compile.eval.sources import (BlockSource, ChoiceSource, DenseController, Factory, PolicyController,
                            PrefillBatch, ScheduleController, StepInputs, Trace)
@@ -143,7 +144,8 @@ class PPLEvaluator:
 
     def __init__(self, lm, policy: RecurrentActorCriticPolicy, grid: ActionGrid, blocks: Tensor, *, ctx: int,
                  T: int, cost: Optional[CostModel] = None, fit_blocks: Optional[Tensor] = None,
-                 random_seeds: int = 10, seed: int = 0, batch_rows: int = 32, methods: Sequence[str] = METHODS):
+                 random_seeds: int = 10, seed: int = 0, batch_rows: int = 32, methods: Sequence[str] = METHODS,
+                 keep_passages: int = 3):
         unknown = set(methods) - set(METHODS)
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}")
@@ -156,6 +158,8 @@ class PPLEvaluator:
         self.step_costs: Optional[bl.StepCosts] = None
         self._dense: Optional[Trace] = None
         self.timing: dict[str, float] = {}
+        self.keep_passages = keep_passages
+        self.passages: list[dict] = []    # per run: the policy's per-token steps on the first blocks (report_html)
 
     def fit(self) -> Optional[bl.StepCosts]:
         if "schedule" in self.methods and self.step_costs is None:
@@ -201,6 +205,8 @@ class PPLEvaluator:
         self._dense = tr.get("dense", self._dense)
         policy = tr["policy"]
         usage = policy.usage()
+        self.passages.append(passages_of(policy, self.source.blocks, self.ctx, self.cost, self.grid,
+                                         self.keep_passages))
         t1 = time.perf_counter()
         self.fit()
         t2 = time.perf_counter()

@@ -3,52 +3,15 @@
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from typing import Optional
 
-import sympy as sp
 import torch
-from sympy.printing.pycode import PythonCodePrinter
 from torch import Tensor
 
 from solm_compile.analysis import cost as cm
+from solm_compile.analysis.cost import CostModel  # noqa: F401 - evaluate.py and the CLI import it from here
 from solm_compile.policy.actions import ActionGrid
 from solm_compile.eval.sources import Trace
-
-
-# ---------------------------------------------------------------------------------------------- cost
-class _FractionPrinter(PythonCodePrinter):
-    def _print_Rational(self, e):
-        return f"Fraction({e.p}, {e.q})"
-
-    def _print_Half(self, e):
-        return "Fraction(1, 2)"
-
-
-def _dec(x) -> Fraction:
-    return Fraction(str(round(float(x), 6)))
-
-
-class CostModel:
-    """``cost.decode_cost`` compiled to exact Python arithmetic (Fractions: the same ceilings as ``Cost.at``)."""
-
-    def __init__(self, shapes: cm.ModelShapes, gate, dtype_bytes: int = 4):
-        c = cm.decode_cost(shapes, gate, dtype_bytes)
-        self._fn = sp.lambdify((cm.L, cm.kappa, cm.rho, cm.b), [c.flops, c.bytes],
-                               modules=[{"Fraction": Fraction, "math": math}, "math"], printer=_FractionPrinter)
-        self._memo: dict = {}
-
-    def fraction(self, L: int, kappa, rho, bits=16) -> tuple[float, float]:
-        key = (int(L), _dec(kappa), _dec(rho), _dec(bits))
-        if key not in self._memo:
-            got = self._fn(key[0], key[1], key[2], key[3])
-            dense = self._fn(key[0], Fraction(1), Fraction(1), Fraction(16))
-            self._memo[key] = (float(Fraction(got[0]) / dense[0]), float(Fraction(got[1]) / dense[1]))
-        return self._memo[key]
-
-    def mean_fraction(self, Ls: Tensor, controls: Tensor) -> tuple[float, float]:
-        fr = [self.fraction(int(L), *c.tolist()) for L, c in zip(Ls, controls)]
-        return sum(f for f, _ in fr) / len(fr), sum(b for _, b in fr) / len(fr)
 
 
 # ---------------------------------------------------------------------------------------------- summaries

@@ -1,0 +1,104 @@
+"""``solm run --show``: the answer streamed with each token on the colour of the compute it received.
+
+A token's compute is the step that processed it (the policy picks the controls for the token it reads): the
+cost model's bytes at that step's KV length L and controls (κ, ρ, bits) over the dense bytes at the same L
+(``analysis.cost.CostModel``, the shapes kept in the artifact's ``solm.cost_shapes``). The colour scale runs from
+the cheapest action the artifact could take at the longest L of the run (``lo``) to the dense budget (1).
+The rendering itself is ``analysis/shade.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from solm_compile.analysis import shade
+from solm_compile.analysis.cost import CostModel, ModelShapes
+from solm_compile.config import GateConfig
+from solm_compile.errors import UserError
+
+
+class TokenCost:
+    """Per-token bytes fraction of one artifact (``analysis.cost.CostModel``, memoised per (L, controls))."""
+
+    def __init__(self, meta: dict, path: str = "the artifact"):
+        if "cost_shapes" not in meta:
+            raise UserError(f"{path}: compiled before artifacts carried their cost shapes; compile it again "
+                            "for per-token costs (--show, --json)")
+        self.model = CostModel(ModelShapes.from_dict(meta["cost_shapes"]), GateConfig.from_dict(meta.get("gate") or {}))
+        self.meta = meta
+
+    def __call__(self, L: int, controls) -> float:
+        """The fraction at KV length ``L`` and ``controls`` (κ, ρ, bits); None controls: dense (1.0)."""
+        return 1.0 if controls is None else self.model.fraction(int(L), *controls)[1]
+
+    def floor(self, L: int, budget) -> float:
+        """The cheapest this artifact can make a token at ``L``: its lowest-cost action (a fixed artifact: the
+        budget itself; dense: 1)."""
+        kind = self.meta.get("kind")
+        if kind == "dense":
+            return 1.0
+        if kind == "fixed":
+            return min(1.0, self(L, budget))
+        g = self.meta.get("action_grid") or {}
+        levels = [(k, r, b) for k in g.get("kappa_levels", [1.0]) for r in g.get("rho_levels", [1.0])
+                  for b in g.get("bit_levels", [16])]
+        return min(self(L, c) for c in levels)
+
+
+def scale_floor(value: float) -> float:
+    """``lo`` rounded down to a multiple of 0.05, so the legend reads in round numbers."""
+    return max(0.0, int(value * 20 + 1e-9) / 20)
+
+
+def run_show(sess, args, budget, chat: bool, out=None) -> int:
+    """Generate and stream (or, with ``--json``, print one object with ``per_token``); returns the exit code."""
+    import json
+
+    out = out or sys.stdout
+    try:
+        cost = TokenCost(sess.meta, str(sess.path))
+    except UserError:
+        if args.show:
+            raise
+        cost = lambda L, controls: None           # noqa: E731 - plain --json of an older artifact: no costs
+    text_in = sess.chat_prompt(args.prompt) if chat else args.prompt
+    n_prompt = len(sess.tokenizer.encode(text_in, add_special_tokens=False).ids)
+    lo = scale_floor(cost.floor(n_prompt + args.max_new_tokens, budget)) if isinstance(cost, TokenCost) else None
+    on = not args.json and shade.use_colour(out)
+    true = shade.truecolor()
+    records, held = [], []
+    text = shade.IncrementalText(sess.tokenizer.decode)
+    if not args.json and not chat:
+        out.write(args.prompt)
+
+    def on_step(s: dict) -> None:
+        rec = {"token": s["token"], "text": text.push(s["token"]), "action": s["action"],
+               "controls": s["controls"], "cost_fraction": cost(s["L"], s["controls"])}
+        records.append(rec)
+        held.append(rec["cost_fraction"] or 0.0)
+        if rec["text"] and not args.json:
+            out.write(shade.paint(rec["text"], sum(held) / len(held), lo, 1.0, on, true))
+            out.flush()
+        if rec["text"]:
+            held.clear()
+
+    r = sess.generate(args.prompt, args.max_new_tokens, budget, greedy=args.greedy, temperature=args.temperature,
+                      seed=args.seed, chat=chat, on_step=on_step)
+    rest = text.flush()
+    if records and rest:
+        records[-1]["text"] += rest
+        if not args.json:
+            out.write(shade.paint(rest, sum(held) / len(held), lo, 1.0, on, true))
+    vals = [x["cost_fraction"] for x in records if x["cost_fraction"] is not None]
+    mean = sum(vals) / len(vals) if vals else None
+    if args.json:
+        out.write(json.dumps({"text": r.text, "chat": chat, "tokens": r.tokens, "tok_s": r.tok_s, "usage": r.usage,
+                              "actions": r.actions, "kind": sess.kind, "providers": sess.sess.get_providers(),
+                              "scale": [lo, 1.0], "mean_cost_fraction": mean, "per_token": records}) + "\n")
+        return 0
+    u = r.usage
+    out.write("\n" + shade.legend(lo, 1.0, on, true) + "\n" + shade.summary(records, lo, 1.0) + "\n")
+    out.write(f"[{len(r.tokens)} tokens, {r.tok_s:.1f} tok/s, {sess.kind} on {sess.sess.get_providers()[0]}; "
+              f"usage attn_keep {u['attn_keep']:.2f} mlp_keep {u['mlp_keep']:.2f} bits {u['bits']:.1f}]\n")
+    out.flush()
+    return 0
