@@ -272,8 +272,9 @@ class SolmSession:
             if int(step["token"][0]) in eos:        # the answer ended (that step's output is not used)
                 break
             tokens.append(int(step["token"][0]))
-            if step["controls"] is not None:
+            if step["action"] is not None:          # a fixed artifact reports controls but takes no action
                 actions.append(int(step["action"][0]))
+            if step["controls"] is not None:
                 controls.append(step["controls"][0])
             if on_step is not None:
                 on_step({"token": tokens[-1], "L": len(ids) + len(tokens),
