@@ -7,6 +7,7 @@ low-bit values into the torch model (``quant/weights.py``). A weight is found by
     MatMul(x, W)       ->  MatMulNBits(x, codes, scale, zero_point)                  w = d·(q − z), z integer
                        ->  MatMulNBits(x, codes, scale, 0) + MatMul(blocksum(x), m)  w = d·q + m  (GGUF Q4_1)
     Gather(W, ids)     ->  GatherBlockQuantized(codes, ids, scale, zero_point)       8-bit blocks only
+    GatherND(W, ids)   ->  GatherBlockQuantized(codes, Squeeze(ids, -1), ...)        ids [..., 1], batch_dims 0
 
 The Q4_1 form is lossless: Σ_k x_k (d q_k + m) = d Σ_k x_k q_k + m Σ_k x_k per block, and the block sums of x are
 computed once per input and shared by the layers reading it (q, k, v; gate, up). ``accuracy_level`` 4 lets the
@@ -49,6 +50,7 @@ class _Builder:
     def __init__(self, graph: ir.Graph):
         self.graph = graph
         self.block_sums: dict[tuple[int, int], ir.Value] = {}
+        self.tables: dict[int, list[ir.Value]] = {}          # id(BlockQuant) -> its packed Gather operands
 
     def const(self, name: str, array: np.ndarray) -> ir.Value:
         value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
@@ -99,12 +101,27 @@ def _matmul(b: _Builder, node: ir.Node, bq: BlockQuant, accuracy_level: int) -> 
 
 
 def _gather(b: _Builder, node: ir.Node, bq: BlockQuant) -> ir.Value:
+    """Gather(W, ids), or GatherND(W, ids[..., 1]) (the policy's own embedding lookup) = Gather(W, ids[..., 0])."""
     w, ids = node.inputs
-    codes = b.const(f"{w.name}.q8", bq.codes.reshape(bq.shape))
-    scale = b.const(f"{w.name}.scale", bq.scale)
-    zero = b.const(f"{w.name}.zero_point", bq.zero_point)
+    if id(bq) not in b.tables:                              # one packed copy per table, however many lookups
+        b.tables[id(bq)] = [b.const(f"{w.name}.q8", bq.codes.reshape(bq.shape)), b.const(f"{w.name}.scale", bq.scale),
+                            b.const(f"{w.name}.zero_point", bq.zero_point)]
+    codes, scale, zero = b.tables[id(bq)]
+    if node.op_type == "GatherND":
+        ids = b.node(node, "Squeeze", [ids, b.const(f"{node.name}.axes", np.array([-1], np.int64))])
+        ids.type = ir.TensorType(ir.DataType.INT64)
     return b.node(node, "GatherBlockQuantized", [codes, ids, scale, zero], MS, gather_axis=0, quantize_axis=1,
                   block_size=bq.block, bits=8)
+
+
+def _lookup(node: ir.Node) -> bool:
+    """A row lookup in a 2-D table: Gather on axis 0, or GatherND with batch_dims 0 and index tuples of length 1."""
+    attrs = node.attributes
+    if node.op_type == "Gather":
+        return attrs.get("axis", ir.AttrInt64("axis", 0)).as_int() == 0
+    ids = node.inputs[1]
+    return (attrs.get("batch_dims", ir.AttrInt64("batch_dims", 0)).as_int() == 0 and ids is not None
+            and ids.shape is not None and len(ids.shape) >= 1 and ids.shape[-1] == 1)
 
 
 def _weight(value: ir.Value | None) -> np.ndarray | None:
@@ -131,11 +148,11 @@ def pack_weights(model: ir.Model, table: WeightTable, accuracy_level: int = 4,
     acts = mlp_activations or ("int8" if accuracy_level >= 4 else "fp32")
     pack_mlp(model, table, result, _pack, b.const, activations=acts)
     for node in list(graph):
-        if node.domain != "" or node.op_type not in ("MatMul", "Gather"):
+        if node.domain != "" or node.op_type not in ("MatMul", "Gather", "GatherND"):
             continue
         matmul = node.op_type == "MatMul"
         w = _weight(node.inputs[1] if matmul else node.inputs[0])
-        if w is None or (not matmul and node.attributes.get("axis", ir.AttrInt64("axis", 0)).as_int() != 0):
+        if w is None or (not matmul and not _lookup(node)):
             continue
         bq = table.find(w.T if matmul else w)
         if bq is None:

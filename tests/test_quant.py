@@ -171,6 +171,31 @@ def test_pack_weights_reads_a_tied_head_through_its_transpose():
     np.testing.assert_allclose(_run(model, ids)[0], emb[ids[0]] @ emb.T, rtol=1e-5, atol=1e-5)
 
 
+def test_pack_weights_shares_one_table_between_gather_and_gathernd():
+    """The policy looks rows up with GatherND(E, ids[..., 1]): it gets the same 8-bit table as the model's Gather."""
+    from solm_compile.passes.pack_weights import pack_weights
+
+    bq = quantize_int8(RNG.standard_normal((24, 32)).astype(np.float32))
+    emb = bq.dequantize()
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["a"]), helper.make_node("Unsqueeze", ["ids", "ax"], ["ids1"]),
+             helper.make_node("GatherND", ["E2", "ids1"], ["b"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 3, 32]),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 3, 32])],
+                              [numpy_helper.from_array(emb, "E"), numpy_helper.from_array(emb.copy(), "E2"),
+                               numpy_helper.from_array(np.array([-1], np.int64), "ax")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    model.graph.node(1).outputs[0].shape = ir.Shape([1, 3, 1])
+    table = WeightTable("test")
+    table.add(emb, bq)
+    assert pack_weights(model, table).counts == {"gather_int8-rtn": 2}
+    assert sum(v.const_value.dtype == ir.DataType.UINT8 for v in model.graph.initializers.values()) == 2   # codes, zp
+    ids = np.array([[1, 23, 4]], np.int64)
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    a, b = sess.run(None, {"ids": ids})
+    assert np.array_equal(a[0], emb[ids[0]]) and np.array_equal(b[0], emb[ids[0]])
+
+
 # ------------------------------------------------------------------------------------------- the whole pipeline
 def _tiny_dir(tmp_path):
     from test_loading import tiny_hf_llama
