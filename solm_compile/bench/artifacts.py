@@ -17,7 +17,7 @@ from solm_compile.errors import UserError
 # Sources whose edits change what an artifact contains (part of the cache key).
 _EXPORT_SOURCES = ("artifact/write.py", "artifact/step.py", "ops/to_onnx.py", "ops/torch_ops.py", "frontend/export.py",
                    "frontend/gated.py", "policy/network.py", "policy/step.py", "quant/blocks.py", "quant/gguf.py",
-                   "quant/weights.py")
+                   "quant/weights.py", "artifact/dense.py", "ops/registry.py")
 
 
 def bench_dir(info) -> Path:
