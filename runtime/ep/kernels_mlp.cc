@@ -321,6 +321,16 @@ void FakeQuant(float* y, int64_t n, double bits) {
 
 const char* MlpKernelIsa() { return Panel().isa; }
 
+void FakeQuantTokens(float* y, int64_t B, int64_t T, int64_t Dout, const float* bits, const Parallel& par) {
+  bool any_quant = false;
+  for (int64_t b = 0; b < B; ++b) any_quant = any_quant || static_cast<double>(bits[b]) < 16;
+  if (!any_quant) return;
+  auto quant = [&](size_t n) {
+    FakeQuant(y + static_cast<int64_t>(n) * Dout, Dout, static_cast<double>(bits[static_cast<int64_t>(n) / T]));
+  };
+  par.For(static_cast<size_t>(B * T), quant);
+}
+
 void SparseMlp(const float* x, int64_t B, int64_t T, const MlpWeights& W, const float* rho, const float* bits,
                Act act, float* y, MlpScratch& sc, const Parallel& par) {
   Stats& st = GlobalStats();
@@ -401,14 +411,7 @@ void SparseMlp(const float* x, int64_t B, int64_t T, const MlpWeights& W, const 
   par.For(static_cast<size_t>(nco * nsb), down);
 
   // D: per token fake quantisation.
-  bool any_quant = false;
-  for (int64_t b = 0; b < B; ++b) any_quant = any_quant || static_cast<double>(bits[b]) < 16;
-  if (any_quant) {
-    auto quant = [&](size_t n) {
-      FakeQuant(y + static_cast<int64_t>(n) * Dout, Dout, static_cast<double>(bits[static_cast<int64_t>(n) / T]));
-    };
-    par.For(static_cast<size_t>(N), quant);
-  }
+  FakeQuantTokens(y, B, T, Dout, bits, par);
 }
 
 }  // namespace solm

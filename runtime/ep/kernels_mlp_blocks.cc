@@ -377,14 +377,7 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
   par.For(static_cast<size_t>(chunksD * ntile), down);
 
   // D: per token fake quantisation.
-  bool any_quant = false;
-  for (int64_t b = 0; b < B; ++b) any_quant = any_quant || static_cast<double>(bits[b]) < 16;
-  if (any_quant) {
-    auto quant = [&](size_t n) {
-      FakeQuant(y + static_cast<int64_t>(n) * Dout, Dout, static_cast<double>(bits[static_cast<int64_t>(n) / T]));
-    };
-    par.For(static_cast<size_t>(N), quant);
-  }
+  FakeQuantTokens(y, B, T, Dout, bits, par);
 }
 
 }  // namespace solm

@@ -227,6 +227,8 @@ inline float Activate(Act act, float x) {
 // the non-zero channels written to xs) and the output's fake quantisation.
 int64_t TopK(const float* x, int64_t D, double rho, float* xs, float* tmp);
 void FakeQuant(float* y, int64_t n, double bits);
+// y [B*T, Dout]: each token's row fake-quantised to its row's bits (nothing when every row keeps 16).
+void FakeQuantTokens(float* y, int64_t B, int64_t T, int64_t Dout, const float* bits, const Parallel& par);
 
 // SparseMLP's register-tiled micro-kernels (kernels_mlp_tiles.cc). gemv/gemm: y (+)= Σ_r coef[r] · row idx[r] of a
 // down-projection panel (kPanel floats per row), one token or nt (buffers y + t*kPanel, coefficients coef + t*cs);
