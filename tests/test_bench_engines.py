@@ -174,6 +174,9 @@ def tiny_hf(tmp_path_factory):
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
     d = tmp_path_factory.mktemp("tiny-hf")
     hf.save_pretrained(d)
+    from test_artifact import word_tokenizer
+
+    word_tokenizer().save_pretrained(d)              # the builder writes the tokenizer beside the model
     return hf, d
 
 
@@ -208,6 +211,10 @@ def test_artifact_engine_matches_the_model_and_resets(tiny_hf, tmp_path):
         e.reset()
         again = [e.step(t).copy() for t in ids[30:33]]
         np.testing.assert_array_equal(np.stack(first), np.stack(again))   # reset returns to the prefill
+    from solm_compile.bench.engines_rss import measure_child
+
+    mem = measure_child(E.EngineSpec("onnxruntime", "dense", str(tmp_path / "dense.onnx"), "fp32"), ids, 30, 1)
+    assert mem is not None and 0 < mem["after_imports_mb"] <= mem["rss_mb"] <= mem["peak_mb"]
     need_ep(len(kinds) == 2)
 
 

@@ -1,5 +1,6 @@
 """Peak resident memory of a decoding process, per engine: a child loads one engine, prefills ``context`` ids and
-decodes 8 steps, then reports its VmHWM (peak RSS) and its VmRSS right after importing the engine's module.
+decodes 8 steps, then reports its VmHWM (peak RSS, loading included), its VmRSS then, and its VmRSS right after
+importing the engine's module.
 
     python -m solm_compile.bench.engines_rss SPEC_JSON THREADS CONTEXT IDS.npy    (prints one JSON line)
 """
@@ -43,11 +44,12 @@ def child(spec_json: str, threads: int, context: int, ids_path: str) -> dict:
     e.prefill(ids[:context])
     for tok in ids[context:context + STEPS]:
         e.step(tok)
-    return {"after_imports_mb": after_imports, "peak_mb": status_mb("VmHWM")}
+    return {"after_imports_mb": after_imports, "peak_mb": status_mb("VmHWM"), "rss_mb": status_mb("VmRSS")}
 
 
-def measure_child(spec, ids: list[int], context: int, threads: int, timeout: float = 900) -> float | None:
-    """The peak resident MB of a child decoding with ``spec`` at ``context``; None (and a warning) if it failed."""
+def measure_child(spec, ids: list[int], context: int, threads: int, timeout: float = 900) -> dict | None:
+    """{peak_mb, rss_mb, after_imports_mb} of a child decoding with ``spec`` at ``context``; None (and a warning)
+    if it failed."""
     with tempfile.TemporaryDirectory(prefix="solm-rss-") as tmp:
         path = os.path.join(tmp, "ids.npy")
         np.save(path, np.asarray(ids[:context + STEPS], dtype=np.int64))
@@ -60,7 +62,9 @@ def measure_child(spec, ids: list[int], context: int, threads: int, timeout: flo
             log.warning("peak memory of %s: the child ran past %.0f s", spec.label, timeout)
             return None
     try:
-        return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        float(out["peak_mb"])
+        return out
     except (IndexError, ValueError, KeyError, TypeError):
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
         log.warning("peak memory of %s: the child failed (%s)", spec.label, tail[0][:200])

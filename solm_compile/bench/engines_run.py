@@ -251,7 +251,8 @@ def run_engines(model: str, cfg: EnginesConfig, gate=None, trust_pickle: bool = 
         del engines, sessions
     memory = peak_memory(specs, ids, cfg, say) if cfg.memory else {}
     for r in rows:
-        r["peak_rss_mb"] = memory.get(r["engine"])
+        r["memory"] = memory.get(r["engine"])
+        r["peak_rss_mb"] = r["memory"]["peak_mb"] if r["memory"] else None
     return {"model": model, "config": asdict(cfg), "tokens": source, "skipped": notes, "machine": machine(specs),
             "ppl": {"window": cfg.ppl_window, "scored": cfg.ppl_tokens, "values": ppl},
             "memory_context": cfg.memory_context if cfg.memory else None, "rows": rows}
@@ -264,7 +265,8 @@ def _block_line(block: list[dict]) -> str:
 
 
 def peak_memory(specs: list[EngineSpec], ids: list[int], cfg: EnginesConfig, say: Callable[[str], None]) -> dict:
-    """label -> peak resident MB of a child decoding with that engine (one child per distinct engine and file)."""
+    """label -> {peak_mb, rss_mb, after_imports_mb} of a child decoding with that engine (one child per distinct
+    engine and file; None where it failed)."""
     from solm_compile.bench.engines_rss import measure_child
 
     out, done = {}, {}
@@ -272,6 +274,8 @@ def peak_memory(specs: list[EngineSpec], ids: list[int], cfg: EnginesConfig, say
         key = (s.engine, s.path)
         if key not in done:
             done[key] = measure_child(s, ids, cfg.memory_context, min(cfg.threads))
-            say(f"  peak memory {s.label}: {done[key]} MB")
+            m = done[key]
+            say(f"  memory {s.label}: " + (f"peak {m['peak_mb']:.0f} MB, {m['rss_mb']:.0f} MB after decoding, "
+                                          f"{m['after_imports_mb']:.0f} MB after imports" if m else "failed"))
         out[s.label] = done[key]
     return out
