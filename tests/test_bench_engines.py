@@ -104,17 +104,17 @@ def test_config_is_checked_at_construction():
     assert run.EnginesConfig(contexts=(4096,), steps=32).tokens_needed() == 4096 + 32
 
 
-def test_weights_go_only_where_a_weights_argument_exists():
+def test_weights_go_to_load_only_where_it_takes_them():
     def old(model, trust_pickle=False):
         pass
 
-    def new(model, weights="source"):
+    def new(model, trust_pickle=False, weights="source"):
         pass
 
-    assert run.weights_plan("source", old, old) == ({}, {}, False)
-    assert run.weights_plan("int4", old, new) == ({}, {"weights": "int4"}, True)
+    assert run.weights_plan("source", old) == ({}, False)
+    assert run.weights_plan("int4", new) == ({"weights": "int4"}, True)
     with pytest.raises(UserError, match="--weights int4"):
-        run.weights_plan("int4", old, old)
+        run.weights_plan("int4", old)
     assert run.solm_weights_label("source", False, "Q4_1") == "fp32 (dequantized Q4_1 GGUF)"
     assert run.solm_weights_label("source", True, "Q4_1") == "source (Q4_1 GGUF blocks)"
     assert run.solm_weights_label("int8", True, "Q4_1") == "int8"
@@ -125,7 +125,7 @@ def test_missing_peers_are_skipped_with_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)
     assert not E.available("llama.cpp") and not E.available("onnxruntime-genai")
     cfg = run.EnginesConfig(engines=("llama.cpp", "onnxruntime-genai"), memory=False)
-    specs, notes = run.engine_specs("model.pt2", None, cfg, {}, False, lambda s: None)
+    specs, notes = run.engine_specs("model.pt2", None, cfg, False, lambda s: None)
     assert specs == [] and len(notes) == 1
     assert notes[0] == "skipped llama.cpp, onnxruntime-genai (not installed): pip install solm-compile[bench]"
 

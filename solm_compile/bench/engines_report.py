@@ -49,7 +49,9 @@ def format_table(doc: dict) -> str:
     ref = doc["rows"][0]["ratio_to"] if doc["rows"] else "?"
     p = doc["ppl"]
     lines.append(f"x ref: median of per-round time ratios against {ref}; PPL over the last {p['scored']} of "
-                 f"{p['window']} ids ({doc['tokens']}); peak MB at ctx {doc.get('memory_context')}; "
+                 f"{p['window']} ids ({doc['tokens']}); "
+                 + (f"peak MB at ctx {doc['memory_context']}; " if doc.get("memory_context") else "") +
+                 f"
                  f"{doc['machine']['cpu']}, {doc['machine']['cores']} cores")
     lines += doc["skipped"]
     return "\n".join(lines)

@@ -30,9 +30,9 @@ from typing import Callable
 
 from solm_compile.bench.engines import PEERS, EngineSpec, available, make_engine, perplexity, skip_line
 from solm_compile.errors import UserError
+from solm_compile.quant.weights import WEIGHTS
 
 ENGINE_NAMES = ("llama.cpp", "onnxruntime-genai", "onnxruntime", "solm")
-WEIGHTS = ("source", "fp32", "int8", "int4")
 
 
 @dataclass(frozen=True)

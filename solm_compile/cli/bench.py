@@ -57,7 +57,7 @@ def add_bench_parser(sub, common) -> None:
 
 
 def add_engines_args(p) -> None:
-    from solm_compile.bench.engines_run import ENGINE_NAMES, WEIGHTS, EnginesConfig
+    from solm_compile.bench.engines_run import ENGINE_NAMES, EnginesConfig
 
     d = EnginesConfig()
     g = p.add_argument_group("--engines (solm beside the engines users run; pip install solm-compile[bench])")
@@ -67,8 +67,6 @@ def add_engines_args(p) -> None:
                         "perplexity and peak memory")
     g.add_argument("--keeps", type=_int_list("--keeps", float, "numbers"), default=d.keeps,
                    help="solm rows at attention keep = MLP keep = each (default 0.5,0.3), beside the dense budget")
-    g.add_argument("--weights", choices=WEIGHTS, default=d.weights,
-                   help="solm's weights (default source), passed to compilation where this solm supports it")
     g.add_argument("--engine-list", default=",".join(d.engines),
                    help=f"comma-separated subset of {','.join(ENGINE_NAMES)} (default all)")
     g.add_argument("--ppl-window", type=int, default=d.ppl_window, help="ids of held-out text in the PPL window "
