@@ -50,9 +50,8 @@ def format_table(doc: dict) -> str:
     p = doc["ppl"]
     lines.append(f"x ref: median of per-round time ratios against {ref}; PPL over the last {p['scored']} of "
                  f"{p['window']} ids ({doc['tokens']}); "
-                 + (f"peak MB at ctx {doc['memory_context']}; " if doc.get("memory_context") else "") +
-                 f"
-                 f"{doc['machine']['cpu']}, {doc['machine']['cores']} cores")
+                 + (f"peak MB at ctx {doc['memory_context']}; " if doc.get("memory_context") else "")
+                 + f"{doc['machine']['cpu']}, {doc['machine']['cores']} cores")
     lines += doc["skipped"]
     return "\n".join(lines)
 
