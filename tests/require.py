@@ -1,6 +1,7 @@
 """What a test needs from the machine: under CI's require flags a missing piece fails the test instead of skipping.
 
 CI sets SOLM_REQUIRE_EP=1: the CI machine builds SolmEP, so a test that needs it and finds it missing is a failure.
+SOLM_REQUIRE_BENCH=1 does the same for the peer engines of `solm bench --engines` (the bench extra).
 """
 
 from __future__ import annotations
@@ -16,3 +17,17 @@ def need_ep(available: bool, why: str = "SolmEP is not built here (python -m sol
     if os.environ.get("SOLM_REQUIRE_EP"):
         pytest.fail(f"SOLM_REQUIRE_EP is set: {why}")
     pytest.skip(why)
+
+
+def need_bench(module: str):
+    """A peer engine of ``solm bench --engines`` (the ``bench`` extra). CI installs only ``.[test]``: there the test
+    is skipped with the reason; under SOLM_REQUIRE_BENCH=1 (a machine with the extra) a missing peer fails it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        why = f"{module} is not installed (pip install solm-compile[bench])"
+        if os.environ.get("SOLM_REQUIRE_BENCH"):
+            pytest.fail(f"SOLM_REQUIRE_BENCH is set: {why}")
+        pytest.skip(why)

@@ -9,14 +9,14 @@ import sys
 from solm_compile.bench.decode import VARIANT_KINDS, BenchConfig, format_table, prepare, run_all
 
 
-def _int_list(flag: str):
-    def parse(s: str) -> tuple[int, ...]:
+def _int_list(flag: str, cast=int, what: str = "integers"):
+    def parse(s: str) -> tuple:
         try:
-            vals = tuple(int(x) for x in s.split(",") if x.strip())
+            vals = tuple(cast(x) for x in s.split(",") if x.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {s!r}") from None
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated {what}, got {s!r}") from None
         if not vals:
-            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {s!r}")
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated {what}, got {s!r}")
         return vals
     return parse
 
@@ -25,8 +25,9 @@ def add_bench_parser(sub, common) -> None:
     p = sub.add_parser("bench", help="decode tok/s of the dense, solm and portable artifacts (one process)")
     common(p)
     d = BenchConfig()
-    p.add_argument("--context", type=_int_list("--context"), default=d.contexts,
-                   help="KV lengths to decode from, comma-separated (default 256,1024,2048)")
+    p.add_argument("--context", type=_int_list("--context"), default=None,
+                   help="KV lengths to decode from, comma-separated (default 256,1024,2048; with --engines "
+                        "256,1024,2048,4096)")
     p.add_argument("--threads", type=_int_list("--threads"), default=d.threads,
                    help="intra-op thread counts, comma-separated (default 1,2)")
     p.add_argument("--attn-keep", type=float, default=d.attn_keep, help="attention keep κ̄ (default 0.5)")
@@ -51,24 +52,71 @@ def add_bench_parser(sub, common) -> None:
     p.add_argument("--prefill", action="store_true",
                    help="also time a prefill of each context per artifact (rows with mode 'prefill'; ratio to the "
                         "dense artifact's prefill)")
+    add_engines_args(p)
     p.set_defaults(fn=cmd_bench)
+
+
+def add_engines_args(p) -> None:
+    from solm_compile.bench.engines_run import ENGINE_NAMES, EnginesConfig
+
+    d = EnginesConfig()
+    g = p.add_argument_group("--engines (solm beside the engines users run; pip install solm-compile[bench])")
+    g.add_argument("--engines", action="store_true",
+                   help="time llama.cpp on the model's GGUF, onnxruntime-genai int4, stock onnxruntime on solm's "
+                        "dense artifact and solm on SolmEP (dense budget and --keeps) side by side, with each one's "
+                        "perplexity and peak memory")
+    g.add_argument("--keeps", type=_int_list("--keeps", float, "numbers"), default=d.keeps,
+                   help="solm rows at attention keep = MLP keep = each (default 0.5,0.3), beside the dense budget")
+    g.add_argument("--engine-list", default=",".join(d.engines),
+                   help=f"comma-separated subset of {','.join(ENGINE_NAMES)} (default all)")
+    g.add_argument("--ppl-window", type=int, default=d.ppl_window, help="ids of held-out text in the PPL window "
+                   "(default 2048)")
+    g.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens,
+                   help="last ids of the window scored, each by decode steps (default 256)")
+    g.add_argument("--memory", action=argparse.BooleanOptionalAction, default=d.memory,
+                   help="peak resident memory of a child process decoding at ctx 2048, per engine (default on)")
+    g.add_argument("--out", help="write the JSON here (atomically) and the plot beside it as .png")
 
 
 def config_from_args(args) -> BenchConfig:
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    return BenchConfig(contexts=tuple(args.context), threads=tuple(args.threads), attn_keep=args.attn_keep,
+    return BenchConfig(contexts=tuple(args.context or BenchConfig().contexts), threads=tuple(args.threads), attn_keep=args.attn_keep,
                        mlp_keep=args.mlp_keep, bits=args.bits, reps=args.reps, steps=args.steps,
                        warmup=args.warmup, variants=variants, per_kv_head=args.per_kv_head,
                        profile_policy=args.profile_policy, prefill=args.prefill)
+
+
+def engines_config_from_args(args):
+    from solm_compile.bench.engines_run import EnginesConfig
+
+    d = EnginesConfig()
+    return EnginesConfig(contexts=tuple(args.context or d.contexts), threads=tuple(args.threads), reps=args.reps,
+                         steps=args.steps, warmup=args.warmup, keeps=tuple(args.keeps), ppl_window=args.ppl_window,
+                         ppl_tokens=args.ppl_tokens, memory=args.memory, weights=args.weights,
+                         engines=tuple(e.strip() for e in args.engine_list.split(",") if e.strip()))
+
+
+def cmd_engines(args, gate, say) -> int:
+    from solm_compile.bench.engines_report import format_table as engines_table, write_outputs
+    from solm_compile.bench.engines_run import run_engines
+
+    doc = run_engines(args.model, engines_config_from_args(args), gate=gate, trust_pickle=args.trust_pickle, say=say)
+    if args.out:
+        paths = write_outputs(doc, args.out)
+        say(f"wrote {paths[0]} and {paths[1]}")
+    print(json.dumps(doc, indent=1) if args.json else engines_table(doc))
+    return 0
 
 
 def cmd_bench(args) -> int:
     from solm_compile.cli.common import dataclass_from_args
     from solm_compile.config import GateConfig
 
-    cfg = config_from_args(args)
     gate = dataclass_from_args(GateConfig, args)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else (lambda s: None)
+    if args.engines:
+        return cmd_engines(args, gate, say)
+    cfg = config_from_args(args)
     rows = []
     if args.backend in ("onnxruntime", "both"):
         bench = prepare(args.model, cfg, args.policy, gate=gate, trust_pickle=args.trust_pickle, say=say,

@@ -1,0 +1,96 @@
+"""What ``solm bench --engines`` prints and writes: the machine and engine versions, the table, the JSON and the plot
+(tok/s against context, one line per engine per thread count, written beside the JSON with the suffix ``.png``)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+from pathlib import Path
+
+from solm_compile.io import atomic_path, atomic_write_text
+
+_VERSIONED = {"llama.cpp": "llama_cpp", "onnxruntime-genai": "onnxruntime_genai", "onnxruntime": "onnxruntime"}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def machine(specs) -> dict:
+    """CPU, cores and the version of every engine that ran (the protocol's point 6)."""
+    from solm_compile import __version__
+
+    versions = {"solm": __version__}
+    for name, module in _VERSIONED.items():
+        if name == "onnxruntime" or any(s.engine == name for s in specs):
+            versions[name] = getattr(importlib.import_module(module), "__version__", "?")
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "versions": versions}
+
+
+def format_table(doc: dict) -> str:
+    """One line per (engine, threads, context): tok/s median (min–max), ratio to the reference, PPL, peak MB."""
+    cols = f"{'engine':<26}{'weights':<34}{'thr':>4}{'ctx':>6}{'tok/s (min-max)':>22}{'x ref (min-max)':>22}" \
+           f"{'PPL':>9}{'peak MB':>9}"
+    lines = [cols]
+    for r in doc["rows"]:
+        mem = "" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}"
+        lines.append(f"{r['engine']:<26}{r['weights'][:33]:<34}{r['threads']:>4}{r['context']:>6}"
+                     f"{_spread(r['tok_s'], r['tok_s_min'], r['tok_s_max'], 1):>22}"
+                     f"{_spread(r['ratio'], r['ratio_min'], r['ratio_max'], 2):>22}{r['ppl']:>9.3f}{mem:>9}")
+    ref = doc["rows"][0]["ratio_to"] if doc["rows"] else "?"
+    p = doc["ppl"]
+    lines.append(f"x ref: median of per-round time ratios against {ref}; PPL over the last {p['scored']} of "
+                 f"{p['window']} ids ({doc['tokens']}); "
+                 + (f"peak MB at ctx {doc['memory_context']}; " if doc.get("memory_context") else "")
+                 + f"{doc['machine']['cpu']}, {doc['machine']['cores']} cores")
+    lines += doc["skipped"]
+    return "\n".join(lines)
+
+
+def _spread(mid: float, lo: float, hi: float, digits: int) -> str:
+    return f"{mid:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def write_outputs(doc: dict, out: str | Path) -> tuple[Path, Path]:
+    """The JSON at ``out`` and the plot beside it (``.png``), both atomically."""
+    out = Path(out)
+    atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
+    png = out.with_suffix(".png")
+    with atomic_path(png) as tmp:
+        plot(doc, tmp)
+    return out, png
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {t: s for t, s in zip(sorted({r["threads"] for r in doc["rows"]}), ("-", "--", ":", "-."))}
+    engines = list(dict.fromkeys(r["engine"] for r in doc["rows"]))
+    colors = plt.get_cmap("tab10")
+    for i, name in enumerate(engines):
+        for t, style in styles.items():
+            pts = sorted((r["context"], r["tok_s"]) for r in doc["rows"] if r["engine"] == name and r["threads"] == t)
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", color=colors(i % 10), label=f"{name}, {t} thr")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (KV length when the timed steps start)")
+    ax.set_ylabel("decode tok/s (median over rounds)")
+    ax.set_title(f"{doc['model']}: decode speed by engine ({doc['machine']['cpu']})", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
