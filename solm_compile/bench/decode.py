@@ -65,8 +65,8 @@ from typing import Callable
 import numpy as np
 
 from solm_compile.bench.artifacts import ensure_artifacts, policy_arg, random_policy  # noqa: F401 (random_policy: API)
-from solm_compile.bench.measure import (CostTable, Prefilled, _Run, bench_tokens, format_table, policy_nodes,  # noqa: F401
-                            profile_share, rss_mb)
+from solm_compile.bench.measure import (CostTable, Prefilled, _Run, bench_tokens, check_timing,  # noqa: F401
+                                        format_table, policy_nodes, profile_share, rss_mb)
 from solm_compile.bench.sessions import MODES, SESSIONS, prefill_feeds  # noqa: F401 (API)
 from solm_compile.errors import UserError
 
@@ -101,13 +101,7 @@ class BenchConfig:
         from solm_compile.config import Budget
 
         Budget(self.attn_keep, self.mlp_keep, self.bits)  # range checks, one-line errors
-        if not self.contexts or any(c < 1 for c in self.contexts):
-            raise UserError(f"--context must be positive token counts, got {list(self.contexts)}")
-        if not self.threads or any(t < 1 for t in self.threads):
-            raise UserError(f"--threads must be positive, got {list(self.threads)}")
-        if self.reps < 1 or self.steps < 1 or self.warmup < 0:
-            raise UserError(f"--reps and --steps must be >= 1 and --warmup >= 0, got {self.reps}/{self.steps}/"
-                            f"{self.warmup}")
+        check_timing(self.contexts, self.threads, self.reps, self.steps, self.warmup)
         unknown = [v for v in self.variants if v not in VARIANT_KINDS]
         if unknown:
             raise UserError(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANT_KINDS)})")

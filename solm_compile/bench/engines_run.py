@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from solm_compile.bench.engines import PEERS, EngineSpec, available, make_engine, perplexity, skip_line
+from solm_compile.bench.measure import check_timing
 from solm_compile.errors import UserError
 from solm_compile.quant.weights import WEIGHTS
 
@@ -53,13 +54,7 @@ class EnginesConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.contexts or any(c < 1 for c in self.contexts):
-            raise UserError(f"--context must be positive token counts, got {list(self.contexts)}")
-        if not self.threads or any(t < 1 for t in self.threads):
-            raise UserError(f"--threads must be positive, got {list(self.threads)}")
-        if self.reps < 1 or self.steps < 1 or self.warmup < 0:
-            raise UserError(f"--reps and --steps must be >= 1 and --warmup >= 0, got {self.reps}/{self.steps}/"
-                            f"{self.warmup}")
+        check_timing(self.contexts, self.threads, self.reps, self.steps, self.warmup)
         if any(not 0.05 <= k <= 1.0 for k in self.keeps):
             raise UserError(f"--keeps must lie in [0.05, 1], got {list(self.keeps)}")
         if not 2 <= self.ppl_tokens < self.ppl_window:

@@ -12,6 +12,18 @@ import numpy as np
 log = logging.getLogger("solm_compile.bench.decode")
 
 
+def check_timing(contexts, threads, reps: int, steps: int, warmup: int) -> None:
+    """The timing flags every bench shares (``solm bench``, ``--engines``): a one-line UserError if one is off."""
+    from solm_compile.errors import UserError
+
+    if not contexts or any(c < 1 for c in contexts):
+        raise UserError(f"--context must be positive token counts, got {list(contexts)}")
+    if not threads or any(t < 1 for t in threads):
+        raise UserError(f"--threads must be positive, got {list(threads)}")
+    if reps < 1 or steps < 1 or warmup < 0:
+        raise UserError(f"--reps and --steps must be >= 1 and --warmup >= 0, got {reps}/{steps}/{warmup}")
+
+
 def rss_mb() -> float:
     """Resident memory of this process in MB (Linux /proc; else the peak from getrusage)."""
     try:
