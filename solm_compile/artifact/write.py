@@ -175,6 +175,18 @@ def carry_ep_state(program, kind: str, per_kv_head: bool = False) -> dict:
     return {"page_state": carried.counts["page_state"], "select_per_kv_head": bool(per_kv_head)}
 
 
+def fuse_norm_rope(program) -> dict:
+    """``passes/fuse_norm_rope`` on ``program.model``: RMSNorm and RoPE as one opset-23 node each (exact)."""
+    from solm_compile.passes.fuse_norm_rope import fuse_rms_norm, fuse_rotary
+
+    counts = {}
+    for fuse in (fuse_rms_norm, fuse_rotary):
+        r = fuse(program.model)
+        log.debug("%s: %s (skipped: %s)", r.name, dict(r.counts), r.skipped)
+        counts.update(r.counts)
+    return counts
+
+
 def pack_low_bit(program, weights, activations: str = "int8") -> dict:
     """``passes/pack_weights`` on ``program.model``; returns the metadata saying what each weight is stored as.
     ``activations``: "int8" (MatMulNBits accuracy_level 4, SparseMLPBlocks activations="int8": int8 activations per
@@ -216,6 +228,7 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
         from solm_compile.artifact.dense import fuse_dense_attention
 
         ep_meta["dense_attention"] = fuse_dense_attention(program)
+    ep_meta["fused"] = fuse_norm_rope(program)
     ep_meta["weights"] = pack_low_bit(program, weights, activations)
     tok_name = None
     if tokenizer is not None:
