@@ -54,7 +54,7 @@ class Source:
         return {"registry": a.registry, "package": a.packages[0], "version": a.version}
 
     def documents(self) -> list[str]:
-        return list(_read(self.reader))
+        return list(_read(self.reader, str(assets.cache_dir())))
 
 
 @dataclass(frozen=True)
@@ -187,8 +187,9 @@ _READERS: dict[str, Callable[[], list[str]]] = {
 
 
 @functools.lru_cache(maxsize=None)
-def _read(reader: str) -> tuple[str, ...]:
-    """A source's documents, parsed once per process (Moby Dick's R database takes about a second)."""
+def _read(reader: str, cache: str) -> tuple[str, ...]:
+    """A source's documents, parsed once per process and cache directory (so a different ``$SOLM_CACHE`` is
+    never served stale text; Moby Dick's R database takes about a second)."""
     return tuple(_READERS[reader]())
 
 
