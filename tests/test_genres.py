@@ -273,3 +273,23 @@ def test_eval_data_errors_are_one_line(capsys, extra, needles) -> None:
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------------------------------- real assets (slow)
+
+
+@pytest.mark.slow
+def test_real_genres_parse_as_expected() -> None:
+    g = {s.name: s.documents() for genre in genres.GENRES for s in genre.sources}
+    moby = g["moby-dick"]
+    assert sum(d.startswith("CHAPTER ") for d in moby) == 135 and moby[-1].startswith("Epilogue")
+    assert moby[1].startswith("CHAPTER 1. Loomings.\n\nCall me Ishmael.")
+    assert not any("Project Gutenberg" in d for d in moby[1:])  # the licence header and footer are gone
+    assert sum(d.startswith("CHAPTER") or d.startswith("Chapter") for d in g["persuasion"]) == 24
+    assert any(d.startswith(":hacker ethic: n.\n\n1. The belief that information-sharing") for d in g["jargon"])
+    assert any(d.startswith('The "assert" statement') for d in g["pydoc"])
+    assert any(d.startswith("class Context:") or "\nclass Context:" in d for d in g["click"])
+    assert all("Question: " in d and "\nAnswer: " in d for d in g["olmo-qa"])  # SciQ's start with a passage
+    assert any(d.startswith("Ethanol fuel\n\nAll biomass goes through") for d in g["boolq-wikipedia"])
+    for name, docs in g.items():
+        assert len(docs) == len(set(docs)) or name == "olmo-qa", name  # QA sets may repeat a question

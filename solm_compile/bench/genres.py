@@ -35,7 +35,8 @@ def run(model: str, ctx: int, n_blocks: int, threads: int) -> dict:
         blocks = corpora.token_blocks(tok, [text], ctx, n_blocks, seed=0)
         nll = block_nll(hf, blocks)
         mean, se = float(nll.mean()), float(nll.std(unbiased=True)) / math.sqrt(len(nll))
-        ppl[name] = {"ppl": math.exp(mean), "nll": mean, "nll_se": se, "eval_tokens": len(tok.encode(text, add_special_tokens=False))}
+        n_tok = len(tok.encode(text, add_special_tokens=False))
+        ppl[name] = {"ppl": math.exp(mean), "nll": mean, "nll_se": se, "eval_tokens": n_tok}
     return {"model": loaded.info.name, "ctx": ctx, "blocks": n_blocks, "mixture": record, "dense": ppl,
             "wall_s": time.perf_counter() - t0}
 

@@ -174,7 +174,8 @@ def _click() -> list[str]:
 
 
 def _qa() -> list[str]:
-    return [d for task in ("arc_challenge", "openbookqa", "sciq", "csqa") for d in parsers.qa_documents(_olmo_rows(task))]
+    tasks = ("arc_challenge", "openbookqa", "sciq", "csqa")
+    return [d for task in tasks for d in parsers.qa_documents(_olmo_rows(task))]
 
 
 def _wikipedia() -> list[str]:
