@@ -448,7 +448,7 @@ def test_token_blocks_deterministic_non_overlapping() -> None:
 
 
 def test_import_is_cheap() -> None:
-    code = ("import sys, solm_compile.data.corpora, solm_compile.data.assets; "
+    code = ("import sys, solm_compile.data.corpora, solm_compile.data.assets, solm_compile.data.genres; "
             "heavy = [m for m in ('torch', 'rdata', 'numpy', 'transformers') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -122,7 +122,8 @@ def python_documents(source: str, path: str) -> list[str]:
 
 def qa_documents(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     """oe-eval 0-shot ranked-classification requests (one row per choice) as worked questions: the context the
-    model was shown (``Question: ...\\nAnswer:``) followed by the correct choice, one document per question.
+    model was shown (``Question: ...\\nAnswer:``, after a support passage for SciQ) followed by the correct
+    choice, one document per question.
 
     The rows with ``idx == label`` carry the correct continuation; oe-eval's "unconditional" copies (context
     ``Answer:`` alone, doc ids shifted by 1,000,000) hold no question and are skipped.
