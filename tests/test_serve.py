@@ -1,0 +1,158 @@
+"""`solm serve` (issue 19, first slice): the official openai client against the server in this process, greedy
+answers against SolmSession.generate (an independent reference), bad requests, a client that leaves mid-stream and
+two streams at once. The tiny artifact and the server are session fixtures (conftest.py)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from serve_helpers import TIMEOUT_S, get, metric, post
+from test_artifact import PROMPT
+
+openai = pytest.importorskip("openai", reason="the test extra installs the openai client")
+BUDGET = {"attn_keep": 0.5, "mlp_keep": 0.75, "bits": 8}
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served["url"] + "/v1", api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(serve_artifact):
+    from solm_compile.runtime.session import SolmSession
+
+    return SolmSession(serve_artifact, threads=1)
+
+
+def _model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def test_models_lists_the_artifact(client, served):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny.portable"]
+    status, text = get(served["url"] + "/health")
+    assert status == 200 and '"status":"ok"' in text.replace(" ", "")
+
+
+def test_completion_plain_and_streamed_equal_generate(client, reference):
+    want = reference.generate(PROMPT, 12, (0.5, 0.75, 8), greedy=True, chat=False)
+    r = client.completions.create(model=_model(client), prompt=PROMPT, max_tokens=12, temperature=0,
+                                  extra_body=BUDGET)
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len(PROMPT.split())
+    per_token = r.model_extra["solm"]["per_token"]
+    assert [p["token"] for p in per_token] == want.tokens
+    assert [p["action"] for p in per_token] == want.actions
+    chunks = list(client.completions.create(model=_model(client), prompt=PROMPT, max_tokens=12, temperature=0,
+                                            stream=True, extra_body=BUDGET))
+    assert "".join(c.choices[0].text for c in chunks) == want.text
+    streamed = [c.model_extra["solm"] for c in chunks if "token" in (c.model_extra.get("solm") or {})]
+    assert [s["token_cost"] for s in streamed] == [p["token_cost"] for p in per_token]
+    assert len({round(p["token_cost"], 9) for p in per_token}) > 1          # a random policy varies its compute
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_completion_uses_the_chat_template(client, reference):
+    prompt = "w5 w17 w3"
+    want = reference.generate(prompt, 8, (1.0, 1.0, 16), greedy=True, chat=True)
+    r = client.chat.completions.create(model=_model(client), messages=[{"role": "user", "content": prompt}],
+                                       max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    parts = list(client.chat.completions.create(model=_model(client), max_tokens=8, temperature=0, stream=True,
+                                                messages=[{"role": "user", "content": prompt}]))
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == want.text
+
+
+def test_stop_string_cuts_the_answer(client, reference):
+    full = reference.generate(PROMPT, 12, (1.0, 1.0, 16), greedy=True, chat=False).text
+    stop = full.split()[3]
+    r = client.completions.create(model=_model(client), prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == full[:full.index(stop)]
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    ({"max_tokens": 4}, "prompt"),
+    ({"prompt": PROMPT, "max_tokens": "4"}, "max_tokens"),
+    ({"prompt": PROMPT, "temperature": "hot"}, "temperature"),
+    ({"prompt": PROMPT, "attn_keep": 0.001}, "attn_keep"),
+    ({"prompt": PROMPT, "mlp_keep": True}, "mlp_keep"),
+    ({"prompt": PROMPT, "stop": 3}, "stop"),
+    ({"prompt": PROMPT, "max_tokens": 600}, "max_tokens"),
+    ({"prompt": list(range(5)) * 120, "max_tokens": 1}, "prompt"),
+])
+def test_bad_request_is_400_in_openai_shape(served, body, param):
+    raw = isinstance(body, bytes)
+    status, err = post(served["url"] + "/v1/completions", body, raw=raw)
+    assert status == 400
+    assert set(err) == {"error"} and set(err["error"]) == {"message", "type", "param", "code"}
+    assert err["error"]["type"] == "invalid_request_error" and err["error"]["param"] == param
+    assert "\n" not in err["error"]["message"]
+    status, ok = post(served["url"] + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
+    assert status == 200 and ok["usage"]["completion_tokens"] == 2             # the server is undisturbed
+
+
+def test_chat_without_messages_and_unknown_model(served):
+    status, err = post(served["url"] + "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]})
+    assert status == 400 and err["error"]["param"] == "messages[0]"
+    status, err = post(served["url"] + "/v1/completions", {"model": "gpt-4", "prompt": PROMPT})
+    assert status == 404 and err["error"]["code"] == "model_not_found"
+    status, err = post(served["url"] + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "top_p": 0.5,
+                                                          "presence_penalty": 1, "user": "u"})
+    assert status == 200                                                       # unimplemented fields: ignored
+
+
+def _wait_idle(url: str, limit_s: float = 20.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while metric(url, "solm_active_requests") or metric(url, "solm_queue_length"):
+        assert time.monotonic() < deadline, "the server never freed the slot"
+        time.sleep(0.05)
+
+
+def test_client_leaving_mid_stream_frees_its_slot(served):
+    url = served["url"]
+    _wait_idle(url)
+    cancelled = metric(url, 'solm_requests_total{outcome="cancelled"}')
+    host, port = url.removeprefix("http://").split(":")
+    body = b'{"prompt": "%s", "max_tokens": 480, "temperature": 0, "stream": true}' % PROMPT.encode()
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        got = b""
+        while got.count(b"data: ") < 3:                                         # a few tokens in, then leave
+            data = s.recv(4096)
+            assert data, "the stream ended early"
+            got += data
+    _wait_idle(url)
+    assert metric(url, 'solm_requests_total{outcome="cancelled"}') == cancelled + 1
+    assert metric(url, "solm_tokens_generated_total") > 0
+
+
+def test_two_concurrent_streams_both_complete(client, reference):
+    budgets = [(1.0, 1.0, 16), (0.5, 0.75, 8)]
+    want = [reference.generate(PROMPT, 40, b, greedy=True, chat=False).text for b in budgets]
+    got, first = [None, None], [None, None]
+
+    def one(i):
+        b = dict(zip(("attn_keep", "mlp_keep", "bits"), budgets[i]))
+        text = ""
+        for c in client.completions.create(model=_model(client), prompt=PROMPT, max_tokens=40, temperature=0,
+                                           stream=True, extra_body=b):
+            first[i] = first[i] or time.monotonic()
+            text += c.choices[0].text
+        got[i] = (text, time.monotonic())
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT_S)
+    assert [g[0] for g in got] == want
+    assert max(first) < min(g[1] for g in got)          # each started before the other finished: interleaved
