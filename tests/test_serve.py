@@ -156,3 +156,29 @@ def test_two_concurrent_streams_both_complete(client, reference):
         t.join(TIMEOUT_S)
     assert [g[0] for g in got] == want
     assert max(first) < min(g[1] for g in got)          # each started before the other finished: interleaved
+
+
+def test_serve_command_refuses_in_one_line(capsys, tmp_path):
+    from solm_compile.cli import app as cli
+
+    assert cli.main(["serve", str(tmp_path / "missing.onnx")]) == 2
+    assert cli.main(["serve", str(tmp_path / "missing.onnx"), "--port", "70000"]) == 2
+    assert cli.main(["serve", str(tmp_path / "missing.onnx"), "--max-active", "0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"solm: error: {tmp_path / 'missing.onnx'}: no such artifact",
+                   "solm: error: --port must be in [0, 65535], got 70000",
+                   "solm: error: --max-active must be >= 1, got 0"]
+
+
+def test_stop_text_never_releases_a_stop_string():
+    from solm_compile.serve.scheduler import StopText
+
+    pieces = ["Hel", "lo, wo", "rld. E", "ND here"]
+    text = StopText(lambda ids: "".join(pieces[i] for i in ids), ("END", "wox"))
+    out = [text.push(i) for i in range(4)]
+    assert out == [("Hel", False), ("lo, ", False), ("world. ", False), ("", True)]   # "wo" held, then released
+    assert text.finish() == ""
+    text = StopText(lambda ids: "".join(pieces[i] for i in ids), ("E",))
+    assert [text.push(i) for i in range(2)] == [("Hel", False), ("lo, wo", False)] and text.finish() == ""
+    text = StopText(lambda ids: "".join(pieces[i] for i in ids), ("rlx",))
+    assert "".join(text.push(i)[0] for i in range(2)) + text.finish() == "Hello, wo"
