@@ -143,7 +143,8 @@ function showTip(span) {
   tip.textContent = span.dataset.tip;
   tip.hidden = false;
   const r = span.getBoundingClientRect();
-  tip.style.left = `${window.scrollX + r.left}px`;
+  const room = document.documentElement.clientWidth - tip.offsetWidth - 4;   // kept inside the window
+  tip.style.left = `${window.scrollX + Math.max(4, Math.min(r.left, room))}px`;
   tip.style.top = `${window.scrollY + r.bottom + 4}px`;
 }
 
@@ -160,7 +161,7 @@ function drawChart() {
   const svg = $("chart");
   svg.replaceChildren();
   const W = 640, H = 180, left = 40, right = 60, top = 10, bottom = 22;
-  const lo = Math.min(scale ? scale[0] : 0, ...costs, 1) ;
+  const lo = Math.min(scale ? scale[0] : 0, ...costs, 1);
   const y0 = Math.max(0, Math.floor((lo - 0.05) * 10) / 10), y1 = 1.05;
   const y = (v) => top + (H - top - bottom) * (y1 - v) / (y1 - y0);
   const n = Math.max(costs.length, 2);
