@@ -69,6 +69,24 @@ def test_chat_completion_uses_the_chat_template(client, reference):
     assert "".join(p.choices[0].delta.content or "" for p in parts) == want.text
 
 
+def test_seeded_sampling_equals_generate(client, reference):
+    """temperature > 0 with a seed: the same draws as SolmSession.generate with that seed."""
+    want = reference.generate(PROMPT, 10, (1.0, 1.0, 16), greedy=False, temperature=0.9, seed=11, chat=False)
+    r = [client.completions.create(model=_model(client), prompt=PROMPT, max_tokens=10, temperature=0.9, seed=11)
+         for _ in range(2)]
+    assert r[0].choices[0].text == r[1].choices[0].text == want.text
+
+
+def test_chat_conversation_is_rendered_whole(client):
+    """A system turn and a user turn go through the template together: the same answer as completing the text
+    the template renders (CHAT_TEMPLATE: each content and a space, then the assistant cue "w1 w2")."""
+    msgs = [{"role": "system", "content": "w9"}, {"role": "user", "content": "w5 w17"}]
+    chat = client.chat.completions.create(model=_model(client), messages=msgs, max_tokens=6, temperature=0)
+    plain = client.completions.create(model=_model(client), prompt="w9 w5 w17 w1 w2", max_tokens=6, temperature=0)
+    assert chat.choices[0].message.content == plain.choices[0].text
+    assert chat.usage.prompt_tokens == 5
+
+
 def test_stop_string_cuts_the_answer(client, reference):
     full = reference.generate(PROMPT, 12, (1.0, 1.0, 16), greedy=True, chat=False).text
     stop = full.split()[3]
@@ -85,6 +103,7 @@ def test_stop_string_cuts_the_answer(client, reference):
     ({"prompt": PROMPT, "attn_keep": 0.001}, "attn_keep"),
     ({"prompt": PROMPT, "mlp_keep": True}, "mlp_keep"),
     ({"prompt": PROMPT, "stop": 3}, "stop"),
+    ({"prompt": PROMPT, "seed": -1}, "seed"),
     ({"prompt": PROMPT, "max_tokens": 600}, "max_tokens"),
     ({"prompt": list(range(5)) * 120, "max_tokens": 1}, "prompt"),
 ])

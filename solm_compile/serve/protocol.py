@@ -168,7 +168,7 @@ def parse_request(body: dict, sess, context: int, chat: bool) -> GenRequest:
                            param=flag.lstrip("-").replace("-", "_")) from e
     return GenRequest(prompt_ids=tuple(ids), max_tokens=max_tokens,
                       temperature=_number(body, "temperature", 1.0, 0.0, 2.0), stop=_stops(body),
-                      seed=_integer(body, "seed", None, -(1 << 63), (1 << 63) - 1), budget=budget, stream=stream,
+                      seed=_integer(body, "seed", None, 0, (1 << 63) - 1), budget=budget, stream=stream,
                       chat=chat)
 
 
