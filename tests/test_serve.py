@@ -4,6 +4,7 @@ two streams at once. The tiny artifact and the server are session fixtures (conf
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -135,20 +136,28 @@ def _wait_idle(url: str, limit_s: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def test_client_leaving_mid_stream_frees_its_slot(served):
-    url = served["url"]
-    _wait_idle(url)
-    cancelled = metric(url, 'solm_requests_total{outcome="cancelled"}')
+@contextlib.contextmanager
+def _raw_stream(url: str, events: int, max_tokens: int = 480):
+    """A streamed completion on a bare socket, open after ``events`` SSE events; closing it is the client leaving."""
     host, port = url.removeprefix("http://").split(":")
-    body = b'{"prompt": "%s", "max_tokens": 480, "temperature": 0, "stream": true}' % PROMPT.encode()
+    body = b'{"prompt": "%s", "max_tokens": %d, "temperature": 0, "stream": true}' % (PROMPT.encode(), max_tokens)
     with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         got = b""
-        while got.count(b"data: ") < 3:                                         # a few tokens in, then leave
+        while got.count(b"data: ") < events:
             data = s.recv(4096)
             assert data, "the stream ended early"
             got += data
+        yield s
+
+
+def test_client_leaving_mid_stream_frees_its_slot(served):
+    url = served["url"]
+    _wait_idle(url)
+    cancelled = metric(url, 'solm_requests_total{outcome="cancelled"}')
+    with _raw_stream(url, events=3):                                            # a few tokens in, then leave
+        pass
     _wait_idle(url)
     assert metric(url, 'solm_requests_total{outcome="cancelled"}') == cancelled + 1
     assert metric(url, "solm_tokens_generated_total") > 0
@@ -201,3 +210,21 @@ def test_stop_text_never_releases_a_stop_string():
     assert [text.push(i) for i in range(2)] == [("Hel", False), ("lo, wo", False)] and text.finish() == ""
     text = StopText(lambda ids: "".join(pieces[i] for i in ids), ("rlx",))
     assert "".join(text.push(i)[0] for i in range(2)) + text.finish() == "Hello, wo"
+
+
+def test_full_server_says_503_and_a_slow_request_times_out(serve_artifact):
+    """One slot, no queue: a second request while a long stream runs gets 503 (overloaded); a request longer than
+    the timeout ends with 408. A server of its own, so the shared one is not disturbed."""
+    from solm_compile.runtime.session import SolmSession
+    from solm_compile.serve import ServeConfig, background, create_app
+
+    sess = SolmSession(serve_artifact, threads=1)
+    with background(create_app(sess, ServeConfig(context=512, max_active=1, max_queue=0))) as url:
+        with _raw_stream(url, events=1):                                        # streaming: the slot is taken
+            status, err = post(url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+            assert status == 503 and err["error"]["code"] == "overloaded"
+        _wait_idle(url)
+    with background(create_app(sess, ServeConfig(context=512, timeout_s=0.2))) as url:
+        status, err = post(url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 480, "temperature": 0})
+        assert status == 408 and err["error"]["code"] == "timeout"
+        assert metric(url, 'solm_requests_total{outcome="error"}') == 1

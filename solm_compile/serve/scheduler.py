@@ -229,13 +229,13 @@ class Scheduler:
         return True
 
     def _end(self, job: Job, kind: str, what) -> None:
+        """The request's last event; counted first, so a client that reads /metrics after its answer sees it."""
         self._close(job)
+        self.metrics.count_request("ok" if kind == "done" else "error")
         if kind == "done":
             job.emit("done", what, job.text.finish() if job.text is not None else "")
-            self.metrics.count_request("ok")
         else:
             job.emit("error", what)
-            self.metrics.count_request("error")
 
     @staticmethod
     def _close(job: Job) -> None:
