@@ -48,6 +48,11 @@ def test_completion_plain_and_streamed_equal_generate(client, reference):
     assert r.choices[0].text == want.text and r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len(PROMPT.split())
     per_token = r.model_extra["solm"]["per_token"]
+    from solm_compile.analysis.token_cost import TokenCost
+
+    usage = [sum(p["controls"][k] for p in per_token) / 12 for k in range(3)]        # the realised mean controls
+    static = sum(TokenCost(reference.meta)(p["L"], usage) for p in per_token) / 12
+    assert r.model_extra["solm"]["static_cost"] == pytest.approx(static, rel=1e-12)
     assert [p["token"] for p in per_token] == want.tokens
     assert [p["action"] for p in per_token] == want.actions
     chunks = list(client.completions.create(model=_model(client), prompt=PROMPT, max_tokens=12, temperature=0,

@@ -81,6 +81,7 @@ def test_page_shades_tokens_with_the_api_costs(browser, served):
     assert len(colours) > 1                                # shaded, by more than one value
     assert len(browser.find_elements(By.CSS_SELECTOR, "#chart polyline")) == 1
     assert browser.find_elements(By.CSS_SELECTOR, "#chart line.dense")
+    assert browser.find_elements(By.CSS_SELECTOR, "#chart line.static")   # a static allocation at the same usage
     spans[len(spans) // 2].click()                          # a tap shows the token's tooltip
     tip = browser.find_element(By.ID, "tip")
     assert tip.is_displayed() and "compute" in tip.text and "κ" in tip.text

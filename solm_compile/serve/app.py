@@ -140,7 +140,7 @@ def create_app(sess, config: ServeConfig = ServeConfig()) -> FastAPI:
                 continue
             _, finish, tail = ev
             return protocol.completion(rid, name, chat, text + tail, finish, len(job.req.prompt_ids), records,
-                                       summary(records))
+                                       summary(records, sched.cost))
 
     async def stream(job: Job, rid: str, chat: bool):
         records = []
@@ -160,7 +160,7 @@ def create_app(sess, config: ServeConfig = ServeConfig()) -> FastAPI:
                     continue
                 _, finish, tail = ev
                 yield sse(protocol.chunk(rid, name, chat, tail, finish=finish,
-                                         solm={**summary(records),
+                                         solm={**summary(records, sched.cost),
                                                "usage": protocol.usage(len(job.req.prompt_ids), len(records))}))
                 yield "data: [DONE]\n\n"
                 return
@@ -190,9 +190,17 @@ def solm_record(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if k != "text"}
 
 
-def summary(records: list) -> dict:
+def summary(records: list, cost) -> dict:
+    """Mean compute per token, the colour scale, and ``static_cost``: what the same tokens would have cost with the
+    realised mean controls applied to every one of them (a static allocation at the same usage), by the same
+    ``TokenCost``; None where the artifact reports no controls or no costs."""
     costs = [r["token_cost"] for r in records if r.get("token_cost") is not None]
-    return {"mean_cost": sum(costs) / len(costs) if costs else None,
+    controlled = [r for r in records if r.get("controls") is not None]
+    static = None
+    if cost is not None and controlled and len(controlled) == len(records):
+        usage = [sum(r["controls"][k] for r in records) / len(records) for k in range(3)]
+        static = sum(cost(r["L"], usage) for r in records) / len(records)
+    return {"mean_cost": sum(costs) / len(costs) if costs else None, "static_cost": static,
             "scale": records[0].get("scale") if records else None}
 
 

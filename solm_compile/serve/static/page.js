@@ -9,6 +9,7 @@ let model = null;
 let abort = null;
 let costs = [];
 let scale = null;
+let staticCost = null;
 
 function fmt(x, n = 2) { return x === null || x === undefined ? "–" : Number(x).toFixed(n); }
 
@@ -45,6 +46,7 @@ async function send(ev) {
   $("answer").textContent = "";
   costs = [];
   scale = null;
+  staticCost = null;
   hideTip();
   drawChart();
   const chat = $("chat").checked;
@@ -105,6 +107,7 @@ function onData(data, chat) {
   if (s && s.token !== undefined) addToken(text, s);
   else if (text) $("answer").append(document.createTextNode(text));
   if (choice.finish_reason) {
+    if (s && s.static_cost !== null && s.static_cost !== undefined) { staticCost = s.static_cost; drawChart(); }
     const mean = s && s.mean_cost !== null && s.mean_cost !== undefined ? `, mean compute ${fmt(s.mean_cost, 3)} of dense` : "";
     setStatus("done", `${costs.length} tokens (${choice.finish_reason})${mean}`);
   }
@@ -174,6 +177,10 @@ function drawChart() {
   if (scale) {
     svg.append(el("line", { class: "floor", x1: left, x2: W - right, y1: y(scale[0]), y2: y(scale[0]) }));
     svg.append(el("text", { x: W - right + 4, y: y(scale[0]) + 4 }, "floor"));
+  }
+  if (staticCost !== null) {
+    svg.append(el("line", { class: "static", x1: left, x2: W - right, y1: y(staticCost), y2: y(staticCost) }));
+    svg.append(el("text", { x: W - right + 4, y: y(staticCost) + 4 }, "static"));
   }
   svg.append(el("text", { x: left, y: H - 6 }, costs.length ? `token 1 … ${costs.length}` : "no tokens yet"));
   if (costs.length) {
