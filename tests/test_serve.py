@@ -233,3 +233,14 @@ def test_full_server_says_503_and_a_slow_request_times_out(serve_artifact):
         status, err = post(url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 480, "temperature": 0})
         assert status == 408 and err["error"]["code"] == "timeout"
         assert metric(url, 'solm_requests_total{outcome="error"}') == 1
+
+
+def test_solm_cli_does_not_need_the_serve_extra():
+    """`solm run` and friends import nothing of FastAPI/uvicorn: they are the serve extra's, loaded by `solm serve`."""
+    import subprocess
+    import sys
+
+    code = ("import sys, solm_compile.cli.app, solm_compile.serve; "
+            "assert not {'fastapi', 'uvicorn', 'starlette'} & set(sys.modules), sorted(sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
