@@ -233,13 +233,14 @@ class SolmSession:
             yield step
 
     # ------------------------------------------------------------------------------------------ public API
-    def chat_prompt(self, prompt: str) -> str:
-        """``prompt`` as the model's chat template renders one user turn and the assistant's cue."""
+    def chat_prompt(self, prompt: str | None, messages: list[dict] | None = None) -> str:
+        """``prompt`` as the model's chat template renders one user turn and the assistant's cue (or, given
+        ``messages``, that whole conversation of {role, content} turns instead)."""
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
             self.meta["chat_template"])
-        return template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+        return template.render(messages=messages or [{"role": "user", "content": prompt}], add_generation_prompt=True,
                                bos_token=self.meta.get("bos_token") or "", eos_token=self.meta.get("eos_token") or "")
 
     def generate(self, prompt: str, max_new_tokens: int = 32, budget=(1.0, 1.0, 16), greedy: bool = True,

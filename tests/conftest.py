@@ -30,3 +30,24 @@ def tiny_models():
 def tiny_llama():
     torch.manual_seed(0)
     return tiny_models()["llama-gqa"]().eval()
+
+
+@pytest.fixture(scope="session")
+def serve_artifact(tmp_path_factory, tiny_llama):
+    """A tiny portable artifact (random policy, word tokenizer, a chat template) for the `solm serve` tests."""
+    from serve_helpers import build_artifact
+
+    return build_artifact(tmp_path_factory.mktemp("serve"), tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def served(serve_artifact):
+    """`solm serve` in this process on an ephemeral loopback port: {url, app, artifact}."""
+    pytest.importorskip("fastapi", reason="solm serve needs the serve extra")
+    from serve_helpers import SERVE_CONFIG
+    from solm_compile.runtime.session import SolmSession
+    from solm_compile.serve import background, create_app
+
+    app = create_app(SolmSession(serve_artifact, threads=1), SERVE_CONFIG)
+    with background(app) as url:
+        yield {"url": url, "app": app, "artifact": serve_artifact}

@@ -1,7 +1,8 @@
 """What a test needs from the machine: under CI's require flags a missing piece fails the test instead of skipping.
 
 CI sets SOLM_REQUIRE_EP=1: the CI machine builds SolmEP, so a test that needs it and finds it missing is a failure.
-SOLM_REQUIRE_BENCH=1 does the same for the peer engines of `solm bench --engines` (the bench extra).
+SOLM_REQUIRE_BENCH=1 does the same for the peer engines of `solm bench --engines` (the bench extra), and
+SOLM_REQUIRE_BROWSER=1 for headless Chromium, which drives `solm serve`'s web page.
 """
 
 from __future__ import annotations
@@ -31,3 +32,11 @@ def need_bench(module: str):
         if os.environ.get("SOLM_REQUIRE_BENCH"):
             pytest.fail(f"SOLM_REQUIRE_BENCH is set: {why}")
         pytest.skip(why)
+
+
+def need_browser(why: str) -> None:
+    """Headless Chromium for the web-page tests (Debian's ``chromium`` and ``chromium-driver``, which ``.ci/run``
+    installs). Missing: skipped with ``why``; under SOLM_REQUIRE_BROWSER=1 (CI) a failure."""
+    if os.environ.get("SOLM_REQUIRE_BROWSER"):
+        pytest.fail(f"SOLM_REQUIRE_BROWSER is set: {why}")
+    pytest.skip(why)

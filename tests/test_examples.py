@@ -31,7 +31,7 @@ def artifact(tmp_path_factory):
 
 def test_every_example_has_a_header_and_is_run_here():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
-    assert scripts == ["compile_and_generate.py", "onnxruntime_loop.py", "runtime_budgets.py",
+    assert scripts == ["compile_and_generate.py", "onnxruntime_loop.py", "openai_client.py", "runtime_budgets.py",
                        "torch_compile_generate.py"]
     for s in scripts:
         assert (EXAMPLES / s).read_text().startswith('"""'), f"{s}: no header docstring"
@@ -40,6 +40,13 @@ def test_every_example_has_a_header_and_is_run_here():
 def test_onnxruntime_loop(artifact):
     text = _run("onnxruntime_loop.py", str(artifact), "--max-new-tokens", "6")
     assert "Paris" in text, text                     # plain continuation of "The capital of France is"
+
+
+def test_openai_client(artifact):
+    lines = [line for line in _run("openai_client.py", str(artifact), "--max-new-tokens", "8").splitlines()
+             if "mean compute" in line]
+    assert len(lines) == 2 and "Paris" in lines[0], lines           # the dense budget answers the question
+    assert "mean compute 1.00 of dense" in lines[0]                   # and costs exactly the dense budget
 
 
 def test_runtime_budgets(artifact):

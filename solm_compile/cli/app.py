@@ -14,6 +14,7 @@ from solm_compile.cli.bench import add_bench_parser
 from solm_compile.cli.common import Parser, add_model_args
 from solm_compile.cli.eval import add_eval_parser
 from solm_compile.cli.model import add_model_parsers
+from solm_compile.cli.serve import add_serve_parser
 from solm_compile.cli.train import add_train_parser
 from solm_compile.errors import UserError
 
@@ -21,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="solm", description="Compile language models that spend compute where it counts.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    for add in (add_model_parsers, add_artifact_parsers, add_train_parser, add_eval_parser, add_bench_parser):
+    for add in (add_model_parsers, add_artifact_parsers, add_train_parser, add_eval_parser, add_bench_parser,
+                add_serve_parser):
         add(sub, add_model_args)
     return parser
 

@@ -1,0 +1,54 @@
+"""``solm serve ARTIFACT``: an OpenAI-style HTTP server (and the web page at ``/``) over one artifact."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from solm_compile.serve.config import ServeConfig
+
+D = ServeConfig()
+
+
+def add_serve_parser(sub, common) -> None:
+    p = sub.add_parser("serve", help="serve an artifact over HTTP: OpenAI-style /v1 API and a web page at /")
+    p.add_argument("artifact", metavar="ARTIFACT")
+    p.add_argument("--host", default=D.host, help=f"address to listen on (default {D.host}: this machine only; the "
+                   "server has no authentication)")
+    p.add_argument("--port", type=int, default=D.port, help=f"port (default {D.port}; 0: any free one)")
+    p.add_argument("--threads", type=int, default=D.threads, help="onnxruntime intra-op threads")
+    p.add_argument("--context", type=int, default=D.context,
+                   help=f"tokens of prompt plus answer one request may use (default {D.context})")
+    p.add_argument("--max-active", type=int, default=D.max_active,
+                   help=f"requests stepped in turn, one token each (default {D.max_active})")
+    p.add_argument("--max-queue", type=int, default=D.max_queue,
+                   help=f"requests waiting for a slot before new ones get 503 (default {D.max_queue})")
+    p.add_argument("--timeout", dest="timeout_s", type=float, default=D.timeout_s,
+                   help=f"seconds a request may run (default {D.timeout_s:g})")
+    p.add_argument("--model-name", default=D.model_name, help="the model id clients use (default: the file name)")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(fn=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = ServeConfig(host=args.host, port=args.port, threads=args.threads, context=args.context,
+                         max_active=args.max_active, max_queue=args.max_queue, timeout_s=args.timeout_s,
+                         model_name=args.model_name)          # bad flags fail before the artifact loads
+    try:
+        from solm_compile.serve import create_app, serve_forever
+    except ImportError as e:
+        from solm_compile.errors import UserError
+
+        raise UserError(f"solm serve needs the serve extra ({e.name} is missing): pip install "
+                        "'solm-compile[serve]'") from e
+    from solm_compile.runtime.session import SolmSession
+
+    sess = SolmSession(args.artifact, threads=args.threads)
+    app = create_app(sess, config)
+    if not config.loopback:
+        print(f"warning: listening on {config.host}, reachable from other machines; solm serve has no "
+              "authentication", file=sys.stderr)
+    print(f"solm serve: {sess.kind} artifact {sess.path.name} at http://{config.host}:{config.port}/ "
+          f"(OpenAI API under /v1; Ctrl-C stops)", flush=True)
+    serve_forever(app, config)
+    return 0

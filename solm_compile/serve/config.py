@@ -1,0 +1,54 @@
+"""``solm serve``'s settings: one frozen dataclass, validated where it is built (CLI flags and the Python API share
+these defaults)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from solm_compile.errors import UserError
+
+LOOPBACK = "127.0.0.1"
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``host``/``port``: where to listen (loopback unless told otherwise; the server has no authentication).
+    ``threads``: onnxruntime intra-op threads (None: its default). ``context``: tokens of prompt plus answer one
+    request may use (the artifact does not record its model's own limit). ``max_active``: requests stepped in turn
+    by the scheduler; up to ``max_queue`` more wait for a slot, beyond that a request gets 503. ``timeout_s``: a
+    request still running after this long is ended. ``max_body``: bytes of request JSON accepted."""
+
+    host: str = LOOPBACK
+    port: int = 8000
+    threads: int | None = None
+    context: int = 2048
+    max_active: int = 8
+    max_queue: int = 64
+    timeout_s: float = 300.0
+    max_body: int = 1_000_000
+    model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}")
+        _check(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        _check(self.context >= 2, f"--context must be >= 2, got {self.context}")
+        _check(self.max_active >= 1, f"--max-active must be >= 1, got {self.max_active}")
+        _check(self.max_queue >= 0, f"--max-queue must be >= 0, got {self.max_queue}")
+        _check(self.timeout_s > 0, f"--timeout must be > 0 seconds, got {self.timeout_s}")
+        _check(self.max_body >= 1024, f"max_body must be >= 1024 bytes, got {self.max_body}")
+        _check(bool(self.host) and " " not in self.host, f"--host must be an address or a name, got {self.host!r}")
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False

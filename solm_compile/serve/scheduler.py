@@ -1,0 +1,243 @@
+"""One worker thread that steps every active request in turn, one decode step each (token-granular interleaving).
+
+Each request owns a ``SolmSession.steps`` generator (the session keeps each call's KV cache and policy state
+apart), so the worker advances request 1 by one token, then request 2, ... round-robin: concurrent requests share
+the machine at token granularity. Their rows are not yet batched into one onnxruntime run: that needs the
+mixed-length step protocol (a later step of issue 19), so throughput with N clients is about that of one.
+
+A request's events go to its asyncio queue on the server's event loop: ``("token", record)`` per generated token,
+then ``("done", finish_reason, tail_text)`` or ``("error", ApiError)``. Cancelling a request (its client went away)
+frees its slot at the worker's next turn. Every wait is bounded: the worker wakes at least every ``IDLE_S``, and
+a request running longer than the config's ``timeout_s`` is ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+
+import numpy as np
+
+from solm_compile.analysis import shade
+from solm_compile.analysis.token_cost import TokenCost, scale_floor
+from solm_compile.errors import UserError
+from solm_compile.runtime.session import pick_tokens
+from solm_compile.serve.metrics import Metrics
+from solm_compile.serve.protocol import ApiError, GenRequest
+
+log = logging.getLogger(__name__)
+IDLE_S = 0.25
+
+
+class StopText:
+    """The answer's text as tokens arrive, cut at the first stop string. Text that could still be the start of a
+    stop string is held back until it cannot (or until the end), so a streamed answer never shows a stop string."""
+
+    def __init__(self, decode, stops: tuple[str, ...]):
+        self.inc, self.stops = shade.IncrementalText(decode), stops
+        self.full, self.sent, self.stopped = "", 0, False
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """(text this token releases, whether a stop string has now appeared)."""
+        self.full += self.inc.push(token)
+        hits = [i for i in (self.full.find(s, self.sent) for s in self.stops) if i >= 0]
+        if hits:                               # released text never holds a stop's start, so it begins >= sent
+            self.full, self.stopped = self.full[:min(hits)], True
+            return self._release(len(self.full)), True
+        held = max((k for s in self.stops for k in range(1, len(s)) if self.full.endswith(s[:k])), default=0)
+        return self._release(len(self.full) - held), False
+
+    def finish(self) -> str:
+        """Whatever is still held at the end (a cut UTF-8 character, the start of a stop string never completed)."""
+        if not self.stopped:
+            self.full += self.inc.flush()
+        return self._release(len(self.full))
+
+    def _release(self, upto: int) -> str:
+        out, self.sent = self.full[self.sent:upto], max(upto, self.sent)
+        return out
+
+
+class Job:
+    """One request as the worker sees it; ``events`` lives on the server's event loop."""
+
+    def __init__(self, req: GenRequest, loop: asyncio.AbstractEventLoop, deadline: float):
+        self.req, self.loop, self.deadline = req, loop, deadline
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.gen = self.text = self.rng = None
+        self.n = 0
+        self.lo = None
+
+    def emit(self, *event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:          # the loop is closed: nobody is listening any more
+            pass
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Scheduler:
+    """Round-robin stepping of up to ``max_active`` requests on one ``SolmSession``; up to ``max_queue`` wait."""
+
+    def __init__(self, sess, max_active: int, max_queue: int, timeout_s: float, metrics: Metrics | None = None):
+        self.sess, self.max_active, self.max_queue, self.timeout_s = sess, max_active, max_queue, timeout_s
+        self.metrics = metrics or Metrics()
+        self.eos = set(sess.meta.get("eos_token_ids") or [])
+        try:
+            self.cost = TokenCost(sess.meta, str(sess.path))
+        except UserError:                      # compiled before artifacts carried cost shapes: no per-token cost
+            self.cost = None
+        self.pending: collections.deque[Job] = collections.deque()
+        self.active: list[Job] = []
+        self.cv = threading.Condition()
+        self.closing = False
+        self.thread = threading.Thread(target=self._loop, name="solm-serve-scheduler", daemon=True)
+
+    # ------------------------------------------------------------------------------------------ server side
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, req: GenRequest, loop: asyncio.AbstractEventLoop) -> Job:
+        job = Job(req, loop, time.monotonic() + self.timeout_s)
+        with self.cv:
+            if self.closing:
+                raise ApiError("the server is shutting down", status=503, type="server_error", code="shutting_down")
+            if len(self.active) >= self.max_active and len(self.pending) >= self.max_queue:
+                raise ApiError(f"the server is busy ({len(self.active)} requests running, {len(self.pending)} "
+                               "waiting); try again later", status=503, type="server_error", code="overloaded")
+            self.pending.append(job)
+            self._gauges()
+            self.cv.notify()
+        return job
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Refuse new requests, end the running ones with an error event, stop the worker."""
+        with self.cv:
+            self.closing = True
+            self.cv.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout_s)
+
+    def counts(self) -> tuple[int, int]:
+        """(active, waiting)."""
+        with self.cv:
+            return len(self.active), len(self.pending)
+
+    def _gauges(self) -> None:               # under self.cv
+        self.metrics.set_gauges(active=len(self.active), queued=len(self.pending))
+
+    # ------------------------------------------------------------------------------------------ worker
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                if self.closing:
+                    for job in [*self.active, *self.pending]:
+                        self._end(job, "error", ApiError("the server is shutting down", status=503,
+                                                          type="server_error", code="shutting_down"))
+                    self.active.clear()
+                    self.pending.clear()
+                    self._gauges()
+                    return
+                while self.pending and len(self.active) < self.max_active:
+                    self.active.append(self.pending.popleft())
+                self._drop_cancelled()
+                if not self.active:
+                    self.cv.wait(IDLE_S)
+                    continue
+                turn = list(self.active)
+            for job in turn:                  # one step each, round-robin
+                if not self._advance(job):
+                    with self.cv:
+                        self.active.remove(job)
+                        self._gauges()
+
+    def _drop_cancelled(self) -> None:       # under self.cv
+        for job in [j for j in self.pending if j.cancelled.is_set()]:
+            self.pending.remove(job)
+            self.metrics.count_request("cancelled")
+        self._gauges()
+
+    def _advance(self, job: Job) -> bool:
+        """One step of ``job``; False once it is finished (its last event sent, its generator closed)."""
+        if job.cancelled.is_set():
+            self._close(job)
+            self.metrics.count_request("cancelled")
+            return False
+        if time.monotonic() > job.deadline:
+            self._end(job, "error", ApiError(f"the request ran past this server's timeout of {self.timeout_s:g} s",
+                                             status=408, type="timeout", code="timeout"))
+            return False
+        try:
+            if job.gen is None:
+                return self._prefill(job)
+            t0 = time.perf_counter()
+            step = next(job.gen)
+            self.metrics.add_step_time(time.perf_counter() - t0)
+            return self._token(job, step)
+        except StopIteration:
+            self._end(job, "done", "length")
+            return False
+        except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+            log.exception("request failed")
+            self._end(job, "error", ApiError(f"generation failed: {type(e).__name__}: {str(e)[:200]}", status=500,
+                                             type="server_error", code="internal_error"))
+            return False
+
+    def _prefill(self, job: Job) -> bool:
+        req = job.req
+        job.rng = np.random.default_rng(req.seed)
+        job.text = StopText(self.sess.tokenizer.decode, req.stop)
+        pick = lambda logits: pick_tokens(logits, job.rng, greedy=req.greedy, temperature=req.temperature)  # noqa
+        job.gen = self.sess.steps([list(req.prompt_ids)], req.budget, next_token=pick, max_new_tokens=req.max_tokens)
+        if self.cost is not None:
+            job.lo = scale_floor(self.cost.floor(len(req.prompt_ids) + req.max_tokens, req.budget))
+        t0 = time.perf_counter()
+        next(job.gen)                          # the dense prefill
+        self.metrics.add_step_time(time.perf_counter() - t0)
+        self.metrics.count_admitted(req)
+        return True
+
+    def _token(self, job: Job, step: dict) -> bool:
+        tok = int(step["token"][0])
+        if tok in self.eos:                    # the answer ended (as SolmSession.generate: the EOS is not shown)
+            self._end(job, "done", "stop")
+            return False
+        job.n += 1
+        L = len(job.req.prompt_ids) + job.n   # the KV length of the step that read this token (as run --show)
+        controls = None if step["controls"] is None else [float(c) for c in step["controls"][0]]
+        action = None if step["action"] is None else int(step["action"][0])
+        cost = None if self.cost is None else self.cost(L, controls)
+        text, stopped = job.text.push(tok)
+        rec = {"token": tok, "text": text, "token_cost": cost, "controls": controls, "action": action, "L": L}
+        if cost is not None:
+            rgb = shade.colour(cost, job.lo, 1.0)
+            rec.update(colour=shade.hex_colour(rgb), ink=shade.hex_colour(shade.foreground(rgb)), scale=[job.lo, 1.0])
+        self.metrics.count_token(cost)
+        job.emit("token", rec)
+        if stopped:
+            self._end(job, "done", "stop")
+            return False
+        if job.n >= job.req.max_tokens:
+            self._end(job, "done", "length")
+            return False
+        return True
+
+    def _end(self, job: Job, kind: str, what) -> None:
+        """The request's last event; counted first, so a client that reads /metrics after its answer sees it."""
+        self._close(job)
+        self.metrics.count_request("ok" if kind == "done" else "error")
+        if kind == "done":
+            job.emit("done", what, job.text.finish() if job.text is not None else "")
+        else:
+            job.emit("error", what)
+
+    @staticmethod
+    def _close(job: Job) -> None:
+        if job.gen is not None:
+            job.gen.close()
