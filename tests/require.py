@@ -1,7 +1,8 @@
 """What a test needs from the machine: under CI's require flags a missing piece fails the test instead of skipping.
 
 CI sets SOLM_REQUIRE_EP=1: the CI machine builds SolmEP, so a test that needs it and finds it missing is a failure.
-SOLM_REQUIRE_BENCH=1 does the same for the peer engines of `solm bench --engines` (the bench extra).
+SOLM_REQUIRE_BENCH=1 does the same for the peer engines of `solm bench --engines` (the bench extra), and
+SOLM_REQUIRE_TOOLS=1 (set by CI, whose `.[test]` install includes the tools extra) for onnx-graphsurgeon.
 """
 
 from __future__ import annotations
@@ -30,4 +31,18 @@ def need_bench(module: str):
         why = f"{module} is not installed (pip install solm-compile[bench])"
         if os.environ.get("SOLM_REQUIRE_BENCH"):
             pytest.fail(f"SOLM_REQUIRE_BENCH is set: {why}")
+        pytest.skip(why)
+
+
+def need_tools(module: str):
+    """A library of the ``tools`` extra (onnx-graphsurgeon). ``.[test]`` includes it and CI sets SOLM_REQUIRE_TOOLS=1,
+    so there a missing one fails the test; elsewhere (an environment without it) the test is skipped, saying why."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        why = f"{module} is not installed (pip install solm-compile[tools])"
+        if os.environ.get("SOLM_REQUIRE_TOOLS"):
+            pytest.fail(f"SOLM_REQUIRE_TOOLS is set: {why}")
         pytest.skip(why)
