@@ -46,3 +46,16 @@ def need_tools(module: str):
         if os.environ.get("SOLM_REQUIRE_TOOLS"):
             pytest.fail(f"SOLM_REQUIRE_TOOLS is set: {why}")
         pytest.skip(why)
+
+
+def need_cuda():
+    """onnxruntime-gpu's CUDA EP and a GPU. Skipped without them (CI, the usual CPU machine); SOLM_REQUIRE_CUDA=1 on a
+    GPU machine turns a missing CUDA EP into a failure."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return
+    why = "no CUDAExecutionProvider here (pip uninstall -y onnxruntime && pip install -r requirements-gpu.txt)"
+    if os.environ.get("SOLM_REQUIRE_CUDA"):
+        pytest.fail(f"SOLM_REQUIRE_CUDA is set: {why}")
+    pytest.skip(why)
