@@ -59,3 +59,17 @@ def need_cuda():
     if os.environ.get("SOLM_REQUIRE_CUDA"):
         pytest.fail(f"SOLM_REQUIRE_CUDA is set: {why}")
     pytest.skip(why)
+
+
+def need_mlir():
+    """torch-mlir (the ``mlir`` extra: large and pinned, so not in ``.[test]``). Skipped without it, saying how to
+    install it; SOLM_REQUIRE_MLIR=1 on a machine with the extra turns a missing one into a failure."""
+    import importlib
+
+    try:
+        return importlib.import_module("torch_mlir.fx")
+    except ImportError:
+        why = "torch-mlir is not installed (pip install solm-compile[mlir])"
+        if os.environ.get("SOLM_REQUIRE_MLIR"):
+            pytest.fail(f"SOLM_REQUIRE_MLIR is set: {why}")
+        pytest.skip(why)
