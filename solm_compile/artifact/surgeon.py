@@ -109,8 +109,10 @@ def save(graph, out: str | Path, like: str | Path) -> Path:
     if model.ByteSize() > EXTERNAL_ABOVE:
         onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=out.name + ".data")
-    else:
-        onnx.save_model(model, str(out))
+    else:                                   # atomically, as solm-compile writes: ``out`` may be ``like`` itself
+        from solm_compile.io import atomic_write_bytes
+
+        atomic_write_bytes(out, model.SerializeToString())
     return out
 
 
