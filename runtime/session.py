@@ -28,6 +28,7 @@ from solm_compile.errors import UserError
 log = logging.getLogger(__name__)
 
 POLICY_PROTOCOL = (0, 2)   # artifacts from 0.2 on: fixed-size policy KV, episodes restarted inside the graph
+HOST_OUTPUTS = ("logits", "action", "controls")   # read by the caller every step: bound in host memory
 POLICY_STATE = ("policy_key", "policy_value", "policy_prev_action", "policy_usage", "policy_count", "policy_step",
                 "policy_hidden")
 
@@ -85,8 +86,12 @@ class SolmSession:
 
     def __init__(self, path: str | Path, providers: list | None = None, threads: int | None = None,
                  use_ep: bool = True, tokenizer: bool = True, ep_options: dict | None = None,
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, device: str = "cpu"):
+        """``device`` (cpu, cuda) picks the providers when ``providers`` is None (``runtime/device.py``: CUDA first
+        and the CPU last, for portable and dense artifacts); an explicit ``providers`` list wins."""
         import onnxruntime as ort
+
+        from solm_compile.runtime.device import providers_for
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -97,6 +102,9 @@ class SolmSession:
         if self.kind in ("solm", "portable") and made_by < POLICY_PROTOCOL:
             raise UserError(f"{self.path}: written by solm {self.meta.get('version')}, whose policy state this "
                             f"runtime no longer drives; compile it again with this solm")
+        if providers is None:
+            providers = providers_for(self.kind, device, ort)
+        self.device = "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
         so = session_options(ort, threads)
         if profile_prefix:  # onnxruntime's profiler (per-node times); self.sess.end_profiling() writes the JSON
             so.enable_profiling = True
@@ -115,6 +123,9 @@ class SolmSession:
             self.sess = ort.InferenceSession(str(self.path), so, providers=providers)
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{self.path}: onnxruntime cannot load it: {str(e).splitlines()[0][:200]}") from e
+        if self.device == "cuda" and "CUDAExecutionProvider" not in self.sess.get_providers():
+            raise UserError(f"{self.path}: --device cuda: onnxruntime-gpu is installed but its CUDA EP did not start "
+                            f"(no GPU visible, or the CUDA/cuDNN libraries it needs are missing)")
         self.input_names = [i.name for i in self.sess.get_inputs()]
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.n_layers = int(self.meta["num_layers"])
@@ -125,6 +136,9 @@ class SolmSession:
                            for m in ("min", "max") if f"past_page_{m}_{i}" in optional + self.input_names
                            and f"present_page_{m}_{i}" in self.output_names]
         self.optional_inputs = [past for past, _ in self.page_state if past not in self.input_names]
+        # where each output is bound: on CUDA the carried state stays on the GPU; what the caller reads is copied
+        self.output_devices = {name: "cpu" if self.device == "cpu" or name in HOST_OUTPUTS else "cuda"
+                               for name in self.output_names}
         self.tokenizer = self._tokenizer() if tokenizer else None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -172,7 +186,7 @@ class SolmSession:
             v = feeds[name]
             binding.bind_ortvalue_input(name, v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v))
         for name in self.output_names:
-            binding.bind_output(name, "cpu")
+            binding.bind_output(name, self.output_devices[name])
         self.sess.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.get_outputs()))
 

@@ -41,6 +41,9 @@ class SolmConfig:
     activations what the low-bit matmuls multiply the weights with: "int8" (default; per block of 32, as llama.cpp
                 and onnxruntime-genai's int4 CPU model do: +0.2 % perplexity on SmolLM2) or "fp32" (exact)
     trust_pickle  allow a pickled model file (unpickling runs arbitrary code)
+    emit        "onnx" (default: the artifact) or "mlir": the decode step as MLIR text through torch-mlir (the
+                ``mlir`` extra; kind "auto" = the gated step with the budget as arguments, "dense" = the original)
+    mlir_dialect  linalg-on-tensors | stablehlo | raw; None: linalg-on-tensors for dense, raw for the gated step
     """
 
     kind: str = "auto"
@@ -50,6 +53,8 @@ class SolmConfig:
     trust_pickle: bool = False
     weights: str = "source"
     activations: str = "int8"
+    emit: str = "onnx"
+    mlir_dialect: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -64,6 +69,16 @@ class SolmConfig:
             raise UserError(f"--weights: must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         if self.activations not in ("int8", "fp32"):
             raise UserError(f"--activations: must be int8 or fp32, got {self.activations!r}")
+        if self.emit not in ("onnx", "mlir"):
+            raise UserError(f"--emit: must be onnx or mlir, got {self.emit!r}")
+        if self.emit == "mlir":     # before any model loads: the extra, the kind and the dialect, one line each
+            from solm_compile.artifact.mlir import check_dialect, torch_mlir_fx
+
+            if self.kind not in ("auto", "dense"):
+                raise UserError(f"--emit mlir writes the gated step (budget as arguments) or, with --dense, the "
+                                f"original; kind {self.kind!r} is an ONNX artifact kind")
+            torch_mlir_fx()
+            check_dialect(self.mlir_dialect, self.kind == "dense")
         if self.per_kv_head and self.kind in ("portable", "dense"):
             raise UserError(f"--per-kv-head: the {self.kind} artifact has no SolmEP attention to configure (it "
                             "applies to the ai.solm and --fixed artifacts)")
@@ -113,6 +128,12 @@ def compile(model: str, config: SolmConfig = SolmConfig(), out: str | Path = "mo
     loaded = load_model(model, trust_pickle=config.trust_pickle, weights=config.weights)
     gated = compile_gated(loaded, config.gate)
     lm = GatedLM(gated, _kv_shape_from_graph(loaded))
+    if config.emit == "mlir":
+        from solm_compile.artifact.mlir import emit_mlir
+
+        path = emit_mlir(lm, out, dense=config.kind == "dense", dialect=config.mlir_dialect)
+        log.info("wrote %s (MLIR, %s)", path, "dense" if config.kind == "dense" else "gated")
+        return path
     kind = _resolve_kind(config.kind)
     policy = None if kind in ("dense", "fixed") else resolve_policy(config.policy, loaded.info)
     path = write_artifact(lm, out, kind, policy, tokenizer=loaded.tokenizer, per_kv_head=config.per_kv_head,

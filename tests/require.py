@@ -2,7 +2,8 @@
 
 CI sets SOLM_REQUIRE_EP=1: the CI machine builds SolmEP, so a test that needs it and finds it missing is a failure.
 SOLM_REQUIRE_BENCH=1 does the same for the peer engines of `solm bench --engines` (the bench extra), and
-SOLM_REQUIRE_BROWSER=1 for headless Chromium, which drives `solm serve`'s web page.
+SOLM_REQUIRE_BROWSER=1 for headless Chromium, which drives `solm serve`'s web page, SOLM_REQUIRE_TOOLS=1 (CI's
+`.[test]` includes the tools extra) for onnx-graphsurgeon and SOLM_REQUIRE_MLIR=1 for torch-mlir.
 """
 
 from __future__ import annotations
@@ -40,3 +41,44 @@ def need_browser(why: str) -> None:
     if os.environ.get("SOLM_REQUIRE_BROWSER"):
         pytest.fail(f"SOLM_REQUIRE_BROWSER is set: {why}")
     pytest.skip(why)
+
+
+def need_tools(module: str):
+    """A library of the ``tools`` extra (onnx-graphsurgeon). ``.[test]`` includes it and CI sets SOLM_REQUIRE_TOOLS=1,
+    so there a missing one fails the test; elsewhere (an environment without it) the test is skipped, saying why."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        why = f"{module} is not installed (pip install solm-compile[tools])"
+        if os.environ.get("SOLM_REQUIRE_TOOLS"):
+            pytest.fail(f"SOLM_REQUIRE_TOOLS is set: {why}")
+        pytest.skip(why)
+
+
+def need_cuda():
+    """onnxruntime-gpu's CUDA EP and a GPU. Skipped without them (CI, the usual CPU machine); SOLM_REQUIRE_CUDA=1 on a
+    GPU machine turns a missing CUDA EP into a failure."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return
+    why = "no CUDAExecutionProvider here (pip uninstall -y onnxruntime && pip install -r requirements-gpu.txt)"
+    if os.environ.get("SOLM_REQUIRE_CUDA"):
+        pytest.fail(f"SOLM_REQUIRE_CUDA is set: {why}")
+    pytest.skip(why)
+
+
+def need_mlir():
+    """torch-mlir (the ``mlir`` extra, also in ``.[test]``). Skipped without it, saying how to
+    install it; SOLM_REQUIRE_MLIR=1 on a machine with the extra turns a missing one into a failure."""
+    import importlib
+
+    try:
+        return importlib.import_module("torch_mlir.fx")
+    except ImportError:
+        why = "torch-mlir is not installed (pip install solm-compile[mlir])"
+        if os.environ.get("SOLM_REQUIRE_MLIR"):
+            pytest.fail(f"SOLM_REQUIRE_MLIR is set: {why}")
+        pytest.skip(why)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from require import need_tools
+
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -31,8 +33,8 @@ def artifact(tmp_path_factory):
 
 def test_every_example_has_a_header_and_is_run_here():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
-    assert scripts == ["compile_and_generate.py", "onnxruntime_loop.py", "openai_client.py", "runtime_budgets.py",
-                       "torch_compile_generate.py"]
+    assert scripts == ["compile_and_generate.py", "graphsurgeon_edit.py", "onnxruntime_loop.py", "openai_client.py",
+                       "runtime_budgets.py", "torch_compile_generate.py"]
     for s in scripts:
         assert (EXAMPLES / s).read_text().startswith('"""'), f"{s}: no header docstring"
 
@@ -54,6 +56,14 @@ def test_runtime_budgets(artifact):
              if line.startswith("target")]
     assert len(lines) == 3
     assert "realised κ 1.00 ρ 1.00 b 16.0" in lines[0]     # the dense budget is dense
+
+
+def test_graphsurgeon_edit(artifact, tmp_path):
+    need_tools("onnx_graphsurgeon")
+    edited = tmp_path / "edited" / "smollm2.solm.onnx"
+    text = _run("graphsurgeon_edit.py", str(artifact), "--out", str(edited), "--max-new-tokens", "6")
+    assert "greedy tokens: identical" in text and "final_hidden" in text and "ai.solm 1" in text, text
+    assert (edited.parent / "smollm2.tokenizer.json").is_file()
 
 
 def test_torch_compile_generate():

@@ -67,7 +67,7 @@ import numpy as np
 from solm_compile.bench.artifacts import ensure_artifacts, policy_arg, random_policy  # noqa: F401 (random_policy: API)
 from solm_compile.bench.measure import (CostTable, Prefilled, _Run, bench_tokens, check_timing,  # noqa: F401
                                         format_table, policy_nodes, profile_share, rss_mb)
-from solm_compile.bench.sessions import MODES, SESSIONS, prefill_feeds  # noqa: F401 (API)
+from solm_compile.bench.sessions import variants_for, MODES, SESSIONS, prefill_feeds  # noqa: F401 (API)
 from solm_compile.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,12 @@ class BenchConfig:
     per_kv_head: bool = False   # also time the fixed artifact with SolmEP's select_per_kv_head=1 (diagnostic)
     profile_policy: bool = True  # one onnxruntime-profiled pass of the solm artifact: the policy nodes' share
     prefill: bool = False       # also time a whole prefill of ``context`` tokens per session (bench_prefill.py)
+    device: str = "cpu"         # cuda: the portable and dense artifacts on the CUDA EP (runtime/device.py)
 
     def __post_init__(self):
         from solm_compile.config import Budget
+
+        object.__setattr__(self, "variants", variants_for(self.device, self.variants, DEFAULT_VARIANTS, VARIANT_KINDS))
 
         Budget(self.attn_keep, self.mlp_keep, self.bits)  # range checks, one-line errors
         check_timing(self.contexts, self.threads, self.reps, self.steps, self.warmup)
@@ -164,7 +167,8 @@ class Bench:
         for name in self.cfg.sessions():
             kind, ep_options = SESSIONS[name]
             before = rss_mb()
-            s = SolmSession(self.artifacts[kind], threads=threads, tokenizer=False, ep_options=ep_options)
+            s = SolmSession(self.artifacts[kind], threads=threads, tokenizer=False, ep_options=ep_options,
+                            device=self.cfg.device)
             if kind in ("solm", "fixed") and not s.ep_active:
                 raise UserError(f"SolmEP is not available, so the {kind} artifact would run on the CPU provider; "
                                 "build it with `python -m solm_compile.runtime.ep_build`")

@@ -31,3 +31,21 @@ def prefill_feeds(s, ids: list[int], budget=(1.0, 1.0, 16.0)) -> dict:
         feeds.update(attn_keep=np.full(1, budget[0], np.float32), mlp_keep=np.full(1, budget[1], np.float32),
                      bits=np.full(1, budget[2], np.float32))
     return feeds
+
+
+def variants_for(device: str, variants: tuple, default: tuple, kinds: dict) -> tuple:
+    """The variants ``solm bench --device`` times: on CUDA the default set shrinks to what the CUDA EP runs (SolmEP
+    is CPU-only); a chosen variant it cannot run is a one-line error naming the flag."""
+    from solm_compile.errors import UserError
+    from solm_compile.runtime.device import CUDA_KINDS, check_device
+
+    check_device(device)
+    if device != "cuda":
+        return variants
+    if variants == default:
+        variants = tuple(v for v in default if kinds[v] in CUDA_KINDS)
+    off = [v for v in variants if kinds.get(v) not in CUDA_KINDS]
+    if off:
+        raise UserError(f"--device cuda: the {', '.join(off)} variants run on SolmEP, which is CPU-only "
+                        f"(choose from --variants {','.join(CUDA_KINDS)})")
+    return variants

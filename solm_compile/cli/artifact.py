@@ -29,6 +29,13 @@ def add_artifact_parsers(sub, common) -> None:
     p.add_argument("--activations", choices=("int8", "fp32"), default="int8",
                    help="low-bit matmuls: activations quantized to int8 per block of 32 (default; llama.cpp's trade, "
                    "+0.2 %% perplexity on SmolLM2) or kept fp32 (exact, slower)")
+    p.add_argument("--emit", choices=("onnx", "mlir"), default="onnx",
+                   help="onnx: the artifact (default); mlir: the decode step as MLIR text through torch-mlir "
+                   "(pip install solm-compile[mlir]): the gated step with the budget as arguments, or with --dense "
+                   "the original (docs/cli.md)")
+    p.add_argument("--mlir-dialect", choices=("linalg-on-tensors", "stablehlo", "raw"), default=None,
+                   help="--emit mlir's dialect (default linalg-on-tensors with --dense, raw for the gated step, whose "
+                   "solm ops stay torch.operator)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", help="generate with an artifact")
@@ -45,6 +52,9 @@ def add_artifact_parsers(sub, common) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (default) or cuda: a portable or dense artifact on onnxruntime-gpu's CUDA EP (SolmEP "
+                   "is CPU-only; docs/cli.md has the install swap)")
     p.add_argument("--json", action="store_true", help="print one JSON object (per_token: each token's text, "
                    "action, controls and cost_fraction)")
     p.add_argument("--show", action="store_true", help="colour each token by the compute it received (bytes read "
@@ -64,8 +74,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
             "solm" if args.custom_ops else "auto")
     config = SolmConfig(kind=kind, policy=args.policy, gate=dataclass_from_args(GateConfig, args),
                         per_kv_head=args.per_kv_head, trust_pickle=args.trust_pickle, weights=args.weights,
-                        activations=args.activations)
+                        activations=args.activations, emit=args.emit, mlir_dialect=args.mlir_dialect)
     path = compile(args.model, config, out=args.out)
+    if args.emit == "mlir":
+        print(f"wrote {path} (MLIR, {config.mlir_dialect or ('linalg-on-tensors' if args.dense else 'raw')}, "
+              f"{'dense' if args.dense else 'gated: budget as arguments'}; {path.stat().st_size / 1e6:.1f} MB)")
+        return 0
     meta = read_metadata(path)
     fmts = ", ".join(f"{k} ×{v}" for k, v in (meta.get("weights") or {}).get("packed", {}).items())
     print(f"wrote {path} ({meta['kind']}, {path.stat().st_size / 1e6:.1f} MB; weights {args.weights}"
@@ -76,11 +90,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from solm_compile.errors import UserError
+    from solm_compile.runtime.device import check_device
     from solm_compile.runtime.session import SolmSession
 
+    check_device(args.device)                       # before the artifact loads: one line if there is no CUDA
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    sess = SolmSession(args.artifact, threads=args.threads)
+    sess = SolmSession(args.artifact, threads=args.threads, device=args.device)
     budget = (args.attn_keep, args.mlp_keep, args.bits)
     if sess.kind != "dense":
         sess.check_budget(budget)

@@ -6,7 +6,10 @@ import argparse
 import json
 import sys
 
+from solm_compile.errors import UserError
+
 from solm_compile.bench.decode import VARIANT_KINDS, BenchConfig, format_table, prepare, run_all
+from solm_compile.runtime.device import DEVICES
 
 
 def _int_list(flag: str, cast=int, what: str = "integers"):
@@ -52,6 +55,9 @@ def add_bench_parser(sub, common) -> None:
     p.add_argument("--prefill", action="store_true",
                    help="also time a prefill of each context per artifact (rows with mode 'prefill'; ratio to the "
                         "dense artifact's prefill)")
+    p.add_argument("--device", choices=DEVICES, default=d.device,
+                   help="cpu (default) or cuda: the portable and dense artifacts on onnxruntime-gpu's CUDA EP "
+                        "(SolmEP is CPU-only; docs/cli.md has the install swap)")
     add_engines_args(p)
     p.set_defaults(fn=cmd_bench)
 
@@ -83,7 +89,7 @@ def config_from_args(args) -> BenchConfig:
     return BenchConfig(contexts=tuple(args.context or BenchConfig().contexts), threads=tuple(args.threads), attn_keep=args.attn_keep,
                        mlp_keep=args.mlp_keep, bits=args.bits, reps=args.reps, steps=args.steps,
                        warmup=args.warmup, variants=variants, per_kv_head=args.per_kv_head,
-                       profile_policy=args.profile_policy, prefill=args.prefill)
+                       profile_policy=args.profile_policy, prefill=args.prefill, device=args.device)
 
 
 def engines_config_from_args(args):
@@ -115,6 +121,8 @@ def cmd_bench(args) -> int:
     gate = dataclass_from_args(GateConfig, args)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.json else (lambda s: None)
     if args.engines:
+        if args.device != "cpu":
+            raise UserError("--device cuda: --engines times the engines on the CPU only (leave out --device)")
         return cmd_engines(args, gate, say)
     cfg = config_from_args(args)
     rows = []
@@ -123,6 +131,9 @@ def cmd_bench(args) -> int:
                         weights=args.weights)
         rows += run_all(bench)
     if args.backend in ("torch", "both"):
+        if args.device != "cpu":
+            raise UserError(f"--device cuda: --backend {args.backend} times torch.compile on the CPU only "
+                            "(use --backend onnxruntime)")
         from solm_compile.bench.torch_compile import run_torch
 
         rows += run_torch(args.model, cfg, args.policy, gate=gate, trust_pickle=args.trust_pickle, say=say)

@@ -1,0 +1,74 @@
+"""A solm artifact edited with onnx-graphsurgeon (solm_compile.artifact.surgeon) still is one: it runs under SolmEP
+with the unedited artifact's greedy tokens and policy actions, its solm metadata, ai.solm opset import and
+carried page-state inputs intact. Tiny random-init Llama and policy, so it is quick."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from require import need_ep, need_tools
+from solm_compile.runtime import ep
+from test_artifact import PROMPT, word_tokenizer
+
+BUDGET = (0.5, 0.75, 8)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_llama):
+    from solm_compile.artifact.write import write_artifact
+    from solm_compile.frontend import models
+    from solm_compile.frontend.gated import GatedLM
+    from solm_compile.policy import checkpoint
+    from solm_compile.policy.actions import ActionGrid
+    from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
+
+    need_ep(ep.library_path() is not None)
+    d = tmp_path_factory.mktemp("surgeon")
+    loaded = models._from_hf(tiny_llama, word_tokenizer(), name="tiny", source="<test>")
+    lm = GatedLM.from_loaded(loaded)
+    grid = ActionGrid()
+    torch.manual_seed(2)
+    policy = RecurrentActorCriticPolicy(64, grid.num_actions, PolicyConfig(d_model=32, max_steps=32)).eval()
+    for p in policy.parameters():
+        p.data.normal_(0, 0.3)
+    checkpoint.save(d / "policy.pt", checkpoint.policy_payload(policy, grid, lm.gate,
+                                                               checkpoint.model_identity(lm.info),
+                                                               {"policy": policy.cfg.to_dict()}))
+    lp = checkpoint.load_policy(d / "policy.pt", lm.info)
+    return write_artifact(lm, d / "tiny.solm.onnx", "solm", lp, tokenizer=loaded.tokenizer)
+
+
+def edit(src, out):
+    """The recipe of docs/interop.md: expose the LM head's input as an output, fold constants, clean up."""
+    from solm_compile.artifact import surgeon
+
+    graph = surgeon.load(src)
+    logits = next(t for t in graph.outputs if t.name == "logits")
+    hidden = logits.inputs[0].inputs[0]           # the producer of logits (the LM head's MatMul), its input
+    hidden.name, hidden.dtype = "final_hidden", np.float32
+    graph.outputs.append(hidden)
+    surgeon.fold(graph)
+    return surgeon.save(graph, out, like=src)
+
+
+def test_graphsurgeon_edit_keeps_metadata_opset_page_inputs_and_tokens(artifact, tmp_path):
+    from solm_compile.runtime.session import SolmSession
+
+    need_tools("onnx_graphsurgeon")
+    out = edit(artifact, tmp_path / "edited" / "tiny.solm.onnx")
+    before, after = onnx.load(str(artifact)), onnx.load(str(out))
+    assert [(p.key, p.value) for p in after.metadata_props] == [(p.key, p.value) for p in before.metadata_props]
+    assert {(o.domain, o.version) for o in after.opset_import} >= {("ai.solm", 1)}
+    assert any(n.domain == "ai.solm" for n in after.graph.node)
+    assert [i.name for i in after.graph.input] == [i.name for i in before.graph.input]   # page state still fed
+    assert [o.name for o in after.graph.output] == [o.name for o in before.graph.output] + ["final_hidden"]
+
+    want = SolmSession(artifact).generate(PROMPT, 24, budget=BUDGET, greedy=True)
+    s = SolmSession(out)
+    assert s.ep_active and len(s.page_state) == 2 * s.n_layers
+    got = s.generate(PROMPT, 24, budget=BUDGET, greedy=True)
+    assert got.tokens == want.tokens and got.actions == want.actions
+    assert len(set(want.actions)) > 1             # the policy acted (a sparse budget, not the dense path)
