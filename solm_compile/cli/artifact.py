@@ -64,7 +64,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             "solm" if args.custom_ops else "auto")
     config = SolmConfig(kind=kind, policy=args.policy, gate=dataclass_from_args(GateConfig, args),
                         per_kv_head=args.per_kv_head, trust_pickle=args.trust_pickle, weights=args.weights,
-                        activations=args.activations)
+                        activations=args.activations, kv=args.kv)
     path = compile(args.model, config, out=args.out)
     meta = read_metadata(path)
     fmts = ", ".join(f"{k} ×{v}" for k, v in (meta.get("weights") or {}).get("packed", {}).items())
