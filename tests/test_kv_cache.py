@@ -213,3 +213,41 @@ def test_session_snapshot_restores_across_layouts(artifacts):
     buf._carry(buf._run(fresh), fresh)
     fresh.update(input_ids=np.array([[3]]), position_ids=np.array([[10]]))
     np.testing.assert_array_equal(buf._run(restored)["logits"].numpy(), buf._run(fresh)["logits"].numpy())
+
+
+def test_session_writes_the_cache_in_place(artifacts):
+    """SolmSession binds present to past's OrtValue: onnxruntime hands the kernel that buffer, so a step writes
+    its row into the very buffer the caller holds, and carrying it is past_length += T."""
+    from solm_compile.runtime.session import SolmSession
+
+    s = SolmSession(artifacts["float16"], tokenizer=False, threads=1)
+    ctl = {"attn_keep": np.ones(1, np.float32), "mlp_keep": np.ones(1, np.float32), "bits": np.full(1, 16, np.float32)}
+    feeds = {"input_ids": np.array([[1, 2, 3, 4]]), "position_ids": np.arange(4)[None], **s._empty_past(1, 8), **ctl}
+    buffers = {name: feeds[name] for name in s.kv.names("past")}
+    out = s._run(feeds)
+    for name, buf in buffers.items():
+        present = out[name.replace("past_", "present_")]
+        assert present.data_ptr() == buf.data_ptr()
+        rows = buf.numpy()                                                   # [1, Hkv, 8, d]
+        assert rows[:, :, :4].any(axis=-1).all() and not rows[:, :, 4:].any()    # the 4 prompt rows, no more
+    s._carry(out, feeds)
+    assert feeds["past_length"].tolist() == [4] and all(feeds[n] is b for n, b in buffers.items())
+
+
+@pytest.mark.parametrize("isa", ["baseline", "x86-64-v3"])
+def test_fp16_decode_in_every_isa_variant(lib, isa):
+    """The fp16 rows are widened by F16C in the v3/v4 variants and in software in baseline: each variant (a fresh
+    process under SOLM_EP_ISA, which the dispatch reads once) appends and attends as the reference."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import test_kv_cache as t; from solm_compile.runtime import ep; import onnxruntime as ort; "
+            f"ep.register(ort, path={str(lib)!r}); t.test_op_appends_and_attends_like_the_reference("
+            f"{str(lib)!r}, t.np.float16, 37, 1); print(ep.isa_report()['decode_attention'])")
+    env = {**os.environ, "SOLM_EP_ISA": isa}
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == isa

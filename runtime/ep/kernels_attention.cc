@@ -216,8 +216,9 @@ inline __attribute__((always_inline)) void AxpyRow(float* y, const typename R::E
 // some head attends. out [G, dv].
 template <class R>
 SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typename R::E* K, const typename R::E* V,
-                                    int64_t L, int64_t d, int64_t dv, float scale, const uint8_t* ukeep, const uint8_t* keep, int64_t ks,
-                                    const MaskRow* masks, float* logit, int32_t* idx, float* out, uint64_t* rows) {
+                                    int64_t L, int64_t d, int64_t dv, float scale, const uint8_t* ukeep,
+                                    const uint8_t* keep, int64_t ks, const MaskRow* masks, float* logit, int32_t* idx,
+                                    float* out, uint64_t* rows) {
   int64_t n = 0;
   if (ukeep) {
     for (int64_t j = 0; j < L; ++j)
@@ -234,7 +235,7 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typenam
   for (int64_t c = 0; c < n8; c += 8) {
     if (pf)
       for (int64_t r = c + kPrefetch; r < std::min(c + kPrefetch + 8, n); ++r) {
-        const char* kp = reinterpret_cast<const char*>(K + static_cast<int64_t>(idx[r]) * d);  // R::E rows
+        const char* kp = reinterpret_cast<const char*>(K + static_cast<int64_t>(idx[r]) * d);
         for (int64_t b = 0; b < kb; b += 64) __builtin_prefetch(kp + b);
       }
     for (int64_t g = 0; g < G; ++g) Dot8Rows<R>(qrows + g * d, K, idx + c, d, logit + g * L + c);

@@ -129,7 +129,8 @@ def engine_specs(model: str, lm, cfg: EnginesConfig, taken: bool,
     if "fixed" in kinds and not _ep_available():
         notes.append("skipped solm: SolmEP is not built here (python -m solm_compile.runtime.ep_build)")
         kinds.remove("fixed")
-    lm.kv = cfg.kv                                                       # the fixed artifact's KV cache (--kv)
+    if kinds:
+        lm.kv = cfg.kv                                                   # the fixed artifact's KV cache (--kv)
     arts = ensure_artifacts(lm, kinds, None, say) if kinds else {}      # in lm.weights' format (load_lm)
     label = solm_weights_label(cfg.weights, taken, src_type)
     if "dense" in arts:
