@@ -7,6 +7,11 @@ only asked where its SolmEP library is). The step protocol, as written in the ar
 inputs input_ids, position_ids, past_key_i/past_value_i, the policy state policy_* and budget; outputs logits,
 present_key_i/present_value_i and policy_*_out, which are fed back as the next step's inputs unchanged (the
 artifact restarts the policy's episodes itself), plus action and controls for the caller's information.
+
+The SolmEP artifacts keep the KV cache in buffers (metadata kv_cache = {"layout": "buffer", "dtype": ...}):
+past_key_i/past_value_i [1, Hkv, C, d] allocated once with room for the whole generation, plus past_length [1];
+present_key_i/present_value_i are bound (IO binding) to the same OrtValues, so each step writes its new rows in
+place, and the caller only advances past_length. Portable and dense artifacts grow float32 caches instead.
 """
 
 import argparse
@@ -40,8 +45,15 @@ tok = Tokenizer.from_file(str(Path(args.artifact).parent / meta["tokenizer"]))
 ids = tok.encode("The capital of France is", add_special_tokens=False).ids   # plain text, no chat template
 L, kvh, hd = meta["num_layers"], meta["kv_heads"], meta["head_dim"]
 feeds = {"input_ids": np.array([ids], np.int64), "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
+kv = meta.get("kv_cache", {"layout": "concat"})
+buffer = kv["layout"] == "buffer"
+C = len(ids) + args.max_new_tokens + 1                                  # the cache's capacity: every position
 for i in range(L):
-    feeds[f"past_key_{i}"] = feeds[f"past_value_{i}"] = np.zeros((1, kvh, 0, hd), np.float32)
+    for k in ("key", "value"):                                          # [1, Hkv, C, d] buffer, or [1, Hkv, 0, d]
+        feeds[f"past_{k}_{i}"] = (ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kvh, C, hd), kv["dtype"])) if buffer
+                                  else np.zeros((1, kvh, 0, hd), np.float32))
+if buffer:
+    feeds["past_length"] = np.zeros(1, np.int64)
 state = ["policy_key", "policy_value", "policy_prev_action", "policy_usage", "policy_count", "policy_step",
          "policy_hidden"]
 H, phd, T = meta["policy_heads"], meta["policy_head_dim"], meta["episode_len"]
@@ -53,9 +65,23 @@ feeds.update(policy_key=np.zeros((1, H, T, phd), np.float32), policy_value=np.ze
 names = [o.name for o in sess.get_outputs()]
 out, new = None, []
 for t in range(args.max_new_tokens + 1):
-    out = dict(zip(names, sess.run(None, feeds)))
-    for i in range(L):
-        feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = out[f"present_key_{i}"], out[f"present_value_{i}"]
+    binding = sess.io_binding()
+    for name in [i.name for i in sess.get_inputs()]:
+        v = feeds[name]
+        binding.bind_ortvalue_input(name, v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v))
+    for name in names:                                                  # a buffer's present is its past: in place
+        if buffer and name.startswith("present_") and name.replace("present_", "past_") in feeds:
+            binding.bind_ortvalue_output(name, feeds[name.replace("present_", "past_")])
+        else:
+            binding.bind_output(name, "cpu")
+    sess.run_with_iobinding(binding)
+    out = {n: v.numpy() for n, v in zip(names, binding.get_outputs())
+           if not (buffer and n.startswith(("present_key", "present_value")))}    # (the buffers stay bound)
+    if buffer:
+        feeds["past_length"] = feeds["past_length"] + feeds["input_ids"].shape[1]
+    else:
+        for i in range(L):
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = out[f"present_key_{i}"], out[f"present_value_{i}"]
     for name in state:
         feeds[name] = out[f"{name}_out"]
     nxt = int(out["logits"][0, -1].argmax())

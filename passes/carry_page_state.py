@@ -29,7 +29,9 @@ from solm_compile.ops import registry
 from solm_compile.passes.base import PassResult
 
 DOMAIN = registry.DOMAIN
-_QUEST = registry.QUEST_ATTENTION      # the artifact form: 7 inputs, 3 outputs (the last two of each: page state)
+_QUEST = registry.QUEST_ATTENTION      # the artifact form (registry.py): the page state's positions below
+_PAGE_IN = [p.name for p in _QUEST.inputs].index("past_page_min")        # 5
+_PAGE_OUT = [p.name for p in _QUEST.outputs].index("present_page_min")   # 1
 _PRESENT_KEY = re.compile(r"present_key_(\d+)")
 _PAST_KEY = re.compile(r"past_key_(\d+)")
 
@@ -72,7 +74,7 @@ def carry_page_state(model: ir.Model) -> PassResult:
     at_in = _after_cache(graph.inputs, ("past_key_", "past_value_", "past_page_"))
     at_out = _after_cache(graph.outputs, ("present_key_", "present_value_", "present_page_"))
     for node in _quest_nodes(graph):
-        if len(node.inputs) > 5 and node.inputs[5] is not None:
+        if len(node.inputs) > _PAGE_IN and node.inputs[_PAGE_IN] is not None:
             continue                                           # already carries its page state
         layer = _layer_of(node)
         past = inputs.get(f"past_key_{layer}")
@@ -80,14 +82,14 @@ def carry_page_state(model: ir.Model) -> PassResult:
             result.skipped.append(f"{node.name}: k is not a layer's key cache (present_key_i = Concat(past_key_i, ·))")
             continue
         state_in = [_state_input(f"past_page_{m}_{layer}", past, f"past_pages_{layer}") for m in ("min", "max")]
-        node.resize_inputs(len(_QUEST.inputs))
-        node.resize_outputs(len(_QUEST.outputs))
+        node.resize_inputs(max(len(node.inputs), _PAGE_IN + 2))        # up to the page state (kv_buffer adds more)
+        node.resize_outputs(max(len(node.outputs), _PAGE_OUT + 2))
         for j, value in enumerate(state_in):
             graph.inputs.insert(at_in, value)
             at_in += 1
             graph.register_initializer(value)
-            node.replace_input_with(5 + j, value)
-            out = node.outputs[1 + j]
+            node.replace_input_with(_PAGE_IN + j, value)
+            out = node.outputs[_PAGE_OUT + j]
             out.name = f"present_page_{('min', 'max')[j]}_{layer}"
             out.type = ir.TensorType(ir.DataType.FLOAT)
             out.shape = ir.Shape([past.shape[0], past.shape[1], f"pages_{layer}", past.shape[3]])

@@ -8,8 +8,10 @@
 One ``run`` per decode step. The prompt is prefilled densely in one run; the policy then acts on every
 single-token step, in episodes of ``episode_len`` steps (the artifact restarts each row's episode itself, as in
 training). Caches stay in onnxruntime: each step binds the previous step's outputs as the next step's inputs —
-the KV cache, the policy state and, in ``ai.solm`` artifacts, each layer's Quest page min/max
-(``past_page_min_i``/``past_page_max_i``, inputs with an empty default, so feeds without them still run).
+the policy state and, in ``ai.solm`` artifacts, each layer's Quest page min/max (``past_page_min_i``/
+``past_page_max_i``, inputs with an empty default, so feeds without them still run). The KV cache follows the
+artifact's protocol (``runtime/kv.py``): grown by concatenation (portable, dense), or, in the ai.solm kinds, one
+buffer per layer allocated for the whole ``steps()`` call and written in place (present bound to past).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from solm_compile.errors import UserError
+from solm_compile.runtime.kv import KvCache
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,7 @@ class SolmSession:
         self.input_names = [i.name for i in self.sess.get_inputs()]
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.n_layers = int(self.meta["num_layers"])
+        self.kv = KvCache.of(self.meta, self.path)       # the KV cache protocol (runtime/kv.py): concat or buffer
         # (past, present) names of the carried page state (absent in portable, dense and older artifacts); its
         # inputs have a default, so get_inputs() does not list them and _run binds them only when fed
         optional = [i.name for i in self.sess.get_overridable_initializers()]
@@ -160,11 +164,11 @@ class SolmSession:
                 raise UserError(f"{name} {value} is outside this artifact's range [{lo:g}, {hi:g}]")
         return np.array([budget[0], budget[1], budget[2] / 16.0], dtype=np.float32)
 
-    def _empty_past(self, batch: int) -> dict:
+    def _empty_past(self, batch: int, capacity: int = 0) -> dict:
+        """The empty caches: KV (``capacity`` positions for a buffer artifact, runtime/kv.py) and page state."""
         kvh, hd = self.meta["kv_heads"], self.meta["head_dim"]
         z = np.zeros((batch, kvh, 0, hd), dtype=np.float32)                         # [B, Hkv, 0, d]
-        return {**{f"past_{kind}_{i}": z for i in range(self.n_layers) for kind in ("key", "value")},
-                **{past: z for past, _ in self.page_state}}
+        return {**self.kv.empty(batch, capacity), **{past: z for past, _ in self.page_state}}
 
     def _policy_start(self, batch: int, hidden: np.ndarray) -> dict:
         ph, phd, T = self.meta["policy_heads"], self.meta["policy_head_dim"], int(self.meta["episode_len"])
@@ -177,24 +181,31 @@ class SolmSession:
 
     # ------------------------------------------------------------------------------------------ stepping
     def _run(self, feeds: dict) -> dict:
-        """One run with IO binding: numpy or OrtValue inputs in, OrtValue outputs out (no copy to numpy)."""
+        """One run with IO binding: numpy or OrtValue inputs in, OrtValue outputs out (no copy to numpy); a buffer
+        KV cache's outputs are its inputs' OrtValues (written in place, runtime/kv.py)."""
         import onnxruntime as ort
 
         binding = self.sess.io_binding()
         optional = [name for name in self.optional_inputs if name in feeds]   # left out: the empty default
+        alias = self.kv.aliases()                        # present -> past: the buffers written in place
         for name in self.input_names + optional:
             v = feeds[name]
-            binding.bind_ortvalue_input(name, v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v))
-        for name in self.output_names:
-            binding.bind_output(name, self.output_devices[name])
+            if not isinstance(v, ort.OrtValue):
+                v = ort.OrtValue.ortvalue_from_numpy(v)
+                if name in alias.values():               # keep the buffer's OrtValue: the output is bound to it
+                    feeds[name] = v
+            binding.bind_ortvalue_input(name, v)
+        for name in self.output_names:                   # in output order: get_outputs() returns them so
+            if name in alias:
+                binding.bind_ortvalue_output(name, feeds[alias[name]])
+            else:
+                binding.bind_output(name, self.output_devices[name])
         self.sess.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.get_outputs()))
 
     def _carry(self, out: dict, feeds: dict) -> None:
         """Feed this step's presents (KV cache, page state and policy state) into the next step's inputs."""
-        for i in range(self.n_layers):
-            for kind in ("key", "value"):
-                feeds[f"past_{kind}_{i}"] = out[f"present_{kind}_{i}"]
+        self.kv.carry(out, feeds)
         for past, present in self.page_state:
             feeds[past] = out[present]
         if self.kind in ("solm", "portable"):
@@ -212,8 +223,9 @@ class SolmSession:
         ids = np.asarray(prompt_ids, dtype=np.int64)
         B, T = ids.shape
         per_row = len(budget) == B and all(isinstance(b, (tuple, list)) for b in budget)
+        n = len(forced[0]) if forced is not None else max_new_tokens
         feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(T, dtype=np.int64), (B, 1)),
-                 **self._empty_past(B)}
+                 **self._empty_past(B, capacity=T + n)}
         if per_row and self.kind not in ("solm", "portable"):
             raise UserError(f"{self.path}: per-row budgets need a policy artifact (solm or portable), not {self.kind}")
         target = (np.stack([self.check_budget(b) for b in budget]) if per_row else
@@ -228,7 +240,6 @@ class SolmSession:
         self._carry(out, feeds)        # (a prefill starts each row's policy episode inside the artifact)
         logits = out["logits"].numpy()[:, -1]
         yield {"logits": logits, "action": None, "controls": None}
-        n = len(forced[0]) if forced is not None else max_new_tokens
         for t in range(n):
             tok = np.asarray([r[t] for r in forced], dtype=np.int64) if forced is not None else \
                 np.asarray(next_token(logits) if next_token else logits.argmax(-1), dtype=np.int64)

@@ -40,6 +40,8 @@ class SolmConfig:
                 (the exactness reference), "int8" or "int4" (round-to-nearest, block 32); see quant/weights.py
     activations what the low-bit matmuls multiply the weights with: "int8" (default; per block of 32, as llama.cpp
                 and onnxruntime-genai's int4 CPU model do: +0.2 % perplexity on SmolLM2) or "fp32" (exact)
+    kv          the SolmEP artifacts' KV cache buffer: "fp16" (default) or "fp32" (the exactness reference); the
+                portable and dense artifacts keep fp32 caches grown by concatenation
     trust_pickle  allow a pickled model file (unpickling runs arbitrary code)
     emit        "onnx" (default: the artifact) or "mlir": the decode step as MLIR text through torch-mlir (the
                 ``mlir`` extra; kind "auto" = the gated step with the budget as arguments, "dense" = the original)
@@ -55,6 +57,7 @@ class SolmConfig:
     activations: str = "int8"
     emit: str = "onnx"
     mlir_dialect: str | None = None
+    kv: str = "fp16"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -67,6 +70,8 @@ class SolmConfig:
 
         if self.weights not in WEIGHTS:
             raise UserError(f"--weights: must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        if self.kv not in ("fp16", "fp32"):
+            raise UserError(f"--kv: must be fp16 or fp32, got {self.kv!r}")
         if self.activations not in ("int8", "fp32"):
             raise UserError(f"--activations: must be int8 or fp32, got {self.activations!r}")
         if self.emit not in ("onnx", "mlir"):
@@ -137,7 +142,7 @@ def compile(model: str, config: SolmConfig = SolmConfig(), out: str | Path = "mo
     kind = _resolve_kind(config.kind)
     policy = None if kind in ("dense", "fixed") else resolve_policy(config.policy, loaded.info)
     path = write_artifact(lm, out, kind, policy, tokenizer=loaded.tokenizer, per_kv_head=config.per_kv_head,
-                          weights=loaded.weights, activations=config.activations)
+                          weights=loaded.weights, activations=config.activations, kv=config.kv)
     log.info("wrote %s (%s; gated %d attention and %d MLP ops%s; weights %s)", path, kind, gated.count("attention"),
              gated.count("mlp"), f"; policy {policy.path.name}" if policy else "", loaded.weights.describe())
     return path

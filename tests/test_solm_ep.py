@@ -640,7 +640,9 @@ def tiny_artifacts(lib, tmp_path_factory):
     policy = RecurrentActorCriticPolicy(64, grid.num_actions, PolicyConfig(d_model=32, max_steps=32)).eval()
     loaded = LoadedPolicy(policy, grid, GateConfig(), {}, 0, Path("p.pt"))
     out = tmp_path_factory.mktemp("artifacts")
-    return {kind: write_artifact(lm, out / f"tiny.{kind}.onnx", kind, loaded) for kind in ("portable", "solm")}
+    # the solm artifact with an fp32 KV cache buffer: the exact counterpart of the portable one (fp16: test_kv_cache.py)
+    return {kind: write_artifact(lm, out / f"tiny.{kind}.onnx", kind, loaded, kv="fp32")
+            for kind in ("portable", "solm")}
 
 
 @pytest.mark.parametrize("threads,batch", [(1, 1), (2, 2)])
@@ -735,8 +737,9 @@ def test_four_threads_on_one_solm_ep_session(lib, tiny_artifacts):
             assert (a is None and a0 is None) or np.array_equal(a, a0)
 
 
-def _present_keys(sess, feeds_out):
-    return [feeds_out[f"present_key_{i}"].numpy() for i in range(sess.n_layers)]
+def _present_keys(sess, feeds_out, L):
+    """Each layer's valid keys [B, Hkv, L, d] as float32 (the buffer's first L rows)."""
+    return [feeds_out[f"present_key_{i}"].numpy()[:, :, :L].astype(np.float32) for i in range(sess.n_layers)]
 
 
 def test_artifact_carries_page_state(lib, tiny_artifacts):
@@ -755,9 +758,9 @@ def test_artifact_carries_page_state(lib, tiny_artifacts):
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 5, 7, 3, 2, 9, 40, 41, 42, 7]]
     B, Hkv = 2, s.meta["kv_heads"]
     feeds = {"input_ids": np.asarray(prompts, np.int64), "position_ids": np.tile(np.arange(10), (B, 1)),
-             **s._empty_past(B), **s._policy_start(B, np.zeros((B, s.meta["hidden_size"]), np.float32)),
+             **s._empty_past(B, 10 + 2 * S + 3), **s._policy_start(B, np.zeros((B, s.meta["hidden_size"]), np.float32)),
              "budget": np.tile(np.array([0.3, 0.5, 0.4], np.float32), (B, 1))}
-    stateless = dict(feeds)
+    stateless = {**feeds, **s.kv.empty(B, 10 + 2 * S + 3)}      # its own KV buffers
     for t in range(2 * S + 3):
         before = _stats(lib)
         out = s._run(feeds)
@@ -765,7 +768,7 @@ def test_artifact_carries_page_state(lib, tiny_artifacts):
         assert folded == (10 if t == 0 else 1) * B * Hkv * s.n_layers, t
         out0 = s._run({k: v for k, v in stateless.items() if not k.startswith("past_page_")})
         np.testing.assert_array_equal(out["logits"].numpy(), out0["logits"].numpy(), err_msg=f"step {t}")
-        for i, k in enumerate(_present_keys(s, out)):
+        for i, k in enumerate(_present_keys(s, out, 10 + t)):
             want_min, want_max = _page_minmax(k, S)
             np.testing.assert_array_equal(out[f"present_page_min_{i}"].numpy(), want_min)
             np.testing.assert_array_equal(out[f"present_page_max_{i}"].numpy(), want_max)

@@ -11,6 +11,8 @@
 //     softmax·v then run over the kept (and mask-allowed) tokens only. Per (row, KV head) the union of its query
 //     heads' kept tokens is streamed once, each head scoring the tokens it kept, so every K/V row is read once per
 //     GQA group in every mode. Masked-out tokens are skipped in every mode.
+//   QuestAttention on a KV cache buffer (QuestAttentionCache, kernels_attention_cache.cc): the new rows appended in
+//     place (fp16 or fp32), decode reading the buffer where it lies (head stride C·d, fp16 widened by F16C).
 //   QuestAttention, T > 1 (prefill): dense attention under the mask, blocked like flash attention
 //     (kernels_attention_prefill.cc): per (row, KV head, tile of query positions x the GQA group's heads) the keys
 //     in blocks of 64, an online softmax, and key blocks that the mask (or is_causal) hides from every row skipped.
@@ -105,6 +107,7 @@ struct PageState {
 struct AttnScratch {
   std::vector<float> page_min, page_max;  // [B, Hkv, P, d] when no PageState output is given
   std::vector<float> kt;                  // multi-token calls: K transposed per block of keys
+  std::vector<float> kf, vf;              // QuestAttentionCache, multi-token calls: the valid rows as fp32
 };
 
 // q [B,H,T,d], k [B,Hkv,L,d], v [B,Hkv,L,dv], kappa [B], out [B,H,T,dv]. state: nullptr (page min/max from all of
@@ -113,6 +116,40 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
                     int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t dv,
                     const QuestParams& p, float* out, AttnScratch& scratch, const Parallel& par,
                     const PageState* state = nullptr);
+
+// The keys and values a call reads: per (row, KV head) L rows of d (v: dv) elements, consecutive heads `stride`
+// rows apart (stride = L: a tight [B,Hkv,L,d] tensor; the capacity C: a pre-allocated cache [B,Hkv,C,d]), as float
+// or IEEE half (f16).
+struct KvView {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  bool f16 = false;
+  int64_t stride = 0;
+};
+
+// QuestAttention over a KvView, read in place. Single-token steps only unless the view is tight fp32 (the prefill
+// path reads [B,Hkv,L,d] float tensors; QuestAttentionCache gathers one first).
+void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, const float* kappa, int64_t B,
+                        int64_t H, int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t dv, const QuestParams& p,
+                        float* out, AttnScratch& scratch, const Parallel& par, const PageState* state = nullptr);
+
+// QuestAttention with a pre-allocated KV cache (the op's buffer form): the T new rows k_new/v_new [B,Hkv,T,d]
+// (float) are written at [past, past+T) of each head of the caches (float, or half rounded to nearest even), after
+// copying the past rows [0, past) from past_k/past_v when those are other buffers (null or equal pointers: in
+// place); then QuestAttention over the L = past + T valid rows. Caches [B,Hkv,C,d] (v: dv), C >= L.
+struct KvCache {
+  const void* past_k = nullptr;
+  const void* past_v = nullptr;
+  void* k = nullptr;  // the present caches (may equal past_k / past_v)
+  void* v = nullptr;
+  bool f16 = false;
+  int64_t capacity = 0;  // C
+  int64_t past = 0;      // valid rows before this call (every batch row)
+};
+void QuestAttentionCache(const float* q, const float* k_new, const float* v_new, const KvCache& cache,
+                         const MaskView& mask, const float* kappa, int64_t B, int64_t H, int64_t Hkv, int64_t T,
+                         int64_t d, int64_t dv, const QuestParams& p, float* out, AttnScratch& scratch,
+                         const Parallel& par, const PageState* state = nullptr);
 
 // Pages kept for keep fraction kappa at KV length L and page size S (reference.page_budget).
 int64_t PageBudget(double kappa, int64_t L, int64_t S);

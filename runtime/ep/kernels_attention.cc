@@ -52,30 +52,33 @@ int64_t UnmaskedPages(const MaskRow* m, int64_t n, int64_t L, int64_t S, uint8_t
 // Element-wise max/min of the keys of pages, hi/lo [P, d], folding keys [j0, L) in order: a page that starts at or
 // after j0 starts from its first key; the page holding j0, when j0 is inside it, continues from its current hi/lo
 // (its keys before j0 already folded in), so the result equals the fold over the whole page (j0 = 0: every page).
-SOLM_INLINE void PageMinMaxBody(const float* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi, float* lo) {
+// R: how K's rows are read (kernels_util.h: F32Rows, F16Rows, F16cRows).
+template <class R>
+SOLM_INLINE void PageMinMaxBody(const typename R::E* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi,
+                                float* lo) {
   for (int64_t p = j0 / S; p * S < L; ++p) {
     float* h = hi + p * d;
     float* l = lo + p * d;
     int64_t j = std::max(j0, p * S);
     const int64_t j1 = std::min(L, (p + 1) * S);
     if (j == p * S) {
-      std::memcpy(h, K + j * d, d * sizeof(float));
-      std::memcpy(l, K + j * d, d * sizeof(float));
+      for (int64_t i = 0; i < d; ++i) h[i] = l[i] = R::At(K + j * d + i);
       ++j;
     }
     for (; j < j1; ++j) {
-      const float* kr = K + j * d;
+      const typename R::E* kr = K + j * d;
       int64_t i = 0;
       for (; i + 8 <= d; i += 8) {
-        v8 x = *reinterpret_cast<const v8*>(kr + i);
+        v8 x = R::Load8(kr + i);
         v8 a = *reinterpret_cast<v8*>(h + i);
         v8 b = *reinterpret_cast<v8*>(l + i);
         *reinterpret_cast<v8*>(h + i) = x > a ? x : a;
         *reinterpret_cast<v8*>(l + i) = x < b ? x : b;
       }
       for (; i < d; ++i) {
-        h[i] = kr[i] > h[i] ? kr[i] : h[i];
-        l[i] = kr[i] < l[i] ? kr[i] : l[i];
+        const float x = R::At(kr + i);
+        h[i] = x > h[i] ? x : h[i];
+        l[i] = x < l[i] ? x : l[i];
       }
     }
   }
@@ -160,23 +163,46 @@ inline __attribute__((always_inline)) v8 HSum8(const v8* a) {
 }
 
 // lg[r] = q·K row idx[r] for the 8 rows idx[0..8) (d a multiple of 8): one accumulator per row, reduced together.
-inline __attribute__((always_inline)) void Dot8Rows(const float* q, const float* K, const int32_t* idx, int64_t d,
-                                                    float* lg) {
+template <class R>
+inline __attribute__((always_inline)) void Dot8Rows(const float* q, const typename R::E* K, const int32_t* idx,
+                                                    int64_t d, float* lg) {
   v8 acc[8] = {};
-  const float* kr[8];
+  const typename R::E* kr[8];
   for (int r = 0; r < 8; ++r) kr[r] = K + static_cast<int64_t>(idx[r]) * d;
   for (int64_t i = 0; i < d; i += 8) {
     v8 qv;
     __builtin_memcpy(&qv, q + i, sizeof(qv));
 #pragma GCC unroll 8
-    for (int r = 0; r < 8; ++r) {
-      v8 kv;
-      __builtin_memcpy(&kv, kr[r] + i, sizeof(kv));
-      acc[r] += qv * kv;
-    }
+    for (int r = 0; r < 8; ++r) acc[r] += qv * R::Load8(kr[r] + i);
   }
   const v8 s = HSum8(acc);
   __builtin_memcpy(lg, &s, sizeof(s));
+}
+
+// q·row and y += a·row for a cache row read through R (float rows: kernels_util.h's Dot and Axpy, unchanged).
+template <class R>
+inline __attribute__((always_inline)) float DotRow(const float* q, const typename R::E* k, int64_t d) {
+  if constexpr (std::is_same<typename R::E, float>::value) {
+    return Dot(q, k, d);
+  } else {
+    v8 acc = {};
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8) acc += *reinterpret_cast<const v8*>(q + i) * R::Load8(k + i);
+    float r = HSum(acc);
+    for (; i < d; ++i) r += q[i] * R::At(k + i);
+    return r;
+  }
+}
+template <class R>
+inline __attribute__((always_inline)) void AxpyRow(float* y, const typename R::E* x, float a, int64_t n) {
+  if constexpr (std::is_same<typename R::E, float>::value) {
+    Axpy(y, x, a, n);
+  } else {
+    const v8 av = Splat<v8>(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) *reinterpret_cast<v8*>(y + i) += av * R::Load8(x + i);
+    for (; i < n; ++i) y[i] += a * R::At(x + i);
+  }
 }
 
 // Decode attention (T == 1) of the G query heads (rows qrows + g*d) that share one K/V head. Head g attends over the
@@ -188,9 +214,11 @@ inline __attribute__((always_inline)) void Dot8Rows(const float* q, const float*
 // the V rows. Branch-free per head: a row the head did not keep (or its mask removes) gets -inf, so weight 0.
 // Scratch: logit [G*L + G], idx [L]. Returns the q·k products that count (kept and allowed); *rows = the rows
 // some head attends. out [G, dv].
-SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const float* K, const float* V, int64_t L, int64_t d,
-                                    int64_t dv, float scale, const uint8_t* ukeep, const uint8_t* keep, int64_t ks,
-                                    const MaskRow* masks, float* logit, int32_t* idx, float* out, uint64_t* rows) {
+template <class R>
+SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typename R::E* K, const typename R::E* V,
+                                    int64_t L, int64_t d, int64_t dv, float scale, const uint8_t* ukeep,
+                                    const uint8_t* keep, int64_t ks, const MaskRow* masks, float* logit, int32_t* idx,
+                                    float* out, uint64_t* rows) {
   int64_t n = 0;
   if (ukeep) {
     for (int64_t j = 0; j < L; ++j)
@@ -201,7 +229,7 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const float* 
   }
   constexpr int64_t kPrefetch = 16;
   const bool pf = ukeep != nullptr;
-  const int64_t kb = d * 4, vb = dv * 4;
+  const int64_t kb = d * sizeof(typename R::E), vb = dv * sizeof(typename R::E);
   // q·k: rows in blocks of 8 (one reduction tree per head and block), the tail one row at a time
   const int64_t n8 = d % 8 == 0 ? n / 8 * 8 : 0;
   for (int64_t c = 0; c < n8; c += 8) {
@@ -210,10 +238,11 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const float* 
         const char* kp = reinterpret_cast<const char*>(K + static_cast<int64_t>(idx[r]) * d);
         for (int64_t b = 0; b < kb; b += 64) __builtin_prefetch(kp + b);
       }
-    for (int64_t g = 0; g < G; ++g) Dot8Rows(qrows + g * d, K, idx + c, d, logit + g * L + c);
+    for (int64_t g = 0; g < G; ++g) Dot8Rows<R>(qrows + g * d, K, idx + c, d, logit + g * L + c);
   }
   for (int64_t c = n8; c < n; ++c)
-    for (int64_t g = 0; g < G; ++g) logit[g * L + c] = Dot(qrows + g * d, K + static_cast<int64_t>(idx[c]) * d, d);
+    for (int64_t g = 0; g < G; ++g)
+      logit[g * L + c] = DotRow<R>(qrows + g * d, K + static_cast<int64_t>(idx[c]) * d, d);
   // scale, mask and keep: a row some head attends counts as read
   uint64_t scored = 0, nrows = 0;
   for (int64_t c = 0; c < n; ++c) {
@@ -245,8 +274,8 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const float* 
       const char* vp = reinterpret_cast<const char*>(V + static_cast<int64_t>(idx[i + kPrefetch]) * dv);
       for (int64_t b = 0; b < vb; b += 64) __builtin_prefetch(vp + b);
     }
-    const float* vr = V + static_cast<int64_t>(idx[i]) * dv;
-    for (int64_t g = 0; g < G; ++g) Axpy(out + g * dv, vr, logit[g * L + i], dv);
+    const typename R::E* vr = V + static_cast<int64_t>(idx[i]) * dv;
+    for (int64_t g = 0; g < G; ++g) AxpyRow<R>(out + g * dv, vr, logit[g * L + i], dv);
   }
   for (int64_t g = 0; g < G; ++g) {
     float* o = out + g * dv;
@@ -262,10 +291,15 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const float* 
 }
 
 // The decode family's variants (kernels_util.h): the bodies above compiled for each ISA, one table per process.
-#define SOLM_DECODE_VARIANT(SUFFIX, ATTR)                                                                          \
+// Each variant also reads fp16 caches (H: HALF, the half-row reader of that ISA).
+#define SOLM_DECODE_VARIANT(SUFFIX, ATTR, HALF)                                                                    \
   ATTR void PageMinMax##SUFFIX(const float* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi,           \
                                float* lo) {                                                                      \
-    PageMinMaxBody(K, j0, L, d, S, hi, lo);                                                                      \
+    PageMinMaxBody<F32Rows>(K, j0, L, d, S, hi, lo);                                                             \
+  }                                                                                                              \
+  ATTR void PageMinMaxH##SUFFIX(const uint16_t* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi,       \
+                                float* lo) {                                                                     \
+    PageMinMaxBody<HALF>(K, j0, L, d, S, hi, lo);                                                                \
   }                                                                                                              \
   ATTR void PageScores##SUFFIX(const float* qrow, const float* hi, const float* lo, int64_t P, int64_t d,         \
                                float* score, bool accumulate) {                                                  \
@@ -275,12 +309,19 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const float* 
                                    int64_t d, int64_t dv, float scale, const uint8_t* ukeep, const uint8_t* keep, \
                                    int64_t ks, const MaskRow* masks, float* logit, int32_t* idx, float* out,      \
                                    uint64_t* rows) {                                                             \
-    return AttendKeptBody(qrows, G, K, V, L, d, dv, scale, ukeep, keep, ks, masks, logit, idx, out, rows);       \
+    return AttendKeptBody<F32Rows>(qrows, G, K, V, L, d, dv, scale, ukeep, keep, ks, masks, logit, idx, out,     \
+                                   rows);                                                                        \
+  }                                                                                                              \
+  ATTR uint64_t AttendKeptH##SUFFIX(const float* qrows, int64_t G, const uint16_t* K, const uint16_t* V,         \
+                                    int64_t L, int64_t d, int64_t dv, float scale, const uint8_t* ukeep,         \
+                                    const uint8_t* keep, int64_t ks, const MaskRow* masks, float* logit,         \
+                                    int32_t* idx, float* out, uint64_t* rows) {                                  \
+    return AttendKeptBody<HALF>(qrows, G, K, V, L, d, dv, scale, ukeep, keep, ks, masks, logit, idx, out, rows); \
   }
-SOLM_DECODE_VARIANT(Base, )
+SOLM_DECODE_VARIANT(Base, , F16Rows)
 #ifdef SOLM_ISA_VARIANTS
-SOLM_DECODE_VARIANT(V3, SOLM_TARGET_V3)
-SOLM_DECODE_VARIANT(V4, SOLM_TARGET_V4)
+SOLM_DECODE_VARIANT(V3, SOLM_TARGET_V3, F16cRows)
+SOLM_DECODE_VARIANT(V4, SOLM_TARGET_V4, F16cRows)
 #endif
 #undef SOLM_DECODE_VARIANT
 
@@ -288,6 +329,8 @@ struct DecodeKernelTable {
   decltype(&PageMinMaxBase) page_minmax;
   decltype(&PageScoresBase) page_scores;
   decltype(&AttendKeptBase) attend_kept;
+  decltype(&PageMinMaxHBase) page_minmax_h;  // fp16 caches
+  decltype(&AttendKeptHBase) attend_kept_h;
   const char* isa;
 };
 
@@ -295,10 +338,13 @@ struct DecodeKernelTable {
 const DecodeKernelTable& DecodeKernels() {
   static const DecodeKernelTable t = [] {
 #ifdef SOLM_ISA_VARIANTS
-    if (IsaLevel() == 4) return DecodeKernelTable{PageMinMaxV4, PageScoresV4, AttendKeptV4, IsaName(4)};
-    if (IsaLevel() == 3) return DecodeKernelTable{PageMinMaxV3, PageScoresV3, AttendKeptV3, IsaName(3)};
+    if (IsaLevel() == 4)
+      return DecodeKernelTable{PageMinMaxV4, PageScoresV4, AttendKeptV4, PageMinMaxHV4, AttendKeptHV4, IsaName(4)};
+    if (IsaLevel() == 3)
+      return DecodeKernelTable{PageMinMaxV3, PageScoresV3, AttendKeptV3, PageMinMaxHV3, AttendKeptHV3, IsaName(3)};
 #endif
-    return DecodeKernelTable{PageMinMaxBase, PageScoresBase, AttendKeptBase, IsaName(0)};
+    return DecodeKernelTable{PageMinMaxBase, PageScoresBase, AttendKeptBase, PageMinMaxHBase, AttendKeptHBase,
+                             IsaName(0)};
   }();
   return t;
 }
@@ -307,7 +353,7 @@ const DecodeKernelTable& DecodeKernels() {
 // folded in), else into scratch for the rows that select (sparse(b, &pb)). Reads only the new keys when a past
 // state is given.
 template <class F>
-void PageMinMaxStep(const float* k, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t S,
+void PageMinMaxStep(const KvView& kv, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t S,
                     const PageState* state, bool any_sparse, F& sparse, AttnScratch& scratch, const Parallel& par) {
   const int64_t P = (L + S - 1) / S;
   const bool to_state = state != nullptr && state->min != nullptr && state->max != nullptr;
@@ -326,7 +372,12 @@ void PageMinMaxStep(const float* k, int64_t B, int64_t Hkv, int64_t T, int64_t L
       std::memmove(hi + o * P * d, state->past_max + o * P_past * d, P_past * d * sizeof(float));
       std::memmove(lo + o * P * d, state->past_min + o * P_past * d, P_past * d * sizeof(float));
     }
-    DecodeKernels().page_minmax(k + o * L * d, j0, L, d, S, hi + o * P * d, lo + o * P * d);
+    if (kv.f16)
+      DecodeKernels().page_minmax_h(static_cast<const uint16_t*>(kv.k) + o * kv.stride * d, j0, L, d, S,
+                                    hi + o * P * d, lo + o * P * d);
+    else
+      DecodeKernels().page_minmax(static_cast<const float*>(kv.k) + o * kv.stride * d, j0, L, d, S, hi + o * P * d,
+                                  lo + o * P * d);
     st.attn_minmax_rows.fetch_add(static_cast<uint64_t>(L - j0), std::memory_order_relaxed);
   };
   par.For(static_cast<size_t>(B * Hkv), item);
@@ -346,6 +397,14 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
                     int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t dv,
                     const QuestParams& p, float* out, AttnScratch& scratch, const Parallel& par,
                     const PageState* state) {
+  KvView kv;
+  kv.k = k, kv.v = v, kv.stride = L;
+  QuestAttentionView(q, kv, mask, kappa, B, H, Hkv, T, L, d, dv, p, out, scratch, par, state);
+}
+
+void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, const float* kappa, int64_t B,
+                        int64_t H, int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t dv, const QuestParams& p,
+                        float* out, AttnScratch& scratch, const Parallel& par, const PageState* state) {
   Stats& st = GlobalStats();
   st.attn_calls.fetch_add(1, std::memory_order_relaxed);
   st.attn_keys_dense.fetch_add(static_cast<uint64_t>(B * H * T * L), std::memory_order_relaxed);
@@ -368,12 +427,15 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
     int64_t pb;
     any_sparse = any_sparse || row_budget(b, &pb);
   }
-  PageMinMaxStep(k, B, Hkv, T, L, d, S, state, any_sparse, row_budget, scratch, par);
+  PageMinMaxStep(kv, B, Hkv, T, L, d, S, state, any_sparse, row_budget, scratch, par);
   const bool to_state = state != nullptr && state->min != nullptr && state->max != nullptr;
   const float* pmax = to_state ? state->max : scratch.page_max.data();
   const float* pmin = to_state ? state->min : scratch.page_min.data();
 
   if (T != 1) {  // multi-token call (prefill): dense attention under the mask, blocked (kernels_attention_prefill.cc)
+    if (kv.f16 || kv.stride != L) std::abort();  // QuestAttentionCache gathers a tight fp32 copy first
+    const float* k = static_cast<const float*>(kv.k);
+    const float* v = static_cast<const float*>(kv.v);
     AttendPrefill(q, k, v, mask, B, H, Hkv, T, L, d, dv, scale, p.is_causal, out, scratch, par);
     return;
   }
@@ -417,8 +479,7 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
     MaskRow* mr = Grow(tls.masks, static_cast<size_t>(G));
     for (int64_t g = 0; g < G; ++g) mr[g] = RowOf(mask, b, h + g, 0, false);
     const float* qh = q + (b * H + h) * d;  // T == 1
-    const float* K = k + (b * Hkv + hk) * L * d;
-    const float* V = v + (b * Hkv + hk) * L * dv;
+    const int64_t head = (b * Hkv + hk) * kv.stride;  // rows before this head's first
     if (sparse) {
       const int64_t o = (b * Hkv + hk) * P * d;
       if (shared) {
@@ -435,8 +496,14 @@ void QuestAttention(const float* q, const float* k, const float* v, const MaskVi
       }
     }
     uint64_t rows = 0;
-    const uint64_t scored = dk.attend_kept(qh, G, K, V, L, d, dv, scale, ukeep, keep, nsets == 1 ? 0 : L, mr, logit,
-                                           idx, out + (b * H + h) * dv, &rows);
+    const int64_t ks = nsets == 1 ? 0 : L;
+    const uint64_t scored =
+        kv.f16 ? dk.attend_kept_h(qh, G, static_cast<const uint16_t*>(kv.k) + head * d,
+                                  static_cast<const uint16_t*>(kv.v) + head * dv, L, d, dv, scale, ukeep, keep, ks, mr,
+                                  logit, idx, out + (b * H + h) * dv, &rows)
+               : dk.attend_kept(qh, G, static_cast<const float*>(kv.k) + head * d,
+                                static_cast<const float*>(kv.v) + head * dv, L, d, dv, scale, ukeep, keep, ks, mr,
+                                logit, idx, out + (b * H + h) * dv, &rows);
     st.attn_keys_scored.fetch_add(scored, std::memory_order_relaxed);
     st.attn_kv_rows_read.fetch_add(rows, std::memory_order_relaxed);
   };

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <type_traits>
 
 // The hot per-item functions are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and picked once per
 // process from IsaLevel() (the CPU, capped by SOLM_EP_ISA), so the library stays portable across CI machines and
@@ -138,6 +139,57 @@ inline __attribute__((always_inline)) float Dot(const float* __restrict a, const
 inline __attribute__((always_inline)) void Axpy(float* __restrict y, const float* __restrict x, float a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
+
+// IEEE half -> float, exact: the half's exponent and mantissa moved into a float's and scaled by 2^112 (the bias
+// 15 -> 127; a subnormal half becomes a float subnormal times 2^112, exactly), inf and NaN kept.
+inline float HalfToFloat(uint16_t h) {
+  uint32_t x = static_cast<uint32_t>(h & 0x7fff) << 13;
+  if ((h & 0x7c00) == 0x7c00) x |= 0x7f800000u;
+  float f;
+  __builtin_memcpy(&f, &x, 4);
+  if ((h & 0x7c00) != 0x7c00) f *= 0x1p112f;
+  return (h & 0x8000) ? -f : f;
+}
+// float -> IEEE half, rounded to nearest even (GCC's _Float16 conversion; overflow to inf, NaN kept).
+inline uint16_t FloatToHalf(float f) {
+  const _Float16 h = static_cast<_Float16>(f);
+  uint16_t u;
+  __builtin_memcpy(&u, &h, 2);
+  return u;
+}
+
+// How a kernel body reads rows of the KV cache: 8 lanes at once (Load8) or one element (At). F32Rows: float;
+// F16Rows: IEEE half in software (any x86-64); F16cRows: half through F16C's vcvtph2ps (inline asm, so the
+// always_inline bodies stay target-free: use it only in the x86-64-v3/v4 variants, whose CPUs have F16C).
+struct F32Rows {
+  typedef float E;
+  static inline __attribute__((always_inline)) v8 Load8(const float* p) {
+    v8 v;
+    __builtin_memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static inline __attribute__((always_inline)) float At(const float* p) { return *p; }
+};
+struct F16Rows {
+  typedef uint16_t E;
+  static inline __attribute__((always_inline)) v8 Load8(const uint16_t* p) {
+    v8 v;
+    for (int i = 0; i < 8; ++i) v[i] = HalfToFloat(p[i]);
+    return v;
+  }
+  static inline __attribute__((always_inline)) float At(const uint16_t* p) { return HalfToFloat(*p); }
+};
+#ifdef SOLM_ISA_VARIANTS
+struct F16cRows {
+  typedef uint16_t E;
+  static inline __attribute__((always_inline)) v8 Load8(const uint16_t* p) {
+    v8 v;
+    asm("vcvtph2ps %1, %0" : "=x"(v) : "m"(*reinterpret_cast<const char(*)[16]>(p)));
+    return v;
+  }
+  static inline __attribute__((always_inline)) float At(const uint16_t* p) { return HalfToFloat(*p); }
+};
+#endif
 
 struct MaskRow {  // the mask restricted to one (b, h, t)
   const uint8_t* b = nullptr;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -16,6 +17,8 @@ constexpr int kDomainVersion = 1;  // the first opset version of the domain each
 struct InputSpec {
   bool float32;   // the kernel reads fp32 data (a node with another type here is not claimed); false: any type
   bool optional;
+  bool int64 = false;  // declared int64 in the placeholder schema (ORT types an any-type output like the last
+                       // any-type input: QuestAttention's present_key/value must follow past_value, not past_length)
 };
 
 struct OpSpec {
@@ -24,6 +27,7 @@ struct OpSpec {
   size_t n_out;
   size_t n_out_required;                // outputs from this index on are optional
   std::vector<const char*> attributes;  // every attribute the kernel reads (each optional, with a default there)
+  size_t n_out_float = SIZE_MAX;        // outputs from this index on may have any type (e.g. an fp16 KV cache)
 
   bool HasAttribute(const char* a) const {
     for (const char* x : attributes)
@@ -34,12 +38,13 @@ struct OpSpec {
 
 // One table for the whole library (an inline function's static is shared by every translation unit).
 inline const std::vector<OpSpec>& OpSpecs() {
-  constexpr InputSpec F{true, false}, Fo{true, true}, A{false, false}, Ao{false, true};
+  constexpr InputSpec F{true, false}, Fo{true, true}, A{false, false}, Ao{false, true}, I64o{false, true, true};
   static const std::vector<OpSpec> specs = {
-      // q, k, v, attn_mask? (bool or float), kappa, past_page_min?, past_page_max?
-      //   -> out, present_page_min?, present_page_max?
-      {"QuestAttention", {F, F, F, Ao, F, Fo, Fo}, 3, 1,
-       {"scale", "is_causal", "page_size", "sinks", "window", "select_per_kv_head"}},
+      // q, k, v, attn_mask? (bool or float), kappa, past_page_min?, past_page_max?, past_key?, past_value?
+      //   (float or float16 [B,Hkv,C,d] caches), past_length? (int64 [B])
+      //   -> out, present_page_min?, present_page_max?, present_key?, present_value?
+      {"QuestAttention", {F, F, F, Ao, F, Fo, Fo, Ao, Ao, I64o}, 5, 1,
+       {"scale", "is_causal", "page_size", "sinks", "window", "select_per_kv_head"}, 3},
       // x, w_gate?, b_gate?, w_up, b_up?, w_down, b_down?, rho, bits -> y
       {"SparseMLP", {F, Fo, Fo, F, Fo, F, Fo, F, F}, 1, 1, {"act"}},
       // x, codes_gate?, scale_gate?, offset_gate?, b_gate?, codes_up, scale_up, offset_up, b_up?, codes_down,

@@ -39,6 +39,66 @@ const float* RowValues(const TensorRef& t, int64_t B, const char* what, const st
 
 }  // namespace
 
+solm::MaskView QuestKernel::MaskOf(const TensorRef& m, int64_t B, int64_t H, int64_t T, int64_t L) const {
+  solm::MaskView mv;
+  if (m.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) mv.is_bool = true;
+  else if (m.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) mv.is_bool = false;
+  else Fail("SolmEP: QuestAttention attn_mask must be bool or float32");
+  if (m.shape.size() > 4) Fail("SolmEP: QuestAttention attn_mask rank > 4");
+  int64_t dims[4] = {1, 1, 1, 1};
+  const size_t off = 4 - m.shape.size();
+  for (size_t i = 0; i < m.shape.size(); ++i) dims[off + i] = m.shape[i];
+  const int64_t full[4] = {B, H, T, L};
+  int64_t stride[4];
+  int64_t acc = 1;
+  for (int i = 3; i >= 0; --i) {
+    if (dims[i] != 1 && dims[i] != full[i])
+      Fail("SolmEP: QuestAttention attn_mask " + ShapeStr(m.shape) + " does not broadcast to [B,H,T,L] = " +
+           ShapeStr(Shape{B, H, T, L}));
+    stride[i] = dims[i] == 1 ? 0 : acc;
+    acc *= dims[i];
+  }
+  mv.data = m.data;
+  mv.sb = stride[0], mv.sh = stride[1], mv.st = stride[2], mv.sl = stride[3];
+  return mv;
+}
+
+bool QuestKernel::CacheOf(OrtKernelContext* kc, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d,
+                          int64_t dv, solm::KvCache* c) const {
+  TensorRef pk = In(kc, 7), pv = In(kc, 8), pl = In(kc, 9);
+  if (!pk.present && !pv.present && !pl.present) return false;
+  if (!pk.present || !pv.present || !pl.present)
+    Fail("SolmEP: QuestAttention takes past_key, past_value and past_length together (the KV cache buffer)");
+  if (L != T)
+    Fail("SolmEP: QuestAttention with a KV cache buffer takes the new keys only as k, got " + std::to_string(L) +
+         " keys for " + std::to_string(T) + " queries");
+  const bool f16 = pk.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  if ((!f16 && pk.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) || pv.type != pk.type)
+    Fail("SolmEP: QuestAttention past_key and past_value must both be float16 or both float32");
+  if (pk.shape.size() != 4 || pk.shape[0] != B || pk.shape[1] != Hkv || pk.shape[3] != d || pv.shape.size() != 4 ||
+      pv.shape[0] != B || pv.shape[1] != Hkv || pv.shape[2] != pk.shape[2] || pv.shape[3] != dv)
+    Fail("SolmEP: QuestAttention KV cache buffers " + ShapeStr(pk.shape) + " / " + ShapeStr(pv.shape) +
+         " are not [B,Hkv,C,d] = [" + std::to_string(B) + "," + std::to_string(Hkv) + ",C," + std::to_string(d) + "]");
+  if (pl.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 || pl.numel() != B)
+    Fail("SolmEP: QuestAttention past_length must be int64 [B] with B=" + std::to_string(B) + ", got " +
+         ShapeStr(pl.shape));
+  const int64_t* len = static_cast<const int64_t*>(pl.data);
+  for (int64_t b = 1; b < B; ++b)
+    if (len[b] != len[0])
+      Fail("SolmEP: QuestAttention past_length must be the same for every row (per-row lengths are not supported "
+           "yet), got " + std::to_string(len[0]) + " and " + std::to_string(len[b]));
+  const int64_t C = pk.shape[2], past = B > 0 ? len[0] : 0;
+  if (past < 0 || past + T > C)
+    Fail("SolmEP: QuestAttention KV cache overflow: past_length " + std::to_string(past) + " + " + std::to_string(T) +
+         " new tokens > capacity " + std::to_string(C));
+  if (!HasOut(3) || !HasOut(4))
+    Fail("SolmEP: QuestAttention with a KV cache buffer must produce present_key and present_value");
+  c->past_k = pk.data, c->past_v = pv.data;
+  c->k = Out(kc, 3, pk.shape), c->v = Out(kc, 4, pv.shape);
+  c->f16 = f16, c->capacity = C, c->past = past;
+  return true;
+}
+
 void QuestKernel::Compute(OrtKernelContext* kc) {
   const CallPool<Call>::Lease call = calls.Get();
   TensorRef q = In(kc, 0), k = In(kc, 1), v = In(kc, 2), m = In(kc, 3), kap = In(kc, 4);
@@ -55,39 +115,28 @@ void QuestKernel::Compute(OrtKernelContext* kc) {
     Fail("SolmEP: QuestAttention shape mismatch q " + ShapeStr(q.shape) + " k " + ShapeStr(k.shape) + " v " +
          ShapeStr(v.shape));
   const float* kappa = RowValues(kap, B, "kappa", op, call->kappa_b);
+  solm::KvCache cache;
+  const bool buffered = CacheOf(kc, B, Hkv, T, L, d, dv, &cache);
+  const int64_t Lk = buffered ? cache.past + T : L;  // the keys attended: the cache's valid rows after the append
   solm::MaskView mv;
-  if (m.present) {
-    if (m.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) mv.is_bool = true;
-    else if (m.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) mv.is_bool = false;
-    else Fail("SolmEP: QuestAttention attn_mask must be bool or float32");
-    if (m.shape.size() > 4) Fail("SolmEP: QuestAttention attn_mask rank > 4");
-    int64_t dims[4] = {1, 1, 1, 1};
-    const size_t off = 4 - m.shape.size();
-    for (size_t i = 0; i < m.shape.size(); ++i) dims[off + i] = m.shape[i];
-    const int64_t full[4] = {B, H, T, L};
-    int64_t stride[4];
-    int64_t acc = 1;
-    for (int i = 3; i >= 0; --i) {
-      if (dims[i] != 1 && dims[i] != full[i])
-        Fail("SolmEP: QuestAttention attn_mask " + ShapeStr(m.shape) + " does not broadcast to [B,H,T,L]");
-      stride[i] = dims[i] == 1 ? 0 : acc;
-      acc *= dims[i];
-    }
-    mv.data = m.data;
-    mv.sb = stride[0], mv.sh = stride[1], mv.st = stride[2], mv.sl = stride[3];
-  }
+  if (m.present) mv = MaskOf(m, B, H, T, Lk);
   solm::PageState ps;
-  const bool stateful = PageStateOf(kc, B, Hkv, T, L, d, &ps, call->spare_state);
+  const bool stateful = PageStateOf(kc, B, Hkv, T, Lk, d, &ps, call->spare_state);
   float* out = Out(kc, 0, {B, H, T, dv});
-  if (out == nullptr && ps.min == nullptr) return;
+  if (out == nullptr && ps.min == nullptr && !buffered) return;
   if (out == nullptr) out = Grow(call->spare_out, B * H * T * dv);  // only the page state is consumed
   if (L == 0) {  // no keys (and no pages): no allowed key, zeros as in the reference
     for (int64_t i = 0; i < B * H * T * dv; ++i) out[i] = 0.f;
     return;
   }
-  if (B * H * T * dv == 0 && ps.min == nullptr) return;
+  if (B * H * T * dv == 0 && ps.min == nullptr && !buffered) return;
   solm::QuestParams p = params;
   if (!has_scale) p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  if (buffered) {
+    solm::QuestAttentionCache(q.f(), k.f(), v.f(), cache, mv, kappa, B, H, Hkv, T, d, dv, p, out, call->scratch,
+                              MakeParallel(kc), stateful ? &ps : nullptr);
+    return;
+  }
   solm::QuestAttention(q.f(), k.f(), v.f(), mv, kappa, B, H, Hkv, T, L, d, dv, p, out, call->scratch, MakeParallel(kc),
                        stateful ? &ps : nullptr);
 }

@@ -252,8 +252,8 @@ struct KernelBase {
   }
 };
 
-// inputs: 0 q, 1 k, 2 v, 3 attn_mask?, 4 kappa, 5 past_page_min?, 6 past_page_max?;
-// outputs: 0 out, 1 present_page_min?, 2 present_page_max?
+// inputs: 0 q, 1 k, 2 v, 3 attn_mask?, 4 kappa, 5 past_page_min?, 6 past_page_max?, 7 past_key?, 8 past_value?,
+// 9 past_length?; outputs: 0 out, 1 present_page_min?, 2 present_page_max?, 3 present_key?, 4 present_value?
 struct QuestKernel : KernelBase {
   solm::QuestParams params;
   bool has_scale = false;
@@ -270,6 +270,14 @@ struct QuestKernel : KernelBase {
   // serves any batch) and outputs 1/2 present_page_min/max [B,Hkv,P,d]. Returns whether the node carries state.
   bool PageStateOf(OrtKernelContext* kc, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d,
                    solm::PageState* ps, std::vector<float>& spare_state) const;
+
+  // The KV cache buffer form (passes/kv_buffer.py): inputs 7-9 past_key/past_value [B,Hkv,C,d] (float16 or float32)
+  // and past_length [B] (int64, equal rows), outputs 3/4 present_key/present_value of the same shape and type (the
+  // same buffers when the caller binds them so: written in place). k/v are then the T new rows. Returns false when
+  // the node has no cache inputs (the concat form: k/v are the whole keys).
+  bool CacheOf(OrtKernelContext* kc, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t dv,
+               solm::KvCache* c) const;
+  solm::MaskView MaskOf(const TensorRef& m, int64_t B, int64_t H, int64_t T, int64_t L) const;
 };
 
 struct MlpKernel : KernelBase {

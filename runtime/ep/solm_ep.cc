@@ -170,7 +170,8 @@ std::shared_ptr<SavedTensor> SaveConstant(const OrtValueInfo* vi) {
 // The ops, their inputs, outputs and attributes: op_table.h (OpSpecs / FindSpec), shared with c_api.cc.
 
 ONNXTensorElementDataType InputType(const OpSpec& spec, size_t i) {
-  return spec.inputs[i].float32 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  if (spec.inputs[i].float32) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  return spec.inputs[i].int64 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 }
 
 // Placeholder custom ops: they only give ORT a schema for ai.solm so graphs validate; SolmEP compiles the nodes.
@@ -184,7 +185,10 @@ struct PlaceholderOp : OrtCustomOp {
     GetInputTypeCount = [](const OrtCustomOp* op) { return static_cast<const PlaceholderOp*>(op)->spec->inputs.size(); };
     GetInputType = [](const OrtCustomOp* op, size_t i) { return InputType(*static_cast<const PlaceholderOp*>(op)->spec, i); };
     GetOutputTypeCount = [](const OrtCustomOp* op) { return static_cast<const PlaceholderOp*>(op)->spec->n_out; };
-    GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
+    GetOutputType = [](const OrtCustomOp* op, size_t i) {
+      return i < static_cast<const PlaceholderOp*>(op)->spec->n_out_float ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+                                                                           : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    };
     GetInputCharacteristic = [](const OrtCustomOp* op, size_t i) {
       return static_cast<const PlaceholderOp*>(op)->spec->inputs[i].optional ? INPUT_OUTPUT_OPTIONAL
                                                                           : INPUT_OUTPUT_REQUIRED;

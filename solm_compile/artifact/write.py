@@ -9,7 +9,9 @@ Three kinds, one exporter:
   ``bits`` [B] are graph inputs (gated by ``GateControls`` as usual). For kernel measurements (``solm bench``)
   and external controllers.
 
-The ``ai.solm`` kinds (``solm``, ``fixed``) also carry each layer's Quest page state, like the KV cache
+The ``ai.solm`` kinds keep their KV cache in pre-allocated buffers that QuestAttention appends to in place
+(``passes/kv_buffer.py``: fp16 by default, ``kv="fp32"`` the exact reference; ``solm.kv_cache`` in the metadata;
+``runtime/session.py`` drives it). They also carry each layer's Quest page state, like the KV cache
 (``passes/page_state.py``): inputs ``past_page_min_i``/``past_page_max_i`` [B, Hkv, past_pages, d] (default: empty,
 then SolmEP computes the pages from all of K) and outputs ``present_page_min_i``/``present_page_max_i``
 [B, Hkv, ceil(L/page_size), d], right after the KV cache's inputs and outputs. ``per_kv_head=True`` picks
@@ -162,17 +164,32 @@ def export_onnx(module: torch.nn.Module, args: tuple, policy, ins: list[str], ou
     return program
 
 
-def carry_ep_state(program, kind: str, per_kv_head: bool = False) -> dict:
-    """The ONNX passes of the ``ai.solm`` kinds (on ``program.model``, in place); returns their metadata."""
+KV_DTYPES = {"fp16": "float16", "fp32": "float32"}     # --kv -> the KV cache buffers' element type
+
+
+def carry_ep_state(program, kind: str, per_kv_head: bool = False, kv: str | None = "fp16") -> dict:
+    """The ONNX passes of the ``ai.solm`` kinds (on ``program.model``, in place, in this order); returns their
+    metadata. ``kv``: the KV cache buffers' precision (``passes/kv_buffer.py``; fp32 is the exactness reference),
+    or None for the concat form artifacts had before issue 16 (for tests)."""
     from solm_compile.passes.carry_page_state import carry_page_state, select_per_kv_head
+    from solm_compile.passes.kv_buffer import LAYOUT, kv_buffer
 
     if kind not in ("solm", "fixed"):
         return {}
+    if kv is not None and kv not in KV_DTYPES:
+        raise UserError(f"--kv must be one of {', '.join(KV_DTYPES)}, got {kv!r}")
     carried = carry_page_state(program.model)
     log.debug("carry_page_state: %s (skipped: %s)", dict(carried.counts), carried.skipped)
+    meta = {"page_state": carried.counts["page_state"], "select_per_kv_head": bool(per_kv_head)}
     if per_kv_head:
         select_per_kv_head(program.model)
-    return {"page_state": carried.counts["page_state"], "select_per_kv_head": bool(per_kv_head)}
+    if kv is None:                  # the concat form of artifacts before issue 16 (tests compare against it)
+        return meta
+    buffered = kv_buffer(program.model, KV_DTYPES[kv])
+    log.debug("kv_buffer: %s (skipped: %s)", dict(buffered.counts), buffered.skipped)
+    if buffered.skipped:
+        raise UserError(f"cannot put this model's KV cache in a buffer: {buffered.skipped[0]}")
+    return {**meta, "kv_cache": {"layout": LAYOUT, "dtype": KV_DTYPES[kv]}}
 
 
 def fuse_norm_rope(program) -> dict:
@@ -204,10 +221,12 @@ def pack_low_bit(program, weights, activations: str = "int8") -> dict:
 
 
 def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=None, tokenizer=None,
-                   per_kv_head: bool = False, weights=None, activations: str = "int8") -> Path:
+                   per_kv_head: bool = False, weights=None, activations: str = "int8",
+                   kv: str | None = "fp16") -> Path:
     """Export, attach metadata, write ``out`` (and the tokenizer beside it) atomically. ``weights``: the loaded
     model's ``WeightTable`` (``--weights``): the weights it knows are stored as their low-bit blocks, their layers
-    computed with ``activations`` (``pack_low_bit``: "int8" per block, or "fp32")."""
+    computed with ``activations`` (``pack_low_bit``: "int8" per block, or "fp32"). ``kv``: the SolmEP kinds' KV cache
+    buffer precision, "fp16" or "fp32" (``carry_ep_state``)."""
     import onnx
 
     if kind not in KINDS:
@@ -223,7 +242,7 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
     if per_kv_head and kind not in ("solm", "fixed"):
         raise UserError(f"per-KV-head page selection is a SolmEP option: a {kind} artifact cannot have it")
     program = export_onnx(module, args, policy, ins, outs, kind)
-    ep_meta = carry_ep_state(program, kind, per_kv_head)
+    ep_meta = carry_ep_state(program, kind, per_kv_head, kv)
     if kind == "dense":      # before packing: the probe compares float32 graphs (int8 activations would add noise)
         from solm_compile.artifact.dense import fuse_dense_attention
 

@@ -54,11 +54,11 @@ def export_code_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def artifact_key(info, gate, kind: str, policy_path: Path | None, weights: str = "fp32") -> str:
+def artifact_key(info, gate, kind: str, policy_path: Path | None, weights: str = "fp32", kv: str = "fp16") -> str:
     from solm_compile.policy.checkpoint import model_identity
 
     payload = {"model": model_identity(info), "gate": gate.to_dict(), "kind": kind, "code": export_code_hash(),
-               "weights": weights,
+               "weights": weights, "kv": kv if kind in ("solm", "fixed") else None,
                "policy": _file_hash(policy_path) if policy_path is not None and kind in ("solm", "portable") else None}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -110,14 +110,15 @@ def ensure_artifacts(lm, kinds, policy_path: Path | None, say: Callable[[str], N
                             "--policy random (a random-init policy: timing only)")
         table = getattr(lm, "weights", None)                  # bench.decode.prepare sets it (--weights)
         mode = table.weights if table is not None else "fp32"
-        key = artifact_key(lm.info, lm.gate, kind, policy_path if needs_policy else None, mode)
+        kv = getattr(lm, "kv", "fp16")                        # --kv (prepare sets it): the SolmEP kinds' cache
+        key = artifact_key(lm.info, lm.gate, kind, policy_path if needs_policy else None, mode, kv)
         path = d / f"{kind}-{mode}-{key}.onnx"
         if not path.is_file():
             if needs_policy and loaded_policy is None:
                 loaded_policy = load_policy(policy_path, lm.info)
             say(f"compiling the {kind} artifact -> {path}")
             t0 = time.perf_counter()
-            write_artifact(lm, path, kind, loaded_policy if needs_policy else None, weights=table)
+            write_artifact(lm, path, kind, loaded_policy if needs_policy else None, weights=table, kv=kv)
             say(f"  {kind}: {time.perf_counter() - t0:.0f} s")
         out[kind] = path
     return out

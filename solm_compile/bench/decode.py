@@ -203,9 +203,10 @@ class Bench:
         if len(self.token_ids) < need:
             raise UserError(f"bench needs {need} tokens, has {len(self.token_ids)}")
         t0 = time.perf_counter()
-        out = s._run(prefill_feeds(s, ids))
-        kv = {f"past_{k}_{i}": out[f"present_{k}_{i}"].numpy().copy()
-              for i in range(s.n_layers) for k in ("key", "value")}
+        feeds = prefill_feeds(s, ids)
+        out = s._run(feeds)
+        s._carry(out, feeds)
+        kv = s.kv.snapshot(feeds)                    # layout-free: restored into each session's own (runtime/kv.py)
         hidden = (out["policy_hidden_out"].numpy().copy() if "policy_hidden_out" in out
                   else np.zeros((1, s.meta["hidden_size"]), np.float32))
         self.say(f"prefill {context} tokens ({kind}, {threads} threads): {time.perf_counter() - t0:.1f} s")
@@ -220,7 +221,7 @@ class Bench:
 
         ov = ort.OrtValue.ortvalue_from_numpy
         tokens, first_pos = p.tokens[:n], p.context
-        feeds = {k: ov(v.copy()) for k, v in p.kv.items()}
+        feeds = s.kv.restore(p.kv, capacity=p.context + n)
         ids = [ov(np.asarray([[t]], np.int64)) for t in tokens]
         pos = [ov(np.asarray([[first_pos + i]], np.int64)) for i in range(n)]
         kind = s.kind
@@ -339,8 +340,9 @@ class Bench:
 
 
 def prepare(model: str, cfg: BenchConfig, policy: str | None = None, gate=None, trust_pickle: bool = False,
-            say: Callable[[str], None] = lambda s: None, weights: str = "source") -> Bench:
-    """Load MODEL with ``weights`` (``--weights``), compile (or reuse) its artifacts and set up a ``Bench``."""
+            say: Callable[[str], None] = lambda s: None, weights: str = "source", kv: str = "fp16") -> Bench:
+    """Load MODEL with ``weights`` (``--weights``), compile (or reuse) its artifacts (the SolmEP kinds' KV cache in
+    ``kv``, ``--kv``) and set up a ``Bench``."""
     from solm_compile.frontend.gated import GatedLM, _kv_shape_from_graph, compile_gated
     from solm_compile.frontend.models import load
 
@@ -349,6 +351,7 @@ def prepare(model: str, cfg: BenchConfig, policy: str | None = None, gate=None, 
     gated = compile_gated(loaded, gate)
     lm = GatedLM(gated, _kv_shape_from_graph(loaded))
     lm.weights = loaded.weights                 # the artifacts store what the table knows as low-bit blocks
+    lm.kv = kv                                  # and the SolmEP kinds' KV cache precision
     say(f"loaded {loaded.info.name} ({time.perf_counter() - t0:.0f} s; weights {weights})")
     return prepare_lm(lm, cfg, policy, tokenizer=loaded.tokenizer, say=say)
 

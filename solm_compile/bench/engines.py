@@ -180,18 +180,21 @@ class ArtifactEngine(Engine):
     def prefill(self, ids):
         from solm_compile.bench.sessions import prefill_feeds
 
-        feeds = prefill_feeds(self.s, list(ids), self.budget)
+        feeds = prefill_feeds(self.s, list(ids), self.budget, capacity=self.n_ctx)
         out = self.s._run(feeds)
         self.s._carry(out, feeds)
-        # the state after the prefill: KV cache (and SolmEP's page state), plus the fixed kind's controls
+        # the state after the prefill: KV cache (runtime/kv.py's snapshot), SolmEP's page state, the fixed kind's
+        # controls
+        self.kv = self.s.kv.snapshot(feeds)
         self.base = {k: (v.numpy() if hasattr(v, "numpy") else v).copy() for k, v in feeds.items()
-                     if k not in ("input_ids", "position_ids")}
+                     if k not in ("input_ids", "position_ids", "past_length") and k not in self.kv}
         self.base_pos = len(ids)
         self.reset()
         return out["logits"].numpy()[0, -1].copy()                   # [1, T, V] → [V]
 
     def reset(self):
-        self.feeds = {k: self.ov(v.copy()) for k, v in self.base.items()}
+        self.feeds = {**{k: self.ov(v.copy()) for k, v in self.base.items()},
+                      **self.s.kv.restore(self.kv, capacity=self.n_ctx)}
         self.pos = self.base_pos
 
     def step(self, token):

@@ -49,6 +49,7 @@ class EnginesConfig:
     memory: bool = True
     memory_context: int = 2048
     weights: str = "source"                 # solm's weights (issue 16's --weights), passed on where supported
+    kv: str = "fp16"                        # solm's KV cache buffer (--kv), for the SolmEP (fixed) artifact
     engines: tuple[str, ...] = ENGINE_NAMES
     reference: str = "llama.cpp"            # ratios are against this engine's row (the first row without it)
     seed: int = 0
@@ -128,6 +129,8 @@ def engine_specs(model: str, lm, cfg: EnginesConfig, taken: bool,
     if "fixed" in kinds and not _ep_available():
         notes.append("skipped solm: SolmEP is not built here (python -m solm_compile.runtime.ep_build)")
         kinds.remove("fixed")
+    if kinds:
+        lm.kv = cfg.kv                                                   # the fixed artifact's KV cache (--kv)
     arts = ensure_artifacts(lm, kinds, None, say) if kinds else {}      # in lm.weights' format (load_lm)
     label = solm_weights_label(cfg.weights, taken, src_type)
     if "dense" in arts:

@@ -19,11 +19,12 @@ SESSIONS = {"dense": ("dense", None), "solm": ("solm", None), "portable": ("port
             "fixed": ("fixed", None), "fixed_kvhead": ("fixed", {"select_per_kv_head": "1"})}
 
 
-def prefill_feeds(s, ids: list[int], budget=(1.0, 1.0, 16.0)) -> dict:
-    """The feeds of one prefill of ``ids`` from an empty cache at ``budget``, for any artifact kind."""
+def prefill_feeds(s, ids: list[int], budget=(1.0, 1.0, 16.0), capacity: int = 0) -> dict:
+    """The feeds of one prefill of ``ids`` from an empty cache at ``budget``, for any artifact kind; ``capacity``:
+    the positions a KV cache buffer holds (default: the prompt; runtime/kv.py)."""
     n = len(ids)
     feeds = {"input_ids": np.asarray([ids], np.int64), "position_ids": np.arange(n, dtype=np.int64)[None],
-             **s._empty_past(1)}
+             **s._empty_past(1, max(capacity, n))}
     if s.kind in ("solm", "portable"):
         feeds.update(s._policy_start(1, np.zeros((1, s.meta["hidden_size"]), np.float32)),
                      budget=s.check_budget(budget)[None])

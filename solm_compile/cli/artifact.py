@@ -74,7 +74,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             "solm" if args.custom_ops else "auto")
     config = SolmConfig(kind=kind, policy=args.policy, gate=dataclass_from_args(GateConfig, args),
                         per_kv_head=args.per_kv_head, trust_pickle=args.trust_pickle, weights=args.weights,
-                        activations=args.activations, emit=args.emit, mlir_dialect=args.mlir_dialect)
+                        activations=args.activations, emit=args.emit, mlir_dialect=args.mlir_dialect,
+                        kv=args.kv)
     path = compile(args.model, config, out=args.out)
     if args.emit == "mlir":
         print(f"wrote {path} (MLIR, {config.mlir_dialect or ('linalg-on-tensors' if args.dense else 'raw')}, "

@@ -98,7 +98,7 @@ def engines_config_from_args(args):
     d = EnginesConfig()
     return EnginesConfig(contexts=tuple(args.context or d.contexts), threads=tuple(args.threads), reps=args.reps,
                          steps=args.steps, warmup=args.warmup, keeps=tuple(args.keeps), ppl_window=args.ppl_window,
-                         ppl_tokens=args.ppl_tokens, memory=args.memory, weights=args.weights,
+                         ppl_tokens=args.ppl_tokens, memory=args.memory, weights=args.weights, kv=args.kv,
                          engines=tuple(e.strip() for e in args.engine_list.split(",") if e.strip()))
 
 
@@ -128,7 +128,7 @@ def cmd_bench(args) -> int:
     rows = []
     if args.backend in ("onnxruntime", "both"):
         bench = prepare(args.model, cfg, args.policy, gate=gate, trust_pickle=args.trust_pickle, say=say,
-                        weights=args.weights)
+                        weights=args.weights, kv=args.kv)
         rows += run_all(bench)
     if args.backend in ("torch", "both"):
         if args.device != "cpu":

@@ -8,6 +8,8 @@ import dataclasses
 from solm_compile.config import GateConfig
 from solm_compile.quant.weights import WEIGHTS
 
+KV = ("fp16", "fp32")       # --kv: artifact/write.py KV_DTYPES
+
 GATE_HELP = {
     "page_size": "Quest page size S in tokens",
     "sinks": "first tokens always attended (attn-select solm)",
@@ -44,6 +46,9 @@ def add_model_args(p: argparse.ArgumentParser, gate: bool = True) -> None:
                    help="how the weights are stored and computed with (default source: a GGUF keeps its own "
                    "Q4_0/Q4_1/Q5_0/Q8_0 blocks losslessly; fp32: the exactness reference; int8/int4: "
                    "round-to-nearest, block 32)")
+    p.add_argument("--kv", choices=KV, default="fp16",
+                   help="the SolmEP artifacts' KV cache: a pre-allocated buffer written in place, in fp16 (default; "
+                   "half the bytes per decode step) or fp32 (the exactness reference)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     if gate:

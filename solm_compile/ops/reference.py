@@ -19,6 +19,8 @@ Semantics (SOL, shared/research/sol_method.md §2, plus solm's forced sinks/wind
   κ of the unmasked keys, ⌈⌈κ·Lᵥ⌉/S⌉ pages (Lᵥ = unmasked keys) of the Pᵥ pages holding one, the row dense
   (every unmasked key) when that covers all Pᵥ. With no mask (or nothing masked) Lᵥ = L, Pᵥ = P: unchanged. Sinks,
   window and the last-token rule are positions, as above, still under the mask.
+- the KV cache buffer form (``quest_attention_cache_ref``): the new keys/values are appended to pre-allocated
+  caches (float32 or float16) at the valid length, then the above runs on the valid rows, read back as float32.
 - a query row with no unmasked, kept key (every key masked) outputs zeros, not the NaN of softmax over all −inf;
   dense steps and prefill included.
 - ``sparse_mlp_blocks``: ``sparse_mlp`` on the weights its low-bit blocks dequantise to, w = (scale·code) + offset
@@ -119,6 +121,23 @@ def quest_attention_ref(q, k, v, attn_mask, kappa, scale, page_size, sinks, wind
             p = torch.softmax(logits, dim=-1).masked_fill(~valid.any(-1, keepdim=True), 0.0)  # all masked: zeros
             out[b, h] = p @ vh
     return out
+
+
+def quest_attention_cache_ref(q, k, v, attn_mask, kappa, past_key, past_value, past_length, scale, page_size, sinks,
+                              window):
+    """QuestAttention's KV cache buffer form (registry.QUEST_ATTENTION): k/v [B,Hkv,T,d] the new rows (float32),
+    past_key/past_value [B,Hkv,C,d] the caches (float32 or float16), past_length [B] (equal rows). Returns (out,
+    present_key, present_value): the new rows written at [P, P+T) in the cache's dtype (float16: rounded to nearest
+    even, torch's cast), and ``quest_attention_ref`` over the L = P+T valid rows as float32."""
+    P, T = int(past_length[0]), k.shape[2]
+    assert bool((past_length == P).all()) and P + T <= past_key.shape[2]
+    present_key, present_value = past_key.clone(), past_value.clone()
+    present_key[:, :, P:P + T] = k.to(past_key.dtype)
+    present_value[:, :, P:P + T] = v.to(past_value.dtype)
+    keys = present_key[:, :, :P + T].to(torch.float32)                                  # [B, Hkv, L, d]
+    values = present_value[:, :, :P + T].to(torch.float32)                              # [B, Hkv, L, dv]
+    out = quest_attention_ref(q, keys, values, attn_mask, kappa, scale, page_size, sinks, window)
+    return out, present_key, present_value
 
 
 def topk_channels_ref(x_row: torch.Tensor, rho: float) -> torch.Tensor:

@@ -13,8 +13,9 @@ Everything else reads it or is checked against it:
 Two forms of an op. The *export* form is what ``torch.onnx.export`` writes (one node per torch op call): inputs and
 outputs with ``state=False``, attributes with ``export=True``. The *artifact* form is what SolmEP runs: all of
 them. QuestAttention's page state (``past_page_min/max`` in, ``present_page_min/max`` out) is added after export by
-``passes/carry_page_state.py``; ``is_causal`` is a torch argument the exporter refuses to translate (``True``) or
-drops (``False``), which SolmEP still reads; ``select_per_kv_head`` is set by a pass or a provider option. Every
+``passes/carry_page_state.py``, and its KV cache buffer (``past_key``, ``past_value``, ``past_length`` in,
+``present_key``, ``present_value`` out) by ``passes/kv_buffer.py``; ``is_causal`` is a torch argument the exporter
+refuses to translate (``True``) or drops (``False``), which SolmEP still reads; ``select_per_kv_head`` is set by a pass or a provider option. Every
 attribute is optional to SolmEP (each has a default there); the export schemas declare the exported ones required,
 since the translation always writes them.
 
@@ -86,19 +87,31 @@ GATE_CONTROLS = OpSig(
     attributes=(Attr("min_len", "int"),),
     types=(("I", INT_TYPES), ("T", FLOAT_TYPES), ("C", FLOAT_TYPES)))
 
+# The KV cache buffer form (issue 16; passes/kv_buffer.py, reference.quest_attention_cache_ref): with past_key,
+# past_value [B, Hkv, C, d] (float16 or float32, C the capacity) and past_length [B] (int64, every row equal for now)
+# given, k and v are the T new rows only: they are written at [past_length, past_length + T) of present_key /
+# present_value (same shape and type; meant to be the same buffers as past_key / past_value, bound so by the
+# caller: then written in place, otherwise the valid past rows are copied first), and the op attends over the
+# L = past_length + T valid rows. attn_mask is then [.., T, L]. Without them (export, portable): k/v are all L keys.
 QUEST_ATTENTION = OpSig(
     "quest_attention", "QuestAttention",
     inputs=(Param("q", "T"), Param("k", "T"), Param("v", "T"), Param("attn_mask", "M", optional=True),
             Param("kappa", "C"),
             Param("past_page_min", "T", optional=True, state=True),
-            Param("past_page_max", "T", optional=True, state=True)),
+            Param("past_page_max", "T", optional=True, state=True),
+            Param("past_key", "K", optional=True, state=True),
+            Param("past_value", "K", optional=True, state=True),
+            Param("past_length", "I", optional=True, state=True)),
     outputs=(Param("out", "T"),
              Param("present_page_min", "T", optional=True, state=True),
-             Param("present_page_max", "T", optional=True, state=True)),
+             Param("present_page_max", "T", optional=True, state=True),
+             Param("present_key", "K", optional=True, state=True),
+             Param("present_value", "K", optional=True, state=True)),
     attributes=(Attr("scale", "float"), Attr("is_causal", "int", export=False), Attr("page_size", "int"),
                 Attr("sinks", "int"), Attr("window", "int"),
                 Attr("select_per_kv_head", "int", torch=False, export=False)),
-    types=(("T", FLOAT_TYPES), ("M", ("tensor(bool)",) + FLOAT_TYPES), ("C", FLOAT_TYPES)))
+    types=(("T", FLOAT_TYPES), ("M", ("tensor(bool)",) + FLOAT_TYPES), ("C", FLOAT_TYPES),
+           ("K", ("tensor(float)", "tensor(float16)")), ("I", ("tensor(int64)",))))
 
 SPARSE_MLP = OpSig(
     "sparse_mlp", "SparseMLP",

@@ -69,7 +69,8 @@ def _schema(sig: registry.OpSig) -> onnx.defs.OpSchema:
 
     return _S(sig.onnx_name, DOMAIN, VERSION, "",
               inputs=[param(p) for p in sig.export_inputs()], outputs=[param(p) for p in sig.export_outputs()],
-              type_constraints=[(var, list(types), "") for var, types in sig.types],
+              type_constraints=[(var, list(types), "") for var, types in sig.types
+                                if any(p.type_var == var for p in sig.export_inputs() + sig.export_outputs())],
               attributes=[_S.Attribute(a.name, _ATTR_TYPES[a.kind], "", required=True)
                           for a in sig.export_attributes()])
 
