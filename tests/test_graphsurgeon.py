@@ -7,8 +7,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import torch
-
 from require import need_ep, need_tools
 from solm_compile.runtime import ep
 from test_artifact import PROMPT, word_tokenizer
@@ -18,26 +16,19 @@ BUDGET = (0.5, 0.75, 8)
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, tiny_llama):
+    from tiny_lm import random_policy_file
+
     from solm_compile.artifact.write import write_artifact
     from solm_compile.frontend import models
     from solm_compile.frontend.gated import GatedLM
     from solm_compile.policy import checkpoint
-    from solm_compile.policy.actions import ActionGrid
-    from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
 
     need_ep(ep.library_path() is not None)
     d = tmp_path_factory.mktemp("surgeon")
     loaded = models._from_hf(tiny_llama, word_tokenizer(), name="tiny", source="<test>")
     lm = GatedLM.from_loaded(loaded)
-    grid = ActionGrid()
-    torch.manual_seed(2)
-    policy = RecurrentActorCriticPolicy(64, grid.num_actions, PolicyConfig(d_model=32, max_steps=32)).eval()
-    for p in policy.parameters():
-        p.data.normal_(0, 0.3)
-    checkpoint.save(d / "policy.pt", checkpoint.policy_payload(policy, grid, lm.gate,
-                                                               checkpoint.model_identity(lm.info),
-                                                               {"policy": policy.cfg.to_dict()}))
-    lp = checkpoint.load_policy(d / "policy.pt", lm.info)
+    lp = checkpoint.load_policy(random_policy_file(d / "policy.pt", checkpoint.model_identity(lm.info), lm.gate,
+                                                   seed=2), lm.info)
     return write_artifact(lm, d / "tiny.solm.onnx", "solm", lp, tokenizer=loaded.tokenizer)
 
 
