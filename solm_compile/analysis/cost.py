@@ -189,8 +189,12 @@ def _model(m: ModelShapes):
 
 
 @lru_cache(maxsize=64)
-def decode_cost(shapes: ModelShapes, gate_cfg: GateConfig = GateConfig(), dtype_bytes: int = 4) -> Cost:
-    """Symbolic FLOPs and bytes read for one decode token; see the module docstring for every term."""
+def decode_cost(shapes: ModelShapes, gate_cfg: GateConfig = GateConfig(), dtype_bytes: int | tuple = 4) -> Cost:
+    """Symbolic FLOPs and bytes read for one decode token; see the module docstring for every term. ``dtype_bytes``:
+    bytes per element read, one number for every part or ``((part, bytes), ...)`` per part ("attention": the KV cache
+    and page metadata, "mlp", "dense": q/k/v/o and norms, "head": LM head and embedding row; a part not named: 4)."""
+    per = dict(dtype_bytes) if isinstance(dtype_bytes, tuple) else {}
+    size = {n: sp.Rational(str(per.get(n, 4) if per else dtype_bytes)) for n in ("attention", "mlp", "dense", "head")}
     parts = {"attention": [0, 0], "mlp": [0, 0], "dense": [0, 0]}
     for s in shapes.layers:
         for name, (f, e) in (("attention", _attention(s, gate_cfg)), ("mlp", _mlp(s, gate_cfg)),
@@ -198,7 +202,7 @@ def decode_cost(shapes: ModelShapes, gate_cfg: GateConfig = GateConfig(), dtype_
             parts[name][0] += f
             parts[name][1] += e
     parts["head"] = list(_model(shapes))
-    out = tuple((n, sp.sympify(f), sp.sympify(e) * dtype_bytes) for n, (f, e) in parts.items())
+    out = tuple((n, sp.sympify(f), sp.sympify(e) * size[n]) for n, (f, e) in parts.items())
     return Cost(flops=sp.Add(*(p[1] for p in out)), bytes=sp.Add(*(p[2] for p in out)), parts=out)
 
 
@@ -236,7 +240,7 @@ class CostModel:
     """:func:`decode_cost` compiled to exact Python arithmetic (Fractions: the same ceilings as ``Cost.at``), for
     many evaluations (every step of an evaluation, every token of ``solm run --show``); memoised."""
 
-    def __init__(self, shapes: ModelShapes, gate, dtype_bytes: int = 4):
+    def __init__(self, shapes: ModelShapes, gate, dtype_bytes: int | tuple = 4):
         c = decode_cost(shapes, gate, dtype_bytes)
         self._fn = sp.lambdify((L, kappa, rho, b), [c.flops, c.bytes],
                                modules=[{"Fraction": Fraction, "math": math}, "math"], printer=_FractionPrinter)

@@ -3,7 +3,9 @@
 Shared by ``solm run --show`` / ``--json`` (cli/show.py) and ``solm serve`` (each streamed chunk's ``solm.token_cost``
 and the web page's shading), so the terminal and the page show the same number for the same step. A token's compute
 is the step that processed it: the cost model's bytes at that step's KV length L and controls (κ, ρ, bits) over the
-dense bytes at the same L (``analysis.cost.CostModel``, the shapes kept in the artifact's ``solm.cost_shapes``).
+dense bytes at the same L (``analysis.cost.CostModel``, the shapes kept in the artifact's ``solm.cost_shapes``), each
+part's elements counted at the bytes its storage reads (``part_bytes``): the source blocks of a low-bit artifact, scales
+included, and its KV cache's precision.
 """
 
 from __future__ import annotations
@@ -13,6 +15,35 @@ from solm_compile.config import GateConfig
 from solm_compile.errors import UserError
 
 
+# bytes per weight of each block format, its scale (and min) included: what a kernel reading the blocks reads
+BLOCK_BYTES = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q5_0": (22, 32), "Q5_1": (24, 32), "Q8_0": (34, 32),
+               "Q4_K": (144, 256), "Q5_K": (176, 256), "Q6_K": (210, 256)}
+
+
+def _format_bytes(packed: dict, prefixes: tuple[str, ...]) -> float | None:
+    """Bytes per element of the most used format among the ``packed`` roles starting with ``prefixes``."""
+    counts: dict[str, int] = {}
+    for role, n in packed.items():
+        for pre in prefixes:
+            if role.startswith(pre) and role[len(pre):] in BLOCK_BYTES:
+                counts[role[len(pre):]] = counts.get(role[len(pre):], 0) + n
+    if not counts:
+        return None
+    nbytes, per = BLOCK_BYTES[max(counts, key=counts.get)]
+    return nbytes / per
+
+
+def part_bytes(meta: dict) -> tuple:
+    """((part, bytes per element), ...) for ``CostModel`` from an artifact's metadata: fp32 unless its weights are
+    packed blocks (``solm.weights``) or its KV cache is fp16 (``solm.kv_cache``)."""
+    packed = (meta.get("weights") or {}).get("packed") or {}
+    kv = 2 if (meta.get("kv_cache") or {}).get("dtype") == "float16" else 4
+    dense = _format_bytes(packed, ("matmul_",)) or 4
+    mlp = _format_bytes(packed, ("mlp_gate_", "mlp_up_", "mlp_down_")) or dense
+    head = _format_bytes(packed, ("gather_",)) or dense
+    return (("attention", kv), ("mlp", mlp), ("dense", dense), ("head", head))
+
+
 class TokenCost:
     """Per-token bytes fraction of one artifact (``analysis.cost.CostModel``, memoised per (L, controls))."""
 
@@ -20,7 +51,8 @@ class TokenCost:
         if "cost_shapes" not in meta:
             raise UserError(f"{path}: compiled before artifacts carried their cost shapes; compile it again "
                             "for per-token costs (--show, --json)")
-        self.model = CostModel(ModelShapes.from_dict(meta["cost_shapes"]), GateConfig.from_dict(meta.get("gate") or {}))
+        self.model = CostModel(ModelShapes.from_dict(meta["cost_shapes"]), GateConfig.from_dict(meta.get("gate") or {}),
+                               part_bytes(meta))
         self.meta = meta
 
     def __call__(self, L: int, controls) -> float:
