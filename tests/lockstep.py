@@ -17,6 +17,7 @@ off-by-one channel count, a different scale) is not explained by flipped near-bo
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,6 +248,10 @@ def lockstep(lm, loaded_policy, sess, op_names: list[str], prompt_ids: list[int]
     from solm_compile.artifact.step import ArtifactStep, initial_policy_state
     from solm_compile.policy.step import STATE_NAMES, PolicyStep
 
+    from solm_compile.runtime.kv import KvCache
+
+    meta = {k[5:]: json.loads(v) for k, v in sess.get_modelmeta().custom_metadata_map.items() if k.startswith("solm.")}
+    kv = KvCache.of(meta)                          # the artifact's KV protocol: concat, or a buffer + past_length
     pol = loaded_policy.policy
     step = ArtifactStep(lm.model.gm, PolicyStep.from_loaded(loaded_policy), lm._embedding, lm.gate.min_len).eval()
     names = [o.name for o in sess.get_outputs()]
@@ -260,9 +265,13 @@ def lockstep(lm, loaded_policy, sess, op_names: list[str], prompt_ids: list[int]
     for t in range(n):
         tok = logits.argmax(-1, keepdim=True)                                            # [1, 1]
         pos = torch.full((1, 1), ids.shape[1] + t)
-        feeds = {"input_ids": tok.numpy(), "position_ids": pos.numpy(), "budget": target.numpy(),
-                 **{f"past_{kind}_{i}": past[2 * i + j].numpy() for i in range(n_layers)
-                    for j, kind in enumerate(("key", "value"))},
+        cache = {f"past_{kind}_{i}": past[2 * i + j].numpy() for i in range(n_layers)
+                 for j, kind in enumerate(("key", "value"))}                              # [1, Hkv, L, d] each
+        if kv.buffered:                            # the same rows in the artifact's buffer (runtime/kv.py)
+            restored = kv.restore(cache, capacity=cache["past_key_0"].shape[2] + 1)  # alive through the run:
+            cache = {name: v if isinstance(v, np.ndarray) else v.numpy()         # .numpy() views its memory
+                     for name, v in restored.items()}
+        feeds = {"input_ids": tok.numpy(), "position_ids": pos.numpy(), "budget": target.numpy(), **cache,
                  **{name: s.numpy() for name, s in zip(state_names, state)}}
         got = dict(zip(names, sess.run(None, feeds)))
         run = lambda flips: _replay(step, pol, flips, tok, pos, past, state, target)  # noqa: E731

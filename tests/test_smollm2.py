@@ -30,7 +30,9 @@ def smollm2_artifacts(tmp_path_factory):
     policy = resolve_policy(None, loaded.info)          # the shipped policy
     d = tmp_path_factory.mktemp("smollm2")
     kinds = ("solm", "portable")
-    arts = {k: write_artifact(lm, d / f"smollm2.{k}.onnx", k, policy, tokenizer=loaded.tokenizer) for k in kinds}
+    # kv fp32: the exactness reference (the fp16 cache is checked against it within fp16 rounding in test_kv_cache)
+    arts = {k: write_artifact(lm, d / f"smollm2.{k}.onnx", k, policy, tokenizer=loaded.tokenizer, kv="fp32")
+            for k in kinds}
     return loaded, lm, policy, arts
 
 
