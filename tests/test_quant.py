@@ -277,10 +277,11 @@ def test_fixed_artifact_mlp_runs_on_blocks_on_solm_ep(tmp_path):
         want = ref(ids).logits[0].numpy()
     sess = ort.InferenceSession(str(art), ep.session_options_with_ep(ort.SessionOptions(), ort=ort))
     feeds = {"input_ids": ids.numpy(), "position_ids": np.arange(6)[None]}
-    for i in sess.get_inputs()[2:]:
+    for i in sess.get_inputs()[2:]:       # an empty KV buffer of 8 positions (past_length 0), zero controls
         shape = [1 if s in ("batch", "B") or not isinstance(s, int) and i.shape.index(s) == 0 else
-                 (0 if not isinstance(s, int) else s) for s in i.shape]
-        feeds[i.name] = np.zeros(shape, np.float32)
+                 ((8 if i.name.startswith("past_") else 0) if not isinstance(s, int) else s) for s in i.shape]
+        dtype = {"tensor(float16)": np.float16, "tensor(int64)": np.int64}.get(i.type, np.float32)
+        feeds[i.name] = np.zeros(shape, dtype)
     got = sess.run(["logits"], feeds)[0][0]
     scale = np.abs(want).max()
     assert np.abs(got - want).max() < 0.05 * scale
