@@ -164,19 +164,9 @@ def test_calls_while_another_thread_resets(c_lib, monkeypatch):
 def solm_artifact(tmp_path_factory, tiny_llama):
     need_ep(ep.library_path() is not None)
     from test_artifact import word_tokenizer
+    from tiny_lm import tiny_solm_artifact
 
-    from solm_compile.artifact.write import write_artifact
-    from solm_compile.frontend import models
-    from solm_compile.frontend.gated import GatedLM
-    from solm_compile.policy import checkpoint
-    from tiny_lm import random_policy_file
-
-    d = tmp_path_factory.mktemp("conc")
-    loaded = models._from_hf(tiny_llama, word_tokenizer(), name="tiny", source="<test>")
-    lm = GatedLM.from_loaded(loaded)
-    path = random_policy_file(d / "policy.pt", checkpoint.model_identity(lm.info), lm.gate, seed=3)
-    lp = checkpoint.load_policy(path, lm.info)
-    return write_artifact(lm, d / "tiny.solm.onnx", "solm", lp, tokenizer=loaded.tokenizer)
+    return tiny_solm_artifact(tmp_path_factory.mktemp("conc"), tiny_llama, word_tokenizer(), seed=3)
 
 
 def _trace(session, prompt, budget, n=40):

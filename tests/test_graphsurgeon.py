@@ -16,20 +16,10 @@ BUDGET = (0.5, 0.75, 8)
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, tiny_llama):
-    from tiny_lm import random_policy_file
-
-    from solm_compile.artifact.write import write_artifact
-    from solm_compile.frontend import models
-    from solm_compile.frontend.gated import GatedLM
-    from solm_compile.policy import checkpoint
+    from tiny_lm import tiny_solm_artifact
 
     need_ep(ep.library_path() is not None)
-    d = tmp_path_factory.mktemp("surgeon")
-    loaded = models._from_hf(tiny_llama, word_tokenizer(), name="tiny", source="<test>")
-    lm = GatedLM.from_loaded(loaded)
-    lp = checkpoint.load_policy(random_policy_file(d / "policy.pt", checkpoint.model_identity(lm.info), lm.gate,
-                                                   seed=2), lm.info)
-    return write_artifact(lm, d / "tiny.solm.onnx", "solm", lp, tokenizer=loaded.tokenizer)
+    return tiny_solm_artifact(tmp_path_factory.mktemp("surgeon"), tiny_llama, word_tokenizer(), seed=2)
 
 
 def edit(src, out):

@@ -117,3 +117,17 @@ def random_policy_file(path, ident: dict, gate: GateConfig = GateConfig(), hidde
     checkpoint.save(path, checkpoint.policy_payload(policy.eval(), grid, gate, ident,
                                                     {"policy": policy.cfg.to_dict(), **(train_config or {})}))
     return path
+
+
+def tiny_solm_artifact(d, hf, tokenizer, seed: int):
+    """A ``solm`` artifact of the tiny model ``hf`` with a random policy (``random_policy_file``), written to ``d``."""
+    from solm_compile.artifact.write import write_artifact
+    from solm_compile.frontend import models
+    from solm_compile.frontend.gated import GatedLM
+    from solm_compile.policy import checkpoint
+
+    loaded = models._from_hf(hf, tokenizer, name="tiny", source="<test>")
+    lm = GatedLM.from_loaded(loaded)
+    path = random_policy_file(d / "policy.pt", checkpoint.model_identity(lm.info), lm.gate, seed=seed)
+    return write_artifact(lm, d / "tiny.solm.onnx", "solm", checkpoint.load_policy(path, lm.info),
+                          tokenizer=loaded.tokenizer)
