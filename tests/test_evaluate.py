@@ -101,6 +101,29 @@ def test_uniform_and_step_schedule_match_usage():
     assert int((sch != sch[:1]).any(-1).any(0).sum()) <= 3
 
 
+def test_step_schedule_by_hand():
+    """4 steps, 2 rows, κ only. KL(κ=0.25) = [.9 .15 .5 .2], KL(κ=0.5) = [.3 .05 .1 .15]: the extra KL of 0.25 over
+    0.5 is [.6 .1 .4 .05], so the cheapest steps for the low level are t=3, then t=1, then t=2, then t=0."""
+    kl_k = torch.tensor([[0.9, 0.15, 0.5, 0.2], [0.3, 0.05, 0.1, 0.15], [0.0] * 4])
+    zero = (torch.zeros(3, 4), torch.zeros(3, 4))
+    costs = bl.StepCosts((GRID.kappa_levels, GRID.rho_levels, tuple(float(b) for b in GRID.bit_levels)),
+                         (kl_k,) + zero, torch.ones(4, dtype=torch.bool), 1)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    # κ̄ = 0.375: halfway between 0.25 and 0.5, so 2 of the 4 steps go low: t=3 and t=1
+    sch = bl.step_schedule_controls(costs, (0.375, 1.0, 1.0), mask)
+    assert sch[..., 0].tolist() == [[0.5, 0.25, 0.5, 0.25]] * 2
+    assert sch[..., 1].tolist() == [[1.0] * 4] * 2 and sch[..., 2].tolist() == [[16.0] * 4] * 2
+    # κ̄ = 0.3125: 3 low steps (t=3, 1, 2), t=0 stays 0.5
+    sch = bl.step_schedule_controls(costs, (0.3125, 1.0, 1.0), mask)
+    assert sch[..., 0].tolist() == [[0.5, 0.25, 0.25, 0.25]] * 2
+    # κ̄ = 0.34375: 2.5 low steps: t=3 and t=1 for both rows, t=2 for one row of the two (the boundary step)
+    sch = bl.step_schedule_controls(costs, (0.34375, 1.0, 1.0), mask)
+    assert sorted(sch[..., 0].tolist()) == [[0.5, 0.25, 0.25, 0.25], [0.5, 0.25, 0.5, 0.25]]
+    # κ̄ = 0.75: between 0.5 and 1, 2 steps at 0.5, chosen by KL(0.5) − KL(1) = [.3 .05 .1 .15]: t=1 and t=2
+    sch = bl.step_schedule_controls(costs, (0.75, 1.0, 1.0), mask)
+    assert sch[..., 0].tolist() == [[1.0, 0.5, 0.5, 1.0]] * 2
+
+
 # ---------------------------------------------------------------------------------------------- engine
 def test_dense_equals_plain_hf_forward():
     from transformers import LlamaConfig, LlamaForCausalLM
