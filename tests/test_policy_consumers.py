@@ -179,3 +179,29 @@ def test_batch_equals_rows_in_onnxruntime(setup, rows, kind):
     sess = SolmSession(path, tokenizer=False, threads=1)
     steps = list(sess.steps([t[:P] for t in toks], ROW_BUDGETS, forced=[t[P:] for t in toks]))[1:]
     assert [[int(s["action"][i]) for s in steps] for i in range(len(toks))] == refs
+
+
+def test_batch_equals_rows_in_torch_compile(setup, rows):
+    """torch.compile with one budget per row (lists in the options): each row's actions are its B = 1 reference."""
+    from solm_compile.backend import dynamo
+
+    torch._dynamo.reset()
+    model, (toks, refs) = setup["model"], rows
+    per_row = {"attn_keep": [b[0] for b in ROW_BUDGETS], "mlp_keep": [b[1] for b in ROW_BUDGETS],
+               "bits": [b[2] for b in ROW_BUDGETS]}
+    model.compile(backend="solm", options={"policy": str(setup["path"]), **per_row})
+    X = torch.tensor(toks)
+    try:
+        with torch.no_grad():
+            out = model(X[:, :P], use_cache=True)
+            for t in range(N_STEPS):
+                out = model(X[:, P + t:P + t + 1], past_key_values=out.past_key_values, use_cache=True)
+        actions = dynamo.controller(model).actions
+        with pytest.raises(Exception, match="3 per-row budgets for a batch of 2 rows"):
+            with torch.no_grad():
+                out = model(X[:2, :P], use_cache=True)
+                model(X[:2, P:P + 1], past_key_values=out.past_key_values, use_cache=True)
+    finally:
+        model._compiled_call_impl = None
+        torch._dynamo.reset()
+    assert [[int(a[i]) for a in actions] for i in range(len(toks))] == refs

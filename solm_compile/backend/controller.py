@@ -17,6 +17,7 @@ from torch import Tensor
 
 from solm_compile.backend.once import warn_once
 from solm_compile.config import Budget, GateConfig
+from solm_compile.errors import UserError
 from solm_compile.policy.step import PolicyStep
 
 HISTORY = 4096            # decode steps of actions kept per controller
@@ -29,8 +30,10 @@ class PolicyController:
     [B] bool}`` (the last ``HISTORY`` steps). ``policy`` is None when running dense.
     """
 
-    def __init__(self, info, loaded, budget: Budget, gate: GateConfig, embedding: Tensor | None):
-        self.info, self.loaded, self.budget, self.gate = info, loaded, budget, gate
+    def __init__(self, info, loaded, budgets: Budget | tuple[Budget, ...], gate: GateConfig,
+                 embedding: Tensor | None):
+        budgets = (budgets,) if isinstance(budgets, Budget) else tuple(budgets)
+        self.info, self.loaded, self.budgets, self.gate = info, loaded, budgets, gate
         self.policy = loaded.policy if loaded is not None else None
         self.grid = loaded.grid if loaded is not None else None
         self.step = PolicyStep.from_loaded(loaded) if loaded is not None else None
@@ -47,12 +50,13 @@ class PolicyController:
 
         self.page_states = PageStates()     # Quest page min/max carried across steps (fast_c; reset per sequence)
         if self.policy is not None:
-            self._budget = torch.tensor([budget.attn_keep, budget.mlp_keep, budget.bits / 16.0])
+            self._budget = torch.tensor([[b.attn_keep, b.mlp_keep, b.bits / 16.0] for b in budgets])   # [R, 3]
 
     @property
     def active(self) -> bool:
         """Whether the policy decides anything: a policy, a budget below dense, and the LM's hidden state."""
-        return self.policy is not None and not self.budget.is_dense and self.embedding is not None
+        dense = all(b.is_dense for b in self.budgets)
+        return self.policy is not None and not dense and self.embedding is not None
 
     @property
     def actions(self) -> list:
@@ -94,13 +98,16 @@ class PolicyController:
             self._pending = None
             return ctl
         self._to(dev)
+        rows = self._budget.shape[0]
+        if rows not in (1, B):
+            raise UserError(f"torch.compile(backend='solm'): {rows} per-row budgets for a batch of {B} rows")
         if self.state is None or self.state.prev.shape[0] != B:
             if self.state is None:
                 warn_once("no-prefill", "solm: a decode step came without a prefill through the compiled model; "
                           "the policy starts from a zero hidden state")
             self.state = self.step.start(B, torch.zeros(B, self.policy.hidden_size, device=dev))
         eff = torch.full((B,), eff_flag, dtype=torch.bool, device=dev)                   # [B]
-        d = self.step.decide(self.state, self.embedding[input_ids[:, -1]], eff, self._budget.expand(B, 3))
+        d = self.step.decide(self.state, self.embedding[input_ids[:, -1]], eff, self._budget.expand(B, 3))   # [B, 3]
         self._pending = ("step", d, eff)
         self.history.append({"action": d.effective, "controls": d.controls, "effective": eff})
         ctl = d.controls                                                                  # [B, 3]

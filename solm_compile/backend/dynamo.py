@@ -7,6 +7,8 @@ Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), s
                 identity; none → dense, with a warning when the budget is not dense)
     attn_keep   attention keep target κ̄ (default 1)        mlp_keep   MLP keep target ρ̄ (default 1)
     bits        output bits target (default 16)            runtime    "torch" (default) | "onnxruntime"
+                each budget field is a number (every row) or a list with one number per batch row (per-row
+                budgets; the batch must then have that many rows, and a number beside a list applies to every row)
     fast_mlp    use ``solm.sparse_mlp_gather`` (gathers the kept channels' weights; default True)
     fast_attention  use ``solm.quest_attention_gather`` (reads only the kept pages' keys/values; default: as
                 fast_mlp, so ``fast_mlp=False`` alone gives the reference ops)
@@ -66,10 +68,25 @@ RUNTIMES = ("torch", "onnxruntime")
 
 
 # ---------------------------------------------------------------------------------------------- options
+def _row_budgets(o: dict) -> tuple[Budget, ...]:
+    """Budgets from the options: one (numbers) or one per batch row (lists, numbers broadcast)."""
+    vals = {k: o.get(k, d) for k, d in (("attn_keep", 1.0), ("mlp_keep", 1.0), ("bits", 16.0))}
+    lens = {len(v) for v in vals.values() if isinstance(v, (list, tuple))}
+    if len(lens) > 1 or 0 in lens:
+        raise UserError("torch.compile(backend='solm'): per-row attn_keep/mlp_keep/bits lists must be non-empty "
+                        f"and of one length, got lengths {sorted(lens)}")
+    rows = lens.pop() if lens else 1
+    cols = [list(v) if isinstance(v, (list, tuple)) else [v] * rows for v in vals.values()]
+    try:
+        return tuple(Budget(float(k), float(r), float(b)) for k, r, b in zip(*cols))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"torch.compile(backend='solm'): budgets must be numbers, got {vals}") from e
+
+
 @dataclass(frozen=True)
 class Options:
     policy: str | None = None
-    budget: Budget = Budget()
+    budgets: tuple[Budget, ...] = (Budget(),)      # one shared, or one per batch row
     runtime: str = "torch"
     fast_mlp: bool = True
     inductor: bool = True
@@ -86,10 +103,15 @@ class Options:
         runtime = o.get("runtime", "torch")
         if runtime not in RUNTIMES:
             raise UserError(f"torch.compile(backend='solm'): runtime must be one of {RUNTIMES}, got {runtime!r}")
-        budget = Budget(float(o.get("attn_keep", 1.0)), float(o.get("mlp_keep", 1.0)), float(o.get("bits", 16.0)))
+        budgets = _row_budgets(o)
         policy = o.get("policy")
-        return cls(str(policy) if policy is not None else None, budget, runtime, bool(o.get("fast_mlp", True)),
+        return cls(str(policy) if policy is not None else None, budgets, runtime, bool(o.get("fast_mlp", True)),
                    bool(o.get("inductor", True)), bool(o.get("fast_attention", o.get("fast_mlp", True))))
+
+    @property
+    def dense(self) -> bool:
+        """Every row's budget is dense."""
+        return all(b.is_dense for b in self.budgets)
 
 
 # ---------------------------------------------------------------------------------------------- the policy
@@ -121,13 +143,13 @@ def _model_info(root):
 
 
 def _controller_for(root, opts: Options) -> PolicyController:
-    key = (opts.policy, opts.budget)
+    key = (opts.policy, opts.budgets)
     if root is not None:
         hit = _CONTROLLERS.get(root, {}).get(key)
         if hit is not None:
             return hit
     info, loaded, gate, embedding = None, None, GateConfig(), None
-    if opts.budget.is_dense and opts.policy is None:
+    if opts.dense and opts.policy is None:
         pass                                        # a dense budget runs the dense action whatever the policy
     elif root is not None and hasattr(root, "config"):
         from solm_compile.policy.checkpoint import load_policy
@@ -139,15 +161,15 @@ def _controller_for(root, opts: Options) -> PolicyController:
         if path is not None:
             loaded = load_policy(path, info)        # UserError on a policy for another model
             gate = loaded.gate
-        elif not opts.budget.is_dense:
+        elif not opts.dense:
             _warn_once("no-policy", f"solm: no policy shipped for {info.architecture} (weights "
                        f"{info.weights_hash}); running dense. Train one with `solm train` and pass "
                        "options={'policy': PATH}")
         emb = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
         embedding = emb.weight.detach() if emb is not None else None
-    elif not opts.budget.is_dense:
+    elif not opts.dense:
         _warn_once("no-root", "solm: could not find the compiled nn.Module; running dense")
-    ctl = PolicyController(info, loaded, opts.budget, gate, embedding)
+    ctl = PolicyController(info, loaded, opts.budgets, gate, embedding)
     if root is not None:
         _CONTROLLERS.setdefault(root, {})[key] = ctl
     return ctl
