@@ -10,7 +10,6 @@ kernels through ``fast_c``), the portable ONNX decomposition on stock onnxruntim
 from __future__ import annotations
 
 import math
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -22,7 +21,6 @@ from test_onnx_ops import B as DB, L as DL, T as DT, Attn, _one_thread, export, 
 from test_solm_ep import BOOL, F, _model, _session, lib  # noqa: F401
 from test_fast_ops import c_lib  # noqa: F401
 from solm_compile.config import GateConfig
-from solm_compile.frontend import export as hf_export
 from solm_compile.frontend import models
 from solm_compile.frontend.gated import compile_gated
 from solm_compile.ops import fast, fast_c
@@ -34,27 +32,13 @@ WINDOW = 16        # conftest's gemma3: sliding_window=16
 
 
 # ---------------------------------------------------------------------------------------------- (a) Gemma-3
-class FullCacheStep(hf_export.DecodeStep):
-    """The decode step over an unsliced cache. transformers' sliding-window cache keeps only the last window−1 keys,
-    so the stock step never holds a key outside the window; a runtime that keeps the whole context (as this one
-    does) hands the layer every key and the sliding-window mask hides the old ones."""
-
-    def forward(self, input_ids, position_ids, past):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layers)])
-        out = self.m.base_model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache,
-                                use_cache=True)
-        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
-        return (self.m.get_output_embeddings()(out.last_hidden_state), out.last_hidden_state, *presents)
-
-
 @pytest.fixture(scope="module")
 def gemma_calls():
     """Per attn_select: the quest_attention calls (args) of one gated decode step at position 40 (L = 41)."""
     torch.manual_seed(0)
-    with mock.patch.object(hf_export, "DecodeStep", FullCacheStep):
-        loaded = models._from_hf(tiny_models()["gemma3"]().eval(), None, name="gemma3", source="<test>")
+    # the real export: every layer is handed the whole cache and the sliding-window mask hides the old keys (before,
+    # the export let transformers' sliding-window cache slice it, and decode past the window went wrong)
+    loaded = models._from_hf(tiny_models()["gemma3"]().eval(), None, name="gemma3", source="<test>")
     ids = torch.randint(0, 160, (1, 41))
     one = torch.ones(1)
     out = {}

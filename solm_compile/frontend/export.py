@@ -32,7 +32,10 @@ class DecodeStep(torch.nn.Module):
         from transformers import DynamicCache
 
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.n_layers)]
-        cache = DynamicCache(ddp_cache_data=pairs, config=self.m.config)
+        # no config: every layer a plain full-length layer, so a sliding-window layer (Gemma-3) is handed the whole
+        # past and its mask hides the keys outside the window. With the config, transformers' sliding-window layers
+        # build their masks for a cache of at most window−1 keys, and decode past the window read the wrong keys.
+        cache = DynamicCache(ddp_cache_data=pairs)
         out = self.m.base_model(input_ids=input_ids, position_ids=position_ids, cache=cache,
                                 use_cache=True)
         hidden = out.last_hidden_state                      # [B,T,D]
