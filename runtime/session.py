@@ -268,6 +268,14 @@ class SolmSession:
         return template.render(messages=messages or [{"role": "user", "content": prompt}], add_generation_prompt=True,
                                bos_token=self.meta.get("bos_token") or "", eos_token=self.meta.get("eos_token") or "")
 
+    def prompt_ids(self, prompt: str, chat: bool) -> list[int]:
+        """A prompt's token ids: a chat prompt through the template (which writes its own ``<bos>``), a plain one with
+        the tokenizer's default special tokens (Gemma-3's ``<bos>``, without which it degenerates; none for
+        SmolLM2)."""
+        if chat:
+            return self.tokenizer.encode(self.chat_prompt(prompt), add_special_tokens=False).ids
+        return self.tokenizer.encode(prompt, add_special_tokens=True).ids
+
     def generate(self, prompt: str, max_new_tokens: int = 32, budget=(1.0, 1.0, 16), greedy: bool = True,
                  temperature: float = 1.0, seed: int = 0, on_text: Callable[[str], None] | None = None,
                  chat: bool | None = None, on_step: Callable[[dict], None] | None = None) -> GenerationResult:
@@ -282,8 +290,7 @@ class SolmSession:
         elif chat and not self.meta.get("chat_template"):
             raise UserError(f"{self.path}: this artifact has no chat template (compile an instruct model, or "
                             "generate without --chat)")
-        text_in = self.chat_prompt(prompt) if chat else prompt
-        ids = self.tokenizer.encode(text_in, add_special_tokens=False).ids
+        ids = self.prompt_ids(prompt, chat)
         eos = set(self.meta.get("eos_token_ids") or [])
         rng = np.random.default_rng(seed)
 

@@ -419,13 +419,16 @@ def test_austen_novels_from_tiny_db(cache: Path, tmp_path: Path, monkeypatch: py
 class ToyTokenizer:
     """Word-level tokenizer: token id = running word index + offset, so blocks reveal where they came from."""
 
-    def __init__(self) -> None:
-        self.calls: list[bool] = []
+    def __init__(self, bos: int | None = None) -> None:
+        self.calls: list[tuple[str, bool]] = []
+        self.bos = bos
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        self.calls.append(add_special_tokens)
-        base = int(text.split()[0][1:]) * 1000  # texts look like "t3 w w w ..."
-        return [base + i for i in range(len(text.split()))]
+        self.calls.append((text, add_special_tokens))
+        first = text.split()[0]
+        base = int(first[1:]) * 1000 if first[1:].isdigit() else 0  # texts look like "t3 w w w ..."
+        lead = [self.bos] if add_special_tokens and self.bos is not None else []
+        return lead + [base + i for i in range(len(text.split()))]
 
 
 def test_token_blocks_deterministic_non_overlapping() -> None:
@@ -433,7 +436,7 @@ def test_token_blocks_deterministic_non_overlapping() -> None:
     tok = ToyTokenizer()
     blocks = data.token_blocks(tok, texts, block_len=8, n_blocks=8, seed=0)
     assert blocks.shape == (8, 8) and str(blocks.dtype) == "torch.int64"
-    assert set(tok.calls) == {False}
+    assert {sp for text, sp in tok.calls if text in texts} == {False}   # the texts themselves: no special ids
     rows = [tuple(r) for r in blocks.tolist()]
     assert len(set(rows)) == 8
     for r in rows:  # each block is an aligned window inside one text: no overlaps, no straddling
@@ -445,6 +448,18 @@ def test_token_blocks_deterministic_non_overlapping() -> None:
     with pytest.raises(UserError, match="only 11 blocks of 8 tokens; asked for 12"):
         data.token_blocks(ToyTokenizer(), texts, 8, 12, seed=0)
     assert data.token_blocks(ToyTokenizer(), "t5 " + "w " * 20, 4, 2, seed=0).shape == (2, 4)  # one str is fine
+
+
+def test_token_blocks_start_with_the_tokenizers_bos() -> None:
+    """A tokenizer that puts a BOS before every text by default (Gemma-3's): each block is that BOS, then 7
+    consecutive tokens of one text (the 51 + 34 + 10 tokens now hold 7 + 4 + 1 windows of 7)."""
+    texts = ["t1 " + "w " * 50, "t2 " + "w " * 33, "t3 " + "w " * 9]
+    blocks = data.token_blocks(ToyTokenizer(bos=7), texts, block_len=8, n_blocks=12, seed=0)
+    for r in blocks.tolist():
+        assert r[0] == 7 and r[1] % 1000 % 7 == 0 and r[1:] == list(range(r[1], r[1] + 7))
+    assert data.leading_special_ids(ToyTokenizer()) == []
+    with pytest.raises(UserError, match="only 12 blocks of 8 tokens; asked for 13"):
+        data.token_blocks(ToyTokenizer(bos=7), texts, 8, 13, seed=0)
 
 
 def test_import_is_cheap() -> None:

@@ -148,12 +148,12 @@ def _mc_items(tokenizer, task: str, n: int, seed: int) -> list[dict]:
     """Tokenised items: the continuation is what the context + choice adds to the context's tokens."""
     from solm_compile.data import corpora as d
 
-    items = []
+    items, lead = [], d.leading_special_ids(tokenizer)
     for it in d.multiple_choice(task, n, seed):
-        ctx = list(tokenizer.encode(it["context"], add_special_tokens=False))
+        ctx = lead + list(tokenizer.encode(it["context"], add_special_tokens=False))
         conts = []
         for ch in it["choices"]:
-            whole = list(tokenizer.encode(it["context"] + ch, add_special_tokens=False))
+            whole = lead + list(tokenizer.encode(it["context"] + ch, add_special_tokens=False))
             cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else []
             conts.append(cont or list(tokenizer.encode(ch, add_special_tokens=False)))
         items.append({"ctx": ctx, "conts": conts, "label": int(it["label"]), "chars": [len(c) for c in it["choices"]]})

@@ -27,8 +27,7 @@ def run_show(sess, args, budget, chat: bool, out=None) -> int:
         if args.show:
             raise
         cost = lambda L, controls: None           # noqa: E731 - plain --json of an older artifact: no costs
-    text_in = sess.chat_prompt(args.prompt) if chat else args.prompt
-    n_prompt = len(sess.tokenizer.encode(text_in, add_special_tokens=False).ids)
+    n_prompt = len(sess.prompt_ids(args.prompt, chat))
     lo = scale_floor(cost.floor(n_prompt + args.max_new_tokens, budget)) if isinstance(cost, TokenCost) else None
     on = not args.json and shade.use_colour(out)
     true = shade.truecolor()

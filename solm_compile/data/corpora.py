@@ -225,22 +225,36 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
 
+def leading_special_ids(tokenizer: Tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text by default (Gemma's ``<bos>``; none for SmolLM2's)."""
+    with_, without = (list(tokenizer.encode("a", add_special_tokens=sp)) for sp in (True, False))
+    n = len(with_) - len(without)
+    return with_[:n] if n > 0 and with_[n:n + len(without)] == without else []
+
+
 def token_blocks(tokenizer: Tokenizer, texts: Sequence[str] | str, block_len: int, n_blocks: int,
                  seed: int) -> torch.Tensor:
     """``n_blocks`` random non-overlapping ``block_len``-token windows, a LongTensor ``[n_blocks, block_len]``.
 
-    Each text is tokenized on its own without special tokens (BOS placement is the caller's call) and cut
-    into aligned windows, so no block straddles two texts; the windows are then picked in a seed-fixed order.
+    Each text is tokenized on its own without special tokens and cut into aligned windows, so no block straddles
+    two texts; the windows are then picked in a seed-fixed order. A block starts with the tokenizer's leading
+    special ids (``leading_special_ids``: a model trained with a ``<bos>`` at every sequence start, as Gemma-3 is,
+    scores prose 3× worse in PPL without it), then the window's ``block_len`` minus that many tokens.
     """
     import torch  # lazy: keeps ``import solm_compile.data.corpora`` cheap
 
     if block_len <= 0 or n_blocks < 0:
         raise UserError(f"token_blocks needs block_len > 0 and n_blocks >= 0, got {block_len} and {n_blocks}")
     texts = [texts] if isinstance(texts, str) else list(texts)
+    lead = leading_special_ids(tokenizer)
+    n = block_len - len(lead)
+    if n <= 0:
+        raise UserError(f"token_blocks: block_len {block_len} leaves no room after the tokenizer's {len(lead)} "
+                        "leading special token(s)")
     windows: list[list[int]] = []
     for text in texts:
         ids = list(tokenizer.encode(text, add_special_tokens=False))
-        windows.extend(ids[i:i + block_len] for i in range(0, len(ids) - block_len + 1, block_len))
+        windows.extend(lead + ids[i:i + n] for i in range(0, len(ids) - n + 1, n))
     if n_blocks > len(windows):
         raise UserError(f"the texts hold only {len(windows)} blocks of {block_len} tokens; "
                         f"asked for {n_blocks}")

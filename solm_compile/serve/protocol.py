@@ -123,7 +123,7 @@ def _prompt_ids(body: dict, sess) -> list[int]:
     if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
         v = v[0]
     if isinstance(v, str):
-        return sess.tokenizer.encode(v, add_special_tokens=False).ids
+        return sess.prompt_ids(v, chat=False)
     vocab = int(sess.meta["vocab_size"])
     if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in v):
         return list(v)                               # token ids
@@ -138,7 +138,7 @@ def parse_request(body: dict, sess, context: int, chat: bool) -> GenRequest:
         msgs = _messages(body)
         text = (sess.chat_prompt(msgs[0]["content"]) if len(msgs) == 1 and msgs[0]["role"] == "user"
                 else sess.chat_prompt(None, messages=msgs))
-        ids = sess.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = sess.tokenizer.encode(text, add_special_tokens=False).ids   # the template writes its own <bos>
     else:
         ids = _prompt_ids(body, sess)
     if not ids:
