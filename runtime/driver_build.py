@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,14 +45,16 @@ def ort_library() -> Path:
 
 
 def soname(lib: Path) -> str:
-    """The library's ELF soname (what the driver will ask the loader for), read with readelf; else its file name."""
+    """The library's ELF soname (what the driver will ask the loader for), read with readelf; without readelf,
+    the file name cut after its major version (``libonnxruntime.so.1.32.0`` -> ``libonnxruntime.so.1``)."""
     readelf = shutil.which("readelf")
     if readelf:
         out = subprocess.run([readelf, "-d", str(lib)], capture_output=True, text=True).stdout
         for line in out.splitlines():
             if "(SONAME)" in line and "[" in line:
                 return line.split("[", 1)[1].split("]", 1)[0]
-    return lib.name
+    m = re.match(r"(.+\.so\.\d+)", lib.name)
+    return m.group(1) if m else lib.name
 
 
 def _first_error(stderr: str) -> str:

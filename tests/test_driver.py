@@ -111,3 +111,14 @@ def test_a_failed_build_is_one_line(driver, tmp_path, monkeypatch, capsys):
     assert "\n" not in str(e.value)
     assert driver_build.main(["--out", str(tmp_path)]) == 1
     assert capsys.readouterr().err.startswith("error: cannot build solm_driver: compiling")
+
+
+def test_the_soname_without_readelf_is_readelfs(monkeypatch):
+    """The driver links the wheel's library through a link named by its soname; without readelf the name is guessed
+    from the file name, and the guess must be what readelf reads."""
+    if shutil.which("readelf") is None:
+        pytest.skip("no readelf here to compare the guess with")
+    lib = driver_build.ort_library()
+    want = driver_build.soname(lib)
+    monkeypatch.setattr(driver_build.shutil, "which", lambda name: None)
+    assert driver_build.soname(lib) == want != lib.name
