@@ -61,7 +61,12 @@ struct Metadata {
     while (*p) {
       if (std::strchr("-0123456789", *p)) {
         char* end = nullptr;
-        out.push_back(std::strtod(p, &end));
+        double v = std::strtod(p, &end);
+        if (end == p) {  // a lone '-': not a number
+          ++p;
+          continue;
+        }
+        out.push_back(v);
         p = end;
       } else {
         ++p;
@@ -209,9 +214,9 @@ class Driver {
     }
     if (meta_.Raw("kind").empty()) Die(args_.artifact + ": an ONNX model without solm metadata");
     kind_ = meta_.Raw("kind").substr(1, meta_.Raw("kind").size() - 2);
-    int64_t protocol = meta_.Raw("protocol").empty() ? kProtocol : meta_.Int("protocol");
-    if (protocol != kProtocol)
-      Die(args_.artifact + ": step protocol " + std::to_string(protocol) + " is not one this driver drives (" +
+    const std::string protocol = meta_.Raw("protocol");  // a JSON integer; absent: written before version 1
+    if (!protocol.empty() && protocol != std::to_string(kProtocol))
+      Die(args_.artifact + ": step protocol " + protocol + " is not one this driver drives (" +
           std::to_string(kProtocol) + "); compile the model again or update the driver");
     for (double id : meta_.Numbers("eos_token_ids")) eos_.push_back(static_cast<int64_t>(id));
     if (kind_ != "dense") {  // the budget within the artifact's ranges, as `solm run` checks it
