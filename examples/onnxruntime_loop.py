@@ -3,7 +3,8 @@
     python examples/onnxruntime_loop.py ARTIFACT [--max-new-tokens N]
 
 This is what a service in any onnxruntime language binding does; no solm code runs in the loop (solm is
-only asked where its SolmEP library is). The step protocol, as written in the artifact's metadata:
+only asked where its SolmEP library is). The step protocol (docs/protocol.md has every input and output; its version
+is the metadata's solm.protocol; runtime/driver/solm_driver.cc is the same loop in C++):
 inputs input_ids, position_ids, past_key_i/past_value_i, the policy state policy_* and budget; outputs logits,
 present_key_i/present_value_i and policy_*_out, which are fed back as the next step's inputs unchanged (the
 artifact restarts the policy's episodes itself), plus action and controls for the caller's information.

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from solm_compile.artifact import protocol
 from solm_compile.errors import UserError
 from solm_compile.runtime.kv import KvCache
 
@@ -101,6 +102,7 @@ class SolmSession:
             raise UserError(f"{self.path}: no such artifact")
         self.meta = read_metadata(self.path)
         self.kind = self.meta["kind"]
+        protocol.check(self.meta, self.path)            # docs/protocol.md: the inputs/outputs driven below
         made_by = tuple(int(x) for x in str(self.meta.get("version", "0.0")).split(".")[:2])
         if self.kind in ("solm", "portable") and made_by < POLICY_PROTOCOL:
             raise UserError(f"{self.path}: written by solm {self.meta.get('version')}, whose policy state this "

@@ -51,3 +51,24 @@ def served(serve_artifact):
     app = create_app(SolmSession(serve_artifact, threads=1), SERVE_CONFIG)
     with background(app) as url:
         yield {"url": url, "app": app, "artifact": serve_artifact}
+
+
+@pytest.fixture(scope="session")
+def step_artifacts(tmp_path_factory, tiny_llama):
+    """One tiny artifact of each kind (solm, fixed, dense, portable) of ``tiny_llama`` with a random policy and the
+    word tokenizer, as solm-compile writes them (fp16 KV buffers): the step protocol's tests and the C++ driver's."""
+    from test_artifact import word_tokenizer
+    from tiny_lm import random_policy_file
+
+    from solm_compile.artifact.write import write_artifact
+    from solm_compile.frontend import models
+    from solm_compile.frontend.gated import GatedLM
+    from solm_compile.policy import checkpoint
+
+    d = tmp_path_factory.mktemp("step")
+    loaded = models._from_hf(tiny_llama, word_tokenizer(), name="tiny", source="<test>")
+    lm = GatedLM.from_loaded(loaded)
+    lp = checkpoint.load_policy(random_policy_file(d / "policy.pt", checkpoint.model_identity(lm.info), lm.gate,
+                                                   seed=3), lm.info)
+    return {kind: write_artifact(lm, d / f"tiny.{kind}.onnx", kind, lp, tokenizer=loaded.tokenizer)
+            for kind in ("solm", "fixed", "dense", "portable")}

@@ -66,3 +66,15 @@ def need_mlir():
     """torch-mlir (the ``mlir`` extra, also in ``.[test]``). Skipped without it, saying how to install it;
     SOLM_REQUIRE_MLIR=1 (CI) turns a missing one into a failure."""
     return _module("torch_mlir.fx", "SOLM_REQUIRE_MLIR", "mlir")
+
+
+def need_driver():
+    """The C++ driver of the step protocol (``runtime/driver_build.py``), built here; returns its path. CI sets
+    SOLM_REQUIRE_EP=1 (it builds SolmEP with the same compiler and headers), so there a failed build fails the test;
+    elsewhere the test is skipped with the build's one-line reason."""
+    from solm_compile.runtime import driver_build
+
+    try:
+        return driver_build.build()
+    except driver_build.BuildError as e:
+        missing("SOLM_REQUIRE_EP", f"the C++ driver does not build here: {str(e).splitlines()[0]}")

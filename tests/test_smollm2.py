@@ -183,3 +183,27 @@ def test_solm_run_chats_and_stops_at_end_of_sequence(smollm2_artifacts, capsys):
     assert "user" not in r["text"] and "assistant" not in r["text"]
     eos = loaded.tokenizer.eos_token_id
     assert eos not in r["tokens"]
+
+
+def test_the_cpp_driver_matches_solm_run_on_smollm2(smollm2_artifacts, capsys):
+    """The C++ driver (runtime/driver/solm_driver.cc) fed the chat prompt's ids generates `solm run --greedy`'s ids
+    at a sparse budget, up to the same end-of-sequence stop (issue 19)."""
+    import subprocess
+
+    from require import need_driver, need_ep
+    from solm_compile.runtime import ep
+    from solm_compile.runtime.session import SolmSession
+
+    exe = need_driver()
+    need_ep(ep.library_path() is not None)
+    _, _, _, arts = smollm2_artifacts
+    sess = SolmSession(arts["solm"])
+    prompt = "What is the capital of France?"
+    ids = sess.tokenizer.encode(sess.chat_prompt(prompt), add_special_tokens=False).ids
+    code = cli.main(["run", str(arts["solm"]), "--prompt", prompt, "--max-new-tokens", "48", "--greedy", "--json",
+                     "--threads", "1", "--attn-keep", "0.5", "--mlp-keep", "0.75", "--bits", "8"])
+    want = json.loads(capsys.readouterr().out)["tokens"]
+    r = subprocess.run([str(exe), str(arts["solm"]), str(ep.library_path()), "0.5", "0.75", "8", "48", "1"],
+                       input=" ".join(map(str, ids)), capture_output=True, text=True, timeout=600)
+    assert code == 0 and r.returncode == 0, r.stderr
+    assert [int(x) for x in r.stdout.split()] == want and len(want) < 48

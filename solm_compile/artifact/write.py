@@ -32,6 +32,7 @@ import torch
 from torch.export import Dim
 
 from solm_compile import __version__
+from solm_compile.artifact.protocol import PROTOCOL
 from solm_compile.artifact.step import ArtifactStep, initial_policy_state
 from solm_compile.policy.step import STATE_NAMES, PolicyStep, episode_length
 from solm_compile.errors import UserError
@@ -134,7 +135,8 @@ def chat_metadata(tokenizer) -> dict:
 
 def metadata(lm: GatedLM, kind: str, loaded_policy, tokenizer_file: str | None, tokenizer=None) -> dict:
     meta = {
-        "version": __version__, "kind": kind, "model": lm.info.to_dict(), "num_layers": lm.info.num_layers,
+        "version": __version__, "protocol": PROTOCOL, "kind": kind, "model": lm.info.to_dict(),
+        "num_layers": lm.info.num_layers,
         "hidden_size": lm.info.hidden_size, "vocab_size": lm.info.vocab_size, "kv_heads": lm.kv_heads,
         "head_dim": lm.head_dim, "gate": lm.gate.to_dict(), "tokenizer": tokenizer_file, **chat_metadata(tokenizer),
         "cost_shapes": shapes_from_gated(lm.model).to_dict(),   # what `solm run --show` costs each token with
