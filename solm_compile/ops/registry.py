@@ -138,6 +138,7 @@ SPARSE_MLP = OpSig(
 # fp32 (downT's scales vary along the summed axis j, so there is no integer dot product to make).
 BLOCK_ACTIVATIONS = ("fp32", "int8")
 MLP_SKIPS = ("x", "h")
+MLP_SKIP_DEFAULT = "x"       # the shipped policies were trained with ρ on x (solm-compile --mlp-skip, SolmConfig)
 SPARSE_MLP_BLOCKS = OpSig(
     "sparse_mlp_blocks", "SparseMLPBlocks",
     inputs=(Param("x", "T"),
