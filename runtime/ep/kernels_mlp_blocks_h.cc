@@ -45,22 +45,36 @@ void BlockRows::Set(const uint8_t* codes, const float* scale, const float* offse
 
 namespace {
 
-template <int N>
-struct U8Vec {
-  typedef uint8_t type __attribute__((vector_size(N)));
-};
+// Ln bytes at p zero-extended to int32 lanes: vpmovzxbd at AVX-512 / AVX2 (inline asm, as F16cRows does, so this
+// target-free body is shared; GCC 12 scalarises __builtin_convertvector from a byte vector), a loop at baseline.
+template <class VF>
+SOLM_INLINE typename IntVec<sizeof(VF)>::type Zext(const uint8_t* p) {
+  typedef typename IntVec<sizeof(VF)>::type VI;
+  VI r;
+#if defined(SOLM_ISA_VARIANTS)
+  if constexpr (Lanes<VF>() == 16) {
+    asm("vpmovzxbd %1, %0" : "=v"(r) : "m"(*reinterpret_cast<const char(*)[16]>(p)));
+    return r;
+  } else if constexpr (Lanes<VF>() == 8) {
+    asm("vpmovzxbd %1, %0" : "=x"(r) : "m"(*reinterpret_cast<const char(*)[8]>(p)));
+    return r;
+  }
+#endif
+  for (int l = 0; l < Lanes<VF>(); ++l) r[l] = p[l];
+  return r;
+}
 
 // Vector v (outputs v·Ln .. v·Ln+Ln-1) of a block's 32 codes as floats.
 template <class VF, int BITS>
 SOLM_INLINE VF CodesAt(const uint8_t* codes, int v) {
   constexpr int Ln = Lanes<VF>();
-  typedef typename U8Vec<Ln>::type VU;
-  VU w;
+  typedef typename IntVec<sizeof(VF)>::type VI;
+  VI w;
   if constexpr (BITS == 8) {
-    __builtin_memcpy(&w, codes + v * Ln, sizeof(VU));
+    w = Zext<VF>(codes + v * Ln);
   } else {
     const int o = v * Ln;
-    __builtin_memcpy(&w, codes + (o % 16), sizeof(VU));
+    w = Zext<VF>(codes + (o % 16));
     w = o < 16 ? (w & 15) : (w >> 4);
   }
   return __builtin_convertvector(w, VF);
