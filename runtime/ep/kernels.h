@@ -234,17 +234,17 @@ struct BlockMatrix {
 };
 
 // SparseMLPBlocks with skip="h" (kernels_mlp_blocks_h.cc): the down projection given transposed, downT [I, D] as
-// blocks of 32 along D, stored unit-major: unit j's row is one contiguous run of nb blocks, each block scale (fp32),
-// offset (fp32), then its codes (32 bytes at 8 bits; 16 at 4 bits, re-paired so byte i holds output i in the low
-// nibble and output i+16 in the high one). A unit h does not keep is never read: not a byte of its row.
+// blocks of 32 along D, stored unit-major: unit j's codes are one contiguous run of nb blocks (32 bytes a block at
+// 8 bits; 16 at 4 bits, re-paired so byte i holds output i in the low nibble and output i+16 in the high one), its
+// scales and offsets one run each. A unit h does not keep is never read: not a byte of its rows.
 struct BlockRows {
   static constexpr int64_t kBlock = 32;
   int64_t I = 0, D = 0, nb = 0;
   int bits = 8;
-  std::vector<uint8_t> rows;  // [I, nb, BlockBytes()]
+  std::vector<uint8_t> codes;        // [I, nb, CodeBytes()]
+  std::vector<float> scale, offset;  // [I, nb]
   int64_t CodeBytes() const { return kBlock * bits / 8; }
-  int64_t BlockBytes() const { return 8 + CodeBytes(); }
-  int64_t RowBytes() const { return nb * BlockBytes(); }
+  int64_t RowBytes() const { return nb * CodeBytes(); }
   // From the op's operands: codes [I, D/32, 32·bits/8] (4 bits: output 2j low nibble, 2j+1 high), scale/offset
   // [I, D/32].
   void Set(const uint8_t* codes, const float* scale, const float* offset, int64_t I, int64_t D, int bits);

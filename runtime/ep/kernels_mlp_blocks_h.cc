@@ -4,10 +4,10 @@
 // units of largest |h| are kept (ties at the threshold kept: TopK), and y = Σ_kept h_j · downT[j, :]. downT [I, D]
 // is W_downᵀ as blocks of 32 along D (w = scale·code + offset), so a unit's D weights are one row.
 //
-// Layout (BlockRows, repacked at Compile, lossless): unit-major, a unit's row one contiguous run of its nb blocks,
-// each block [scale fp32][offset fp32][codes]: 8-bit codes in output order; 4-bit codes re-paired so byte i holds
-// output i (low nibble) and output i+16 (high), i.e. the low nibbles of 16 bytes are outputs 0..15 and the high
-// nibbles outputs 16..31 (no interleave to undo). A skipped unit's row is never touched.
+// Layout (BlockRows, repacked at Compile, lossless): unit-major, a unit's codes one contiguous run of its nb blocks
+// (8-bit codes in output order; 4-bit codes re-paired so byte i holds output i (low nibble) and output i+16 (high),
+// i.e. the low nibbles of 16 bytes are outputs 0..15 and the high nibbles outputs 16..31: no interleave to undo),
+// its scales and offsets a run of nb floats each. A skipped unit's rows are never touched.
 //
 // Arithmetic. A kept unit adds to each output block b: (h_j·scale_jb)·code + h_j·offset_jb. The first term is one
 // broadcast times a vector of codes (an FMA per vector of outputs); the second is a scalar per block, summed over
@@ -22,23 +22,22 @@
 
 namespace solm {
 
-void BlockRows::Set(const uint8_t* codes, const float* scale, const float* offset, int64_t I_, int64_t D_,
+void BlockRows::Set(const uint8_t* codes_, const float* scale_, const float* offset_, int64_t I_, int64_t D_,
                     int bits_) {
   I = I_, D = D_, bits = bits_, nb = D / kBlock;
-  const int64_t cb = CodeBytes(), bb = BlockBytes();
-  rows.assign(static_cast<size_t>(I * RowBytes()), 0);
+  const int64_t cb = CodeBytes();
+  codes.assign(static_cast<size_t>(I * RowBytes()), 0);
+  scale.assign(scale_, scale_ + I * nb);
+  offset.assign(offset_, offset_ + I * nb);
   for (int64_t j = 0; j < I; ++j)
     for (int64_t b = 0; b < nb; ++b) {
-      uint8_t* dst = rows.data() + j * RowBytes() + b * bb;
-      const uint8_t* src = codes + (j * nb + b) * cb;
-      std::memcpy(dst, scale + j * nb + b, 4);
-      std::memcpy(dst + 4, offset + j * nb + b, 4);
+      uint8_t* dst = codes.data() + (j * nb + b) * cb;
+      const uint8_t* src = codes_ + (j * nb + b) * cb;
       if (bits == 8) {
-        std::memcpy(dst + 8, src, static_cast<size_t>(cb));
+        std::memcpy(dst, src, static_cast<size_t>(cb));
       } else {
         auto code = [&](int64_t k) { return (src[k / 2] >> (4 * (k % 2))) & 15; };
-        for (int64_t i = 0; i < kBlock / 2; ++i)
-          dst[8 + i] = static_cast<uint8_t>(code(i) | code(i + kBlock / 2) << 4);
+        for (int64_t i = 0; i < kBlock / 2; ++i) dst[i] = static_cast<uint8_t>(code(i) | code(i + kBlock / 2) << 4);
       }
     }
 }
@@ -75,6 +74,10 @@ SOLM_INLINE VF CodesAt(const uint8_t* codes, int v) {
   } else {
     const int o = v * Ln;
     w = Zext<VF>(codes + (o % 16));
+    if constexpr (Ln == 16) {  // vpermps of the table 0..15 reads only an index's low 4 bits: no mask, no convert
+      const VF table = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+      return __builtin_shuffle(table, o < 16 ? w : (w >> 4));
+    }
     w = o < 16 ? (w & 15) : (w >> 4);
   }
   return __builtin_convertvector(w, VF);
@@ -85,32 +88,50 @@ template <class VF, int BITS, int CB>
 SOLM_INLINE void DownTile(const BlockRows& W, const float* h, const int32_t* idx, int64_t n, int64_t c, float* y) {
   constexpr int Ln = Lanes<VF>(), NV = BlockRows::kBlock / Ln;
   constexpr int64_t kAhead = 4;  // units prefetched ahead
-  const int64_t bb = W.BlockBytes(), rb = W.RowBytes();
-  const uint8_t* base = W.rows.data() + c * bb;
+  const int64_t cb = W.CodeBytes(), rb = W.RowBytes(), nb = W.nb;
+  const uint8_t* base = W.codes.data() + c * cb;
   VF acc[CB][NV];
-  float os[CB];
+  alignas(32) float os[CB];
   for (int b = 0; b < CB; ++b) {
     os[b] = 0.f;
     for (int v = 0; v < NV; ++v) acc[b][v] = VF{};
   }
   for (int64_t i = 0; i < n; ++i) {
     if (i + kAhead < n) {
-      const uint8_t* p = base + idx[i + kAhead] * rb;
-      for (int64_t off = 0; off < CB * bb; off += 64) __builtin_prefetch(p + off);
+      const int64_t ja = idx[i + kAhead];
+      const uint8_t* p = base + ja * rb;
+      for (int64_t off = 0; off < CB * cb; off += 64) __builtin_prefetch(p + off);
+      __builtin_prefetch(W.scale.data() + ja * nb + c);
+      __builtin_prefetch(W.offset.data() + ja * nb + c);
     }
     const int32_t j = idx[i];
     const float a = h[j];
     const uint8_t* row = base + j * rb;
+    const float* sc = W.scale.data() + j * nb + c;
+    const float* of = W.offset.data() + j * nb + c;
+    alignas(32) float s[CB];
+    if constexpr (CB == 8 || CB == 4) {  // one vector multiply and FMA over the tile's blocks; broadcast from memory
+      typedef float VS __attribute__((vector_size(CB * 4)));
+      VS t, o, acc_o;
+      __builtin_memcpy(&t, sc, sizeof(VS));
+      __builtin_memcpy(&o, of, sizeof(VS));
+      __builtin_memcpy(&acc_o, os, sizeof(VS));
+      t = t * a;
+      acc_o += o * a;
+      __builtin_memcpy(s, &t, sizeof(VS));
+      __builtin_memcpy(os, &acc_o, sizeof(VS));
+    } else {
+      for (int b = 0; b < CB; ++b) {
+        s[b] = a * sc[b];
+        os[b] += a * of[b];
+      }
+    }
 #pragma GCC unroll 8
     for (int b = 0; b < CB; ++b) {
-      const uint8_t* blk = row + b * bb;
-      float sc, of;
-      __builtin_memcpy(&sc, blk, 4);
-      __builtin_memcpy(&of, blk + 4, 4);
-      os[b] += a * of;
-      const VF s = Splat<VF>(a * sc);
+      const uint8_t* blk = row + b * cb;
+      const VF sv = Splat<VF>(s[b]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[b][v] += s * CodesAt<VF, BITS>(blk + 8, v);
+      for (int v = 0; v < NV; ++v) acc[b][v] += sv * CodesAt<VF, BITS>(blk, v);
     }
   }
   for (int b = 0; b < CB; ++b) {
