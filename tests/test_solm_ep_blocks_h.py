@@ -232,14 +232,16 @@ for dbits, T in [(8, 1), (4, 1), (8, 3)]:
     w = t.h_weights(rng, True, dbits)
     x = rng.standard_normal((2, T, t.D), dtype=np.float32)
     rho = [1.0, 0.5]
-    _close(t.run(w, x, rho), t.masked_mlp(w, x, rho, "silu"))
+    for acts in ("fp32", "int8"):
+        _close(t.run(w, x, rho, activations=acts), t.masked_mlp(w, x, rho, "silu", activations=acts))
 print("REPORT " + json.dumps(ep.isa_report(sys.argv[1])))
 """
 
 
 @pytest.mark.parametrize("cap", ["baseline", "x86-64-v3", "x86-64-v4"])
 def test_every_isa_variant(lib, cap):
-    """The down kernel (family sparse_mlp_blocks) under each SOLM_EP_ISA cap, in a fresh process."""
+    """The down kernel (family sparse_mlp_blocks) under each SOLM_EP_ISA cap, in a fresh process, with gate/up in
+    both activation modes (int8: family sparse_mlp_blocks_int8, whose VNNI variant the x86-64-v4 cap excludes)."""
     rank = {"baseline": 0, "x86-64-v3": 1, "x86-64-v4": 2}
     if rank[cap] > rank[host_isa()]:
         pytest.skip(f"this CPU runs at most {host_isa()}")
@@ -249,3 +251,4 @@ def test_every_isa_variant(lib, cap):
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.split("REPORT ", 1)[1])
     assert report["sparse_mlp_blocks"] == cap and report["selected"] == cap
+    assert report["sparse_mlp_blocks_int8"] == cap
