@@ -11,6 +11,10 @@ codes [N, K/32, 32·bits/8] uint8 (4 bits: two per byte, the even input low, as 
 [N, K/32] float32: w = scale·code + offset, exactly the blocks the table holds. ``activations`` ("int8" from ``pack_weights`` by
 default, the trade MatMulNBits' accuracy_level 4 makes for the other layers; "fp32": exact) is written on the node. A node is left float32 (and said
 why in ``skipped``) unless every one of its weights has blocks of 32.
+
+``skip`` (registry.MLP_SKIPS, written on the node): "x" as above; "h" (issue 17: ρ keeps units of h) stores down
+transposed, the blocks of W_downᵀ [I, D] re-quantised round-to-nearest at ``down_bits`` (8 by default, or 4) from
+the dequantised source (``quant.blocks.requantize_transposed``: new rounding error, counted as ``mlp_downT_*``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from onnxscript import ir
 
 from solm_compile.ops import registry
 from solm_compile.passes.base import PassResult
+from solm_compile.quant.blocks import requantize_transposed
 from solm_compile.quant.weights import WeightTable
 
 
@@ -31,10 +36,13 @@ def _find(value: ir.Value | None, table: WeightTable):
 
 
 def pack_mlp(model: ir.Model, table: WeightTable, result: PassResult, pack, const,
-             activations: str = "int8") -> None:
+             activations: str = "int8", skip: str = "x", down_bits: int = 8) -> None:
     """Rewrite every SparseMLP of ``model.graph`` whose weights ``table`` knows. ``pack``: codes -> packed bytes;
     ``const(name, array)``: a new initializer value (both from pack_weights); ``activations``: the node attribute
-    (registry.BLOCK_ACTIVATIONS)."""
+    (registry.BLOCK_ACTIVATIONS); ``skip``: the node's skip attribute (registry.MLP_SKIPS), "h" with down
+    re-quantised transposed at ``down_bits``."""
+    if skip not in registry.MLP_SKIPS:
+        raise ValueError(f"pack_mlp: skip must be one of {registry.MLP_SKIPS}, got {skip!r}")
     if activations not in registry.BLOCK_ACTIVATIONS:
         raise ValueError(f"pack_mlp: activations must be one of {registry.BLOCK_ACTIVATIONS}, got {activations!r}")
     graph = model.graph
@@ -52,17 +60,23 @@ def pack_mlp(model: ir.Model, table: WeightTable, result: PassResult, pack, cons
             continue
         operands, attrs = [x], [ir.AttrString("act", node.attributes["act"].as_string()
                                               if "act" in node.attributes else "silu"),
-                                ir.AttrInt64("block_size", 32), ir.AttrString("activations", activations)]
+                                ir.AttrInt64("block_size", 32), ir.AttrString("activations", activations),
+                                ir.AttrString("skip", skip)]
         for p, bias in (("gate", bg), ("up", bu), ("down", bd)):
             bq = found.get(p)
             if bq is None:
                 operands += [None, None, None, bias]
                 continue
             name = parts[p].name
+            if p == "down" and skip == "h":
+                bq = requantize_transposed(bq, down_bits)
+                name = f"{name}.T"
+                result.counts[f"mlp_downT_{bq.fmt}"] += 1
+            else:
+                result.counts[f"mlp_{p}_{bq.fmt}"] += 1
             operands += [const(f"{name}.codes{bq.bits}", pack(bq.codes, bq.bits)), const(f"{name}.scale", bq.scale),
                          const(f"{name}.offset", bq.offset), bias]
             attrs.append(ir.AttrInt64(f"bits_{p}", bq.bits))
-            result.counts[f"mlp_{p}_{bq.fmt}"] += 1
         operands += [rho, bits]
         while operands and operands[-1] is None:
             operands.pop()

@@ -14,7 +14,8 @@ computed once per input and shared by the layers reading it (q, k, v; gate, up).
 CPU kernel quantize activations to int8 per block, as llama.cpp's Q4/Q8 dot products do; 0 keeps them float32.
 A ``SparseMLP`` (the ai.solm kinds' MLP) whose weights the table knows becomes ``SparseMLPBlocks`` on the same
 blocks (``pack_mlp.py``), run by SolmEP, with the same trade: activations "int8" under accuracy_level 4 (the
-default), "fp32" (exact) otherwise; ``mlp_activations`` overrides it. Weights the table does not know (norms) stay float32.
+default), "fp32" (exact) otherwise; ``mlp_activations`` overrides it; ``mlp_skip`` / ``mlp_down_bits`` are
+pack_mlp's ``skip`` / ``down_bits`` (what ρ keeps; "h" stores down transposed). Weights the table does not know (norms) stay float32.
 """
 
 from __future__ import annotations
@@ -140,13 +141,13 @@ def _weight(value: ir.Value | None) -> np.ndarray | None:
 
 
 def pack_weights(model: ir.Model, table: WeightTable, accuracy_level: int = 4,
-                 mlp_activations: str | None = None) -> PassResult:
+                 mlp_activations: str | None = None, mlp_skip: str = "x", mlp_down_bits: int = 8) -> PassResult:
     result = PassResult("pack_weights")
     if not table.by_key:
         return result
     graph, b = model.graph, _Builder(model.graph)
     acts = mlp_activations or ("int8" if accuracy_level >= 4 else "fp32")
-    pack_mlp(model, table, result, _pack, b.const, activations=acts)
+    pack_mlp(model, table, result, _pack, b.const, activations=acts, skip=mlp_skip, down_bits=mlp_down_bits)
     for node in list(graph):
         if node.domain != "" or node.op_type not in ("MatMul", "Gather", "GatherND"):
             continue

@@ -41,6 +41,7 @@ MIN_ORT_API = 24  # solm_ep.cc asks onnxruntime for this API level
 SRC_DIR = Path(__file__).resolve().parent / "ep"
 SOURCES = ("kernels_attention.cc", "kernels_attention_prefill.cc", "kernels_attention_cache.cc", "kernels_mlp.cc",
            "kernels_mlp_tiles.cc", "kernels_mlp_blocks.cc", "kernels_mlp_blocks_int8.cc",
+           "kernels_mlp_blocks_h.cc",
            "ort_kernels.cc", "solm_ep.cc", "c_api.cc")
 HEADERS = ("kernels.h", "kernels_util.h", "op_table.h", "ort_kernels.h")
 # Portable code: no -march=native. The hot loops are compiled per ISA (AVX-512 / AVX2+FMA / baseline, target

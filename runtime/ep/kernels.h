@@ -233,8 +233,29 @@ struct BlockMatrix {
            bool int8_layout = false);
 };
 
+// SparseMLPBlocks with skip="h" (kernels_mlp_blocks_h.cc): the down projection given transposed, downT [I, D] as
+// blocks of 32 along D, stored unit-major: unit j's codes are one contiguous run of nb blocks (32 bytes a block at
+// 8 bits; 16 at 4 bits, re-paired so byte i holds output i in the low nibble and output i+16 in the high one), its
+// scales and offsets one run each. A unit h does not keep is never read: not a byte of its rows.
+struct BlockRows {
+  static constexpr int64_t kBlock = 32;
+  int64_t I = 0, D = 0, nb = 0;
+  int bits = 8;
+  std::vector<uint8_t> codes;        // [I, nb, CodeBytes()]
+  std::vector<float> scale, offset;  // [I, nb]
+  int64_t CodeBytes() const { return kBlock * bits / 8; }
+  int64_t RowBytes() const { return nb * CodeBytes(); }
+  // From the op's operands: codes [I, D/32, 32·bits/8] (4 bits: output 2j low nibble, 2j+1 high), scale/offset
+  // [I, D/32].
+  void Set(const uint8_t* codes, const float* scale, const float* offset, int64_t I, int64_t D, int bits);
+};
+
 struct MlpBlockWeights {
   bool gated = false;
+  // skip="h": ρ keeps units of h (gate/up dense), down is down_t (BlockRows) and `down` is unused.
+  bool skip_h = false;
+  BlockRows down_t;
+  int64_t Dout() const { return skip_h ? down_t.D : down.N; }
   // Activations: false = fp32 (exact: Σ x·w in fp32); true = int8 per block of 32 (the op's activations="int8",
   // reference.sparse_mlp_blocks_ref: x and h quantised per block, sx = max|x|/127, round half to even; integer dot
   // products with the codes, the offset term on the fp32 block sums). Set before the matrices (their layout).
@@ -248,6 +269,8 @@ struct MlpBlockScratch {
   std::vector<uint8_t> xnz, hnz;
   std::vector<int8_t> xq, hq;  // int8 activations: the quantised x and h, [N, D] / [N, I]
   std::vector<float> xd, hd;   // and their per-block scales, [N, D/32] / [N, I/32]
+  std::vector<int32_t> hidx;   // skip="h": each token's kept units, [N, I] (the first hcount[n])
+  std::vector<int64_t> hcount;  // [N]
 };
 
 // The variant the block kernels run here ("x86-64-v4", "x86-64-v3" or "baseline"); the int8-activation kernels'

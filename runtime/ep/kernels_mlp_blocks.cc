@@ -268,6 +268,42 @@ void ApplyQ(const BlockInt8Kernels& K, const BlockMatrix& W, const int8_t* q, co
   else K.gemm(W, in, nt, g0, g1, y, ys);
 }
 
+// skip="h": per token keep the top-k units of h (TopK on the row: reference.topk_channels_ref's rule), list the
+// non-zero kept ones, then y = Σ_kept h_j·downT[j] (+ b_down), work items (token, 8 output blocks). Each token reads
+// its own kept rows: in a batch a unit kept by several tokens is read once per token (from cache after the first),
+// so memory traffic is the union of the kept sets and the arithmetic their sum.
+void DownH(const float* h, int64_t Ip, int64_t N, int64_t T, int64_t I, int64_t Dout, const MlpBlockWeights& W,
+           const float* rho, float* y, MlpBlockScratch& sc, const Parallel& par) {
+  Stats& st = GlobalStats();
+  int32_t* idx = Grow(sc.hidx, static_cast<size_t>(N * I));
+  int64_t* cnt = Grow(sc.hcount, static_cast<size_t>(N));
+  auto select = [&](size_t it) {
+    const int64_t n = static_cast<int64_t>(it);
+    float* hs = Grow(ThreadScratch().f0, static_cast<size_t>(2 * I));
+    TopK(h + n * Ip, I, static_cast<double>(rho[n / T]), hs, hs + I);
+    int64_t c = 0;
+    for (int64_t j = 0; j < I; ++j)
+      if (hs[j] != 0.f) idx[n * I + c++] = static_cast<int32_t>(j);  // a kept 0 would add nothing
+    cnt[n] = c;
+  };
+  par.For(static_cast<size_t>(N), select);
+  uint64_t kept = 0;
+  for (int64_t n = 0; n < N; ++n) kept += static_cast<uint64_t>(cnt[n]);
+  st.mlp_down_rows.fetch_add(kept, std::memory_order_relaxed);
+  const BlockHKernels& KH = BlocksH();
+  constexpr int64_t kCols = 8;  // output blocks (256 outputs) per work item
+  const int64_t nb = W.down_t.nb, chunks = (nb + kCols - 1) / kCols;
+  auto down = [&](size_t it) {
+    const int64_t n = static_cast<int64_t>(it) / chunks, c0 = static_cast<int64_t>(it) % chunks * kCols;
+    const int64_t c1 = std::min(c0 + kCols, nb);
+    float* yr = y + n * Dout;
+    KH.down(W.down_t, h + n * Ip, idx + n * I, cnt[n], c0, c1, yr);
+    if (!W.b_down.empty())
+      for (int64_t j = c0 * BlockRows::kBlock; j < c1 * BlockRows::kBlock; ++j) yr[j] += W.b_down[j];
+  };
+  par.For(static_cast<size_t>(N * chunks), down);
+}
+
 }  // namespace
 
 const char* MlpBlocksKernelIsa() { return Blocks().isa; }
@@ -276,14 +312,17 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
                      const float* bits, Act act, float* y, MlpBlockScratch& sc, const Parallel& par) {
   Stats& st = GlobalStats();
   st.mlp_calls.fetch_add(1, std::memory_order_relaxed);
-  const int64_t N = B * T, D = W.up.K, I = W.up.N, Dout = W.down.N;
+  const int64_t N = B * T, D = W.up.K, I = W.up.N, Dout = W.Dout();
+  const bool hskip = W.skip_h;  // rho keeps units of h (gate/up dense; kernels_mlp_blocks_h.cc), not channels of x
   if (N == 0) return;
   const BlockKernels& K = Blocks();
   const BlockInt8Kernels& KQ = BlocksInt8();
   const bool q8 = W.int8;
   if (q8) NoteIsa(kIsaMlpBlocksInt8, KQ.isa);
   else NoteIsa(kIsaMlpBlocks, K.isa);
-  const int64_t nbD = D / BlockMatrix::kBlock, nbI = I / BlockMatrix::kBlock, Ip = W.up.Np, Dp = W.down.Np;
+  if (hskip) NoteIsa(kIsaMlpBlocks, BlocksH().isa);  // its down projection (fp32 h in either mode)
+  const int64_t nbD = D / BlockMatrix::kBlock, nbI = I / BlockMatrix::kBlock, Ip = W.up.Np;
+  const int64_t Dp = hskip ? Dout : W.down.Np;
   float* xs = Grow(sc.xs, static_cast<size_t>(N * D));
   float* xsum = Grow(sc.xsum, static_cast<size_t>(N * nbD));
   uint8_t* xnz = Grow(sc.xnz, static_cast<size_t>(N * nbD));
@@ -292,7 +331,7 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
   uint8_t* hnz = Grow(sc.hnz, static_cast<size_t>(N * nbI));
   float* yp = Grow(sc.y, static_cast<size_t>(N * Dp));
   int8_t* xq = q8 ? Grow(sc.xq, static_cast<size_t>(N * D)) : nullptr;
-  int8_t* hq = q8 ? Grow(sc.hq, static_cast<size_t>(N * I)) : nullptr;
+  int8_t* hq = q8 && !hskip ? Grow(sc.hq, static_cast<size_t>(N * I)) : nullptr;
   float* xd = q8 ? Grow(sc.xd, static_cast<size_t>(N * nbD)) : nullptr;
   float* hd = q8 ? Grow(sc.hd, static_cast<size_t>(N * nbI)) : nullptr;
   st.mlp_in_rows_dense.fetch_add(static_cast<uint64_t>(N * D), std::memory_order_relaxed);
@@ -305,7 +344,8 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
     float* tmp = Grow(ThreadScratch().f0, static_cast<size_t>(D));
     uint64_t rows = 0;
     for (int64_t n = n0; n < n0 + nt; ++n)
-      rows += static_cast<uint64_t>(TopK(x + n * D, D, static_cast<double>(rho[n / T]), xs + n * D, tmp));
+      rows += static_cast<uint64_t>(TopK(x + n * D, D, hskip ? 1.0 : static_cast<double>(rho[n / T]), xs + n * D,
+                                         tmp));
     BlockSums(xs + n0 * D, nt, D, xsum + n0 * nbD, xnz + n0 * nbD);
     if (q8)
       for (int64_t n = n0; n < n0 + nt; ++n) KQ.quant(xs + n * D, nbD, xq + n * D, xd + n * nbD);
@@ -336,7 +376,7 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
         const float u = hr[i] + (W.b_up.empty() ? 0.f : W.b_up[i]);
         hr[i] = W.gated ? Activate(act, gr[i] + (W.b_gate.empty() ? 0.f : W.b_gate[i])) * u : Activate(act, u);
       }
-      if (q8) {  // these rows' blocks of h (r0 and r1 are multiples of 32): sums and int8, for down
+      if (q8 && !hskip) {  // these rows' blocks of h (r0 and r1 are multiples of 32): sums and int8, for down
         const int64_t n = n0 + t, b0 = r0 / BlockMatrix::kBlock;
         BlockSums(hr + r0, 1, r1 - r0, hsum + n * nbI + b0, hnz + n * nbI + b0);
         KQ.quant(hr + r0, (r1 - r0) / BlockMatrix::kBlock, hq + n * I + r0, hd + n * nbI + b0);
@@ -350,6 +390,11 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
     const int64_t n0 = static_cast<int64_t>(it) * kTokTile, nt = std::min(kTokTile, N - n0);
     for (int64_t n = n0; n < n0 + nt; ++n) BlockSums(h + n * Ip, 1, I, hsum + n * nbI, hnz + n * nbI);
   };
+  if (hskip) {
+    DownH(h, Ip, N, T, I, Dout, W, rho, y, sc, par);
+    FakeQuantTokens(y, B, T, Dout, bits, par);
+    return;
+  }
   if (!q8) par.For(static_cast<size_t>(ntile), hsums);
   uint64_t hnonzero = 0;
   for (int64_t i = 0; i < N * nbI; ++i) hnonzero += hnz[i];

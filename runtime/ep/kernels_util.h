@@ -324,6 +324,16 @@ struct BlockInt8Kernels {
 // Picked once per process (IsaLevel, IsaVnni).
 const BlockInt8Kernels& BlocksInt8();
 
+// SparseMLPBlocks' skip="h" down projection (kernels_mlp_blocks_h.cc): y[32·c0 .. 32·c1) = Σ_i h[idx[i]] ·
+// downT[idx[i], blocks c0..c1) for one token (fp32 h; y overwritten), reading only the listed units' rows.
+using DownHFn = void (*)(const BlockRows&, const float* h, const int32_t* idx, int64_t n, int64_t c0, int64_t c1,
+                         float* y);
+struct BlockHKernels {
+  DownHFn down;
+  const char* isa;
+};
+const BlockHKernels& BlocksH();
+
 // The multi-token (T > 1) path of QuestAttention (kernels_attention_prefill.cc): dense attention under the mask
 // (and is_causal), blocked like flash attention. Shapes as QuestAttention's; kappa plays no part.
 void AttendPrefill(const float* q, const float* k, const float* v, const MaskView& mask, int64_t B, int64_t H,

@@ -50,7 +50,7 @@ inline const std::vector<OpSpec>& OpSpecs() {
       // x, codes_gate?, scale_gate?, offset_gate?, b_gate?, codes_up, scale_up, offset_up, b_up?, codes_down,
       //   scale_down, offset_down, b_down?, rho, bits -> y   (codes uint8: A)
       {"SparseMLPBlocks", {F, Ao, Fo, Fo, Fo, A, F, F, Fo, A, F, F, Fo, F, F}, 1, 1,
-       {"act", "bits_gate", "bits_up", "bits_down", "block_size", "activations"}},
+       {"act", "bits_gate", "bits_up", "bits_down", "block_size", "activations", "skip"}},
       // input_ids, past_key (only their shapes are read), kappa, rho, bits -> kappa_e, rho_e, bits_e
       {"GateControls", {A, A, F, F, F}, 3, 3, {"min_len"}},
   };

@@ -209,7 +209,8 @@ void MlpKernel::Compute(OrtKernelContext* kc) {
 
 void MlpBlocksKernel::SetWeights(const TensorRef* t) {
   if (block_size != solm::BlockMatrix::kBlock) Fail("SolmEP: SparseMLPBlocks block_size must be 32");
-  auto matrix = [&](size_t at, int bits, const char* what, solm::BlockMatrix& m) {
+  // Checks one matrix's operands; returns its N and nb (codes [N, nb, 32·bits/8]).
+  auto operands = [&](size_t at, int bits, const char* what) {
     const TensorRef &c = t[at], &s = t[at + 1], &o = t[at + 2];
     const std::string w = what;
     if (bits != 4 && bits != 8) Fail("SolmEP: SparseMLPBlocks bits_" + w + " must be 4 or 8");
@@ -225,8 +226,12 @@ void MlpBlocksKernel::SetWeights(const TensorRef* t) {
     if (s.shape != Shape{N, nb} || o.shape != Shape{N, nb})
       Fail("SolmEP: SparseMLPBlocks scale/offset of " + w + " must be [" + std::to_string(N) + "," +
            std::to_string(nb) + "]");
-    m.Set(static_cast<const uint8_t*>(c.data), s.f(), o.f(), N, nb * solm::BlockMatrix::kBlock, bits,
-          weights.int8);
+    return std::pair<int64_t, int64_t>(N, nb);
+  };
+  auto matrix = [&](size_t at, int bits, const char* what, solm::BlockMatrix& m) {
+    const auto [N, nb] = operands(at, bits, what);
+    m.Set(static_cast<const uint8_t*>(t[at].data), t[at + 1].f(), t[at + 2].f(), N, nb * solm::BlockMatrix::kBlock,
+          bits, weights.int8);
   };
   auto bias = [&](const TensorRef& b, int64_t n, const char* what, std::vector<float>& into) {
     into.clear();
@@ -238,16 +243,26 @@ void MlpBlocksKernel::SetWeights(const TensorRef* t) {
   solm::MlpBlockWeights& W = weights;
   W.gated = t[0].present;
   matrix(4, bits_up, "up", W.up);
-  matrix(8, bits_down, "down", W.down);
+  if (W.skip_h) {  // down given transposed: [I, D/32, ..] blocks of W_downᵀ
+    const auto [I, nb] = operands(8, bits_down, "down");
+    W.down_t.Set(static_cast<const uint8_t*>(t[8].data), t[9].f(), t[10].f(), I, nb * solm::BlockRows::kBlock,
+                 bits_down);
+    W.down = solm::BlockMatrix{};
+  } else {
+    matrix(8, bits_down, "down", W.down);
+  }
   if (W.gated) {
     matrix(0, bits_gate, "gate", W.gate);
     if (W.gate.N != W.up.N || W.gate.K != W.up.K) Fail("SolmEP: SparseMLPBlocks gate and up shapes differ");
   }
-  if (W.down.K != W.up.N)
+  if (W.skip_h && W.down_t.I != W.up.N)
+    Fail("SolmEP: SparseMLPBlocks skip=h: down (transposed) has " + std::to_string(W.down_t.I) + " rows, up has N=" +
+         std::to_string(W.up.N));
+  if (!W.skip_h && W.down.K != W.up.N)
     Fail("SolmEP: SparseMLPBlocks down has K=" + std::to_string(W.down.K) + ", up has N=" + std::to_string(W.up.N));
   bias(t[3], W.up.N, "b_gate", W.b_gate);
   bias(t[7], W.up.N, "b_up", W.b_up);
-  bias(t[11], W.down.N, "b_down", W.b_down);
+  bias(t[11], W.Dout(), "b_down", W.b_down);
   if (!W.gated) W.b_gate.clear();
 }
 
@@ -261,7 +276,7 @@ void MlpBlocksKernel::Compute(OrtKernelContext* kc) {
   const int64_t B = x.shape[0], T = x.shape[1];
   const float* r = RowValues(rho, B, "rho", op, call->rho_b);
   const float* b = RowValues(bits, B, "bits", op, call->bits_b);
-  float* y = Out(kc, 0, {B, T, weights.down.N});
+  float* y = Out(kc, 0, {B, T, weights.Dout()});
   if (y == nullptr) return;
   solm::SparseMlpBlocks(x.f(), B, T, weights, r, b, act, y, call->scratch, MakeParallel(kc));
 }

@@ -305,7 +305,7 @@ struct MlpBlocksKernel : KernelBase {
   solm::Act act = solm::Act::kSilu;
   int bits_gate = 4, bits_up = 4, bits_down = 4;
   int64_t block_size = 32;
-  solm::MlpBlockWeights weights;  // weights.int8: the activations attribute ("int8"), set before SetWeights
+  solm::MlpBlockWeights weights;  // weights.int8 / skip_h: the activations / skip attributes, set before SetWeights
   struct Call {
     solm::MlpBlockScratch scratch;
     std::vector<float> rho_b, bits_b;

@@ -388,6 +388,10 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
     if (acts != "fp32" && acts != "int8")
       Fail("SolmEP: SparseMLPBlocks activations must be fp32 | int8, got '" + acts + "'");
     k->weights.int8 = acts == "int8";
+    // Absent: x, SparseMLP's channel top-k (artifacts from before the attribute). h: down comes transposed.
+    const std::string skip = AttrString(node, attr("skip"), "x");
+    if (skip != "x" && skip != "h") Fail("SolmEP: SparseMLPBlocks skip must be x | h, got '" + skip + "'");
+    k->weights.skip_h = skip == "h";
     // The weights must be constants: they are repacked block-column-major now and not kept as given.
     TensorRef t[12];
     for (size_t j = 0; j < 12; ++j) {

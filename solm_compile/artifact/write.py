@@ -206,10 +206,11 @@ def fuse_norm_rope(program) -> dict:
     return counts
 
 
-def pack_low_bit(program, weights, activations: str = "int8") -> dict:
+def pack_low_bit(program, weights, activations: str = "int8", mlp_skip: str = "x") -> dict:
     """``passes/pack_weights`` on ``program.model``; returns the metadata saying what each weight is stored as.
     ``activations``: "int8" (MatMulNBits accuracy_level 4, SparseMLPBlocks activations="int8": int8 activations per
-    block, llama.cpp's trade) or "fp32" (accuracy_level 0 and activations="fp32": exact up to float rounding)."""
+    block, llama.cpp's trade) or "fp32" (accuracy_level 0 and activations="fp32": exact up to float rounding).
+    ``mlp_skip`` "h": every gated MLP must become SparseMLPBlocks with skip="h" (down re-quantised transposed)."""
     from solm_compile.passes.pack_weights import pack_weights
 
     if weights is None:
@@ -217,18 +218,23 @@ def pack_low_bit(program, weights, activations: str = "int8") -> dict:
     if activations not in ("int8", "fp32"):
         raise UserError(f"activations must be int8 or fp32, got {activations!r}")
     packed = pack_weights(program.model, weights, accuracy_level=4 if activations == "int8" else 0,
-                          mlp_activations=activations)
+                          mlp_activations=activations, mlp_skip=mlp_skip)
+    if mlp_skip == "h" and (not packed.counts["sparse_mlp_blocks"] or any("SparseMLP" in s for s in packed.skipped)):
+        raise UserError("--mlp-skip h: an MLP of this model has no blocks of 32 to pack (skip=h needs "
+                        "SparseMLPBlocks; the fp32 SparseMLP kernel skips only x)")
     log.debug("pack_weights: %s (skipped: %s)", dict(packed.counts), packed.skipped)
     return {**weights.to_dict(), "packed": dict(sorted(packed.counts.items())), "activations": activations}
 
 
 def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=None, tokenizer=None,
                    per_kv_head: bool = False, weights=None, activations: str = "int8",
-                   kv: str | None = "fp16") -> Path:
+                   kv: str | None = "fp16", mlp_skip: str = "x") -> Path:
     """Export, attach metadata, write ``out`` (and the tokenizer beside it) atomically. ``weights``: the loaded
     model's ``WeightTable`` (``--weights``): the weights it knows are stored as their low-bit blocks, their layers
     computed with ``activations`` (``pack_low_bit``: "int8" per block, or "fp32"). ``kv``: the SolmEP kinds' KV cache
-    buffer precision, "fp16" or "fp32" (``carry_ep_state``)."""
+    buffer precision, "fp16" or "fp32" (``carry_ep_state``). ``mlp_skip``: what the MLP's ρ keeps, "x" (input
+    channels) or "h" (units of the down projection's input: SolmEP artifacts on low-bit weights only); recorded as
+    ``solm.mlp_skip``."""
     import onnx
 
     if kind not in KINDS:
@@ -241,6 +247,10 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
     torch.manual_seed(0)
     args = _example(lm, policy, kind=kind)
     ins, outs = io_names(lm, kind)
+    if mlp_skip == "h" and (kind not in ("solm", "fixed") or weights is None):
+        raise UserError(f"--mlp-skip h: needs a SolmEP artifact (solm or --fixed) on low-bit weights; "
+                        f"{'kind ' + kind if kind not in ('solm', 'fixed') else '--weights fp32'} has no "
+                        f"SparseMLPBlocks (the fp32 SparseMLP skips only x)")
     if per_kv_head and kind not in ("solm", "fixed"):
         raise UserError(f"per-KV-head page selection is a SolmEP option: a {kind} artifact cannot have it")
     program = export_onnx(module, args, policy, ins, outs, kind)
@@ -250,7 +260,8 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
 
         ep_meta["dense_attention"] = fuse_dense_attention(program)
     ep_meta["fused"] = fuse_norm_rope(program)
-    ep_meta["weights"] = pack_low_bit(program, weights, activations)
+    ep_meta["weights"] = pack_low_bit(program, weights, activations, mlp_skip)
+    ep_meta["mlp_skip"] = mlp_skip
     tok_name = None
     if tokenizer is not None:
         tok_name = out.name.split(".")[0] + ".tokenizer.json"

@@ -3,6 +3,10 @@ SolmEP's SparseMLPBlocks (Q4_1-style and int8 blocks; activations fp32 and int8)
 MatMulNBits (accuracy_level 4) x 3 with the activation between them. ``python -m solm_compile.bench.mlp_blocks
 [--reps N] [--rounds R]``: R interleaved rounds (every path once per round, N calls each), the median per path of
 the rounds' µs per call; prints a markdown table.
+
+``--skip`` (issue 17) times instead skip="x" against skip="h" (Q4_1 gate/up; down Q4_1 for x, re-quantised
+transposed to 8 or 4 bits for h) at ρ ∈ {1, 0.75, 0.5, 0.3}, with the bytes of weights each call reads (codes plus
+fp32 scale/offset, counted from the kept blocks/units of this x), and ``--out`` writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import time
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from solm_compile.quant.blocks import BlockQuant, quantize_int8
+from solm_compile.quant.blocks import BlockQuant, quantize_int8, requantize_transposed
 
 F, U8 = TensorProto.FLOAT, TensorProto.UINT8
 D, I = 576, 1536
@@ -45,7 +49,7 @@ def fp32_model(w):
                   ("ai.solm",))
 
 
-def blocks_model(w, activations="fp32"):
+def blocks_model(w, activations="fp32", skip="x"):
     names, inits = ["x"], []
     for k in ("wg", "wu", "wd"):
         bq = w[k]
@@ -53,7 +57,7 @@ def blocks_model(w, activations="fp32"):
         names += [f"{k}.q", f"{k}.s", f"{k}.m", ""]
     node = helper.make_node("SparseMLPBlocks", names + ["rho", "bits"], ["y"], domain="ai.solm", act="silu",
                             bits_gate=w["wg"].bits, bits_up=w["wu"].bits, bits_down=w["wd"].bits, block_size=32,
-                            activations=activations)
+                            activations=activations, skip=skip)
     return _model([node], ["x", "rho", "bits"], inits, ("ai.solm",))
 
 
@@ -81,6 +85,59 @@ def _time(sess, feeds, reps):
     return (time.perf_counter() - t) / reps * 1e6
 
 
+def _silu(v):
+    return v / (1 + np.exp(-v))
+
+
+def bytes_read(w, x, rho: float, skip: str) -> int:
+    """Weight bytes one call reads: a matrix's block (32 codes + fp32 scale + offset) only where its input is
+    non-zero (skip x: the blocks of x with a kept channel; down: of h) or, skip h, down's kept units' rows."""
+    def per_block(bq):
+        return 32 * bq.bits // 8 + 8
+    xd = x[0, 0].astype(np.float64)
+    k = min(max(int(np.ceil(rho * D - 1e-9)), 1), D)
+    keep_x = np.abs(xd) >= np.sort(np.abs(xd))[::-1][k - 1] if skip == "x" else np.ones(D, bool)
+    xs = np.where(keep_x, xd, 0.0)
+    nz_x = int((xs.reshape(-1, 32) != 0).any(1).sum())
+    gate_up = 2 * I * nz_x * per_block(w["wg"])
+    if skip == "x":
+        h = _silu(w["wg"].dequantize() @ xs) * (w["wu"].dequantize() @ xs)
+        return gate_up + D * int((h.reshape(-1, 32) != 0).any(1).sum()) * per_block(w["wd"])
+    kept = min(max(int(np.ceil(np.float32(rho) * I - 1e-9)), 1), I)
+    return gate_up + kept * (D // 32) * per_block(w["wd"])
+
+
+def skip_table(args, session, rng) -> list[dict]:
+    """skip x vs h at ρ ∈ {1, 0.75, 0.5, 0.3}, interleaved rounds; rows with µs (median, min) and bytes read."""
+    q = {k: _q4_1(rng, *s) for k, s in (("wg", (I, D)), ("wu", (I, D)), ("wd", (D, I)))}
+    variants = [("x", "Q4_1", q, "int8"), ("x", "Q4_1", q, "fp32")]
+    for bits in (8, 4):
+        wt = {**q, "wd": requantize_transposed(q["wd"], bits)}
+        variants += [("h", f"{bits}-bit transposed", wt, "int8"), ("h", f"{bits}-bit transposed", wt, "fp32")]
+    x = rng.standard_normal((1, 1, D), dtype=np.float32)
+    paths = []
+    for rho in (1.0, 0.75, 0.5, 0.3):
+        feeds = {"x": x, "rho": np.array([rho], np.float32), "bits": np.array([16.0], np.float32)}
+        for skip, down, w, acts in variants:
+            paths.append(({"skip": skip, "down": down, "activations": acts, "rho": rho,
+                           "bytes": bytes_read(w, x, rho, skip)}, session(blocks_model(w, acts, skip), True), feeds))
+    for _, sess, feeds in paths:
+        _time(sess, feeds, max(args.reps // 4, 20))
+    times = [[] for _ in paths]
+    for _ in range(args.rounds):
+        for i, (_, sess, feeds) in enumerate(paths):
+            times[i].append(_time(sess, feeds, args.reps))
+    dense = paths[0][0]["bytes"]
+    rows = [{**row, "us": float(np.median(ts)), "us_min": min(ts), "bytes_vs_x_dense": row["bytes"] / dense}
+            for (row, _, _), ts in zip(paths, times)]
+    print("| skip | down | activations | ρ | µs / token (median) | min | weight KiB read | vs x at ρ 1 |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['skip']} | {r['down']} | {r['activations']} | {r['rho']} | {r['us']:.1f} | {r['us_min']:.1f} | "
+              f"{r['bytes'] / 1024:.0f} | {r['bytes_vs_x_dense']:.3f} |")
+    return rows
+
+
 def main(argv=None) -> None:
     import onnxruntime as ort
     from solm_compile.runtime import ep
@@ -88,12 +145,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--skip", action="store_true", help="skip x vs skip h (issue 17) instead of the format table")
+    p.add_argument("--out", help="--skip: write the rows as JSON here")
     args = p.parse_args(argv)
     ep.register(ort)
     rng = np.random.default_rng(0)
-    weights = {"q4_1": {k: _q4_1(rng, *s) for k, s in (("wg", (I, D)), ("wu", (I, D)), ("wd", (D, I)))}}
-    weights["int8"] = {k: quantize_int8(weights["q4_1"][k].dequantize()) for k in ("wg", "wu", "wd")}
-    x = rng.standard_normal((1, 1, D), dtype=np.float32)
 
     def session(model, solm: bool):
         so = ort.SessionOptions()
@@ -105,6 +161,20 @@ def main(argv=None) -> None:
         assert sess.get_providers()[0] == "SolmEP", sess.get_providers()
         return sess
 
+    if args.skip:
+        rows = skip_table(args, session, rng)
+        if args.out:
+            import json
+
+            from solm_compile.io import atomic_write_text
+
+            atomic_write_text(args.out, json.dumps({"what": "one SmolLM2-shaped MLP 576->1536->576, one token, 1 "
+                                                    "thread, SolmEP SparseMLPBlocks skip x vs h", "reps": args.reps,
+                                                    "rounds": args.rounds, "rows": rows}, indent=1))
+        return
+    weights = {"q4_1": {k: _q4_1(rng, *s) for k, s in (("wg", (I, D)), ("wu", (I, D)), ("wd", (D, I)))}}
+    weights["int8"] = {k: quantize_int8(weights["q4_1"][k].dequantize()) for k in ("wg", "wu", "wd")}
+    x = rng.standard_normal((1, 1, D), dtype=np.float32)
     paths = []   # (name, rho, session, feeds)
     for rho in (1.0, 0.5):
         feeds = {"x": x, "rho": np.array([rho], np.float32), "bits": np.array([16.0], np.float32)}

@@ -27,7 +27,10 @@ Semantics (SOL, shared/research/sol_method.md §2, plus solm's forced sinks/wind
   in float32 (``dequantize_blocks_ref``). With ``activations="int8"`` each linear layer's input (the top-k masked x,
   then h) is quantised per block of 32 first (``quantize_blocks_ref``: d = max|x|/127 in fp32, q = round(x·(1/d)),
   half to even) and y_n = Σ_b scale·(d_b·Σ_i code·q) + offset·Σ_i x_i: integer dot products, the offset term on
-  the unquantised block sums (``linear_blocks_int8_ref``).
+  the unquantised block sums (``linear_blocks_int8_ref``). With ``skip="h"`` (``sparse_mlp_blocks_h_ref``) ρ keeps
+  units of h instead: gate/up on all of x, the ⌈ρ·I⌉ units of largest |h| kept (``topk_channels_ref`` on h: ties at
+  the threshold kept), y = Σ_kept h_j·downT[j, :] with down given transposed ([I, D] blocks); "int8" then
+  quantises x only (h stays fp32).
 - ``sparse_mlp``: per token keep the ⌈ρ·D⌉ input channels of largest |x| (every channel ≥ the k-th largest),
   zero the rest, run the MLP, then fake-quantise its output per token, symmetric, q_max = 2^(b−1)−1; b ≥ 16 is
   the identity.
@@ -222,11 +225,48 @@ def _sparse_mlp_blocks_int8(x, g, u, dn, rho, bits, act):
     return out
 
 
+def sparse_mlp_blocks_h_ref(x, g, u, dn, rho, bits, act: str, activations: str = "fp32"):
+    """skip="h": g/u/dn (codes, scale, offset, bits, bias), g None if not gated, dn the blocks of W_downᵀ [I, D].
+    Per token: up/gate on all of x (int8 activations: x quantised per block as ``linear_blocks_int8_ref``), h =
+    act(gate)·up, keep the ⌈ρ·I⌉ largest |h| (ties kept), y = Σ_kept h_j·downT[j] + b_down, fake-quantised."""
+    fn = ACTIVATIONS[act]
+    if activations not in ("fp32", "int8"):
+        raise ValueError(f"sparse_mlp_blocks: activations must be fp32 or int8, got {activations!r}")
+    wd_t = dequantize_blocks_ref(*dn[:4])                                        # [I, D]
+    if activations == "fp32":
+        wu = dequantize_blocks_ref(*u[:4])
+        wg = None if g is None else dequantize_blocks_ref(*g[:4])
+    B, T, _ = x.shape
+    out = torch.empty(B, T, wd_t.shape[1], dtype=torch.float32)
+    for b in range(B):
+        for t in range(T):
+            xt = x[b, t]
+            if activations == "int8":
+                up = linear_blocks_int8_ref(xt, *u)
+                h = fn(linear_blocks_int8_ref(xt, *g)) * up if g is not None else fn(up)
+            else:
+                up = F.linear(xt, wu, u[4])
+                h = fn(F.linear(xt, wg, g[4])) * up if g is not None else fn(up)
+            hk = topk_channels_ref(h, float(rho[b]))
+            kept = hk != 0                                                       # a kept 0 adds nothing
+            y = hk[kept] @ wd_t[kept]
+            out[b, t] = fake_quant_ref(y if dn[4] is None else y + dn[4], float(bits[b]))
+    return out
+
+
 def sparse_mlp_blocks_ref(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
                           codes_down, scale_down, offset_down, b_down, rho, bits, act: str, bits_gate: int,
-                          bits_up: int, bits_down: int, block_size: int, activations: str = "fp32"):
+                          bits_up: int, bits_down: int, block_size: int, activations: str = "fp32", skip: str = "x"):
     """``sparse_mlp_ref`` on the dequantised weights (block_size: the codes' last axis at 8 bits); activations
-    "int8": each layer's input quantised per block (``linear_blocks_int8_ref``)."""
+    "int8": each layer's input quantised per block (``linear_blocks_int8_ref``); skip "h": ``sparse_mlp_blocks_h_ref``
+    (down given transposed)."""
+    if skip == "h":
+        g = None if codes_gate is None else (codes_gate, scale_gate, offset_gate, bits_gate, b_gate)
+        return sparse_mlp_blocks_h_ref(x, g, (codes_up, scale_up, offset_up, bits_up, b_up),
+                                       (codes_down, scale_down, offset_down, bits_down, b_down), rho, bits, act,
+                                       activations)
+    if skip != "x":
+        raise ValueError(f"sparse_mlp_blocks: skip must be x or h, got {skip!r}")
     if activations == "int8":
         g = None if codes_gate is None else (codes_gate, scale_gate, offset_gate, bits_gate, b_gate)
         return _sparse_mlp_blocks_int8(x, g, (codes_up, scale_up, offset_up, bits_up, b_up),

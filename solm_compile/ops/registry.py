@@ -130,7 +130,15 @@ SPARSE_MLP = OpSig(
 # ``activations``: "fp32" (the default: the dot products in fp32, exact up to rounding) or "int8" (x and h quantised
 # per block of 32 to int8, d = max|x|/127, round half to even, integer dot products with the codes, the offset term
 # on the fp32 block sums: llama.cpp's Q4_1 x Q8_1, MatMulNBits' accuracy_level 4; ``reference.quantize_blocks_ref``).
+# ``skip`` (issue 17): what ρ keeps. "x" (the default): the top-k input channels of gate/up, as SparseMLP. "h": gate
+# and up run on all of x, h = act(gate)⊙up, and the k units of largest |h| (k = ⌈ρ·I⌉, ties at the threshold kept:
+# ``reference.topk_channels_ref`` on h) feed down; down is then stored TRANSPOSED, codes_down [I, D/32, 32·bits/8]
+# and scale/offset_down [I, D/32] (the blocks of W_downᵀ: a unit's row of D weights is contiguous, so a skipped
+# unit costs no byte), and y = Σ_kept h_j·downT[j, :]. With activations "int8" only gate/up take int8 x; h stays
+# fp32 (downT's scales vary along the summed axis j, so there is no integer dot product to make).
 BLOCK_ACTIVATIONS = ("fp32", "int8")
+MLP_SKIPS = ("x", "h")
+MLP_SKIP_DEFAULT = "x"       # the shipped policies were trained with ρ on x (solm-compile --mlp-skip, SolmConfig)
 SPARSE_MLP_BLOCKS = OpSig(
     "sparse_mlp_blocks", "SparseMLPBlocks",
     inputs=(Param("x", "T"),
@@ -141,7 +149,7 @@ SPARSE_MLP_BLOCKS = OpSig(
             Param("b_down", "T", optional=True), Param("rho", "C"), Param("bits", "C")),
     outputs=(Param("y", "T"),),
     attributes=(Attr("act", "string"), Attr("bits_gate", "int"), Attr("bits_up", "int"), Attr("bits_down", "int"),
-                Attr("block_size", "int"), Attr("activations", "string")),
+                Attr("block_size", "int"), Attr("activations", "string"), Attr("skip", "string")),
     types=(("T", ("tensor(float)",)), ("Q", ("tensor(uint8)",)), ("C", ("tensor(float)",))),
     from_pass=True)
 

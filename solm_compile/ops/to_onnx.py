@@ -132,12 +132,13 @@ def sparse_mlp_custom(x: TensorType, w_gate: Optional[TensorType], b_gate: Optio
 
 def sparse_mlp_blocks_custom(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
                              codes_down, scale_down, offset_down, b_down, rho, bits, act: str, bits_gate: int,
-                             bits_up: int, bits_down: int, block_size: int, activations: str = "fp32"):
+                             bits_up: int, bits_down: int, block_size: int, activations: str = "fp32",
+                             skip: str = "x"):
     _check_act(act)
     return _SPARSE_MLP_BLOCKS(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
                               codes_down, scale_down, offset_down, b_down, rho, bits, act=str(act),
                               bits_gate=int(bits_gate), bits_up=int(bits_up), bits_down=int(bits_down),
-                              block_size=int(block_size), activations=str(activations))
+                              block_size=int(block_size), activations=str(activations), skip=str(skip))
 
 
 # ---------------------------------------------------------------------------------------------- PORTABLE helpers

@@ -124,3 +124,13 @@ def quantize_int8(w: np.ndarray, block: int = BLOCK) -> BlockQuant:
 
 
 QUANTIZERS = {"int4": quantize_int4, "int8": quantize_int8}
+
+
+def requantize_transposed(bq: BlockQuant, bits: int = 8) -> BlockQuant:
+    """The blocks of Wᵀ ([K, N], blocks of 32 along N) from ``bq``'s W [N, K]: W dequantised, transposed, and
+    re-quantised round-to-nearest at ``bits`` (8: symmetric, 4: asymmetric; QUANTIZERS). SparseMLPBlocks' skip="h"
+    stores down so (one contiguous row per intermediate unit); the rounding is new error against the source."""
+    if bits not in (4, 8):
+        raise ValueError(f"requantize_transposed: bits must be 4 or 8, got {bits}")
+    wt = np.ascontiguousarray(bq.dequantize().T)
+    return (quantize_int8 if bits == 8 else quantize_int4)(wt)
