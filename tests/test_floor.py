@@ -4,6 +4,7 @@ policy file, and the floor chosen on calibration text only."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from solm_compile.errors import UserError
 from solm_compile.eval import floor as fl
 from solm_compile.policy.actions import ActionGrid
+from test_genres import fake_sources  # noqa: F401 (fixture)
 from tiny_lm import gated_tiny_llama, random_blocks
 
 LEVELS = (0.25, 0.5, 1.0)
@@ -99,3 +101,57 @@ def test_floor_is_the_best_on_calibration():
     assert fl.choose_floor({"uniform": 12.0, "schedule": 11.5, "layers": 11.9}) == "schedule"
     assert fl.choose_floor({"uniform": 11.0, "schedule": 11.0, "layers": 11.0}) == "uniform"   # ties: simpler
     assert fl.choose_floor({"uniform": 11.0, "layers": 10.0, "policy": 1.0}) == "layers"      # only static ones
+
+
+# ---------------------------------------------------------------------------------------------- solm eval
+def _eval(capsys, *argv):
+    from solm_compile.cli import app as cli
+
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_cli_floor_and_policy_static(capsys, tmp_path, fake_sources):  # noqa: F811
+    from test_evaluate import CTX, T, _tiny_model_and_policy
+
+    model_dir = _tiny_model_and_policy(tmp_path)
+    texts = []
+    for i, words in enumerate(("it is a truth universally acknowledged, that a single man must want a wife.\n",
+                               "the quick brown fox jumps over the lazy dog; pack my box with jugs.\n")):
+        texts.append(tmp_path / f"text{i}.txt")
+        texts[-1].write_text(words * 12)
+    static = tmp_path / "floor.json"
+    flags = ("--attn-keep", "0.5", "--mlp-keep", "0.75", "--bits", "8", "--blocks", "3", "--ctx", CTX, "--T", T,
+             "--fit-blocks", "2", "--calib-blocks", "3", "--calib-steps", "2", "--json")
+    runs = []
+    for text in texts:
+        runs.append(_eval(capsys, "eval", model_dir, "--policy", tmp_path / "p.pt", "--data", text, "--fit-data",
+                          texts[0], "--floor", static, "--methods", "dense,uniform,schedule,layers,floor", *flags))
+        if len(runs) == 1:
+            written = static.read_text()
+    r = runs[0]["methods"]
+    assert set(r) == {"dense", "policy", "uniform", "schedule", "layers", "floor"}
+    floor = r["floor"]
+    cal = floor["calibration_ppl"]
+    assert floor["floor_of"] == min(("uniform", "schedule", "layers"), key=lambda m: cal[m])
+    assert floor["ppl"] == r[floor["floor_of"]]["ppl"] and floor["calibration_blocks"] == 3
+    d = json.loads(written)
+    assert d["format"] == "solm-static-policy" and d["model_name"] == "tiny"
+    assert d["calibration"]["mixture"]["train_genres"] == ["fiction", "qa", "encyclopedic"]
+    assert static.read_text() == written                                # the second run loaded it, unchanged
+    assert runs[1]["methods"]["floor"]["calibration_blocks"] == 3
+    # --policy static: the floor alone, matched to the targets themselves
+    stat = [_eval(capsys, "eval", model_dir, "--policy", "static", "--data", text, "--fit-data", texts[0],
+                  "--floor", static, *flags) for text in texts]
+    s = stat[0]
+    assert set(s["methods"]) == {"dense", "floor"} and s["policy"] == "static"
+    assert s["matched_usage"] == {"attn_keep": 0.5, "mlp_keep": 0.75, "bits": 8.0}
+    assert s["methods"]["floor"]["floor_of"] in ("uniform", "schedule", "layers")
+    u = s["methods"]["floor"]["usage"]
+    assert (u["attn_keep"], u["mlp_keep"], u["bits"]) == pytest.approx((0.5, 0.75, 8.0))
+    # chosen on calibration text only: another evaluated text, the same choice and calibration numbers
+    assert stat[1]["methods"]["floor"]["calibration_ppl"] == s["methods"]["floor"]["calibration_ppl"]
+    assert stat[1]["methods"]["floor"]["floor_of"] == s["methods"]["floor"]["floor_of"]
+    assert stat[1]["methods"]["floor"]["ppl"] != s["methods"]["floor"]["ppl"]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from solm_compile.cli.eval_data import DATA_HELP, FIT_HELP, check_data, check_fit_data, fit_texts, texts
+from solm_compile.cli.eval_floor import FLOOR_HELP, floor_data
 from solm_compile.cli.eval_report import (ORDER, choices_markdown, format_choices, format_ppl, plot_sweep,
                                           sweep_markdown)
 
@@ -27,7 +28,9 @@ def add_eval_parser(sub, common) -> None:
                        description="MODEL may also be a compiled artifact (.onnx): then its own policy is measured "
                        "at the given budget against the same artifact at the dense budget (perplexity only)")
     common(p)
-    p.add_argument("--policy", help="policy checkpoint (default: the shipped solm_compile/policy/shipped/<model>.pt)")
+    p.add_argument("--policy", help="policy checkpoint (default: the shipped solm_compile/policy/shipped/<model>.pt); "
+                   "'static': no policy, the floor alone at the given budget (the strongest static allocation)")
+    p.add_argument("--floor", metavar="FILE", help=FLOOR_HELP)
     p.add_argument("--data", default="persuasion", help=DATA_HELP)
     p.add_argument("--fit-data", nargs="+", default=["austen"], help=FIT_HELP)
     p.add_argument("--attn-keep", type=float, help="policy target: mean attention keep κ̄ (0.05..1)")
@@ -39,7 +42,9 @@ def add_eval_parser(sub, common) -> None:
             ("random_seeds", 10, "random-schedule seeds (median and best of N are reported)"),
             ("fit_blocks", 8, "training-text blocks to fit the step-schedule baseline on"),
             ("batch_rows", 32, "rows per batched decode step"), ("seed", 0, "block selection and random seeds"),
-            ("items", 100, "multiple-choice items (with --task)")):
+            ("items", 100, "multiple-choice items (with --task)"),
+            ("calib_blocks", 8, "validation blocks per half of the floor's calibration (layer fit, floor choice)"),
+            ("calib_steps", 4, "steps per block of the per-layer calibration")):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=default,
                        help=f"{help_} (default {default})")
     p.add_argument("--sweep", action="store_true", help="run every method at 8 budget points from net keep "
@@ -77,7 +82,7 @@ def _check_args(args):
     from solm_compile.policy.network import PolicyConfig
 
     for name, lo in (("blocks", 1), ("ctx", 1), ("T", 1), ("random_seeds", 0), ("fit_blocks", 1),
-                     ("batch_rows", 1), ("items", 1)):
+                     ("batch_rows", 1), ("items", 1), ("calib_blocks", 1), ("calib_steps", 1)):
         if getattr(args, name) < lo:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} must be >= {lo}, got {getattr(args, name)}")
@@ -105,6 +110,10 @@ def _check_args(args):
     if not args.task:
         check_data(args.data)
     check_fit_data(args.fit_data)
+    if args.policy == "static":
+        if args.task:
+            raise UserError("--policy static evaluates perplexity only; drop --task")
+        return targets, None
     if args.policy:
         path = Path(args.policy)
     else:
@@ -131,14 +140,15 @@ def _check_args(args):
 
 def _methods(spec: str) -> tuple[str, ...]:
     from solm_compile.errors import UserError
-    from solm_compile.eval.evaluate import METHODS
+    from solm_compile.eval.evaluate import FLOOR_METHODS, METHODS
 
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    every = METHODS + FLOOR_METHODS
+    unknown = [n for n in names if n not in every]
     if unknown or not names:
         raise UserError(f"--methods {spec}: unknown method(s) {', '.join(unknown) or '(none given)'}; "
-                        f"choose from {','.join(METHODS)}")
-    return tuple(m for m in METHODS if m in names or m == "policy")
+                        f"choose from {','.join(every)}")
+    return tuple(m for m in every if m in names or m == "policy")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -166,7 +176,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from solm_compile.data.assets import atomic_target, atomic_write_text
     from solm_compile.cli.common import kv_shape
     from solm_compile.errors import UserError
-    from solm_compile.eval.evaluate import METHODS, CostModel, PPLEvaluator, evaluate_choices, sweep_points
+    from solm_compile.eval.evaluate import (FLOOR_METHODS, METHODS, CostModel, PPLEvaluator, evaluate_choices,
+                                            sweep_points)
+    from solm_compile.policy.actions import ActionGrid
     from solm_compile.frontend.gated import GatedLM
     from solm_compile.analysis.inspect import shapes_from_gated
     from solm_compile.eval.report_html import write_report
@@ -178,14 +190,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     loaded, gated = load_gated(args)
     if loaded.tokenizer is None:
         raise UserError(f"{loaded.info.name}: evaluation needs the model's tokenizer (none found)")
-    lp = load_policy(policy_path, loaded.info)
-    if lp.gate != gated.gate:
+    lp = load_policy(policy_path, loaded.info) if policy_path else None
+    if lp is not None and lp.gate != gated.gate:
         log.warning("%s was trained with gate %s; evaluating with %s", policy_path, lp.gate.to_dict(),
                     gated.gate.to_dict())
+    grid = lp.grid if lp else ActionGrid()
     lm = GatedLM(gated, kv_shape(loaded))
     cost = CostModel(shapes_from_gated(gated), gated.gate)
-    head = {"model": loaded.info.name, "weights": args.weights, "policy": str(policy_path), "policy_step": lp.step,
-            "grid": lp.grid.to_dict(), "gate": gated.gate.to_dict()}
+    head = {"model": loaded.info.name, "weights": args.weights, "policy": str(policy_path or "static"),
+            "policy_step": lp.step if lp else None, "grid": grid.to_dict(), "gate": gated.gate.to_dict()}
     if args.task:
         items = _mc_items(loaded.tokenizer, args.task, args.items, args.seed)
         try:
@@ -204,22 +217,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     block_len = args.ctx + args.T + 1
     blocks = d.token_blocks(loaded.tokenizer, texts(args.data), block_len, args.blocks, seed=args.seed)
     fit = d.token_blocks(loaded.tokenizer, fit_texts(args.fit_data), block_len, args.fit_blocks, seed=args.seed + 1)
-    ev = PPLEvaluator(lm, lp.policy, lp.grid, blocks, ctx=args.ctx, T=args.T, cost=cost, fit_blocks=fit,
+    methods = args.methods or (("dense", "floor") if lp is None else
+                               METHODS + (FLOOR_METHODS if args.floor else ()))
+    costs = choose = floor_info = None
+    if any(m in FLOOR_METHODS for m in methods):
+        costs, choose, floor_info = floor_data(lm, loaded, grid, args)
+    ev = PPLEvaluator(lm, lp.policy if lp else None, grid, blocks, ctx=args.ctx, T=args.T, cost=cost, fit_blocks=fit,
                       random_seeds=args.random_seeds, seed=args.seed, batch_rows=args.batch_rows,
-                      methods=args.methods or METHODS)
+                      methods=methods, layer_costs=costs, calib_blocks=choose)
     common = {**head, "data": args.data, "blocks": args.blocks, "ctx": args.ctx, "T": args.T,
-              "random_seeds": args.random_seeds, "fit_data": args.fit_data, "fit_blocks": args.fit_blocks}
+              "random_seeds": args.random_seeds, "fit_data": args.fit_data, "fit_blocks": args.fit_blocks,
+              "floor": floor_info}
     if not args.sweep:
         r = ev.run(targets)
         result = {**common, **r, "schedule_fit": ev.step_costs.to_dict() if ev.step_costs else None,
                   "wall_s": time.perf_counter() - t_start}
         if args.out:
             atomic_write_text(Path(f"{args.out}.json"), json.dumps(result, indent=2) + "\n")
-            write_report(args.out, result, ev.passages, loaded.tokenizer, lp.grid, ORDER)
+            if lp is not None:                                  # the report shades the policy's passages
+                write_report(args.out, result, ev.passages, loaded.tokenizer, grid, ORDER)
         print(json.dumps(result, indent=2) if args.json else format_ppl(result))
         return 0
     points = []
-    for p in sweep_points(lp.grid):
+    for p in sweep_points(grid):
         points.append(ev.run((p[0], p[1], p[2] / 16.0)))
         log.info("sweep point %s done", p)
     result = {**common, "points": points, "schedule_fit": ev.step_costs.to_dict() if ev.step_costs else None,
@@ -229,7 +249,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     atomic_write_text(Path(f"{out}.md"), sweep_markdown(result))
     with atomic_target(Path(f"{out}.png")) as tmp:
         plot_sweep(result, tmp)
-    write_report(out, result, ev.passages, loaded.tokenizer, lp.grid, ORDER)
+    if lp is not None:
+        write_report(out, result, ev.passages, loaded.tokenizer, grid, ORDER)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -22,10 +22,13 @@ def _ordered(methods: dict) -> list[str]:
 
 def format_ppl(r: dict) -> str:
     u, t = r["matched_usage"], r["targets"]
+    static = r["policy"] == "static"
+    who = "no policy (--policy static)" if static else f"policy {Path(r['policy']).name} (step {r['policy_step']})"
+    got = ("; every method is matched to the targets" if static else f" -> the policy realised κ {u['attn_keep']:.3f}"
+           f", ρ {u['mlp_keep']:.3f}, bits {u['bits']:.2f}; baselines are matched to that")
     lines = [f"{r['model']} on {r['data']}: {r['blocks']} blocks x {r['T']} scored tokens after a {r['ctx']}-token "
-             f"dense prefill; policy {Path(r['policy']).name} (step {r['policy_step']})",
-             f"targets κ {t['attn_keep']:.3f}, ρ {t['mlp_keep']:.3f}, bits {t['bits']:.2f} -> the policy realised "
-             f"κ {u['attn_keep']:.3f}, ρ {u['mlp_keep']:.3f}, bits {u['bits']:.2f}; baselines are matched to that",
+             f"dense prefill; {who}",
+             f"targets κ {t['attn_keep']:.3f}, ρ {t['mlp_keep']:.3f}, bits {t['bits']:.2f}{got}",
              f"{'method':<14}{'ppl':>9}{'±se':>8}{'Δnll':>9}{'±se':>7}{'κ̄':>7}{'ρ̄':>7}{'b̄':>6}{'net':>7}"
              f"{'FLOPs':>7}{'bytes':>7}"]
     for name in _ordered(r["methods"]):
@@ -34,6 +37,11 @@ def format_ppl(r: dict) -> str:
                      f"{_fmt(m.get('delta_nll_vs_policy_se'), '.4f'):>7}{m['usage']['attn_keep']:>7.3f}"
                      f"{m['usage']['mlp_keep']:>7.3f}{m['usage']['bits']:>6.2f}{m['net_keep']:>7.3f}"
                      f"{_fmt(m.get('flops_fraction')):>7}{_fmt(m.get('bytes_fraction')):>7}")
+    if "floor" in r["methods"]:
+        f = r["methods"]["floor"]
+        cal = ", ".join(f"{k} {v:.3f}" for k, v in f["calibration_ppl"].items())
+        lines.append(f"floor = {f['floor_of']}: the best static allocation on {f['calibration_blocks']} calibration "
+                     f"blocks (training genres' validation split; ppl {cal})")
     timing = ", ".join(f"{k} {v:.1f}" for k, v in r["timing"].items())
     lines.append(f"Δnll: paired mean per-block NLL difference to the policy (> 0: worse than the policy). "
                  f"Time: {timing}; wall {r['wall_s']:.1f} s")
