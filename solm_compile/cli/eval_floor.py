@@ -40,8 +40,8 @@ def floor_data(lm, loaded, grid, args):
         if path is not None and not path.parent.is_dir():
             raise UserError(f"--floor {path}: directory {path.parent} does not exist")
         costs = fl.fit_layer_costs(lm, fit_blocks, grid, args.ctx, args.calib_steps, args.batch_rows)
-        calibration = {"data": f"validation split of {', '.join(train)}, {fit_blocks.shape[0] // len(train)} "
-                       "blocks per genre", "ctx": args.ctx, "steps": args.calib_steps, "seed": args.seed + 2,
+        calibration = {"data": f"validation split of {', '.join(train)}: {fit_blocks.shape[0]} blocks, every other "
+                       f"one of {blocks.shape[0]} drawn evenly per genre", "ctx": args.ctx, "steps": args.calib_steps, "seed": args.seed + 2,
                        "gate": lm.gate.to_dict(), "fit_s": round(time.perf_counter() - t0, 1),
                        "mixture": genres.record(genres.MIXTURE)}
         if path is not None:
