@@ -43,7 +43,8 @@ def add_eval_parser(sub, common) -> None:
             ("fit_blocks", 8, "training-text blocks to fit the step-schedule baseline on"),
             ("batch_rows", 32, "rows per batched decode step"), ("seed", 0, "block selection and random seeds"),
             ("items", 100, "multiple-choice items (with --task)"),
-            ("calib_blocks", 8, "validation blocks per half of the floor's calibration (layer fit, floor choice)"),
+            ("calib_blocks", 8, "the floor's calibration: 2N validation blocks drawn evenly per training genre, "
+             "alternate ones fit the layers and choose the floor"),
             ("calib_steps", 4, "steps per block of the per-layer calibration")):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=default,
                        help=f"{help_} (default {default})")
