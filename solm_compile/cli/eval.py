@@ -8,17 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from pathlib import Path
-from typing import Sequence
 
 from solm_compile.cli.eval_data import DATA_HELP, FIT_HELP, check_data, check_fit_data, fit_texts, texts
+from solm_compile.cli.eval_floor import FLOOR_HELP, floor_data
+from solm_compile.cli.eval_report import (ORDER, choices_markdown, format_choices, format_ppl, plot_sweep,
+                                          sweep_markdown)
 
 log = logging.getLogger(__name__)
 
-ORDER = ("dense", "policy", "fixed", "random_median", "random_best", "emc", "dac", "uniform", "schedule",
-         "static_attn", "static_mlp", "static_bits")
 
 
 def add_eval_parser(sub, common) -> None:
@@ -29,7 +28,9 @@ def add_eval_parser(sub, common) -> None:
                        description="MODEL may also be a compiled artifact (.onnx): then its own policy is measured "
                        "at the given budget against the same artifact at the dense budget (perplexity only)")
     common(p)
-    p.add_argument("--policy", help="policy checkpoint (default: the shipped solm_compile/policy/shipped/<model>.pt)")
+    p.add_argument("--policy", help="policy checkpoint (default: the shipped solm_compile/policy/shipped/<model>.pt); "
+                   "'static': no policy, the floor alone at the given budget (the strongest static allocation)")
+    p.add_argument("--floor", metavar="FILE", help=FLOOR_HELP)
     p.add_argument("--data", default="persuasion", help=DATA_HELP)
     p.add_argument("--fit-data", nargs="+", default=["austen"], help=FIT_HELP)
     p.add_argument("--attn-keep", type=float, help="policy target: mean attention keep κ̄ (0.05..1)")
@@ -41,7 +42,10 @@ def add_eval_parser(sub, common) -> None:
             ("random_seeds", 10, "random-schedule seeds (median and best of N are reported)"),
             ("fit_blocks", 8, "training-text blocks to fit the step-schedule baseline on"),
             ("batch_rows", 32, "rows per batched decode step"), ("seed", 0, "block selection and random seeds"),
-            ("items", 100, "multiple-choice items (with --task)")):
+            ("items", 100, "multiple-choice items (with --task)"),
+            ("calib_blocks", 8, "the floor's calibration: 2N validation blocks drawn evenly per training genre, "
+             "alternate ones fit the layers and choose the floor"),
+            ("calib_steps", 4, "steps per block of the per-layer calibration")):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=default,
                        help=f"{help_} (default {default})")
     p.add_argument("--sweep", action="store_true", help="run every method at 8 budget points from net keep "
@@ -79,7 +83,7 @@ def _check_args(args):
     from solm_compile.policy.network import PolicyConfig
 
     for name, lo in (("blocks", 1), ("ctx", 1), ("T", 1), ("random_seeds", 0), ("fit_blocks", 1),
-                     ("batch_rows", 1), ("items", 1)):
+                     ("batch_rows", 1), ("items", 1), ("calib_blocks", 1), ("calib_steps", 1)):
         if getattr(args, name) < lo:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} must be >= {lo}, got {getattr(args, name)}")
@@ -107,6 +111,10 @@ def _check_args(args):
     if not args.task:
         check_data(args.data)
     check_fit_data(args.fit_data)
+    if args.policy == "static":
+        if args.task:
+            raise UserError("--policy static evaluates perplexity only; drop --task")
+        return targets, None
     if args.policy:
         path = Path(args.policy)
     else:
@@ -133,14 +141,15 @@ def _check_args(args):
 
 def _methods(spec: str) -> tuple[str, ...]:
     from solm_compile.errors import UserError
-    from solm_compile.eval.evaluate import METHODS
+    from solm_compile.eval.evaluate import FLOOR_METHODS, METHODS
 
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    every = METHODS + FLOOR_METHODS
+    unknown = [n for n in names if n not in every]
     if unknown or not names:
         raise UserError(f"--methods {spec}: unknown method(s) {', '.join(unknown) or '(none given)'}; "
-                        f"choose from {','.join(METHODS)}")
-    return tuple(m for m in METHODS if m in names or m == "policy")
+                        f"choose from {','.join(every)}")
+    return tuple(m for m in every if m in names or m == "policy")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -168,7 +177,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from solm_compile.data.assets import atomic_target, atomic_write_text
     from solm_compile.cli.common import kv_shape
     from solm_compile.errors import UserError
-    from solm_compile.eval.evaluate import METHODS, CostModel, PPLEvaluator, evaluate_choices, sweep_points
+    from solm_compile.eval.evaluate import (FLOOR_METHODS, METHODS, CostModel, PPLEvaluator, evaluate_choices,
+                                            sweep_points)
+    from solm_compile.policy.actions import ActionGrid
     from solm_compile.frontend.gated import GatedLM
     from solm_compile.analysis.inspect import shapes_from_gated
     from solm_compile.eval.report_html import write_report
@@ -180,14 +191,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     loaded, gated = load_gated(args)
     if loaded.tokenizer is None:
         raise UserError(f"{loaded.info.name}: evaluation needs the model's tokenizer (none found)")
-    lp = load_policy(policy_path, loaded.info)
-    if lp.gate != gated.gate:
+    lp = load_policy(policy_path, loaded.info) if policy_path else None
+    if lp is not None and lp.gate != gated.gate:
         log.warning("%s was trained with gate %s; evaluating with %s", policy_path, lp.gate.to_dict(),
                     gated.gate.to_dict())
+    grid = lp.grid if lp else ActionGrid()
     lm = GatedLM(gated, kv_shape(loaded))
     cost = CostModel(shapes_from_gated(gated), gated.gate)
-    head = {"model": loaded.info.name, "weights": args.weights, "policy": str(policy_path), "policy_step": lp.step,
-            "grid": lp.grid.to_dict(), "gate": gated.gate.to_dict()}
+    head = {"model": loaded.info.name, "weights": args.weights, "policy": str(policy_path or "static"),
+            "policy_step": lp.step if lp else None, "grid": grid.to_dict(), "gate": gated.gate.to_dict()}
     if args.task:
         items = _mc_items(loaded.tokenizer, args.task, args.items, args.seed)
         try:
@@ -206,22 +218,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     block_len = args.ctx + args.T + 1
     blocks = d.token_blocks(loaded.tokenizer, texts(args.data), block_len, args.blocks, seed=args.seed)
     fit = d.token_blocks(loaded.tokenizer, fit_texts(args.fit_data), block_len, args.fit_blocks, seed=args.seed + 1)
-    ev = PPLEvaluator(lm, lp.policy, lp.grid, blocks, ctx=args.ctx, T=args.T, cost=cost, fit_blocks=fit,
+    methods = args.methods or (("dense", "floor") if lp is None else
+                               METHODS + (FLOOR_METHODS if args.floor else ()))
+    costs = choose = floor_info = None
+    if any(m in FLOOR_METHODS for m in methods):
+        costs, choose, floor_info = floor_data(lm, loaded, grid, args)
+    ev = PPLEvaluator(lm, lp.policy if lp else None, grid, blocks, ctx=args.ctx, T=args.T, cost=cost, fit_blocks=fit,
                       random_seeds=args.random_seeds, seed=args.seed, batch_rows=args.batch_rows,
-                      methods=args.methods or METHODS)
+                      methods=methods, layer_costs=costs, calib_blocks=choose)
     common = {**head, "data": args.data, "blocks": args.blocks, "ctx": args.ctx, "T": args.T,
-              "random_seeds": args.random_seeds, "fit_data": args.fit_data, "fit_blocks": args.fit_blocks}
+              "random_seeds": args.random_seeds, "fit_data": args.fit_data, "fit_blocks": args.fit_blocks,
+              "floor": floor_info}
     if not args.sweep:
         r = ev.run(targets)
         result = {**common, **r, "schedule_fit": ev.step_costs.to_dict() if ev.step_costs else None,
                   "wall_s": time.perf_counter() - t_start}
         if args.out:
             atomic_write_text(Path(f"{args.out}.json"), json.dumps(result, indent=2) + "\n")
-            write_report(args.out, result, ev.passages, loaded.tokenizer, lp.grid, ORDER)
+            if lp is not None:                                  # the report shades the policy's passages
+                write_report(args.out, result, ev.passages, loaded.tokenizer, grid, ORDER)
         print(json.dumps(result, indent=2) if args.json else format_ppl(result))
         return 0
     points = []
-    for p in sweep_points(lp.grid):
+    for p in sweep_points(grid):
         points.append(ev.run((p[0], p[1], p[2] / 16.0)))
         log.info("sweep point %s done", p)
     result = {**common, "points": points, "schedule_fit": ev.step_costs.to_dict() if ev.step_costs else None,
@@ -231,7 +250,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     atomic_write_text(Path(f"{out}.md"), sweep_markdown(result))
     with atomic_target(Path(f"{out}.png")) as tmp:
         plot_sweep(result, tmp)
-    write_report(out, result, ev.passages, loaded.tokenizer, lp.grid, ORDER)
+    if lp is not None:
+        write_report(out, result, ev.passages, loaded.tokenizer, grid, ORDER)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -264,117 +284,3 @@ def _eval_artifact(args: argparse.Namespace) -> int:
                           seed=args.seed, batch_rows=args.batch_rows)
     print(json.dumps({"data": args.data, **r}, indent=2) if args.json else format_artifact_eval(r))
     return 0
-
-
-# ---------------------------------------------------------------------------------------------- output
-def _fmt(x, spec: str = ".3f") -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-def _ordered(methods: dict) -> list[str]:
-    return [m for m in ORDER if m in methods] + [m for m in methods if m not in ORDER]
-
-
-def format_ppl(r: dict) -> str:
-    u, t = r["matched_usage"], r["targets"]
-    lines = [f"{r['model']} on {r['data']}: {r['blocks']} blocks x {r['T']} scored tokens after a {r['ctx']}-token "
-             f"dense prefill; policy {Path(r['policy']).name} (step {r['policy_step']})",
-             f"targets κ {t['attn_keep']:.3f}, ρ {t['mlp_keep']:.3f}, bits {t['bits']:.2f} -> the policy realised "
-             f"κ {u['attn_keep']:.3f}, ρ {u['mlp_keep']:.3f}, bits {u['bits']:.2f}; baselines are matched to that",
-             f"{'method':<14}{'ppl':>9}{'±se':>8}{'Δnll':>9}{'±se':>7}{'κ̄':>7}{'ρ̄':>7}{'b̄':>6}{'net':>7}"
-             f"{'FLOPs':>7}{'bytes':>7}"]
-    for name in _ordered(r["methods"]):
-        m = r["methods"][name]
-        lines.append(f"{name:<14}{m['ppl']:>9.3f}{_fmt(m['ppl_se']):>8}{_fmt(m.get('delta_nll_vs_policy'), '+.4f'):>9}"
-                     f"{_fmt(m.get('delta_nll_vs_policy_se'), '.4f'):>7}{m['usage']['attn_keep']:>7.3f}"
-                     f"{m['usage']['mlp_keep']:>7.3f}{m['usage']['bits']:>6.2f}{m['net_keep']:>7.3f}"
-                     f"{_fmt(m.get('flops_fraction')):>7}{_fmt(m.get('bytes_fraction')):>7}")
-    timing = ", ".join(f"{k} {v:.1f}" for k, v in r["timing"].items())
-    lines.append(f"Δnll: paired mean per-block NLL difference to the policy (> 0: worse than the policy). "
-                 f"Time: {timing}; wall {r['wall_s']:.1f} s")
-    return "\n".join(lines)
-
-
-def format_choices(r: dict) -> str:
-    u = r["matched_usage"]
-    lines = [f"{r['model']} on {r['task']} ({r['items']} items); policy realised κ {u['attn_keep']:.3f}, "
-             f"ρ {u['mlp_keep']:.3f}, bits {u['bits']:.2f}",
-             f"{'method':<14}{'acc':>7}{'±se':>7}{'Δacc':>8}{'±se':>7}{'acc_norm':>9}{'±se':>7}{'Δnorm':>8}{'±se':>7}"
-             f"{'net':>7}{'FLOPs':>7}{'bytes':>7}"]
-    for name in _ordered(r["methods"]):
-        m = r["methods"][name]
-        lines.append(f"{name:<14}{m['acc']:>7.3f}{m['acc_se']:>7.3f}{_fmt(m.get('delta_acc_vs_policy'), '+.3f'):>8}"
-                     f"{_fmt(m.get('delta_acc_vs_policy_se')):>7}{m['acc_norm']:>9.3f}{m['acc_norm_se']:>7.3f}"
-                     f"{_fmt(m.get('delta_acc_norm_vs_policy'), '+.3f'):>8}{_fmt(m.get('delta_acc_norm_vs_policy_se')):>7}"
-                     f"{m['net_keep']:>7.3f}{_fmt(m.get('flops_fraction')):>7}{_fmt(m.get('bytes_fraction')):>7}")
-    lines.append(f"Δacc: paired per-item accuracy difference policy - method (> 0: worse than the policy). "
-                 f"wall {r['wall_s']:.1f} s")
-    return "\n".join(lines)
-
-
-def choices_markdown(results: Sequence[dict]) -> str:
-    """One table over multiple-choice results (``solm eval --task ... --json``), a row per task and method."""
-    lines = ["| task (items) | target → realised κ/ρ/b | method | net keep | acc ± se | Δacc ± se | acc_norm ± se | "
-             "Δacc_norm ± se | FLOPs |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        t, u = r["targets"], r["matched_usage"]
-        tag = (f"{t['attn_keep']:.2f}/{t['mlp_keep']:.2f}/{t['bits']:g} → "
-               f"{u['attn_keep']:.2f}/{u['mlp_keep']:.2f}/{u['bits']:.1f}")
-        for name in _ordered(r["methods"]):
-            m = r["methods"][name]
-            d = f"{_fmt(m.get('delta_acc_vs_policy'), '+.3f')} ± {_fmt(m.get('delta_acc_vs_policy_se'))}"
-            dn = f"{_fmt(m.get('delta_acc_norm_vs_policy'), '+.3f')} ± {_fmt(m.get('delta_acc_norm_vs_policy_se'))}"
-            lines.append(f"| {r['task']} ({r['items']}) | {tag} | {name} | {m['net_keep']:.3f} | {m['acc']:.3f} ± "
-                         f"{m['acc_se']:.3f} | {d} | {m['acc_norm']:.3f} ± {m['acc_norm_se']:.3f} | {dn} | "
-                         f"{_fmt(m.get('flops_fraction'))} |")
-    return "\n".join(lines) + "\n"
-
-
-def sweep_markdown(r: dict) -> str:
-    lines = [f"# solm eval sweep: {r['model']} on {r['data']}", "",
-             f"{r['blocks']} blocks x {r['T']} scored tokens (ctx {r['ctx']}); policy `{Path(r['policy']).name}`; "
-             f"{r['random_seeds']} random seeds. Budget points: (κ, ρ, bits) targets for the policy; every baseline "
-             "is matched to the usage the policy realised. Δnll = NLL(method) − NLL(policy), paired per block: "
-             "> 0 means the policy is better.", "",
-             "| target (κ, ρ, b) | method | net keep | ppl ± se | Δnll ± se | κ̄ | ρ̄ | b̄ | FLOPs | bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for p in r["points"]:
-        t = p["targets"]
-        tag = f"({t['attn_keep']:.2f}, {t['mlp_keep']:.2f}, {t['bits']:g})"
-        for name in _ordered(p["methods"]):
-            m = p["methods"][name]
-            u = m["usage"]
-            dnll = f"{_fmt(m.get('delta_nll_vs_policy'), '+.4f')} ± {_fmt(m.get('delta_nll_vs_policy_se'), '.4f')}"
-            lines.append(f"| {tag} | {name} | {m['net_keep']:.3f} | {m['ppl']:.3f} ± {_fmt(m['ppl_se'])} | {dnll} | "
-                         f"{u['attn_keep']:.3f} | {u['mlp_keep']:.3f} | {u['bits']:.2f} | "
-                         f"{_fmt(m.get('flops_fraction'))} | {_fmt(m.get('bytes_fraction'))} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_sweep(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    names = _ordered({k: None for p in r["points"] for k in p["methods"]})
-    palette = matplotlib.colormaps["tab20"]
-    for i, name in enumerate(names):
-        pts = sorted((p["methods"][name]["net_keep"], p["methods"][name]["ppl"], p["methods"][name]["ppl_se"] or 0.0)
-                     for p in r["points"] if name in p["methods"])
-        if name == "dense":
-            ax.axhline(pts[0][1], color="black", ls="--", lw=1, label="dense")
-            continue
-        x, y, e = zip(*pts)
-        ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=2, lw=2.5 if name == "policy" else 1.2,
-                    color="crimson" if name == "policy" else palette((2 * i) % 20 + (2 * i) // 20 % 2),
-                    ls="-" if not name.startswith("static") else ":", label=name, zorder=3 if name == "policy" else 2)
-    ax.set_xlabel("SOL net keep (κ̄ + ρ̄ + b̄/16) / 3")
-    ax.set_ylabel(f"perplexity ({r['data']}, {r['blocks']} blocks x {r['T']} tokens)")
-    ax.set_title(f"{r['model']}: policy vs matched baselines")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

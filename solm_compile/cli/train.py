@@ -1,4 +1,6 @@
-"""``solm train``: GRPO training of the allocation policy on real text (the Austen novels by default)."""
+"""``solm train``: GRPO training of the allocation policy on real text (the Austen novels by default, or the genre
+mixture: ``--data mixture`` / ``--data GENRE ...``, blocks drawn evenly per genre, the shipped file the checkpoint
+that scored best on the mixture's validation split)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-DATA_HELP = ("training text: 'austen' (the Austen novels except Persuasion, the held-out one) or text files "
+DATA_HELP = ("training text: 'austen' (the Austen novels except Persuasion, the held-out one), 'mixture' (the "
+             "training genres fiction, qa and encyclopedic, blocks drawn evenly per genre from their train split; the "
+             "shipped file is the checkpoint best on their validation split), training genres, or text files "
              "(default austen)")
 
 
@@ -23,6 +27,8 @@ def add_train_parser(sub, common) -> None:
                    "<out>.run/ beside it keeps the resumable checkpoint and metrics)")
     p.add_argument("--resume", action="store_true", help="continue the run in <out>.run/")
     p.add_argument("--blocks", type=int, default=3000, help="training blocks of ctx+T+1 tokens (default 3000)")
+    p.add_argument("--val-blocks", type=int, default=12, help="with genres: validation blocks (evenly per genre) "
+                   "every checkpoint is scored on, 0 = ship the last checkpoint (default 12)")
     defaults = TrainConfig()
     for name, help_ in (
             ("ctx", "dense prefill tokens per episode"), ("T", "controlled steps per episode"),
@@ -53,6 +59,8 @@ def _blocks(loaded, data: list[str], block_len: int, n: int):
 
     if loaded.tokenizer is None:
         raise UserError(f"{loaded.info.name}: training needs the model's tokenizer (none found)")
+    if "austen" in data and len(data) > 1:
+        raise UserError(f"--data {' '.join(data)}: 'austen' stands alone; give it, genres, or files")
     if data == ["austen"]:
         texts = d.training_text()
     else:
@@ -73,7 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from solm_compile.errors import UserError
     from solm_compile.frontend.gated import GatedLM
     from solm_compile.policy.network import PolicyConfig
-    from solm_compile.train.config import CHECKPOINT, TrainConfig
+    from solm_compile.train.config import BEST, CHECKPOINT, TrainConfig
+    from solm_compile.train.data import training_genres
     from solm_compile.train.loop import train
 
     cfg = TrainConfig(ctx=args.ctx, T=args.T, K=args.K, B=args.B, reward=args.reward, seed=args.seed,
@@ -88,19 +97,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = out.with_name(out.name + ".run")
     if (run_dir / CHECKPOINT).exists() and not args.resume:
         raise UserError(f"--out {out}: {run_dir} holds a run already; pass --resume to continue it")
+    if args.val_blocks < 0:
+        raise UserError(f"--val-blocks must be >= 0, got {args.val_blocks}")
+    picked = training_genres(args.data)          # a held-out genre is refused before the model loads
     torch.set_num_threads(max(1, torch.get_num_threads()))
     loaded, gated = load_gated(args)
     from solm_compile.analysis.inspect import shapes_from_gated  # noqa: F401  (keeps the gated graph's ops registered)
 
     lm = GatedLM(gated, kv_shape(loaded))
-    blocks = _blocks(loaded, args.data, cfg.ctx + cfg.T + 1, args.blocks)
+    validate, meta = None, {}
+    if picked is None:
+        blocks = _blocks(loaded, args.data, cfg.ctx + cfg.T + 1, args.blocks)
+    else:
+        blocks, validate, meta = _genre_data(loaded.tokenizer, lm, picked, cfg, args)
     log.info("training on %d blocks of %d tokens", blocks.shape[0], blocks.shape[1])
-    result = train(lm, blocks, cfg, run_dir, resume=args.resume, progress=not args.no_progress)
-    ck = checkpoint.read(result.checkpoint)
-    stripped = {k: v for k, v in ck.items() if k not in ("optimizer", "rng")}
+    result = train(lm, blocks, cfg, run_dir, resume=args.resume, progress=not args.no_progress, validate=validate,
+                   meta=meta)
+    best = run_dir / BEST
+    ck = checkpoint.read(best if validate is not None and best.is_file() else result.checkpoint)
+    stripped = {k: v for k, v in ck.items() if k not in ("optimizer", "rng", "best")}
+    if validate is not None:
+        stripped["selection"] = {**result.best, "last_step": int(result.history[-1]["step"]),
+                                 "scores": {int(h["step"]): h["val_score"] for h in result.history
+                                            if "val_score" in h}}
     checkpoint.save(out, stripped)
     shutil.copyfile(run_dir / "metrics.jsonl", out.with_suffix(".metrics.jsonl"))
     last = result.history[-1] if result.history else {}
-    print(f"wrote {out} (step {ck.get('step')}; last reward {last.get('reward', float('nan')):.4f}, "
+    chosen = (f"; best on validation: score {result.best['score']:+.4f} nats vs uniform"
+              if validate is not None and result.best else "")
+    print(f"wrote {out} (step {ck.get('step')}{chosen}; last reward {last.get('reward', float('nan')):.4f}, "
           f"usage tok/pru/q {last.get('use_tok', 0):.2f}/{last.get('use_pru', 0):.2f}/{last.get('use_q', 0):.2f})")
     return 0
+
+
+def _genre_data(tokenizer, lm, picked, cfg, args):
+    """Blocks evenly per genre (train split), the validation scorer and the data record for the checkpoint."""
+    from solm_compile.eval.select import validation_score
+    from solm_compile.train.data import data_record, genre_blocks
+
+    if tokenizer is None:
+        from solm_compile.errors import UserError
+        raise UserError(f"{lm.info.name}: training needs the model's tokenizer (none found)")
+    block_len = cfg.ctx + cfg.T + 1
+    blocks, _ = genre_blocks(tokenizer, picked, block_len, args.blocks, "train", seed=0)
+    validate, val_per = None, 0
+    if args.val_blocks:
+        val, _ = genre_blocks(tokenizer, picked, block_len, args.val_blocks, "validation", seed=1)
+        val_per = val.shape[0] // len(picked)
+
+        def validate(policy):
+            return validation_score(lm, policy, cfg.grid, val, cfg.ctx, cfg.T)
+    meta = {"data": data_record(picked, blocks.shape[0] // len(picked), val_per, 0, tokenizer)}
+    return blocks, validate, meta

@@ -6,7 +6,8 @@ token ctx+t under the method's controls and scoring the true token ctx+t+1. The 
 write are the compressed ones. Steps with L ≤ ts+tw+1 are dense and left out of the usage.
 
 Every method runs through one engine (``run_traces``): a controller per method picks (κ, ρ, bits) per row and
-step; the rows of several methods share one batched ``lm.step``. The policy goes first; its realised usage
+step — or per row, step and layer ([rows, L, 3], the ``layers`` floor), then a trace records the plain mean over
+layers, which is the usage (layers are equal-sized) —; the rows of several methods share one batched ``lm.step``. The policy goes first; its realised usage
 (κ̄, ρ̄, b̄/16 over the effective steps of all blocks) is what every baseline is matched to (``baselines.py``).
 
 Reported per method: ``ppl`` = exp(mean NLL over all scored tokens), ``ppl_se`` = ppl·sd(block NLL)/√n (delta
@@ -41,6 +42,7 @@ import torch
 from torch import Tensor
 
 from solm_compile.eval import baselines as bl
+from solm_compile.eval import floor as fl
 from solm_compile.policy.actions import ActionGrid
 from solm_compile.eval.report_html import passages_of
 from solm_compile.eval.summarize import CostModel, _spend, action_histogram, summarize
@@ -52,6 +54,7 @@ from solm_compile.train.rollout import gate_of
 
 METHODS = ("dense", "policy", "fixed", "random", "emc", "dac", "uniform", "schedule",
            "static_attn", "static_mlp", "static_bits")
+FLOOR_METHODS = ("layers", "floor")   # need a calibration (layer_costs, calib_blocks): asked for by name
 MC_METHODS = ("dense", "policy", "fixed", "random", "emc", "dac", "uniform")
 
 
@@ -88,20 +91,30 @@ def run_batch(lm, pre: PrefillBatch, methods: Sequence[tuple[str, Factory]], bat
                 for ctrl in ctrls:
                     ctrl.refresh(t, h, lg)
                 cache = bl.map_cache(cache, lambda x: x.repeat(k, *([1] * (x.dim() - 1))))
-            ctl_t = torch.cat([ctrl.act(t, eff[t]) for ctrl in ctrls]).float()   # [k·c, 3]
+            ctl_t = _joint([ctrl.act(t, eff[t]) for ctrl in ctrls])           # [k·c, 3] or [k·c, L, 3]
             if not eff[t]:
-                ctl_t = dense.repeat(k * c, 1)
-            lg, hid, cache = lm.step(ids[:, t, None], cache, ctl_t[:, 0].contiguous(), ctl_t[:, 1].contiguous(),
-                                     ctl_t[:, 2].contiguous())
+                ctl_t = dense.expand_as(ctl_t)
+            lg, hid, cache = lm.step(ids[:, t, None], cache, ctl_t[..., 0].contiguous(),
+                                     ctl_t[..., 1].contiguous(), ctl_t[..., 2].contiguous())
             nll[:, t] = -ll_reward(lg[:, 0], labels[:, t])
-            ctl[:, t] = ctl_t
+            ctl[:, t] = ctl_t if ctl_t.dim() == 2 else ctl_t.mean(1)         # [k·c, 3]: the plain layer mean
             for j, ctrl in enumerate(ctrls):
                 sl = slice(j * c, (j + 1) * c)
-                ctrl.observe(t, lg[sl, 0], hid[sl, 0], ctl_t[sl])
+                ctrl.observe(t, lg[sl, 0], hid[sl, 0], ctl[sl, t])
         for j, ((name, _), ctrl) in enumerate(zip(group, ctrls)):
             sl = slice(j * c, (j + 1) * c)
             out[name] = (nll[sl] * pre.valid, ctl[sl], getattr(ctrl, "actions", None))
     return out
+
+
+def _joint(acts: Sequence[Tensor]) -> Tensor:
+    """The controllers' controls as one batch: [rows, 3] when all are shared by the layers, else [rows, L, 3]
+    (a shared row is repeated for every layer)."""
+    per_layer = [a.shape[1] for a in acts if a.dim() == 3]
+    if not per_layer:
+        return torch.cat(acts).float()                                          # [k·c, 3]
+    L = per_layer[0]
+    return torch.cat([a if a.dim() == 3 else a[:, None].expand(-1, L, -1) for a in acts]).float()   # [k·c, L, 3]
 
 
 def _dense_replay(lm, pre: PrefillBatch, t: int) -> tuple[Tensor, Tensor, object]:
@@ -142,27 +155,49 @@ class PPLEvaluator:
 
     Dense traces and the step-schedule fit are computed once and reused across ``run`` calls (a sweep)."""
 
-    def __init__(self, lm, policy: RecurrentActorCriticPolicy, grid: ActionGrid, blocks: Tensor, *, ctx: int,
-                 T: int, cost: Optional[CostModel] = None, fit_blocks: Optional[Tensor] = None,
+    def __init__(self, lm, policy: Optional[RecurrentActorCriticPolicy], grid: ActionGrid, blocks: Tensor, *,
+                 ctx: int, T: int, cost: Optional[CostModel] = None, fit_blocks: Optional[Tensor] = None,
                  random_seeds: int = 10, seed: int = 0, batch_rows: int = 32, methods: Sequence[str] = METHODS,
-                 keep_passages: int = 3):
-        unknown = set(methods) - set(METHODS)
+                 keep_passages: int = 3, layer_costs: Optional[fl.LayerCosts] = None,
+                 calib_blocks: Optional[Tensor] = None):
+        """``policy`` None: no policy runs (``solm eval --policy static``); every baseline is matched to the
+        targets themselves. ``layer_costs``: the ``layers`` calibration; ``calib_blocks``: the calibration text
+        ``floor`` picks uniform, schedule or layers on."""
+        unknown = set(methods) - set(METHODS) - set(FLOOR_METHODS)
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}")
-        if "schedule" in methods and fit_blocks is None:
+        if ("schedule" in methods or "floor" in methods) and fit_blocks is None:
             raise ValueError("the schedule baseline needs fit_blocks (training text)")
-        self.lm, self.policy, self.grid, self.cost = lm, policy.eval(), grid, cost
+        if ("layers" in methods or "floor" in methods) and layer_costs is None:
+            raise ValueError("the layers baseline needs layer_costs (fit_layer_costs on calibration text)")
+        if "floor" in methods and calib_blocks is None:
+            raise ValueError("the floor needs calib_blocks (calibration text) to choose its static allocation on")
+        self.lm, self.policy, self.grid, self.cost = lm, policy.eval() if policy else None, grid, cost
         self.ctx, self.T, self.batch_rows, self.methods = ctx, T, batch_rows, tuple(methods)
         self.random_seeds, self.seed, self.fit_blocks = random_seeds, seed, fit_blocks
         self.source = BlockSource(lm, blocks, ctx, T)
+        self.layer_costs = layer_costs
+        self.calib = None if calib_blocks is None else BlockSource(lm, calib_blocks, ctx, T)
         self.step_costs: Optional[bl.StepCosts] = None
         self._dense: Optional[Trace] = None
         self.timing: dict[str, float] = {}
         self.keep_passages = keep_passages
         self.passages: list[dict] = []    # per run: the policy's per-token steps on the first blocks (report_html)
 
+    def floor_choice(self, usage: Sequence[float]) -> tuple[str, dict]:
+        """Which of uniform / schedule / layers has the lowest perplexity on the calibration blocks at ``usage``,
+        and those perplexities (never measured on the evaluated text)."""
+        mask = self.calib.mask()
+        ctl = {"uniform": bl.uniform_controls(usage, mask),
+               "schedule": bl.step_schedule_controls(self.fit(), usage, mask),
+               "layers": fl.layer_controls(self.layer_costs, usage, mask)}
+        tr = run_traces(self.lm, self.calib, {n: ScheduleController(v).begin for n, v in ctl.items()},
+                        self.batch_rows)
+        ppl = {n: summarize(t)["ppl"] for n, t in tr.items()}
+        return fl.choose_floor(ppl), ppl
+
     def fit(self) -> Optional[bl.StepCosts]:
-        if "schedule" in self.methods and self.step_costs is None:
+        if ("schedule" in self.methods or "floor" in self.methods) and self.step_costs is None:
             t0 = time.perf_counter()
             self.step_costs = bl.fit_step_costs(self.lm, self.fit_blocks, self.grid, self.ctx, self.T, self.batch_rows)
             self.timing["schedule_fit_s"] = time.perf_counter() - t0
@@ -188,6 +223,8 @@ class PPLEvaluator:
                 open_loop[name] = bl.uniform_controls(usage, mask, axes)
             elif name == "schedule":
                 open_loop["schedule"] = bl.step_schedule_controls(self.fit(), usage, mask)
+            elif name == "layers":
+                open_loop["layers"] = fl.layer_controls(self.layer_costs, usage, mask)
         out: dict[str, Factory] = {n: ScheduleController(v).begin for n, v in open_loop.items()}
         for kind in ("emc", "dac"):
             if kind in self.methods:
@@ -195,31 +232,42 @@ class PPLEvaluator:
         return out
 
     def run(self, targets: Sequence[float]) -> dict:
-        """targets (κ, ρ, b/16) for the policy; returns {"targets", "matched_usage", "methods", "timing"}."""
+        """targets (κ, ρ, b/16) for the policy; returns {"targets", "matched_usage", "methods", "timing"}.
+        Without a policy the baselines are matched to the targets."""
         t0 = time.perf_counter()
-        first: dict[str, Factory] = {
-            "policy": PolicyController(self.lm, self.policy, self.grid, targets).begin}
+        first: dict[str, Factory] = {}
+        if self.policy is not None:
+            first["policy"] = PolicyController(self.lm, self.policy, self.grid, targets).begin
         if self._dense is None and "dense" in self.methods:
             first["dense"] = lambda x: DenseController().begin(x)
-        tr = run_traces(self.lm, self.source, first, self.batch_rows)
+        tr = run_traces(self.lm, self.source, first, self.batch_rows) if first else {}
         self._dense = tr.get("dense", self._dense)
-        policy = tr["policy"]
-        usage = policy.usage()
-        self.passages.append(passages_of(policy, self.source.blocks, self.ctx, self.cost, self.grid,
-                                         self.keep_passages))
+        policy = tr.get("policy")
+        usage = policy.usage() if policy is not None else tuple(float(x) for x in targets)
+        if policy is not None:
+            self.passages.append(passages_of(policy, self.source.blocks, self.ctx, self.cost, self.grid,
+                                             self.keep_passages))
         t1 = time.perf_counter()
         self.fit()
+        floor = self.floor_choice(usage) if "floor" in self.methods else None
         t2 = time.perf_counter()
-        base = run_traces(self.lm, self.source, self.baselines(usage), self.batch_rows)
+        factories = self.baselines(usage)
+        if floor is not None and floor[0] not in factories:
+            factories[floor[0]] = self._one(floor[0], usage)
+        base = run_traces(self.lm, self.source, factories, self.batch_rows)
         t3 = time.perf_counter()
         methods = {}
         if self._dense is not None:
             methods["dense"] = summarize(self._dense, self.cost, policy)
-        methods["policy"] = summarize(policy, self.cost)
-        methods["policy"]["actions"] = action_histogram(policy, self.grid)
+        if policy is not None:
+            methods["policy"] = summarize(policy, self.cost)
+            methods["policy"]["actions"] = action_histogram(policy, self.grid)
         for name in self.methods:
             if name in base:
                 methods[name] = summarize(base[name], self.cost, policy)
+            elif name == "floor":
+                methods["floor"] = {**summarize(base[floor[0]], self.cost, policy), "floor_of": floor[0],
+                                    "calibration_ppl": floor[1], "calibration_blocks": self.calib.n}
             elif name == "random" and self.random_seeds:
                 runs = sorted(((summarize(base[f"random_{k}"], self.cost, policy), k)
                                for k in range(self.random_seeds)), key=lambda r: r[0]["ppl"])
@@ -230,7 +278,15 @@ class PPLEvaluator:
                             "bits": 16 * float(targets[2])},
                 "matched_usage": {"attn_keep": usage[0], "mlp_keep": usage[1], "bits": 16 * usage[2]},
                 "methods": methods,
-                "timing": {"policy_s": t1 - t0, "baselines_s": t3 - t2, **self.timing}}
+                "timing": {"policy_s": t1 - t0, "floor_choice_s": t2 - t1, "baselines_s": t3 - t2, **self.timing}}
+
+    def _one(self, name: str, usage: Sequence[float]) -> Factory:
+        """The factory of one static method the floor chose but ``methods`` does not list."""
+        mask = self.source.mask()
+        v = {"uniform": lambda: bl.uniform_controls(usage, mask),
+             "schedule": lambda: bl.step_schedule_controls(self.fit(), usage, mask),
+             "layers": lambda: fl.layer_controls(self.layer_costs, usage, mask)}[name]()
+        return ScheduleController(v).begin
 
 
 # ---------------------------------------------------------------------------------------------- multiple choice

@@ -51,7 +51,7 @@ class PrefillBatch:
 @dataclass
 class Trace:
     nll: Tensor                       # [n, T] −log p(true next token), 0 where not valid
-    controls: Tensor                  # [n, T, 3] applied (κ, ρ, bits)
+    controls: Tensor                  # [n, T, 3] applied (κ, ρ, bits); per-layer controls: their layer mean
     valid: Tensor                     # [n, T]
     mask: Tensor                      # [n, T] counted (valid and effective)
     L0: Tensor                        # [n]
@@ -82,7 +82,7 @@ class DenseController:
 
 
 class ScheduleController:
-    """Open loop: ``values`` [N_rows, T, 3] fixed before the run."""
+    """Open loop: ``values`` [N_rows, T, 3] (shared by the layers) or [N_rows, T, L, 3] fixed before the run."""
 
     def __init__(self, values: Tensor):
         self.values = values

@@ -2,11 +2,19 @@
 
 ``GatedModel`` is the compiled graph plus what the passes reported; ``GatedLM`` wraps it into the step API the
 policy trains and evaluates against (prefill, controlled single-token steps, a tileable KV cache).
+
+Controls are per row and shared by every layer — κ, ρ, bits each [B] — or per row and layer — each [B, L]
+(issue 18's per-layer floor and actions). Per-layer controls run a copy of the graph (``per_layer_graph``) in
+which the l-th attention op reads column l of the gated κ and the l-th MLP op column l of the gated ρ and bits
+(graph order is layer order); the gating rule (dense unless a single-token step past the sinks and window) is
+the same single ``gate_controls`` node, applied elementwise.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +34,7 @@ class GatedModel:
     gate: GateConfig
     results: list = field(default_factory=list)   # PassResult per pass, in pipeline order
     original: torch.fx.GraphModule | None = None   # the ungated decode step (same signature, no controls)
+    _per_layer: torch.fx.GraphModule | None = field(default=None, repr=False)   # built on first [B, L] call
 
     @property
     def gated(self) -> list[tuple[str, str]]:
@@ -37,8 +46,42 @@ class GatedModel:
         return sum(1 for n in self.gm.graph.nodes if n.target is target)
 
     def __call__(self, ids, pos, past, kappa, rho, bits):
-        out = self.gm(ids, pos, *past, kappa, rho, bits)
+        """kappa, rho, bits: [B] (every layer alike) or any of them [B, L] (per layer; the others broadcast)."""
+        if max(kappa.dim(), rho.dim(), bits.dim()) == 2:
+            L = self.info.num_layers
+            kappa, rho, bits = (x if x.dim() == 2 else x[:, None].expand(-1, L) for x in (kappa, rho, bits))
+            for name, x in (("attn_keep", kappa), ("mlp_keep", rho), ("bits", bits)):
+                if x.shape[1] != L:
+                    raise ValueError(f"per-layer {name} has {x.shape[1]} columns; the model has {L} layers")
+            if self._per_layer is None:
+                self._per_layer = per_layer_graph(self.gm, L)
+            out = self._per_layer(ids, pos, *past, kappa.contiguous(), rho.contiguous(), bits.contiguous())
+        else:
+            out = self.gm(ids, pos, *past, kappa, rho, bits)
         return out[0], out[1], list(out[2:])
+
+
+def per_layer_graph(gm: torch.fx.GraphModule, num_layers: int) -> torch.fx.GraphModule:
+    """A copy of ``gm`` (sharing its weights) whose controls are [B, L]: the l-th op of each gated kind (graph
+    order) reads column l of each gated control it consumes."""
+    graph = copy.deepcopy(gm.graph)
+    gate = next((n for n in graph.nodes if n.target is torch.ops.solm.gate_controls.default), None)
+    if gate is None:
+        raise UserError("per-layer controls: the graph has no solm.gate_controls node")
+    for item in [u for u in gate.users if u.target is operator.getitem]:
+        seen: dict = {}
+        for user in list(item.users):
+            layer = seen[user.target] = seen.get(user.target, -1) + 1
+            with graph.inserting_before(user):
+                col = graph.call_function(torch.ops.aten.select.int, (item, 1, layer))
+                col = graph.call_method("contiguous", (col,))
+            user.replace_input_with(item, col)
+        for target, last in seen.items():
+            if last + 1 != num_layers:
+                raise UserError(f"per-layer controls: {last + 1} {target} ops read control {item.args[1]}, "
+                                f"the model has {num_layers} layers")
+    graph.lint()
+    return torch.fx.GraphModule(gm, graph)
 
 
 def compile_gated(loaded: LoadedModel, gate: GateConfig | None = None) -> GatedModel:
@@ -99,6 +142,7 @@ class GatedLM:
 
     @torch.no_grad()
     def forward(self, ids, cache: Cache, kappa, rho, bits):
+        """kappa, rho, bits [B] (shared by the layers) or [B, L] (per layer)."""
         B, T = ids.shape
         pos = torch.arange(cache.length, cache.length + T).expand(B, T)   # [B,T]
         logits, hidden, present = self.model(ids, pos, cache.tensors, kappa, rho, bits)

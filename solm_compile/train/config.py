@@ -12,6 +12,7 @@ from solm_compile.train import grpo
 
 REWARDS = ("ll", "kl")
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"          # the checkpoint that scored best on the validation blocks (solm train ships it)
 METRICS = "metrics.jsonl"
 # fields that may change between a run and its resume: its length, the optimisation schedule and the weights of
 # the objective's terms (a curriculum: budget penalty, entropy bonus); the rollout distribution, reward kind and

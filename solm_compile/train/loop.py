@@ -22,7 +22,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,7 @@ from solm_compile.policy import checkpoint
 from solm_compile.policy.actions import AXES
 from solm_compile.policy.network import RecurrentActorCriticPolicy
 from solm_compile.train import grpo
-from solm_compile.train.config import _RESUMABLE, CHECKPOINT, METRICS, TrainConfig  # noqa: F401 (re-exported)
+from solm_compile.train.config import _RESUMABLE, BEST, CHECKPOINT, METRICS, TrainConfig  # noqa: F401
 from solm_compile.train.rollout import Episode, gate_of, rollout  # noqa: F401 (re-exported)
 
 
@@ -47,6 +47,7 @@ class TrainResult:
     policy: RecurrentActorCriticPolicy
     history: list[dict]
     checkpoint: Path
+    best: dict            # {step, score, validation} of the best checkpoint on validation; {} without validate
 
 
 def _dist() -> tuple[int, int]:
@@ -115,20 +116,36 @@ def _reduce(metrics: dict, world: int) -> dict:
     return {k: float(x) / world for k, x in zip(keys, v)}
 
 
+def _select(out: Path, validate: Callable, policy, payload: dict, step: int, history: list, best: dict) -> dict:
+    """Score the policy on the validation blocks (lower is better); a new best is written to ``out/best.pt``."""
+    policy.eval()
+    v = validate(policy)
+    score = float(v["score"])
+    history[-1]["val_score"] = score
+    if not best or score < best["score"]:
+        best = {"step": step, "score": score, "validation": {k: x for k, x in v.items() if k != "score"}}
+        checkpoint.save(out / BEST, {**payload, "step": step, "selection": dict(best)})
+    return best
+
+
 def _save(out: Path, cfg: TrainConfig, gate: GateConfig, ident: dict, policy, opt, step: int, batches: int,
-          gen: torch.Generator, history: list, rank: int, world: int) -> None:
+          gen: torch.Generator, history: list, rank: int, world: int, meta: dict, validate: Optional[Callable],
+          best: dict) -> dict:
     states = [gen.get_state()]
     if world > 1:
         states = [None] * world
         dist.all_gather_object(states, gen.get_state())
     if rank == 0:
+        payload = {**checkpoint.policy_payload(policy, cfg.grid, gate, ident, cfg.to_dict()), **meta}
+        if validate is not None:
+            best = _select(out, validate, policy, payload, step, history, best)
         checkpoint.save(out / CHECKPOINT, {
-            **checkpoint.policy_payload(policy, cfg.grid, gate, ident, cfg.to_dict()),
-            "optimizer": opt.state_dict(), "step": step, "batches": batches,
-            "rng": states, "world_size": world, "history": history})
+            **payload, "optimizer": opt.state_dict(), "step": step, "batches": batches,
+            "rng": states, "world_size": world, "history": history, "best": best})
         atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
     if world > 1:
         dist.barrier()
+    return best
 
 
 def _restore(path: Path, lm: Any, cfg: TrainConfig, policy, opt, gen: torch.Generator, rank: int, world: int):
@@ -148,7 +165,7 @@ def _restore(path: Path, lm: Any, cfg: TrainConfig, policy, opt, gen: torch.Gene
     for g in opt.param_groups:                     # a resume may change the learning rate (_RESUMABLE)
         g["lr"] = cfg.lr
     gen.set_state(ck["rng"][rank])
-    return int(ck["step"]), int(ck["batches"]), list(ck["history"])
+    return int(ck["step"]), int(ck["batches"]), list(ck["history"]), dict(ck.get("best") or {})
 
 
 def _collect(lm, policy, blocks: Tensor, shard: Tensor, batches: int, n_batches: int, cfg: TrainConfig,
@@ -182,8 +199,13 @@ def _episode_metrics(eps: list[Episode], buf: dict) -> dict:
 
 
 def train(lm: Any, blocks: Tensor, cfg: TrainConfig, out: Path, resume: bool = False,
-          progress: bool = True) -> TrainResult:
-    """Train a policy for ``lm`` on token ``blocks`` [N, ctx+T+1]; checkpoints go to ``out/checkpoint.pt``."""
+          progress: bool = True, validate: Optional[Callable] = None, meta: Optional[dict] = None) -> TrainResult:
+    """Train a policy for ``lm`` on token ``blocks`` [N, ctx+T+1]; checkpoints go to ``out/checkpoint.pt``.
+
+    ``validate(policy) -> {"score": lower is better, ...}`` (rank 0, at every checkpoint): the best-scoring
+    checkpoint so far is kept as ``out/best.pt`` with ``selection`` = {step, score, validation}; the run's
+    checkpoint records it (``best``) so a resume goes on comparing against it. ``meta`` (e.g. the training data's
+    record) is stored in every checkpoint."""
     out = Path(out)
     rank, world = _dist()
     if blocks.dim() != 2 or blocks.shape[1] != cfg.ctx + cfg.T + 1:
@@ -199,9 +221,9 @@ def train(lm: Any, blocks: Tensor, cfg: TrainConfig, out: Path, resume: bool = F
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 7919 * (rank + 1))
     path = out / CHECKPOINT
-    step, batches, history = 0, 0, []
+    step, batches, history, best = 0, 0, [], {}
     if resume:
-        step, batches, history = _restore(path, lm, cfg, policy, opt, gen, rank, world)
+        step, batches, history, best = _restore(path, lm, cfg, policy, opt, gen, rank, world)
     elif path.exists():
         raise UserError(f"{path} exists; pass resume=True to continue it, or choose another output directory")
     if rank == 0:
@@ -226,7 +248,8 @@ def train(lm: Any, blocks: Tensor, cfg: TrainConfig, out: Path, resume: bool = F
         bar.set_postfix(r=f"{metrics['reward']:.3f}", tok=f"{metrics['use_tok']:.2f}", pru=f"{metrics['use_pru']:.2f}",
                         q=f"{metrics['use_q']:.2f}", loss=f"{metrics['loss']:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.updates:
-            _save(out, cfg, gate, ident, policy, opt, step, batches, gen, history, rank, world)
+            best = _save(out, cfg, gate, ident, policy, opt, step, batches, gen, history, rank, world, meta or {},
+                         validate, best)
     bar.close()
     policy.eval()
-    return TrainResult(policy, history, path)
+    return TrainResult(policy, history, path, best)
