@@ -101,12 +101,9 @@ def test_fixed_artifact_with_h_skip_matches_eager_at_the_dense_budget(tmp_path):
     """kind fixed, --weights int4 --mlp-skip h --activations fp32: metadata says h, every MLP is SparseMLPBlocks with
     skip=h, and at the dense budget (ρ = 1: every unit kept) the logits are HF eager's on the same int4 weights up
     to down's 8-bit re-rounding."""
-    from require import need_ep
-    from test_quant import _tiny_dir
+    from test_quant import _tiny_dir, assert_int4_artifact_matches_eager
 
     from solm_compile.api import SolmConfig, compile
-    from solm_compile.quant.weights import quantize_model
-    from solm_compile.runtime import ep
     from solm_compile.runtime.session import read_metadata
 
     model, d = _tiny_dir(tmp_path)
@@ -118,21 +115,4 @@ def test_fixed_artifact_with_h_skip_matches_eager_at_the_dense_budget(tmp_path):
     assert collections.Counter(n.op_type for n in proto.graph.node)["SparseMLP"] == 0
     assert [a.s for n in proto.graph.node if n.op_type == "SparseMLPBlocks" for a in n.attribute
             if a.name == "skip"] == [b"h"] * 2
-    need_ep(ep.register(ort))
-    ref = model.float()
-    quantize_model(ref, "int4")
-    ids = torch.tensor([[5, 17, 99, 3, 250, 42]])
-    with torch.no_grad():
-        want = ref(ids).logits[0].numpy()
-    sess = ort.InferenceSession(str(art), ep.session_options_with_ep(ort.SessionOptions(), ort=ort))
-    feeds = {"input_ids": ids.numpy(), "position_ids": np.arange(6)[None]}
-    for i in sess.get_inputs()[2:]:       # an empty KV buffer of 8 positions; controls 1 (the dense budget)
-        shape = [1 if not isinstance(s, int) and i.shape.index(s) == 0 else
-                 ((8 if i.name.startswith("past_") else 0) if not isinstance(s, int) else s) for s in i.shape]
-        dtype = {"tensor(float16)": np.float16, "tensor(int64)": np.int64}.get(i.type, np.float32)
-        fill = 16.0 if i.name == "bits" else 1.0 if i.name in ("attn_keep", "mlp_keep") else 0
-        feeds[i.name] = np.full(shape, fill, dtype)
-    got = sess.run(["logits"], feeds)[0][0]
-    scale = np.abs(want).max()
-    assert np.abs(got - want).max() < 0.05 * scale
-    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 5 / 6
+    assert_int4_artifact_matches_eager(model, art, controls=1.0)       # the dense budget: every unit kept

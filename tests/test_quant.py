@@ -251,11 +251,7 @@ def test_gguf_source_blocks_are_found_for_every_quantized_tensor(tmp_path):
 def test_fixed_artifact_mlp_runs_on_blocks_on_solm_ep(tmp_path):
     """kind "fixed", --weights int4: every SparseMLP becomes SparseMLPBlocks (no float32 MLP weight left), and SolmEP
     runs it: logits against HF eager on the same dequantised weights (q/k/v/o are MatMulNBits: int8 activations)."""
-    from require import need_ep
-
     from solm_compile.api import SolmConfig, compile
-    from solm_compile.quant.weights import quantize_model
-    from solm_compile.runtime import ep
     from solm_compile.runtime.session import read_metadata
 
     model, d = _tiny_dir(tmp_path)
@@ -269,6 +265,16 @@ def test_fixed_artifact_mlp_runs_on_blocks_on_solm_ep(tmp_path):
             if a.name == "activations"] == [b"int8"] * 2                    # the default: int8 activations
     floats = {i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2}
     assert not [n for n in floats if "mlp" in n and "offset" not in n and "scale" not in n], floats
+    assert_int4_artifact_matches_eager(model, art, controls=0.0)
+
+
+def assert_int4_artifact_matches_eager(model, art, controls: float) -> None:
+    """The artifact's prefill logits over 6 ids (an empty KV buffer of 8 positions, past_length 0; every control
+    input ``controls``, bits 16·controls) against HF eager on the same model's weights rounded to int4."""
+    from require import need_ep
+    from solm_compile.quant.weights import quantize_model
+    from solm_compile.runtime import ep
+
     need_ep(ep.register(ort))
     ref = model.float()
     quantize_model(ref, "int4")
@@ -277,11 +283,12 @@ def test_fixed_artifact_mlp_runs_on_blocks_on_solm_ep(tmp_path):
         want = ref(ids).logits[0].numpy()
     sess = ort.InferenceSession(str(art), ep.session_options_with_ep(ort.SessionOptions(), ort=ort))
     feeds = {"input_ids": ids.numpy(), "position_ids": np.arange(6)[None]}
-    for i in sess.get_inputs()[2:]:       # an empty KV buffer of 8 positions (past_length 0), zero controls
+    for i in sess.get_inputs()[2:]:
         shape = [1 if s in ("batch", "B") or not isinstance(s, int) and i.shape.index(s) == 0 else
                  ((8 if i.name.startswith("past_") else 0) if not isinstance(s, int) else s) for s in i.shape]
         dtype = {"tensor(float16)": np.float16, "tensor(int64)": np.int64}.get(i.type, np.float32)
-        feeds[i.name] = np.zeros(shape, dtype)
+        fill = 16.0 * controls if i.name == "bits" else controls if i.name in ("attn_keep", "mlp_keep") else 0
+        feeds[i.name] = np.full(shape, fill, dtype)
     got = sess.run(["logits"], feeds)[0][0]
     scale = np.abs(want).max()
     assert np.abs(got - want).max() < 0.05 * scale
