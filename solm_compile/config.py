@@ -7,7 +7,6 @@ refused where it enters (CLI flag, checkpoint, artifact metadata) rather than de
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import ClassVar
 
 from solm_compile.errors import UserError
 from solm_compile.ops.registry import MLP_SKIP_DEFAULT, MLP_SKIPS
@@ -33,8 +32,6 @@ class GateConfig:
     ``solm.sparse_mlp``, ``passes/pack_mlp.py`` copies it to SparseMLPBlocks, the artifact records ``solm.mlp_skip``
     and a policy checkpoint keeps it (``policy/checkpoint.check_mlp_skip``).
     """
-
-    CHOICES: ClassVar[dict] = {"attn_select": ATTN_SELECT, "mlp_skip": MLP_SKIPS}   # the CLI flags' choices
 
     page_size: int = 8
     sinks: int = 4

@@ -99,6 +99,9 @@ def test_config_and_cli_refuse_what_cannot_skip_h():
         SolmConfig(kind="portable", weights="int4", gate=h)
     with pytest.raises(UserError, match="--mlp-skip: must be one of x, h"):
         GateConfig(mlp_skip="z")
+    from solm_compile.cli.common import load_gated                                      # the flag, before a model
+    with pytest.raises(UserError, match="--mlp-skip: must be one of x, h, got 'z'"):
+        load_gated(build_parser().parse_args(["eval", "m", "--mlp-skip", "z"]))
 
 
 def test_fixed_artifact_with_h_skip_matches_eager_at_the_dense_budget(tmp_path):

@@ -32,8 +32,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, helps: dict) -> Non
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        group.add_argument(flag, type=type(f.default), default=f.default, choices=getattr(cls, "CHOICES", {})
-                           .get(f.name), help=f"{helps.get(f.name, '')} (default {f.default})".replace("%", "%%"))
+        group.add_argument(flag, type=type(f.default), default=f.default,
+                           help=f"{helps.get(f.name, '')} (default {f.default})".replace("%", "%%"))
 
 
 def dataclass_from_args(cls, args):
