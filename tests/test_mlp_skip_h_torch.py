@@ -220,3 +220,24 @@ def test_h_artifact_equals_the_torch_gated_graph_at_the_same_rho(tmp_path):
     scale = np.abs(want).max()
     assert np.abs(got - want).max() < 0.002 * scale           # measured: 9e-5 of a 0.38 scale
     assert np.abs(x_skip - want).max() > 5 * np.abs(got - want).max()
+
+
+def test_bench_uniform_nll_is_hf_eager_at_rho_1_and_h_differs_below():
+    """bench/hskip_torch.uniform_nll at ρ 1 is the teacher-forced NLL of HF eager on the same tokens (either skip:
+    ρ 1 keeps every unit); at ρ 0.3 the two skips give different numbers."""
+    from test_loading import tiny_hf_llama
+
+    from solm_compile.bench.hskip_torch import uniform_nll
+    from solm_compile.config import GateConfig
+    from solm_compile.frontend.gated import GatedLM
+
+    hf = tiny_hf_llama()
+    blocks = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 11, 64, 2, 9, 30, 31, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                                               12, 13, 14]])
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(blocks).logits.double(), -1)
+    want = -lp[:, 9:-1].gather(2, blocks[:, 10:, None]).squeeze(2)                      # tokens 10..13 given 0..
+    lms = {s: GatedLM.from_hf(tiny_hf_llama(), GateConfig(mlp_skip=s)) for s in ("x", "h")}
+    for lm in lms.values():
+        assert (uniform_nll(lm, blocks, 9, 1.0) - want).abs().max() < 1e-4
+    assert (uniform_nll(lms["x"], blocks, 9, 0.3) - uniform_nll(lms["h"], blocks, 9, 0.3)).abs().max() > 1e-3
