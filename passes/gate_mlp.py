@@ -107,7 +107,7 @@ def gate_mlp(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         wd, bd = _weight(gm, down, out)
         with gm.graph.inserting_before(out):
             new = gm.graph.call_function(torch.ops.solm.sparse_mlp.default,
-                                         (up.x, wg, bg, wu, bu, wd, bd, rho, bits, act))
+                                         (up.x, wg, bg, wu, bu, wd, bd, rho, bits, act, ctx.gate.mlp_skip))
         out.replace_all_uses_with(new)
         if "val" in out.meta:
             new.meta["val"] = out.meta["val"]

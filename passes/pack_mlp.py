@@ -12,7 +12,8 @@ codes [N, K/32, 32·bits/8] uint8 (4 bits: two per byte, the even input low, as 
 default, the trade MatMulNBits' accuracy_level 4 makes for the other layers; "fp32": exact) is written on the node. A node is left float32 (and said
 why in ``skipped``) unless every one of its weights has blocks of 32.
 
-``skip`` (registry.MLP_SKIPS, written on the node): "x" as above; "h" (issue 17: ρ keeps units of h) stores down
+``skip`` (registry.MLP_SKIPS): the SparseMLP node's own attribute (absent: "x"; passes/gate_mlp.py writes
+GateConfig.mlp_skip there, the one source), copied to the new node: "x" as above; "h" (issue 17: ρ keeps units of h) stores down
 transposed, the blocks of W_downᵀ [I, D] re-quantised round-to-nearest at ``down_bits`` (8 by default, or 4) from
 the dequantised source (``quant.blocks.requantize_transposed``: new rounding error, counted as ``mlp_downT_*``).
 """
@@ -36,13 +37,10 @@ def _find(value: ir.Value | None, table: WeightTable):
 
 
 def pack_mlp(model: ir.Model, table: WeightTable, result: PassResult, pack, const,
-             activations: str = "int8", skip: str = "x", down_bits: int = 8) -> None:
+             activations: str = "int8", down_bits: int = 8) -> None:
     """Rewrite every SparseMLP of ``model.graph`` whose weights ``table`` knows. ``pack``: codes -> packed bytes;
     ``const(name, array)``: a new initializer value (both from pack_weights); ``activations``: the node attribute
-    (registry.BLOCK_ACTIVATIONS); ``skip``: the node's skip attribute (registry.MLP_SKIPS), "h" with down
-    re-quantised transposed at ``down_bits``."""
-    if skip not in registry.MLP_SKIPS:
-        raise ValueError(f"pack_mlp: skip must be one of {registry.MLP_SKIPS}, got {skip!r}")
+    (registry.BLOCK_ACTIVATIONS); a node's ``skip`` "h" has down re-quantised transposed at ``down_bits``."""
     if activations not in registry.BLOCK_ACTIVATIONS:
         raise ValueError(f"pack_mlp: activations must be one of {registry.BLOCK_ACTIVATIONS}, got {activations!r}")
     graph = model.graph
@@ -50,6 +48,9 @@ def pack_mlp(model: ir.Model, table: WeightTable, result: PassResult, pack, cons
     for node in list(graph):
         if node.domain != registry.DOMAIN or node.op_type != registry.SPARSE_MLP.onnx_name:
             continue
+        skip = node.attributes["skip"].as_string() if "skip" in node.attributes else "x"
+        if skip not in registry.MLP_SKIPS:
+            raise ValueError(f"pack_mlp: {node.name}: skip must be one of {registry.MLP_SKIPS}, got {skip!r}")
         ins = list(node.inputs) + [None] * (9 - len(node.inputs))
         x, wg, bg, wu, bu, wd, bd, rho, bits = ins
         parts = {"gate": wg, "up": wu, "down": wd}

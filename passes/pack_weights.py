@@ -141,13 +141,13 @@ def _weight(value: ir.Value | None) -> np.ndarray | None:
 
 
 def pack_weights(model: ir.Model, table: WeightTable, accuracy_level: int = 4,
-                 mlp_activations: str | None = None, mlp_skip: str = "x", mlp_down_bits: int = 8) -> PassResult:
+                 mlp_activations: str | None = None, mlp_down_bits: int = 8) -> PassResult:
     result = PassResult("pack_weights")
     if not table.by_key:
         return result
     graph, b = model.graph, _Builder(model.graph)
     acts = mlp_activations or ("int8" if accuracy_level >= 4 else "fp32")
-    pack_mlp(model, table, result, _pack, b.const, activations=acts, skip=mlp_skip, down_bits=mlp_down_bits)
+    pack_mlp(model, table, result, _pack, b.const, activations=acts, down_bits=mlp_down_bits)
     for node in list(graph):
         if node.domain != "" or node.op_type not in ("MatMul", "Gather", "GatherND"):
             continue

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from solm_compile.config import GateConfig
 from solm_compile.errors import UserError
-from solm_compile.ops.registry import MLP_SKIP_DEFAULT, MLP_SKIPS
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +40,9 @@ class SolmConfig:
                 (the exactness reference), "int8" or "int4" (round-to-nearest, block 32); see quant/weights.py
     activations what the low-bit matmuls multiply the weights with: "int8" (default; per block of 32, as llama.cpp
                 and onnxruntime-genai's int4 CPU model do: +0.2 % perplexity on SmolLM2) or "fp32" (exact)
-    mlp_skip    what the MLP's ρ keeps: "x" (default: SOL's input channels, what the shipped policies were trained
-                on) or "h" (units of the down projection's input, down stored transposed and re-quantised;
-                SolmEP artifacts on low-bit weights only; docs/measurements.md session 10)
+    mlp_skip    (read-only: ``gate.mlp_skip``, the one source) what the MLP's ρ keeps: "x" (SOL's input channels,
+                the shipped policies) or "h" (units of the down projection's input; artifacts: SolmEP on low-bit
+                weights, down stored transposed and re-quantised; docs/measurements.md session 10)
     kv          the SolmEP artifacts' KV cache buffer: "fp16" (default) or "fp32" (the exactness reference); the
                 portable and dense artifacts keep fp32 caches grown by concatenation
     trust_pickle  allow a pickled model file (unpickling runs arbitrary code)
@@ -62,7 +61,10 @@ class SolmConfig:
     emit: str = "onnx"
     mlir_dialect: str | None = None
     kv: str = "fp16"
-    mlp_skip: str = MLP_SKIP_DEFAULT
+
+    @property
+    def mlp_skip(self) -> str:
+        return self.gate.mlp_skip
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -79,8 +81,6 @@ class SolmConfig:
             raise UserError(f"--kv: must be fp16 or fp32, got {self.kv!r}")
         if self.activations not in ("int8", "fp32"):
             raise UserError(f"--activations: must be int8 or fp32, got {self.activations!r}")
-        if self.mlp_skip not in MLP_SKIPS:
-            raise UserError(f"--mlp-skip: must be one of {', '.join(MLP_SKIPS)}, got {self.mlp_skip!r}")
         if self.mlp_skip == "h" and (self.weights == "fp32" or self.kind in ("portable", "dense")
                                      or self.emit == "mlir"):
             raise UserError("--mlp-skip h: needs a SolmEP artifact on low-bit weights (--weights source|int4|int8, "
@@ -153,8 +153,7 @@ def compile(model: str, config: SolmConfig = SolmConfig(), out: str | Path = "mo
     kind = _resolve_kind(config.kind)
     policy = None if kind in ("dense", "fixed") else resolve_policy(config.policy, loaded.info)
     path = write_artifact(lm, out, kind, policy, tokenizer=loaded.tokenizer, per_kv_head=config.per_kv_head,
-                          weights=loaded.weights, activations=config.activations, kv=config.kv,
-                          mlp_skip=config.mlp_skip)
+                          weights=loaded.weights, activations=config.activations, kv=config.kv)
     log.info("wrote %s (%s; gated %d attention and %d MLP ops%s; weights %s)", path, kind, gated.count("attention"),
              gated.count("mlp"), f"; policy {policy.path.name}" if policy else "", loaded.weights.describe())
     return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from solm_compile.errors import UserError
+from solm_compile.ops.registry import MLP_SKIP_DEFAULT, MLP_SKIPS
 
 ATTN_SELECT = ("solm", "sol")
 
@@ -25,6 +26,11 @@ class GateConfig:
     ``attn_select="solm"`` is Quest page selection plus ``sinks`` first tokens and a local ``window`` of the most
     recent tokens that are always kept; ``"sol"`` is the SOL reference exactly (no forced tokens). Controls apply
     only on single-token steps with ``L > ts + tw + 1`` (L counts the current token); every other step is dense.
+
+    ``mlp_skip`` (issue 17) is what ρ keeps in every MLP: "x" (SOL's input channels; the shipped policies) or "h"
+    (the units of the down projection's input). The one source of truth: ``passes/gate_mlp.py`` writes it on each
+    ``solm.sparse_mlp``, ``passes/pack_mlp.py`` copies it to SparseMLPBlocks, the artifact records ``solm.mlp_skip``
+    and a policy checkpoint keeps it (``policy/checkpoint.check_mlp_skip``).
     """
 
     page_size: int = 8
@@ -33,6 +39,7 @@ class GateConfig:
     attn_select: str = "solm"
     ts: int = 4
     tw: int = 2
+    mlp_skip: str = MLP_SKIP_DEFAULT
 
     def __post_init__(self) -> None:
         _check(self.page_size >= 1, f"--page-size must be >= 1, got {self.page_size}")
@@ -41,6 +48,7 @@ class GateConfig:
         _check(self.ts >= 0 and self.tw >= 0, f"--ts/--tw must be >= 0, got {self.ts}/{self.tw}")
         _check(self.attn_select in ATTN_SELECT,
                f"--attn-select must be one of {', '.join(ATTN_SELECT)}, got {self.attn_select!r}")
+        _check(self.mlp_skip in MLP_SKIPS, f"--mlp-skip: must be one of {', '.join(MLP_SKIPS)}, got {self.mlp_skip!r}")
 
     @property
     def forced_sinks(self) -> int:

@@ -24,7 +24,7 @@ from solm_compile.quant.weights import WeightTable
 RNG = np.random.default_rng(4)
 
 
-def _one_mlp(I=64, D=32):
+def _one_mlp(I=64, D=32, skip="h"):
     table, inits, src = WeightTable("test"), [], {}
     for name, shape in (("wg", (I, D)), ("wu", (I, D)), ("wd", (D, I))):
         bq = quantize_int4(RNG.standard_normal(shape).astype(np.float32) / np.sqrt(shape[1]))
@@ -32,7 +32,7 @@ def _one_mlp(I=64, D=32):
         src[name] = bq.dequantize()
         inits.append(numpy_helper.from_array(src[name], name))
     node = helper.make_node("SparseMLP", ["x", "wg", "", "wu", "", "wd", "", "rho", "bits"], ["y"],
-                            domain="ai.solm", act="silu")
+                            domain="ai.solm", act="silu", skip=skip)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
                                             for n in ("x", "rho", "bits")],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
@@ -45,7 +45,7 @@ def test_pack_mlp_stores_down_transposed_and_requantised():
     from solm_compile.passes.pack_weights import pack_weights
 
     model, table, src = _one_mlp()
-    r = pack_weights(model, table, mlp_skip="h")
+    r = pack_weights(model, table)          # skip="h" from the node
     (blocks,) = [n for n in model.graph if n.op_type == "SparseMLPBlocks"]
     assert blocks.attributes["skip"].as_string() == "h" and blocks.attributes["bits_down"].as_int() == 8
     assert r.counts["mlp_downT_int8-rtn"] == 1 and r.counts["mlp_gate_int4-rtn"] == 1
@@ -67,7 +67,7 @@ def test_packed_h_mlp_on_solm_ep_is_the_masked_mlp(tmp_path):
 
     need_ep(ep.register(ort))
     model, table, src = _one_mlp()
-    pack_weights(model, table, mlp_skip="h", mlp_activations="fp32")
+    pack_weights(model, table, mlp_activations="fp32")
     sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
                                 ep.session_options_with_ep(ort.SessionOptions(), ort=ort))
     x = RNG.standard_normal((1, 1, 32)).astype(np.float32)
@@ -85,16 +85,23 @@ def test_packed_h_mlp_on_solm_ep_is_the_masked_mlp(tmp_path):
 def test_config_and_cli_refuse_what_cannot_skip_h():
     from solm_compile.api import SolmConfig
     from solm_compile.cli.app import build_parser
+    from solm_compile.config import GateConfig
 
     assert SolmConfig().mlp_skip == "x"
-    args = build_parser().parse_args(["compile", "m", "--out", "m.onnx"])
-    assert args.mlp_skip == SolmConfig().mlp_skip                                       # one default
+    for cmd in (["compile", "m", "--out", "m.onnx"], ["eval", "m"], ["verify", "m"], ["train", "m", "--out", "p.pt"]):
+        args = build_parser().parse_args(cmd)
+        assert args.mlp_skip == SolmConfig().mlp_skip == GateConfig().mlp_skip            # one default
+    h = GateConfig(mlp_skip="h")
+    assert SolmConfig(gate=h).mlp_skip == "h"                                           # read from the gate
     with pytest.raises(UserError, match="--mlp-skip h: needs a SolmEP artifact on low-bit weights"):
-        SolmConfig(weights="fp32", mlp_skip="h")
+        SolmConfig(weights="fp32", gate=h)
     with pytest.raises(UserError, match="--mlp-skip h"):
-        SolmConfig(kind="portable", weights="int4", mlp_skip="h")
+        SolmConfig(kind="portable", weights="int4", gate=h)
     with pytest.raises(UserError, match="--mlp-skip: must be one of x, h"):
-        SolmConfig(mlp_skip="z")
+        GateConfig(mlp_skip="z")
+    from solm_compile.cli.common import load_gated                                      # the flag, before a model
+    with pytest.raises(UserError, match="--mlp-skip: must be one of x, h, got 'z'"):
+        load_gated(build_parser().parse_args(["eval", "m", "--mlp-skip", "z"]))
 
 
 def test_fixed_artifact_with_h_skip_matches_eager_at_the_dense_budget(tmp_path):
@@ -104,10 +111,12 @@ def test_fixed_artifact_with_h_skip_matches_eager_at_the_dense_budget(tmp_path):
     from test_quant import _tiny_dir, assert_int4_artifact_matches_eager
 
     from solm_compile.api import SolmConfig, compile
+    from solm_compile.config import GateConfig
     from solm_compile.runtime.session import read_metadata
 
     model, d = _tiny_dir(tmp_path)
-    art = compile(str(d), SolmConfig(kind="fixed", weights="int4", mlp_skip="h", activations="fp32"),
+    art = compile(str(d), SolmConfig(kind="fixed", weights="int4", gate=GateConfig(mlp_skip="h"),
+                                      activations="fp32"),
                   tmp_path / "tiny.onnx")
     meta = read_metadata(art)
     assert meta["mlp_skip"] == "h" and meta["weights"]["packed"]["mlp_downT_int8-rtn"] == 2

@@ -46,7 +46,7 @@ inline const std::vector<OpSpec>& OpSpecs() {
       {"QuestAttention", {F, F, F, Ao, F, Fo, Fo, Ao, Ao, I64o}, 5, 1,
        {"scale", "is_causal", "page_size", "sinks", "window", "select_per_kv_head"}, 3},
       // x, w_gate?, b_gate?, w_up, b_up?, w_down, b_down?, rho, bits -> y
-      {"SparseMLP", {F, Fo, Fo, F, Fo, F, Fo, F, F}, 1, 1, {"act"}},
+      {"SparseMLP", {F, Fo, Fo, F, Fo, F, Fo, F, F}, 1, 1, {"act", "skip"}},
       // x, codes_gate?, scale_gate?, offset_gate?, b_gate?, codes_up, scale_up, offset_up, b_up?, codes_down,
       //   scale_down, offset_down, b_down?, rho, bits -> y   (codes uint8: A)
       {"SparseMLPBlocks", {F, Ao, Fo, Fo, Fo, A, F, F, Fo, A, F, F, Fo, F, F}, 1, 1,

@@ -34,6 +34,7 @@ from torch.export import Dim
 from solm_compile import __version__
 from solm_compile.artifact.protocol import PROTOCOL
 from solm_compile.artifact.step import ArtifactStep, initial_policy_state
+from solm_compile.policy.checkpoint import check_mlp_skip
 from solm_compile.policy.step import STATE_NAMES, PolicyStep, episode_length
 from solm_compile.errors import UserError
 from solm_compile.io import atomic_write_bytes
@@ -210,7 +211,8 @@ def pack_low_bit(program, weights, activations: str = "int8", mlp_skip: str = "x
     """``passes/pack_weights`` on ``program.model``; returns the metadata saying what each weight is stored as.
     ``activations``: "int8" (MatMulNBits accuracy_level 4, SparseMLPBlocks activations="int8": int8 activations per
     block, llama.cpp's trade) or "fp32" (accuracy_level 0 and activations="fp32": exact up to float rounding).
-    ``mlp_skip`` "h": every gated MLP must become SparseMLPBlocks with skip="h" (down re-quantised transposed)."""
+    ``mlp_skip`` "h" (the SparseMLP nodes' own attribute, pack_mlp copies it): every gated MLP must become
+    SparseMLPBlocks (down re-quantised transposed)."""
     from solm_compile.passes.pack_weights import pack_weights
 
     if weights is None:
@@ -218,7 +220,7 @@ def pack_low_bit(program, weights, activations: str = "int8", mlp_skip: str = "x
     if activations not in ("int8", "fp32"):
         raise UserError(f"activations must be int8 or fp32, got {activations!r}")
     packed = pack_weights(program.model, weights, accuracy_level=4 if activations == "int8" else 0,
-                          mlp_activations=activations, mlp_skip=mlp_skip)
+                          mlp_activations=activations)
     if mlp_skip == "h" and (not packed.counts["sparse_mlp_blocks"] or any("SparseMLP" in s for s in packed.skipped)):
         raise UserError("--mlp-skip h: an MLP of this model has no blocks of 32 to pack (skip=h needs "
                         "SparseMLPBlocks; the fp32 SparseMLP kernel skips only x)")
@@ -228,12 +230,12 @@ def pack_low_bit(program, weights, activations: str = "int8", mlp_skip: str = "x
 
 def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=None, tokenizer=None,
                    per_kv_head: bool = False, weights=None, activations: str = "int8",
-                   kv: str | None = "fp16", mlp_skip: str = "x") -> Path:
+                   kv: str | None = "fp16") -> Path:
     """Export, attach metadata, write ``out`` (and the tokenizer beside it) atomically. ``weights``: the loaded
     model's ``WeightTable`` (``--weights``): the weights it knows are stored as their low-bit blocks, their layers
     computed with ``activations`` (``pack_low_bit``: "int8" per block, or "fp32"). ``kv``: the SolmEP kinds' KV cache
-    buffer precision, "fp16" or "fp32" (``carry_ep_state``). ``mlp_skip``: what the MLP's ρ keeps, "x" (input
-    channels) or "h" (units of the down projection's input: SolmEP artifacts on low-bit weights only); recorded as
+    buffer precision, "fp16" or "fp32" (``carry_ep_state``). What the MLP's ρ keeps is ``lm.gate.mlp_skip`` (on
+    every SparseMLP node already), "x" or "h" (SolmEP artifacts on low-bit weights only); recorded as
     ``solm.mlp_skip``."""
     import onnx
 
@@ -247,6 +249,9 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
     torch.manual_seed(0)
     args = _example(lm, policy, kind=kind)
     ins, outs = io_names(lm, kind)
+    mlp_skip = lm.gate.mlp_skip
+    if loaded_policy is not None and kind not in ("dense", "fixed"):
+        check_mlp_skip(loaded_policy, lm.gate)
     if mlp_skip == "h" and (kind not in ("solm", "fixed") or weights is None):
         raise UserError(f"--mlp-skip h: needs a SolmEP artifact (solm or --fixed) on low-bit weights; "
                         f"{'kind ' + kind if kind not in ('solm', 'fixed') else '--weights fp32'} has no "

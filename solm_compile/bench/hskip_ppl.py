@@ -22,6 +22,7 @@ from pathlib import Path
 def run(model: str, weights: str, rhos, window: int, scored: int, threads: int, workdir: Path,
         activations: str = "int8", say=print) -> dict:
     from solm_compile.api import SolmConfig, compile, load
+    from solm_compile.config import GateConfig
     from solm_compile.bench.measure import bench_tokens
 
     arts = {}
@@ -29,7 +30,8 @@ def run(model: str, weights: str, rhos, window: int, scored: int, threads: int, 
         t = time.perf_counter()
         path = workdir / f"{skip}-{weights}-{activations}.solm.onnx"
         if not path.is_file():
-            path = compile(model, SolmConfig(kind="fixed", weights=weights, mlp_skip=skip, activations=activations),
+            path = compile(model, SolmConfig(kind="fixed", weights=weights, gate=GateConfig(mlp_skip=skip),
+                                                      activations=activations),
                            path)
         arts[skip] = path
         say(f"compiled --mlp-skip {skip} ({time.perf_counter() - t:.0f} s)")

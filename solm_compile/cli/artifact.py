@@ -7,8 +7,6 @@ import logging
 import sys
 from pathlib import Path
 
-from solm_compile.ops.registry import MLP_SKIP_DEFAULT, MLP_SKIPS
-
 log = logging.getLogger(__name__)
 
 
@@ -31,10 +29,6 @@ def add_artifact_parsers(sub, common) -> None:
     p.add_argument("--activations", choices=("int8", "fp32"), default="int8",
                    help="low-bit matmuls: activations quantized to int8 per block of 32 (default; llama.cpp's trade, "
                    "+0.2 %% perplexity on SmolLM2) or kept fp32 (exact, slower)")
-    p.add_argument("--mlp-skip", choices=MLP_SKIPS, default=MLP_SKIP_DEFAULT,
-                   help="what the MLP's keep ρ keeps: x, SOL's input channels (default: the shipped policy was "
-                   "trained on it) or h, the units of the down projection's input (down stored transposed, "
-                   "re-quantised to 8 bits; SolmEP artifacts on low-bit weights; docs/measurements.md session 10)")
     p.add_argument("--emit", choices=("onnx", "mlir"), default="onnx",
                    help="onnx: the artifact (default); mlir: the decode step as MLIR text through torch-mlir "
                    "(pip install solm-compile[mlir]): the gated step with the budget as arguments, or with --dense "
@@ -81,7 +75,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     config = SolmConfig(kind=kind, policy=args.policy, gate=dataclass_from_args(GateConfig, args),
                         per_kv_head=args.per_kv_head, trust_pickle=args.trust_pickle, weights=args.weights,
                         activations=args.activations, emit=args.emit, mlir_dialect=args.mlir_dialect,
-                        kv=args.kv, mlp_skip=args.mlp_skip)
+                        kv=args.kv)
     path = compile(args.model, config, out=args.out)
     if args.emit == "mlir":
         print(f"wrote {path} (MLIR, {config.mlir_dialect or ('linalg-on-tensors' if args.dense else 'raw')}, "

@@ -17,6 +17,9 @@ GATE_HELP = {
     "attn_select": "solm: Quest + sinks + local window; sol: the SOL reference exactly",
     "ts": "controls start once L > ts + tw + 1",
     "tw": "controls start once L > ts + tw + 1",
+    "mlp_skip": "what the MLP's keep ρ keeps: x, SOL's input channels (the shipped policies were trained on it) or h, "
+                "the units of the down projection's input (artifacts: SolmEP on low-bit weights, down stored "
+                "transposed at 8 bits; docs/measurements.md session 10)",
 }
 
 
@@ -29,8 +32,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, helps: dict) -> Non
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        group.add_argument(flag, type=type(f.default), default=f.default, help=f"{helps.get(f.name, '')} "
-                           f"(default {f.default})")
+        group.add_argument(flag, type=type(f.default), default=f.default,
+                           help=f"{helps.get(f.name, '')} (default {f.default})".replace("%", "%%"))
 
 
 def dataclass_from_args(cls, args):

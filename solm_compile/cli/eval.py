@@ -172,7 +172,7 @@ def _mc_items(tokenizer, task: str, n: int, seed: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- command
 def cmd_eval(args: argparse.Namespace) -> int:
     from solm_compile.data import corpora as d
-    from solm_compile.policy.checkpoint import load_policy
+    from solm_compile.policy.checkpoint import check_mlp_skip, load_policy
     from solm_compile.cli.common import load_gated
     from solm_compile.data.assets import atomic_target, atomic_write_text
     from solm_compile.cli.common import kv_shape
@@ -192,6 +192,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if loaded.tokenizer is None:
         raise UserError(f"{loaded.info.name}: evaluation needs the model's tokenizer (none found)")
     lp = load_policy(policy_path, loaded.info) if policy_path else None
+    if lp is not None:
+        check_mlp_skip(lp, gated.gate)
     if lp is not None and lp.gate != gated.gate:
         log.warning("%s was trained with gate %s; evaluating with %s", policy_path, lp.gate.to_dict(),
                     gated.gate.to_dict())

@@ -86,11 +86,12 @@ def packed_weight(w_gate: Tensor | None, w_up: Tensor) -> Tensor:
 @torch.library.custom_op("solm::sparse_mlp_gather", mutates_args=())
 def sparse_mlp_gather(x: Tensor, w_gate: Optional[Tensor], b_gate: Optional[Tensor], w_up: Tensor,
                       b_up: Optional[Tensor], w_down: Tensor, b_down: Optional[Tensor], rho: Tensor, bits: Tensor,
-                      act: str) -> Tensor:
+                      act: str, skip: str = "x") -> Tensor:
     D = x.shape[-1]
     N = x.numel() // D
-    if N == 0 or N > MAX_ROWS or all(r >= 1 for r in (rho if rho.dim() == 1 else rho.reshape(-1)).tolist()):
-        return _sparse_mlp(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act)
+    if (skip != "x" or N == 0 or N > MAX_ROWS      # skip "h": gate/up are dense anyway, ops.sparse_mlp is it
+            or all(r >= 1 for r in (rho if rho.dim() == 1 else rho.reshape(-1)).tolist())):
+        return _sparse_mlp(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act, skip)
     y = fast_c.sparse_mlp(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act)
     if y is not None:                                                 # SolmEP's kernel (CPU fp32)
         return y
@@ -116,7 +117,7 @@ def sparse_mlp_gather(x: Tensor, w_gate: Optional[Tensor], b_gate: Optional[Tens
 
 
 @sparse_mlp_gather.register_fake
-def _(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act):
+def _(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act, skip="x"):
     return x.new_empty(x.shape[:-1] + (w_down.shape[0],))
 
 

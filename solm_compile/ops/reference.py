@@ -32,7 +32,7 @@ Semantics (SOL, shared/research/sol_method.md §2, plus solm's forced sinks/wind
   the threshold kept), y = Σ_kept h_j·downT[j, :] with down given transposed ([I, D] blocks); "int8" then
   quantises x only (h stays fp32).
 - ``sparse_mlp``: per token keep the ⌈ρ·D⌉ input channels of largest |x| (every channel ≥ the k-th largest),
-  zero the rest, run the MLP, then fake-quantise its output per token, symmetric, q_max = 2^(b−1)−1; b ≥ 16 is
+  zero the rest, run the MLP (``skip="h"``: run gate/up on all of x and keep the ⌈ρ·I⌉ units of largest |h| instead), then fake-quantise its output per token, symmetric, q_max = 2^(b−1)−1; b ≥ 16 is
   the identity.
 """
 
@@ -164,16 +164,21 @@ def fake_quant_ref(y_row: torch.Tensor, bits: float) -> torch.Tensor:
     return torch.clamp(torch.round(y_row / s), -qmax, qmax) * s
 
 
-def sparse_mlp_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act: str):
-    """x [B,T,D]; weights in nn.Linear layout ([out, in]); rho, bits [B]. Gated if ``w_gate`` is given."""
+def sparse_mlp_ref(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act: str, skip: str = "x"):
+    """x [B,T,D]; weights in nn.Linear layout ([out, in]); rho, bits [B]. Gated if ``w_gate`` is given. ``skip``
+    "x": ρ keeps input channels of x; "h": gate/up on all of x, ρ keeps the units of h (``topk_channels_ref``)."""
+    if skip not in ("x", "h"):
+        raise ValueError(f"sparse_mlp: skip must be x or h, got {skip!r}")
     fn = ACTIVATIONS[act]
     B, T, D = x.shape
     out = torch.empty(B, T, w_down.shape[0], dtype=x.dtype)
     for b in range(B):
         for t in range(T):
-            xt = topk_channels_ref(x[b, t], float(rho[b]))
+            xt = topk_channels_ref(x[b, t], float(rho[b])) if skip == "x" else x[b, t]
             up = F.linear(xt, w_up, b_up)
             h = fn(F.linear(xt, w_gate, b_gate)) * up if w_gate is not None else fn(up)
+            if skip == "h":
+                h = topk_channels_ref(h, float(rho[b]))
             out[b, t] = fake_quant_ref(F.linear(h, w_down, b_down), float(bits[b]))
     return out
 

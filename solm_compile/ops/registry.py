@@ -113,13 +113,16 @@ QUEST_ATTENTION = OpSig(
     types=(("T", FLOAT_TYPES), ("M", ("tensor(bool)",) + FLOAT_TYPES), ("C", FLOAT_TYPES),
            ("K", ("tensor(float)", "tensor(float16)")), ("I", ("tensor(int64)",))))
 
+# ``skip`` (issue 17; MLP_SKIPS below): what ρ keeps. "x": the ⌈ρ·D⌉ input channels of largest |x| (SOL). "h": gate
+# and up on all of x, h = act(gate)⊙up, the ⌈ρ·I⌉ units of largest |h| (ties at the threshold kept) feed down
+# (``reference.sparse_mlp_ref``). SolmEP's fp32 SparseMLP kernel runs "x" only (SparseMLPBlocks has both).
 SPARSE_MLP = OpSig(
     "sparse_mlp", "SparseMLP",
     inputs=(Param("x", "T"), Param("w_gate", "T", optional=True), Param("b_gate", "T", optional=True),
             Param("w_up", "T"), Param("b_up", "T", optional=True), Param("w_down", "T"),
             Param("b_down", "T", optional=True), Param("rho", "C"), Param("bits", "C")),
     outputs=(Param("y", "T"),),
-    attributes=(Attr("act", "string"),),
+    attributes=(Attr("act", "string"), Attr("skip", "string")),
     types=(("T", FLOAT_TYPES), ("C", FLOAT_TYPES)))
 
 # SparseMLP on low-bit block weights (issue 16): each matrix W [N, K] (nn.Linear layout) as codes

@@ -7,7 +7,7 @@ Two flavours, each a ``{torch op overload: translation function}`` table for ``c
 
       GateControls(input_ids, past_key, kappa, rho, bits) -> (kappa_e, rho_e, bits_e)     min_len: int
       QuestAttention(q, k, v, attn_mask?, kappa) -> out          scale: float, page_size, sinks, window: int
-      SparseMLP(x, w_gate?, b_gate?, w_up, b_up?, w_down, b_down?, rho, bits) -> y         act: string
+      SparseMLP(x, w_gate?, b_gate?, w_up, b_up?, w_down, b_down?, rho, bits) -> y    act, skip: string
 
   An absent optional input is an empty input name. In the written ``ai.solm`` artifact QuestAttention also carries
   its page state like the KV cache (added after export by ``passes/page_state.py``; the torch op has no such
@@ -23,13 +23,10 @@ Two flavours, each a ``{torch op overload: translation function}`` table for ``c
 - ``PORTABLE``: the same semantics (``reference.py``) in standard ONNX ops only (opset 18), so the exported model
   runs on stock onnxruntime with no registration. Selection is expressed as masks, like the SOL reference.
 
-How the exporter calls these (torch 2.13, onnxscript 0.7.2): the functions are plain Python, traced (no
-``@onnxscript.script``): ``torch.onnx`` calls them with the FX node's arguments in the torch schema order — tensors
-arrive as ``ir.Value`` (``.dtype``, ``.shape`` with ints for static dims), ``None`` for an absent ``Tensor?``,
-Python ``int/float/bool/str/None`` for scalar arguments — under an evaluator that records every ``op.X(...)``
-call as a node. Custom-domain ops need an ``onnx.defs.OpSchema`` to be recorded (the recorder looks the schema
-up to split inputs from attributes and count outputs), so ``ai.solm`` ops are built here from local schemas
-(not registered globally with onnx). The ``ai.solm`` opset import is added by the exporter.
+How the exporter calls these (torch 2.13, onnxscript 0.7.2): plain Python, traced: ``torch.onnx`` passes the FX
+node's arguments in torch schema order (tensors as ``ir.Value``, ``None`` for an absent ``Tensor?``, Python scalars)
+under an evaluator recording every ``op.X(...)`` as a node. Custom-domain ops need an ``onnx.defs.OpSchema`` to be
+recorded, so ``ai.solm`` ops are built from local schemas (not registered with onnx); the exporter adds the opset.
 """
 
 from __future__ import annotations
@@ -87,9 +84,11 @@ _SPARSE_MLP_BLOCKS = _op(registry.SPARSE_MLP_BLOCKS)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
 
-def _check_act(act: str) -> None:
+def _check_act(act: str, skip: str = "x") -> None:
     if act not in ACTIVATIONS:
         raise ValueError(f"solm.sparse_mlp: unknown activation {act!r}; expected one of {ACTIVATIONS}")
+    if skip not in registry.MLP_SKIPS:
+        raise ValueError(f"solm.sparse_mlp: skip must be one of {registry.MLP_SKIPS}, got {skip!r}")
 
 
 def _default_scale(q) -> Optional[float]:
@@ -125,9 +124,10 @@ def quest_attention_custom(q: TensorType, k: TensorType, v: TensorType, attn_mas
 
 def sparse_mlp_custom(x: TensorType, w_gate: Optional[TensorType], b_gate: Optional[TensorType],
                       w_up: TensorType, b_up: Optional[TensorType], w_down: TensorType,
-                      b_down: Optional[TensorType], rho: TensorType, bits: TensorType, act: str):
-    _check_act(act)
-    return _SPARSE_MLP(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act=str(act))
+                      b_down: Optional[TensorType], rho: TensorType, bits: TensorType, act: str,
+                      skip: str = "x"):
+    _check_act(act, skip)
+    return _SPARSE_MLP(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act=str(act), skip=str(skip))
 
 
 def sparse_mlp_blocks_custom(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
@@ -320,25 +320,31 @@ def _activation(h, act: str):
     raise ValueError(f"solm.sparse_mlp: unknown activation {act!r}")
 
 
-def sparse_mlp_portable(x: TensorType, w_gate: Optional[TensorType], b_gate: Optional[TensorType],
-                        w_up: TensorType, b_up: Optional[TensorType], w_down: TensorType,
-                        b_down: Optional[TensorType], rho: TensorType, bits: TensorType, act: str):
-    _check_act(act)
-    rank = len(x.shape) if x.shape is not None else 3
-    # top-k channels per token: k = clamp(ceil(ρD − 1e-9), 1, D); keep |x| ≥ k-th largest |x| (ties kept)
+def _topk_keep(x, rho, rank: int):
+    """Per token: k = clamp(ceil(ρD − 1e-9), 1, D); keep |x| ≥ k-th largest |x| (ties kept), zero the rest."""
     D = _dim(x, -1)                                                             # [1]
     Dd = op.Cast(D, to=ir.DataType.DOUBLE)
     kk = op.Ceil(op.Sub(op.Mul(op.Cast(rho, to=ir.DataType.DOUBLE), Dd), _f64(1e-9)))
-    kk = op.Cast(op.Min(op.Max(kk, _f64(1.0)), Dd), to=ir.DataType.INT64)       # [B]
-    mag = op.Abs(x)
+    kk, mag = op.Cast(op.Min(op.Max(kk, _f64(1.0)), Dd), to=ir.DataType.INT64), op.Abs(x)   # [B], |x|
     top, _ = op.TopK(mag, D, axis=-1, largest=1, sorted=1)                      # [..., D] descending
     at = op.Expand(_row(op.Sub(kk, _i64s(1)), rank), op.Concat(op.Shape(x, end=-1), _i64(1), axis=0))
     thr = op.GatherElements(top, at, axis=-1)                                   # [..., 1]
-    xs = op.Where(op.GreaterOrEqual(mag, thr), x, _f(0.0, x))
-    xs = op.Where(op.GreaterOrEqual(_row(rho, rank), _f(1.0, rho)), x, xs)     # ρ ≥ 1: untouched
+    return op.Where(op.GreaterOrEqual(_row(rho, rank), _f(1.0, rho)), x,       # ρ ≥ 1: untouched
+                    op.Where(op.GreaterOrEqual(mag, thr), x, _f(0.0, x)))
+
+
+def sparse_mlp_portable(x: TensorType, w_gate: Optional[TensorType], b_gate: Optional[TensorType],
+                        w_up: TensorType, b_up: Optional[TensorType], w_down: TensorType,
+                        b_down: Optional[TensorType], rho: TensorType, bits: TensorType, act: str,
+                        skip: str = "x"):
+    _check_act(act, skip)
+    rank = len(x.shape) if x.shape is not None else 3
+    xs = _topk_keep(x, rho, rank) if skip == "x" else x
     up = _linear(xs, w_up, b_up)
     h = (op.Mul(_activation(_linear(xs, w_gate, b_gate), act), up) if w_gate is not None
          else _activation(up, act))
+    if skip == "h":
+        h = _topk_keep(h, rho, rank)
     y = _linear(h, w_down, b_down)
     # per-token symmetric fake quantisation, q_max = 2^(round(b) − 1) − 1; b ≥ 16 or s == 0: untouched
     bits_r = _row(bits, rank)

@@ -166,12 +166,17 @@ def fake_quant(y: Tensor, bits: Tensor) -> Tensor:
 @torch.library.custom_op(registry.SPARSE_MLP.torch_qualname, mutates_args=())
 def sparse_mlp(x: Tensor, w_gate: Optional[Tensor], b_gate: Optional[Tensor], w_up: Tensor,
                b_up: Optional[Tensor], w_down: Tensor, b_down: Optional[Tensor], rho: Tensor, bits: Tensor,
-               act: str) -> Tensor:
+               act: str, skip: str = "x") -> Tensor:
     fn = ref.ACTIVATIONS[act]
-    if not bool((rho >= 1).all()):
+    if skip not in registry.MLP_SKIPS:
+        raise ValueError(f"solm.sparse_mlp: skip must be one of {registry.MLP_SKIPS}, got {skip!r}")
+    sparse = not bool((rho >= 1).all())
+    if sparse and skip == "x":
         x = topk_channels(x, rho)
     up = F.linear(x, w_up, b_up)
     h = fn(F.linear(x, w_gate, b_gate)) * up if w_gate is not None else fn(up)
+    if sparse and skip == "h":
+        h = topk_channels(h, rho)             # the units of h: the same top-k (ties kept), over I instead of D
     y = F.linear(h, w_down, b_down)
     if not bool((bits >= 16).all()):
         y = fake_quant(y, bits)
@@ -179,7 +184,7 @@ def sparse_mlp(x: Tensor, w_gate: Optional[Tensor], b_gate: Optional[Tensor], w_
 
 
 @sparse_mlp.register_fake
-def _(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act):
+def _(x, w_gate, b_gate, w_up, b_up, w_down, b_down, rho, bits, act, skip="x"):
     return x.new_empty(x.shape[:-1] + (w_down.shape[0],))
 
 

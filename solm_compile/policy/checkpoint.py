@@ -96,6 +96,13 @@ class LoadedPolicy:
     path: Path
 
 
+def check_mlp_skip(lp: "LoadedPolicy", gate: GateConfig) -> None:
+    """A policy's ρ means what it was trained on: x (input channels) or h (units of h); one line if the graph differs."""
+    if lp.gate.mlp_skip != gate.mlp_skip:
+        raise UserError(f"--mlp-skip {gate.mlp_skip}: {lp.path} was trained with ρ on {lp.gate.mlp_skip} (--mlp-skip "
+                        f"{lp.gate.mlp_skip}); its ρ does not transfer")
+
+
 def build_policy(ck: dict) -> tuple[RecurrentActorCriticPolicy, ActionGrid]:
     grid = ActionGrid.from_dict(ck["grid"])
     pcfg = PolicyConfig.from_dict(dict(ck["train_config"]["policy"]))

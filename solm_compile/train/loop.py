@@ -160,6 +160,9 @@ def _restore(path: Path, lm: Any, cfg: TrainConfig, policy, opt, gen: torch.Gene
         raise UserError(f"{path}: cannot resume, saved with {ck.get('world_size')} processes, running {world}")
     if "optimizer" not in ck:
         raise UserError(f"{path}: cannot resume, the checkpoint holds no optimiser state")
+    was = GateConfig.from_dict(dict(ck["gate"])).mlp_skip
+    if was != gate_of(lm).mlp_skip:
+        raise UserError(f"--mlp-skip {gate_of(lm).mlp_skip}: cannot resume {path}, trained with ρ on {was}")
     policy.load_state_dict(ck["policy"])
     opt.load_state_dict(ck["optimizer"])
     for g in opt.param_groups:                     # a resume may change the learning rate (_RESUMABLE)
