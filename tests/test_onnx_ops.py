@@ -204,7 +204,7 @@ def test_custom_flavour_one_node_per_op(with_optionals):
     assert attrs["QuestAttention"]["page_size"] == 16 and attrs["QuestAttention"]["sinks"] == 4
     assert attrs["QuestAttention"]["window"] == 8
     assert attrs["QuestAttention"]["scale"] == pytest.approx(0.125 if with_optionals else 1 / math.sqrt(d))
-    assert attrs["SparseMLP"] == {"act": b"gelu_tanh"}
+    assert attrs["SparseMLP"] == {"act": b"gelu_tanh", "skip": b"x"}      # skip: the default, ρ on x
     graph_inputs = [i.name for i in model.graph.input]
     gate, quest, mlp = by["GateControls"], by["QuestAttention"], by["SparseMLP"]
     assert list(gate.input) == graph_inputs[:1] + [graph_inputs[2]] + graph_inputs[4:7]
