@@ -249,7 +249,7 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
     torch.manual_seed(0)
     args = _example(lm, policy, kind=kind)
     ins, outs = io_names(lm, kind)
-    mlp_skip = lm.gate.mlp_skip
+    mlp_skip = lm.gate.mlp_skip if kind != "dense" else "x"     # the dense graph skips nothing: h is moot there
     if loaded_policy is not None and kind not in ("dense", "fixed"):
         check_mlp_skip(loaded_policy, lm.gate)
     if mlp_skip == "h" and (kind not in ("solm", "fixed") or weights is None):
