@@ -157,14 +157,11 @@ def metadata(lm: GatedLM, kind: str, loaded_policy, tokenizer_file: str | None, 
 
 
 def export_onnx(module: torch.nn.Module, args: tuple, policy, ins: list[str], outs: list[str], kind: str):
+    from solm_compile.ops.onnx_export import export
     from solm_compile.ops.to_onnx import translation_table
 
     table = translation_table(portable=(kind == "portable")) if kind != "dense" else None
-    with torch.no_grad():
-        program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=table,
-                                    dynamic_shapes=_dynamic_shapes(args, policy), input_names=ins,
-                                    output_names=outs, optimize=True, verbose=False)
-    return program
+    return export(module, args, table, _dynamic_shapes(args, policy), ins, outs)
 
 
 KV_DTYPES = {"fp16": "float16", "fp32": "float32"}     # --kv -> the KV cache buffers' element type

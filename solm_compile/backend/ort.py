@@ -150,13 +150,11 @@ def _explicit_causal(gm: fx.GraphModule) -> fx.GraphModule:
 
 def export_graph(gm: fx.GraphModule, args: tuple, dynamic: tuple, portable: bool, path: Path) -> list[str]:
     """torch.onnx.export the gated graph with the project's translation table; returns the input names."""
+    from solm_compile.ops.onnx_export import export
     from solm_compile.ops.to_onnx import translation_table
 
     names = [f"in_{i}" for i in range(len(args))]
-    with torch.no_grad():
-        program = torch.onnx.export(gm, args, dynamo=True, custom_translation_table=translation_table(portable),
-                                    dynamic_shapes=dynamic, input_names=names, optimize=True, verbose=False)
-    program.save(str(path))
+    export(gm, args, translation_table(portable), dynamic, names).save(str(path))
     return names
 
 
