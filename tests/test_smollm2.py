@@ -119,24 +119,6 @@ def _generate(model, ids, n):
                               do_sample=False, pad_token_id=0)
 
 
-def test_torch_compile_dense_generate_equals_eager():
-    """torch.compile(backend="solm") with inductor at the dense budget: 64 greedy tokens equal eager exactly."""
-    import torch
-
-    from solm_compile.backend import dynamo
-    from solm_compile.frontend import models
-
-    torch._dynamo.reset()
-    loaded = models.load("smollm2")
-    model = loaded.hf.eval()
-    ids = loaded.tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    want = _generate(model, ids, 64)
-    model.compile(backend="solm")
-    assert torch.equal(_generate(model, ids, 64), want)
-    assert dynamo.controller(model).calls == {"prefill": 1, "step": 63}
-    torch._dynamo.reset()
-
-
 def test_torch_compile_half_budget_equals_the_artifact_step():
     """torch.compile(backend="solm") at a half budget, the shipped policy found by the model's identity: for 32
     steps its actions and tokens equal the artifact's step function (ArtifactStep, the graph the ONNX artifact is
