@@ -91,11 +91,21 @@ def _silu(v):
 
 
 def bytes_read(w, x, rho: float, skip: str, fp32: bool = False) -> int:
-    """Weight bytes one call reads: a matrix's block (32 codes + fp32 scale + offset; ``fp32``: 32 floats) only where
-    its input is non-zero (skip x: the blocks of x with a kept channel; down: of h) or, skip h, down's kept units'
-    rows (fp32: the real columns, not the kernel's panel padding)."""
+    """Weight bytes one call reads: a matrix's block (32 codes + fp32 scale + offset) only where its input is
+    non-zero (skip x: the blocks of x with a kept channel; down: of h) or, skip h, down's kept units' rows. ``fp32``:
+    the fp32 SparseMLP, whose gate/up rows are per input channel: 4 bytes a weight, per kept channel and unit (the
+    real columns, not its panel padding)."""
     def per_block(bq):
-        return 128 if fp32 else 32 * bq.bits // 8 + 8
+        return 32 * bq.bits // 8 + 8
+    if fp32:
+        xd = x[0, 0].astype(np.float64)
+        k = min(max(int(np.ceil(np.float32(rho) * (D if skip == "x" else I) - 1e-9)), 1), D if skip == "x" else I)
+        if skip == "h":
+            return 4 * (2 * I * D + k * D)
+        keep = np.abs(xd) >= np.sort(np.abs(xd))[::-1][k - 1]
+        xs = np.where(keep, xd, 0.0)
+        h = _silu(w["wg"].dequantize() @ xs) * (w["wu"].dequantize() @ xs)
+        return 4 * (2 * I * int(keep.sum()) + D * int((h != 0).sum()))
     xd = x[0, 0].astype(np.float64)
     k = min(max(int(np.ceil(rho * D - 1e-9)), 1), D)
     keep_x = np.abs(xd) >= np.sort(np.abs(xd))[::-1][k - 1] if skip == "x" else np.ones(D, bool)
