@@ -41,8 +41,10 @@ class SolmConfig:
     activations what the low-bit matmuls multiply the weights with: "int8" (default; per block of 32, as llama.cpp
                 and onnxruntime-genai's int4 CPU model do: +0.2 % perplexity on SmolLM2) or "fp32" (exact)
     mlp_skip    (read-only: ``gate.mlp_skip``, the one source) what the MLP's ρ keeps: "x" (SOL's input channels,
-                the shipped policies) or "h" (units of the down projection's input; artifacts: SolmEP on low-bit
-                weights, down stored transposed and re-quantised; docs/measurements.md session 10)
+                the shipped policies) or "h" (units of the down projection's input; every ONNX kind and weights
+                format: SolmEP reads only the kept units' rows of down, fp32 or on low-bit weights re-quantised
+                transposed; the portable kind masks h and multiplies down densely; a dense artifact skips nothing;
+                --emit mlir refuses it; docs/measurements.md session 10)
     kv          the SolmEP artifacts' KV cache buffer: "fp16" (default) or "fp32" (the exactness reference); the
                 portable and dense artifacts keep fp32 caches grown by concatenation
     trust_pickle  allow a pickled model file (unpickling runs arbitrary code)
@@ -81,10 +83,9 @@ class SolmConfig:
             raise UserError(f"--kv: must be fp16 or fp32, got {self.kv!r}")
         if self.activations not in ("int8", "fp32"):
             raise UserError(f"--activations: must be int8 or fp32, got {self.activations!r}")
-        if self.mlp_skip == "h" and (self.weights == "fp32" or self.kind in ("portable", "dense")
-                                     or self.emit == "mlir"):
-            raise UserError("--mlp-skip h: needs a SolmEP artifact on low-bit weights (--weights source|int4|int8, "
-                            "not --portable/--dense/--emit mlir): only SparseMLPBlocks skips units of h")
+        if self.mlp_skip == "h" and self.emit == "mlir" and self.kind != "dense":
+            raise UserError("--mlp-skip h: --emit mlir writes the gated step with rho on x only (its torch.operator "
+                            "form is untested with h); write an ONNX artifact, or --dense")
         if self.emit not in ("onnx", "mlir"):
             raise UserError(f"--emit: must be onnx or mlir, got {self.emit!r}")
         if self.emit == "mlir":     # before any model loads: the extra, the kind and the dialect, one line each

@@ -113,3 +113,42 @@ def _dense_weight_bytes(shapes, L):
 ])
 def test_from_hf_config_counts_every_weight_once(cfg, params, extra):
     assert _dense_weight_bytes(ModelShapes.from_hf_config(cfg), 100) == params + extra
+
+
+H_GATE = GateConfig(page_size=2, sinks=0, window=1, ts=1, tw=1, mlp_skip="h")
+
+
+def test_hand_computed_mlp_skip_x_and_h():
+    # TINY at L=8, κ=1 (attention dense), counting elements. Everything but the MLP, as above: q,k,v,o 64 + norms 8
+    # + K/V 64 + head 40 + final norm 4 + embedding row 4 = 184 elements; FLOPs 128 + 128 + 80 = 336.
+    # MLP (D=4, I=8, gate+up, n=2), dense: gate 4·8 + up 4·8 + down 8·4 = 96 elements, 192 FLOPs.
+    # x, ρ=0.5: k = ⌈0.5·4⌉ = 2 input rows of gate and up (2·8 + 2·8 = 32), down dense 32 → 64 elements, 128 FLOPs.
+    # h, ρ=0.5: gate/up dense (64), k = ⌈0.5·8⌉ = 4 units' rows of down (4·4 = 16) → 80 elements, 160 FLOPs.
+    # h, ρ=0.3: k = ⌈0.3·8⌉ = ⌈2.4⌉ = 3 units → 64 + 12 = 76 elements, 152 FLOPs.
+    x, h = decode_cost(TINY, TINY_GATE), decode_cost(TINY, H_GATE)
+    assert x.at(8, 1, 0.5) == {"flops": 336 + 128, "bytes": (184 + 64) * 4}
+    assert h.at(8, 1, 0.5) == {"flops": 336 + 160, "bytes": (184 + 80) * 4}
+    assert h.at(8, 1, 0.3) == {"flops": 336 + 152, "bytes": (184 + 76) * 4}
+    assert x.at(8) == h.at(8) == {"flops": 528, "bytes": 1120}              # ρ = 1: both are the dense MLP
+    assert h.parts_at(8, 1, 0.5)["mlp"] == {"flops": 160, "bytes": 80 * 4}
+    # down stored at its own width ("mlp_down" 1 byte, gate/up 0.625): the rest 184·4 = 736 bytes;
+    # x: gate/up 32·0.625 = 20 + down 32·1 = 32 → 788; h: gate/up 64·0.625 = 40 + down 16·1 = 16 → 792;
+    # dense: 64·0.625 + 32 = 72 → 808. "mlp_down" not named: down at the "mlp" width, h 80·0.625 = 50 → 786.
+    widths = (("mlp", 0.625), ("mlp_down", 1))
+    assert decode_cost(TINY, TINY_GATE, widths).at(8, 1, 0.5)["bytes"] == 788
+    assert decode_cost(TINY, H_GATE, widths).at(8, 1, 0.5)["bytes"] == 792
+    assert decode_cost(TINY, H_GATE, widths).at(8)["bytes"] == 808
+    assert decode_cost(TINY, H_GATE, (("mlp", 0.625),)).at(8, 1, 0.5)["bytes"] == 786
+    # warm-up (L ≤ ts+tw+1 = 3): dense whatever ρ says, for h too
+    assert fraction(TINY, H_GATE, 3, 0.5, 0.5) == {"flops": 1.0, "bytes": 1.0}
+
+
+def test_smollm2_anchor_rho_on_h():
+    # As test_smollm2_anchor, with ρ on h: gate/up dense 2·576·1536 = 1,769,472, down ⌈0.5·1536⌉ = 768 units' rows
+    # of 576 = 442,368: MLP 2,211,840 (x: 1,769,472). Gated layer 884,736 + 1,152 + 2,211,840 + 496,128 = 3,593,856;
+    # ×30 + 28,312,704 = 136,128,384 against the same dense 158,108,544.
+    h = GateConfig(mlp_skip="h")
+    assert ideal_speedup(SMOL, h, 2048, 0.5, 0.5) == pytest.approx(158_108_544 / 136_128_384, rel=1e-12)
+    rhos = [i / 20 for i in range(2, 21)]
+    fr = [fraction(SMOL, h, 2048, 1.0, r)["bytes"] for r in rhos]
+    assert fr == sorted(fr) and fr[0] < fr[-1] == 1.0

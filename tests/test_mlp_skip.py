@@ -1,13 +1,15 @@
 """``--mlp-skip h`` wiring (issue 17): SolmConfig / CLI, pack_mlp's transposed down, the artifact's metadata.
 
-The kernel itself is checked in test_solm_ep_blocks_h.py; here: the packed down is W_downᵀ to within its new 8-bit
-rounding (numpy on the source weights), a tiny fixed artifact at the dense budget matches HF eager on the same
-weights, and the refusals are one line (UserError, exit code 2).
+The kernels themselves are checked in test_solm_ep_blocks_h.py (low-bit) and test_solm_ep_mlp_h.py (fp32); here: the
+packed down is W_downᵀ to within its new 8-bit rounding (numpy on the source weights), a tiny fixed artifact at the
+dense budget matches HF eager on the same weights, the portable kind on int4 weights (MatMulNBits, TopK over |h|, a
+masked dense down) against a float64 masked MLP, and what still refuses h (--emit mlir) is one line.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 
 import numpy as np
 import onnx
@@ -82,7 +84,7 @@ def test_packed_h_mlp_on_solm_ep_is_the_masked_mlp(tmp_path):
     assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
 
 
-def test_config_and_cli_refuse_what_cannot_skip_h():
+def test_config_and_cli_take_h_everywhere_but_mlir():
     from solm_compile.api import SolmConfig
     from solm_compile.cli.app import build_parser
     from solm_compile.config import GateConfig
@@ -93,10 +95,11 @@ def test_config_and_cli_refuse_what_cannot_skip_h():
         assert args.mlp_skip == SolmConfig().mlp_skip == GateConfig().mlp_skip            # one default
     h = GateConfig(mlp_skip="h")
     assert SolmConfig(gate=h).mlp_skip == "h"                                           # read from the gate
-    with pytest.raises(UserError, match="--mlp-skip h: needs a SolmEP artifact on low-bit weights"):
-        SolmConfig(weights="fp32", gate=h)
-    with pytest.raises(UserError, match="--mlp-skip h"):
-        SolmConfig(kind="portable", weights="int4", gate=h)
+    for kind in ("auto", "solm", "portable", "fixed", "dense"):                        # every ONNX kind, any weights
+        for weights in ("fp32", "int4", "source"):
+            assert SolmConfig(kind=kind, weights=weights, gate=h).mlp_skip == "h"
+    with pytest.raises(UserError, match="--mlp-skip h: --emit mlir writes the gated step with rho on x only"):
+        SolmConfig(emit="mlir", gate=h)                                                 # before torch-mlir loads
     with pytest.raises(UserError, match="--mlp-skip: must be one of x, h"):
         GateConfig(mlp_skip="z")
     from solm_compile.cli.common import load_gated                                      # the flag, before a model
@@ -125,3 +128,98 @@ def test_fixed_artifact_with_h_skip_matches_eager_at_the_dense_budget(tmp_path):
     assert [a.s for n in proto.graph.node if n.op_type == "SparseMLPBlocks" for a in n.attribute
             if a.name == "skip"] == [b"h"] * 2
     assert_int4_artifact_matches_eager(model, art, controls=1.0)       # the dense budget: every unit kept
+
+
+def _int4_mlp_weights(rng, D, I):
+    """gate/up [I, D], down [D, I] rounded to int4 (nn.Linear layout): the dequantised float32 values and the table."""
+    table, deq = WeightTable("test"), {}
+    for name, shape in (("wg", (I, D)), ("wu", (I, D)), ("wd", (D, I))):
+        bq = quantize_int4(rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[1]))
+        deq[name] = bq.dequantize()
+        table.add(deq[name], bq)
+    return deq, table
+
+
+def test_portable_h_on_int4_weights_is_the_masked_mlp():
+    """solm.sparse_mlp(skip="h") exported portable, then pack_weights with int4 blocks (the portable artifact's
+    --weights int4 --mlp-skip h): gate, up and down become MatMulNBits, h is masked by TopK over |h| and down multiplies
+    the masked h densely (stock onnxruntime reads all of down; SolmEP's kernels read only the kept rows). Against a
+    float64 loop on the dequantised weights (fp32 activations: accuracy_level 0), ρ 1, 0.5 and 0.25 per row."""
+    from test_onnx_ops import B, T, export
+
+    from solm_compile.passes.pack_weights import pack_weights
+
+    D, I = 32, 64
+    rng = np.random.default_rng(12)
+    deq, table = _int4_mlp_weights(rng, D, I)
+
+    class MLPh(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for n, a in deq.items():
+                self.register_parameter(n, torch.nn.Parameter(torch.from_numpy(a)))
+
+        def forward(self, x, rho, bits):
+            return torch.ops.solm.sparse_mlp(x, self.wg, None, self.wu, None, self.wd, None, rho, bits, "silu", "h")
+
+    x = torch.from_numpy(rng.standard_normal((3, 1, D)).astype(np.float32))
+    rho, bits = torch.tensor([1.0, 0.5, 0.25]), torch.full((3,), 16.0)
+    model = ir.from_proto(export(MLPh(), (x, rho, bits), ({0: B, 1: T}, {0: B}, {0: B}), portable=True))
+    assert pack_weights(model, table, accuracy_level=0).counts["matmul_int4-rtn"] == 3
+    proto = ir.to_proto(model)
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    assert ops["MatMulNBits"] == 3 and ops["TopK"] == 1 and ops["MatMul"] == 0        # TopK: h's, x is whole
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, dict(zip([i.name for i in sess.get_inputs()], (x.numpy(), rho.numpy(), bits.numpy()))))[0]
+    for b in range(3):
+        xd = x[b, 0].numpy().astype(np.float64)
+        g, u = deq["wg"].astype(np.float64) @ xd, deq["wu"].astype(np.float64) @ xd
+        h = g / (1 + np.exp(-g)) * u
+        k = min(math.ceil(float(rho[b]) * I - 1e-9), I)
+        a = np.sort(np.abs(h))[::-1]
+        assert k == I or a[k - 1] - a[k] > 1e-5 * a[0]                                  # no near-tie: a clear set
+        keep = np.abs(h) >= a[k - 1]
+        want = deq["wd"].astype(np.float64)[:, keep] @ h[keep]
+        assert np.abs(got[b, 0] - want).max() < 1e-4 * np.abs(want).max(), b
+
+
+def test_portable_artifact_on_int4_weights_with_h_skip(tmp_path):
+    """write_artifact kind portable, --weights int4 --mlp-skip h (a random policy trained "on h"): metadata says h,
+    every MLP matmul is MatMulNBits with one TopK per MLP, it runs on stock onnxruntime, and its dense prefill is HF
+    eager's on the same int4 weights."""
+    from pathlib import Path
+
+    from test_quant import _tiny_dir
+
+    from solm_compile.artifact.write import write_artifact
+    from solm_compile.config import GateConfig
+    from solm_compile.frontend.gated import GatedLM
+    from solm_compile.frontend.models import load
+    from solm_compile.policy.actions import ActionGrid
+    from solm_compile.policy.checkpoint import LoadedPolicy
+    from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
+    from solm_compile.quant.weights import quantize_model
+    from solm_compile.runtime.session import SolmSession, read_metadata
+
+    torch.manual_seed(0)
+    model, d = _tiny_dir(tmp_path)
+    loaded, h = load(str(d), weights="int4"), GateConfig(mlp_skip="h")
+    lm = GatedLM.from_loaded(loaded, h)
+    grid = ActionGrid()
+    policy = RecurrentActorCriticPolicy(lm.info.hidden_size, grid.num_actions, PolicyConfig(d_model=32, max_steps=32))
+    art = write_artifact(lm, tmp_path / "tiny.onnx", "portable", LoadedPolicy(policy.eval(), grid, h, {}, 0,
+                                                                                Path("p.pt")),
+                         weights=loaded.weights, activations="fp32")
+    meta = read_metadata(art)
+    assert meta["mlp_skip"] == "h" and meta["weights"]["packed"]["matmul_int4-rtn"] >= 2 * 7
+    ops = collections.Counter(n.op_type for n in onnx.load(str(art)).graph.node)
+    assert ops["TopK"] >= 2 and ops["SparseMLP"] == ops["SparseMLPBlocks"] == 0
+    ref = model.float()
+    quantize_model(ref, "int4")
+    ids = [[5, 17, 99, 3, 250, 42, 7, 8, 9]]
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits[0, -1].numpy()
+    sess = SolmSession(art, tokenizer=False)
+    steps = list(sess.steps(ids, budget=(1.0, 0.5, 16), max_new_tokens=3))
+    assert np.abs(steps[0]["logits"][0] - want).max() < 1e-3 * np.abs(want).max()
+    assert all(np.isfinite(s["logits"]).all() for s in steps)

@@ -145,6 +145,35 @@ def test_reference_and_torch_op_match_the_masked_mlp():
     _close(op, want)
 
 
+def test_portable_translation_matches_the_masked_mlp():
+    """SparseMLPBlocks' portable decomposition (stock onnxruntime) with skip="h": the blocks dequantised, downT
+    transposed back, TopK over |h| and a masked dense down; no SolmEP involved."""
+    from test_onnx_ops import B, T, export, run as ort_run, session
+
+    rng = np.random.default_rng(1)
+    w = h_weights(rng)
+    t = torch.from_numpy
+
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for p in ("gate", "up", "down"):
+                for name, a in (("codes", _pack(w[p].codes, w[p].bits)), ("scale", w[p].scale),
+                                ("offset", w[p].offset)):
+                    self.register_buffer(f"{name}_{p}", t(np.ascontiguousarray(a)))
+
+        def forward(self, x, rho, bits):
+            args = [a for p in ("gate", "up", "down") for a in (getattr(self, f"codes_{p}"),
+                    getattr(self, f"scale_{p}"), getattr(self, f"offset_{p}"), None)]
+            return torch.ops.solm.sparse_mlp_blocks(x, *args, rho, bits, "silu", 4, 4, 8, 32, "fp32", "h")
+
+    x = rng.standard_normal((2, 3, D), dtype=np.float32)
+    rho, bits = np.array([1.0, 0.5], np.float32), np.full(2, 16.0, np.float32)
+    proto = export(Blocks(), (t(x), t(rho), t(bits)), ({0: B, 1: T}, {0: B}, {0: B}), portable=True)
+    assert "TopK" in {n.op_type for n in proto.graph.node}
+    _close(ort_run(session(proto), t(x), t(rho), t(bits))[0].numpy(), masked_mlp(w, x, rho, "silu"))
+
+
 CASES = [  # gated, act, T, rho per row, downT bits, activations, biases
     (True, "silu", 1, [1.0, 1.0], 8, "fp32", False),
     (True, "silu", 1, [0.5, 0.3], 8, "fp32", False),

@@ -12,8 +12,9 @@ META = {"kind": "fixed", "gate": {},
 
 
 def test_part_bytes_from_the_block_formats():
-    assert dict(part_bytes(META)) == {"attention": 2, "mlp": 20 / 32, "dense": 20 / 32, "head": 34 / 32}
-    assert dict(part_bytes({})) == {"attention": 4, "mlp": 4, "dense": 4, "head": 4}     # fp32, concat KV
+    assert dict(part_bytes(META)) == {"attention": 2, "mlp": 20 / 32, "mlp_down": 20 / 32, "dense": 20 / 32,
+                                      "head": 34 / 32}
+    assert dict(part_bytes({})) == {"attention": 4, "mlp": 4, "mlp_down": 4, "dense": 4, "head": 4}  # fp32, concat KV
 
 
 def test_half_the_mlp_inputs_at_q4_1_weights_and_fp16_kv():
@@ -25,3 +26,19 @@ def test_half_the_mlp_inputs_at_q4_1_weights_and_fp16_kv():
     assert abs(got - want) < 1e-12 and abs(got - 37588 / 42708) < 1e-12
     fp32 = TokenCost({k: v for k, v in META.items() if k not in ("weights", "kv_cache")})(100, (1.0, 0.5, 16))
     assert abs(fp32 - (6400 + 16384 + 12288 + 6464) / (6400 + 24576 + 12288 + 6464)) < 1e-12
+
+
+META_H = {**META, "gate": {"mlp_skip": "h"}, "mlp_skip": "h",
+          "weights": {"packed": {"matmul_Q4_1": 4, "mlp_gate_Q4_1": 1, "mlp_up_Q4_1": 1, "mlp_downT_int4-rtn": 1,
+                                 "gather_Q8_0": 1}}}
+
+
+def test_rho_on_h_counts_the_kept_units_of_the_transposed_down():
+    # --mlp-skip h (pack_mlp's down_bits 4): down re-stored transposed, 16 code bytes + fp32 scale and offset per 32
+    # weights (24/32 bytes a weight). At L = 100, κ = 1, ρ = 0.5: KV 6400·2 = 12800, q/k/v/o 12288·0.625 = 7680,
+    # head 6464·34/32 = 6868; gate/up dense 2·64·128 = 16384·0.625 = 10240; down ⌈0.5·128⌉ = 64 units of 64 = 4096
+    # ·0.75 = 3072 (dense: 128·64 = 8192·0.75 = 6144). (ρ on x would give 5120 + 6144 here: a different number.)
+    assert dict(part_bytes(META_H))["mlp_down"] == 24 / 32
+    assert dict(part_bytes({**META_H, "weights": {"packed": {"mlp_downT_int8-rtn": 1}}}))["mlp_down"] == 40 / 32
+    got = TokenCost(META_H)(100, (1.0, 0.5, 16))
+    assert abs(got - (12800 + 7680 + 6868 + 10240 + 3072) / (12800 + 7680 + 6868 + 10240 + 6144)) < 1e-12

@@ -18,6 +18,8 @@
 //     in blocks of 64, an online softmax, and key blocks that the mask (or is_causal) hides from every row skipped.
 //   SparseMLP: per token the top-k input channels are selected; gate/up accumulate one contiguous input-major
 //     weight row per kept channel; the down projection accumulates one contiguous row per non-zero activation.
+//     skip="h" (MlpWeights::skip_h): gate/up take every channel, then per token the top-k units of |h| are kept
+//     (the same TopK rule) and the down projection reads only their rows.
 //     Groups of 128 tokens that keep most of their channels (prefill) run as one GEMM per weight slice/panel, so a
 //     weight tile is read once per 128 tokens; results stay bit-identical to running each token alone.
 //
@@ -163,13 +165,18 @@ bool ParseAct(const std::string& name, Act* act);
 // one contiguous 2*kSlice-float segment (6 KiB) per kept channel. (The earlier layout, [ceil(I/256), D, 256]
 // panels, made a kept channel a 1 KiB strip per panel: skipping half the strips saved almost no memory traffic.)
 // down: [ceil(Dout/kPanel), I, kPanel] panels (the down projection is dense unless activations are exactly 0; a
-// dense pass reads each panel front to back with its accumulators in registers).
+// dense pass reads each panel front to back with its accumulators in registers). Unit i's weights are one contiguous
+// row of kPanel floats per panel, so a unit whose activation is zero is skipped bytes: skip="h" (ρ keeps the
+// ⌈ρ·I⌉ units of largest |h|, gate/up dense) zeroes the dropped units and the down pass never reads their rows.
 struct MlpWeights {
   static constexpr int64_t kPanel = 256;
   static constexpr int64_t kSlice = 768;
   int64_t slice = kSlice;  // columns per slice (a multiple of 64; may be changed before Set)
   int64_t D = 0, I = 0, Dout = 0;
   bool gated = false;
+  // The node's skip attribute: false "x" (ρ keeps input channels of gate/up), true "h" (ρ keeps units of h =
+  // act(gate)·up; x is used whole). Not set by Set: the caller sets it (ort_kernels.cc, from the attribute).
+  bool skip_h = false;
   int64_t parts = 1;      // 2 when gated (gate and up segments), else 1
   int64_t gu_stride = 0;  // floats per input-channel row of gu_t (an odd number of 64-byte lines)
   std::vector<float> gu_t;    // [D, gu_stride]: slice s at s*slice*parts: [gate cols | pad | up cols | pad]

@@ -279,7 +279,7 @@ bool MlpDownDense(const MlpWeights& W, const float* h, int64_t n0, int64_t nt, i
 }  // namespace
 
 // Keep the ceil(rho*D) channels of largest |x| (ties at the threshold kept), zero the rest
-// (reference.topk_channels_ref). Returns the number of non-zero channels written.
+// (reference.topk_channels_ref). Returns the number of non-zero channels written. xs may be x (in place).
 int64_t TopK(const float* x, int64_t D, double rho, float* xs, float* tmp) {
   if (rho >= 1.0) {
     int64_t nz = 0;
@@ -353,7 +353,8 @@ void SparseMlp(const float* x, int64_t B, int64_t T, const MlpWeights& W, const 
     uint64_t rows = 0;
     for (int64_t t = 0; t < nt; ++t) {
       const int64_t n = n0 + t;
-      rows += static_cast<uint64_t>(TopK(x + n * D, D, static_cast<double>(rho[n / T]), xs + n * D, tmp));
+      const double r = W.skip_h ? 1.0 : static_cast<double>(rho[n / T]);  // h: gate/up read every channel
+      rows += static_cast<uint64_t>(TopK(x + n * D, D, r, xs + n * D, tmp));
     }
     int32_t* u = uidx + blk * D;
     int32_t cnt = 0;
@@ -386,6 +387,18 @@ void SparseMlp(const float* x, int64_t B, int64_t T, const MlpWeights& W, const 
     }
   };
   par.For(static_cast<size_t>(ns * nsb), up);
+
+  // B': skip="h": per token keep the ⌈ρ·I⌉ units of largest |h| (TopK's rule and ties, in place, zeroing the rest),
+  // so C reads only the kept units' rows of down (zero units are skipped rows). Exactly reference.sparse_mlp_ref's
+  // h path up to the float rounding of h.
+  if (W.skip_h) {
+    auto keep_h = [&](size_t n) {
+      float* hr = h + static_cast<int64_t>(n) * I;
+      float* tmp = Grow(ThreadScratch().f0, static_cast<size_t>(I));
+      TopK(hr, I, static_cast<double>(rho[static_cast<int64_t>(n) / T]), hr, tmp);
+    };
+    par.For(static_cast<size_t>(N), keep_h);
+  }
 
   // C: down projection, items (output column panel, group of kSuperBlock token blocks), likewise.
   const int64_t nco = (Dout + kColChunk - 1) / kColChunk;

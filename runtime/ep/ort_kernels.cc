@@ -188,6 +188,7 @@ void MlpKernel::SetWeights(const TensorRef& wg, const TensorRef& bg, const Tenso
   if (bd.present && bd.numel() != Dout) Fail("SolmEP: SparseMLP b_down must have Dout values");
   into.Set(wg.present ? wg.f() : nullptr, bg.present ? bg.f() : nullptr, wu.f(), bu.present ? bu.f() : nullptr,
               wd.f(), bd.present ? bd.f() : nullptr, D, I, Dout);
+  into.skip_h = skip_h;
 }
 
 void MlpKernel::Compute(OrtKernelContext* kc) {

@@ -282,6 +282,7 @@ struct QuestKernel : KernelBase {
 
 struct MlpKernel : KernelBase {
   solm::Act act = solm::Act::kSilu;
+  bool skip_h = false;         // the skip attribute ("h"), copied into every MlpWeights SetWeights lays out
   solm::MlpWeights weights;    // laid out at Compile when every weight is a constant (weights_ready)
   bool weights_ready = false;
   struct Call {

@@ -351,11 +351,10 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
     const std::string act = AttrString(node, attr("act"), "silu");
     if (!solm::ParseAct(act, &k->act))
       Fail("SolmEP: SparseMLP act must be silu | gelu | gelu_tanh | relu, got '" + act + "'");
-    // The fp32 kernel skips input channels only; ρ on h runs as SparseMLPBlocks (low-bit weights) or portable.
+    // Absent: x (artifacts from before the attribute). h: ρ keeps units of h, down reads only their rows.
     const std::string skip = AttrString(node, attr("skip"), "x");
-    if (skip != "x")
-      Fail("SolmEP: SparseMLP skip='" + skip + "' is not supported by the fp32 kernel (only x); compile with "
-           "low-bit --weights for SparseMLPBlocks' skip h");
+    if (skip != "x" && skip != "h") Fail("SolmEP: SparseMLP skip must be x | h, got '" + skip + "'");
+    k->skip_h = skip == "h";
     // Weights that are constants are laid out input-major now and not kept in their original layout.
     bool all_const = true;
     for (size_t i : MlpKernel::kWeightInputs)

@@ -23,11 +23,22 @@ Terms, per layer unless noted (``n = 2`` gate+up for a GLU MLP, ``1`` for an up-
   share pages (or the kernel to read their union from cache); if every head in a group of G picked disjoint
   pages the reads would be up to ``min(L, G·kept)``. Consequence: just below the dense switch (``kept`` ≈ L)
   selection costs more than dense (metadata on top of ~all K/V), so cost is not monotone across that switch.
-- MLP (``solm.sparse_mlp``) at keep ρ: ``k = clamp(⌈ρD⌉, 1, D)`` input channels kept (``k = D`` when controls
-  do not apply). gate/up are stored input-major, so each reads ``k·I`` weights and costs ``2·k·I`` FLOPs;
-  the down projection stays dense (``I·D``, ``2·I·D``): zero rows of its input are not assumed to be skipped.
-  Biases are read in full. Bits b change nothing here: weights stay fp32 and the fake-quant of the output is
-  elementwise work on D values; b enters only SOL's nominal usage (:func:`net_keep`).
+- MLP (``solm.sparse_mlp``) at keep ρ, by ``GateConfig.mlp_skip`` (what ρ keeps; the kept count is
+  ``k(N) = clamp(⌈ρN⌉, 1, N)``, ``N`` when controls do not apply):
+
+  - ``"x"`` (SOL's input channels): ``k = k(D)`` input channels kept. gate/up are stored input-major, so each
+    reads ``k·I`` weights and costs ``2·k·I`` FLOPs; the down projection stays dense (``I·D``, ``2·I·D``): zero
+    rows of its input are not assumed to be skipped.
+  - ``"h"`` (units of the down projection's input): gate/up dense (``n·D·I`` weights, ``2·n·D·I`` FLOPs); down
+    reads the ``k = k(I)`` kept units' rows of D (``k·D`` weights, ``2·k·D`` FLOPs): SolmEP stores down one
+    contiguous row per unit (SparseMLP's fp32 panels, SparseMLPBlocks' transposed blocks), so a skipped unit costs
+    no byte. Ties at the threshold, which keep extra units, can exceed ``k`` (as for x's channels).
+
+  The down projection's elements are their own storage part, ``"mlp_down"`` (:func:`decode_cost`'s
+  ``dtype_bytes``; not named: the ``"mlp"`` width), since under h a low-bit artifact re-stores down transposed at
+  its own precision. Biases are read in full (counted at the ``"mlp"`` width). Bits b change nothing here:
+  weights stay as stored and the fake-quant of the output is elementwise work on D values; b enters only SOL's
+  nominal usage (:func:`net_keep`).
 - model: LM head ``vocab·D`` (``2·vocab·D`` FLOPs), final-norm weights and ``embed_rows`` embedding rows of D
   (token, plus position for GPT-2). A tied head reads the full matrix all the same.
 """
@@ -168,12 +179,17 @@ def _attention(s: LayerShapes, g: GateConfig):
 
 
 def _mlp(s: LayerShapes, g: GateConfig):
-    """(flops, elements read) of the MLP: gate/up on k kept input rows, dense down projection."""
+    """(flops, {storage part: elements read}) of the MLP; see the module docstring (ρ on x or on h)."""
     n = 2 if s.glu else 1
-    k = sp.Min(sp.Max(sp.ceiling(rho * s.D), 1), s.D)
-    k = sp.Piecewise((s.D, L <= g.min_len), (k, True)) if s.mlp_gated else s.D
+
+    def kept(size: int):
+        k = sp.Min(sp.Max(sp.ceiling(rho * size), 1), size)
+        return sp.Piecewise((size, L <= g.min_len), (k, True)) if s.mlp_gated else size
+
+    k_in, k_unit = (kept(s.D), s.I) if g.mlp_skip == "x" else (s.D, kept(s.I))
+    gate_up, down = n * k_in * s.I, k_unit * s.D
     bias = (n * s.I + s.D) if s.mlp_bias else 0
-    return 2 * (n * k * s.I + s.I * s.D) + bias, n * k * s.I + s.I * s.D + bias
+    return 2 * (gate_up + down) + bias, {"mlp": gate_up + bias, "mlp_down": down}
 
 
 def _dense_layer(s: LayerShapes):
@@ -191,18 +207,23 @@ def _model(m: ModelShapes):
 @lru_cache(maxsize=64)
 def decode_cost(shapes: ModelShapes, gate_cfg: GateConfig = GateConfig(), dtype_bytes: int | tuple = 4) -> Cost:
     """Symbolic FLOPs and bytes read for one decode token; see the module docstring for every term. ``dtype_bytes``:
-    bytes per element read, one number for every part or ``((part, bytes), ...)`` per part ("attention": the KV cache
-    and page metadata, "mlp", "dense": q/k/v/o and norms, "head": LM head and embedding row; a part not named: 4)."""
+    bytes per element read, one number for every part or ``((part, bytes), ...)`` per storage part ("attention": the
+    KV cache and page metadata, "mlp": gate/up and the MLP biases, "mlp_down": the down projection (not named: the
+    "mlp" width), "dense": q/k/v/o and norms, "head": LM head and embedding row; any other not named: 4). ``parts``
+    are "attention", "mlp" (down included), "dense" and "head"."""
     per = dict(dtype_bytes) if isinstance(dtype_bytes, tuple) else {}
-    size = {n: sp.Rational(str(per.get(n, 4) if per else dtype_bytes)) for n in ("attention", "mlp", "dense", "head")}
-    parts = {"attention": [0, 0], "mlp": [0, 0], "dense": [0, 0]}
+    width = {n: per.get(n, 4) if per else dtype_bytes for n in ("attention", "mlp", "dense", "head")}
+    width["mlp_down"] = per.get("mlp_down", width["mlp"]) if per else dtype_bytes
+    size = {n: sp.Rational(str(v)) for n, v in width.items()}
+    acc = {"attention": [0, 0], "mlp": [0, 0], "dense": [0, 0]}           # part -> [flops, bytes]
     for s in shapes.layers:
-        for name, (f, e) in (("attention", _attention(s, gate_cfg)), ("mlp", _mlp(s, gate_cfg)),
-                             ("dense", _dense_layer(s))):
-            parts[name][0] += f
-            parts[name][1] += e
-    parts["head"] = list(_model(shapes))
-    out = tuple((n, sp.sympify(f), sp.sympify(e) * size[n]) for n, (f, e) in parts.items())
+        for name, (f, elems) in (("attention", _attention(s, gate_cfg)), ("mlp", _mlp(s, gate_cfg)),
+                                 ("dense", _dense_layer(s))):
+            acc[name][0] += f
+            acc[name][1] += sum(e * size[w] for w, e in (elems if isinstance(elems, dict) else {name: elems}).items())
+    f, e = _model(shapes)
+    acc["head"] = [f, e * size["head"]]
+    out = tuple((n, sp.sympify(f), sp.sympify(y)) for n, (f, y) in acc.items())
     return Cost(flops=sp.Add(*(p[1] for p in out)), bytes=sp.Add(*(p[2] for p in out)), parts=out)
 
 

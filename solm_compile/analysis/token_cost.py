@@ -5,7 +5,8 @@ and the web page's shading), so the terminal and the page show the same number f
 is the step that processed it: the cost model's bytes at that step's KV length L and controls (κ, ρ, bits) over the
 dense bytes at the same L (``analysis.cost.CostModel``, the shapes kept in the artifact's ``solm.cost_shapes``), each
 part's elements counted at the bytes its storage reads (``part_bytes``): the source blocks of a low-bit artifact, scales
-included, and its KV cache's precision.
+included, its KV cache's precision, and under ``solm.mlp_skip`` "h" the transposed down it re-stored (only the kept
+units' rows are read).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from solm_compile.errors import UserError
 # bytes per weight of each block format, its scale (and min) included: what a kernel reading the blocks reads
 BLOCK_BYTES = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q5_0": (22, 32), "Q5_1": (24, 32), "Q8_0": (34, 32),
                "Q4_K": (144, 256), "Q5_K": (176, 256), "Q6_K": (210, 256)}
+# SparseMLPBlocks' transposed down under --mlp-skip h (``mlp_downT_<fmt>``, passes/pack_mlp.py): re-quantised blocks of
+# 32 that the kernel keeps as codes plus an fp32 scale and offset per block (BlockRows, runtime/ep/kernels.h)
+DOWN_T_BYTES = {"int8-rtn": (32 + 8, 32), "int4-rtn": (16 + 8, 32)}
 
 
 def _format_bytes(packed: dict, prefixes: tuple[str, ...]) -> float | None:
@@ -35,13 +39,17 @@ def _format_bytes(packed: dict, prefixes: tuple[str, ...]) -> float | None:
 
 def part_bytes(meta: dict) -> tuple:
     """((part, bytes per element), ...) for ``CostModel`` from an artifact's metadata: fp32 unless its weights are
-    packed blocks (``solm.weights``) or its KV cache is fp16 (``solm.kv_cache``)."""
+    packed blocks (``solm.weights``) or its KV cache is fp16 (``solm.kv_cache``). "mlp_down" is the down projection:
+    the MLP's format, or under --mlp-skip h its transposed re-quantised blocks (``DOWN_T_BYTES``)."""
     packed = (meta.get("weights") or {}).get("packed") or {}
     kv = 2 if (meta.get("kv_cache") or {}).get("dtype") == "float16" else 4
     dense = _format_bytes(packed, ("matmul_",)) or 4
     mlp = _format_bytes(packed, ("mlp_gate_", "mlp_up_", "mlp_down_")) or dense
+    down_t = [DOWN_T_BYTES[r[len("mlp_downT_"):]] for r in packed
+              if r.startswith("mlp_downT_") and r[len("mlp_downT_"):] in DOWN_T_BYTES]
+    down = down_t[0][0] / down_t[0][1] if down_t else mlp
     head = _format_bytes(packed, ("gather_",)) or dense
-    return (("attention", kv), ("mlp", mlp), ("dense", dense), ("head", head))
+    return (("attention", kv), ("mlp", mlp), ("mlp_down", down), ("dense", dense), ("head", head))
 
 
 class TokenCost:
@@ -51,8 +59,10 @@ class TokenCost:
         if "cost_shapes" not in meta:
             raise UserError(f"{path}: compiled before artifacts carried their cost shapes; compile it again "
                             "for per-token costs (--show, --json)")
-        self.model = CostModel(ModelShapes.from_dict(meta["cost_shapes"]), GateConfig.from_dict(meta.get("gate") or {}),
-                               part_bytes(meta))
+        gate = dict(meta.get("gate") or {})
+        if "mlp_skip" in meta:      # what the artifact's MLPs really skip (a dense artifact: x, whatever the gate said)
+            gate["mlp_skip"] = meta["mlp_skip"]
+        self.model = CostModel(ModelShapes.from_dict(meta["cost_shapes"]), GateConfig.from_dict(gate), part_bytes(meta))
         self.meta = meta
 
     def __call__(self, L: int, controls) -> float:

@@ -204,12 +204,13 @@ def fuse_norm_rope(program) -> dict:
     return counts
 
 
-def pack_low_bit(program, weights, activations: str = "int8", mlp_skip: str = "x") -> dict:
+def pack_low_bit(program, weights, activations: str = "int8") -> dict:
     """``passes/pack_weights`` on ``program.model``; returns the metadata saying what each weight is stored as.
     ``activations``: "int8" (MatMulNBits accuracy_level 4, SparseMLPBlocks activations="int8": int8 activations per
     block, llama.cpp's trade) or "fp32" (accuracy_level 0 and activations="fp32": exact up to float rounding).
-    ``mlp_skip`` "h" (the SparseMLP nodes' own attribute, pack_mlp copies it): every gated MLP must become
-    SparseMLPBlocks (down re-quantised transposed)."""
+    What ρ keeps is each SparseMLP node's own ``skip`` (pack_mlp copies it): under "h" a SparseMLPBlocks stores down
+    re-quantised transposed, an MLP left SparseMLP (no blocks of 32) runs h on SolmEP's fp32 kernel, and the
+    portable kind's masked down (TopK over |h|) is a MatMulNBits like any other MatMul."""
     from solm_compile.passes.pack_weights import pack_weights
 
     if weights is None:
@@ -218,9 +219,6 @@ def pack_low_bit(program, weights, activations: str = "int8", mlp_skip: str = "x
         raise UserError(f"activations must be int8 or fp32, got {activations!r}")
     packed = pack_weights(program.model, weights, accuracy_level=4 if activations == "int8" else 0,
                           mlp_activations=activations)
-    if mlp_skip == "h" and (not packed.counts["sparse_mlp_blocks"] or any("SparseMLP" in s for s in packed.skipped)):
-        raise UserError("--mlp-skip h: an MLP of this model has no blocks of 32 to pack (skip=h needs "
-                        "SparseMLPBlocks; the fp32 SparseMLP kernel skips only x)")
     log.debug("pack_weights: %s (skipped: %s)", dict(packed.counts), packed.skipped)
     return {**weights.to_dict(), "packed": dict(sorted(packed.counts.items())), "activations": activations}
 
@@ -232,8 +230,7 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
     model's ``WeightTable`` (``--weights``): the weights it knows are stored as their low-bit blocks, their layers
     computed with ``activations`` (``pack_low_bit``: "int8" per block, or "fp32"). ``kv``: the SolmEP kinds' KV cache
     buffer precision, "fp16" or "fp32" (``carry_ep_state``). What the MLP's ρ keeps is ``lm.gate.mlp_skip`` (on
-    every SparseMLP node already), "x" or "h" (SolmEP artifacts on low-bit weights only); recorded as
-    ``solm.mlp_skip``."""
+    every SparseMLP node already), "x" or "h" (every kind but dense, any ``weights``); recorded as ``solm.mlp_skip``."""
     import onnx
 
     if kind not in KINDS:
@@ -249,10 +246,6 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
     mlp_skip = lm.gate.mlp_skip if kind != "dense" else "x"     # the dense graph skips nothing: h is moot there
     if loaded_policy is not None and kind not in ("dense", "fixed"):
         check_mlp_skip(loaded_policy, lm.gate)
-    if mlp_skip == "h" and (kind not in ("solm", "fixed") or weights is None):
-        raise UserError(f"--mlp-skip h: needs a SolmEP artifact (solm or --fixed) on low-bit weights; "
-                        f"{'kind ' + kind if kind not in ('solm', 'fixed') else '--weights fp32'} has no "
-                        f"SparseMLPBlocks (the fp32 SparseMLP skips only x)")
     if per_kv_head and kind not in ("solm", "fixed"):
         raise UserError(f"per-KV-head page selection is a SolmEP option: a {kind} artifact cannot have it")
     program = export_onnx(module, args, policy, ins, outs, kind)
@@ -262,7 +255,7 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
 
         ep_meta["dense_attention"] = fuse_dense_attention(program)
     ep_meta["fused"] = fuse_norm_rope(program)
-    ep_meta["weights"] = pack_low_bit(program, weights, activations, mlp_skip)
+    ep_meta["weights"] = pack_low_bit(program, weights, activations)
     ep_meta["mlp_skip"] = mlp_skip
     tok_name = None
     if tokenizer is not None:

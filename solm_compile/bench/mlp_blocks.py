@@ -5,8 +5,9 @@ MatMulNBits (accuracy_level 4) x 3 with the activation between them. ``python -m
 the rounds' µs per call; prints a markdown table.
 
 ``--skip`` (issue 17) times instead skip="x" against skip="h" (Q4_1 gate/up; down Q4_1 for x, re-quantised
-transposed to 8 or 4 bits for h) at ρ ∈ {1, 0.75, 0.5, 0.3}, with the bytes of weights each call reads (codes plus
-fp32 scale/offset, counted from the kept blocks/units of this x), and ``--out`` writes the rows as JSON.
+transposed to 8 or 4 bits for h; and SolmEP's fp32 SparseMLP on the same values, x and h) at ρ ∈ {1, 0.75, 0.5,
+0.3}, with the bytes of weights each call reads (codes plus fp32 scale/offset, counted from the kept blocks/units of
+this x), and ``--out`` writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def _model(nodes, inputs, inits, domains):
                                                                for d in ("",) + domains])
 
 
-def fp32_model(w):
+def fp32_model(w, skip="x"):
     node = helper.make_node("SparseMLP", ["x", "wg", "", "wu", "", "wd", "", "rho", "bits"], ["y"],
-                            domain="ai.solm", act="silu")
+                            domain="ai.solm", act="silu", skip=skip)
     return _model([node], ["x", "rho", "bits"], [(k, w[k].dequantize()) for k in ("wg", "wu", "wd")],
                   ("ai.solm",))
 
@@ -89,11 +90,22 @@ def _silu(v):
     return v / (1 + np.exp(-v))
 
 
-def bytes_read(w, x, rho: float, skip: str) -> int:
+def bytes_read(w, x, rho: float, skip: str, fp32: bool = False) -> int:
     """Weight bytes one call reads: a matrix's block (32 codes + fp32 scale + offset) only where its input is
-    non-zero (skip x: the blocks of x with a kept channel; down: of h) or, skip h, down's kept units' rows."""
+    non-zero (skip x: the blocks of x with a kept channel; down: of h) or, skip h, down's kept units' rows. ``fp32``:
+    the fp32 SparseMLP, whose gate/up rows are per input channel: 4 bytes a weight, per kept channel and unit (the
+    real columns, not its panel padding)."""
     def per_block(bq):
         return 32 * bq.bits // 8 + 8
+    if fp32:
+        xd = x[0, 0].astype(np.float64)
+        k = min(max(int(np.ceil(np.float32(rho) * (D if skip == "x" else I) - 1e-9)), 1), D if skip == "x" else I)
+        if skip == "h":
+            return 4 * (2 * I * D + k * D)
+        keep = np.abs(xd) >= np.sort(np.abs(xd))[::-1][k - 1]
+        xs = np.where(keep, xd, 0.0)
+        h = _silu(w["wg"].dequantize() @ xs) * (w["wu"].dequantize() @ xs)
+        return 4 * (2 * I * int(keep.sum()) + D * int((h != 0).sum()))
     xd = x[0, 0].astype(np.float64)
     k = min(max(int(np.ceil(rho * D - 1e-9)), 1), D)
     keep_x = np.abs(xd) >= np.sort(np.abs(xd))[::-1][k - 1] if skip == "x" else np.ones(D, bool)
@@ -121,6 +133,9 @@ def skip_table(args, session, rng) -> list[dict]:
         for skip, down, w, acts in variants:
             paths.append(({"skip": skip, "down": down, "activations": acts, "rho": rho,
                            "bytes": bytes_read(w, x, rho, skip)}, session(blocks_model(w, acts, skip), True), feeds))
+        for skip in ("x", "h"):      # SolmEP's fp32 SparseMLP on the same (dequantised) values
+            paths.append(({"skip": skip, "down": "fp32 SparseMLP", "activations": "fp32", "rho": rho,
+                           "bytes": bytes_read(q, x, rho, skip, fp32=True)}, session(fp32_model(q, skip), True), feeds))
     for _, sess, feeds in paths:
         _time(sess, feeds, max(args.reps // 4, 20))
     times = [[] for _ in paths]

@@ -18,8 +18,8 @@ GATE_HELP = {
     "ts": "controls start once L > ts + tw + 1",
     "tw": "controls start once L > ts + tw + 1",
     "mlp_skip": "what the MLP's keep ρ keeps: x, SOL's input channels (the shipped policies were trained on it) or h, "
-                "the units of the down projection's input (artifacts: SolmEP on low-bit weights, down stored "
-                "transposed at 8 bits; docs/measurements.md session 10)",
+                "the units of the down projection's input (any artifact kind and --weights; low-bit SolmEP "
+                "artifacts store down transposed at 8 bits; docs/cli.md, docs/measurements.md session 10)",
 }
 
 

@@ -115,7 +115,8 @@ QUEST_ATTENTION = OpSig(
 
 # ``skip`` (issue 17; MLP_SKIPS below): what ρ keeps. "x": the ⌈ρ·D⌉ input channels of largest |x| (SOL). "h": gate
 # and up on all of x, h = act(gate)⊙up, the ⌈ρ·I⌉ units of largest |h| (ties at the threshold kept) feed down
-# (``reference.sparse_mlp_ref``). SolmEP's fp32 SparseMLP kernel runs "x" only (SparseMLPBlocks has both).
+# (``reference.sparse_mlp_ref``). SolmEP's fp32 SparseMLP kernel and SparseMLPBlocks run both (fp32: the dropped
+# units are zeroed and down, stored one contiguous row per unit, reads only the kept units' rows).
 SPARSE_MLP = OpSig(
     "sparse_mlp", "SparseMLP",
     inputs=(Param("x", "T"), Param("w_gate", "T", optional=True), Param("b_gate", "T", optional=True),

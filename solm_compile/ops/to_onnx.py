@@ -343,8 +343,7 @@ def sparse_mlp_portable(x: TensorType, w_gate: Optional[TensorType], b_gate: Opt
     up = _linear(xs, w_up, b_up)
     h = (op.Mul(_activation(_linear(xs, w_gate, b_gate), act), up) if w_gate is not None
          else _activation(up, act))
-    if skip == "h":
-        h = _topk_keep(h, rho, rank)
+    h = _topk_keep(h, rho, rank) if skip == "h" else h                        # ρ on h: mask, then a dense down
     y = _linear(h, w_down, b_down)
     # per-token symmetric fake quantisation, q_max = 2^(round(b) − 1) − 1; b ≥ 16 or s == 0: untouched
     bits_r = _row(bits, rank)
@@ -370,12 +369,13 @@ def _dequantize(codes, scale, offset, bits: int):
 
 def sparse_mlp_blocks_portable(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
                                codes_down, scale_down, offset_down, b_down, rho, bits, act: str, bits_gate: int,
-                               bits_up: int, bits_down: int, block_size: int, activations: str = "fp32"):
+                               bits_up: int, bits_down: int, block_size: int, activations: str = "fp32", skip="x"):
     if activations != "fp32":   # never exported (a pass makes the op); int8 has no portable decomposition here
         raise NotImplementedError("sparse_mlp_blocks: the portable translation has fp32 activations only")
     wg = None if codes_gate is None else _dequantize(codes_gate, scale_gate, offset_gate, bits_gate)
+    wd = _dequantize(codes_down, scale_down, offset_down, bits_down)     # [Dout, I]; skip h: W_downᵀ [I, Dout]
     return sparse_mlp_portable(x, wg, b_gate, _dequantize(codes_up, scale_up, offset_up, bits_up), b_up,
-                               _dequantize(codes_down, scale_down, offset_down, bits_down), b_down, rho, bits, act)
+                               op.Transpose(wd, perm=[1, 0]) if skip == "h" else wd, b_down, rho, bits, act, skip)
 
 
 # ---------------------------------------------------------------------------------------------- tables
