@@ -111,42 +111,6 @@ def test_lockstep_catches_a_semantic_difference(smollm2_artifacts, probes, monke
     assert any(not r["agree"] and r["certificate"] is None for r in report)
 
 
-def _generate(model, ids, n):
-    import torch
-
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0)
-
-
-def test_torch_compile_half_budget_equals_the_artifact_step():
-    """torch.compile(backend="solm") at a half budget, the shipped policy found by the model's identity: for 32
-    steps its actions and tokens equal the artifact's step function (ArtifactStep, the graph the ONNX artifact is
-    exported from and held to by the lockstep tests above). Run as the FX graph with the reference sparse ops, so
-    both sides compute the same floats; inductor and the gather MLP only re-associate sums (see the README)."""
-    import torch
-    from test_dynamo import artifact_step_actions
-
-    from solm_compile.backend import dynamo
-    from solm_compile.frontend import models
-
-    torch._dynamo.reset()
-    loaded = models.load("smollm2")
-    model = loaded.hf.eval()
-    ids = loaded.tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    model.compile(backend="solm", options={"attn_keep": 0.5, "mlp_keep": 0.5, "bits": 8, "inductor": False,
-                                           "fast_mlp": False})
-    out = _generate(model, ids, 33)
-    ctl = dynamo.controller(model)
-    assert ctl.loaded.path.name == "smollm2.pt"
-    acts = torch.stack(ctl.actions)                                           # [32, 1]
-    want_actions, want_next = artifact_step_actions(model, ctl.loaded.path, ids, out[:, ids.shape[1]:-1])
-    assert torch.equal(acts, torch.stack(want_actions))
-    assert torch.equal(out[:, ids.shape[1] + 1:], torch.stack(want_next, 1))
-    assert len(set(acts.flatten().tolist())) > 3                              # the policy really varies the work
-    torch._dynamo.reset()
-
-
 def test_solm_run_chats_and_stops_at_end_of_sequence(smollm2_artifacts, capsys):
     """The instruct model gets its chat template (rendered as transformers renders it) and the answer ends at
     <|im_end|> instead of rambling through invented turns."""
