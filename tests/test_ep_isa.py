@@ -35,6 +35,21 @@ def host_isa() -> str:
     return "x86-64-v4" if _V4 <= flags else "x86-64-v3" if _V3 <= flags else "baseline"
 
 
+RANK = {"baseline": 0, "x86-64-v3": 1, "x86-64-v4": 2, "x86-64-v4-vnni": 2}
+
+
+def report_under_cap(cap: str, script: str, lib: str, tests_dir: Path) -> dict:
+    """Run ``script`` (argv: the library path, the tests folder) in a fresh process under ``SOLM_EP_ISA=cap`` and
+    return the JSON it prints after ``REPORT ``; skips a cap wider than this CPU."""
+    if RANK[cap] > RANK[host_isa()]:
+        pytest.skip(f"this CPU runs at most {host_isa()}")
+    env = {**os.environ, "SOLM_EP_ISA": cap}
+    r = subprocess.run([sys.executable, "-c", script, lib, str(tests_dir)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.split("REPORT ", 1)[1])
+
+
 @pytest.fixture(scope="module")
 def lib_path():
     try:

@@ -8,11 +8,7 @@ in a fresh process (SOLM_EP_ISA caps the dispatch; ``ep.isa_report`` says which 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +20,7 @@ from solm_compile.ops import reference as ref
 from solm_compile.ops import torch_ops
 from solm_compile.quant.blocks import BlockQuant, quantize_int4, quantize_int8
 from solm_compile.runtime import ep
-from test_ep_isa import host_isa
+from test_ep_isa import report_under_cap
 from test_solm_ep import RTOL, F, _close, _close_quantized, _model, _session, lib  # noqa: F401  (lib: the fixture)
 
 U8 = 2  # TensorProto.UINT8
@@ -183,16 +179,9 @@ def _host_vnni() -> bool:
 def test_every_isa_variant(lib, cap):
     """Both activation modes under each cap; the int8 path has one more variant, x86-64-v4-vnni (AVX512_VNNI), which
     the cap x86-64-v4 turns off."""
-    rank = {"baseline": 0, "x86-64-v3": 1, "x86-64-v4": 2, "x86-64-v4-vnni": 2}
-    if rank[cap] > rank[host_isa()]:
-        pytest.skip(f"this CPU runs at most {host_isa()}")
     if cap.endswith("vnni") and not _host_vnni():
         pytest.skip("this CPU has no AVX512_VNNI")
-    env = {**os.environ, "SOLM_EP_ISA": cap}
-    r = subprocess.run([sys.executable, "-c", _SCRIPT, str(ep._registered), str(Path(__file__).parent)], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads(r.stdout.split("REPORT ", 1)[1])
+    report = report_under_cap(cap, _SCRIPT, str(ep._registered), Path(__file__).parent)
     level = cap.removesuffix("-vnni")
     assert report["sparse_mlp_blocks"] == level and report["selected"] == level
     assert report["sparse_mlp_blocks_int8"] == cap

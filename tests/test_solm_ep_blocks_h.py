@@ -13,11 +13,7 @@ the same on both sides for these seeds: the k-th and (k+1)-th |h| are far apart 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +24,9 @@ from onnx import helper
 from solm_compile.ops import reference as ref
 from solm_compile.ops import torch_ops
 from solm_compile.passes.pack_weights import _pack
-from solm_compile.quant.blocks import BlockQuant, quantize_int4, requantize_transposed
+from solm_compile.quant.blocks import BlockQuant, requantize_transposed
 from solm_compile.runtime import ep
-from test_ep_isa import host_isa
+from test_ep_isa import report_under_cap
 from test_solm_ep import _close, _session, lib  # noqa: F401  (lib: the fixture)
 from test_solm_ep_blocks import blocks_model, q4_1
 
@@ -271,13 +267,6 @@ print("REPORT " + json.dumps(ep.isa_report(sys.argv[1])))
 def test_every_isa_variant(lib, cap):
     """The down kernel (family sparse_mlp_blocks) under each SOLM_EP_ISA cap, in a fresh process, with gate/up in
     both activation modes (int8: family sparse_mlp_blocks_int8, whose VNNI variant the x86-64-v4 cap excludes)."""
-    rank = {"baseline": 0, "x86-64-v3": 1, "x86-64-v4": 2}
-    if rank[cap] > rank[host_isa()]:
-        pytest.skip(f"this CPU runs at most {host_isa()}")
-    env = {**os.environ, "SOLM_EP_ISA": cap}
-    r = subprocess.run([sys.executable, "-c", _SCRIPT, str(ep._registered), str(Path(__file__).parent)], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads(r.stdout.split("REPORT ", 1)[1])
+    report = report_under_cap(cap, _SCRIPT, str(ep._registered), Path(__file__).parent)
     assert report["sparse_mlp_blocks"] == cap and report["selected"] == cap
     assert report["sparse_mlp_blocks_int8"] == cap

@@ -10,17 +10,13 @@ seed that lands on a near-tie fails loudly instead of flaking.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_ep_isa import host_isa
+from test_ep_isa import report_under_cap
 from test_solm_ep import _close, _close_quantized, _mlp_weights, _model, _session, _stats, lib  # noqa: F401
 from test_solm_ep import F, _MLP_ORDER
 
@@ -184,12 +180,5 @@ def test_every_isa_variant(lib, cap):
     micro-kernels (gemv/gemm over rows), which must report exactly the capped variant."""
     from solm_compile.runtime import ep
 
-    rank = {"baseline": 0, "x86-64-v3": 1, "x86-64-v4": 2}
-    if rank[cap] > rank[host_isa()]:
-        pytest.skip(f"this CPU runs at most {host_isa()}")
-    env = {**os.environ, "SOLM_EP_ISA": cap}
-    r = subprocess.run([sys.executable, "-c", _SCRIPT, str(ep._registered), str(Path(__file__).parent)], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads(r.stdout.split("REPORT ", 1)[1])
+    report = report_under_cap(cap, _SCRIPT, str(ep._registered), Path(__file__).parent)
     assert report["sparse_mlp"] == cap and report["selected"] == cap
