@@ -17,9 +17,10 @@ from solm_compile.runtime.session import SolmSession
 
 RNG = np.random.default_rng(19)
 # (prompt length, join step, tokens to generate, sparse budget): 5 requests on 4 rows; request 1 leaves after its 4
-# tokens (step 4) and request 4 joins its freed slot at step 6
+# tokens (step 4) and request 4 joins its freed slot at step 6; request 3's 4-token prompt keeps its first steps
+# dense (L <= ts + tw + 1) while the others' are controlled
 REQUESTS = [(33, 0, 14, (0.5, 0.75, 16)), (41, 0, 4, (0.3, 0.5, 8)), (47, 2, 11, (1.0, 0.5, 16)),
-            (37, 3, 9, (0.6, 1.0, 16)), (45, 6, 8, (0.4, 0.6, 16))]
+            (4, 3, 9, (0.6, 0.5, 16)), (45, 6, 8, (0.4, 0.6, 16))]
 PROMPTS = [RNG.integers(1, 160, n).tolist() for n, _, _, _ in REQUESTS]
 DENSE = (1.0, 1.0, 16.0)
 
