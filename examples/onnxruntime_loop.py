@@ -12,7 +12,9 @@ artifact restarts the policy's episodes itself), plus action and controls for th
 The SolmEP artifacts keep the KV cache in buffers (metadata kv_cache = {"layout": "buffer", "dtype": ...}):
 past_key_i/past_value_i [1, Hkv, C, d] allocated once with room for the whole generation, plus past_length [1];
 present_key_i/present_value_i are bound (IO binding) to the same OrtValues, so each step writes its new rows in
-place, and the caller only advances past_length. Portable and dense artifacts grow float32 caches instead.
+place, and the caller only advances past_length. In step protocol 2 (metadata protocol = 2) the Quest page state
+past_page_min_i/past_page_max_i [1, Hkv, C/S, d] is such a buffer too. Portable and dense artifacts grow float32
+caches instead.
 """
 
 import argparse
@@ -33,7 +35,7 @@ meta = {p.key.removeprefix("solm."): json.loads(p.value)
         for p in onnx.load(args.artifact, load_external_data=False).metadata_props if p.key.startswith("solm.")}
 so = ort.SessionOptions()
 so.intra_op_num_threads = 2
-so.log_severity_level = 3                        # errors only (onnxruntime warns about the optional page-state inputs)
+so.log_severity_level = 3                        # errors only
 if meta["kind"] in ("solm", "fixed"):            # ai.solm nodes: register SolmEP and put it first
     from solm_compile.runtime.ep import library_path
 
@@ -48,11 +50,15 @@ L, kvh, hd = meta["num_layers"], meta["kv_heads"], meta["head_dim"]
 feeds = {"input_ids": np.array([ids], np.int64), "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
 kv = meta.get("kv_cache", {"layout": "concat"})
 buffer = kv["layout"] == "buffer"
-C = len(ids) + args.max_new_tokens + 1                                  # the cache's capacity: every position
+S = meta["gate"]["page_size"]
+C = -(-(len(ids) + args.max_new_tokens + 1) // S) * S                 # the cache's capacity: every position, in pages
+paged = buffer and meta.get("protocol", 1) >= 2                         # the page state is a buffer too
 for i in range(L):
     for k in ("key", "value"):                                          # [1, Hkv, C, d] buffer, or [1, Hkv, 0, d]
         feeds[f"past_{k}_{i}"] = (ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kvh, C, hd), kv["dtype"])) if buffer
                                   else np.zeros((1, kvh, 0, hd), np.float32))
+    for m in ("min", "max") if paged else ():                           # [1, Hkv, C/S, d]
+        feeds[f"past_page_{m}_{i}"] = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kvh, C // S, hd), np.float32))
 if buffer:
     feeds["past_length"] = np.zeros(1, np.int64)
 state = ["policy_key", "policy_value", "policy_prev_action", "policy_usage", "policy_count", "policy_step",
@@ -77,7 +83,7 @@ for t in range(args.max_new_tokens + 1):
             binding.bind_output(name, "cpu")
     sess.run_with_iobinding(binding)
     out = {n: v.numpy() for n, v in zip(names, binding.get_outputs())
-           if not (buffer and n.startswith(("present_key", "present_value")))}    # (the buffers stay bound)
+           if not (buffer and n.startswith(("present_key", "present_value", "present_page")))}   # (bound buffers)
     if buffer:
         feeds["past_length"] = feeds["past_length"] + feeds["input_ids"].shape[1]
     else:

@@ -11,14 +11,24 @@ becomes the buffer form (registry.QUEST_ATTENTION, reference.quest_attention_cac
                                                               past_key_i, past_value_i, past_length)
 
     graph inputs   past_key_i, past_value_i    [B, Hkv, kv_capacity, d]  float16 (or float32: the exact reference)
-                   past_length                 [B] int64: the valid rows already in every buffer (rows equal)
+                   past_length                 [B] int64: each row's valid rows already in the buffers
     graph outputs  present_key_i, present_value_i  [B, Hkv, kv_capacity, d], the same buffers when the caller binds
                    them as the past's OrtValues (runtime/session.py does): then only the T new rows are written.
 
 The Concats go. The export's other readers of the caches (``Shape`` for the mask and positions, ``GateControls``)
-read only dims 0-2, the batch, heads and *valid length*, so they get a zero-element "ghost" [B, Hkv, past_length, 0]
-(ConstantOfShape: no data) instead of the buffer; the pass refuses a reader that could see dim 3. Running it twice
+read only dims 0-2, the batch, heads and *valid length*, so they get a zero-element "ghost" [B, Hkv, max(past_length),
+0] (ConstantOfShape: no data) instead of the buffer; the pass refuses a reader that could see dim 3. Running it twice
 changes nothing the second time.
+
+Step protocol 2 (docs/protocol.md: rows of different lengths in one run) also takes here:
+
+- every ``GateControls`` gets ``past_length`` as its optional last input, so each row is gated by its own length;
+- the page state ``carry_page_state`` added becomes buffers like the KV: ``past_page_min_i`` / ``past_page_max_i``
+  [B, Hkv, kv_pages, d] float32 (kv_pages = kv_capacity / S), required inputs (no default), and ``present_page_*``
+  the same shape, meant to be bound to the same OrtValues; SolmEP folds each row's new keys into its own pages.
+
+The ghost's length is the rows' maximum: a single-token run is a prefill (the policy restarts its episode) only when
+every row is empty, which a host never runs (a joining row is prefilled in a run of its own).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ _QUEST = registry.QUEST_ATTENTION
 _IN = [p.name for p in _QUEST.inputs]
 _OUT = [p.name for p in _QUEST.outputs]
 _PAST = re.compile(r"past_(key|value)_(\d+)")
+_PAGE = re.compile(r"past_page_(min|max)_(\d+)")
 DTYPES = {"float16": ir.DataType.FLOAT16, "float32": ir.DataType.FLOAT}
 LAYOUT = "buffer"
 
@@ -50,13 +61,11 @@ def _reads_dims_0_2(use: ir.Usage) -> bool:
 
 
 def _ghost(graph: ir.Graph, like: ir.Value, past_length: ir.Value) -> ir.Value:
-    """[B, Hkv, past_length[0], 0] float32 zeros: no memory, the shape the concat form's readers saw."""
+    """[B, Hkv, max(past_length), 0] float32 zeros: no memory, the shape the concat form's readers saw."""
     zero = ir.Value(name="kv.ghost_d", const_value=ir.tensor(np.array([0], np.int64), name="kv.ghost_d"))
-    first = ir.Value(name="kv.row0", const_value=ir.tensor(np.array([0], np.int64), name="kv.row0"))
     graph.register_initializer(zero)
-    graph.register_initializer(first)
     nodes = [ir.Node("", "Shape", [like], [ir.AttrInt64("start", 0), ir.AttrInt64("end", 2)], name="kv.ghost_bh"),
-             ir.Node("", "Gather", [past_length, first], [ir.AttrInt64("axis", 0)], name="kv.ghost_len")]
+             ir.Node("", "ReduceMax", [past_length], [ir.AttrInt64("keepdims", 1)], name="kv.ghost_len")]
     shape = ir.Node("", "Concat", [nodes[0].outputs[0], nodes[1].outputs[0], zero], [ir.AttrInt64("axis", 0)],
                     name="kv.ghost_shape")                                           # [4] int64
     ghost = ir.Node("", "ConstantOfShape", [shape.outputs[0]],
@@ -133,5 +142,26 @@ def kv_buffer(model: ir.Model, dtype: str = "float16") -> PassResult:
             graph.remove(concat, safe=True)
         result.counts["kv_buffer"] += 1
         result.gated.append(("attention", f"layer {layer}"))
+    for node in graph:                                                # each row gated by its own length
+        if node.domain == DOMAIN and node.op_type == registry.GATE_CONTROLS.onnx_name:
+            node.resize_inputs(len(registry.GATE_CONTROLS.inputs))
+            node.replace_input_with(len(registry.GATE_CONTROLS.inputs) - 1, past_length)
+            result.counts["gate_lengths"] += 1
+    _page_buffers(graph, batch, hkv)
     result.modified = True
     return result
+
+
+def _page_buffers(graph: ir.Graph, batch, hkv) -> None:
+    """The carried page state as in-place buffers [B, Hkv, kv_pages, d] (required inputs, outputs of that shape)."""
+    for value in list(graph.inputs):
+        m = _PAGE.fullmatch(value.name or "")
+        if m is None:
+            continue
+        if value.name in graph.initializers:                          # the empty default goes: the buffer is fed
+            graph.initializers.pop(value.name)
+        value.const_value = None
+        d = value.shape[3]
+        value.shape = ir.Shape([batch, hkv, "kv_pages", d])
+        out = next(o for o in graph.outputs if o.name == f"present_page_{m.group(1)}_{m.group(2)}")
+        out.shape = ir.Shape([batch, hkv, "kv_pages", d])

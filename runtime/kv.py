@@ -10,6 +10,9 @@ Two layouts, named by the artifact's ``solm.kv_cache`` metadata:
   artifact's dtype (float16 by default), allocated once per decode with capacity C, plus ``past_length`` [B] int64.
   Each run binds ``present_*`` to the *same* OrtValues as ``past_*`` (onnxruntime writes the op's output into the
   bound buffer), so QuestAttention writes only the new rows, in place; carrying a step is ``past_length += T``.
+  In step protocol 2 (``paged``, docs/protocol.md) each row has its own ``past_length`` and the Quest page state
+  ``past_page_min_i`` / ``past_page_max_i`` is a float32 buffer [B, Hkv, C/S, d] of its own, bound in place the same
+  way (protocol 1: carried tensors that grow, which ``SolmSession`` carries itself).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class KvCache:
     kv_heads: int
     head_dim: int
     page_size: int
+    paged: bool = False      # step protocol 2: the page state is a buffer too, and rows may differ in length
 
     @classmethod
     def of(cls, meta: dict, path="artifact") -> "KvCache":
@@ -51,8 +55,9 @@ class KvCache:
         if layout not in LAYOUTS or dtype not in DTYPES or (layout == "concat" and dtype != "float32"):
             raise UserError(f"{path}: KV cache {layout}/{dtype} is not one this runtime drives (concat/float32 or "
                             f"buffer/float16|float32); update solm or compile the model again")
+        paged = layout == "buffer" and int(meta.get("protocol", 1)) >= 2
         return cls(layout, DTYPES[dtype], int(meta["num_layers"]), int(meta["kv_heads"]), int(meta["head_dim"]),
-                   int((meta.get("gate") or {}).get("page_size", 8)))
+                   int((meta.get("gate") or {}).get("page_size", 8)), paged)
 
     @property
     def buffered(self) -> bool:
@@ -60,6 +65,19 @@ class KvCache:
 
     def names(self, prefix: str) -> list[str]:
         return [f"{prefix}_{kind}_{i}" for i in range(self.n_layers) for kind in ("key", "value")]
+
+    def page_names(self, prefix: str) -> list[str]:
+        """The page state buffers (protocol 2; else none): ``{prefix}_page_min_i``, ``{prefix}_page_max_i``."""
+        return [f"{prefix}_page_{m}_{i}" for i in range(self.n_layers) for m in ("min", "max")] if self.paged else []
+
+    def row_bytes(self, tokens: int) -> int:
+        """Bytes of one row's cache of ``tokens`` positions (every layer's keys and values, and its page buffers)."""
+        C = self.capacity(tokens)
+        kv = 2 * self.n_layers * self.kv_heads * C * self.head_dim * np.dtype(self.dtype).itemsize
+        return kv + 4 * len(self.page_names("past")) * self.kv_heads * (C // self.page_size) * self.head_dim
+
+    def page_shape(self, batch: int, capacity: int) -> tuple:
+        return (batch, self.kv_heads, self.capacity(capacity) // self.page_size, self.head_dim)  # [B, Hkv, C/S, d]
 
     def capacity(self, tokens: int) -> int:
         """Rows to allocate for ``tokens`` positions: rounded up to whole pages."""
@@ -75,12 +93,17 @@ class KvCache:
         if capacity <= 0:
             raise ValueError("a KV cache buffer needs its capacity (prompt + new tokens)")
         shape = (batch, self.kv_heads, self.capacity(capacity), self.head_dim)               # [B, Hkv, C, d]
+        pages = self.page_shape(batch, capacity)                                             # [B, Hkv, C/S, d]
         return {**{name: _ortvalue(np.zeros(shape, self.dtype)) for name in self.names("past")},
+                **{name: _ortvalue(np.zeros(pages, np.float32)) for name in self.page_names("past")},
                 "past_length": np.zeros((batch,), np.int64)}                                  # [B]
 
     def aliases(self) -> dict:
         """{present_* output: past_* input} whose OrtValues a run binds as one (buffer layout; else empty)."""
-        return dict(zip(self.names("present"), self.names("past"))) if self.buffered else {}
+        if not self.buffered:
+            return {}
+        return dict(zip(self.names("present") + self.page_names("present"),
+                        self.names("past") + self.page_names("past")))
 
     def carry(self, out: dict, feeds: dict) -> None:
         """After a run on ``feeds``: the cache feeds of the next step."""
@@ -96,7 +119,7 @@ class KvCache:
         feeds["past_length"] = length.astype(np.int64)
 
     def length(self, feeds: dict) -> int:
-        """Valid positions in the cache (row 0)."""
+        """Valid positions in the cache (row 0; ``snapshot``/``restore`` need every row of the same length)."""
         if self.buffered:
             return int(np.asarray(feeds["past_length"])[0])
         return _shape(feeds["past_key_0"])[2]
@@ -109,19 +132,39 @@ class KvCache:
         for name in self.names("past"):
             x = feeds[name].numpy() if hasattr(feeds[name], "numpy") else np.asarray(feeds[name])
             rows[name] = x[:, :, :L].astype(np.float32)                                          # [B, Hkv, L, d]
+        pages = -(-L // self.page_size)
+        for name in self.page_names("past"):                     # protocol 2: the pages of those rows
+            rows[name] = feeds[name].numpy()[:, :, :pages].copy()                               # [B, Hkv, ⌈L/S⌉, d]
         return rows
+
+    def _pages(self, snap: dict, name: str, L: int) -> np.ndarray:
+        """A snapshot without page state (e.g. from torch): the page min or max of its keys as the buffer holds them
+        (cast to its dtype), [B, Hkv, ⌈L/S⌉, d] — exactly what SolmEP folds (min and max round nothing)."""
+        m, layer = name.split("_")[2], name.split("_")[3]
+        keys = snap[f"past_key_{layer}"].astype(self.dtype).astype(np.float32)                 # [B, Hkv, L, d]
+        S, P = self.page_size, -(-L // self.page_size)
+        if L == 0:
+            return keys
+        pad = np.concatenate([keys, np.repeat(keys[:, :, -1:], P * S - L, axis=2)], axis=2)    # [B, Hkv, P·S, d]
+        pages = pad.reshape(*keys.shape[:2], P, S, keys.shape[3])                               # [B, Hkv, P, S, d]
+        return pages.min(3) if m == "min" else pages.max(3)
 
     def restore(self, snap: dict, capacity: int = 0) -> dict:
         """Fresh cache feeds holding a ``snapshot`` (a buffer of ``capacity`` positions, the rows cast to its dtype:
         float16 rounds to nearest even, as the kernel does), so decoding from them leaves the snapshot intact."""
         if not self.buffered:
             return {name: _ortvalue(rows.copy()) for name, rows in snap.items()}
-        B, _, L, _ = next(iter(snap.values())).shape
+        B, _, L, _ = snap["past_key_0"].shape
         shape = (B, self.kv_heads, self.capacity(max(capacity, L)), self.head_dim)               # [B, Hkv, C, d]
         feeds = {}
-        for name, rows in snap.items():
+        for name in self.names("past"):
             buf = np.zeros(shape, self.dtype)
-            buf[:, :, :L] = rows.astype(self.dtype)
+            buf[:, :, :L] = snap[name].astype(self.dtype)
+            feeds[name] = _ortvalue(buf)
+        for name in self.page_names("past"):
+            buf = np.zeros(self.page_shape(B, max(capacity, L)), np.float32)                    # [B, Hkv, C/S, d]
+            pages = snap[name] if name in snap else self._pages(snap, name, L)                  # [B, Hkv, ⌈L/S⌉, d]
+            buf[:, :, :pages.shape[2]] = pages
             feeds[name] = _ortvalue(buf)
         feeds["past_length"] = np.full((B,), L, np.int64)                                        # [B]
         return feeds

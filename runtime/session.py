@@ -8,10 +8,12 @@
 One ``run`` per decode step. The prompt is prefilled densely in one run; the policy then acts on every
 single-token step, in episodes of ``episode_len`` steps (the artifact restarts each row's episode itself, as in
 training). Caches stay in onnxruntime: each step binds the previous step's outputs as the next step's inputs —
-the policy state and, in ``ai.solm`` artifacts, each layer's Quest page min/max (``past_page_min_i``/
+the policy state and, in protocol-1 ``ai.solm`` artifacts, each layer's Quest page min/max (``past_page_min_i``/
 ``past_page_max_i``, inputs with an empty default, so feeds without them still run). The KV cache follows the
 artifact's protocol (``runtime/kv.py``): grown by concatenation (portable, dense), or, in the ai.solm kinds, one
-buffer per layer allocated for the whole ``steps()`` call and written in place (present bound to past).
+buffer per layer allocated for the whole ``steps()`` call and written in place (present bound to past; in step
+protocol 2 the page state too). Many requests share one run through ``batch()`` (``runtime/batch.py``: rows join
+and leave between steps).
 """
 
 from __future__ import annotations
@@ -138,9 +140,10 @@ class SolmSession:
         # (past, present) names of the carried page state (absent in portable, dense and older artifacts); its
         # inputs have a default, so get_inputs() does not list them and _run binds them only when fed
         optional = [i.name for i in self.sess.get_overridable_initializers()]
+        # (protocol 2: the page state is a buffer written in place, which self.kv drives with the KV buffers)
         self.page_state = [(f"past_page_{m}_{i}", f"present_page_{m}_{i}") for i in range(self.n_layers)
                            for m in ("min", "max") if f"past_page_{m}_{i}" in optional + self.input_names
-                           and f"present_page_{m}_{i}" in self.output_names]
+                           and f"present_page_{m}_{i}" in self.output_names and not self.kv.paged]
         self.optional_inputs = [past for past, _ in self.page_state if past not in self.input_names]
         # where each output is bound: on CUDA the carried state stays on the GPU; what the caller reads is copied
         self.output_devices = {name: "cpu" if self.device == "cpu" or name in HOST_OUTPUTS else "cuda"
@@ -260,6 +263,13 @@ class SolmSession:
             yield step
 
     # ------------------------------------------------------------------------------------------ public API
+    def batch(self, rows: int, capacity: int):
+        """A continuous batch of up to ``rows`` sequences of up to ``capacity`` positions each (``runtime/batch.py``):
+        one run per step for protocol-2 artifacts, else the rows stepped one after another."""
+        from solm_compile.runtime.batch import make_batch
+
+        return make_batch(self, rows, capacity)
+
     def chat_prompt(self, prompt: str | None, messages: list[dict] | None = None) -> str:
         """``prompt`` as the model's chat template renders one user turn and the assistant's cue (or, given
         ``messages``, that whole conversation of {role, content} turns instead)."""

@@ -49,7 +49,7 @@ def test_graphsurgeon_edit_keeps_metadata_opset_page_inputs_and_tokens(artifact,
 
     want = SolmSession(artifact).generate(PROMPT, 24, budget=BUDGET, greedy=True)
     s = SolmSession(out)
-    assert s.ep_active and len(s.page_state) == 2 * s.n_layers
+    assert s.ep_active and len(s.kv.page_names("past")) == 2 * s.n_layers        # protocol 2: page buffers
     got = s.generate(PROMPT, 24, budget=BUDGET, greedy=True)
     assert got.tokens == want.tokens and got.actions == want.actions
     assert len(set(want.actions)) > 1             # the policy acted (a sparse budget, not the dense path)

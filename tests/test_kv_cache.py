@@ -140,12 +140,34 @@ def test_fp16_cache_within_the_rounding_bound_of_fp32(lib):
     assert err > 0                                                                # the cache really is fp16
 
 
+@pytest.mark.parametrize("lengths", [(27, 3), (5, 37)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_op_rows_of_different_lengths_read_only_their_own_rows(lib, dtype, lengths):
+    """Step protocol 2: a single-token call whose rows have different past_length equals each row run alone (the
+    reference, row by row), writes each new row at its own length, and never reads a row at or past it (NaN there
+    changes nothing)."""
+    sess = _session(F16 if dtype == np.float16 else F)
+    feeds, ck, cv = _case(dtype, max(lengths), 1, seed=sum(lengths))
+    feeds["past_length"] = np.asarray(lengths, np.int64)
+    for b, P in enumerate(lengths):
+        ck[b, :, P:], cv[b, :, P:] = np.nan, np.nan                                  # stale rows: never read
+    want_out, want_k, want_v = _reference(feeds, ck, cv)
+    ov = ort.OrtValue.ortvalue_from_numpy
+    out, pk, pv = _run(sess, feeds, ov(ck.copy()), ov(cv.copy()))
+    for b, P in enumerate(lengths):
+        np.testing.assert_array_equal(pk[b, :, :P + 1], want_k[b, :, :P + 1])
+        np.testing.assert_array_equal(pv[b, :, :P + 1], want_v[b, :, :P + 1])
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, want_out, rtol=0, atol=1e-5)
+
+
 def test_op_errors_are_clear(lib):
     sess = _session(F16)
-    feeds, ck, cv = _case(np.float16, 3, 1, seed=1)
+    feeds, ck, cv = _case(np.float16, 3, 2, seed=1)
     ov = ort.OrtValue.ortvalue_from_numpy
-    with pytest.raises(Exception, match="same for every row"):
+    with pytest.raises(Exception, match="past_length differs between rows in a 2-token run"):
         _run(sess, {**feeds, "past_length": np.array([3, 4], np.int64)}, ov(ck), ov(cv))
+    feeds, ck, cv = _case(np.float16, 3, 1, seed=1)
     with pytest.raises(Exception, match="overflow: past_length 40 \\+ 1 new tokens > capacity 40"):
         _run(sess, {**feeds, "past_length": np.full((B,), C, np.int64)}, ov(ck), ov(cv))
 
@@ -171,6 +193,7 @@ def artifacts(lib, tmp_path_factory):
         assert r.counts["kv_buffer"] == 2 and not r.skipped
         assert not kv_buffer(model, dtype).modified                  # a second run changes nothing
         model.metadata_props["solm.kv_cache"] = json.dumps({"layout": "buffer", "dtype": dtype})
+        model.metadata_props["solm.protocol"] = "2"                  # the pass made the page state buffers too
         paths[dtype] = d / f"tiny.{dtype}.onnx"
         ir.save(model, str(paths[dtype]))
     return paths

@@ -203,8 +203,9 @@ def test_h_artifact_equals_the_torch_gated_graph_at_the_same_rho(tmp_path):
     ids = np.array([[5, 17, 99, 3, 250, 42, 7, 11, 64, 2]])
     P = ids.shape[1] - 1
     caps = {i.name: i for i in sess.get_inputs() if i.name.startswith("past_") and i.name != "past_length"}
-    empty = {n: np.zeros([1 if not isinstance(s, int) and k == 0 else (16 if not isinstance(s, int) else s)
-                          for k, s in enumerate(i.shape)], np.float32) for n, i in caps.items()}
+    empty = {n: np.zeros([1 if not isinstance(s, int) and k == 0 else
+                          ((2 if n.startswith("past_page_") else 16) if not isinstance(s, int) else s)
+                          for k, s in enumerate(i.shape)], np.float32) for n, i in caps.items()}   # 16 rows: 2 pages
     outs = [o.name for o in sess.get_outputs()]
     pre = dict(zip(outs, sess.run(None, _step_inputs(sess, ids[:, :P], empty, 0, 1.0))))
     past = {n: pre[n.replace("past_", "present_")] for n in caps}

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from solm_compile.artifact.protocol import PROTOCOL
+from solm_compile.artifact.protocol import BUFFER_PROTOCOL, PROTOCOL, SUPPORTED
 from solm_compile.errors import UserError
 from solm_compile.runtime.session import SolmSession, read_metadata
 
@@ -87,11 +87,11 @@ def test_the_docs_metadata_table_is_the_artifacts_metadata(step_artifacts, kind)
             assert isinstance(meta.get(key), TYPES[typ]), f"{kind}: solm.{key} is {meta.get(key)!r}, not a {typ}"
         else:
             assert key not in meta, f"{kind}: solm.{key} is there, the doc says only {kinds}"
-    assert meta["protocol"] == PROTOCOL == int(re.search(r"^# The step protocol \(version (\d+)\)",
-                                                          DOC.read_text()).group(1))
+    assert meta["protocol"] == (BUFFER_PROTOCOL if kind in ("solm", "fixed") else PROTOCOL)
+    assert BUFFER_PROTOCOL == int(re.search(r"^# The step protocol \(version (\d+)\)", DOC.read_text()).group(1))
 
 
-@pytest.mark.parametrize("version", [PROTOCOL + 1, "1"])
+@pytest.mark.parametrize("version", [max(SUPPORTED) + 1, "1"])
 def test_a_session_refuses_an_unknown_protocol_version_in_one_line(step_artifacts, tmp_path, version):
     model = onnx.load(str(step_artifacts["dense"]))
     prop = next(p for p in model.metadata_props if p.key == "solm.protocol")

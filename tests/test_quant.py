@@ -285,7 +285,8 @@ def assert_int4_artifact_matches_eager(model, art, controls: float) -> None:
     feeds = {"input_ids": ids.numpy(), "position_ids": np.arange(6)[None]}
     for i in sess.get_inputs()[2:]:
         shape = [1 if s in ("batch", "B") or not isinstance(s, int) and i.shape.index(s) == 0 else
-                 ((8 if i.name.startswith("past_") else 0) if not isinstance(s, int) else s) for s in i.shape]
+                 ((1 if i.name.startswith("past_page_") else 8 if i.name.startswith("past_") else 0)
+                  if not isinstance(s, int) else s) for s in i.shape]       # 8 KV rows: 1 page of the page buffers
         dtype = {"tensor(float16)": np.float16, "tensor(int64)": np.int64}.get(i.type, np.float32)
         fill = 16.0 * controls if i.name == "bits" else controls if i.name in ("attn_keep", "mlp_keep") else 0
         feeds[i.name] = np.full(shape, fill, dtype)

@@ -743,16 +743,16 @@ def _present_keys(sess, feeds_out, L):
 
 
 def test_artifact_carries_page_state(lib, tiny_artifacts):
-    """The solm artifact carries each layer's page min/max like the KV cache: after every step it equals the page
-    min/max of that layer's whole key cache, a carried decode step folds only the new key into it, and decoding
-    with it carried equals decoding with it left out (the empty default: pages recomputed from K) bit for bit."""
+    """The solm artifact keeps each layer's page min/max in buffers like the KV cache (step protocol 2): after every
+    step the valid pages of the buffer equal the page min/max of that layer's valid keys, and a decode step folds
+    only the new key into them (rows of different lengths: tests/test_batch.py)."""
     import onnx
 
     from solm_compile.runtime.session import SolmSession
 
     s = SolmSession(tiny_artifacts["solm"], tokenizer=False, threads=1)
-    assert s.meta["page_state"] == s.n_layers == 2
-    assert [p for p, _ in s.page_state] == ["past_page_min_0", "past_page_max_0", "past_page_min_1", "past_page_max_1"]
+    assert s.meta["page_state"] == s.n_layers == 2 and s.kv.paged and s.page_state == []
+    assert s.kv.page_names("past") == ["past_page_min_0", "past_page_max_0", "past_page_min_1", "past_page_max_1"]
     S = {a.name: a.i for n in onnx.load(str(tiny_artifacts["solm"])).graph.node if n.op_type == "QuestAttention"
          for a in n.attribute}["page_size"]
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 5, 7, 3, 2, 9, 40, 41, 42, 7]]
@@ -760,23 +760,22 @@ def test_artifact_carries_page_state(lib, tiny_artifacts):
     feeds = {"input_ids": np.asarray(prompts, np.int64), "position_ids": np.tile(np.arange(10), (B, 1)),
              **s._empty_past(B, 10 + 2 * S + 3), **s._policy_start(B, np.zeros((B, s.meta["hidden_size"]), np.float32)),
              "budget": np.tile(np.array([0.3, 0.5, 0.4], np.float32), (B, 1))}
-    stateless = {**feeds, **s.kv.empty(B, 10 + 2 * S + 3)}      # its own KV buffers
     for t in range(2 * S + 3):
+        lengths = feeds["past_length"] + feeds["input_ids"].shape[1]                         # [B] after the step
         before = _stats(lib)
         out = s._run(feeds)
         folded = _stats(lib)["attn_minmax_rows"] - before["attn_minmax_rows"]
         assert folded == (10 if t == 0 else 1) * B * Hkv * s.n_layers, t
-        out0 = s._run({k: v for k, v in stateless.items() if not k.startswith("past_page_")})
-        np.testing.assert_array_equal(out["logits"].numpy(), out0["logits"].numpy(), err_msg=f"step {t}")
-        for i, k in enumerate(_present_keys(s, out, 10 + t)):
-            want_min, want_max = _page_minmax(k, S)
-            np.testing.assert_array_equal(out[f"present_page_min_{i}"].numpy(), want_min)
-            np.testing.assert_array_equal(out[f"present_page_max_{i}"].numpy(), want_max)
+        for b in range(B):
+            L = int(lengths[b])
+            for i, k in enumerate(_present_keys(s, out, L)):
+                want_min, want_max = _page_minmax(k[b:b + 1], S)
+                P = want_min.shape[2]
+                np.testing.assert_array_equal(out[f"present_page_min_{i}"].numpy()[b:b + 1, :, :P], want_min)
+                np.testing.assert_array_equal(out[f"present_page_max_{i}"].numpy()[b:b + 1, :, :P], want_max)
         tok = out["logits"].numpy()[:, -1].argmax(-1)[:, None]
-        L = 10 + t
-        for f, o in ((feeds, out), (stateless, out0)):
-            s._carry(o, f)
-            f["input_ids"], f["position_ids"] = tok, np.full((B, 1), L, np.int64)
+        s._carry(out, feeds)
+        feeds["input_ids"], feeds["position_ids"] = tok, feeds["past_length"][:, None].copy()
 
 
 def test_artifact_page_state_pass_and_per_kv_head(lib, tiny_artifacts, tmp_path):

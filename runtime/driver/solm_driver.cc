@@ -1,4 +1,4 @@
-// solm_driver: greedy decoding of a solm artifact with onnxruntime's C/C++ API alone, by docs/protocol.md (v1).
+// solm_driver: greedy decoding of a solm artifact with onnxruntime's C/C++ API alone, by docs/protocol.md (v1, v2).
 //
 //   solm_driver ARTIFACT LIBSOLM_EP ATTN_KEEP MLP_KEEP BITS MAX_NEW_TOKENS [THREADS]  < prompt ids  > new ids
 //
@@ -6,7 +6,8 @@
 // on one line. LIBSOLM_EP is SolmEP's library (registered as a plugin EP for the solm and fixed kinds; ignored for
 // portable and dense artifacts). THREADS: onnxruntime's intra-op threads (default: onnxruntime's choice).
 // One prefill run, then one run per token; every state output is fed back as the next run's input, the KV
-// buffers of the SolmEP kinds written in place (present bound to past's OrtValue). Stops after MAX_NEW_TOKENS or at
+// buffers of the SolmEP kinds written in place (present bound to past's OrtValue; in protocol 2 the page state
+// buffers too). Stops after MAX_NEW_TOKENS or at
 // an id of solm.eos_token_ids (not printed). Any error: one line on stderr, exit code 2. Built and tested by
 // runtime/driver_build.py and tests/test_driver.py, which compare its ids with `solm run --greedy`'s.
 
@@ -27,7 +28,7 @@
 
 namespace {
 
-constexpr int kProtocol = 1;     // docs/protocol.md
+constexpr int kProtocolMax = 2;  // docs/protocol.md: versions 1 and 2 (one row: they differ in the page state)
 constexpr uint32_t kMinApi = 24;  // the plugin-EP API (onnxruntime 1.24)
 
 [[noreturn]] void Die(const std::string& msg) {
@@ -215,9 +216,10 @@ class Driver {
     if (meta_.Raw("kind").empty()) Die(args_.artifact + ": an ONNX model without solm metadata");
     kind_ = meta_.Raw("kind").substr(1, meta_.Raw("kind").size() - 2);
     const std::string protocol = meta_.Raw("protocol");  // a JSON integer; absent: written before version 1
-    if (!protocol.empty() && protocol != std::to_string(kProtocol))
-      Die(args_.artifact + ": step protocol " + protocol + " is not one this driver drives (" +
-          std::to_string(kProtocol) + "); compile the model again or update the driver");
+    if (protocol != "" && protocol != "1" && protocol != "2")
+      Die(args_.artifact + ": step protocol " + protocol + " is not one this driver drives (1 to " +
+          std::to_string(kProtocolMax) + "); compile the model again or update the driver");
+    paged_ = protocol == "2" && !meta_.Raw("kv_cache").empty();  // the page state: buffers written in place
     for (double id : meta_.Numbers("eos_token_ids")) eos_.push_back(static_cast<int64_t>(id));
     if (kind_ != "dense") {  // the budget within the artifact's ranges, as `solm run` checks it
       auto r = meta_.Numbers("budget_ranges");
@@ -242,8 +244,8 @@ class Driver {
         v = buffered_ ? Zeros({1, hkv, C, d}, types_[name]) : Zeros({1, hkv, 0, d}, kF32);
       } else if (name == "past_length") {
         v = Zeros({1}, kI64);
-      } else if (StartsWith(name, "past_page_")) {
-        v = Zeros({1, hkv, 0, d}, kF32);
+      } else if (StartsWith(name, "past_page_")) {  // protocol 2: a buffer of C/S pages; 1: carried, empty at first
+        v = Zeros({1, hkv, paged_ ? C / S : 0, d}, kF32);
       } else if (name == "policy_key" || name == "policy_value") {
         v = Zeros({1, meta_.Int("policy_heads"), meta_.Int("episode_len"), meta_.Int("policy_head_dim")}, kF32);
       } else if (name == "policy_prev_action") {
@@ -262,7 +264,7 @@ class Driver {
         float x = name == "attn_keep" ? args_.attn_keep : name == "mlp_keep" ? args_.mlp_keep : args_.bits;
         v = Filled<float>({1}, {x});
       } else {
-        Die(args_.artifact + ": input " + name + " is not in step protocol 1");
+        Die(args_.artifact + ": input " + name + " is not in step protocol 1 or 2");
       }
       feeds_[name] = std::move(v);
     }
@@ -280,7 +282,8 @@ class Driver {
     std::vector<bool> in_place(outputs_.size(), false);
     for (size_t j = 0; j < outputs_.size(); ++j) {
       out_names.push_back(outputs_[j].c_str());
-      if (buffered_ && (StartsWith(outputs_[j], "present_key_") || StartsWith(outputs_[j], "present_value_"))) {
+      if ((buffered_ && (StartsWith(outputs_[j], "present_key_") || StartsWith(outputs_[j], "present_value_"))) ||
+          (paged_ && StartsWith(outputs_[j], "present_page_"))) {
         const std::string past = "past_" + outputs_[j].substr(std::strlen("present_"));
         out_values[j] = static_cast<OrtValue*>(feeds_.at(past));  // present bound to past's buffer: in place
         in_place[j] = true;
@@ -316,6 +319,7 @@ class Driver {
   Metadata meta_;
   std::string kind_;
   bool buffered_ = false;
+  bool paged_ = false;
   std::unique_ptr<Ort::Session> session_;
   std::vector<std::string> inputs_, outputs_;
   std::map<std::string, ONNXTensorElementDataType> types_;

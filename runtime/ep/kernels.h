@@ -98,18 +98,25 @@ struct QuestParams {
 // bit-identical to computing it from all of K), later pages start fresh. P_past = 0 (prefill, or a cache without
 // state) computes every page. P = ceil(L/S), P_past = ceil(L_past/S) or 0.
 // past_min/past_max may alias min/max when P_past == P: the pages are then updated in place.
+//
+// The buffer form (step protocol 2, stride > 0): min/max are [B, Hkv, stride, d] buffers of the KV cache's capacity in
+// pages (stride = C/S), kept for the whole generation like the KV buffers; each row b folds only its new keys
+// [L_b - T, L_b) in (L_b: KvView::lengths, its own valid rows), so rows of different lengths share a call. Pages at or
+// beyond ceil(L_b/S) are never read. past_min/past_max: the buffers fed in (copied first when they are not min/max).
 struct PageState {
-  const float* past_min = nullptr;  // [B, Hkv, P_past, d]
+  const float* past_min = nullptr;  // [B, Hkv, P_past, d] (buffer form: [B, Hkv, stride, d])
   const float* past_max = nullptr;
   int64_t P_past = 0;
-  float* min = nullptr;  // [B, Hkv, P, d], written for every row
+  float* min = nullptr;  // [B, Hkv, P, d], written for every row (buffer form: [B, Hkv, stride, d])
   float* max = nullptr;
+  int64_t stride = 0;  // 0: carried, tight pages; > 0: the buffer form, pages per (row, KV head)
 };
 
 struct AttnScratch {
   std::vector<float> page_min, page_max;  // [B, Hkv, P, d] when no PageState output is given
   std::vector<float> kt;                  // multi-token calls: K transposed per block of keys
   std::vector<float> kf, vf;              // QuestAttentionCache, multi-token calls: the valid rows as fp32
+  std::vector<int64_t> lens;              // QuestAttentionCache, single-token calls: each row's L_b after the append
 };
 
 // q [B,H,T,d], k [B,Hkv,L,d], v [B,Hkv,L,dv], kappa [B], out [B,H,T,dv]. state: nullptr (page min/max from all of
@@ -127,6 +134,9 @@ struct KvView {
   const void* v = nullptr;
   bool f16 = false;
   int64_t stride = 0;
+  // Single-token steps: per row its valid rows L_b <= L (the call's L is their max), so rows of different lengths
+  // share one call (step protocol 2); rows >= L_b are never read. nullptr: L for every row.
+  const int64_t* lengths = nullptr;
 };
 
 // QuestAttention over a KvView, read in place. Single-token steps only unless the view is tight fp32 (the prefill
@@ -146,7 +156,9 @@ struct KvCache {
   void* v = nullptr;
   bool f16 = false;
   int64_t capacity = 0;  // C
-  int64_t past = 0;      // valid rows before this call (every batch row)
+  int64_t past = 0;      // valid rows before this call: the largest of the rows'
+  const int64_t* lengths = nullptr;  // [B] each row's valid rows before this call (nullptr: past for every row);
+                                     // multi-token calls need them equal
 };
 void QuestAttentionCache(const float* q, const float* k_new, const float* v_new, const KvCache& cache,
                          const MaskView& mask, const float* kappa, int64_t B, int64_t H, int64_t Hkv, int64_t T,

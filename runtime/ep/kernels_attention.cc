@@ -351,34 +351,44 @@ const DecodeKernelTable& DecodeKernels() {
 
 // Page min/max of this call: into the state outputs for every row (carried pages copied, the new tokens' pages
 // folded in), else into scratch for the rows that select (sparse(b, &pb)). Reads only the new keys when a past
-// state is given.
+// state is given. In the buffer form (state->stride > 0) row b folds its own new keys [L_b - T, L_b) into its pages.
 template <class F>
 void PageMinMaxStep(const KvView& kv, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d, int64_t S,
                     const PageState* state, bool any_sparse, F& sparse, AttnScratch& scratch, const Parallel& par) {
   const int64_t P = (L + S - 1) / S;
   const bool to_state = state != nullptr && state->min != nullptr && state->max != nullptr;
   if (!to_state && !any_sparse) return;
+  const bool paged = to_state && state->stride > 0;
+  const int64_t Ps = paged ? state->stride : P;  // pages per (row, KV head) in hi/lo
   float* hi = to_state ? state->max : Grow(scratch.page_max, static_cast<size_t>(B * Hkv * P * d));
   float* lo = to_state ? state->min : Grow(scratch.page_min, static_cast<size_t>(B * Hkv * P * d));
   const int64_t P_past = state != nullptr ? state->P_past : 0;
-  const int64_t j0 = P_past > 0 ? L - T : 0;  // first key not yet folded into the carried pages
   Stats& st = GlobalStats();
   auto item = [&](size_t it) {
     const int64_t b = static_cast<int64_t>(it) / Hkv;
     int64_t pb;
     if (!to_state && !sparse(b, &pb)) return;
     const int64_t o = static_cast<int64_t>(it);  // b * Hkv + hk
-    if (P_past > 0 && state->past_max != hi) {  // in place (kernels.h: aliasing needs P_past == P): no copy
+    const int64_t Lb = kv.lengths != nullptr ? kv.lengths[b] : L;
+    int64_t j0 = P_past > 0 ? Lb - T : 0;  // first key not yet folded into the carried pages
+    if (paged) {
+      j0 = Lb - T;
+      const int64_t keep = (j0 + S - 1) / S;  // this row's pages before the call
+      if (state->past_max != nullptr && state->past_max != hi) {
+        std::memmove(hi + o * Ps * d, state->past_max + o * Ps * d, keep * d * sizeof(float));
+        std::memmove(lo + o * Ps * d, state->past_min + o * Ps * d, keep * d * sizeof(float));
+      }
+    } else if (P_past > 0 && state->past_max != hi) {  // in place (kernels.h: aliasing needs P_past == P): no copy
       std::memmove(hi + o * P * d, state->past_max + o * P_past * d, P_past * d * sizeof(float));
       std::memmove(lo + o * P * d, state->past_min + o * P_past * d, P_past * d * sizeof(float));
     }
     if (kv.f16)
-      DecodeKernels().page_minmax_h(static_cast<const uint16_t*>(kv.k) + o * kv.stride * d, j0, L, d, S,
-                                    hi + o * P * d, lo + o * P * d);
+      DecodeKernels().page_minmax_h(static_cast<const uint16_t*>(kv.k) + o * kv.stride * d, j0, Lb, d, S,
+                                    hi + o * Ps * d, lo + o * Ps * d);
     else
-      DecodeKernels().page_minmax(static_cast<const float*>(kv.k) + o * kv.stride * d, j0, L, d, S, hi + o * P * d,
-                                  lo + o * P * d);
-    st.attn_minmax_rows.fetch_add(static_cast<uint64_t>(L - j0), std::memory_order_relaxed);
+      DecodeKernels().page_minmax(static_cast<const float*>(kv.k) + o * kv.stride * d, j0, Lb, d, S,
+                                  hi + o * Ps * d, lo + o * Ps * d);
+    st.attn_minmax_rows.fetch_add(static_cast<uint64_t>(Lb - j0), std::memory_order_relaxed);
   };
   par.For(static_cast<size_t>(B * Hkv), item);
 }
@@ -417,10 +427,13 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
   // is per query head, over its unmasked keys and pages (reference.quest_keep_ref), so every row with kappa < 1 may
   // select (and a head whose budget covers its unmasked pages keeps them all).
   const bool masked = mask.data != nullptr;
+  // step protocol 2: row b has its own valid keys L_b <= L (single-token steps; kv.lengths)
+  auto len_of = [&](int64_t b) { return kv.lengths != nullptr ? kv.lengths[b] : L; };
   auto row_budget = [&](int64_t b, int64_t* pb) {
     const double kb = static_cast<double>(kappa[b]);
-    *pb = PageBudget(kb, L, S);
-    return T == 1 && !(kb >= 1.0 || (!masked && *pb >= P));  // true: sparse row (may select)
+    const int64_t Lb = len_of(b);
+    *pb = PageBudget(kb, Lb, S);
+    return T == 1 && !(kb >= 1.0 || (!masked && *pb >= (Lb + S - 1) / S));  // true: sparse row (may select)
   };
   bool any_sparse = false;
   for (int64_t b = 0; b < B; ++b) {
@@ -431,9 +444,10 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
   const bool to_state = state != nullptr && state->min != nullptr && state->max != nullptr;
   const float* pmax = to_state ? state->max : scratch.page_max.data();
   const float* pmin = to_state ? state->min : scratch.page_min.data();
+  const int64_t Ps = to_state && state->stride > 0 ? state->stride : P;  // pages per (row, KV head) there
 
   if (T != 1) {  // multi-token call (prefill): dense attention under the mask, blocked (kernels_attention_prefill.cc)
-    if (kv.f16 || kv.stride != L) std::abort();  // QuestAttentionCache gathers a tight fp32 copy first
+    if (kv.f16 || kv.stride != L || kv.lengths != nullptr) std::abort();  // QuestAttentionCache gathers a tight copy
     const float* k = static_cast<const float*>(kv.k);
     const float* v = static_cast<const float*>(kv.v);
     AttendPrefill(q, k, v, mask, B, H, Hkv, T, L, d, dv, scale, p.is_causal, out, scratch, par);
@@ -447,6 +461,7 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
   auto item = [&](size_t it) {
     const int64_t b = static_cast<int64_t>(it) / Hkv, hk = static_cast<int64_t>(it) % Hkv;
     const int64_t h = hk * G;  // first query head of the group
+    const int64_t L = len_of(b), P = (L + S - 1) / S;  // this row's keys and pages (shadow the call's maxima)
     int64_t pb;
     const bool sparse = row_budget(b, &pb);
     const bool shared = p.per_kv_head || G == 1;  // one token set for the whole group
@@ -481,7 +496,7 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
     const float* qh = q + (b * H + h) * d;  // T == 1
     const int64_t head = (b * Hkv + hk) * kv.stride;  // rows before this head's first
     if (sparse) {
-      const int64_t o = (b * Hkv + hk) * P * d;
+      const int64_t o = (b * Hkv + hk) * Ps * d;
       if (shared) {
         for (int64_t g = 0; g < G; ++g) dk.page_scores(qh + g * d, pmax + o, pmin + o, P, d, score, g > 0);
         select(mr, G, keep);

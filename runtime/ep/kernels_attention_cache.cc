@@ -34,28 +34,36 @@ void QuestAttentionCache(const float* q, const float* k_new, const float* v_new,
                          const Parallel& par, const PageState* state) {
   const int64_t C = c.capacity, past = c.past, L = past + T;
   const size_t es = c.f16 ? 2 : 4;
-  // per (row, KV head): the past rows when the present cache is another buffer, then the new rows
+  // per (row, KV head): the past rows when the present cache is another buffer, then the new rows at the row's own
+  // length (step protocol 2: rows may differ)
   auto append = [&](size_t it) {
     const int64_t o = static_cast<int64_t>(it);  // b * Hkv + hk
+    const int64_t pb = c.lengths != nullptr ? c.lengths[o / Hkv] : past;
     if (c.past_k != nullptr && c.past_k != c.k)
       std::memcpy(static_cast<char*>(c.k) + o * C * d * es, static_cast<const char*>(c.past_k) + o * C * d * es,
-                  past * d * es);
+                  pb * d * es);
     if (c.past_v != nullptr && c.past_v != c.v)
       std::memcpy(static_cast<char*>(c.v) + o * C * dv * es, static_cast<const char*>(c.past_v) + o * C * dv * es,
-                  past * dv * es);
-    StoreRow(c.k, c.f16, (o * C + past) * d, k_new + o * T * d, T * d);
-    StoreRow(c.v, c.f16, (o * C + past) * dv, v_new + o * T * dv, T * dv);
+                  pb * dv * es);
+    StoreRow(c.k, c.f16, (o * C + pb) * d, k_new + o * T * d, T * d);
+    StoreRow(c.v, c.f16, (o * C + pb) * dv, v_new + o * T * dv, T * dv);
   };
   par.For(static_cast<size_t>(B * Hkv), append);
 
   if (T == 1) {  // decode: read the cache where it lies
     KvView kv;
     kv.k = c.k, kv.v = c.v, kv.f16 = c.f16, kv.stride = C;
+    if (c.lengths != nullptr) {  // each row attends over its own valid rows
+      int64_t* lens = Grow(scratch.lens, static_cast<size_t>(B));
+      for (int64_t b = 0; b < B; ++b) lens[b] = c.lengths[b] + T;
+      kv.lengths = lens;
+    }
     QuestAttentionView(q, kv, mask, kappa, B, H, Hkv, T, L, d, dv, p, out, scratch, par, state);
     return;
   }
-  // prefill (and other multi-token calls): the dense path reads tight fp32 tensors, so gather the valid rows once
-  // (exactly the values the cache now holds: after rounding, for half)
+  // prefill (and other multi-token calls, every row of the same length: ort_kernels.cc checks): the dense path reads
+  // tight fp32 tensors, so gather the valid rows once (exactly the values the cache now holds: after rounding, for
+  // half)
   float* kf = Grow(scratch.kf, static_cast<size_t>(B * Hkv * L * d));
   float* vf = Grow(scratch.vf, static_cast<size_t>(B * Hkv * L * dv));
   auto gather = [&](size_t it) {

@@ -83,19 +83,25 @@ bool QuestKernel::CacheOf(OrtKernelContext* kc, int64_t B, int64_t Hkv, int64_t 
     Fail("SolmEP: QuestAttention past_length must be int64 [B] with B=" + std::to_string(B) + ", got " +
          ShapeStr(pl.shape));
   const int64_t* len = static_cast<const int64_t*>(pl.data);
-  for (int64_t b = 1; b < B; ++b)
-    if (len[b] != len[0])
-      Fail("SolmEP: QuestAttention past_length must be the same for every row (per-row lengths are not supported "
-           "yet), got " + std::to_string(len[0]) + " and " + std::to_string(len[b]));
-  const int64_t C = pk.shape[2], past = B > 0 ? len[0] : 0;
-  if (past < 0 || past + T > C)
-    Fail("SolmEP: QuestAttention KV cache overflow: past_length " + std::to_string(past) + " + " + std::to_string(T) +
-         " new tokens > capacity " + std::to_string(C));
+  const int64_t C = pk.shape[2];
+  int64_t past = 0;
+  bool equal = true;
+  for (int64_t b = 0; b < B; ++b) {  // step protocol 2: each row its own length (single-token steps)
+    if (len[b] < 0 || len[b] + T > C)
+      Fail("SolmEP: QuestAttention KV cache overflow: past_length " + std::to_string(len[b]) + " + " +
+           std::to_string(T) + " new tokens > capacity " + std::to_string(C) + " (row " + std::to_string(b) + ")");
+    past = std::max(past, len[b]);
+    equal = equal && len[b] == len[0];
+  }
+  if (!equal && T != 1)
+    Fail("SolmEP: QuestAttention past_length differs between rows in a " + std::to_string(T) +
+         "-token run; run a joining row's prefill on its own (B = 1, bound to its rows of the buffers)");
   if (!HasOut(3) || !HasOut(4))
     Fail("SolmEP: QuestAttention with a KV cache buffer must produce present_key and present_value");
   c->past_k = pk.data, c->past_v = pv.data;
   c->k = Out(kc, 3, pk.shape), c->v = Out(kc, 4, pv.shape);
   c->f16 = f16, c->capacity = C, c->past = past;
+  c->lengths = equal ? nullptr : len;
   return true;
 }
 
@@ -121,7 +127,7 @@ void QuestKernel::Compute(OrtKernelContext* kc) {
   solm::MaskView mv;
   if (m.present) mv = MaskOf(m, B, H, T, Lk);
   solm::PageState ps;
-  const bool stateful = PageStateOf(kc, B, Hkv, T, Lk, d, &ps, call->spare_state);
+  const bool stateful = PageStateOf(kc, B, Hkv, T, Lk, d, buffered ? &cache : nullptr, &ps, call->spare_state);
   float* out = Out(kc, 0, {B, H, T, dv});
   if (out == nullptr && ps.min == nullptr && !buffered) return;
   if (out == nullptr) out = Grow(call->spare_out, B * H * T * dv);  // only the page state is consumed
@@ -142,10 +148,28 @@ void QuestKernel::Compute(OrtKernelContext* kc) {
 }
 
 bool QuestKernel::PageStateOf(OrtKernelContext* kc, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d,
-                              solm::PageState* ps, std::vector<float>& spare_state) const {
+                              const solm::KvCache* cache, solm::PageState* ps, std::vector<float>& spare_state) const {
   TensorRef mn = In(kc, 5), mx = In(kc, 6);
   if (mn.present != mx.present) Fail("SolmEP: QuestAttention takes past_page_min and past_page_max together");
   const int64_t S = params.page_size, P = (L + S - 1) / S;
+  // step protocol 2: with a KV cache buffer of C rows, page state of C/S pages is the buffer form (kernels.h:
+  // PageState), written in place at each row's own pages like the KV rows
+  const int64_t Pc = cache != nullptr && cache->capacity % S == 0 ? cache->capacity / S : -1;
+  if (mn.present && Pc > 0 && mn.shape.size() == 4 && mn.shape == mx.shape && mn.shape[0] == B &&
+      mn.shape[1] == Hkv && mn.shape[2] == Pc && mn.shape[3] == d) {
+    RequireFloat(mn, "past_page_min");
+    RequireFloat(mx, "past_page_max");
+    ps->past_min = mn.f(), ps->past_max = mx.f(), ps->stride = Pc;
+    ps->min = Out(kc, 1, mn.shape);
+    ps->max = Out(kc, 2, mx.shape);
+    if (ps->min == nullptr || ps->max == nullptr)
+      Fail("SolmEP: QuestAttention with page state buffers must produce present_page_min and present_page_max");
+    return true;
+  }
+  if (cache != nullptr && cache->lengths != nullptr && mn.present && mn.shape.size() == 4 && mn.shape[2] > 0)
+    Fail("SolmEP: QuestAttention rows of different past_length need the page state as buffers [B,Hkv,C/S,d] = [" +
+         std::to_string(B) + "," + std::to_string(Hkv) + "," + std::to_string(Pc) + "," + std::to_string(d) +
+         "] (step protocol 2), got " + ShapeStr(mn.shape));
   if (mn.present) {
     RequireFloat(mn, "past_page_min");
     RequireFloat(mx, "past_page_max");
@@ -286,9 +310,17 @@ void GateKernel::Compute(OrtKernelContext* kc) {
   TensorRef ids = In(kc, 0), past = In(kc, 1);
   if (ids.shape.size() < 2) Fail("SolmEP: GateControls input_ids must be [B,T]");
   if (past.shape.size() < 3) Fail("SolmEP: GateControls past_key must have rank >= 3 ([B,Hkv,Lpast,d])");
-  const int64_t T = ids.shape[1];
+  const int64_t T = ids.shape[1], B = ids.shape[0];
   const int64_t L = past.shape[2] + T;
-  const bool active = T == 1 && L > min_len;
+  // step protocol 2: past_length [B] (optional) gates each row by its own length; else every row by the cache's
+  TensorRef pl = In(kc, 5);
+  const int64_t* len = nullptr;
+  if (pl.present) {
+    if (pl.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 || pl.numel() != B)
+      Fail("SolmEP: GateControls past_length must be int64 [B] with B=" + std::to_string(B) + ", got " +
+           ShapeStr(pl.shape));
+    len = static_cast<const int64_t*>(pl.data);
+  }
   const float dense[3] = {1.f, 1.f, 16.f};
   for (size_t i = 0; i < 3; ++i) {
     TensorRef c = In(kc, 2 + i);
@@ -296,7 +328,12 @@ void GateKernel::Compute(OrtKernelContext* kc) {
     float* o = Out(kc, i, c.shape);
     if (o == nullptr) continue;  // output not consumed (left out of the fused node)
     const int64_t n = c.numel();
-    for (int64_t j = 0; j < n; ++j) o[j] = active ? c.f()[j] : dense[i];
+    if (len != nullptr && n != B)
+      Fail("SolmEP: GateControls with past_length needs one control per row, got " + ShapeStr(c.shape));
+    for (int64_t j = 0; j < n; ++j) {
+      const bool active = T == 1 && (len != nullptr ? len[j] + T : L) > min_len;
+      o[j] = active ? c.f()[j] : dense[i];
+    }
   }
 }
 

@@ -267,9 +267,11 @@ struct QuestKernel : KernelBase {
 
   // The optional carried page state: inputs 5/6 past_page_min/max [B,Hkv,P_past,d] (P_past = ceil(L_past/S) with
   // L_past = L - T, or 0: compute every page; then the batch dimension is not checked, so a [1,Hkv,0,d] default
-  // serves any batch) and outputs 1/2 present_page_min/max [B,Hkv,P,d]. Returns whether the node carries state.
+  // serves any batch) and outputs 1/2 present_page_min/max [B,Hkv,P,d]. With a KV cache buffer of C rows (cache),
+  // inputs of [B,Hkv,C/S,d] are the buffer form instead (step protocol 2: written in place at each row's pages,
+  // outputs the same shape). Returns whether the node carries state.
   bool PageStateOf(OrtKernelContext* kc, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d,
-                   solm::PageState* ps, std::vector<float>& spare_state) const;
+                   const solm::KvCache* cache, solm::PageState* ps, std::vector<float>& spare_state) const;
 
   // The KV cache buffer form (passes/kv_buffer.py): inputs 7-9 past_key/past_value [B,Hkv,C,d] (float16 or float32)
   // and past_length [B] (int64, equal rows), outputs 3/4 present_key/present_value of the same shape and type (the

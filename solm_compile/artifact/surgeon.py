@@ -11,9 +11,10 @@ What a plain ``gs.import_onnx`` / ``gs.export_onnx`` round trip does to an artif
   with their attributes, and ``producer_name``;
 - it drops every ``metadata_props`` entry, so SolmSession no longer recognises the file (``solm.kind``, the
   shapes, the tokenizer name and the budget ranges all live there);
-- it turns the graph inputs that have a default (an initializer of the same name: the carried Quest page
-  state ``past_page_min_i``/``past_page_max_i``, empty by default) into constants, so the step can no longer
-  be fed the previous step's page state, and ``fold_constants`` is free to fold through them.
+- it turns the graph inputs that have a default (an initializer of the same name: in protocol-1 artifacts the
+  carried Quest page state ``past_page_min_i``/``past_page_max_i``, empty by default; protocol 2 has none) into
+  constants, so the step can no longer be fed the previous step's page state, and ``fold_constants`` is free to
+  fold through them.
 
 ``load`` turns those constants back into graph inputs before you edit, and ``save`` writes their defaults
 back as initializers, restores the metadata (and any opset import the edit lost), copies the tokenizer beside

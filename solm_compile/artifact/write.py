@@ -11,10 +11,11 @@ Three kinds, one exporter:
 
 The ``ai.solm`` kinds keep their KV cache in pre-allocated buffers that QuestAttention appends to in place
 (``passes/kv_buffer.py``: fp16 by default, ``kv="fp32"`` the exact reference; ``solm.kv_cache`` in the metadata;
-``runtime/session.py`` drives it). They also carry each layer's Quest page state, like the KV cache
-(``passes/page_state.py``): inputs ``past_page_min_i``/``past_page_max_i`` [B, Hkv, past_pages, d] (default: empty,
-then SolmEP computes the pages from all of K) and outputs ``present_page_min_i``/``present_page_max_i``
-[B, Hkv, ceil(L/page_size), d], right after the KV cache's inputs and outputs. ``per_kv_head=True`` picks
+``runtime/session.py`` drives it). They also keep each layer's Quest page state like the KV cache
+(``passes/carry_page_state.py``, then ``kv_buffer``): buffers ``past_page_min_i``/``past_page_max_i``
+[B, Hkv, C/page_size, d] bound in place as ``present_page_min_i``/``present_page_max_i``, right after the KV
+cache's inputs and outputs; with ``past_length`` per row this is step protocol 2 (docs/protocol.md: rows of different
+lengths in one run). ``per_kv_head=True`` picks
 SolmEP's per-KV-head page selection (coarser than the reference's per query head; recorded as
 ``solm.select_per_kv_head``).
 
@@ -32,7 +33,7 @@ import torch
 from torch.export import Dim
 
 from solm_compile import __version__
-from solm_compile.artifact.protocol import PROTOCOL
+from solm_compile.artifact.protocol import BUFFER_PROTOCOL, PROTOCOL
 from solm_compile.artifact.step import ArtifactStep, initial_policy_state
 from solm_compile.policy.checkpoint import check_mlp_skip
 from solm_compile.policy.step import STATE_NAMES, PolicyStep, episode_length
@@ -189,7 +190,8 @@ def carry_ep_state(program, kind: str, per_kv_head: bool = False, kv: str | None
     log.debug("kv_buffer: %s (skipped: %s)", dict(buffered.counts), buffered.skipped)
     if buffered.skipped:
         raise UserError(f"cannot put this model's KV cache in a buffer: {buffered.skipped[0]}")
-    return {**meta, "kv_cache": {"layout": LAYOUT, "dtype": KV_DTYPES[kv]}}
+    # the buffers (KV and page state) with per-row lengths: step protocol 2 (docs/protocol.md)
+    return {**meta, "kv_cache": {"layout": LAYOUT, "dtype": KV_DTYPES[kv]}, "protocol": BUFFER_PROTOCOL}
 
 
 def fuse_norm_rope(program) -> dict:

@@ -20,9 +20,12 @@ def add_serve_parser(sub, common) -> None:
     p.add_argument("--context", type=int, default=D.context,
                    help=f"tokens of prompt plus answer one request may use (default {D.context})")
     p.add_argument("--max-active", type=int, default=D.max_active,
-                   help=f"requests stepped in turn, one token each (default {D.max_active})")
+                   help=f"requests batched together, one row each (default {D.max_active})")
     p.add_argument("--max-queue", type=int, default=D.max_queue,
                    help=f"requests waiting for a slot before new ones get 503 (default {D.max_queue})")
+    p.add_argument("--kv-budget", dest="kv_budget_mb", type=float, default=D.kv_budget_mb,
+                   help="MiB of KV cache the batched rows may take: fewer rows than --max-active when they do not "
+                        "fit; requests beyond them wait (default: no limit)")
     p.add_argument("--timeout", dest="timeout_s", type=float, default=D.timeout_s,
                    help=f"seconds a request may run (default {D.timeout_s:g})")
     p.add_argument("--model-name", default=D.model_name, help="the model id clients use (default: the file name)")
@@ -33,7 +36,7 @@ def add_serve_parser(sub, common) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(host=args.host, port=args.port, threads=args.threads, context=args.context,
                          max_active=args.max_active, max_queue=args.max_queue, timeout_s=args.timeout_s,
-                         model_name=args.model_name)          # bad flags fail before the artifact loads
+                         model_name=args.model_name, kv_budget_mb=args.kv_budget_mb)          # bad flags fail before the artifact loads
     try:
         from solm_compile.serve import create_app, serve_forever
     except ImportError as e:

@@ -129,10 +129,21 @@ def quest_attention_ref(q, k, v, attn_mask, kappa, scale, page_size, sinks, wind
 def quest_attention_cache_ref(q, k, v, attn_mask, kappa, past_key, past_value, past_length, scale, page_size, sinks,
                               window):
     """QuestAttention's KV cache buffer form (registry.QUEST_ATTENTION): k/v [B,Hkv,T,d] the new rows (float32),
-    past_key/past_value [B,Hkv,C,d] the caches (float32 or float16), past_length [B] (equal rows). Returns (out,
+    past_key/past_value [B,Hkv,C,d] the caches (float32 or float16), past_length [B]. Returns (out,
     present_key, present_value): the new rows written at [P, P+T) in the cache's dtype (float16: rounded to nearest
-    even, torch's cast), and ``quest_attention_ref`` over the L = P+T valid rows as float32."""
+    even, torch's cast), and ``quest_attention_ref`` over the L = P+T valid rows as float32. Rows of different
+    lengths (step protocol 2; T = 1 only): each row on its own, over its own L_b keys (a mask's first L_b)."""
     P, T = int(past_length[0]), k.shape[2]
+    if not bool((past_length == P).all()):
+        assert T == 1, "rows of different lengths: single-token calls only"
+        rows = []
+        for b in range(q.shape[0]):
+            Lb = int(past_length[b]) + T
+            m = None if attn_mask is None else attn_mask[b:b + 1 if attn_mask.shape[0] > 1 else 1, ..., :Lb]
+            rows.append(quest_attention_cache_ref(q[b:b + 1], k[b:b + 1], v[b:b + 1], m, kappa[b:b + 1],
+                                                  past_key[b:b + 1], past_value[b:b + 1], past_length[b:b + 1],
+                                                  scale, page_size, sinks, window))
+        return tuple(torch.cat(x) for x in zip(*rows))
     assert bool((past_length == P).all()) and P + T <= past_key.shape[2]
     present_key, present_value = past_key.clone(), past_value.clone()
     present_key[:, :, P:P + T] = k.to(past_key.dtype)

@@ -82,7 +82,7 @@ class OpSig:
 GATE_CONTROLS = OpSig(
     "gate_controls", "GateControls",
     inputs=(Param("input_ids", "I"), Param("past_key", "T"), Param("kappa", "C"), Param("rho", "C"),
-            Param("bits", "C")),
+            Param("bits", "C"), Param("past_length", "I", optional=True, state=True)),
     outputs=(Param("kappa_e", "C"), Param("rho_e", "C"), Param("bits_e", "C")),
     attributes=(Attr("min_len", "int"),),
     types=(("I", INT_TYPES), ("T", FLOAT_TYPES), ("C", FLOAT_TYPES)))

@@ -47,7 +47,8 @@ def error_response(err: ApiError) -> JSONResponse:
 def create_app(sess, config: ServeConfig = ServeConfig()) -> FastAPI:
     """The application over an open ``SolmSession``; its scheduler starts and stops with the app's lifespan."""
     metrics = Metrics()
-    sched = Scheduler(sess, config.max_active, config.max_queue, config.timeout_s, metrics)
+    sched = Scheduler(sess, config.max_active, config.max_queue, config.timeout_s, metrics, context=config.context,
+                      kv_budget_mb=config.kv_budget_mb)
     name = model_name(sess, config)
     created = int(Path(sess.path).stat().st_mtime)
 

@@ -20,9 +20,11 @@ def _check(cond: bool, msg: str) -> None:
 class ServeConfig:
     """``host``/``port``: where to listen (loopback unless told otherwise; the server has no authentication).
     ``threads``: onnxruntime intra-op threads (None: its default). ``context``: tokens of prompt plus answer one
-    request may use (the artifact does not record its model's own limit). ``max_active``: requests stepped in turn
-    by the scheduler; up to ``max_queue`` more wait for a slot, beyond that a request gets 503. ``timeout_s``: a
-    request still running after this long is ended. ``max_body``: bytes of request JSON accepted."""
+    request may use (the artifact does not record its model's own limit). ``max_active``: requests batched together
+    by the scheduler (one row each); up to ``max_queue`` more wait for a slot, beyond that a request gets 503.
+    ``kv_budget_mb``: MiB of KV cache the rows may take (None: no limit); fewer rows than ``max_active`` when a row
+    of ``context`` positions does not fit that often. ``timeout_s``: a request still running after this long is
+    ended. ``max_body``: bytes of request JSON accepted."""
 
     host: str = LOOPBACK
     port: int = 8000
@@ -30,6 +32,7 @@ class ServeConfig:
     context: int = 2048
     max_active: int = 8
     max_queue: int = 64
+    kv_budget_mb: float | None = None
     timeout_s: float = 300.0
     max_body: int = 1_000_000
     model_name: str | None = None
@@ -40,6 +43,8 @@ class ServeConfig:
         _check(self.context >= 2, f"--context must be >= 2, got {self.context}")
         _check(self.max_active >= 1, f"--max-active must be >= 1, got {self.max_active}")
         _check(self.max_queue >= 0, f"--max-queue must be >= 0, got {self.max_queue}")
+        _check(self.kv_budget_mb is None or self.kv_budget_mb > 0,
+               f"--kv-budget must be > 0 MiB, got {self.kv_budget_mb}")
         _check(self.timeout_s > 0, f"--timeout must be > 0 seconds, got {self.timeout_s}")
         _check(self.max_body >= 1024, f"max_body must be >= 1024 bytes, got {self.max_body}")
         _check(bool(self.host) and " " not in self.host, f"--host must be an address or a name, got {self.host!r}")

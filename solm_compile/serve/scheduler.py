@@ -1,14 +1,18 @@
-"""One worker thread that steps every active request in turn, one decode step each (token-granular interleaving).
+"""One worker thread that steps every active request in one batched run per token (continuous batching).
 
-Each request owns a ``SolmSession.steps`` generator (the session keeps each call's KV cache and policy state
-apart), so the worker advances request 1 by one token, then request 2, ... round-robin: concurrent requests share
-the machine at token granularity. Their rows are not yet batched into one onnxruntime run: that needs the
-mixed-length step protocol (a later step of issue 19), so throughput with N clients is about that of one.
+The requests share one ``SolmSession.batch`` (``runtime/batch.py``) of ``rows`` slots: a waiting request joins at the
+next step (its own dense prefill into a free slot), every running request advances by one token in the same
+onnxruntime run, and a request leaves (its slot free for the next) when it stops, its client disconnects or it runs
+past the timeout. A protocol-2 artifact (solm, fixed) runs all rows in one run at their own lengths; a protocol-1
+one (portable, dense) steps them one after another behind the same interface.
+
+**Admission control.** The slots are the KV memory: ``rows`` is ``max_active``, or fewer when ``kv_budget_mb`` holds
+fewer rows of ``context`` positions (``KvCache.row_bytes``). A request beyond them waits; beyond ``max_queue``
+waiting it gets 503. A buffer artifact's batch allocates its rows once, so memory never grows past the budget.
 
 A request's events go to its asyncio queue on the server's event loop: ``("token", record)`` per generated token,
 then ``("done", finish_reason, tail_text)`` or ``("error", ApiError)``. Cancelling a request (its client went away)
-frees its slot at the worker's next turn. Every wait is bounded: the worker wakes at least every ``IDLE_S``, and
-a request running longer than the config's ``timeout_s`` is ended.
+frees its slot at the worker's next step. Every wait is bounded: the worker wakes at least every ``IDLE_S``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,19 @@ from solm_compile.serve.protocol import ApiError, GenRequest
 
 log = logging.getLogger(__name__)
 IDLE_S = 0.25
+MIB = 1 << 20
+
+
+def batch_rows(sess, max_active: int, context: int, kv_budget_mb: float | None) -> int:
+    """The slots a server keeps: ``max_active``, or as many rows of ``context`` positions as ``kv_budget_mb`` holds."""
+    if kv_budget_mb is None:
+        return max_active
+    per_row = sess.kv.row_bytes(context)
+    fit = int(kv_budget_mb * MIB // per_row)
+    if fit < 1:
+        raise UserError(f"--kv-budget {kv_budget_mb:g} MiB holds no request: one row of --context {context} "
+                        f"needs {per_row / MIB:.2f} MiB")
+    return min(max_active, fit)
 
 
 class StopText:
@@ -68,7 +85,7 @@ class Job:
         self.req, self.loop, self.deadline = req, loop, deadline
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
-        self.gen = self.text = self.rng = None
+        self.text = self.rng = self.slot = self.logits = None
         self.n = 0
         self.lo = None
 
@@ -83,10 +100,13 @@ class Job:
 
 
 class Scheduler:
-    """Round-robin stepping of up to ``max_active`` requests on one ``SolmSession``; up to ``max_queue`` wait."""
+    """Continuous batching of up to ``rows`` requests on one ``SolmSession``; up to ``max_queue`` more wait."""
 
-    def __init__(self, sess, max_active: int, max_queue: int, timeout_s: float, metrics: Metrics | None = None):
-        self.sess, self.max_active, self.max_queue, self.timeout_s = sess, max_active, max_queue, timeout_s
+    def __init__(self, sess, max_active: int, max_queue: int, timeout_s: float, metrics: Metrics | None = None,
+                 context: int = 2048, kv_budget_mb: float | None = None):
+        self.sess, self.max_queue, self.timeout_s = sess, max_queue, timeout_s
+        self.rows = self.max_active = batch_rows(sess, max_active, context, kv_budget_mb)
+        self.batch = sess.batch(self.rows, context)
         self.metrics = metrics or Metrics()
         self.eos = set(sess.meta.get("eos_token_ids") or [])
         try:
@@ -108,7 +128,7 @@ class Scheduler:
         with self.cv:
             if self.closing:
                 raise ApiError("the server is shutting down", status=503, type="server_error", code="shutting_down")
-            if len(self.active) >= self.max_active and len(self.pending) >= self.max_queue:
+            if len(self.active) >= self.rows and len(self.pending) >= self.max_queue:
                 raise ApiError(f"the server is busy ({len(self.active)} requests running, {len(self.pending)} "
                                "waiting); try again later", status=503, type="server_error", code="overloaded")
             self.pending.append(job)
@@ -140,22 +160,19 @@ class Scheduler:
                     for job in [*self.active, *self.pending]:
                         self._end(job, "error", ApiError("the server is shutting down", status=503,
                                                           type="server_error", code="shutting_down"))
-                    self.active.clear()
                     self.pending.clear()
                     self._gauges()
                     return
-                while self.pending and len(self.active) < self.max_active:
-                    self.active.append(self.pending.popleft())
                 self._drop_cancelled()
-                if not self.active:
+                joining = []
+                while self.pending and len(self.active) + len(joining) < self.rows:
+                    joining.append(self.pending.popleft())
+                if not self.active and not joining:
                     self.cv.wait(IDLE_S)
                     continue
-                turn = list(self.active)
-            for job in turn:                  # one step each, round-robin
-                if not self._advance(job):
-                    with self.cv:
-                        self.active.remove(job)
-                        self._gauges()
+            for job in joining:                # each joins at this step: its own prefill into a free slot
+                self._join(job)
+            self._step()
 
     def _drop_cancelled(self) -> None:       # under self.cv
         for job in [j for j in self.pending if j.cancelled.is_set()]:
@@ -163,55 +180,70 @@ class Scheduler:
             self.metrics.count_request("cancelled")
         self._gauges()
 
-    def _advance(self, job: Job) -> bool:
-        """One step of ``job``; False once it is finished (its last event sent, its generator closed)."""
+    def _join(self, job: Job) -> None:
+        req = job.req
         if job.cancelled.is_set():
-            self._close(job)
             self.metrics.count_request("cancelled")
-            return False
-        if time.monotonic() > job.deadline:
-            self._end(job, "error", ApiError(f"the request ran past this server's timeout of {self.timeout_s:g} s",
-                                             status=408, type="timeout", code="timeout"))
-            return False
+            return
         try:
-            if job.gen is None:
-                return self._prefill(job)
+            job.rng = np.random.default_rng(req.seed)
+            job.text = StopText(self.sess.tokenizer.decode, req.stop)
+            if self.cost is not None:
+                job.lo = scale_floor(self.cost.floor(len(req.prompt_ids) + req.max_tokens, req.budget))
             t0 = time.perf_counter()
-            step = next(job.gen)
+            job.slot, job.logits = self.batch.join(list(req.prompt_ids), req.budget)     # the dense prefill
             self.metrics.add_step_time(time.perf_counter() - t0)
-            return self._token(job, step)
-        except StopIteration:
-            self._end(job, "done", "length")
-            return False
         except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
-            log.exception("request failed")
+            log.exception("prefill failed")
             self._end(job, "error", ApiError(f"generation failed: {type(e).__name__}: {str(e)[:200]}", status=500,
                                              type="server_error", code="internal_error"))
-            return False
-
-    def _prefill(self, job: Job) -> bool:
-        req = job.req
-        job.rng = np.random.default_rng(req.seed)
-        job.text = StopText(self.sess.tokenizer.decode, req.stop)
-        pick = lambda logits: pick_tokens(logits, job.rng, greedy=req.greedy, temperature=req.temperature)  # noqa
-        job.gen = self.sess.steps([list(req.prompt_ids)], req.budget, next_token=pick, max_new_tokens=req.max_tokens)
-        if self.cost is not None:
-            job.lo = scale_floor(self.cost.floor(len(req.prompt_ids) + req.max_tokens, req.budget))
-        t0 = time.perf_counter()
-        next(job.gen)                          # the dense prefill
-        self.metrics.add_step_time(time.perf_counter() - t0)
+            return
         self.metrics.count_admitted(req)
-        return True
+        with self.cv:
+            self.active.append(job)
+            self._gauges()
 
-    def _token(self, job: Job, step: dict) -> bool:
-        tok = int(step["token"][0])
-        if tok in self.eos:                    # the answer ended (as SolmSession.generate: the EOS is not shown)
-            self._end(job, "done", "stop")
-            return False
+    def _step(self) -> None:
+        """One token of every active request in one batched run; ends those that stop, left or timed out."""
+        tokens, stepped = {}, []
+        for job in list(self.active):
+            if job.cancelled.is_set():
+                self._release(job)
+                self.metrics.count_request("cancelled")
+                continue
+            if time.monotonic() > job.deadline:
+                self._end(job, "error", ApiError(f"the request ran past this server's timeout of "
+                                                 f"{self.timeout_s:g} s", status=408, type="timeout", code="timeout"))
+                continue
+            req = job.req
+            tok = int(pick_tokens(job.logits[None], job.rng, greedy=req.greedy, temperature=req.temperature)[0])
+            if tok in self.eos:                # the answer ended (as SolmSession.generate: the EOS is not shown)
+                self._end(job, "done", "stop")
+                continue
+            tokens[job.slot] = tok
+            stepped.append(job)
+        if not tokens:
+            return
+        t0 = time.perf_counter()
+        try:
+            out = self.batch.step(tokens)
+        except Exception as e:  # noqa: BLE001 - the run failed for every row in it; the server goes on
+            log.exception("step failed")
+            for job in stepped:
+                self._end(job, "error", ApiError(f"generation failed: {type(e).__name__}: {str(e)[:200]}",
+                                                 status=500, type="server_error", code="internal_error"))
+            return
+        self.metrics.add_step_time(time.perf_counter() - t0)
+        for job in stepped:
+            row = out[job.slot]
+            job.logits = row["logits"]
+            self._token(job, tokens[job.slot], row)
+
+    def _token(self, job: Job, tok: int, step: dict) -> None:
         job.n += 1
         L = len(job.req.prompt_ids) + job.n   # the KV length of the step that read this token (as run --show)
-        controls = None if step["controls"] is None else [float(c) for c in step["controls"][0]]
-        action = None if step["action"] is None else int(step["action"][0])
+        controls = None if step["controls"] is None else [float(c) for c in step["controls"]]
+        action = step["action"]
         cost = None if self.cost is None else self.cost(L, controls)
         text, stopped = job.text.push(tok)
         rec = {"token": tok, "text": text, "token_cost": cost, "controls": controls, "action": action, "L": L}
@@ -222,22 +254,24 @@ class Scheduler:
         job.emit("token", rec)
         if stopped:
             self._end(job, "done", "stop")
-            return False
-        if job.n >= job.req.max_tokens:
+        elif job.n >= job.req.max_tokens:
             self._end(job, "done", "length")
-            return False
-        return True
 
     def _end(self, job: Job, kind: str, what) -> None:
         """The request's last event; counted first, so a client that reads /metrics after its answer sees it."""
-        self._close(job)
+        self._release(job)
         self.metrics.count_request("ok" if kind == "done" else "error")
         if kind == "done":
             job.emit("done", what, job.text.finish() if job.text is not None else "")
         else:
             job.emit("error", what)
 
-    @staticmethod
-    def _close(job: Job) -> None:
-        if job.gen is not None:
-            job.gen.close()
+    def _release(self, job: Job) -> None:
+        """Free the job's slot (worker thread only) and take it off the active list."""
+        if job.slot is not None:
+            self.batch.leave(job.slot)
+            job.slot = None
+        with self.cv:
+            if job in self.active:
+                self.active.remove(job)
+            self._gauges()

@@ -1,0 +1,214 @@
+"""Load test of ``solm serve``: concurrent streamed clients on loopback, per budget; prints a table and JSON.
+
+    python -m solm_compile.bench.serve_load smollm2.solm.onnx [smollm2.portable.onnx] --threads 2 --out r.json
+
+For each artifact, one server in this process (``serve.background``: loopback, ephemeral port, continuous batching
+with ``--max-active`` = the largest client count), then for each (budget, clients) cell: ``clients`` threads each
+send ``--requests`` streamed completions one after another (prompts of 128–512 token ids cut from *Persuasion*,
+``corpora.heldout_text``, lengths and offsets from ``--seed``; ``max_tokens`` 64, greedy). Per cell: throughput
+(completion tokens / wall time), p50/p99 time to first token and inter-token latency (gaps between streamed token
+chunks), and every request's outcome: completed, or its HTTP status and error (nothing is dropped silently). Cells run
+in ``--rounds`` rounds, each in a rotated order (../shared/benchmark_protocol.md); a cell's numbers are the medians
+over rounds. Bounded: at most clients × requests × cells × rounds requests, and no request starts after
+``--max-wall`` seconds (those are reported as not run). Budgets: ``dense`` (1, 1, 16) and κ̄ = ρ̄ = r for each r in
+``--keep`` (bits 16). Timings need a quiet machine (the protocol's rule 2): say so when it was not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from solm_compile.errors import UserError
+
+TIMEOUT_S = 300
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def prompts(sess, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    """``n`` prompts of lo..hi token ids, windows of the held-out novel (seeded lengths and offsets)."""
+    from solm_compile.data.corpora import heldout_text
+
+    ids = sess.tokenizer.encode(heldout_text()[:400_000], add_special_tokens=False).ids
+    if len(ids) < hi + 1:
+        raise UserError(f"the held-out text has {len(ids)} tokens, fewer than a prompt of {hi}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(lo, hi + 1))
+        at = int(rng.integers(0, len(ids) - length))
+        out.append(ids[at:at + length])
+    return out
+
+
+def one_request(url: str, model: str, prompt: list[int], budget: tuple, max_tokens: int) -> dict:
+    """One streamed completion: {ok, status, error, tokens, ttft_s, gaps_s}."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "attn_keep": budget[0], "mlp_keep": budget[1], "bits": budget[2]}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    t0 = time.perf_counter()
+    arrivals, error = [], None
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    error = chunk["error"].get("message", "error")
+                    break
+                if (chunk.get("solm") or {}).get("token") is not None:      # one chunk per generated token
+                    arrivals.append(time.perf_counter())
+        status = 200
+    except urllib.error.HTTPError as e:
+        status, error = e.code, json.loads(e.read() or b"{}").get("error", {}).get("message", str(e))
+    except (urllib.error.URLError, OSError) as e:
+        status, error = 0, f"{type(e).__name__}: {e}"
+    return {"ok": error is None and status == 200, "status": status, "error": error, "tokens": len(arrivals),
+            "ttft_s": arrivals[0] - t0 if arrivals else None,
+            "gaps_s": [b - a for a, b in zip(arrivals, arrivals[1:])]}
+
+
+def run_cell(url, model, budget, clients, per_client, pool, max_tokens, stop_at) -> dict:
+    """``clients`` threads × ``per_client`` requests; returns the cell's numbers and every request's outcome."""
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client(c: int):
+        for k in range(per_client):
+            if time.monotonic() > stop_at:
+                with lock:
+                    results.append({"ok": False, "status": None, "error": "not run (--max-wall reached)",
+                                    "tokens": 0, "ttft_s": None, "gaps_s": []})
+                continue
+            r = one_request(url, model, pool[(c * per_client + k) % len(pool)], budget, max_tokens)
+            with lock:
+                results.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    tokens = sum(r["tokens"] for r in results)
+    gaps = [g for r in results for g in r["gaps_s"]]
+    ttft = [r["ttft_s"] for r in results if r["ttft_s"] is not None]
+    return {"tok_s": tokens / wall if wall > 0 else None, "wall_s": wall, "tokens": tokens,
+            "ttft_p50_ms": _ms(percentile(ttft, 50)), "ttft_p99_ms": _ms(percentile(ttft, 99)),
+            "itl_p50_ms": _ms(percentile(gaps, 50)), "itl_p99_ms": _ms(percentile(gaps, 99)),
+            "completed": sum(r["ok"] for r in results), "requests": len(results),
+            "errors": sorted({f"{r['status']}: {r['error']}" for r in results if not r["ok"]})}
+
+
+def _ms(s):
+    return None if s is None else s * 1e3
+
+
+def bench_artifact(path: str, args, budgets: dict, stop_at: float) -> list[dict]:
+    from solm_compile.runtime.session import SolmSession
+    from solm_compile.serve import ServeConfig, background, create_app
+
+    sess = SolmSession(path, threads=args.threads)
+    config = ServeConfig(context=args.prompt_max + args.max_tokens + 8, max_active=max(args.clients),
+                         max_queue=4 * max(args.clients), timeout_s=TIMEOUT_S)
+    pool = prompts(sess, max(args.clients) * args.requests, args.prompt_min, args.prompt_max, args.seed)
+    if sess.kind == "dense":
+        budgets = {"dense": budgets["dense"]}
+    cells = [(b, c) for b in budgets for c in args.clients]
+    runs: dict[tuple, list[dict]] = {cell: [] for cell in cells}
+    model = Path(path).name.removesuffix(".onnx")
+    with background(create_app(sess, config)) as url:
+        one_request(url, model, pool[0][:16], budgets["dense"], 2)                  # untimed warm-up
+        for r in range(args.rounds):
+            k = r % len(cells)
+            for cell in cells[k:] + cells[:k]:
+                runs[cell].append(run_cell(url, model, budgets[cell[0]], cell[1], args.requests, pool,
+                                           args.max_tokens, stop_at))
+    rows = []
+    for (budget, clients), cell_runs in runs.items():
+        med = {key: _median([c[key] for c in cell_runs]) for key in
+               ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")}
+        rows.append({"artifact": Path(path).name, "kind": sess.kind, "budget": budget, "clients": clients, **med,
+                     "completed": sum(c["completed"] for c in cell_runs),
+                     "requests": sum(c["requests"] for c in cell_runs),
+                     "errors": sorted({e for c in cell_runs for e in c["errors"]}), "rounds": cell_runs})
+    return rows
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def table(rows: list[dict]) -> str:
+    head = ("artifact", "budget", "clients", "tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "done")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    f = lambda x, nd=1: "—" if x is None else f"{x:.{nd}f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['artifact']} | {r['budget']} | {r['clients']} | {f(r['tok_s'])} | "
+                     f"{f(r['ttft_p50_ms'], 0)} ms | {f(r['ttft_p99_ms'], 0)} ms | {f(r['itl_p50_ms'])} ms | "
+                     f"{f(r['itl_p99_ms'])} ms | {r['completed']}/{r['requests']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m solm_compile.bench.serve_load", description=__doc__.split("\n")[0])
+    ap.add_argument("artifacts", nargs="+", metavar="ARTIFACT")
+    ap.add_argument("--clients", default="1,4,16", help="concurrent client counts (default 1,4,16)")
+    ap.add_argument("--requests", type=int, default=4, help="requests per client per cell (default 4)")
+    ap.add_argument("--keep", default="0.5", help="sparse budgets: κ̄ = ρ̄ = each value (default 0.5)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt-min", type=int, default=128)
+    ap.add_argument("--prompt-max", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=1, help="rounds over the cells, rotated (default 1)")
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    ap.add_argument("--max-wall", type=float, default=1800.0, help="no request starts after this many seconds")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    args = ap.parse_args(argv)
+    try:
+        args.clients = [int(c) for c in args.clients.split(",")]
+        keeps = [float(k) for k in args.keep.split(",") if k]
+        if min(args.clients) < 1 or args.requests < 1 or args.rounds < 1 or args.max_tokens < 1:
+            raise ValueError("--clients, --requests, --rounds and --max-tokens must be >= 1")
+        if not 1 <= args.prompt_min <= args.prompt_max:
+            raise ValueError("--prompt-min must be in [1, --prompt-max]")
+    except ValueError as e:
+        print(f"serve_load: error: {e}", file=sys.stderr)
+        return 2
+    budgets = {"dense": (1.0, 1.0, 16.0), **{f"keep {k:g}": (k, k, 16.0) for k in keeps}}
+    stop_at = time.monotonic() + args.max_wall
+    try:
+        rows = [row for path in args.artifacts for row in bench_artifact(path, args, budgets, stop_at)]
+    except UserError as e:
+        print(f"serve_load: error: {e}", file=sys.stderr)
+        return 2
+    print(table(rows))
+    doc = {"command": "python -m solm_compile.bench.serve_load " + " ".join(argv or sys.argv[1:]),
+           "max_tokens": args.max_tokens, "prompt_tokens": [args.prompt_min, args.prompt_max], "rows": rows}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in doc.items() if k != "rows"} |
+                     {"rows": [{k: v for k, v in r.items() if k != "rounds"} for r in rows]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""`solm serve` on a step-protocol-2 artifact (issue 19): concurrent requests with different prompts, budgets and
+lengths are batched into one run per token and each answer equals ``SolmSession.generate`` alone (the independent
+reference: no batching); the KV-memory budget caps the rows (hand-derived bytes), and requests beyond them wait and
+still complete. With SOLM_REQUIRE_EP=1 these fail, not skip, when SolmEP is missing."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from require import need_ep
+from serve_helpers import TIMEOUT_S, post
+from solm_compile.errors import UserError
+from solm_compile.runtime import ep
+
+REQS = [(12, 9, (0.5, 0.75, 16)), (31, 5, (1.0, 1.0, 16)), (20, 12, (0.3, 0.5, 8)), (44, 7, (0.6, 1.0, 16))]
+
+
+@pytest.fixture(scope="module")
+def solm_session(step_artifacts):
+    pytest.importorskip("fastapi", reason="solm serve needs the serve extra")
+    need_ep(ep.library_path() is not None)
+    from solm_compile.runtime.session import SolmSession
+
+    return SolmSession(step_artifacts["solm"], threads=1)
+
+
+def _prompt(n: int, seed: int) -> str:
+    return " ".join(f"w{i}" for i in np.random.default_rng(seed).integers(1, 160, n))
+
+
+def _clamp(sess, budget):
+    return tuple(min(max(v, lo), hi) for v, (lo, hi) in zip(budget, sess.meta["budget_ranges"]))
+
+
+def _serve_all(sess, config) -> list:
+    """Every REQS request at once (one thread each): the completions' (status, body)."""
+    from solm_compile.serve import background, create_app
+
+    got = [None] * len(REQS)
+    with background(create_app(sess, config)) as url:
+        def one(i):
+            n, max_tokens, budget = REQS[i]
+            b = dict(zip(("attn_keep", "mlp_keep", "bits"), _clamp(sess, budget)))
+            got[i] = post(url + "/v1/completions", {"prompt": _prompt(n, i), "max_tokens": max_tokens,
+                                                    "temperature": 0, **b})
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(REQS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT_S)
+    return got
+
+
+def test_concurrent_requests_in_one_batch_equal_generate_alone(solm_session):
+    from solm_compile.runtime.batch import Batch
+    from solm_compile.serve import ServeConfig
+
+    got = _serve_all(solm_session, ServeConfig(context=128, max_active=4, timeout_s=60.0))
+    assert isinstance(solm_session.batch(1, 16), Batch)       # this artifact is served batched
+    for i, (n, max_tokens, budget) in enumerate(REQS):
+        want = solm_session.generate(_prompt(n, i), max_tokens, _clamp(solm_session, budget), greedy=True, chat=False)
+        status, body = got[i]
+        assert status == 200, body
+        assert body["choices"][0]["text"] == want.text, f"request {i}"
+        assert [p["action"] for p in body["solm"]["per_token"]] == want.actions, f"request {i}"
+
+
+def test_the_kv_budget_caps_the_rows_and_the_rest_wait(solm_session):
+    from solm_compile.serve import ServeConfig
+    from solm_compile.serve.scheduler import MIB, batch_rows
+
+    meta = solm_session.meta
+    S, layers, hkv, d = meta["gate"]["page_size"], meta["num_layers"], meta["kv_heads"], meta["head_dim"]
+    # one row of 128 positions: keys and values in float16 (2 bytes) per layer and head, and the page min and max
+    # (float32) of its 128/S pages
+    per_row = 128 * layers * hkv * d * 2 * 2 + (128 // S) * layers * hkv * d * 2 * 4
+    assert solm_session.kv.row_bytes(128) == per_row
+    assert batch_rows(solm_session, 4, 128, 2.5 * per_row / MIB) == 2
+    assert batch_rows(solm_session, 4, 128, None) == 4
+    with pytest.raises(UserError, match=r"--kv-budget .* holds no request: one row of --context 128 needs"):
+        batch_rows(solm_session, 4, 128, 0.5 * per_row / MIB)
+    with pytest.raises(UserError, match="--kv-budget must be > 0 MiB, got 0"):
+        ServeConfig(kv_budget_mb=0)
+    got = _serve_all(solm_session, ServeConfig(context=128, max_active=4, max_queue=8, timeout_s=60.0,
+                                               kv_budget_mb=2.5 * per_row / MIB))
+    assert [status for status, _ in got] == [200] * len(REQS)                  # two waited for a row, none refused
