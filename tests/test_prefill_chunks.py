@@ -102,3 +102,26 @@ def test_chunked_prefill_on_an_fp32_kv_buffer_is_exact_to_float_rounding(solm_ep
     np.testing.assert_allclose(first3, first1, rtol=0, atol=2e-6)
     np.testing.assert_array_equal(tok3, tok1)
     np.testing.assert_allclose(lg3, lg1, rtol=0, atol=2e-6)
+
+
+def test_bench_engine_prefills_in_chunks_and_decodes_as_one_run(solm_ep, step_artifacts):
+    """`solm bench --engines`' solm rows (ArtifactEngine, whose child process reports the peak memory) prefill
+    through SolmSession.prefill: in runs of the session's chunk, to the one-run state."""
+    from solm_compile.bench.engines import ArtifactEngine, EngineSpec
+
+    spec = EngineSpec("solm", "solm", str(step_artifacts["fixed"]), "fp32", (0.3, 0.5, 16.0))
+    got = {}
+    for chunk in (0, 4):
+        s = SolmSession(step_artifacts["fixed"], tokenizer=False, threads=1, prefill_chunk=chunk)
+        runs, run = [], s._run
+        def counted(feeds, run=run, runs=runs):
+            x = feeds["input_ids"]                                   # numpy in a prefill, an OrtValue in a step
+            runs.append((x.shape() if callable(x.shape) else x.shape)[1])
+            return run(feeds)
+        s._run = counted
+        e = ArtifactEngine(spec, 1, 32, session=s)
+        first = e.prefill(PROMPTS[9][0])
+        got[chunk] = (runs[:], first, [e.step(t).copy() for t in (5, 9, 2)])
+    assert got[0][0] == [9] and got[4][0] == [4, 5]           # the prefill runs (taken before the steps)
+    np.testing.assert_allclose(got[4][1], got[0][1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.stack(got[4][2]), np.stack(got[0][2]), rtol=0, atol=1e-4)
