@@ -125,13 +125,14 @@ class KvCache:
         return _shape(feeds["past_key_0"])[2]
 
     def snapshot(self, feeds: dict) -> dict:
-        """The cache's valid rows, layout-free: {past_key_i / past_value_i: float32 [B, Hkv, L, d]} (exact: a float16
-        buffer widens losslessly), to ``restore`` into this or another artifact's layout as often as needed."""
+        """The cache's valid rows, layout-free: {past_key_i / past_value_i: [B, Hkv, L, d]} in the cache's own dtype
+        (half the bytes of a float32 copy for a float16 buffer; ``restore`` widens losslessly), to ``restore`` into
+        this or another artifact's layout as often as needed."""
         L = self.length(feeds)
         rows = {}
         for name in self.names("past"):
             x = feeds[name].numpy() if hasattr(feeds[name], "numpy") else np.asarray(feeds[name])
-            rows[name] = x[:, :, :L].astype(np.float32)                                          # [B, Hkv, L, d]
+            rows[name] = x[:, :, :L].copy()                                                      # [B, Hkv, L, d]
         pages = -(-L // self.page_size)
         for name in self.page_names("past"):                     # protocol 2: the pages of those rows
             rows[name] = feeds[name].numpy()[:, :, :pages].copy()                               # [B, Hkv, ⌈L/S⌉, d]
@@ -153,7 +154,7 @@ class KvCache:
         """Fresh cache feeds holding a ``snapshot`` (a buffer of ``capacity`` positions, the rows cast to its dtype:
         float16 rounds to nearest even, as the kernel does), so decoding from them leaves the snapshot intact."""
         if not self.buffered:
-            return {name: _ortvalue(rows.copy()) for name, rows in snap.items()}
+            return {name: _ortvalue(rows.astype(np.float32)) for name, rows in snap.items()}     # a copy
         B, _, L, _ = snap["past_key_0"].shape
         shape = (B, self.kv_heads, self.capacity(max(capacity, L)), self.head_dim)               # [B, Hkv, C, d]
         feeds = {}

@@ -5,7 +5,9 @@
     r = s.generate("The capital of France is", max_new_tokens=32, budget=(0.5, 0.75, 8))
     r.text, r.tok_s, r.usage
 
-One ``run`` per decode step. The prompt is prefilled densely in one run; the policy then acts on every
+One ``run`` per decode step. The prompt is prefilled densely, in runs of at most ``prefill_chunk`` tokens (default
+``PREFILL_CHUNK``: the prefill's temporaries, the logits of every fed position above all, scale with a run's tokens,
+not the prompt's; docs/protocol.md, "Chunked prefill"); the policy then acts on every
 single-token step, in episodes of ``episode_len`` steps (the artifact restarts each row's episode itself, as in
 training). Caches stay in onnxruntime: each step binds the previous step's outputs as the next step's inputs —
 the policy state and, in protocol-1 ``ai.solm`` artifacts, each layer's Quest page min/max (``past_page_min_i``/
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 POLICY_PROTOCOL = (0, 2)   # artifacts from 0.2 on: fixed-size policy KV, episodes restarted inside the graph
 HOST_OUTPUTS = ("logits", "action", "controls")   # read by the caller every step: bound in host memory
+PREFILL_CHUNK = 128   # tokens per prefill run: [1, 128, V] fp32 logits (25 MB at V = 49152), not the prompt's
 POLICY_STATE = ("policy_key", "policy_value", "policy_prev_action", "policy_usage", "policy_count", "policy_step",
                 "policy_hidden")
 
@@ -87,19 +90,35 @@ def pick_tokens(logits: np.ndarray, rng: np.random.Generator, greedy: bool = Fal
     return np.array([rng.choice(len(row), p=row) for row in p])
 
 
+def prefill_spans(n: int, chunk: int = PREFILL_CHUNK) -> list[tuple[int, int]]:
+    """[start, end) of the prefill runs of an ``n``-token prompt: ``chunk`` tokens each (0: one run), except that a
+    last run of one token joins the run before it, since a one-token run after the first is a decode step (gated,
+    the policy acting) and not part of a prefill."""
+    if chunk <= 0 or n <= chunk:
+        return [(0, n)]
+    spans = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+    if spans[-1][1] - spans[-1][0] == 1:
+        spans[-2:] = [(spans[-2][0], n)]
+    return spans
+
+
 class SolmSession:
     """One onnxruntime session over an artifact; thread-safe (each call keeps its own state)."""
 
     def __init__(self, path: str | Path, providers: list | None = None, threads: int | None = None,
                  use_ep: bool = True, tokenizer: bool = True, ep_options: dict | None = None,
-                 profile_prefix: str | None = None, device: str = "cpu"):
+                 profile_prefix: str | None = None, device: str = "cpu", prefill_chunk: int = PREFILL_CHUNK):
         """``device`` (cpu, cuda) picks the providers when ``providers`` is None (``runtime/device.py``: CUDA first
-        and the CPU last, for portable and dense artifacts); an explicit ``providers`` list wins."""
+        and the CPU last, for portable and dense artifacts); an explicit ``providers`` list wins. ``prefill_chunk``:
+        the most prompt tokens one prefill run feeds (0: the whole prompt in one run)."""
         import onnxruntime as ort
 
         from solm_compile.runtime.device import providers_for
 
         self.path = Path(path)
+        if int(prefill_chunk) < 0 or int(prefill_chunk) == 1:
+            raise UserError(f"--prefill-chunk {prefill_chunk}: a prefill run takes at least 2 tokens (0: one run)")
+        self.prefill_chunk = int(prefill_chunk)
         if not self.path.is_file():
             raise UserError(f"{self.path}: no such artifact")
         self.meta = read_metadata(self.path)
@@ -217,6 +236,22 @@ class SolmSession:
             for name in POLICY_STATE:
                 feeds[name] = out[f"{name}_out"]
 
+    def prefill(self, feeds: dict, ids: np.ndarray) -> np.ndarray:
+        """Prefill ``ids`` [B, T] from the empty state in ``feeds`` (caches, policy state, controls), in runs of at
+        most ``prefill_chunk`` tokens, each carried into ``feeds``; returns the last position's logits [B, V]. The
+        concat kinds (dense, portable) prefill in one run: onnxruntime's GroupQueryAttention refuses a multi-token
+        run after a past at B > 1."""
+        B = ids.shape[0]
+        chunk = self.prefill_chunk if self.kv.buffered else 0
+        for a, b in prefill_spans(ids.shape[1], chunk):
+            feeds["input_ids"] = ids[:, a:b]                                                     # [B, b - a]
+            feeds["position_ids"] = np.tile(np.arange(a, b, dtype=np.int64), (B, 1))             # [B, b - a]
+            out = self._run(feeds)
+            self._carry(out, feeds)        # (every prefill run restarts each row's policy episode in the artifact)
+            logits = out["logits"].numpy()[:, -1].copy()                                         # [B, V]
+            del out                        # the run's logits [B, b - a, V] go before the next run's are made
+        return logits
+
     def steps(self, prompt_ids: list[list[int]], budget=(1.0, 1.0, 16), next_token: Callable | None = None,
               max_new_tokens: int = 16, forced: list[list[int]] | None = None) -> Iterator[dict]:
         """Prefill, then one controlled step per token; yields per step {logits, action, controls}.
@@ -229,8 +264,7 @@ class SolmSession:
         B, T = ids.shape
         per_row = len(budget) == B and all(isinstance(b, (tuple, list)) for b in budget)
         n = len(forced[0]) if forced is not None else max_new_tokens
-        feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(T, dtype=np.int64), (B, 1)),
-                 **self._empty_past(B, capacity=T + n)}
+        feeds = self._empty_past(B, capacity=T + n)
         if per_row and self.kind not in ("solm", "portable"):
             raise UserError(f"{self.path}: per-row budgets need a policy artifact (solm or portable), not {self.kind}")
         target = (np.stack([self.check_budget(b) for b in budget]) if per_row else
@@ -241,9 +275,7 @@ class SolmSession:
         elif self.kind == "fixed":    # no policy: the budget is fed as the controls themselves
             feeds.update(attn_keep=np.full((B,), budget[0], np.float32), mlp_keep=np.full((B,), budget[1], np.float32),
                          bits=np.full((B,), budget[2], np.float32))
-        out = self._run(feeds)
-        self._carry(out, feeds)        # (a prefill starts each row's policy episode inside the artifact)
-        logits = out["logits"].numpy()[:, -1]
+        logits = self.prefill(feeds, ids)
         yield {"logits": logits, "action": None, "controls": None}
         for t in range(n):
             tok = np.asarray([r[t] for r in forced], dtype=np.int64) if forced is not None else \

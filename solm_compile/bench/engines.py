@@ -181,16 +181,16 @@ class ArtifactEngine(Engine):
         from solm_compile.bench.sessions import prefill_feeds
 
         feeds = prefill_feeds(self.s, list(ids), self.budget, capacity=self.n_ctx)
-        out = self.s._run(feeds)
-        self.s._carry(out, feeds)
+        logits = self.s.prefill(feeds, feeds["input_ids"])          # in runs of the session's prefill_chunk
         # the state after the prefill: KV cache (runtime/kv.py's snapshot), SolmEP's page state, the fixed kind's
         # controls
         self.kv = self.s.kv.snapshot(feeds)
         self.base = {k: (v.numpy() if hasattr(v, "numpy") else v).copy() for k, v in feeds.items()
                      if k not in ("input_ids", "position_ids", "past_length") and k not in self.kv}
         self.base_pos = len(ids)
+        del feeds                   # the prefill's buffers go before reset() restores fresh ones (peak memory)
         self.reset()
-        return out["logits"].numpy()[0, -1].copy()                   # [1, T, V] → [V]
+        return logits[0]                                             # [1, V] → [V]
 
     def reset(self):
         self.feeds = {**{k: self.ov(v.copy()) for k, v in self.base.items()},

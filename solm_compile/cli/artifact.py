@@ -52,6 +52,9 @@ def add_artifact_parsers(sub, common) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="most prompt tokens one prefill run of a solm/fixed artifact feeds: bounds the prefill's "
+                   "memory (default: runtime/session.py's PREFILL_CHUNK, 128; 0: the whole prompt in one run)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu (default) or cuda: a portable or dense artifact on onnxruntime-gpu's CUDA EP (SolmEP "
                    "is CPU-only; docs/cli.md has the install swap)")
@@ -92,12 +95,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from solm_compile.errors import UserError
     from solm_compile.runtime.device import check_device
-    from solm_compile.runtime.session import SolmSession
+    from solm_compile.runtime.session import PREFILL_CHUNK, SolmSession
 
     check_device(args.device)                       # before the artifact loads: one line if there is no CUDA
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    sess = SolmSession(args.artifact, threads=args.threads, device=args.device)
+    sess = SolmSession(args.artifact, threads=args.threads, device=args.device,
+                       prefill_chunk=PREFILL_CHUNK if args.prefill_chunk is None else args.prefill_chunk)
     budget = (args.attn_keep, args.mlp_keep, args.bits)
     if sess.kind != "dense":
         sess.check_budget(budget)
