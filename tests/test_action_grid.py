@@ -190,3 +190,15 @@ def test_eval_cli_bits_default_16_and_refused_below_a_no_bits_grid(capsys, tmp_p
     r = json.loads(out)
     assert r["targets"]["bits"] == 16.0 and r["methods"]["uniform"]["usage"]["bits"] == 16.0
     one_line_error(capsys, flags + ["--bits", "8"], "--bits 8 is below the policy's lowest level 16")
+
+
+def test_step_schedule_without_a_bits_axis_spends_bits_like_uniform():
+    g, T = ActionGrid(), 16
+    kl = tuple(torch.rand(len(lv), T, generator=torch.Generator().manual_seed(a)) * torch.tensor(
+        [1.0] * (len(lv) - 1) + [0.0])[:, None] for a, lv in enumerate([g.kappa_levels, g.rho_levels, g.bit_levels]))
+    costs = bl.StepCosts((g.kappa_levels, g.rho_levels, (16.0,)), kl, torch.ones(T, dtype=torch.bool), 4)
+    mask = torch.ones(7, T, dtype=torch.bool)
+    sch = bl.step_schedule_controls(costs, (0.437, 0.81, 9.4 / 16), mask)      # --policy static --bits 9.4
+    assert set(sch[..., 2].unique().tolist()) == {9.0, 10.0}                    # the nearest-integer mixture
+    assert float(sch[..., 2].mean()) == pytest.approx(9.4, abs=0.01)
+    assert float(sch[..., 0].mean()) == pytest.approx(0.437, abs=0.005)
