@@ -14,7 +14,7 @@ import torch
 from solm_compile.policy import checkpoint
 from solm_compile.cli import app as cli
 from solm_compile.frontend import models
-from solm_compile.policy.actions import ActionGrid
+from solm_compile.policy.actions import GRID27
 from solm_compile.artifact.write import write_artifact
 from solm_compile.artifact.step import decode_torch
 from solm_compile.frontend.gated import GatedLM
@@ -44,7 +44,7 @@ def built(tmp_path_factory, tiny_llama):
     d = tmp_path_factory.mktemp("artifact")
     loaded = models._from_hf(tiny_llama, word_tokenizer(), name="tiny", source="<test>")
     lm = GatedLM.from_loaded(loaded)
-    grid = ActionGrid()
+    grid = GRID27
     torch.manual_seed(1)
     policy = RecurrentActorCriticPolicy(64, grid.num_actions, PolicyConfig(d_model=32, max_steps=32)).eval()
     for p in policy.parameters():
@@ -236,7 +236,7 @@ def test_without_solm_ep(capsys, caplog, tmp_path, monkeypatch):
 
     model_dir = _tiny_model_dir(tmp_path)
     info = models.load(str(model_dir)).info
-    grid = ActionGrid()
+    grid = GRID27
     policy = RecurrentActorCriticPolicy(info.hidden_size, grid.num_actions, PolicyConfig(d_model=32, max_steps=32))
     checkpoint.save(tmp_path / "p.pt", checkpoint.policy_payload(policy.eval(), grid, GateConfig(),
                                                                  checkpoint.model_identity(info),

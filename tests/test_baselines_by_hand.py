@@ -15,10 +15,10 @@ from tiny_lm import FakeGatedLM
 from solm_compile.eval import baselines as bl
 from solm_compile.eval.evaluate import PPLEvaluator
 from solm_compile.eval.sources import StepInputs
-from solm_compile.policy.actions import ActionGrid
+from solm_compile.policy.actions import GRID27
 from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
 
-GRID = ActionGrid()
+GRID = GRID27
 H, L = 1.0, 0.5          # (readability in the tables below)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from solm_compile.cli import app as cli
 from solm_compile.data import assets
+from solm_compile.errors import UserError
 from solm_compile.policy import checkpoint
 from solm_compile.runtime.session import SolmSession, read_metadata
 from test_assets_data import failing_tool, fake_pip
@@ -72,7 +73,12 @@ def test_train_writes_a_loadable_policy_and_resume_continues(capsys, tmp_path, m
     art = tmp_path / "m.onnx"
     code, _, err = run_cli(capsys, "compile", model_dir, "--out", art, "--policy", out, "--portable")
     assert code == 0, err
-    assert len(SolmSession(art).generate("the fox", 3, budget=(0.5, 0.75, 8), greedy=True).tokens) == 3
+    sess = SolmSession(art)
+    assert len(sess.generate("the fox", 3, budget=(0.5, 0.75, 16), greedy=True).tokens) == 3
+    # the default grid has no bits axis (issue 18): the artifact's bits range is 16 alone, and --bits 8 is refused
+    assert lp.grid.bit_levels == (16,) and sess.meta["budget_ranges"][2] == [16, 16]
+    with pytest.raises(UserError, match=r"--bits 8 is outside this artifact's range \[16, 16\]"):
+        sess.check_budget((0.5, 0.75, 8))
 
     one_line_error(capsys, ["train", model_dir, "--data", text, "--out", out, "--updates", "2", *TRAIN],
                    "--resume", "policy.pt")

@@ -13,7 +13,7 @@ from solm_compile.backend import dynamo, once
 from solm_compile.backend import run as runners
 from solm_compile.ops import fast_c
 from solm_compile.ops import fast as fast_ops
-from solm_compile.policy.actions import ActionGrid
+from solm_compile.policy.actions import GRID27
 from solm_compile.artifact.step import ArtifactStep, initial_policy_state
 from solm_compile.policy.step import PolicyStep
 from solm_compile.config import GateConfig
@@ -135,7 +135,7 @@ def half(tmp_path_factory):
     half budget (no policy option: found by identity) after one greedy generate."""
     torch._dynamo.reset()
     model = tiny_llama()
-    grid = ActionGrid()
+    grid = GRID27
     torch.manual_seed(1)
     policy = RecurrentActorCriticPolicy(64, grid.num_actions, PolicyConfig(d_model=32, max_steps=32)).eval()
     for p in policy.parameters():

@@ -10,7 +10,7 @@ import torch
 from solm_compile.policy import checkpoint
 from solm_compile.backend import dynamo, once
 from solm_compile.backend import ort as dynamo_ort
-from solm_compile.policy.actions import ActionGrid
+from solm_compile.policy.actions import GRID27
 from solm_compile.config import GateConfig
 from solm_compile.frontend.models import hf_model_info
 from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
@@ -39,7 +39,7 @@ def _run(options, model=None):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    grid = ActionGrid()
+    grid = GRID27
     torch.manual_seed(1)
     policy = RecurrentActorCriticPolicy(64, grid.num_actions, PolicyConfig(d_model=32, max_steps=32)).eval()
     for p in policy.parameters():

@@ -12,7 +12,7 @@ from tiny_lm import gated_tiny_llama, random_blocks
 from solm_compile.eval import baselines as bl
 from solm_compile.policy import checkpoint
 from solm_compile.cli import app as cli
-from solm_compile.policy.actions import ActionGrid
+from solm_compile.policy.actions import GRID27
 from solm_compile.eval.evaluate import (METHODS, CostModel, DenseController, PPLEvaluator, ScheduleController,
                                    BlockSource, evaluate_choices, run_traces, summarize)
 from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
@@ -21,7 +21,7 @@ from solm_compile.train.config import TrainConfig
 from solm_compile.train.rollout import rollout
 
 CTX, T = 24, 8
-GRID = ActionGrid()
+GRID = GRID27
 PCFG = PolicyConfig(d_model=32, n_heads=2, max_steps=16)
 TARGETS = (0.5, 0.75, 0.5)
 
@@ -323,7 +323,7 @@ def _one_line_error(code, err, *needles):
 @pytest.mark.parametrize("flags,needle", [
     (["--attn-keep", "2", "--mlp-keep", "0.75", "--bits", "8"], "--attn-keep must be in [0.05, 1], got 2.0"),
     (["--attn-keep", "0.5", "--mlp-keep", "0.75", "--bits", "40"], "--bits must be in [2, 16]"),
-    (["--attn-keep", "0.5", "--mlp-keep", "0.75"], "--attn-keep, --mlp-keep and --bits"),
+    (["--attn-keep", "0.5", "--bits", "8"], "--attn-keep and --mlp-keep (--bits: default 16)"),
     (["--sweep"], "--sweep needs --out"),
     (["--sweep", "--out", "x", "--methods", "policy,unifrom"], "--methods policy,unifrom: unknown method(s) unifrom"),
 ])

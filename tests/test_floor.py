@@ -12,7 +12,7 @@ import torch
 
 from solm_compile.errors import UserError
 from solm_compile.eval import floor as fl
-from solm_compile.policy.actions import ActionGrid
+from solm_compile.policy.actions import GRID27
 from test_genres import fake_sources  # noqa: F401 (fixture)
 from tiny_lm import gated_tiny_llama, random_blocks
 
@@ -58,7 +58,7 @@ def test_layer_controls_match_the_target_mean_and_leave_dense_steps_dense():
 
 
 def test_calibration_equals_a_plain_loop():
-    lm, grid = gated_tiny_llama(0), ActionGrid()
+    lm, grid = gated_tiny_llama(0), GRID27
     ctx, steps = 20, 2
     blocks = random_blocks(2, ctx + steps + 1, seed=4)
     costs = fl.fit_layer_costs(lm, blocks, grid, ctx, steps, batch_rows=3)

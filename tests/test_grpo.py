@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from solm_compile.train import grpo
-from solm_compile.policy.actions import ActionGrid
+from solm_compile.policy.actions import ActionGrid, GRID27
 from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
 from solm_compile.policy.step import PolicyStep
 
@@ -31,7 +31,7 @@ def test_dead_zone_penalty():
 
 
 def test_penalty_alpha_zero_on_single_level_axis():
-    torch.testing.assert_close(grpo.penalty_alpha(ActionGrid()), torch.tensor([100.0, 100.0, 200.0]))
+    torch.testing.assert_close(grpo.penalty_alpha(GRID27), torch.tensor([100.0, 100.0, 200.0]))
     grid = ActionGrid((0.1, 1.0), (1.0,), (16,))
     torch.testing.assert_close(grpo.penalty_alpha(grid), torch.tensor([100.0, 0.0, 0.0]))
 
@@ -101,7 +101,7 @@ def test_realised_usage_and_scalars():
     u = grpo.realised_usage(torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 0.0]]), torch.tensor([2.0, 0.0]))
     torch.testing.assert_close(u, torch.tensor([[0.5, 1.0, 0.25], [1.0, 1.0, 1.0]]))
     C = torch.tensor([[0.5, 0.6, 0.7]])
-    grid = ActionGrid()
+    grid = GRID27
     step = PolicyStep(RecurrentActorCriticPolicy(4, grid.num_actions, PolicyConfig(d_model=8, n_heads=2)), grid, 16)
     st = step.start(1, torch.zeros(1, 4))
     s0 = step.scalars(st, torch.tensor([True]), C)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from solm_compile.policy.actions import ActionGrid
+from solm_compile.policy.actions import ActionGrid, GRID27
 from solm_compile.errors import UserError
 from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy, num_params
 
@@ -24,7 +24,7 @@ def test_index_round_trip_and_order():
 
 
 def test_decode_and_usage_match_levels():
-    grid = ActionGrid()
+    grid = GRID27
     idx = torch.arange(grid.num_actions).view(3, 9)
     kappa, rho, bits = grid.decode(idx)
     assert kappa.shape == rho.shape == bits.shape == (3, 9)

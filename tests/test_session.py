@@ -20,7 +20,7 @@ from solm_compile.config import GateConfig
 from solm_compile.frontend import models
 from solm_compile.frontend.gated import GatedLM, _kv_shape_from_graph, compile_gated
 from solm_compile.policy import checkpoint
-from solm_compile.policy.actions import ActionGrid
+from solm_compile.policy.actions import GRID27
 from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
 from solm_compile.runtime.session import SolmSession, pick_tokens
 from test_artifact import PROMPT, VOCAB, word_tokenizer
@@ -35,7 +35,7 @@ def loaded(tiny_llama):
 def portable(tmp_path_factory, loaded):
     d = tmp_path_factory.mktemp("session")
     lm = GatedLM.from_loaded(loaded)
-    grid = ActionGrid()
+    grid = GRID27
     torch.manual_seed(2)
     policy = RecurrentActorCriticPolicy(64, grid.num_actions, PolicyConfig(d_model=32, max_steps=32)).eval()
     checkpoint.save(d / "p.pt", checkpoint.policy_payload(policy, grid, lm.gate, checkpoint.model_identity(lm.info),

@@ -627,7 +627,7 @@ def tiny_artifacts(lib, tmp_path_factory):
     from pathlib import Path
 
     from conftest import tiny_models
-    from solm_compile.policy.actions import ActionGrid
+    from solm_compile.policy.actions import GRID27
     from solm_compile.artifact.write import write_artifact
     from solm_compile.policy.checkpoint import LoadedPolicy
     from solm_compile.config import GateConfig
@@ -636,7 +636,7 @@ def tiny_artifacts(lib, tmp_path_factory):
 
     torch.manual_seed(0)
     lm = GatedLM.from_hf(tiny_models()["llama-gqa"]().eval())
-    grid = ActionGrid()
+    grid = GRID27
     policy = RecurrentActorCriticPolicy(64, grid.num_actions, PolicyConfig(d_model=32, max_steps=32)).eval()
     loaded = LoadedPolicy(policy, grid, GateConfig(), {}, 0, Path("p.pt"))
     out = tmp_path_factory.mktemp("artifacts")

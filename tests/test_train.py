@@ -17,14 +17,15 @@ import torch.multiprocessing as mp
 from tiny_lm import FakeGatedLM, counting_blocks, gated_tiny_llama, random_blocks
 from solm_compile.policy import checkpoint
 from solm_compile.errors import UserError
+from solm_compile.policy.actions import GRID27
 from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
 from solm_compile.train.config import TrainConfig
 from solm_compile.train.loop import train
 from solm_compile.train.rollout import rollout
 
 TINY = TrainConfig(ctx=12, T=8, K=4, B=2, updates=2, checkpoint_every=1, buffer_decisions=128,
-                   minibatch_decisions=64, grad_accum=1, lr=1e-2, seed=3,
-                   policy=PolicyConfig(d_model=32, n_heads=2, max_steps=16))
+                   minibatch_decisions=64, grad_accum=1, lr=1e-2, seed=3, grid=GRID27,
+                   policy=PolicyConfig(d_model=32, n_heads=2, max_steps=16))   # 3 axes: the learning test moves each
 REAL = dataclasses.replace(TINY, ctx=24)      # the real LM: past the sinks + window, so controls act
 TIMING = ("rollout_s", "update_s")
 

@@ -104,3 +104,16 @@ def test_train_mixture_records_the_mixture_and_ships_the_best(capsys, tmp_path, 
     assert set(sel["scores"]) == {1, 2} and sel["last_step"] == 2
     assert sel["score"] == min(sel["scores"].values()) and ck["step"] == sel["step"]
     assert "optimizer" not in ck and f"wrote {out}" in stdout and "best on validation" in stdout
+
+
+def test_resume_without_best_pt_restarts_selection(tmp_path) -> None:
+    """A run directory carried in the repo holds checkpoint.pt alone: the best score it records has no weights left,
+    so selection restarts with the resume instead of never writing best.pt again."""
+    scores = iter([1.0, 2.0])
+    cfg = dataclasses.replace(TINY, updates=1)
+    train(FakeGatedLM(), _blocks(cfg), cfg, tmp_path, progress=False, validate=lambda p: {"score": next(scores)})
+    (tmp_path / "best.pt").unlink()
+    res = train(FakeGatedLM(), _blocks(cfg), dataclasses.replace(cfg, updates=2), tmp_path, resume=True,
+                progress=False, validate=lambda p: {"score": next(scores)})
+    assert res.best["step"] == 2 and res.best["score"] == 2.0        # worse than the lost 1.0, but shippable
+    assert checkpoint.read(tmp_path / "best.pt")["step"] == 2

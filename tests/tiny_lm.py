@@ -102,13 +102,14 @@ def random_blocks(n: int, length: int, vocab: int = 64, seed: int = 0) -> Tensor
 
 
 def random_policy_file(path, ident: dict, gate: GateConfig = GateConfig(), hidden: int = 64, seed: int = 1,
-                       train_config: dict | None = None, max_steps: int = 32):
-    """A policy checkpoint with random weights N(0, 0.3) (so its actions vary) for the model ``ident``."""
+                       train_config: dict | None = None, max_steps: int = 32, grid=None):
+    """A policy checkpoint with random weights N(0, 0.3) (so its actions vary) for the model ``ident``; on ``grid``
+    (default ``GRID27``, the pre-issue-18 grid with a bits axis, which the artifact tests' --bits 8 needs)."""
     from solm_compile.policy import checkpoint
-    from solm_compile.policy.actions import ActionGrid
+    from solm_compile.policy.actions import GRID27
     from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
 
-    grid = ActionGrid()
+    grid = GRID27 if grid is None else grid
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         policy = RecurrentActorCriticPolicy(hidden, grid.num_actions, PolicyConfig(d_model=32, max_steps=max_steps))

@@ -3,7 +3,8 @@
 ``solm eval`` at several budgets in ONE process, so the model is compiled once and the dense prefills, the dense
 trace and the step-schedule fit are shared by every budget (``PPLEvaluator`` caches them); the JSON is rewritten
 (atomically) after every budget, so a run cut short keeps what it finished. Same flags as ``solm eval`` plus
-``--budgets``; the per-layer calibration is loaded from (or written to) ``--floor``.
+``--budgets``; the per-layer calibration is loaded from (or written to) ``--floor``; ``--methods`` picks a subset of
+``METHODS`` (the policy always runs; ``floor`` needs no other row: it runs the static allocation it chose).
 
     python -m solm_compile.bench.floor smollm2 --data technical --fit-data fiction qa encyclopedic \\
         --floor results/floor-smollm2.json --blocks 16 --budgets 0.5/0.75/8 0.3/0.6/8 0.7/0.9/8 \\
@@ -23,6 +24,7 @@ METHODS = ("dense", "uniform", "schedule", "layers", "floor")
 def main(argv: list[str] | None = None) -> int:
     from solm_compile.analysis.inspect import shapes_from_gated
     from solm_compile.cli.app import build_parser
+    from solm_compile.cli.eval import _methods
     from solm_compile.cli.common import kv_shape, load_gated
     from solm_compile.cli.eval_data import fit_texts, texts
     from solm_compile.cli.eval_floor import floor_data
@@ -57,13 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     lm = GatedLM(gated, kv_shape(loaded))
     path = Path(args.policy) if args.policy else shipped_policy(loaded.info)
     lp = load_policy(path, loaded.info)
+    methods = _methods(args.methods) if args.methods else ("policy",) + METHODS
     block_len = args.ctx + args.T + 1
     blocks = d.token_blocks(loaded.tokenizer, texts(args.data), block_len, args.blocks, seed=args.seed)
     fit = d.token_blocks(loaded.tokenizer, fit_texts(args.fit_data), block_len, args.fit_blocks, seed=args.seed + 1)
     costs, choose, floor_info = floor_data(lm, loaded, lp.grid, args)
     ev = PPLEvaluator(lm, lp.policy, lp.grid, blocks, ctx=args.ctx, T=args.T,
                       cost=CostModel(shapes_from_gated(gated), gated.gate), fit_blocks=fit, seed=args.seed,
-                      batch_rows=args.batch_rows, methods=("policy",) + METHODS, layer_costs=costs,
+                      batch_rows=args.batch_rows, methods=methods, layer_costs=costs,
                       calib_blocks=choose, keep_passages=0)
     result = {"model": loaded.info.name, "policy": str(path), "policy_step": lp.step, "data": args.data,
               "blocks": args.blocks, "ctx": args.ctx, "T": args.T, "fit_data": args.fit_data,
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(out, json.dumps(result, indent=1) + "\n")
         m = result["points"][-1]["methods"]
         print(f"{t}: " + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in m.items())
-              + f" (floor = {m['floor']['floor_of']})", flush=True)
+              + f" (floor = {m.get('floor', {}).get('floor_of')})", flush=True)
     return 0
 
 

@@ -35,7 +35,9 @@ def add_eval_parser(sub, common) -> None:
     p.add_argument("--fit-data", nargs="+", default=["austen"], help=FIT_HELP)
     p.add_argument("--attn-keep", type=float, help="policy target: mean attention keep κ̄ (0.05..1)")
     p.add_argument("--mlp-keep", type=float, help="policy target: mean MLP-input keep ρ̄ (0.1..1)")
-    p.add_argument("--bits", type=float, help="policy target: mean MLP-output bits b̄ (2..16)")
+    p.add_argument("--bits", type=float, help="policy target: mean MLP-output bits b̄ (2..16; default 16). Policies "
+                   "trained since issue 18 have no bits axis (16 only: fake-quantising the MLP output saves nothing on "
+                   "a CPU); older ones (27 actions) and --policy static still take lower bits")
     for name, default, help_ in (
             ("blocks", 32, "held-out blocks of ctx+T+1 tokens"), ("ctx", 256, "dense prefill tokens per block"),
             ("T", 16, "controlled, scored steps per block"),
@@ -87,7 +89,7 @@ def _check_args(args):
         if getattr(args, name) < lo:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} must be >= {lo}, got {getattr(args, name)}")
-    given = [v is not None for v in (args.attn_keep, args.mlp_keep, args.bits)]
+    given = [v is not None for v in (args.attn_keep, args.mlp_keep)]
     if args.methods is not None:
         if args.task:
             raise UserError("--methods selects perplexity methods; drop it with --task")
@@ -97,16 +99,17 @@ def _check_args(args):
             raise UserError("--sweep runs perplexity only; drop --task (or --sweep)")
         if not args.out:
             raise UserError("--sweep needs --out PREFIX (writes PREFIX.png, PREFIX.md, PREFIX.json)")
-        if any(given):
+        if any(given) or args.bits is not None:
             raise UserError("--sweep picks its own budgets; drop --attn-keep/--mlp-keep/--bits")
     else:
         if not all(given):
-            raise UserError("give the policy's budget with --attn-keep, --mlp-keep and --bits (or use --sweep)")
+            raise UserError("give the policy's budget with --attn-keep and --mlp-keep (--bits: default 16), or use "
+                            "--sweep")
     if args.out and not Path(args.out).parent.is_dir():
         raise UserError(f"--out {args.out}: directory {Path(args.out).parent} does not exist")
     targets = None
     if not args.sweep:
-        b = Budget(attn_keep=args.attn_keep, mlp_keep=args.mlp_keep, bits=args.bits)
+        b = Budget(attn_keep=args.attn_keep, mlp_keep=args.mlp_keep, bits=16.0 if args.bits is None else args.bits)
         targets = (b.attn_keep, b.mlp_keep, b.bits / 16.0)
     if not args.task:
         check_data(args.data)

@@ -44,6 +44,14 @@ def add_train_parser(sub, common) -> None:
         default = getattr(defaults, name)
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=type(default), default=default,
                        help=f"{help_} (default {default})")
+    for name, help_ in (("kappa_levels", "attention keep levels κ of the policy's action grid"),
+                        ("rho_levels", "MLP keep levels ρ (units of h with --mlp-skip h)"),
+                        ("bit_levels", "MLP-output bit levels; 16 alone = no bits axis (fake-quantising the MLP "
+                         "output saves nothing on a CPU)")):
+        default = list(getattr(defaults.grid, name))
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=float, nargs="+", default=default,
+                       metavar="V", help=f"{help_}; increasing, ending at the dense level "
+                       f"(default {' '.join(f'{v:g}' for v in default)})")
     p.add_argument("--d-model", dest="d_model", type=int, default=defaults.policy.d_model,
                    help=f"policy width (default {defaults.policy.d_model})")
     p.add_argument("--alpha", type=float, nargs=3, default=list(defaults.alpha), metavar=("TOK", "PRU", "Q"),
@@ -51,6 +59,19 @@ def add_train_parser(sub, common) -> None:
                    "the schedule flags it may change on --resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
+
+
+def action_grid(args: argparse.Namespace):
+    """The ActionGrid of --kappa-levels / --rho-levels / --bit-levels; a bad level is one line naming its flag."""
+    from solm_compile.errors import UserError
+    from solm_compile.policy.actions import ActionGrid
+
+    names = ("kappa_levels", "rho_levels", "bit_levels")
+    try:
+        return ActionGrid(**{n: tuple(getattr(args, n)) for n in names})
+    except UserError as e:
+        flag = next(("--" + n.replace("_", "-") for n in names if n in str(e)), "--kappa-levels")
+        raise UserError(f"{flag}: {e}") from e
 
 
 def _blocks(loaded, data: list[str], block_len: int, n: int):
@@ -85,8 +106,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from solm_compile.train.data import training_genres
     from solm_compile.train.loop import train
 
-    cfg = TrainConfig(ctx=args.ctx, T=args.T, K=args.K, B=args.B, reward=args.reward, seed=args.seed,
-                      updates=args.updates, checkpoint_every=args.checkpoint_every,
+    cfg = TrainConfig(grid=action_grid(args), ctx=args.ctx, T=args.T, K=args.K, B=args.B, reward=args.reward,
+                      seed=args.seed, updates=args.updates, checkpoint_every=args.checkpoint_every,
                       buffer_decisions=args.buffer_decisions, minibatch_decisions=args.minibatch_decisions,
                       grad_accum=args.grad_accum, ppo_epochs=args.ppo_epochs, lr=args.lr,
                       alpha=tuple(args.alpha), entropy_coef=args.entropy_coef,

@@ -24,7 +24,8 @@ Open-loop schedules (a controls tensor [n, T, 3] fixed before the run):
   the held-out one): for every non-dense level of every axis, the mean single-step KL(dense ‖ that level) at
   each step t, with a dense past (``fit_step_costs``). For target ū on an axis with neighbours lo < ū ≤ hi,
   steps are ranked by KL(lo) − KL(hi) and the cheapest m = (1 − p_hi)·E of the E effective steps get lo for
-  every row; the boundary step gets lo on the fractional share of rows (round-robin), so the mean matches.
+  every row; the boundary step gets lo on the fractional share of rows (round-robin), so the mean matches. A grid
+  without a bits axis (one level, 16) fits no bits costs: the schedule's bits are then ``uniform``'s.
 
 Closed-loop controllers (SOL's ``evaluate_emc_matched_structured`` / ``evaluate_drift_aware_matched_structured``):
 per row and axis, the level required to stay on budget c_req = (ū·(done + R) − spent)/R (R = counted steps left,
@@ -194,6 +195,9 @@ def step_schedule_controls(costs: StepCosts, usage: Sequence[float], mask: Tenso
     steps = mask[0].nonzero()[:, 0].tolist()
     out = []
     for a, (lvs, kl) in enumerate(zip(costs.levels, costs.kl)):
+        if a == 2 and len(lvs) == 1:          # no bits axis in the grid (issue 18): bits as uniform's, like layers
+            out.append(uniform_controls(usage, mask, (False, False, True))[..., 2])
+            continue
         target = usage[a] * (16.0 if a == 2 else 1.0)
         lo, hi, p = two_nearest(lvs, target)
         col = torch.full((n, T), DENSE[a])

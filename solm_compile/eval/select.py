@@ -2,7 +2,8 @@
 
 For each budget of ``VAL_TARGETS`` the policy runs greedily over the blocks (the ``solm eval`` protocol) and
 ``uniform`` runs at the usage the policy realised; the score is the mean over budgets of NLL(policy) −
-NLL(uniform), nats per token. Lower is better; it compares checkpoints that realise different usage fairly
+NLL(uniform), nats per token. A target below the grid's range is raised to its lowest level (a grid without a bits
+axis, the default since issue 18, is validated at bits 16: its policy never saw another bits target). Lower is better; it compares checkpoints that realise different usage fairly
 (overspending lowers the policy's NLL and uniform's alike), and below 0 the policy beats the static setting.
 """
 
@@ -15,13 +16,14 @@ from torch import Tensor
 from solm_compile.eval.evaluate import PPLEvaluator
 from solm_compile.policy.actions import ActionGrid
 
-# (κ, ρ, b/16): the budgets solm eval's tables report (bits 8)
+# (κ, ρ, b/16): the budgets solm eval's tables report (bits 8 where the grid has them)
 VAL_TARGETS = ((0.3, 0.6, 0.5), (0.5, 0.75, 0.5), (0.7, 0.9, 0.5))
 
 
 def validation_score(lm: Any, policy, grid: ActionGrid, blocks: Tensor, ctx: int, T: int,
                      targets: Sequence[Sequence[float]] = VAL_TARGETS, batch_rows: int = 32) -> dict:
     """{"score", "nll", "uniform_nll", "usage"}: score = mean over targets of NLL(policy) − NLL(matched uniform)."""
+    targets = clamp_targets(grid, targets)
     ev = PPLEvaluator(lm, policy, grid, blocks, ctx=ctx, T=T, methods=("policy", "uniform"), batch_rows=batch_rows,
                       keep_passages=0)
     rows = []
@@ -32,3 +34,9 @@ def validation_score(lm: Any, policy, grid: ActionGrid, blocks: Tensor, ctx: int
     return {"score": sum(p - u for p, u, _ in rows) / n, "nll": [p for p, _, _ in rows],
             "uniform_nll": [u for _, u, _ in rows], "usage": [u for _, _, u in rows],
             "targets": [list(t) for t in targets], "blocks": int(blocks.shape[0])}
+
+
+def clamp_targets(grid: ActionGrid, targets: Sequence[Sequence[float]]) -> list[tuple[float, ...]]:
+    """Each target (κ, ρ, b/16) raised to the grid's lowest usage per axis (``ActionGrid.usage_range``)."""
+    lows = [lo for lo, _ in grid.usage_range()]
+    return [tuple(max(float(x), lo) for x, lo in zip(t, lows)) for t in targets]

@@ -5,15 +5,20 @@ enumerated κ-major and b-minor, ``idx = iκ·(|P|·|Q|) + iρ·|Q| + ib``; tags
 ``dense_idx`` is (κ=1, ρ=1, b=16) and is forced on non-effective steps. Usage per axis (§3) is κ, ρ/ρ_max
 (ρ_max = 1) and b/16.
 
-Default CPU grid (27 actions, like SOL's 3L grid), chosen from shared/research/headroom.md and §8.6:
+Default grid (issue 18; 6 × 7 × 1 = 42 actions), for ρ acting on h (``--mlp-skip h``, the down projection's
+input units), chosen from docs/measurements.md and shared/research/headroom.md:
 
-- κ {0.25, 0.5, 1}: κ=0.125 is where Quest's page-phase artefact dominates (1.1–1.4 nats at some steps);
-  0.25 is still a 4× cut in attention reads and 0.5 is close to free with the solm sinks+window.
-- ρ {0.5, 0.75, 1}: SmolLM2's pruning cost is convex (ρ 0.8 → 0.00, 0.7 → 0.03, 0.6 → 0.07, 0.4 → 0.48 nats),
-  so 0.75 is a near-free middle level and 0.5 a real trade-off level, not a catastrophe.
-- b {5, 8, 16}: 5 bits is SOL's low level in every official grid (costly: ≈23 % ΔPPL per token on
-  Llama-1B, so the q axis has something to allocate; 6 bits is already ≈free, which would make the axis
-  trivial); 8 is int8 (near-free, a real kernel width) and 16 is the identity.
+- κ {0.125, 0.25, 0.375, 0.5, 0.75, 1}: with solm's sinks + 8-token local window Quest's page-phase artefact is
+  gone and uniform κ 0.125 / 0.25 / 0.5 cost 0.090 / 0.038 / 0.014 nats (headroom §1), so 0.125 is a real low
+  level; the evaluated budgets κ̄ 0.3 / 0.5 / 0.7 sit between 0.25 and 0.75, where the steps are finest.
+- ρ {0.3, 0.4, 0.5, 0.625, 0.75, 0.875, 1}: ρ on h costs +14.3 % / +3.1 % / +0.3 % PPL at uniform 0.3 / 0.5 /
+  0.75 (session 10, 64 blocks), convex, so the grid reaches down to 0.3 and is dense between 0.5 and 1, where the
+  evaluated budgets ρ̄ 0.6 / 0.75 / 0.9 sit (SOL's grid {0.5, 0.75, 1} was for ρ on x, where 0.5 already costs
+  +38 %).
+- b {16}: SOL's b fake-quantises the MLP output after the MLP ran in full precision: on a CPU it saves no byte
+  and no FLOP and costs quality, so the policy does not get it (a single-level axis: its target is fixed at 1,
+  its budget penalty weight is 0). Grids with bit levels (``GRID27``, the shipped pre-issue-18 policy) still load
+  and run everywhere.
 """
 
 from __future__ import annotations
@@ -53,9 +58,9 @@ def _levels(name: str, values, lo: float, hi: float, integral: bool = False) -> 
 class ActionGrid:
     """Levels per axis (strictly increasing, each ending at its dense level 1 / 1 / 16)."""
 
-    kappa_levels: tuple[float, ...] = (0.25, 0.5, 1.0)
-    rho_levels: tuple[float, ...] = (0.5, 0.75, 1.0)
-    bit_levels: tuple[int, ...] = (5, 8, 16)
+    kappa_levels: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
+    rho_levels: tuple[float, ...] = (0.3, 0.4, 0.5, 0.625, 0.75, 0.875, 1.0)
+    bit_levels: tuple[int, ...] = (16,)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kappa_levels", _levels("kappa_levels", self.kappa_levels, 0.0, 1.0))
@@ -141,3 +146,8 @@ class ActionGrid:
         if unknown:
             raise UserError(f"action grid: unknown field(s) {sorted(unknown)}")
         return cls(**{k: tuple(v) for k, v in d.items()})
+
+
+# The default grid before issue 18 (SOL's 3L shape: κ {0.25, 0.5, 1} × ρ {0.5, 0.75, 1} × b {5, 8, 16}, ρ on x): the
+# shipped smollm2.pt was trained on it; checkpoints carry their own grid, so it still loads and runs.
+GRID27 = ActionGrid((0.25, 0.5, 1.0), (0.5, 0.75, 1.0), (5, 8, 16))

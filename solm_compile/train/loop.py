@@ -17,6 +17,7 @@ rank and rank 0 writes the checkpoints.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -39,6 +40,8 @@ from solm_compile.policy.network import RecurrentActorCriticPolicy
 from solm_compile.train import grpo
 from solm_compile.train.config import _RESUMABLE, BEST, CHECKPOINT, METRICS, TrainConfig  # noqa: F401
 from solm_compile.train.rollout import Episode, gate_of, rollout  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -227,6 +230,12 @@ def train(lm: Any, blocks: Tensor, cfg: TrainConfig, out: Path, resume: bool = F
     step, batches, history, best = 0, 0, [], {}
     if resume:
         step, batches, history, best = _restore(path, lm, cfg, policy, opt, gen, rank, world)
+        if best and not (out / BEST).is_file():
+            # the run directory came back without best.pt (a repo carries checkpoint.pt alone): its weights are gone,
+            # so selection restarts from the next checkpoint instead of comparing against a score nothing can ship
+            log.warning("%s: no %s beside the checkpoint; the best on validation (step %s, %.4f) is not kept, "
+                        "selection restarts", out, BEST, best.get("step"), best.get("score", float("nan")))
+            best = {}
     elif path.exists():
         raise UserError(f"{path} exists; pass resume=True to continue it, or choose another output directory")
     if rank == 0:
