@@ -92,6 +92,13 @@ def test_static_file_round_trip_and_refusals(tmp_path):
     assert d["calibration"]["mixture"] == {"salt": "s"} and d["model_name"] == "tiny"
     with pytest.raises(UserError, match="floor.json: calibrated for tiny"):
         fl.load_static(path, {**ident, "weights_hash": "cd"})
+    with pytest.raises(UserError, match="floor.json: calibrated with ρ on x .*not on h"):     # no gate recorded: x
+        fl.load_static(path, ident, "h")
+    h_path = tmp_path / "floor-h.json"
+    fl.save_static(h_path, costs, ident, "tiny", {"gate": {"mlp_skip": "h"}})
+    assert fl.load_static(h_path, ident, "h")[1]["calibration"]["gate"] == {"mlp_skip": "h"}
+    with pytest.raises(UserError, match="floor-h.json: calibrated with ρ on h"):
+        fl.load_static(h_path, ident)
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(UserError, match="bad.json: not a readable static policy"):
         fl.load_static(tmp_path / "bad.json", ident)

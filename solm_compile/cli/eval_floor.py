@@ -33,7 +33,7 @@ def floor_data(lm, loaded, grid, args):
     path = Path(args.floor) if args.floor else None
     t0 = time.perf_counter()
     if path is not None and path.is_file():
-        costs, d = fl.load_static(path, ident)
+        costs, d = fl.load_static(path, ident, lm.gate.mlp_skip)
         calibration = d["calibration"]
         log.info("loaded the per-layer calibration from %s", path)
     else:

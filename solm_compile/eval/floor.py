@@ -197,8 +197,9 @@ def save_static(path: Path, costs: LayerCosts, ident: dict, model_name: str, cal
     atomic_write_text(Path(path), json.dumps(d, indent=1) + "\n")
 
 
-def load_static(path: Path, ident: dict) -> tuple[LayerCosts, dict]:
-    """(LayerCosts, the file's dict); a one-line UserError naming the file if it is not one or is for another model."""
+def load_static(path: Path, ident: dict, mlp_skip: str = "x") -> tuple[LayerCosts, dict]:
+    """(LayerCosts, the file's dict); a one-line UserError naming the file if it is not one, is for another model or
+    was calibrated with ρ on another MLP skip (``mlp_skip``: the graph's; a file without it was calibrated on x)."""
     path = Path(path)
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
@@ -208,6 +209,10 @@ def load_static(path: Path, ident: dict) -> tuple[LayerCosts, dict]:
         raise UserError(f"{path}: not a {FORMAT} v{VERSION} file")
     if d.get("model") != ident:
         raise UserError(f"{path}: calibrated for {d.get('model_name')} ({str(d.get('model'))[:80]}), not this model")
+    calibrated = ((d.get("calibration") or {}).get("gate") or {}).get("mlp_skip", "x")
+    if calibrated != mlp_skip:
+        raise UserError(f"{path}: calibrated with ρ on {calibrated} (--mlp-skip {calibrated}), not on {mlp_skip}: "
+                        f"its per-layer costs do not transfer")
     try:
         costs = LayerCosts.from_dict(d["layer_costs"])
     except (KeyError, TypeError, ValueError) as e:
