@@ -56,7 +56,8 @@ def probes(smollm2_artifacts):
     return {kind: probe_copy(path) for kind, path in smollm2_artifacts[3].items()}
 
 
-@pytest.mark.parametrize("budget", [(0.5, 0.75, 8), (0.7, 0.7, 16), (0.5, 0.5, 16), (0.3, 0.3, 16)])
+# a mid and the sparsest budget; every budget on tiny models: test_policy_consumers::test_artifact_in_onnxruntime
+@pytest.mark.parametrize("budget", [(0.5, 0.75, 8), (0.3, 0.3, 16)])
 @pytest.mark.parametrize("kind", ["solm", "portable"])
 def test_sparse_budget_artifact_equals_torch_graph(smollm2_artifacts, probes, kind, budget):
     """64 steps at sparse budgets: the artifact and the torch gated graph with the same policy, fed the same state
