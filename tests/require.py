@@ -34,6 +34,20 @@ def need_ep(available: bool, why: str = "SolmEP is not built here (python -m sol
         missing("SOLM_REQUIRE_EP", why)
 
 
+def registered_ep() -> str:
+    """SolmEP built (cached) and registered with onnxruntime: its library path; ``need_ep`` when it cannot be."""
+    import onnxruntime as ort
+
+    from solm_compile.runtime import ep, ep_build
+
+    try:
+        path = ep_build.build_cached()
+    except ep_build.BuildError as e:
+        need_ep(False, f"SolmEP cannot be built here: {e}")
+    need_ep(ep._ort_version(ort) >= ep.MIN_ORT and ep.register(ort, path=path))
+    return path
+
+
 def need_bench(module: str):
     """A peer engine of ``solm bench --engines`` (the ``bench`` extra). CI installs only ``.[test]``: there the test
     is skipped with the reason; under SOLM_REQUIRE_BENCH=1 (a machine with the extra) a missing peer fails it."""

@@ -17,9 +17,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from require import need_ep
+from require import registered_ep
 from solm_compile.ops import reference as ref
-from solm_compile.runtime import ep, ep_build
+from solm_compile.runtime import ep
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -30,12 +30,7 @@ U16 = 2.0 ** -11            # fp16's unit roundoff (round to nearest: relative e
 
 @pytest.fixture(scope="module")
 def lib():
-    try:
-        path = ep_build.build_cached()
-    except ep_build.BuildError as e:
-        need_ep(False, f"SolmEP cannot be built here: {e}")
-    need_ep(ep._ort_version(ort) >= ep.MIN_ORT and ep.register(ort, path=path))
-    return path
+    return registered_ep()
 
 
 def _session(kv_type):

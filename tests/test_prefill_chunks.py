@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from require import need_ep
-from solm_compile.runtime import ep, ep_build
+from require import registered_ep
 from solm_compile.runtime.session import SolmSession, prefill_spans
 
 PROMPTS = {9: [[3, 8, 1, 12, 5, 7, 2, 9, 4]],                        # spans 4, 5: the 1-token tail joins its run
@@ -24,13 +23,7 @@ PROMPTS = {9: [[3, 8, 1, 12, 5, 7, 2, 9, 4]],                        # spans 4, 
 
 @pytest.fixture(scope="module")
 def solm_ep():
-    import onnxruntime as ort
-
-    try:
-        path = ep_build.build_cached()
-    except ep_build.BuildError as e:
-        need_ep(False, f"SolmEP cannot be built here: {e}")
-    need_ep(ep._ort_version(ort) >= ep.MIN_ORT and ep.register(ort, path=path))
+    return registered_ep()
 
 
 BUDGET = {"solm": (0.3, 0.5, 8), "fixed": (0.3, 0.5, 16)}
