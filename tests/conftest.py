@@ -26,6 +26,15 @@ def tiny_models():
     }
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny ops: threads only add jitter on a 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     torch.manual_seed(0)

@@ -36,12 +36,7 @@ from tiny_lm import FakeGatedLM, counting_blocks, gated_tiny_llama, random_block
 PCFG = PolicyConfig(d_model=32, n_heads=2, max_steps=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")        # tests/conftest.py
 
 
 def test_default_grid_levels_and_indices():

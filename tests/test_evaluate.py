@@ -26,12 +26,7 @@ PCFG = PolicyConfig(d_model=32, n_heads=2, max_steps=16)
 TARGETS = (0.5, 0.75, 0.5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")        # tests/conftest.py
 
 
 def _policy(seed: int = 0, hidden: int = 32) -> RecurrentActorCriticPolicy:

@@ -30,12 +30,7 @@ REAL = dataclasses.replace(TINY, ctx=24)      # the real LM: past the sinks + wi
 TIMING = ("rollout_s", "update_s")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)       # tiny ops: threads only add jitter on a 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")        # tests/conftest.py
 
 
 def _blocks(cfg: TrainConfig, n: int = 32, seed: int = 0) -> torch.Tensor:
