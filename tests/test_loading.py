@@ -180,3 +180,34 @@ def test_alias_gguf_is_converted_once_then_reloaded_from_fp32(tiny_gguf, tmp_pat
     assert next(second.hf.parameters()).dtype == torch.float32
     torch.testing.assert_close(_logits(second.hf), _logits(hf), atol=1e-5, rtol=0)
     assert second.tokenizer("hello", add_special_tokens=False)["input_ids"] == [258, ord("o")]
+
+
+# ---------------------------------------------------------------------------------------------- the export, on use
+def test_the_decode_step_is_exported_once_on_first_use(tiny_gguf, monkeypatch, capsys):
+    """load() gives the transformers model without exporting (torch.compile and HF-only users never need the
+    ExportedProgram); ``ep`` exports on first use, once. A model whose export fails loads, and its first use is a
+    one-line error naming the model (here through `solm verify`)."""
+    from solm_compile.frontend import export
+
+    hf, path = tiny_gguf
+    calls = []
+    real = export.export_decode_step
+    monkeypatch.setattr(export, "export_decode_step", lambda m: calls.append(m) or real(m))
+    loaded = models.load(str(path))
+    assert calls == []
+    ep = loaded.ep
+    assert calls == [loaded.hf] and loaded.ep is ep
+    users = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    assert len(users) > 2 * LAYERS                                  # ids, positions and a K, V per layer at least
+
+    def broken(m):
+        raise RuntimeError("data-dependent control flow\nsecond line")
+
+    monkeypatch.setattr(export, "export_decode_step", broken)
+    assert models.load(str(path)).hf is not None                   # loading alone does not fail
+    capsys.readouterr()
+    code = cli.main(["verify", str(path)])
+    err = capsys.readouterr().err                                 # the GGUF reader's progress bars, then the error
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == ("solm: error: tiny: torch.export of the decode step failed "
+                                            "(RuntimeError: data-dependent control flow)")

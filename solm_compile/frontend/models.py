@@ -46,11 +46,19 @@ class ModelInfo:
 @dataclass
 class LoadedModel:
     info: ModelInfo
-    ep: object                 # torch.export.ExportedProgram of the decode step
+    program: object | None = None  # torch.export.ExportedProgram of the decode step, once exported (see ``ep``)
     hf: object | None = None   # the transformers model, when there is one (the "original" for verify)
     tokenizer: object | None = None
     source: str = ""           # where the weights came from (alias target, directory, file)
     weights: object = None     # quant.weights.WeightTable: the low-bit blocks (``--weights``), found by value
+
+    @property
+    def ep(self):
+        """The decode step's ExportedProgram. A transformers model is exported on first use, not at load: the export
+        is most of a load's time (about 30 s for SmolLM2), and torch.compile and the HF-only users never need it."""
+        if self.program is None:
+            self.program = _export(self.hf, self.info.name)
+        return self.program
 
 
 def weights_hash(tensors) -> str:
@@ -175,19 +183,23 @@ def usable_tokenizer(tok, vocab_size: int):
 
 def _from_hf(model, tokenizer, name: str, source: str, weights: str = "source", gguf: Path | None = None
              ) -> LoadedModel:
-    from solm_compile.frontend.export import export_decode_step
     from solm_compile.quant.weights import quantize_model
 
     model.eval()
     _check_architecture(model.config, name)
     info = hf_model_info(model, name)          # the base model's identity: a policy trained on it still applies
     table = quantize_model(model, weights, gguf)
+    return LoadedModel(info=info, hf=model, tokenizer=tokenizer, source=source, weights=table)
+
+
+def _export(model, name: str):
+    from solm_compile.frontend.export import export_decode_step
+
     try:
-        ep = export_decode_step(model)
+        return export_decode_step(model)
     except Exception as e:  # export failures are model limitations, not bugs of ours
         raise UserError(f"{name}: torch.export of the decode step failed ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]})") from e
-    return LoadedModel(info=info, ep=ep, hf=model, tokenizer=tokenizer, source=source, weights=table)
 
 
 def hf_model_info(model, name: str) -> ModelInfo:
@@ -239,7 +251,7 @@ def _load_exported(path: Path) -> LoadedModel:
     info = ModelInfo(name=path.stem, architecture="ExportedProgram", hidden_size=int(hidden.shape[-1]),
                      num_layers=(n_in - 2) // 2, vocab_size=int(logits.shape[-1]),
                      weights_hash=weights_hash(list(ep.state_dict.values()) + list(ep.constants.values())))
-    return LoadedModel(info=info, ep=ep, source=str(path))
+    return LoadedModel(info=info, program=ep, source=str(path))
 
 
 def _load_pickle(path: Path, trust_pickle: bool, weights: str = "source") -> LoadedModel:
