@@ -175,3 +175,20 @@ def isa_report(path: str | Path | None = None) -> dict:
     fn = ctypes.CDLL(str(lib)).solm_ep_isa_report
     fn.restype, fn.argtypes = ctypes.c_char_p, []
     return json.loads(fn().decode())
+
+
+COUNTERS = ("attn_calls", "attn_keys_scored", "attn_keys_dense", "attn_kv_rows_read", "mlp_calls", "mlp_in_rows",
+            "mlp_in_rows_dense", "mlp_down_rows", "mlp_down_rows_dense", "attn_minmax_rows")
+
+
+def work_counters(path: str | Path | None = None) -> dict[str, int]:
+    """SolmEP's work counters, summed over this process (the C function ``SolmEpGetStats``; runtime/ep/kernels.h
+    says what each counts): what the kernels really read, e.g. ``attn_kv_rows_read`` (K and V rows, once per KV head
+    and query row) and ``mlp_down_rows`` against ``mlp_down_rows_dense``. Take two readings and subtract. ``path``
+    as in ``isa_report``. Raises FileNotFoundError without a built library."""
+    lib = Path(path) if path is not None else (_registered or library_path())
+    if lib is None or not lib.is_file():
+        raise FileNotFoundError(NOT_BUILT)
+    buf = (ctypes.c_uint64 * len(COUNTERS))()
+    ctypes.CDLL(str(lib)).SolmEpGetStats(buf, len(COUNTERS))
+    return dict(zip(COUNTERS, buf))

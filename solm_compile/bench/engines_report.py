@@ -39,21 +39,36 @@ def machine(specs) -> dict:
 def format_table(doc: dict) -> str:
     """One line per (engine, threads, context): tok/s median (min–max), ratio to the reference, PPL, peak MB."""
     cols = f"{'engine':<26}{'weights':<34}{'thr':>4}{'ctx':>6}{'tok/s (min-max)':>22}{'x ref (min-max)':>22}" \
-           f"{'PPL':>9}{'peak MB':>9}"
+           f"{'PPL':>9}{'peak MB':>9}{'MB/tok':>8}{'GB/s':>6}{'ideal':>7}{'realised':>9}"
     lines = [cols]
     for r in doc["rows"]:
         mem = "" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}"
         lines.append(f"{r['engine']:<26}{r['weights'][:33]:<34}{r['threads']:>4}{r['context']:>6}"
                      f"{_spread(r['tok_s'], r['tok_s_min'], r['tok_s_max'], 1):>22}"
-                     f"{_spread(r['ratio'], r['ratio_min'], r['ratio_max'], 2):>22}{r['ppl']:>9.3f}{mem:>9}")
+                     f"{_spread(r['ratio'], r['ratio_min'], r['ratio_max'], 2):>22}{r['ppl']:>9.3f}{mem:>9}"
+                     f"{_num(r.get('mb_token'), 1):>8}{_num(r.get('gb_s'), 1):>6}{_num(r.get('ideal'), 2):>7}"
+                     f"{_pct(r.get('realised')):>9}")
     ref = doc["rows"][0]["ratio_to"] if doc["rows"] else "?"
     p = doc["ppl"]
     lines.append(f"x ref: median of per-round time ratios against {ref}; PPL over the last {p['scored']} of "
                  f"{p['window']} ids ({doc['tokens']}); "
                  + (f"peak MB at ctx {doc['memory_context']}; " if doc.get("memory_context") else "")
                  + f"{doc['machine']['cpu']}, {doc['machine']['cores']} cores")
+    if doc["machine"].get("stream_gb_s"):
+        lines.append(f"MB/tok: bytes read per decode token, summed from the tensors (SolmEP rows: the rows its "
+                     f"kernels read, from its counters); GB/s: MB/tok x tok/s (streaming read here, 1 thread: "
+                     f"{doc['machine']['stream_gb_s']:.1f} GB/s); ideal: the dense budget's bytes over the row's; "
+                     f"realised: its measured speedup over the dense budget / ideal")
     lines += doc["skipped"]
     return "\n".join(lines)
+
+
+def _num(x, digits: int) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{100 * x:.0f}%"
 
 
 def _spread(mid: float, lo: float, hi: float, digits: int) -> str:

@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from solm_compile.bench import tensor_bytes
 from solm_compile.bench.engines import PEERS, EngineSpec, available, make_engine, perplexity, skip_line
 from solm_compile.bench.measure import check_timing
 from solm_compile.errors import UserError
@@ -151,8 +152,10 @@ def _ep_available() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def time_block(engines: dict, ids: list[int], context: int, cfg: EnginesConfig) -> dict[str, list[float]]:
-    """label -> seconds per round of ``steps`` decode steps from a prefill of ``context`` ids (rounds rotated)."""
+def time_block(engines: dict, ids: list[int], context: int, cfg: EnginesConfig,
+               counters: dict | None = None) -> dict[str, list[float]]:
+    """label -> seconds per round of ``steps`` decode steps from a prefill of ``context`` ids (rounds rotated).
+    ``counters``: label -> the SolmEP work counters its timed steps added (summed over rounds; SolmEP rows only)."""
     warm, timed = ids[context:context + cfg.warmup], ids[context:context + cfg.steps]
     for e in engines.values():
         e.prefill(ids[:context])
@@ -166,11 +169,26 @@ def time_block(engines: dict, ids: list[int], context: int, cfg: EnginesConfig) 
         for lb in labels[k:] + labels[:k]:
             e = engines[lb]
             e.reset()
+            before = _counters(e)
             t0 = time.perf_counter()
             for tok in timed:
                 e.step(tok)
             secs[lb].append(time.perf_counter() - t0)
+            if before is not None and counters is not None:
+                after = _counters(e)
+                prev = counters.setdefault(lb, dict.fromkeys(after, 0))
+                for k in after:
+                    prev[k] += after[k] - before[k]
     return secs
+
+
+def _counters(engine) -> dict | None:
+    """SolmEP's work counters when ``engine`` runs on it (read outside the timed window), else None."""
+    if getattr(engine, "spec", None) is None or engine.spec.engine != "solm":
+        return None
+    from solm_compile.runtime import ep
+
+    return ep.work_counters()
 
 
 def block_rows(secs: dict[str, list[float]], specs: dict, context: int, threads: int, cfg: EnginesConfig) -> list:
@@ -230,6 +248,9 @@ def run_engines(model: str, cfg: EnginesConfig, gate=None, trust_pickle: bool = 
     ids, source = bench_tokens(tokenizer, cfg.tokens_needed(), lm.info.vocab_size, cfg.seed)
     say(f"tokens: {source}" + (" (random ids: the PPL column means nothing)" if source == "random" else ""))
     by_label = {s.label: s for s in specs}
+    tbs = {s.label: tensor_bytes.for_spec(s) for s in specs}            # bytes from tensors (protocol point 5)
+    stream = tensor_bytes.stream_gb_s()
+    say(f"streaming read, 1 thread: {stream:.1f} GB/s")
     n_ctx = cfg.tokens_needed() + 16
     rows, ppl = [], {}
     for threads in cfg.threads:
@@ -239,7 +260,9 @@ def run_engines(model: str, cfg: EnginesConfig, gate=None, trust_pickle: bool = 
             say(f"perplexity over ids [{cfg.ppl_window - cfg.ppl_tokens}, {cfg.ppl_window}) ({threads} threads)")
             ppl = ppl_all(engines, ids, cfg, say)
         for context in cfg.contexts:
-            block = block_rows(time_block(engines, ids, context, cfg), by_label, context, threads, cfg)
+            counters: dict = {}
+            block = block_rows(time_block(engines, ids, context, cfg, counters), by_label, context, threads, cfg)
+            tensor_bytes.add_columns(block, tbs, counters, stream)
             for r in block:
                 r["ppl"] = ppl[r["engine"]]
             rows += block
@@ -251,7 +274,8 @@ def run_engines(model: str, cfg: EnginesConfig, gate=None, trust_pickle: bool = 
     for r in rows:
         r["memory"] = memory.get(r["engine"])
         r["peak_rss_mb"] = r["memory"]["peak_mb"] if r["memory"] else None
-    return {"model": model, "config": asdict(cfg), "tokens": source, "skipped": notes, "machine": machine(specs),
+    return {"model": model, "config": asdict(cfg), "tokens": source, "skipped": notes,
+            "machine": {**machine(specs), "stream_gb_s": stream},
             "ppl": {"window": cfg.ppl_window, "scored": cfg.ppl_tokens, "values": ppl},
             "memory_context": cfg.memory_context if cfg.memory else None, "rows": rows}
 
