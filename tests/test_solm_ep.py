@@ -95,14 +95,6 @@ def _close_quantized(got, want, unquantized, bits):
         assert on_boundary.all() and one_step.all(), f"row {b}: {bad.sum()} elements off the reference"
 
 
-def _stats(lib):
-    buf = (ctypes.c_uint64 * 10)()
-    lib.SolmEpGetStats(buf, 10)
-    keys = ("attn_calls", "attn_keys_scored", "attn_keys_dense", "attn_kv_rows_read", "mlp_calls", "mlp_in_rows",
-            "mlp_in_rows_dense", "mlp_down_rows", "mlp_down_rows_dense", "attn_minmax_rows")
-    return dict(zip(keys, buf))
-
-
 # ---------------------------------------------------------------------------------------------- QuestAttention
 
 def _quest_model(page_size, sinks, window, with_mask, scale=None, **extra):
@@ -290,9 +282,9 @@ def test_quest_skip_counters_diagnostic(lib):
     B, H, Hkv, L, d, S = 1, 4, 2, 256, 16, 16
     q, k, v, _ = _attn_inputs(rng, B, H, Hkv, 1, L, d, False)
     sess = _session(_quest_model(S, 0, 0, False))
-    before = _stats(lib)
+    before = ep.work_counters()
     sess.run(None, {"q": q, "k": k, "v": v, "kappa": np.array([0.2], np.float32)})
-    after = _stats(lib)
+    after = ep.work_counters()
     scored = after["attn_keys_scored"] - before["attn_keys_scored"]
     dense = after["attn_keys_dense"] - before["attn_keys_dense"]
     assert dense == H * L
@@ -316,9 +308,9 @@ def test_quest_group_union_counters_diagnostic(lib, H, Hkv, with_mask):
     if with_mask:
         feeds["mask"] = mask
     sess = _session(_quest_model(S, sinks, window, with_mask))
-    before = _stats(lib)
+    before = ep.work_counters()
     out = sess.run(None, feeds)[0]
-    after = _stats(lib)
+    after = ep.work_counters()
     _close(out, _quest_ref(q, k, v, mask, kappa, None, S, sinks, window))
     G = H // Hkv
     scored = rows = 0
@@ -379,9 +371,9 @@ def test_quest_page_state_carried_equals_stateless(lib, S, per_kv_head, with_mas
         k = np.concatenate([k, k1[:, :, -1:]], axis=2)                              # the cache with the new key
         v = np.concatenate([v, v1[:, :, -1:]], axis=2)
         feeds = {"q": q1, "k": k, "v": v, "kappa": kappa, **({"mask": mask} if with_mask else {})}
-        before = _stats(lib)
+        before = ep.work_counters()
         out, pmin, pmax = stateful.run(None, {**feeds, "pmin": pmin, "pmax": pmax})
-        folded = _stats(lib)["attn_minmax_rows"] - before["attn_minmax_rows"]
+        folded = ep.work_counters()["attn_minmax_rows"] - before["attn_minmax_rows"]
         assert folded == B * Hkv, f"L={L}: {folded} key rows folded into the page state, want only the new ones"
         np.testing.assert_array_equal(out, stateless.run(None, feeds)[0], err_msg=f"L={L}")
         if not per_kv_head:
@@ -537,9 +529,9 @@ def test_sparse_mlp_skip_counters_diagnostic(lib):
     w = _mlp_weights(rng, D, I, False, False)
     x = rng.standard_normal((B, T, D), dtype=np.float32)
     sess = _session(_mlp_model(w, "relu"))
-    before = _stats(lib)
+    before = ep.work_counters()
     y = sess.run(None, {"x": x, "rho": np.array([0.1], np.float32), "bits": np.array([16], np.float32)})[0]
-    after = _stats(lib)
+    after = ep.work_counters()
     d = {k: after[k] - before[k] for k in after}
     # k = ⌈ρ·D − 1e-9⌉ with ρ the float32 0.1 (= 0.10000000149): 11 channels of 100, as in the reference
     k = math.ceil(float(np.float32(0.1)) * D - 1e-9)
@@ -659,7 +651,7 @@ def test_real_artifact_matches_portable(lib, tiny_artifacts, threads, batch):
     # the must-show: 64 greedy steps at budgets 1.0, 0.7, 0.5, 0.3 (16 bits; the policy's MLP-keep range
     # starts at its lowest level, 0.5), and one with bits
     for budget in [(1, 1, 16), (0.7, 0.7, 16), (0.5, 0.5, 16), (0.3, 0.5, 16), (0.3, 0.5, 6)]:
-        before = _stats(lib)
+        before = ep.work_counters()
         steps = 0
         sparse_mlp = False
         for a, b in zip(portable.steps(prompts, budget=budget, max_new_tokens=64),
@@ -674,7 +666,7 @@ def test_real_artifact_matches_portable(lib, tiny_artifacts, threads, batch):
                 sparse_mlp = sparse_mlp or bool((a["controls"][:, 1] < 1).any())
             steps += 1
         assert steps == 65  # prefill + 64 decode steps
-        after = _stats(lib)
+        after = ep.work_counters()
         n = {k: after[k] - before[k] for k in after}
         assert n["attn_calls"] == 2 * 65 and n["mlp_calls"] == 2 * 65  # every layer's ops ran on SolmEP
         if sparse_mlp:
@@ -762,9 +754,9 @@ def test_artifact_carries_page_state(lib, tiny_artifacts):
              "budget": np.tile(np.array([0.3, 0.5, 0.4], np.float32), (B, 1))}
     for t in range(2 * S + 3):
         lengths = feeds["past_length"] + feeds["input_ids"].shape[1]                         # [B] after the step
-        before = _stats(lib)
+        before = ep.work_counters()
         out = s._run(feeds)
-        folded = _stats(lib)["attn_minmax_rows"] - before["attn_minmax_rows"]
+        folded = ep.work_counters()["attn_minmax_rows"] - before["attn_minmax_rows"]
         assert folded == (10 if t == 0 else 1) * B * Hkv * s.n_layers, t
         for b in range(B):
             L = int(lengths[b])
