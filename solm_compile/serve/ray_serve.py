@@ -14,6 +14,7 @@ never needs it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -82,11 +83,20 @@ def application(artifact: str | os.PathLike, config: ServeConfig):
 
 
 def start(artifact: str | os.PathLike, config: ServeConfig) -> str:
-    """Start a local Ray (``replicas × cpus_per_replica`` CPUs, no dashboard, bound to loopback when the proxy is)
-    and the application on it; returns the proxy's base URL once every replica is running."""
+    """Start a local Ray and the application on it; returns the proxy's base URL once every replica is running."""
+    init_ray(config)
+    return deploy(artifact, config)
+
+
+def init_ray(config: ServeConfig) -> None:
+    """A local Ray of ``replicas × cpus_per_replica`` CPUs, no dashboard, its node on loopback when the proxy is."""
     node_ip = "127.0.0.1" if config.loopback else None
     ray.init(address="local", num_cpus=config.replicas * cpus_per_replica(config), include_dashboard=False,
              _node_ip_address=node_ip, log_to_driver=False, configure_logging=False)
+
+
+def deploy(artifact: str | os.PathLike, config: ServeConfig) -> str:
+    """Serve's proxy on ``config.host:config.port`` and the application on the running Ray (stopped on failure)."""
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(application(artifact, config), name=APP_NAME, route_prefix="/", blocking=False)
@@ -117,6 +127,8 @@ def running_replicas() -> int:
 
 def stop() -> None:
     """Shut down Serve (each replica's app runs its lifespan shutdown: the scheduler stops) and the local Ray."""
+    if not ray.is_initialized():                  # already stopped (a failed deploy stops before re-raising)
+        return
     with contextlib.suppress(Exception):
         serve.shutdown()
     ray.shutdown()
@@ -134,9 +146,12 @@ def ray_serving(artifact: str | os.PathLike, config: ServeConfig) -> Iterator[st
 
 def serve_forever(artifact: str | os.PathLike, config: ServeConfig) -> None:
     """Serve until Ctrl-C (or SIGTERM), then shut Serve and Ray down: no Ray process outlives the command."""
-    signal.signal(signal.SIGTERM, _interrupt)
-    start(artifact, config)
     try:
+        init_ray(config)
+        signal.signal(signal.SIGTERM, _interrupt)     # after ray.init: Ray's own SIGTERM handler aborts, skipping stop()
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)     # the command prints its own lines
+        url = deploy(artifact, config)
+        print(f"solm serve: {config.replicas} replicas running; {url}/v1", flush=True)
         while True:
             time.sleep(1.0)
     finally:
