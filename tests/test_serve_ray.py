@@ -7,6 +7,7 @@ Ray is in the test extra, so it is imported, never skipped."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 import ray  # noqa: F401  (the test extra installs ray[serve]; a missing one fails here, not a skip)
@@ -118,6 +120,22 @@ def test_streamed_through_the_proxy(replicated, reference):
                                             temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == want.text
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_serve_load_through_the_proxy(replicated, serve_artifact, capsys, monkeypatch):
+    """The load test's --url mode against the replicas: every request completes without error and names the
+    replica that answered. Prompts are token ids of the tiny vocabulary (the held-out novel is a fetched asset)."""
+    from solm_compile.bench import serve_load
+
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(serve_load, "prompts", lambda sess, n, lo, hi, seed: [
+        rng.integers(1, 160, int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)])
+    assert serve_load.main([str(serve_artifact), "--url", replicated["url"], "--clients", "4", "--requests", "2",
+                            "--max-tokens", "8", "--prompt-min", "16", "--prompt-max", "48", "--keep", "",
+                            "--max-wall", "60"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [(r["budget"], r["completed"], r["requests"], r["errors"]) for r in rows] == [("dense", 8, 8, [])]
+    assert rows[0]["replicas_seen"] >= 1
 
 
 def descendants(pid: int) -> set[int]:
