@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")     # before ray is imported: no usage report, ever
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"                 # before ray is imported: no usage report, ever
 import ray                                                  # noqa: E402
 from ray import serve                                       # noqa: E402
 
@@ -91,6 +91,7 @@ def start(artifact: str | os.PathLike, config: ServeConfig) -> str:
 def init_ray(config: ServeConfig) -> None:
     """A local Ray of ``replicas × cpus_per_replica`` CPUs, no dashboard, its node on loopback when the proxy is."""
     node_ip = "127.0.0.1" if config.loopback else None
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"             # Ray's processes inherit it
     ray.init(address="local", num_cpus=config.replicas * cpus_per_replica(config), include_dashboard=False,
              _node_ip_address=node_ip, log_to_driver=False, configure_logging=False)
 
