@@ -3,7 +3,8 @@
     python -m solm_compile.bench.serve_load smollm2.solm.onnx [smollm2.portable.onnx] --threads 2 --out r.json
 
 For each artifact, one server in this process (``serve.background``: loopback, ephemeral port, continuous batching
-with ``--max-active`` = the largest client count), then for each (budget, clients) cell: ``clients`` threads each
+with ``--max-active`` = the largest client count; ``--replicas N``: N Ray Serve replicas of it on a local Ray,
+``serve.ray_serve``, each answer naming its replica; ``--url``: the server already running there), then for each (budget, clients) cell: ``clients`` threads each
 send ``--requests`` streamed completions one after another (prompts of 128–512 token ids cut from *Persuasion*,
 ``corpora.heldout_text``, lengths and offsets from ``--seed``; ``max_tokens`` 64, greedy). Per cell: throughput
 (completion tokens / wall time), p50/p99 time to first token and inter-token latency (gaps between streamed token
@@ -17,6 +18,7 @@ over rounds. Bounded: at most clients × requests × cells × rounds requests, a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -60,9 +62,10 @@ def one_request(url: str, model: str, prompt: list[int], budget: tuple, max_toke
     req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"}, method="POST")
     t0 = time.perf_counter()
-    arrivals, error = [], None
+    arrivals, error, replica = [], None, None
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:
+            replica = r.headers.get("x-solm-replica")             # set by solm serve --replicas (ray_serve.py)
             for raw in r:
                 line = raw.decode().strip()
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -78,7 +81,8 @@ def one_request(url: str, model: str, prompt: list[int], budget: tuple, max_toke
         status, error = e.code, json.loads(e.read() or b"{}").get("error", {}).get("message", str(e))
     except (urllib.error.URLError, OSError) as e:
         status, error = 0, f"{type(e).__name__}: {e}"
-    return {"ok": error is None and status == 200, "status": status, "error": error, "tokens": len(arrivals),
+    return {"ok": error is None and status == 200, "status": status, "error": error, "replica": replica,
+            "tokens": len(arrivals),
             "ttft_s": arrivals[0] - t0 if arrivals else None,
             "gaps_s": [b - a for a, b in zip(arrivals, arrivals[1:])]}
 
@@ -93,7 +97,7 @@ def run_cell(url, model, budget, clients, per_client, pool, max_tokens, stop_at)
             if time.monotonic() > stop_at:
                 with lock:
                     results.append({"ok": False, "status": None, "error": "not run (--max-wall reached)",
-                                    "tokens": 0, "ttft_s": None, "gaps_s": []})
+                                    "replica": None, "tokens": 0, "ttft_s": None, "gaps_s": []})
                 continue
             r = one_request(url, model, pool[(c * per_client + k) % len(pool)], budget, max_tokens)
             with lock:
@@ -113,6 +117,7 @@ def run_cell(url, model, budget, clients, per_client, pool, max_tokens, stop_at)
             "ttft_p50_ms": _ms(percentile(ttft, 50)), "ttft_p99_ms": _ms(percentile(ttft, 99)),
             "itl_p50_ms": _ms(percentile(gaps, 50)), "itl_p99_ms": _ms(percentile(gaps, 99)),
             "completed": sum(r["ok"] for r in results), "requests": len(results),
+            "replicas_seen": len({r["replica"] for r in results if r["replica"] is not None}),
             "errors": sorted({f"{r['status']}: {r['error']}" for r in results if not r["ok"]})}
 
 
@@ -122,18 +127,19 @@ def _ms(s):
 
 def bench_artifact(path: str, args, budgets: dict, stop_at: float) -> list[dict]:
     from solm_compile.runtime.session import SolmSession
-    from solm_compile.serve import ServeConfig, background, create_app
+    from solm_compile.serve import ServeConfig
 
     sess = SolmSession(path, threads=args.threads)
     config = ServeConfig(context=args.prompt_max + args.max_tokens + 8, max_active=max(args.clients),
-                         max_queue=4 * max(args.clients), timeout_s=TIMEOUT_S)
+                         max_queue=4 * max(args.clients), timeout_s=TIMEOUT_S, threads=args.threads,
+                         replicas=args.replicas, port=args.port if args.replicas else 0)
     pool = prompts(sess, max(args.clients) * args.requests, args.prompt_min, args.prompt_max, args.seed)
     if sess.kind == "dense":
         budgets = {"dense": budgets["dense"]}
     cells = [(b, c) for b in budgets for c in args.clients]
     runs: dict[tuple, list[dict]] = {cell: [] for cell in cells}
     model = Path(path).name.removesuffix(".onnx")
-    with background(create_app(sess, config)) as url:
+    with serving(sess, config, args.url) as url:
         one_request(url, model, pool[0][:16], budgets["dense"], 2)                  # untimed warm-up
         for r in range(args.rounds):
             k = r % len(cells)
@@ -144,11 +150,29 @@ def bench_artifact(path: str, args, budgets: dict, stop_at: float) -> list[dict]
     for (budget, clients), cell_runs in runs.items():
         med = {key: _median([c[key] for c in cell_runs]) for key in
                ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")}
-        rows.append({"artifact": Path(path).name, "kind": sess.kind, "budget": budget, "clients": clients, **med,
+        rows.append({"artifact": Path(path).name, "kind": sess.kind, "budget": budget, "clients": clients,
+                     "replicas": None if args.url else args.replicas or 1, **med,
                      "completed": sum(c["completed"] for c in cell_runs),
                      "requests": sum(c["requests"] for c in cell_runs),
+                     "replicas_seen": max(c["replicas_seen"] for c in cell_runs),
                      "errors": sorted({e for c in cell_runs for e in c["errors"]}), "rounds": cell_runs})
     return rows
+
+
+def serving(sess, config, url: str | None = None):
+    """The server under test: the one already at ``url``; else on loopback in this process (``serve.background``),
+    or with ``config.replicas`` as that many Ray Serve replicas on a local Ray (``serve.ray_serve``)."""
+    if url is not None:
+        return contextlib.nullcontext(url.rstrip("/"))
+    if config.replicas is None:
+        from solm_compile.serve import background, create_app
+
+        return background(create_app(sess, config))
+    try:
+        from solm_compile.serve.ray_serve import ray_serving
+    except ImportError as e:
+        raise UserError(f"--replicas needs Ray Serve ({e.name} is missing): pip install 'solm-compile[ray]'") from e
+    return ray_serving(sess.path, config)
 
 
 def _median(xs):
@@ -157,11 +181,13 @@ def _median(xs):
 
 
 def table(rows: list[dict]) -> str:
-    head = ("artifact", "budget", "clients", "tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "done")
+    head = ("artifact", "replicas", "budget", "clients", "tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99",
+            "done")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     f = lambda x, nd=1: "—" if x is None else f"{x:.{nd}f}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['artifact']} | {r['budget']} | {r['clients']} | {f(r['tok_s'])} | "
+        replicas = r["replicas"] if r["replicas"] == 1 else f"{r['replicas'] or '?'} ({r['replicas_seen']} answered)"
+        lines.append(f"| {r['artifact']} | {replicas} | {r['budget']} | {r['clients']} | {f(r['tok_s'])} | "
                      f"{f(r['ttft_p50_ms'], 0)} ms | {f(r['ttft_p99_ms'], 0)} ms | {f(r['itl_p50_ms'])} ms | "
                      f"{f(r['itl_p99_ms'])} ms | {r['completed']}/{r['requests']} |")
     return "\n".join(lines)
@@ -179,6 +205,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="rounds over the cells, rotated (default 1)")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     ap.add_argument("--max-wall", type=float, default=1800.0, help="no request starts after this many seconds")
+    ap.add_argument("--replicas", type=int, default=None,
+                    help="serve through N Ray Serve replicas (solm serve --replicas; the ray extra) instead of one "
+                         "server in this process; each replica has --max-active = the largest client count")
+    ap.add_argument("--url", default=None, help="bench the server already at this base URL (e.g. solm serve "
+                    "--replicas 2: http://127.0.0.1:8000) instead of starting one; ARTIFACT gives the prompts' "
+                    "tokenizer and the model id")
+    ap.add_argument("--port", type=int, default=8000, help="the Ray proxy's loopback port with --replicas (default 8000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     args = ap.parse_args(argv)
@@ -187,6 +220,8 @@ def main(argv=None) -> int:
         keeps = [float(k) for k in args.keep.split(",") if k]
         if min(args.clients) < 1 or args.requests < 1 or args.rounds < 1 or args.max_tokens < 1:
             raise ValueError("--clients, --requests, --rounds and --max-tokens must be >= 1")
+        if args.url and args.replicas is not None:
+            raise ValueError("--url benches a server already running; --replicas starts one: pass one of them")
         if not 1 <= args.prompt_min <= args.prompt_max:
             raise ValueError("--prompt-min must be in [1, --prompt-max]")
     except ValueError as e:

@@ -29,6 +29,10 @@ def add_serve_parser(sub, common) -> None:
     p.add_argument("--timeout", dest="timeout_s", type=float, default=D.timeout_s,
                    help=f"seconds a request may run (default {D.timeout_s:g})")
     p.add_argument("--model-name", default=D.model_name, help="the model id clients use (default: the file name)")
+    p.add_argument("--replicas", type=int, default=D.replicas,
+                   help="serve N replicas of the app as a Ray Serve deployment on a local Ray, each with its own "
+                        "session, scheduler and KV budget, behind Ray's proxy on --host:--port (the ray extra; "
+                        "default: one process, no Ray)")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(fn=cmd_serve)
 
@@ -36,7 +40,10 @@ def add_serve_parser(sub, common) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(host=args.host, port=args.port, threads=args.threads, context=args.context,
                          max_active=args.max_active, max_queue=args.max_queue, timeout_s=args.timeout_s,
-                         model_name=args.model_name, kv_budget_mb=args.kv_budget_mb)          # bad flags fail before the artifact loads
+                         model_name=args.model_name, kv_budget_mb=args.kv_budget_mb,
+                         replicas=args.replicas)          # bad flags fail before the artifact loads
+    if config.replicas is not None:
+        return serve_replicas(args.artifact, config)
     try:
         from solm_compile.serve import create_app, serve_forever
     except ImportError as e:
@@ -48,10 +55,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     sess = SolmSession(args.artifact, threads=args.threads)
     app = create_app(sess, config)
-    if not config.loopback:
-        print(f"warning: listening on {config.host}, reachable from other machines; solm serve has no "
-              "authentication", file=sys.stderr)
+    _warn_if_exposed(config)
     print(f"solm serve: {sess.kind} artifact {sess.path.name} at http://{config.host}:{config.port}/ "
           f"(OpenAI API under /v1; Ctrl-C stops)", flush=True)
     serve_forever(app, config)
     return 0
+
+
+def serve_replicas(artifact: str, config: ServeConfig) -> int:
+    """``--replicas N``: the same app on N Ray Serve replicas (solm_compile/serve/ray_serve.py)."""
+    from solm_compile.errors import UserError
+
+    try:
+        import fastapi  # noqa: F401  (each replica builds the serve extra's app)
+
+        from solm_compile.serve import ray_serve
+    except ImportError as e:
+        raise UserError(f"--replicas needs Ray Serve and the serve extra ({e.name} is missing): pip install "
+                        "'solm-compile[ray]'") from e
+    from solm_compile.runtime.session import SolmSession
+
+    sess = SolmSession(artifact, threads=1)              # a bad artifact is one line here, not a replica's crash
+    kind, name = sess.kind, sess.path.name
+    del sess
+    _warn_if_exposed(config)
+    print(f"solm serve: {kind} artifact {name} on {config.replicas} Ray Serve replicas at "
+          f"http://{config.host}:{config.port}/ (OpenAI API under /v1; Ctrl-C stops)", flush=True)
+    ray_serve.serve_forever(artifact, config)
+    return 0
+
+
+def _warn_if_exposed(config: ServeConfig) -> None:
+    if not config.loopback:
+        print(f"warning: listening on {config.host}, reachable from other machines; solm serve has no "
+              "authentication", file=sys.stderr)

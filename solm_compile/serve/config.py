@@ -24,7 +24,9 @@ class ServeConfig:
     by the scheduler (one row each); up to ``max_queue`` more wait for a slot, beyond that a request gets 503.
     ``kv_budget_mb``: MiB of KV cache the rows may take (None: no limit); fewer rows than ``max_active`` when a row
     of ``context`` positions does not fit that often. ``timeout_s``: a request still running after this long is
-    ended. ``max_body``: bytes of request JSON accepted."""
+    ended. ``max_body``: bytes of request JSON accepted. ``replicas``: None serves from this process (uvicorn);
+    N runs N replicas of the same app as a Ray Serve deployment on a local Ray (``ray_serve.py``), each with its
+    own session, scheduler and KV budget."""
 
     host: str = LOOPBACK
     port: int = 8000
@@ -36,6 +38,7 @@ class ServeConfig:
     timeout_s: float = 300.0
     max_body: int = 1_000_000
     model_name: str | None = None
+    replicas: int | None = None
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}")
@@ -47,6 +50,9 @@ class ServeConfig:
                f"--kv-budget must be > 0 MiB, got {self.kv_budget_mb}")
         _check(self.timeout_s > 0, f"--timeout must be > 0 seconds, got {self.timeout_s}")
         _check(self.max_body >= 1024, f"max_body must be >= 1024 bytes, got {self.max_body}")
+        _check(self.replicas is None or self.replicas >= 1, f"--replicas must be >= 1, got {self.replicas}")
+        _check(self.replicas is None or self.port != 0,
+               "--port 0 (any free port) does not work with --replicas: Ray's proxy needs a fixed port")
         _check(bool(self.host) and " " not in self.host, f"--host must be an address or a name, got {self.host!r}")
 
     @property
