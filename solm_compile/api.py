@@ -45,6 +45,9 @@ class SolmConfig:
                 format: SolmEP reads only the kept units' rows of down, fp32 or on low-bit weights re-quantised
                 transposed; the portable kind masks h and multiplies down densely; a dense artifact skips nothing;
                 --emit mlir refuses it; docs/measurements.md session 10)
+    mlp_down_bits  under mlp_skip "h" on low-bit weights, SolmEP's down projection is stored transposed (a skipped
+                unit reads no byte), re-quantised round-to-nearest from the source: 8 bits (default; +0.1 % PPL on
+                SmolLM2, twice a Q4 down's bytes) or 4 (a Q4 down's bytes; docs/measurements.md session 12)
     kv          the SolmEP artifacts' KV cache buffer: "fp16" (default) or "fp32" (the exactness reference); the
                 portable and dense artifacts keep fp32 caches grown by concatenation
     trust_pickle  allow a pickled model file (unpickling runs arbitrary code)
@@ -63,6 +66,7 @@ class SolmConfig:
     emit: str = "onnx"
     mlir_dialect: str | None = None
     kv: str = "fp16"
+    mlp_down_bits: int = 8
 
     @property
     def mlp_skip(self) -> str:
@@ -83,6 +87,8 @@ class SolmConfig:
             raise UserError(f"--kv: must be fp16 or fp32, got {self.kv!r}")
         if self.activations not in ("int8", "fp32"):
             raise UserError(f"--activations: must be int8 or fp32, got {self.activations!r}")
+        if self.mlp_down_bits not in (4, 8):
+            raise UserError(f"--mlp-down-bits: must be 4 or 8, got {self.mlp_down_bits!r}")
         if self.mlp_skip == "h" and self.emit == "mlir" and self.kind != "dense":
             raise UserError("--mlp-skip h: --emit mlir writes the gated step with rho on x only (its torch.operator "
                             "form is untested with h); write an ONNX artifact, or --dense")
@@ -154,7 +160,8 @@ def compile(model: str, config: SolmConfig = SolmConfig(), out: str | Path = "mo
     kind = _resolve_kind(config.kind)
     policy = None if kind in ("dense", "fixed") else resolve_policy(config.policy, loaded.info)
     path = write_artifact(lm, out, kind, policy, tokenizer=loaded.tokenizer, per_kv_head=config.per_kv_head,
-                          weights=loaded.weights, activations=config.activations, kv=config.kv)
+                          weights=loaded.weights, activations=config.activations, kv=config.kv,
+                          mlp_down_bits=config.mlp_down_bits)
     log.info("wrote %s (%s; gated %d attention and %d MLP ops%s; weights %s)", path, kind, gated.count("attention"),
              gated.count("mlp"), f"; policy {policy.path.name}" if policy else "", loaded.weights.describe())
     return path

@@ -223,3 +223,31 @@ def test_portable_artifact_on_int4_weights_with_h_skip(tmp_path):
     steps = list(sess.steps(ids, budget=(1.0, 0.5, 16), max_new_tokens=3))
     assert np.abs(steps[0]["logits"][0] - want).max() < 1e-3 * np.abs(want).max()
     assert all(np.isfinite(s["logits"]).all() for s in steps)
+
+
+def test_mlp_down_bits_4_reaches_the_artifact(tmp_path):
+    """--mlp-down-bits 4 (SolmConfig.mlp_down_bits, the CLI's default is the API's): downᵀ stored as 4-bit blocks
+    (two codes a byte: [I, D/32, 16]), bits_down 4 on every SparseMLPBlocks, recorded in the metadata; other values
+    are one-line errors."""
+    from test_quant import _tiny_dir
+
+    from solm_compile.api import SolmConfig, compile
+    from solm_compile.cli.app import build_parser
+    from solm_compile.config import GateConfig
+    from solm_compile.runtime.session import read_metadata
+
+    assert build_parser().parse_args(["compile", "m", "--out", "m.onnx"]).mlp_down_bits == SolmConfig().mlp_down_bits
+    with pytest.raises(UserError, match="--mlp-down-bits: must be 4 or 8, got 5"):
+        SolmConfig(mlp_down_bits=5)
+    model, d = _tiny_dir(tmp_path)
+    art = compile(str(d), SolmConfig(kind="fixed", weights="int4", gate=GateConfig(mlp_skip="h"), mlp_down_bits=4),
+                  tmp_path / "tiny.onnx")
+    meta = read_metadata(art)
+    assert meta["weights"]["mlp_down_bits"] == 4 and meta["weights"]["packed"]["mlp_downT_int4-rtn"] == 2
+    proto = onnx.load(str(art))
+    inits = {t.name: t for t in proto.graph.initializer}
+    blocks = [n for n in proto.graph.node if n.op_type == "SparseMLPBlocks"]
+    I, D = model.config.intermediate_size, model.config.hidden_size
+    for n in blocks:
+        assert next(a.i for a in n.attribute if a.name == "bits_down") == 4
+        assert list(inits[n.input[9]].dims) == [I, D // 32, 16]

@@ -206,33 +206,40 @@ def fuse_norm_rope(program) -> dict:
     return counts
 
 
-def pack_low_bit(program, weights, activations: str = "int8") -> dict:
+def pack_low_bit(program, weights, activations: str = "int8", down_bits: int = 8) -> dict:
     """``passes/pack_weights`` on ``program.model``; returns the metadata saying what each weight is stored as.
     ``activations``: "int8" (MatMulNBits accuracy_level 4, SparseMLPBlocks activations="int8": int8 activations per
     block, llama.cpp's trade) or "fp32" (accuracy_level 0 and activations="fp32": exact up to float rounding).
     What ρ keeps is each SparseMLP node's own ``skip`` (pack_mlp copies it): under "h" a SparseMLPBlocks stores down
     re-quantised transposed, an MLP left SparseMLP (no blocks of 32) runs h on SolmEP's fp32 kernel, and the
-    portable kind's masked down (TopK over |h|) is a MatMulNBits like any other MatMul."""
+    portable kind's masked down (TopK over |h|) is a MatMulNBits like any other MatMul. ``down_bits`` (8 or 4): the
+    bits of that transposed down (``--mlp-down-bits``; recorded as ``weights.mlp_down_bits`` under "h")."""
     from solm_compile.passes.pack_weights import pack_weights
 
     if weights is None:
         return {"weights": "fp32", "formats": {}}
     if activations not in ("int8", "fp32"):
         raise UserError(f"activations must be int8 or fp32, got {activations!r}")
+    if down_bits not in (4, 8):
+        raise UserError(f"--mlp-down-bits: must be 4 or 8, got {down_bits!r}")
     packed = pack_weights(program.model, weights, accuracy_level=4 if activations == "int8" else 0,
-                          mlp_activations=activations)
+                          mlp_activations=activations, mlp_down_bits=down_bits)
     log.debug("pack_weights: %s (skipped: %s)", dict(packed.counts), packed.skipped)
-    return {**weights.to_dict(), "packed": dict(sorted(packed.counts.items())), "activations": activations}
+    meta = {**weights.to_dict(), "packed": dict(sorted(packed.counts.items())), "activations": activations}
+    if any(k.startswith("mlp_downT") for k in packed.counts):
+        meta["mlp_down_bits"] = down_bits
+    return meta
 
 
 def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=None, tokenizer=None,
                    per_kv_head: bool = False, weights=None, activations: str = "int8",
-                   kv: str | None = "fp16") -> Path:
+                   kv: str | None = "fp16", mlp_down_bits: int = 8) -> Path:
     """Export, attach metadata, write ``out`` (and the tokenizer beside it) atomically. ``weights``: the loaded
     model's ``WeightTable`` (``--weights``): the weights it knows are stored as their low-bit blocks, their layers
     computed with ``activations`` (``pack_low_bit``: "int8" per block, or "fp32"). ``kv``: the SolmEP kinds' KV cache
     buffer precision, "fp16" or "fp32" (``carry_ep_state``). What the MLP's ρ keeps is ``lm.gate.mlp_skip`` (on
-    every SparseMLP node already), "x" or "h" (every kind but dense, any ``weights``); recorded as ``solm.mlp_skip``."""
+    every SparseMLP node already), "x" or "h" (every kind but dense, any ``weights``); recorded as ``solm.mlp_skip``.
+    ``mlp_down_bits``: under "h" on low-bit weights, the bits down is re-quantised to, transposed (8 or 4)."""
     import onnx
 
     if kind not in KINDS:
@@ -257,7 +264,7 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
 
         ep_meta["dense_attention"] = fuse_dense_attention(program)
     ep_meta["fused"] = fuse_norm_rope(program)
-    ep_meta["weights"] = pack_low_bit(program, weights, activations)
+    ep_meta["weights"] = pack_low_bit(program, weights, activations, mlp_down_bits)
     ep_meta["mlp_skip"] = mlp_skip
     tok_name = None
     if tokenizer is not None:

@@ -11,6 +11,8 @@ log = logging.getLogger(__name__)
 
 
 def add_artifact_parsers(sub, common) -> None:
+    from solm_compile.api import SolmConfig       # light (no torch): the CLI's defaults are the API's
+
     p = sub.add_parser("compile", help="write the .solm.onnx artifact (same as solm-compile)")
     common(p)
     p.add_argument("--out", required=True, help="output path, e.g. model.solm.onnx")
@@ -29,6 +31,10 @@ def add_artifact_parsers(sub, common) -> None:
     p.add_argument("--activations", choices=("int8", "fp32"), default="int8",
                    help="low-bit matmuls: activations quantized to int8 per block of 32 (default; llama.cpp's trade, "
                    "+0.2 %% perplexity on SmolLM2) or kept fp32 (exact, slower)")
+    p.add_argument("--mlp-down-bits", type=int, choices=(8, 4), default=SolmConfig.mlp_down_bits,
+                   help="with --mlp-skip h on low-bit weights: the bits SolmEP's transposed down projection is "
+                   "re-quantised to (default 8: +0.1 %% PPL on SmolLM2, twice a Q4 down's bytes; 4: a Q4 down's "
+                   "bytes, so rho saves them; docs/measurements.md session 12)")
     p.add_argument("--emit", choices=("onnx", "mlir"), default="onnx",
                    help="onnx: the artifact (default); mlir: the decode step as MLIR text through torch-mlir "
                    "(pip install solm-compile[mlir]): the gated step with the budget as arguments, or with --dense "
@@ -78,7 +84,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     config = SolmConfig(kind=kind, policy=args.policy, gate=dataclass_from_args(GateConfig, args),
                         per_kv_head=args.per_kv_head, trust_pickle=args.trust_pickle, weights=args.weights,
                         activations=args.activations, emit=args.emit, mlir_dialect=args.mlir_dialect,
-                        kv=args.kv)
+                        kv=args.kv, mlp_down_bits=args.mlp_down_bits)
     path = compile(args.model, config, out=args.out)
     if args.emit == "mlir":
         print(f"wrote {path} (MLIR, {config.mlir_dialect or ('linalg-on-tensors' if args.dense else 'raw')}, "
