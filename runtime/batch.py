@@ -2,6 +2,8 @@
 
     b = sess.batch(rows=8, capacity=2048)       # KV (and page state) for 8 rows of up to 2048 positions
     slot, logits = b.join(prompt_ids, budget)   # the row's own dense prefill; logits [V] of its last position
+    slot = b.begin(prompt_ids, budget)          # ... or one prefill run at a time, stepping the others in between:
+    logits = b.advance(slot)                    # None until its last run (then the row is live)
     out = b.step({slot: token, ...})            # every live row's next token -> {slot: {logits, action, controls}}
     b.leave(slot)                               # its slot is free for the next join
 
@@ -12,6 +14,12 @@ in a run of its own (B = 1) bound to its slice: only its own rows, pages and pol
 policy episode restarts while the others' go on. A step runs the rows [0, n) (n = the highest live slot + 1), each at
 its own ``past_length``; a free slot inside that range runs along as an empty row (its outputs are ignored; rows
 never mix in any op). Joins take the lowest free slot, so n stays small.
+
+A prompt is prefilled in runs of ``sess.prefill_chunk`` tokens (``advance``: one run a call). A server steps the live
+rows between a joining row's runs, so a long prompt does not stall everyone's next token. Until its last run the
+joining slot is not live; a step inside [0, n) runs its row on a placeholder token at the next position to prefill,
+which that run then writes over: runs start on page boundaries (the chunk is a multiple of the page size, else the
+prompt goes in one run), where the page min/max restart from the first key, so nothing of the placeholder remains.
 
 ``RowByRow`` has the same interface for protocol-1 artifacts (portable, dense: equal-length rows only): each row
 is its own ``SolmSession.steps`` generator, stepped one after another.
@@ -34,10 +42,19 @@ class _Slots:
             raise UserError(f"a batch needs rows >= 1 and capacity >= 2, got {rows} rows of {capacity}")
         self.sess, self.rows, self.capacity = sess, int(rows), int(capacity)
         self.live: dict[int, int] = {}             # slot -> positions in its cache
+        self.filling: dict[int, dict] = {}         # slot -> a prompt being prefilled (``begin``/``advance``)
 
     @property
     def free(self) -> int:
-        return self.rows - len(self.live)
+        return self.rows - len(self.live) - len(self.filling)
+
+    def join(self, prompt_ids, budget=(1.0, 1.0, 16)) -> tuple[int, np.ndarray]:
+        """Prefill ``prompt_ids`` in a free slot, every run now: (slot, logits [V] of its last position)."""
+        slot = self.begin(prompt_ids, budget)
+        logits = None
+        while logits is None:
+            logits = self.advance(slot)
+        return slot, logits
 
     def _take(self, prompt_ids, budget) -> tuple[int, np.ndarray]:
         n = len(prompt_ids)
@@ -45,9 +62,9 @@ class _Slots:
             raise UserError("a batch row needs a prompt of at least one token")
         if n + 1 > self.capacity:
             raise UserError(f"a prompt of {n} tokens leaves no room in a batch row of {self.capacity} positions")
-        if len(self.live) >= self.rows:
+        if self.free < 1:
             raise UserError(f"the batch is full ({self.rows} rows)")
-        slot = min(set(range(self.rows)) - self.live.keys())
+        slot = min(set(range(self.rows)) - self.live.keys() - self.filling.keys())
         if self.sess.kind == "dense":                                     # no controls: the budget is ignored
             return slot, DENSE / [1, 1, 16]
         return slot, self.sess.check_budget(budget)                       # [3] κ, ρ, bits/16
@@ -92,27 +109,45 @@ class Batch(_Slots):
         return self.sess._policy_start(n, np.zeros((n, self.sess.meta["hidden_size"]), np.float32))
 
     # ------------------------------------------------------------------------------------------ rows
-    def join(self, prompt_ids, budget=(1.0, 1.0, 16)) -> tuple[int, np.ndarray]:
-        """Prefill ``prompt_ids`` in a free slot (a B = 1 run on its rows of the buffers): (slot, logits [V])."""
+    def begin(self, prompt_ids, budget=(1.0, 1.0, 16)) -> int:
+        """Reserve a free slot for ``prompt_ids``; ``advance`` prefills it (B = 1 runs on its rows of the buffers)."""
+        from solm_compile.runtime.session import prefill_spans
+
         slot, target = self._take(prompt_ids, budget)
-        T = len(prompt_ids)
         self.budget[slot] = target
-        feeds = {"input_ids": np.asarray([prompt_ids], np.int64),                            # [1, T]
-                 "position_ids": np.arange(T, dtype=np.int64)[None],                         # [1, T]
-                 "past_length": np.zeros((1,), np.int64)}                                    # [1]
+        chunk, page = self.sess.prefill_chunk, int(self.sess.meta.get("gate", {}).get("page_size", 1))
+        spans = prefill_spans(len(prompt_ids), chunk if chunk and chunk % page == 0 else 0)
+        self.filling[slot] = {"ids": np.asarray(prompt_ids, np.int64), "spans": spans}
+        self.length[slot] = 0
         if self.policy:
-            feeds.update(self._start(1))
+            for name, value in self._start(1).items():
+                self.state[name][slot] = value[0]
+        return slot
+
+    def advance(self, slot: int):
+        """The next prefill run of ``slot``: None, or after its last run the logits [V] (the row is then live)."""
+        job = self.filling[slot]
+        a, b = job["spans"].pop(0)
+        feeds = {"input_ids": job["ids"][None, a:b],                                         # [1, b - a]
+                 "position_ids": np.arange(a, b, dtype=np.int64)[None],                      # [1, b - a]
+                 "past_length": np.asarray([a], np.int64)}                                   # [1]
+        if self.policy:
+            feeds.update({name: value[slot:slot + 1] for name, value in self.state.items()})
         out = self._run(feeds, slot, slot + 1)
         if self.policy:
             for name in self.state:
                 self.state[name][slot] = out[f"{name}_out"][0]
-        self.length[slot] = T
-        self.live[slot] = T
-        return slot, out["logits"][0, -1]
+        self.length[slot] = b                    # a step before the next run writes position b, which it rewrites
+        if job["spans"]:
+            return None
+        del self.filling[slot]
+        self.live[slot] = b
+        return out["logits"][0, -1]
 
     def leave(self, slot: int) -> None:
         """Free ``slot``; its buffers keep their stale rows (never read: the next join starts at position 0)."""
         self.live.pop(slot, None)
+        self.filling.pop(slot, None)
         self.length[slot] = 0
         if self.policy:
             for name, value in self._start(1).items():
@@ -123,7 +158,7 @@ class Batch(_Slots):
         self._check_step(tokens)
         if not tokens:
             return {}
-        n = max(tokens) + 1
+        n = max(tokens) + 1                      # rows [0, n): free and filling slots below n run along
         ids = np.zeros((n, 1), np.int64)                                                    # [n, 1]
         for slot, tok in tokens.items():
             ids[slot, 0] = tok
@@ -180,19 +215,26 @@ class RowByRow(_Slots):
         super().__init__(sess, rows, capacity)
         self.gens: dict[int, tuple] = {}
 
-    def join(self, prompt_ids, budget=(1.0, 1.0, 16)) -> tuple[int, np.ndarray]:
+    def begin(self, prompt_ids, budget=(1.0, 1.0, 16)) -> int:
+        """The whole prefill now (``SolmSession.steps``); ``advance`` hands over its logits."""
         slot, _ = self._take(prompt_ids, budget)
         box = {}
         gen = self.sess.steps([list(prompt_ids)], budget, next_token=lambda _: np.asarray([box["token"]]),
                               max_new_tokens=self.capacity - len(prompt_ids))
         first = next(gen)
         self.gens[slot] = (gen, box)
-        self.live[slot] = len(prompt_ids)
-        return slot, first["logits"][0]
+        self.filling[slot] = {"logits": first["logits"][0], "n": len(prompt_ids)}
+        return slot
+
+    def advance(self, slot: int):
+        job = self.filling.pop(slot)
+        self.live[slot] = job["n"]
+        return job["logits"]
 
     def leave(self, slot: int) -> None:
         gen = self.gens.pop(slot, None)
         self.live.pop(slot, None)
+        self.filling.pop(slot, None)
         if gen is not None:
             gen[0].close()
 

@@ -46,19 +46,33 @@ def separate(sess, prompt, budget, n) -> tuple[list, list, list]:
     return toks, acts, logits
 
 
-def batched(sess, budgets, poison: bool = False) -> tuple[dict, dict]:
+def batched(sess, budgets, poison: bool = False, interleave: bool = False) -> tuple[dict, dict]:
     """Every request through one ``Batch`` of 4 rows on the REQUESTS schedule: ({request: (tokens, actions,
-    logits)}, {request: slot}). ``poison``: NaN into every buffer row of the slot request 1 leaves."""
+    logits)}, {request: slot}). ``poison``: NaN into every buffer row of the slot request 1 leaves. ``interleave``:
+    joins as a server makes them: ``begin``, then one ``advance`` (one prefill run) per step of the live rows."""
     b = sess.batch(4, capacity=80)
     assert isinstance(b, Batch)
-    live, done, slots = {}, {}, {}
-    for t in range(40):
+    live, done, slots, filling, waiting = {}, {}, {}, {}, []
+    for t in range(80):
         for i, (_, join, _, _) in enumerate(REQUESTS):
-            if join == t:
+            if join == t and interleave:
+                waiting.append(i)                     # joins once a slot is free (its rows fill more slowly)
+            elif join == t:
                 slot, logits = b.join(PROMPTS[i], budgets[i])
                 live[slot], slots[i] = [i, logits, [], [], []], slot
-        if not live:
+        while waiting and b.free:
+            i = waiting.pop(0)
+            filling[b.begin(PROMPTS[i], budgets[i])] = i
+        if filling:                                   # one run of the oldest joining prompt
+            slot, i = next(iter(filling.items()))
+            logits = b.advance(slot)
+            if logits is not None:
+                del filling[slot]
+                live[slot], slots[i] = [i, logits, [], [], []], slot
+        if not live and not filling and not waiting and t >= max(r[1] for r in REQUESTS):
             break
+        if not live:
+            continue
         tokens = {slot: int(np.argmax(row[1])) for slot, row in live.items()}
         out = b.step(tokens)
         for slot in list(live):
@@ -104,6 +118,23 @@ def test_nan_in_a_left_rows_stale_cache_reaches_no_other_row(sessions, kind):
         assert poisoned[i][0] == clean[i][0] and poisoned[i][1] == clean[i][1], f"request {i}"
         assert np.isfinite(np.stack(poisoned[i][2])).all(), f"request {i}: NaN reached its logits"
         np.testing.assert_array_equal(np.stack(poisoned[i][2]), np.stack(clean[i][2]))
+
+
+@pytest.mark.parametrize("kind", ["solm", "fixed"])
+def test_prompts_prefilled_a_run_at_a_time_between_steps_equal_separate_runs(step_artifacts, kind):
+    """Runs of 16 tokens (2 pages of 8): every prompt but the 4-token one takes 3 runs, each between two steps of
+    the live rows, whose run writes the joining slot's next position with a placeholder (batch.py's doc); the rows
+    still equal their separate runs (the same 16-token prefill runs), tokens, actions and logits."""
+    need_ep(ep.library_path() is not None)
+    sess = SolmSession(step_artifacts[kind], threads=1, tokenizer=False, prefill_chunk=16)
+    budgets = [within(sess, r[3]) for r in REQUESTS]
+    got, _ = batched(sess, budgets, interleave=True)
+    assert sorted(got) == list(range(len(REQUESTS)))
+    for i, (n, _, steps, _) in enumerate(REQUESTS):
+        toks, acts, logits = separate(sess, PROMPTS[i], budgets[i], steps)
+        assert got[i][0] == toks and got[i][1] == acts, f"request {i} (prompt {n})"
+        np.testing.assert_allclose(np.stack(got[i][2]), np.stack(logits), rtol=1e-4, atol=1e-4,
+                                   err_msg=f"request {i}: logits")
 
 
 def test_a_batch_refuses_what_does_not_fit_in_one_line(sessions, step_artifacts):

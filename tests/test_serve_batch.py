@@ -87,3 +87,63 @@ def test_the_kv_budget_caps_the_rows_and_the_rest_wait(solm_session):
     got = _serve_all(solm_session, ServeConfig(context=128, max_active=4, max_queue=8, timeout_s=60.0,
                                                kv_budget_mb=2.5 * per_row / MIB))
     assert [status for status, _ in got] == [200] * len(REQS)                  # two waited for a row, none refused
+
+
+def test_a_long_prompt_is_prefilled_between_the_running_requests_steps(step_artifacts):
+    """The scheduler prefills a joining prompt one run at a time (16 tokens here) and steps the running request
+    between its runs, instead of stalling it for the whole prefill; both answers still equal generate alone."""
+    import asyncio
+    import time
+
+    need_ep(ep.library_path() is not None)
+    from solm_compile.runtime.batch import Batch
+    from solm_compile.runtime.session import SolmSession
+    from solm_compile.serve.protocol import GenRequest
+    from solm_compile.serve.scheduler import Scheduler
+
+    sess = SolmSession(step_artifacts["solm"], threads=1, prefill_chunk=16)
+    rng = np.random.default_rng(7)
+    short, long_ = rng.integers(1, 160, 5).tolist(), rng.integers(1, 160, 70).tolist()   # 1 and 5 prefill runs
+    req = lambda ids, n: GenRequest(tuple(ids), n, 0.0, (), None, (1.0, 1.0, 16.0), False, False)  # noqa: E731
+    loop = asyncio.new_event_loop()
+    sched = Scheduler(sess, max_active=2, max_queue=2, timeout_s=60, context=128)
+    events, jobs = [], {}
+    step, advance = sched.batch.step, sched.batch.advance
+    assert isinstance(sched.batch, Batch)
+
+    def spy_step(tokens):
+        events.append(("step", tuple(sorted(tokens))))
+        if "long" not in jobs:                       # the long request arrives while the short one runs
+            jobs["long"] = sched.submit(req(long_, 6), loop)
+        return step(tokens)
+
+    def spy_advance(slot):
+        events.append(("advance", slot))
+        return advance(slot)
+
+    sched.batch.step, sched.batch.advance = spy_step, spy_advance
+    jobs["short"] = sched.submit(req(short, 30), loop)
+    sched.start()
+    deadline = time.monotonic() + 60
+    time.sleep(0.2)
+    while time.monotonic() < deadline and (len(jobs) < 2 or sched.counts() != (0, 0)):
+        time.sleep(0.05)
+    sched.close()
+    loop.run_until_complete(asyncio.sleep(0))        # deliver the events the worker queued
+    got = {}
+    for name, job in jobs.items():
+        evs = []
+        while not job.events.empty():
+            evs.append(job.events.get_nowait())
+        got[name] = [e[1]["token"] for e in evs if e[0] == "token"]
+        assert evs[-1][0] == "done", (name, evs[-1])
+    loop.close()
+    long_slot = next(s for kind, s in events if kind == "advance" and s != 0)
+    runs = [i for i, (kind, s) in enumerate(events) if kind == "advance" and s == long_slot]
+    assert len(runs) == 5, events
+    between = [e for e in events[runs[0]:runs[-1]] if e[0] == "step"]
+    assert len(between) >= 3 and all(0 in rows for _, rows in between), events   # the short one kept stepping
+    for name, ids, n in (("short", short, 30), ("long", long_, 6)):
+        want = [int(st["token"][0]) for st in list(sess.steps([ids], (1.0, 1.0, 16.0), max_new_tokens=n))[1:]]
+        k = min(len(want), len(got[name]))                                     # (an EOS may end it early)
+        assert k >= 3 and got[name][:k] == want[:k], (name, got[name], want)

@@ -170,8 +170,9 @@ class Scheduler:
                 if not self.active and not joining:
                     self.cv.wait(IDLE_S)
                     continue
-            for job in joining:                # each joins at this step: its own prefill into a free slot
+            for job in joining:                # each takes a free slot; its prompt is prefilled a run at a time
                 self._join(job)
+            self._advance()
             self._step()
 
     def _drop_cancelled(self) -> None:       # under self.cv
@@ -190,9 +191,7 @@ class Scheduler:
             job.text = StopText(self.sess.tokenizer.decode, req.stop)
             if self.cost is not None:
                 job.lo = scale_floor(self.cost.floor(len(req.prompt_ids) + req.max_tokens, req.budget))
-            t0 = time.perf_counter()
-            job.slot, job.logits = self.batch.join(list(req.prompt_ids), req.budget)     # the dense prefill
-            self.metrics.add_step_time(time.perf_counter() - t0)
+            job.slot = self.batch.begin(list(req.prompt_ids), req.budget)     # prefilled by _advance
         except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
             log.exception("prefill failed")
             self._end(job, "error", ApiError(f"generation failed: {type(e).__name__}: {str(e)[:200]}", status=500,
@@ -202,6 +201,22 @@ class Scheduler:
         with self.cv:
             self.active.append(job)
             self._gauges()
+
+    def _advance(self) -> None:
+        """One prefill run (``sess.prefill_chunk`` tokens) of the oldest request still prefilling, between two steps
+        of the others: a long prompt delays the running requests' next token by one run, not by its whole prefill."""
+        job = next((j for j in self.active if j.logits is None and not j.cancelled.is_set()), None)
+        if job is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            job.logits = self.batch.advance(job.slot)                      # None until its last run
+        except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+            log.exception("prefill failed")
+            self._end(job, "error", ApiError(f"generation failed: {type(e).__name__}: {str(e)[:200]}", status=500,
+                                             type="server_error", code="internal_error"))
+            return
+        self.metrics.add_step_time(time.perf_counter() - t0)
 
     def _step(self) -> None:
         """One token of every active request in one batched run; ends those that stop, left or timed out."""
@@ -214,6 +229,8 @@ class Scheduler:
             if time.monotonic() > job.deadline:
                 self._end(job, "error", ApiError(f"the request ran past this server's timeout of "
                                                  f"{self.timeout_s:g} s", status=408, type="timeout", code="timeout"))
+                continue
+            if job.logits is None:             # still prefilling (_advance)
                 continue
             req = job.req
             tok = int(pick_tokens(job.logits[None], job.rng, greedy=req.greedy, temperature=req.temperature)[0])
