@@ -34,19 +34,29 @@ inline bool Allowed(const MaskRow& m, int64_t j, float* add) {
 }
 
 // The pages [P] of S tokens holding a key that some of the n mask rows allows (page_ok |= ...; the caller zeroes
-// it); returns the number of such keys (L with no mask).
+// it); returns the number of such keys (L with no mask). Page by page: no division per key (an idiv per key was
+// ~5 % of a sparse decode step at ctx 2048).
 int64_t UnmaskedPages(const MaskRow* m, int64_t n, int64_t L, int64_t S, uint8_t* page_ok) {
   int64_t lv = 0;
-  for (int64_t j = 0; j < L; ++j) {
-    bool ok = false;
-    for (int64_t g = 0; g < n && !ok; ++g) {
-      float add;
-      ok = Allowed(m[g], j, &add);
+  for (int64_t p = 0, j0 = 0; j0 < L; ++p, j0 += S) {
+    const int64_t j1 = std::min(L, j0 + S);
+    int64_t c = 0;
+    for (int64_t j = j0; j < j1; ++j) {
+      bool ok = false;
+      for (int64_t g = 0; g < n && !ok; ++g) {
+        float add;
+        ok = Allowed(m[g], j, &add);
+      }
+      c += ok;
     }
-    if (ok) page_ok[j / S] = 1;
-    lv += ok;
+    if (c > 0) page_ok[p] = 1;
+    lv += c;
   }
   return lv;
+}
+
+inline bool SameRow(const MaskRow& a, const MaskRow& b) {
+  return a.b == b.b && a.f == b.f && a.sl == b.sl && a.jmax == b.jmax;
 }
 
 // Element-wise max/min of the keys of pages, hi/lo [P, d], folding keys [j0, L) in order: a page that starts at or
@@ -84,25 +94,40 @@ SOLM_INLINE void PageMinMaxBody(const typename R::E* K, int64_t j0, int64_t L, i
   }
 }
 
-// Quest page scores of one query head: score[p] (+)= Σ_d max(q_d·max_d, q_d·min_d).
-// hi/lo [P, d]: the page max/min.
-SOLM_INLINE void PageScoresBody(const float* qrow, const float* hi_pages, const float* lo_pages, int64_t P, int64_t d,
-                                float* score, bool accumulate) {
-  for (int64_t p = 0; p < P; ++p) {
-    const float* hi = hi_pages + p * d;
-    const float* lo = lo_pages + p * d;
-    v8 acc = {};
-    int64_t i = 0;
-    for (; i + 8 <= d; i += 8) {
-      v8 qv = *reinterpret_cast<const v8*>(qrow + i);
-      v8 a = qv * *reinterpret_cast<const v8*>(hi + i);
-      v8 b = qv * *reinterpret_cast<const v8*>(lo + i);
-      acc += a > b ? a : b;
-    }
-    float s = HSum(acc);
-    for (; i < d; ++i) s += std::max(qrow[i] * hi[i], qrow[i] * lo[i]);
-    score[p] = accumulate ? score[p] + s : s;
+// The k-th largest (1 <= k <= n) of x[0, n), overwriting x. A radix select on order-preserving keys of the float
+// bits, 8 bits a pass from the top, each pass keeping (compacted, branch-free) only the keys of the bucket that
+// holds the k-th: no data-dependent branches (std::nth_element's comparisons mispredicted about half the time,
+// ~5 % of a sparse decode step at ctx 2048 with its 270 selections over 256 pages). The result is the k-th value
+// in float order (-0 and +0 are equal there and for the caller's >= test alike).
+float KthLargest(float* x, int64_t n, int64_t k) {
+  typedef uint32_t u32a __attribute__((may_alias));
+  u32a* key = reinterpret_cast<u32a*>(x);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = key[i];
+    key[i] = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
   }
+  uint32_t prefix = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    uint32_t cnt[256] = {};
+    for (int64_t i = 0; i < n; ++i) ++cnt[(key[i] >> shift) & 255u];
+    uint32_t bucket = 255;
+    for (; bucket > 0 && cnt[bucket] < static_cast<uint64_t>(k); --bucket) k -= cnt[bucket];
+    prefix |= bucket << shift;
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      key[m] = key[i];
+      m += ((key[i] >> shift) & 255u) == bucket;
+    }
+    n = m;
+    if (n == 1) {  // the k-th is the one key left (k == 1 now)
+      prefix = key[0];
+      break;
+    }
+  }
+  const uint32_t u = (prefix & 0x80000000u) ? (prefix & 0x7fffffffu) : ~prefix;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
 }
 
 // Token keep flags [L] from page scores: the pb best pages (ties at the threshold kept) among the pages page_ok
@@ -115,8 +140,7 @@ void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_
     int64_t n = 0;
     for (int64_t p = 0; p < P; ++p)
       if (page_ok == nullptr || page_ok[p]) tmp[n++] = score[p];
-    std::nth_element(tmp, tmp + (pb - 1), tmp + n, std::greater<float>());
-    const float thr = tmp[pb - 1];
+    const float thr = KthLargest(tmp, n, pb);
     for (int64_t p = 0; p < P; ++p)
       if ((page_ok == nullptr || page_ok[p]) && score[p] >= thr) std::memset(keep + p * S, 1, std::min(S, L - p * S));
   }
@@ -229,6 +253,17 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typenam
   }
   constexpr int64_t kPrefetch = 16;
   const bool pf = ukeep != nullptr;
+  // A set per head (ks = L): a head computes nothing for the union's rows it did not keep (q·k skipped per block
+  // of 8 rows it kept none of, the logit then -inf below; softmax·v skipped per row), so its arithmetic follows
+  // its own set, not the union's (at κ = 0.5 the union of 3 heads' sets is ~65 % of the rows).
+  const uint8_t* per_head = keep != nullptr && ks != 0 ? keep : nullptr;
+  auto kept8 = [per_head, ks](int64_t g, const int32_t* ix) {
+    if (per_head == nullptr) return true;
+    const uint8_t* kg = per_head + g * ks;
+    int any = 0;
+    for (int r = 0; r < 8; ++r) any |= kg[ix[r]];
+    return any != 0;
+  };
   const int64_t kb = d * sizeof(typename R::E), vb = dv * sizeof(typename R::E);
   // q·k: rows in blocks of 8 (one reduction tree per head and block), the tail one row at a time
   const int64_t n8 = d % 8 == 0 ? n / 8 * 8 : 0;
@@ -238,11 +273,13 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typenam
         const char* kp = reinterpret_cast<const char*>(K + static_cast<int64_t>(idx[r]) * d);
         for (int64_t b = 0; b < kb; b += 64) __builtin_prefetch(kp + b);
       }
-    for (int64_t g = 0; g < G; ++g) Dot8Rows<R>(qrows + g * d, K, idx + c, d, logit + g * L + c);
+    for (int64_t g = 0; g < G; ++g)
+      if (kept8(g, idx + c)) Dot8Rows<R>(qrows + g * d, K, idx + c, d, logit + g * L + c);
   }
   for (int64_t c = n8; c < n; ++c)
     for (int64_t g = 0; g < G; ++g)
-      logit[g * L + c] = DotRow<R>(qrows + g * d, K + static_cast<int64_t>(idx[c]) * d, d);
+      if (per_head == nullptr || per_head[g * ks + idx[c]])
+        logit[g * L + c] = DotRow<R>(qrows + g * d, K + static_cast<int64_t>(idx[c]) * d, d);
   // scale, mask and keep: a row some head attends counts as read
   uint64_t scored = 0, nrows = 0;
   for (int64_t c = 0; c < n; ++c) {
@@ -275,7 +312,8 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typenam
       for (int64_t b = 0; b < vb; b += 64) __builtin_prefetch(vp + b);
     }
     const typename R::E* vr = V + static_cast<int64_t>(idx[i]) * dv;
-    for (int64_t g = 0; g < G; ++g) AxpyRow<R>(out + g * dv, vr, logit[g * L + i], dv);
+    for (int64_t g = 0; g < G; ++g)
+      if (per_head == nullptr || per_head[g * ks + idx[i]]) AxpyRow<R>(out + g * dv, vr, logit[g * L + i], dv);
   }
   for (int64_t g = 0; g < G; ++g) {
     float* o = out + g * dv;
@@ -290,9 +328,65 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typenam
   return scored;
 }
 
+// Quest page scores of the G query heads of a GQA group (rows qrows + g*d): score[g*P + p] = Σ_d max(q_d·max_d,
+// q_d·min_d), or with sum, score[p] = the heads' scores added in head order. Pages in blocks of 8, the heads in
+// turn per block: a page's max/min (2·d floats, 1/4 of the page's fp16 K and V bytes at S = 8) comes from memory
+// once for the whole group, and the 8 pages' lane sums are reduced together by one transposing tree (HSum8)
+// instead of a serial 8-add chain per page (that chain's latency made scoring ~5 % of a sparse step at ctx 2048).
+// VF: v8, or vf16 at AVX-512 (folded to 8 lanes before the tree).
+template <class VF>
+SOLM_INLINE v8 Fold8(VF x) {
+  if constexpr (Lanes<VF>() == 16) {
+    return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  } else {
+    return x;
+  }
+}
+template <class VF>
+SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const float* hi_pages, const float* lo_pages,
+                                int64_t P, int64_t d, float* score, bool sum) {
+  constexpr int Ln = Lanes<VF>();
+  const int64_t dvec = d / Ln * Ln;
+  for (int64_t p0 = 0; p0 < P; p0 += 8) {
+    const int64_t np = std::min<int64_t>(8, P - p0);
+    float total[8] = {};
+    for (int64_t g = 0; g < G; ++g) {
+      const float* q = qrows + g * d;
+      v8 part[8];
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        VF acc = {};
+        if (r < np) {
+          const float* hi = hi_pages + (p0 + r) * d;
+          const float* lo = lo_pages + (p0 + r) * d;
+          for (int64_t i = 0; i < dvec; i += Ln) {
+            const VF qv = Load<VF>(q + i);
+            const VF x = qv * Load<VF>(hi + i);
+            const VF y = qv * Load<VF>(lo + i);
+            acc += x > y ? x : y;
+          }
+        }
+        part[r] = Fold8(acc);
+      }
+      const v8 s8 = HSum8(part);
+      for (int64_t r = 0; r < np; ++r) {
+        const float* hi = hi_pages + (p0 + r) * d;
+        const float* lo = lo_pages + (p0 + r) * d;
+        float sc = s8[r];
+        for (int64_t i = dvec; i < d; ++i) sc += std::max(q[i] * hi[i], q[i] * lo[i]);
+        if (!sum) score[g * P + p0 + r] = sc;
+        else total[r] = g == 0 ? sc : total[r] + sc;
+      }
+    }
+    if (sum)
+      for (int64_t r = 0; r < np; ++r) score[p0 + r] = total[r];
+  }
+}
+
 // The decode family's variants (kernels_util.h): the bodies above compiled for each ISA, one table per process.
-// Each variant also reads fp16 caches (H: HALF, the half-row reader of that ISA).
-#define SOLM_DECODE_VARIANT(SUFFIX, ATTR, HALF)                                                                    \
+// Each variant also reads fp16 caches (H: HALF, the half-row reader of that ISA); VEC: page scoring's vector.
+#define SOLM_DECODE_VARIANT(SUFFIX, ATTR, HALF, VEC)                                                                    \
   ATTR void PageMinMax##SUFFIX(const float* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi,           \
                                float* lo) {                                                                      \
     PageMinMaxBody<F32Rows>(K, j0, L, d, S, hi, lo);                                                             \
@@ -301,9 +395,9 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typenam
                                 float* lo) {                                                                     \
     PageMinMaxBody<HALF>(K, j0, L, d, S, hi, lo);                                                                \
   }                                                                                                              \
-  ATTR void PageScores##SUFFIX(const float* qrow, const float* hi, const float* lo, int64_t P, int64_t d,         \
-                               float* score, bool accumulate) {                                                  \
-    PageScoresBody(qrow, hi, lo, P, d, score, accumulate);                                                       \
+  ATTR void PageScores##SUFFIX(const float* qrows, int64_t G, const float* hi, const float* lo, int64_t P,       \
+                               int64_t d, float* score, bool sum) {                                              \
+    PageScoresBody<VEC>(qrows, G, hi, lo, P, d, score, sum);                                                      \
   }                                                                                                              \
   ATTR uint64_t AttendKept##SUFFIX(const float* qrows, int64_t G, const float* K, const float* V, int64_t L,      \
                                    int64_t d, int64_t dv, float scale, const uint8_t* ukeep, const uint8_t* keep, \
@@ -318,10 +412,10 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typenam
                                     int32_t* idx, float* out, uint64_t* rows) {                                  \
     return AttendKeptBody<HALF>(qrows, G, K, V, L, d, dv, scale, ukeep, keep, ks, masks, logit, idx, out, rows); \
   }
-SOLM_DECODE_VARIANT(Base, , F16Rows)
+SOLM_DECODE_VARIANT(Base, , F16Rows, v8)
 #ifdef SOLM_ISA_VARIANTS
-SOLM_DECODE_VARIANT(V3, SOLM_TARGET_V3, F16cRows)
-SOLM_DECODE_VARIANT(V4, SOLM_TARGET_V4, F16cRows)
+SOLM_DECODE_VARIANT(V3, SOLM_TARGET_V3, F16cRows, v8)
+SOLM_DECODE_VARIANT(V4, SOLM_TARGET_V4, F16cRows, vf16)
 #endif
 #undef SOLM_DECODE_VARIANT
 
@@ -467,26 +561,32 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
     const bool shared = p.per_kv_head || G == 1;  // one token set for the whole group
     const int64_t nsets = sparse ? (shared ? 1 : G) : 0;
     Tls& tls = ThreadScratch();
-    float* logit = Grow(tls.f0, static_cast<size_t>(G * L + G + 2 * P));
-    float* score = logit + G * L + G;
-    float* tmp = score + P;
+    float* logit = Grow(tls.f0, static_cast<size_t>(G * L + G + (G + 1) * P));
+    float* score = logit + G * L + G;  // [P] (one set) or [G, P] (a set per head)
+    float* tmp = score + G * P;
     uint8_t* page_ok = masked && sparse ? Grow(tls.u1, static_cast<size_t>(P)) : nullptr;
-    // one token set: its keep flags (the set of query heads mh[0, nh) decides what is unmasked: one head, or the
-    // group's union when it shares a set)
-    auto select = [&](const MaskRow* mh, int64_t nh, uint8_t* kp) {
+    // one token set: its keep flags from its page scores sc (the set of query heads mh[0, nh) decides what is
+    // unmasked: one head, or the group's union when it shares a set). The unmasked pages are counted once for
+    // consecutive sets whose mask rows are the same (a mask broadcast over heads: every head of the group).
+    const MaskRow* counted = nullptr;
+    int64_t lv = 0, pv = 0;
+    auto select = [&](const float* sc, const MaskRow* mh, int64_t nh, uint8_t* kp) {
       int64_t pbs = pb;
       if (masked) {
-        std::memset(page_ok, 0, P);
-        const int64_t lv = UnmaskedPages(mh, nh, L, S, page_ok);
-        int64_t pv = 0;
-        for (int64_t i = 0; i < P; ++i) pv += page_ok[i];
+        if (counted == nullptr || nh != 1 || !SameRow(*counted, mh[0])) {
+          std::memset(page_ok, 0, P);
+          lv = UnmaskedPages(mh, nh, L, S, page_ok);
+          pv = 0;
+          for (int64_t i = 0; i < P; ++i) pv += page_ok[i];
+          counted = nh == 1 ? mh : nullptr;
+        }
         pbs = std::min(PageBudget(static_cast<double>(kappa[b]), lv, S), pv);
         if (pbs >= pv) {  // the budget covers every unmasked page: dense under the mask
           std::memset(kp, 1, L);
           return;
         }
       }
-      KeepFromScores(score, P, pbs, L, S, p.sinks, p.window, kp, tmp, page_ok);
+      KeepFromScores(sc, P, pbs, L, S, p.sinks, p.window, kp, tmp, page_ok);
     };
     int32_t* idx = Grow(tls.i0, static_cast<size_t>(L));
     uint8_t* keep = sparse ? Grow(tls.u0, static_cast<size_t>((nsets + 1) * L)) : nullptr;
@@ -497,14 +597,11 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
     const int64_t head = (b * Hkv + hk) * kv.stride;  // rows before this head's first
     if (sparse) {
       const int64_t o = (b * Hkv + hk) * Ps * d;
+      dk.page_scores(qh, G, pmax + o, pmin + o, P, d, score, shared);
       if (shared) {
-        for (int64_t g = 0; g < G; ++g) dk.page_scores(qh + g * d, pmax + o, pmin + o, P, d, score, g > 0);
-        select(mr, G, keep);
+        select(score, mr, G, keep);
       } else {
-        for (int64_t g = 0; g < G; ++g) {
-          dk.page_scores(qh + g * d, pmax + o, pmin + o, P, d, score, false);
-          select(mr + g, 1, keep + g * L);
-        }
+        for (int64_t g = 0; g < G; ++g) select(score + g * P, mr + g, 1, keep + g * L);
         std::memcpy(ukeep, keep, L);
         for (int64_t g = 1; g < G; ++g)
           for (int64_t j = 0; j < L; ++j) ukeep[j] |= keep[g * L + j];
