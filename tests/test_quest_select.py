@@ -1,9 +1,10 @@
 """QuestAttention decode's page selection on SolmEP (kernels_attention.cc) against the plain PyTorch reference
 (``reference.quest_attention_ref``) where the issue-17 speed-ups could go wrong: a GQA group whose heads have
 *different* mask rows (the unmasked pages are counted once only for heads whose rows are the same), many pages with
-tied scores (the radix select's threshold and ties kept), and page counts that are not a multiple of the 8-page
-scoring blocks, at each ISA cap (the decode family's variants; SOLM_EP_ISA is read once per process, so each cap
-runs in a subprocess, as tests/test_ep_isa.py does).
+tied scores (the radix select's threshold and ties kept), page counts that are not a multiple of the 8-page
+scoring blocks, and head_dim 64 (softmax·v in registers), each case with a dense row (κ = 1) beside sparse ones,
+at each ISA cap (the decode family's variants; SOLM_EP_ISA is read once per process, so each cap runs in a
+subprocess, as tests/test_ep_isa.py does).
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def _case(seed, B, H, Hkv, L, d, per_head_mask, ties):
         for h in range(H):
             mask[:, h, :, 8 * h: 8 * h + 24 * (h % 3)] = False
     mask[..., -1] = True
-    kappa = np.array([0.5, 0.3, 0.15][:B], np.float32)
+    kappa = np.array([0.5, 1.0, 0.3, 0.15][:B], np.float32)
     return {"q": q, "k": k, "v": v, "mask": mask, "kappa": kappa}
 
 
@@ -73,6 +74,10 @@ CASES = {  # name: (seed, B, H, Hkv, L, d, per_head_mask, ties, S, sinks, window
     "per_head_masks": (1, 3, 6, 2, 203, 16, True, False, 4, 2, 3),
     "tied_scores": (2, 2, 6, 2, 301, 24, False, True, 4, 0, 0),
     "pages_not_multiple_of_8": (3, 3, 3, 1, 77, 8, True, True, 2, 1, 1),
+    # head_dim 64 with 1-3 heads per group: softmax·v accumulates in registers (SoftmaxV64)
+    "d64_gqa3": (4, 4, 9, 3, 150, 64, False, False, 8, 4, 8),
+    "d64_gqa2_per_head_masks": (5, 3, 4, 2, 99, 64, True, False, 4, 1, 2),
+    "d64_mha": (6, 2, 2, 2, 64, 64, True, False, 8, 0, 0),
 }
 
 

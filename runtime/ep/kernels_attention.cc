@@ -229,6 +229,51 @@ inline __attribute__((always_inline)) void AxpyRow(float* y, const typename R::E
   }
 }
 
+// Ln floats of a row read through R (kernels_util.h) at p: one or two 8-float reads.
+template <class R, class VF>
+SOLM_INLINE VF LoadRow(const typename R::E* p) {
+  if constexpr (Lanes<VF>() == 16) {
+    const v8 a = R::Load8(p), b = R::Load8(p + 8);
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  } else {
+    return R::Load8(p);
+  }
+}
+
+// softmax·v for dv = 64 and NG <= 3 heads: out[g] = Σ_i logit[g*L + i] · V row idx[i], the NG·64 sums held in
+// registers while the union's rows stream by (each row widened once for all heads), instead of a load and a store
+// of out per FMA. Rows a head did not keep (per_head, ks: AttendKeptBody) are skipped for it. Each output element
+// is the same sum in the same order as AxpyRow's (0, then += w·v row by row), so the result is unchanged.
+template <class R, class VF, int NG>
+SOLM_INLINE void SoftmaxV64(const float* logit, int64_t L, const typename R::E* V, const int32_t* idx, int64_t n,
+                            const uint8_t* per_head, int64_t ks, bool pf, float* out) {
+  constexpr int Ln = Lanes<VF>(), NV = 64 / Ln;
+  constexpr int64_t kPrefetch = 16;
+  VF acc[NG][NV];
+  for (int g = 0; g < NG; ++g)
+    for (int c = 0; c < NV; ++c) acc[g][c] = VF{};
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j = idx[i];
+    if (pf && i + kPrefetch < n) {
+      const char* vp = reinterpret_cast<const char*>(V + static_cast<int64_t>(idx[i + kPrefetch]) * 64);
+      for (size_t b = 0; b < 64 * sizeof(typename R::E); b += 64) __builtin_prefetch(vp + b);
+    }
+    const typename R::E* vr = V + j * 64;
+    VF x[NV];
+#pragma GCC unroll 16
+    for (int c = 0; c < NV; ++c) x[c] = LoadRow<R, VF>(vr + c * Ln);
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) {
+      if (per_head != nullptr && !per_head[g * ks + j]) continue;
+      const VF w = Splat<VF>(logit[g * L + i]);
+#pragma GCC unroll 16
+      for (int c = 0; c < NV; ++c) acc[g][c] += w * x[c];
+    }
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int c = 0; c < NV; ++c) Store<VF>(out + g * 64 + c * Ln, acc[g][c]);
+}
+
 // Decode attention (T == 1) of the G query heads (rows qrows + g*d) that share one K/V head. Head g attends over the
 // tokens j its mask allows and, when keep is given, with keep[g*ks + j] (ks = 0: one token set for the group;
 // ks = L: a set per head); ukeep (null: every token) is the union of the heads' sets, streamed once so each K and V
@@ -238,7 +283,7 @@ inline __attribute__((always_inline)) void AxpyRow(float* y, const typename R::E
 // the V rows. Branch-free per head: a row the head did not keep (or its mask removes) gets -inf, so weight 0.
 // Scratch: logit [G*L + G], idx [L]. Returns the q·k products that count (kept and allowed); *rows = the rows
 // some head attends. out [G, dv].
-template <class R>
+template <class R, class VF>
 SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typename R::E* K, const typename R::E* V,
                                     int64_t L, int64_t d, int64_t dv, float scale, const uint8_t* ukeep,
                                     const uint8_t* keep, int64_t ks, const MaskRow* masks, float* logit, int32_t* idx,
@@ -305,8 +350,12 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typenam
     sums[g] = mx != kNegInf ? ExpShiftSum(lg, n, mx) : 0.f;
     std::memset(out + g * dv, 0, dv * sizeof(float));
   }
-  // softmax·v: every V row of the union once, into every head (weight 0 where the head did not keep it)
-  for (int64_t i = 0; i < n; ++i) {
+  // softmax·v: every V row of the union once, into every head (skipped where the head did not keep it)
+  if (dv == 64 && G <= 3) {  // the accumulators in registers (SmolLM2-like heads; each element's sum is the same)
+    if (G == 1) SoftmaxV64<R, VF, 1>(logit, L, V, idx, n, per_head, ks, pf, out);
+    else if (G == 2) SoftmaxV64<R, VF, 2>(logit, L, V, idx, n, per_head, ks, pf, out);
+    else SoftmaxV64<R, VF, 3>(logit, L, V, idx, n, per_head, ks, pf, out);
+  } else for (int64_t i = 0; i < n; ++i) {
     if (pf && i + kPrefetch < n) {
       const char* vp = reinterpret_cast<const char*>(V + static_cast<int64_t>(idx[i + kPrefetch]) * dv);
       for (int64_t b = 0; b < vb; b += 64) __builtin_prefetch(vp + b);
@@ -403,14 +452,14 @@ SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const float* hi_p
                                    int64_t d, int64_t dv, float scale, const uint8_t* ukeep, const uint8_t* keep, \
                                    int64_t ks, const MaskRow* masks, float* logit, int32_t* idx, float* out,      \
                                    uint64_t* rows) {                                                             \
-    return AttendKeptBody<F32Rows>(qrows, G, K, V, L, d, dv, scale, ukeep, keep, ks, masks, logit, idx, out,     \
+    return AttendKeptBody<F32Rows, VEC>(qrows, G, K, V, L, d, dv, scale, ukeep, keep, ks, masks, logit, idx, out,     \
                                    rows);                                                                        \
   }                                                                                                              \
   ATTR uint64_t AttendKeptH##SUFFIX(const float* qrows, int64_t G, const uint16_t* K, const uint16_t* V,         \
                                     int64_t L, int64_t d, int64_t dv, float scale, const uint8_t* ukeep,         \
                                     const uint8_t* keep, int64_t ks, const MaskRow* masks, float* logit,         \
                                     int32_t* idx, float* out, uint64_t* rows) {                                  \
-    return AttendKeptBody<HALF>(qrows, G, K, V, L, d, dv, scale, ukeep, keep, ks, masks, logit, idx, out, rows); \
+    return AttendKeptBody<HALF, VEC>(qrows, G, K, V, L, d, dv, scale, ukeep, keep, ks, masks, logit, idx, out, rows); \
   }
 SOLM_DECODE_VARIANT(Base, , F16Rows, v8)
 #ifdef SOLM_ISA_VARIANTS
