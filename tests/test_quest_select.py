@@ -2,9 +2,9 @@
 (``reference.quest_attention_ref``) where the issue-17 speed-ups could go wrong: a GQA group whose heads have
 *different* mask rows (the unmasked pages are counted once only for heads whose rows are the same), many pages with
 tied scores (the radix select's threshold and ties kept), page counts that are not a multiple of the 8-page
-scoring blocks, and head_dim 64 (softmax·v in registers), each case with a dense row (κ = 1) beside sparse ones,
-at each ISA cap (the decode family's variants; SOLM_EP_ISA is read once per process, so each cap runs in a
-subprocess, as tests/test_ep_isa.py does).
+scoring blocks, head_dim 64 (softmax·v in registers) and groups of 3 heads (q·k of 3 heads at once at AVX-512),
+each case with a dense row (κ = 1) beside sparse ones, at each ISA cap (the decode family's variants; SOLM_EP_ISA
+is read once per process, so each cap runs in a subprocess, as tests/test_ep_isa.py does).
 """
 from __future__ import annotations
 

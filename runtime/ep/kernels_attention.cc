@@ -94,42 +94,6 @@ SOLM_INLINE void PageMinMaxBody(const typename R::E* K, int64_t j0, int64_t L, i
   }
 }
 
-// The k-th largest (1 <= k <= n) of x[0, n), overwriting x. A radix select on order-preserving keys of the float
-// bits, 8 bits a pass from the top, each pass keeping (compacted, branch-free) only the keys of the bucket that
-// holds the k-th: no data-dependent branches (std::nth_element's comparisons mispredicted about half the time,
-// ~5 % of a sparse decode step at ctx 2048 with its 270 selections over 256 pages). The result is the k-th value
-// in float order (-0 and +0 are equal there and for the caller's >= test alike).
-float KthLargest(float* x, int64_t n, int64_t k) {
-  typedef uint32_t u32a __attribute__((may_alias));
-  u32a* key = reinterpret_cast<u32a*>(x);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = key[i];
-    key[i] = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  }
-  uint32_t prefix = 0;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    uint32_t cnt[256] = {};
-    for (int64_t i = 0; i < n; ++i) ++cnt[(key[i] >> shift) & 255u];
-    uint32_t bucket = 255;
-    for (; bucket > 0 && cnt[bucket] < static_cast<uint64_t>(k); --bucket) k -= cnt[bucket];
-    prefix |= bucket << shift;
-    int64_t m = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      key[m] = key[i];
-      m += ((key[i] >> shift) & 255u) == bucket;
-    }
-    n = m;
-    if (n == 1) {  // the k-th is the one key left (k == 1 now)
-      prefix = key[0];
-      break;
-    }
-  }
-  const uint32_t u = (prefix & 0x80000000u) ? (prefix & 0x7fffffffu) : ~prefix;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
 // Token keep flags [L] from page scores: the pb best pages (ties at the threshold kept) among the pages page_ok
 // allows (null: every page; the caller clamps pb to their number), the first `sinks` and last `window` tokens, and
 // the last token if nothing else is kept (reference.quest_keep_ref).
@@ -201,6 +165,34 @@ inline __attribute__((always_inline)) void Dot8Rows(const float* q, const typena
   }
   const v8 s = HSum8(acc);
   __builtin_memcpy(lg, &s, sizeof(s));
+}
+
+// Dot8Rows for the 3 query heads of a group at once (rows q + g*d, logits lg + g*ls): each 8-float chunk of a K row
+// is widened once for the three heads instead of once per head. 24 accumulators: only for the AVX-512 variant's 32
+// registers. Per head the same products summed in the same order as Dot8Rows (bit-identical logits).
+template <class R>
+inline __attribute__((always_inline)) void Dot8Rows3(const float* q, const typename R::E* K, const int32_t* idx,
+                                                     int64_t d, float* lg, int64_t ls) {
+  v8 acc[3][8] = {};
+  const typename R::E* kr[8];
+  for (int r = 0; r < 8; ++r) kr[r] = K + static_cast<int64_t>(idx[r]) * d;
+  for (int64_t i = 0; i < d; i += 8) {
+    v8 q0, q1, q2;
+    __builtin_memcpy(&q0, q + i, sizeof(q0));
+    __builtin_memcpy(&q1, q + d + i, sizeof(q1));
+    __builtin_memcpy(&q2, q + 2 * d + i, sizeof(q2));
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) {
+      const v8 x = R::Load8(kr[r] + i);
+      acc[0][r] += q0 * x;
+      acc[1][r] += q1 * x;
+      acc[2][r] += q2 * x;
+    }
+  }
+  for (int g = 0; g < 3; ++g) {
+    const v8 s = HSum8(acc[g]);
+    __builtin_memcpy(lg + g * ls, &s, sizeof(s));
+  }
 }
 
 // q·row and y += a·row for a cache row read through R (float rows: kernels_util.h's Dot and Axpy, unchanged).
@@ -318,6 +310,12 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typenam
         const char* kp = reinterpret_cast<const char*>(K + static_cast<int64_t>(idx[r]) * d);
         for (int64_t b = 0; b < kb; b += 64) __builtin_prefetch(kp + b);
       }
+    if constexpr (Lanes<VF>() == 16) {  // AVX-512 (32 registers): 3 heads' 8-row trees, each K chunk widened once
+      if (G == 3 && kept8(0, idx + c) && kept8(1, idx + c) && kept8(2, idx + c)) {
+        Dot8Rows3<R>(qrows, K, idx + c, d, logit + c, L);
+        continue;
+      }
+    }
     for (int64_t g = 0; g < G; ++g)
       if (kept8(g, idx + c)) Dot8Rows<R>(qrows + g * d, K, idx + c, d, logit + g * L + c);
   }
