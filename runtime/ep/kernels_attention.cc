@@ -231,23 +231,14 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typenam
 // Quest page scores of the G query heads of a GQA group (rows qrows + g*d): score[g*P + p] = Σ_d max(q_d·max_d,
 // q_d·min_d), or with sum, score[p] = the heads' scores added in head order. Pages in blocks of 8, the heads in
 // turn per block: a page's max/min (2·d floats, 1/4 of the page's fp16 K and V bytes at S = 8) comes from memory
-// once for the whole group, and the 8 pages' lane sums are reduced together by one transposing tree (HSum8)
-// instead of a serial 8-add chain per page (that chain's latency made scoring ~5 % of a sparse step at ctx 2048).
-// VF: v8, or vf16 at AVX-512 (folded to 8 lanes before the tree).
-template <class VF>
-SOLM_INLINE v8 Fold8(VF x) {
-  if constexpr (Lanes<VF>() == 16) {
-    return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  } else {
-    return x;
-  }
-}
-template <class VF>
+// once for the whole group, not once per head, and the 8 pages' sums are independent chains (one page's serial
+// lane sum no longer waits for the previous page's). Each score is the same sum in the same order as scoring one
+// head and one page at a time (8-float lanes, then lanes 0..7 in turn, then the tail): the selections, hence the
+// outputs, are bit-identical to the per-head kernel's. (An HSum8 tree over vf16 lanes was tried: as fast here, but
+// it rounds differently and flipped a near-tied page choice at κ = 0.3 in a 32-step SmolLM2 decode.)
 SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const float* hi_pages, const float* lo_pages,
                                 int64_t P, int64_t d, float* score, bool sum) {
-  constexpr int Ln = Lanes<VF>();
-  const int64_t dvec = d / Ln * Ln;
+  const int64_t dvec = d / 8 * 8;
   for (int64_t p0 = 0; p0 < P; p0 += 8) {
     const int64_t np = std::min<int64_t>(8, P - p0);
     float total[8] = {};
@@ -256,24 +247,23 @@ SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const float* hi_p
       v8 part[8];
 #pragma GCC unroll 8
       for (int r = 0; r < 8; ++r) {
-        VF acc = {};
+        v8 acc = {};
         if (r < np) {
           const float* hi = hi_pages + (p0 + r) * d;
           const float* lo = lo_pages + (p0 + r) * d;
-          for (int64_t i = 0; i < dvec; i += Ln) {
-            const VF qv = Load<VF>(q + i);
-            const VF x = qv * Load<VF>(hi + i);
-            const VF y = qv * Load<VF>(lo + i);
+          for (int64_t i = 0; i < dvec; i += 8) {
+            const v8 qv = Load<v8>(q + i);
+            const v8 x = qv * Load<v8>(hi + i);
+            const v8 y = qv * Load<v8>(lo + i);
             acc += x > y ? x : y;
           }
         }
-        part[r] = Fold8(acc);
+        part[r] = acc;
       }
-      const v8 s8 = HSum8(part);
       for (int64_t r = 0; r < np; ++r) {
         const float* hi = hi_pages + (p0 + r) * d;
         const float* lo = lo_pages + (p0 + r) * d;
-        float sc = s8[r];
+        float sc = HSum(part[r]);
         for (int64_t i = dvec; i < d; ++i) sc += std::max(q[i] * hi[i], q[i] * lo[i]);
         if (!sum) score[g * P + p0 + r] = sc;
         else total[r] = g == 0 ? sc : total[r] + sc;
@@ -285,7 +275,7 @@ SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const float* hi_p
 }
 
 // The decode family's variants (kernels_util.h): the bodies above compiled for each ISA, one table per process.
-// Each variant also reads fp16 caches (H: HALF, the half-row reader of that ISA); VEC: page scoring's vector.
+// Each variant also reads fp16 caches (H: HALF, the half-row reader of that ISA); VEC: softmax·v's vector.
 #define SOLM_DECODE_VARIANT(SUFFIX, ATTR, HALF, VEC)                                                                    \
   ATTR void PageMinMax##SUFFIX(const float* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi,           \
                                float* lo) {                                                                      \
@@ -297,7 +287,7 @@ SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const float* hi_p
   }                                                                                                              \
   ATTR void PageScores##SUFFIX(const float* qrows, int64_t G, const float* hi, const float* lo, int64_t P,       \
                                int64_t d, float* score, bool sum) {                                              \
-    PageScoresBody<VEC>(qrows, G, hi, lo, P, d, score, sum);                                                      \
+    PageScoresBody(qrows, G, hi, lo, P, d, score, sum);                                                           \
   }                                                                                                              \
   ATTR uint64_t AttendKept##SUFFIX(const float* qrows, int64_t G, const float* K, const float* V, int64_t L,      \
                                    int64_t d, int64_t dv, float scale, const uint8_t* ukeep, const uint8_t* keep, \
