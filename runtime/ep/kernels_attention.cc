@@ -1,4 +1,5 @@
 // fp32 Quest attention (QuestAttention, PageBudget); see kernels.h for the contract.
+#include "kernels_attention_rows.h"
 #include "kernels_util.h"
 
 namespace solm {
@@ -34,19 +35,29 @@ inline bool Allowed(const MaskRow& m, int64_t j, float* add) {
 }
 
 // The pages [P] of S tokens holding a key that some of the n mask rows allows (page_ok |= ...; the caller zeroes
-// it); returns the number of such keys (L with no mask).
+// it); returns the number of such keys (L with no mask). Page by page: no division per key (an idiv per key was
+// ~5 % of a sparse decode step at ctx 2048).
 int64_t UnmaskedPages(const MaskRow* m, int64_t n, int64_t L, int64_t S, uint8_t* page_ok) {
   int64_t lv = 0;
-  for (int64_t j = 0; j < L; ++j) {
-    bool ok = false;
-    for (int64_t g = 0; g < n && !ok; ++g) {
-      float add;
-      ok = Allowed(m[g], j, &add);
+  for (int64_t p = 0, j0 = 0; j0 < L; ++p, j0 += S) {
+    const int64_t j1 = std::min(L, j0 + S);
+    int64_t c = 0;
+    for (int64_t j = j0; j < j1; ++j) {
+      bool ok = false;
+      for (int64_t g = 0; g < n && !ok; ++g) {
+        float add;
+        ok = Allowed(m[g], j, &add);
+      }
+      c += ok;
     }
-    if (ok) page_ok[j / S] = 1;
-    lv += ok;
+    if (c > 0) page_ok[p] = 1;
+    lv += c;
   }
   return lv;
+}
+
+inline bool SameRow(const MaskRow& a, const MaskRow& b) {
+  return a.b == b.b && a.f == b.f && a.sl == b.sl && a.jmax == b.jmax;
 }
 
 // Element-wise max/min of the keys of pages, hi/lo [P, d], folding keys [j0, L) in order: a page that starts at or
@@ -84,27 +95,6 @@ SOLM_INLINE void PageMinMaxBody(const typename R::E* K, int64_t j0, int64_t L, i
   }
 }
 
-// Quest page scores of one query head: score[p] (+)= Σ_d max(q_d·max_d, q_d·min_d).
-// hi/lo [P, d]: the page max/min.
-SOLM_INLINE void PageScoresBody(const float* qrow, const float* hi_pages, const float* lo_pages, int64_t P, int64_t d,
-                                float* score, bool accumulate) {
-  for (int64_t p = 0; p < P; ++p) {
-    const float* hi = hi_pages + p * d;
-    const float* lo = lo_pages + p * d;
-    v8 acc = {};
-    int64_t i = 0;
-    for (; i + 8 <= d; i += 8) {
-      v8 qv = *reinterpret_cast<const v8*>(qrow + i);
-      v8 a = qv * *reinterpret_cast<const v8*>(hi + i);
-      v8 b = qv * *reinterpret_cast<const v8*>(lo + i);
-      acc += a > b ? a : b;
-    }
-    float s = HSum(acc);
-    for (; i < d; ++i) s += std::max(qrow[i] * hi[i], qrow[i] * lo[i]);
-    score[p] = accumulate ? score[p] + s : s;
-  }
-}
-
 // Token keep flags [L] from page scores: the pb best pages (ties at the threshold kept) among the pages page_ok
 // allows (null: every page; the caller clamps pb to their number), the first `sinks` and last `window` tokens, and
 // the last token if nothing else is kept (reference.quest_keep_ref).
@@ -115,8 +105,7 @@ void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_
     int64_t n = 0;
     for (int64_t p = 0; p < P; ++p)
       if (page_ok == nullptr || page_ok[p]) tmp[n++] = score[p];
-    std::nth_element(tmp, tmp + (pb - 1), tmp + n, std::greater<float>());
-    const float thr = tmp[pb - 1];
+    const float thr = KthLargest(tmp, n, pb);
     for (int64_t p = 0; p < P; ++p)
       if ((page_ok == nullptr || page_ok[p]) && score[p] >= thr) std::memset(keep + p * S, 1, std::min(S, L - p * S));
   }
@@ -130,81 +119,6 @@ void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_
   if (!any) keep[L - 1] = 1;
 }
 
-// The softmax numerators of n logits in place (exp(lg - max)); returns their sum, in lane order then the tail.
-inline __attribute__((always_inline)) float ExpShiftSum(float* lg, int64_t n, float mx) {
-  const v8 m = Splat<v8>(mx), l2e = Splat<v8>(1.44269504088896341f);  // exp(y) = 2^(y log2 e)
-  v8 acc = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    v8 x;
-    __builtin_memcpy(&x, lg + i, sizeof(x));
-    x = Exp2<v8>((x - m) * l2e);
-    __builtin_memcpy(lg + i, &x, sizeof(x));
-    acc += x;
-  }
-  float sum = HSum(acc);
-  for (; i < n; ++i) {
-    lg[i] = std::exp(lg[i] - mx);
-    sum += lg[i];
-  }
-  return sum;
-}
-
-// Σ_i a_r[i] for the 8 vectors a_0..a_7: lane r of the result (a transposing tree of pairwise adds).
-inline __attribute__((always_inline)) v8 HSum8(const v8* a) {
-  auto pair = [](v8 x, v8 y) {  // [x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7]
-    return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +
-           __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
-  };
-  const v8 u0 = pair(pair(a[0], a[1]), pair(a[2], a[3]));  // [s0 s1 s2 s3 | s0' s1' s2' s3'] (halves of a_r)
-  const v8 u1 = pair(pair(a[4], a[5]), pair(a[6], a[7]));
-  return __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) +
-         __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
-}
-
-// lg[r] = q·K row idx[r] for the 8 rows idx[0..8) (d a multiple of 8): one accumulator per row, reduced together.
-template <class R>
-inline __attribute__((always_inline)) void Dot8Rows(const float* q, const typename R::E* K, const int32_t* idx,
-                                                    int64_t d, float* lg) {
-  v8 acc[8] = {};
-  const typename R::E* kr[8];
-  for (int r = 0; r < 8; ++r) kr[r] = K + static_cast<int64_t>(idx[r]) * d;
-  for (int64_t i = 0; i < d; i += 8) {
-    v8 qv;
-    __builtin_memcpy(&qv, q + i, sizeof(qv));
-#pragma GCC unroll 8
-    for (int r = 0; r < 8; ++r) acc[r] += qv * R::Load8(kr[r] + i);
-  }
-  const v8 s = HSum8(acc);
-  __builtin_memcpy(lg, &s, sizeof(s));
-}
-
-// q·row and y += a·row for a cache row read through R (float rows: kernels_util.h's Dot and Axpy, unchanged).
-template <class R>
-inline __attribute__((always_inline)) float DotRow(const float* q, const typename R::E* k, int64_t d) {
-  if constexpr (std::is_same<typename R::E, float>::value) {
-    return Dot(q, k, d);
-  } else {
-    v8 acc = {};
-    int64_t i = 0;
-    for (; i + 8 <= d; i += 8) acc += *reinterpret_cast<const v8*>(q + i) * R::Load8(k + i);
-    float r = HSum(acc);
-    for (; i < d; ++i) r += q[i] * R::At(k + i);
-    return r;
-  }
-}
-template <class R>
-inline __attribute__((always_inline)) void AxpyRow(float* y, const typename R::E* x, float a, int64_t n) {
-  if constexpr (std::is_same<typename R::E, float>::value) {
-    Axpy(y, x, a, n);
-  } else {
-    const v8 av = Splat<v8>(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) *reinterpret_cast<v8*>(y + i) += av * R::Load8(x + i);
-    for (; i < n; ++i) y[i] += a * R::At(x + i);
-  }
-}
-
 // Decode attention (T == 1) of the G query heads (rows qrows + g*d) that share one K/V head. Head g attends over the
 // tokens j its mask allows and, when keep is given, with keep[g*ks + j] (ks = 0: one token set for the group;
 // ks = L: a set per head); ukeep (null: every token) is the union of the heads' sets, streamed once so each K and V
@@ -214,7 +128,7 @@ inline __attribute__((always_inline)) void AxpyRow(float* y, const typename R::E
 // the V rows. Branch-free per head: a row the head did not keep (or its mask removes) gets -inf, so weight 0.
 // Scratch: logit [G*L + G], idx [L]. Returns the q·k products that count (kept and allowed); *rows = the rows
 // some head attends. out [G, dv].
-template <class R>
+template <class R, class VF>
 SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typename R::E* K, const typename R::E* V,
                                     int64_t L, int64_t d, int64_t dv, float scale, const uint8_t* ukeep,
                                     const uint8_t* keep, int64_t ks, const MaskRow* masks, float* logit, int32_t* idx,
@@ -229,6 +143,17 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typenam
   }
   constexpr int64_t kPrefetch = 16;
   const bool pf = ukeep != nullptr;
+  // A set per head (ks = L): a head computes nothing for the union's rows it did not keep (q·k skipped per block
+  // of 8 rows it kept none of, the logit then -inf below; softmax·v skipped per row), so its arithmetic follows
+  // its own set, not the union's (at κ = 0.5 the union of 3 heads' sets is ~65 % of the rows).
+  const uint8_t* per_head = keep != nullptr && ks != 0 ? keep : nullptr;
+  auto kept8 = [per_head, ks](int64_t g, const int32_t* ix) {
+    if (per_head == nullptr) return true;
+    const uint8_t* kg = per_head + g * ks;
+    int any = 0;
+    for (int r = 0; r < 8; ++r) any |= kg[ix[r]];
+    return any != 0;
+  };
   const int64_t kb = d * sizeof(typename R::E), vb = dv * sizeof(typename R::E);
   // q·k: rows in blocks of 8 (one reduction tree per head and block), the tail one row at a time
   const int64_t n8 = d % 8 == 0 ? n / 8 * 8 : 0;
@@ -238,11 +163,19 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typenam
         const char* kp = reinterpret_cast<const char*>(K + static_cast<int64_t>(idx[r]) * d);
         for (int64_t b = 0; b < kb; b += 64) __builtin_prefetch(kp + b);
       }
-    for (int64_t g = 0; g < G; ++g) Dot8Rows<R>(qrows + g * d, K, idx + c, d, logit + g * L + c);
+    if constexpr (Lanes<VF>() == 16) {  // AVX-512 (32 registers): 3 heads' 8-row trees, each K chunk widened once
+      if (G == 3 && kept8(0, idx + c) && kept8(1, idx + c) && kept8(2, idx + c)) {
+        Dot8Rows3<R>(qrows, K, idx + c, d, logit + c, L);
+        continue;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g)
+      if (kept8(g, idx + c)) Dot8Rows<R>(qrows + g * d, K, idx + c, d, logit + g * L + c);
   }
   for (int64_t c = n8; c < n; ++c)
     for (int64_t g = 0; g < G; ++g)
-      logit[g * L + c] = DotRow<R>(qrows + g * d, K + static_cast<int64_t>(idx[c]) * d, d);
+      if (per_head == nullptr || per_head[g * ks + idx[c]])
+        logit[g * L + c] = DotRow<R>(qrows + g * d, K + static_cast<int64_t>(idx[c]) * d, d);
   // scale, mask and keep: a row some head attends counts as read
   uint64_t scored = 0, nrows = 0;
   for (int64_t c = 0; c < n; ++c) {
@@ -268,14 +201,19 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typenam
     sums[g] = mx != kNegInf ? ExpShiftSum(lg, n, mx) : 0.f;
     std::memset(out + g * dv, 0, dv * sizeof(float));
   }
-  // softmax·v: every V row of the union once, into every head (weight 0 where the head did not keep it)
-  for (int64_t i = 0; i < n; ++i) {
+  // softmax·v: every V row of the union once, into every head (skipped where the head did not keep it)
+  if (dv == 64 && G <= 3) {  // the accumulators in registers (SmolLM2-like heads; each element's sum is the same)
+    if (G == 1) SoftmaxV64<R, VF, 1>(logit, L, V, idx, n, per_head, ks, pf, out);
+    else if (G == 2) SoftmaxV64<R, VF, 2>(logit, L, V, idx, n, per_head, ks, pf, out);
+    else SoftmaxV64<R, VF, 3>(logit, L, V, idx, n, per_head, ks, pf, out);
+  } else for (int64_t i = 0; i < n; ++i) {
     if (pf && i + kPrefetch < n) {
       const char* vp = reinterpret_cast<const char*>(V + static_cast<int64_t>(idx[i + kPrefetch]) * dv);
       for (int64_t b = 0; b < vb; b += 64) __builtin_prefetch(vp + b);
     }
     const typename R::E* vr = V + static_cast<int64_t>(idx[i]) * dv;
-    for (int64_t g = 0; g < G; ++g) AxpyRow<R>(out + g * dv, vr, logit[g * L + i], dv);
+    for (int64_t g = 0; g < G; ++g)
+      if (per_head == nullptr || per_head[g * ks + idx[i]]) AxpyRow<R>(out + g * dv, vr, logit[g * L + i], dv);
   }
   for (int64_t g = 0; g < G; ++g) {
     float* o = out + g * dv;
@@ -290,9 +228,55 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typenam
   return scored;
 }
 
+// Quest page scores of the G query heads of a GQA group (rows qrows + g*d): score[g*P + p] = Σ_d max(q_d·max_d,
+// q_d·min_d), or with sum, score[p] = the heads' scores added in head order. Pages in blocks of 8, the heads in
+// turn per block: a page's max/min (2·d floats, 1/4 of the page's fp16 K and V bytes at S = 8) comes from memory
+// once for the whole group, not once per head, and the 8 pages' sums are independent chains (one page's serial
+// lane sum no longer waits for the previous page's). Each score is the same sum in the same order as scoring one
+// head and one page at a time (8-float lanes, then lanes 0..7 in turn, then the tail): the selections, hence the
+// outputs, are bit-identical to the per-head kernel's. (An HSum8 tree over vf16 lanes was tried: as fast here, but
+// it rounds differently and flipped a near-tied page choice at κ = 0.3 in a 32-step SmolLM2 decode.)
+SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const float* hi_pages, const float* lo_pages,
+                                int64_t P, int64_t d, float* score, bool sum) {
+  const int64_t dvec = d / 8 * 8;
+  for (int64_t p0 = 0; p0 < P; p0 += 8) {
+    const int64_t np = std::min<int64_t>(8, P - p0);
+    float total[8] = {};
+    for (int64_t g = 0; g < G; ++g) {
+      const float* q = qrows + g * d;
+      v8 part[8];
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        v8 acc = {};
+        if (r < np) {
+          const float* hi = hi_pages + (p0 + r) * d;
+          const float* lo = lo_pages + (p0 + r) * d;
+          for (int64_t i = 0; i < dvec; i += 8) {
+            const v8 qv = Load<v8>(q + i);
+            const v8 x = qv * Load<v8>(hi + i);
+            const v8 y = qv * Load<v8>(lo + i);
+            acc += x > y ? x : y;
+          }
+        }
+        part[r] = acc;
+      }
+      for (int64_t r = 0; r < np; ++r) {
+        const float* hi = hi_pages + (p0 + r) * d;
+        const float* lo = lo_pages + (p0 + r) * d;
+        float sc = HSum(part[r]);
+        for (int64_t i = dvec; i < d; ++i) sc += std::max(q[i] * hi[i], q[i] * lo[i]);
+        if (!sum) score[g * P + p0 + r] = sc;
+        else total[r] = g == 0 ? sc : total[r] + sc;
+      }
+    }
+    if (sum)
+      for (int64_t r = 0; r < np; ++r) score[p0 + r] = total[r];
+  }
+}
+
 // The decode family's variants (kernels_util.h): the bodies above compiled for each ISA, one table per process.
-// Each variant also reads fp16 caches (H: HALF, the half-row reader of that ISA).
-#define SOLM_DECODE_VARIANT(SUFFIX, ATTR, HALF)                                                                    \
+// Each variant also reads fp16 caches (H: HALF, the half-row reader of that ISA); VEC: softmax·v's vector.
+#define SOLM_DECODE_VARIANT(SUFFIX, ATTR, HALF, VEC)                                                                    \
   ATTR void PageMinMax##SUFFIX(const float* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi,           \
                                float* lo) {                                                                      \
     PageMinMaxBody<F32Rows>(K, j0, L, d, S, hi, lo);                                                             \
@@ -301,27 +285,27 @@ SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typenam
                                 float* lo) {                                                                     \
     PageMinMaxBody<HALF>(K, j0, L, d, S, hi, lo);                                                                \
   }                                                                                                              \
-  ATTR void PageScores##SUFFIX(const float* qrow, const float* hi, const float* lo, int64_t P, int64_t d,         \
-                               float* score, bool accumulate) {                                                  \
-    PageScoresBody(qrow, hi, lo, P, d, score, accumulate);                                                       \
+  ATTR void PageScores##SUFFIX(const float* qrows, int64_t G, const float* hi, const float* lo, int64_t P,       \
+                               int64_t d, float* score, bool sum) {                                              \
+    PageScoresBody(qrows, G, hi, lo, P, d, score, sum);                                                           \
   }                                                                                                              \
   ATTR uint64_t AttendKept##SUFFIX(const float* qrows, int64_t G, const float* K, const float* V, int64_t L,      \
                                    int64_t d, int64_t dv, float scale, const uint8_t* ukeep, const uint8_t* keep, \
                                    int64_t ks, const MaskRow* masks, float* logit, int32_t* idx, float* out,      \
                                    uint64_t* rows) {                                                             \
-    return AttendKeptBody<F32Rows>(qrows, G, K, V, L, d, dv, scale, ukeep, keep, ks, masks, logit, idx, out,     \
+    return AttendKeptBody<F32Rows, VEC>(qrows, G, K, V, L, d, dv, scale, ukeep, keep, ks, masks, logit, idx, out,     \
                                    rows);                                                                        \
   }                                                                                                              \
   ATTR uint64_t AttendKeptH##SUFFIX(const float* qrows, int64_t G, const uint16_t* K, const uint16_t* V,         \
                                     int64_t L, int64_t d, int64_t dv, float scale, const uint8_t* ukeep,         \
                                     const uint8_t* keep, int64_t ks, const MaskRow* masks, float* logit,         \
                                     int32_t* idx, float* out, uint64_t* rows) {                                  \
-    return AttendKeptBody<HALF>(qrows, G, K, V, L, d, dv, scale, ukeep, keep, ks, masks, logit, idx, out, rows); \
+    return AttendKeptBody<HALF, VEC>(qrows, G, K, V, L, d, dv, scale, ukeep, keep, ks, masks, logit, idx, out, rows); \
   }
-SOLM_DECODE_VARIANT(Base, , F16Rows)
+SOLM_DECODE_VARIANT(Base, , F16Rows, v8)
 #ifdef SOLM_ISA_VARIANTS
-SOLM_DECODE_VARIANT(V3, SOLM_TARGET_V3, F16cRows)
-SOLM_DECODE_VARIANT(V4, SOLM_TARGET_V4, F16cRows)
+SOLM_DECODE_VARIANT(V3, SOLM_TARGET_V3, F16cRows, v8)
+SOLM_DECODE_VARIANT(V4, SOLM_TARGET_V4, F16cRows, vf16)
 #endif
 #undef SOLM_DECODE_VARIANT
 
@@ -467,26 +451,32 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
     const bool shared = p.per_kv_head || G == 1;  // one token set for the whole group
     const int64_t nsets = sparse ? (shared ? 1 : G) : 0;
     Tls& tls = ThreadScratch();
-    float* logit = Grow(tls.f0, static_cast<size_t>(G * L + G + 2 * P));
-    float* score = logit + G * L + G;
-    float* tmp = score + P;
+    float* logit = Grow(tls.f0, static_cast<size_t>(G * L + G + (G + 1) * P));
+    float* score = logit + G * L + G;  // [P] (one set) or [G, P] (a set per head)
+    float* tmp = score + G * P;
     uint8_t* page_ok = masked && sparse ? Grow(tls.u1, static_cast<size_t>(P)) : nullptr;
-    // one token set: its keep flags (the set of query heads mh[0, nh) decides what is unmasked: one head, or the
-    // group's union when it shares a set)
-    auto select = [&](const MaskRow* mh, int64_t nh, uint8_t* kp) {
+    // one token set: its keep flags from its page scores sc (the set of query heads mh[0, nh) decides what is
+    // unmasked: one head, or the group's union when it shares a set). The unmasked pages are counted once for
+    // consecutive sets whose mask rows are the same (a mask broadcast over heads: every head of the group).
+    const MaskRow* counted = nullptr;
+    int64_t lv = 0, pv = 0;
+    auto select = [&](const float* sc, const MaskRow* mh, int64_t nh, uint8_t* kp) {
       int64_t pbs = pb;
       if (masked) {
-        std::memset(page_ok, 0, P);
-        const int64_t lv = UnmaskedPages(mh, nh, L, S, page_ok);
-        int64_t pv = 0;
-        for (int64_t i = 0; i < P; ++i) pv += page_ok[i];
+        if (counted == nullptr || nh != 1 || !SameRow(*counted, mh[0])) {
+          std::memset(page_ok, 0, P);
+          lv = UnmaskedPages(mh, nh, L, S, page_ok);
+          pv = 0;
+          for (int64_t i = 0; i < P; ++i) pv += page_ok[i];
+          counted = nh == 1 ? mh : nullptr;
+        }
         pbs = std::min(PageBudget(static_cast<double>(kappa[b]), lv, S), pv);
         if (pbs >= pv) {  // the budget covers every unmasked page: dense under the mask
           std::memset(kp, 1, L);
           return;
         }
       }
-      KeepFromScores(score, P, pbs, L, S, p.sinks, p.window, kp, tmp, page_ok);
+      KeepFromScores(sc, P, pbs, L, S, p.sinks, p.window, kp, tmp, page_ok);
     };
     int32_t* idx = Grow(tls.i0, static_cast<size_t>(L));
     uint8_t* keep = sparse ? Grow(tls.u0, static_cast<size_t>((nsets + 1) * L)) : nullptr;
@@ -497,14 +487,11 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
     const int64_t head = (b * Hkv + hk) * kv.stride;  // rows before this head's first
     if (sparse) {
       const int64_t o = (b * Hkv + hk) * Ps * d;
+      dk.page_scores(qh, G, pmax + o, pmin + o, P, d, score, shared);
       if (shared) {
-        for (int64_t g = 0; g < G; ++g) dk.page_scores(qh + g * d, pmax + o, pmin + o, P, d, score, g > 0);
-        select(mr, G, keep);
+        select(score, mr, G, keep);
       } else {
-        for (int64_t g = 0; g < G; ++g) {
-          dk.page_scores(qh + g * d, pmax + o, pmin + o, P, d, score, false);
-          select(mr + g, 1, keep + g * L);
-        }
+        for (int64_t g = 0; g < G; ++g) select(score + g * P, mr + g, 1, keep + g * L);
         std::memcpy(ukeep, keep, L);
         for (int64_t g = 1; g < G; ++g)
           for (int64_t j = 0; j < L; ++j) ukeep[j] |= keep[g * L + j];

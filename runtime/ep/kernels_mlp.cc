@@ -278,6 +278,42 @@ bool MlpDownDense(const MlpWeights& W, const float* h, int64_t n0, int64_t nt, i
 
 }  // namespace
 
+// The k-th largest (1 <= k <= n) of x[0, n), overwriting x. A radix select on order-preserving keys of the float
+// bits, 8 bits a pass from the top, each pass keeping (compacted, branch-free) only the keys of the bucket that
+// holds the k-th: no data-dependent branches (std::nth_element's comparisons mispredicted about half the time,
+// ~5 % of a sparse decode step at ctx 2048 with its 270 selections over 256 pages; TopK's over h, ~2 %). The result
+// is the k-th value in float order (-0 and +0 are equal there and for the callers' >= tests alike).
+float KthLargest(float* x, int64_t n, int64_t k) {
+  typedef uint32_t u32a __attribute__((may_alias));
+  u32a* key = reinterpret_cast<u32a*>(x);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = key[i];
+    key[i] = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  }
+  uint32_t prefix = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    uint32_t cnt[256] = {};
+    for (int64_t i = 0; i < n; ++i) ++cnt[(key[i] >> shift) & 255u];
+    uint32_t bucket = 255;
+    for (; bucket > 0 && cnt[bucket] < static_cast<uint64_t>(k); --bucket) k -= cnt[bucket];
+    prefix |= bucket << shift;
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      key[m] = key[i];
+      m += ((key[i] >> shift) & 255u) == bucket;
+    }
+    n = m;
+    if (n == 1) {  // the k-th is the one key left (k == 1 now)
+      prefix = key[0];
+      break;
+    }
+  }
+  const uint32_t u = (prefix & 0x80000000u) ? (prefix & 0x7fffffffu) : ~prefix;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
 // Keep the ceil(rho*D) channels of largest |x| (ties at the threshold kept), zero the rest
 // (reference.topk_channels_ref). Returns the number of non-zero channels written. xs may be x (in place).
 int64_t TopK(const float* x, int64_t D, double rho, float* xs, float* tmp) {
@@ -292,8 +328,7 @@ int64_t TopK(const float* x, int64_t D, double rho, float* xs, float* tmp) {
   const double kd = std::ceil(rho * static_cast<double>(D) - 1e-9);
   int64_t kk = kd >= static_cast<double>(D) ? D : (kd > 1 ? static_cast<int64_t>(kd) : 1);
   for (int64_t c = 0; c < D; ++c) tmp[c] = std::fabs(x[c]);
-  std::nth_element(tmp, tmp + (kk - 1), tmp + D, std::greater<float>());
-  const float thr = tmp[kk - 1];
+  const float thr = KthLargest(tmp, D, kk);
   int64_t nz = 0;
   for (int64_t c = 0; c < D; ++c) {
     const bool keep = std::fabs(x[c]) >= thr;

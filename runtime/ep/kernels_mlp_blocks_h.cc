@@ -87,7 +87,7 @@ SOLM_INLINE VF CodesAt(const uint8_t* codes, int v) {
 template <class VF, int BITS, int CB>
 SOLM_INLINE void DownTile(const BlockRows& W, const float* h, const int32_t* idx, int64_t n, int64_t c, float* y) {
   constexpr int Ln = Lanes<VF>(), NV = BlockRows::kBlock / Ln;
-  constexpr int64_t kAhead = 4;  // units prefetched ahead
+  constexpr int64_t kAhead = 16;  // units prefetched ahead
   const int64_t cb = W.CodeBytes(), rb = W.RowBytes(), nb = W.nb;
   const uint8_t* base = W.codes.data() + c * cb;
   VF acc[CB][NV];
