@@ -111,12 +111,12 @@ class Batch(_Slots):
     # ------------------------------------------------------------------------------------------ rows
     def begin(self, prompt_ids, budget=(1.0, 1.0, 16)) -> int:
         """Reserve a free slot for ``prompt_ids``; ``advance`` prefills it (B = 1 runs on its rows of the buffers)."""
-        from solm_compile.runtime.session import prefill_spans
-
         slot, target = self._take(prompt_ids, budget)
         self.budget[slot] = target
-        chunk, page = self.sess.prefill_chunk, int(self.sess.meta.get("gate", {}).get("page_size", 1))
-        spans = prefill_spans(len(prompt_ids), chunk if chunk and chunk % page == 0 else 0)
+        page = int(self.sess.meta.get("gate", {}).get("page_size", 1))
+        spans = self.sess.prefill_runs(len(prompt_ids))
+        if any(a % page for a, _ in spans):                  # a run must start on a page boundary (module doc)
+            spans = [(0, len(prompt_ids))]
         self.filling[slot] = {"ids": np.asarray(prompt_ids, np.int64), "spans": spans}
         self.length[slot] = 0
         if self.policy:

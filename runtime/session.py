@@ -236,14 +236,18 @@ class SolmSession:
             for name in POLICY_STATE:
                 feeds[name] = out[f"{name}_out"]
 
+    def prefill_runs(self, n: int) -> list[tuple[int, int]]:
+        """[start, end) of the runs an ``n``-token prompt is prefilled in (``prefill_spans``; one run for the concat
+        kinds, see ``prefill``)."""
+        return prefill_spans(n, self.prefill_chunk if self.kv.buffered else 0)
+
     def prefill(self, feeds: dict, ids: np.ndarray) -> np.ndarray:
         """Prefill ``ids`` [B, T] from the empty state in ``feeds`` (caches, policy state, controls), in runs of at
         most ``prefill_chunk`` tokens, each carried into ``feeds``; returns the last position's logits [B, V]. The
         concat kinds (dense, portable) prefill in one run: onnxruntime's GroupQueryAttention refuses a multi-token
         run after a past at B > 1."""
         B = ids.shape[0]
-        chunk = self.prefill_chunk if self.kv.buffered else 0
-        for a, b in prefill_spans(ids.shape[1], chunk):
+        for a, b in self.prefill_runs(ids.shape[1]):
             feeds["input_ids"] = ids[:, a:b]                                                     # [B, b - a]
             feeds["position_ids"] = np.tile(np.arange(a, b, dtype=np.int64), (B, 1))             # [B, b - a]
             out = self._run(feeds)

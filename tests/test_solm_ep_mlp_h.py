@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from test_ep_isa import report_under_cap
-from test_solm_ep import _close, _close_quantized, _mlp_weights, _model, _session, _stats, lib  # noqa: F401
+from test_solm_ep import _close, _close_quantized, _mlp_weights, _model, _session, lib  # noqa: F401
 from test_solm_ep import F, _MLP_ORDER
+from solm_compile.runtime import ep
 
 ACT = {"silu": lambda v: v / (1 + np.exp(-v)), "relu": lambda v: np.maximum(v, 0),
        "gelu_tanh": lambda v: 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))}
@@ -129,9 +130,9 @@ def test_h_skip_work_counters_diagnostic(lib):
     w = _mlp_weights(rng, D, I, True, False)
     x = rng.standard_normal((1, 1, D), dtype=np.float32)
     sess = _session(h_model(w, "silu"))
-    before = _stats(lib)
+    before = ep.work_counters()
     sess.run(None, {"x": x, "rho": np.array([rho], np.float32), "bits": np.array([16.0], np.float32)})
-    after = _stats(lib)
+    after = ep.work_counters()
     d = {k: after[k] - before[k] for k in after}
     assert d["mlp_in_rows"] == d["mlp_in_rows_dense"] == D
     assert d["mlp_down_rows"] == math.ceil(rho * I) == 30 and d["mlp_down_rows_dense"] == I
