@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +31,7 @@ from solm_compile.serve.config import ServeConfig           # noqa: E402
 APP_NAME = "solm"
 REPLICA_HEADER = "x-solm-replica"
 START_TIMEOUT_S = 120.0
+SHUTDOWN_S = 10.0          # a replica's graceful shutdown; Serve's whole shutdown gets twice that
 
 
 class ReplicaHeader:
@@ -79,6 +81,7 @@ def application(artifact: str | os.PathLike, config: ServeConfig):
     return SolmReplica.options(
         num_replicas=config.replicas or 1, max_ongoing_requests=config.max_active,
         max_queued_requests=config.max_queue, ray_actor_options={"num_cpus": cpus_per_replica(config)},
+        graceful_shutdown_timeout_s=SHUTDOWN_S, graceful_shutdown_wait_loop_s=0.5,
     ).bind(str(Path(artifact).resolve()), config)
 
 
@@ -127,11 +130,19 @@ def running_replicas() -> int:
 
 
 def stop() -> None:
-    """Shut down Serve (each replica's app runs its lifespan shutdown: the scheduler stops) and the local Ray."""
+    """Shut down Serve (each replica's app runs its lifespan shutdown: the scheduler stops) and the local Ray. Serve
+    gets ``2 * SHUTDOWN_S`` to finish; past that (a CI run once saw serve.shutdown() outlast 60 s) Ray is shut down
+    anyway, which ends every process it started, replicas included."""
     if not ray.is_initialized():                  # already stopped (a failed deploy stops before re-raising)
         return
-    with contextlib.suppress(Exception):
-        serve.shutdown()
+
+    def shutdown_serve():
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+
+    t = threading.Thread(target=shutdown_serve, name="solm-serve-shutdown", daemon=True)
+    t.start()
+    t.join(2 * SHUTDOWN_S)
     ray.shutdown()
 
 
