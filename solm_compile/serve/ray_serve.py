@@ -161,6 +161,8 @@ def serve_forever(artifact: str | os.PathLike, config: ServeConfig) -> None:
     try:
         init_ray(config)
         signal.signal(signal.SIGTERM, _interrupt)     # after ray.init: Ray's own SIGTERM handler aborts, skipping stop()
+        signal.signal(signal.SIGINT, _interrupt)      # even if started with SIGINT ignored (`cmd &` in a script, or a
+        #                                               parent that ignores it): Python then installs no handler
         logging.getLogger("ray.serve").setLevel(logging.WARNING)     # the command prints its own lines
         url = deploy(artifact, config)
         print(f"solm serve: {config.replicas} replicas running; {url}/v1", flush=True)
