@@ -156,10 +156,22 @@ def test_table_json_and_plot(tmp_path):
     assert lines[0].split()[:3] == ["engine", "weights", "thr"]
     assert len(lines) == 1 + len(doc["rows"]) + 2                     # header, rows, footnote, skipped line
     assert "Q4_1 GGUF" in lines[1] and lines[-1] == "skipped x"
-    out, png = report.write_outputs(doc, tmp_path / "res" / "engines.json")
+    out, png, ppl_png = report.write_outputs(doc, tmp_path / "res" / "engines.json")
     assert json.loads(out.read_text())["rows"] == doc["rows"]
     assert png == tmp_path / "res" / "engines.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["engines.json", "engines.png"]  # no scratch
+    assert ppl_png == tmp_path / "res" / "engines-ppl.png" and ppl_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["engines-ppl.png", "engines.json", "engines.png"]
+
+
+def test_speed_quality_points_are_the_largest_contexts_rows_with_a_perplexity(tmp_path):
+    doc = _doc()                                     # contexts 256 and 1024, threads 1 and 2, every row ppl 10.0
+    doc["rows"][-1]["ppl"] = None                    # the last row: solm dense-budget, ctx 1024, 2 threads
+    pts = report.speed_quality_points(doc)
+    want = {(r["engine"], r["threads"]): (10.0, r["tok_s"]) for r in doc["rows"][:-1] if r["context"] == 1024}
+    assert pts == want and ("solm dense-budget", 2) not in pts and len(pts) == 3
+    doc["rows"] = [{**r, "ppl": None} for r in doc["rows"]]
+    assert report.speed_quality_points(doc) == {}
+    assert len(report.write_outputs(doc, tmp_path / "e.json")) == 2   # no perplexity: no second plot
 
 
 # ---------------------------------------------------------------------------------------------- real engines

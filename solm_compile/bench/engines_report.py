@@ -1,5 +1,6 @@
-"""What ``solm bench --engines`` prints and writes: the machine and engine versions, the table, the JSON and the plot
-(tok/s against context, one line per engine per thread count, written beside the JSON with the suffix ``.png``)."""
+"""What ``solm bench --engines`` prints and writes: the machine and engine versions, the table, the JSON and two plots
+beside the JSON: ``.png``, tok/s against context (one line per engine per thread count), and ``-ppl.png``, tok/s
+against perplexity at the largest context (solm's budgets as one curve per thread count, each peer a point)."""
 
 from __future__ import annotations
 
@@ -75,14 +76,41 @@ def _spread(mid: float, lo: float, hi: float, digits: int) -> str:
     return f"{mid:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
-def write_outputs(doc: dict, out: str | Path) -> tuple[Path, Path]:
-    """The JSON at ``out`` and the plot beside it (``.png``), both atomically."""
+def write_outputs(doc: dict, out: str | Path) -> tuple[Path, ...]:
+    """The JSON at ``out`` and the plots beside it (``.png``; ``-ppl.png`` when rows have a perplexity), atomically."""
     out = Path(out)
     atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
     png = out.with_suffix(".png")
     with atomic_path(png) as tmp:
         plot(doc, tmp)
-    return out, png
+    pts = speed_quality_points(doc)
+    if not pts:
+        return out, png
+    ppl_png = out.with_name(out.stem + "-ppl.png")
+    with atomic_path(ppl_png) as tmp:
+        plot_speed_quality(doc, pts, tmp)
+    return out, png, ppl_png
+
+
+def speed_quality_points(doc: dict) -> dict[tuple[str, int], tuple[float, float]]:
+    """(engine, threads) -> (perplexity, tok/s) at the largest context timed, for rows with a perplexity."""
+    if not doc["rows"]:
+        return {}
+    ctx = max(r["context"] for r in doc["rows"])
+    return {(r["engine"], r["threads"]): (r["ppl"], r["tok_s"]) for r in doc["rows"]
+            if r["context"] == ctx and r.get("ppl") is not None and r.get("tok_s") is not None}
+
+
+def _is_solm(name: str) -> bool:
+    return name.startswith("solm ")
+
+
+def _keep(name: str) -> float:
+    """The budget of a solm row from its name (``solm keep 0.5``; the dense budget is 1), for ordering the sweep."""
+    try:
+        return float(name.rsplit(" ", 1)[-1])
+    except ValueError:
+        return 1.0
 
 
 def plot(doc: dict, path: Path) -> None:
@@ -104,6 +132,41 @@ def plot(doc: dict, path: Path) -> None:
     ax.set_xlabel("context (KV length when the timed steps start)")
     ax.set_ylabel("decode tok/s (median over rounds)")
     ax.set_title(f"{doc['model']}: decode speed by engine ({doc['machine']['cpu']})", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_speed_quality(doc: dict, pts: dict, path: Path) -> None:
+    """tok/s against perplexity: solm's budget sweep a line per thread count (dense budget to sparsest), peers points;
+    up and left is better."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    threads = sorted({t for _, t in pts})
+    markers = dict(zip(threads, ("o", "s", "^", "D")))
+    colors = plt.get_cmap("tab10")
+    peers = list(dict.fromkeys(e for e, _ in pts if not _is_solm(e)))
+    for t in threads:
+        curve = [p for (e, tt), p in sorted(pts.items(), key=lambda kv: -_keep(kv[0][0])) if tt == t and _is_solm(e)]
+        if curve:
+            ax.plot(*zip(*curve), "-", marker=markers[t], color="black", label=f"solm budgets, {t} thr")
+        for (e, tt), (ppl, tok) in pts.items():
+            if tt == t and _is_solm(e):
+                ax.annotate(e.removeprefix("solm "), (ppl, tok), textcoords="offset points", xytext=(4, 4), fontsize=6)
+        for i, e in enumerate(peers):
+            if (e, t) in pts:
+                ax.plot(*pts[(e, t)], marker=markers[t], linestyle="none", color=colors(i % 10), label=f"{e}, {t} thr")
+    ctx = max(r["context"] for r in doc["rows"])
+    ax.set_xlabel(f"perplexity ({doc['ppl']['scored']} held-out ids after {doc['ppl']['window'] - doc['ppl']['scored']}"
+                  " of context; lower is better)")
+    ax.set_ylabel(f"decode tok/s at ctx {ctx} (median over rounds)")
+    ax.set_title(f"{doc['model']}: speed against quality ({doc['machine']['cpu']})", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -81,7 +81,8 @@ def add_engines_args(p) -> None:
                    help="last ids of the window scored, each by decode steps (default 256)")
     g.add_argument("--memory", action=argparse.BooleanOptionalAction, default=d.memory,
                    help="peak resident memory of a child process decoding at ctx 2048, per engine (default on)")
-    g.add_argument("--out", help="write the JSON here (atomically) and the plot beside it as .png")
+    g.add_argument("--out", help="write the JSON here (atomically) and the plots beside it: .png (tok/s against context) and "
+                   "-ppl.png (tok/s against perplexity)")
 
 
 def config_from_args(args) -> BenchConfig:
@@ -109,7 +110,7 @@ def cmd_engines(args, gate, say) -> int:
     doc = run_engines(args.model, engines_config_from_args(args), gate=gate, trust_pickle=args.trust_pickle, say=say)
     if args.out:
         paths = write_outputs(doc, args.out)
-        say(f"wrote {paths[0]} and {paths[1]}")
+        say(f"wrote {', '.join(map(str, paths[:-1]))} and {paths[-1]}")
     print(json.dumps(doc, indent=1) if args.json else engines_table(doc))
     return 0
 
