@@ -173,7 +173,11 @@ class SolmSession:
     def _tokenizer(self):
         from tokenizers import Tokenizer
 
-        tok_file = self.path.parent / self.meta.get("tokenizer", "tokenizer.json")
+        name = self.meta.get("tokenizer", "tokenizer.json")
+        if name is None:
+            raise UserError(f"{self.path}: written without a tokenizer (a benchmark's artifact): it takes token ids "
+                            f"only (SolmSession(..., tokenizer=False))")
+        tok_file = self.path.parent / name
         if not tok_file.is_file():
             raise UserError(f"{self.path}: its tokenizer {tok_file.name} is missing next to it "
                             f"(solm-compile writes it beside the artifact)")
