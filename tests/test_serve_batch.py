@@ -147,3 +147,24 @@ def test_a_long_prompt_is_prefilled_between_the_running_requests_steps(step_arti
         want = [int(st["token"][0]) for st in list(sess.steps([ids], (1.0, 1.0, 16.0), max_new_tokens=n))[1:]]
         k = min(len(want), len(got[name]))                                     # (an EOS may end it early)
         assert k >= 3 and got[name][:k] == want[:k], (name, got[name], want)
+
+
+def test_the_servers_prefill_chunk_reaches_its_session_and_must_fit_the_pages(step_artifacts):
+    """``ServeConfig.prefill_chunk`` (``solm serve --prefill-chunk``) is the chunk the session prefills a joining
+    prompt in; a chunk of 1 is refused at construction, and one that is not a multiple of the artifact's page size
+    (the batch would prefill every prompt in one run) is refused when the scheduler is built."""
+    need_ep(ep.library_path() is not None)
+    from solm_compile.runtime.session import SolmSession
+    from solm_compile.serve import ServeConfig
+    from solm_compile.serve.scheduler import Scheduler
+
+    with pytest.raises(UserError, match="--prefill-chunk"):
+        ServeConfig(prefill_chunk=1)
+    sess = SolmSession(step_artifacts["solm"], **ServeConfig(threads=1, prefill_chunk=32).session_options)
+    assert sess.prefill_chunk == 32 and sess.prefill_runs(70) == [(0, 32), (32, 64), (64, 70)]
+    Scheduler(sess, max_active=2, max_queue=2, timeout_s=60, context=128)        # 32: a multiple of the pages
+    page = int(sess.meta["gate"]["page_size"])
+    assert page > 1                                                              # the fixture's pages hold several
+    odd = SolmSession(step_artifacts["solm"], **ServeConfig(threads=1, prefill_chunk=page + 1).session_options)
+    with pytest.raises(UserError, match=f"not a multiple of .* page size {page}"):
+        Scheduler(odd, max_active=2, max_queue=2, timeout_s=60, context=128)

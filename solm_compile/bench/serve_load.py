@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from solm_compile.errors import UserError
+from solm_compile.serve.config import ServeConfig
 
 TIMEOUT_S = 300
 
@@ -127,12 +128,12 @@ def _ms(s):
 
 def bench_artifact(path: str, args, budgets: dict, stop_at: float) -> list[dict]:
     from solm_compile.runtime.session import SolmSession
-    from solm_compile.serve import ServeConfig
 
-    sess = SolmSession(path, threads=args.threads)
     config = ServeConfig(context=args.prompt_max + args.max_tokens + 8, max_active=max(args.clients),
                          max_queue=4 * max(args.clients), timeout_s=TIMEOUT_S, threads=args.threads,
-                         replicas=args.replicas, port=args.port if args.replicas else 0)
+                         replicas=args.replicas, port=args.port if args.replicas else 0,
+                         prefill_chunk=args.prefill_chunk)
+    sess = SolmSession(path, **config.session_options)
     pool = prompts(sess, max(args.clients) * args.requests, args.prompt_min, args.prompt_max, args.seed)
     if sess.kind == "dense":
         budgets = {"dense": budgets["dense"]}
@@ -146,6 +147,10 @@ def bench_artifact(path: str, args, budgets: dict, stop_at: float) -> list[dict]
             for cell in cells[k:] + cells[:k]:
                 runs[cell].append(run_cell(url, model, budgets[cell[0]], cell[1], args.requests, pool,
                                            args.max_tokens, stop_at))
+                done = runs[cell][-1]
+                print(f"{model}, round {r + 1}/{args.rounds}, {cell[0]}, {cell[1]} clients: "
+                      f"{done['completed']}/{done['requests']} done, {done['tok_s'] or 0:.1f} tok/s, "
+                      f"{done['wall_s']:.0f} s", file=sys.stderr, flush=True)
     rows = []
     for (budget, clients), cell_runs in runs.items():
         med = {key: _median([c[key] for c in cell_runs]) for key in
@@ -212,6 +217,8 @@ def main(argv=None) -> int:
                     "--replicas 2: http://127.0.0.1:8000) instead of starting one; ARTIFACT gives the prompts' "
                     "tokenizer and the model id")
     ap.add_argument("--port", type=int, default=8000, help="the Ray proxy's loopback port with --replicas (default 8000)")
+    ap.add_argument("--prefill-chunk", type=int, default=ServeConfig.prefill_chunk,
+                    help="the server's tokens per prefill run of a joining prompt (solm serve --prefill-chunk)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     args = ap.parse_args(argv)

@@ -33,6 +33,10 @@ def add_serve_parser(sub, common) -> None:
                    help="serve N replicas of the app as a Ray Serve deployment on a local Ray, each with its own "
                         "session, scheduler and KV budget, behind Ray's proxy on --host:--port (the ray extra; "
                         "default: one process, no Ray)")
+    p.add_argument("--prefill-chunk", type=int, default=D.prefill_chunk,
+                   help=f"tokens per prefill run of a joining prompt, the running requests stepped between runs: "
+                        f"smaller bounds their inter-token gap, larger gives the newcomer its first token sooner "
+                        f"(default {D.prefill_chunk}; a multiple of the page size; 0: one run)")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(fn=cmd_serve)
 
@@ -41,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(host=args.host, port=args.port, threads=args.threads, context=args.context,
                          max_active=args.max_active, max_queue=args.max_queue, timeout_s=args.timeout_s,
                          model_name=args.model_name, kv_budget_mb=args.kv_budget_mb,
-                         replicas=args.replicas)          # bad flags fail before the artifact loads
+                         replicas=args.replicas, prefill_chunk=args.prefill_chunk)  # bad flags fail before loading
     if config.replicas is not None:
         return serve_replicas(args.artifact, config)
     try:
@@ -53,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         "'solm-compile[serve]'") from e
     from solm_compile.runtime.session import SolmSession
 
-    sess = SolmSession(args.artifact, threads=args.threads)
+    sess = SolmSession(args.artifact, **config.session_options)
     app = create_app(sess, config)
     _warn_if_exposed(config)
     print(f"solm serve: {sess.kind} artifact {sess.path.name} at http://{config.host}:{config.port}/ "

@@ -26,7 +26,9 @@ class ServeConfig:
     of ``context`` positions does not fit that often. ``timeout_s``: a request still running after this long is
     ended. ``max_body``: bytes of request JSON accepted. ``replicas``: None serves from this process (uvicorn);
     N runs N replicas of the same app as a Ray Serve deployment on a local Ray (``ray_serve.py``), each with its
-    own session, scheduler and KV budget."""
+    own session, scheduler and KV budget. ``prefill_chunk``: tokens per prefill run of a joining prompt (the
+    scheduler steps the running requests between runs, so a smaller chunk bounds the gap a join puts between their
+    tokens, at the joining request's time to first token; a multiple of the artifact's page size; 0: one run)."""
 
     host: str = LOOPBACK
     port: int = 8000
@@ -39,6 +41,12 @@ class ServeConfig:
     max_body: int = 1_000_000
     model_name: str | None = None
     replicas: int | None = None
+    prefill_chunk: int = 128
+
+    @property
+    def session_options(self) -> dict:
+        """SolmSession's keyword arguments for this server (the CLI, the Ray replicas and the load test share them)."""
+        return {"threads": self.threads, "prefill_chunk": self.prefill_chunk}
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}")
@@ -50,6 +58,8 @@ class ServeConfig:
                f"--kv-budget must be > 0 MiB, got {self.kv_budget_mb}")
         _check(self.timeout_s > 0, f"--timeout must be > 0 seconds, got {self.timeout_s}")
         _check(self.max_body >= 1024, f"max_body must be >= 1024 bytes, got {self.max_body}")
+        _check(self.prefill_chunk == 0 or self.prefill_chunk >= 2,
+               f"--prefill-chunk must be 0 (one run) or >= 2 tokens, got {self.prefill_chunk}")
         _check(self.replicas is None or self.replicas >= 1, f"--replicas must be >= 1, got {self.replicas}")
         _check(self.replicas is None or self.port != 0,
                "--port 0 (any free port) does not work with --replicas: Ray's proxy needs a fixed port")

@@ -64,7 +64,7 @@ class SolmReplica:
         from solm_compile.runtime.session import SolmSession
         from solm_compile.serve.app import create_app
 
-        app = create_app(SolmSession(self.artifact, threads=self.config.threads), self.config)
+        app = create_app(SolmSession(self.artifact, **self.config.session_options), self.config)
         app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
         return app
 

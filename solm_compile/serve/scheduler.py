@@ -107,6 +107,10 @@ class Scheduler:
         self.sess, self.max_queue, self.timeout_s = sess, max_queue, timeout_s
         self.rows = self.max_active = batch_rows(sess, max_active, context, kv_budget_mb)
         self.batch = sess.batch(self.rows, context)
+        page = int(sess.meta.get("gate", {}).get("page_size", 1))
+        if sess.kv.paged and sess.prefill_chunk % page:
+            raise UserError(f"--prefill-chunk {sess.prefill_chunk} is not a multiple of {sess.path.name}'s page size "
+                            f"{page}: every joining prompt would be prefilled in one run")
         self.metrics = metrics or Metrics()
         self.eos = set(sess.meta.get("eos_token_ids") or [])
         try:
