@@ -43,7 +43,8 @@ SOURCES = ("kernels_attention.cc", "kernels_attention_prefill.cc", "kernels_atte
            "kernels_mlp_tiles.cc", "kernels_mlp_blocks.cc", "kernels_mlp_blocks_int8.cc",
            "kernels_mlp_blocks_h.cc",
            "ort_kernels.cc", "ep_graph.cc", "ep_build_kernel.cc", "solm_ep.cc", "c_api.cc")
-HEADERS = ("kernels.h", "kernels_util.h", "kernels_attention_rows.h", "op_table.h", "ort_kernels.h", "ep_graph.h")
+HEADERS = ("kernels.h", "kernels_util.h", "kernels_attention_rows.h", "kernels_attention_select.h", "op_table.h",
+           "ort_kernels.h", "ep_graph.h")
 # Portable code: no -march=native. The hot loops are compiled per ISA (AVX-512 / AVX2+FMA / baseline, target
 # attributes) and dispatched once per process (kernels_util.h IsaLevel), so plain -O3 is safe on every x86-64.
 CXXFLAGS = ("-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-fno-math-errno", "-Wall", "-Wextra", "-Wno-psabi")

@@ -117,6 +117,12 @@ struct AttnScratch {
   std::vector<float> kt;                  // multi-token calls: K transposed per block of keys
   std::vector<float> kf, vf;              // QuestAttentionCache, multi-token calls: the valid rows as fp32
   std::vector<int64_t> lens;              // QuestAttentionCache, single-token calls: each row's L_b after the append
+  // single-token calls (kernels_attention.cc): per (row, KV head) item its rows and keep flags, its chunks, and
+  // the chunks' partial softmax results
+  std::vector<int32_t> idx, iota;
+  std::vector<uint8_t> keep;
+  std::vector<int64_t> nrow, first;
+  std::vector<float> part;
 };
 
 // q [B,H,T,d], k [B,Hkv,L,d], v [B,Hkv,L,dv], kappa [B], out [B,H,T,dv]. state: nullptr (page min/max from all of

@@ -1,5 +1,6 @@
 // fp32 Quest attention (QuestAttention, PageBudget); see kernels.h for the contract.
 #include "kernels_attention_rows.h"
+#include "kernels_attention_select.h"
 #include "kernels_util.h"
 
 namespace solm {
@@ -19,261 +20,6 @@ const char* SelectedIsa() { return IsaName(IsaLevel()); }
 
 namespace {
 
-// ------------------------------------------------------------------------------------------------ attention
-
-// Returns false if token j is masked out (bool false, or an additive value at or below the lowest finite float:
-// -inf or Hugging Face's finfo.min, as reference.valid_keys); else sets *add to the additive mask value.
-inline bool Allowed(const MaskRow& m, int64_t j, float* add) {
-  *add = 0.f;
-  if (j > m.jmax) return false;
-  if (m.b) return m.b[j * m.sl] != 0;
-  if (m.f) {
-    *add = m.f[j * m.sl];
-    return !(*add <= std::numeric_limits<float>::lowest());
-  }
-  return true;
-}
-
-// The pages [P] of S tokens holding a key that some of the n mask rows allows (page_ok |= ...; the caller zeroes
-// it); returns the number of such keys (L with no mask). Page by page: no division per key (an idiv per key was
-// ~5 % of a sparse decode step at ctx 2048).
-int64_t UnmaskedPages(const MaskRow* m, int64_t n, int64_t L, int64_t S, uint8_t* page_ok) {
-  int64_t lv = 0;
-  for (int64_t p = 0, j0 = 0; j0 < L; ++p, j0 += S) {
-    const int64_t j1 = std::min(L, j0 + S);
-    int64_t c = 0;
-    for (int64_t j = j0; j < j1; ++j) {
-      bool ok = false;
-      for (int64_t g = 0; g < n && !ok; ++g) {
-        float add;
-        ok = Allowed(m[g], j, &add);
-      }
-      c += ok;
-    }
-    if (c > 0) page_ok[p] = 1;
-    lv += c;
-  }
-  return lv;
-}
-
-inline bool SameRow(const MaskRow& a, const MaskRow& b) {
-  return a.b == b.b && a.f == b.f && a.sl == b.sl && a.jmax == b.jmax;
-}
-
-// Element-wise max/min of the keys of pages, hi/lo [P, d], folding keys [j0, L) in order: a page that starts at or
-// after j0 starts from its first key; the page holding j0, when j0 is inside it, continues from its current hi/lo
-// (its keys before j0 already folded in), so the result equals the fold over the whole page (j0 = 0: every page).
-// R: how K's rows are read (kernels_util.h: F32Rows, F16Rows, F16cRows).
-template <class R>
-SOLM_INLINE void PageMinMaxBody(const typename R::E* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi,
-                                float* lo) {
-  for (int64_t p = j0 / S; p * S < L; ++p) {
-    float* h = hi + p * d;
-    float* l = lo + p * d;
-    int64_t j = std::max(j0, p * S);
-    const int64_t j1 = std::min(L, (p + 1) * S);
-    if (j == p * S) {
-      for (int64_t i = 0; i < d; ++i) h[i] = l[i] = R::At(K + j * d + i);
-      ++j;
-    }
-    for (; j < j1; ++j) {
-      const typename R::E* kr = K + j * d;
-      int64_t i = 0;
-      for (; i + 8 <= d; i += 8) {
-        v8 x = R::Load8(kr + i);
-        v8 a = *reinterpret_cast<v8*>(h + i);
-        v8 b = *reinterpret_cast<v8*>(l + i);
-        *reinterpret_cast<v8*>(h + i) = x > a ? x : a;
-        *reinterpret_cast<v8*>(l + i) = x < b ? x : b;
-      }
-      for (; i < d; ++i) {
-        const float x = R::At(kr + i);
-        h[i] = x > h[i] ? x : h[i];
-        l[i] = x < l[i] ? x : l[i];
-      }
-    }
-  }
-}
-
-// Token keep flags [L] from page scores: the pb best pages (ties at the threshold kept) among the pages page_ok
-// allows (null: every page; the caller clamps pb to their number), the first `sinks` and last `window` tokens, and
-// the last token if nothing else is kept (reference.quest_keep_ref).
-void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_t S, int64_t sinks, int64_t window,
-                    uint8_t* keep, float* tmp, const uint8_t* page_ok) {
-  std::memset(keep, 0, L);
-  if (pb > 0) {
-    int64_t n = 0;
-    for (int64_t p = 0; p < P; ++p)
-      if (page_ok == nullptr || page_ok[p]) tmp[n++] = score[p];
-    const float thr = KthLargest(tmp, n, pb);
-    for (int64_t p = 0; p < P; ++p)
-      if ((page_ok == nullptr || page_ok[p]) && score[p] >= thr) std::memset(keep + p * S, 1, std::min(S, L - p * S));
-  }
-  if (sinks > 0) std::memset(keep, 1, std::min(sinks, L));
-  if (window > 0) {
-    const int64_t s0 = std::max<int64_t>(L - window, 0);
-    std::memset(keep + s0, 1, L - s0);
-  }
-  bool any = false;
-  for (int64_t j = 0; j < L && !any; ++j) any = keep[j] != 0;
-  if (!any) keep[L - 1] = 1;
-}
-
-// Decode attention (T == 1) of the G query heads (rows qrows + g*d) that share one K/V head. Head g attends over the
-// tokens j its mask allows and, when keep is given, with keep[g*ks + j] (ks = 0: one token set for the group;
-// ks = L: a set per head); ukeep (null: every token) is the union of the heads' sets, streamed once so each K and V
-// row is read once for the whole group. Two passes, each with one access pattern and its own prefetch kPrefetch
-// rows ahead (kept pages are 2 KiB runs at scattered places, which the hardware prefetchers do not follow): q·k of
-// every head over the union's K rows (8 rows per reduction tree), then, after a vectorised softmax, softmax·v over
-// the V rows. Branch-free per head: a row the head did not keep (or its mask removes) gets -inf, so weight 0.
-// Scratch: logit [G*L + G], idx [L]. Returns the q·k products that count (kept and allowed); *rows = the rows
-// some head attends. out [G, dv].
-template <class R, class VF>
-SOLM_INLINE uint64_t AttendKeptBody(const float* qrows, int64_t G, const typename R::E* K, const typename R::E* V,
-                                    int64_t L, int64_t d, int64_t dv, float scale, const uint8_t* ukeep,
-                                    const uint8_t* keep, int64_t ks, const MaskRow* masks, float* logit, int32_t* idx,
-                                    float* out, uint64_t* rows) {
-  int64_t n = 0;
-  if (ukeep) {
-    for (int64_t j = 0; j < L; ++j)
-      if (ukeep[j]) idx[n++] = static_cast<int32_t>(j);
-  } else {
-    for (int64_t j = 0; j < L; ++j) idx[j] = static_cast<int32_t>(j);
-    n = L;
-  }
-  constexpr int64_t kPrefetch = 16;
-  const bool pf = ukeep != nullptr;
-  // A set per head (ks = L): a head computes nothing for the union's rows it did not keep (q·k skipped per block
-  // of 8 rows it kept none of, the logit then -inf below; softmax·v skipped per row), so its arithmetic follows
-  // its own set, not the union's (at κ = 0.5 the union of 3 heads' sets is ~65 % of the rows).
-  const uint8_t* per_head = keep != nullptr && ks != 0 ? keep : nullptr;
-  auto kept8 = [per_head, ks](int64_t g, const int32_t* ix) {
-    if (per_head == nullptr) return true;
-    const uint8_t* kg = per_head + g * ks;
-    int any = 0;
-    for (int r = 0; r < 8; ++r) any |= kg[ix[r]];
-    return any != 0;
-  };
-  const int64_t kb = d * sizeof(typename R::E), vb = dv * sizeof(typename R::E);
-  // q·k: rows in blocks of 8 (one reduction tree per head and block), the tail one row at a time
-  const int64_t n8 = d % 8 == 0 ? n / 8 * 8 : 0;
-  for (int64_t c = 0; c < n8; c += 8) {
-    if (pf)
-      for (int64_t r = c + kPrefetch; r < std::min(c + kPrefetch + 8, n); ++r) {
-        const char* kp = reinterpret_cast<const char*>(K + static_cast<int64_t>(idx[r]) * d);
-        for (int64_t b = 0; b < kb; b += 64) __builtin_prefetch(kp + b);
-      }
-    if constexpr (Lanes<VF>() == 16) {  // AVX-512 (32 registers): 3 heads' 8-row trees, each K chunk widened once
-      if (G == 3 && kept8(0, idx + c) && kept8(1, idx + c) && kept8(2, idx + c)) {
-        Dot8Rows3<R>(qrows, K, idx + c, d, logit + c, L);
-        continue;
-      }
-    }
-    for (int64_t g = 0; g < G; ++g)
-      if (kept8(g, idx + c)) Dot8Rows<R>(qrows + g * d, K, idx + c, d, logit + g * L + c);
-  }
-  for (int64_t c = n8; c < n; ++c)
-    for (int64_t g = 0; g < G; ++g)
-      if (per_head == nullptr || per_head[g * ks + idx[c]])
-        logit[g * L + c] = DotRow<R>(qrows + g * d, K + static_cast<int64_t>(idx[c]) * d, d);
-  // scale, mask and keep: a row some head attends counts as read
-  uint64_t scored = 0, nrows = 0;
-  for (int64_t c = 0; c < n; ++c) {
-    const int64_t j = idx[c];
-    bool any = false;
-    for (int64_t g = 0; g < G; ++g) {
-      float add;
-      const bool ok = (keep == nullptr || keep[g * ks + j]) && Allowed(masks[g], j, &add);
-      float& lg = logit[g * L + c];
-      lg = ok ? lg * scale + add : kNegInf;
-      any |= ok;
-      scored += ok;
-    }
-    nrows += any;
-  }
-  *rows = nrows;
-  float* sums = logit + G * L;
-  for (int64_t g = 0; g < G; ++g) {
-    float* lg = logit + g * L;
-    float mx = kNegInf;
-    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, lg[i]);
-    // sum > 0 unless every token is masked out (0: zeros, as in the reference) or a logit is NaN (NaN).
-    sums[g] = mx != kNegInf ? ExpShiftSum(lg, n, mx) : 0.f;
-    std::memset(out + g * dv, 0, dv * sizeof(float));
-  }
-  // softmax·v: every V row of the union once, into every head (skipped where the head did not keep it)
-  if (dv == 64 && G <= 3) {  // the accumulators in registers (SmolLM2-like heads; each element's sum is the same)
-    if (G == 1) SoftmaxV64<R, VF, 1>(logit, L, V, idx, n, per_head, ks, pf, out);
-    else if (G == 2) SoftmaxV64<R, VF, 2>(logit, L, V, idx, n, per_head, ks, pf, out);
-    else SoftmaxV64<R, VF, 3>(logit, L, V, idx, n, per_head, ks, pf, out);
-  } else for (int64_t i = 0; i < n; ++i) {
-    if (pf && i + kPrefetch < n) {
-      const char* vp = reinterpret_cast<const char*>(V + static_cast<int64_t>(idx[i + kPrefetch]) * dv);
-      for (int64_t b = 0; b < vb; b += 64) __builtin_prefetch(vp + b);
-    }
-    const typename R::E* vr = V + static_cast<int64_t>(idx[i]) * dv;
-    for (int64_t g = 0; g < G; ++g)
-      if (per_head == nullptr || per_head[g * ks + idx[i]]) AxpyRow<R>(out + g * dv, vr, logit[g * L + i], dv);
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    float* o = out + g * dv;
-    if (!(sums[g] > 0.f)) {  // no allowed key: zeros; a NaN logit: NaN
-      const float f = sums[g] == 0.f ? 0.f : kNaN;
-      for (int64_t i = 0; i < dv; ++i) o[i] = f;
-      continue;
-    }
-    const float inv = 1.f / sums[g];
-    for (int64_t i = 0; i < dv; ++i) o[i] *= inv;
-  }
-  return scored;
-}
-
-// Quest page scores of the G query heads of a GQA group (rows qrows + g*d): score[g*P + p] = Σ_d max(q_d·max_d,
-// q_d·min_d), or with sum, score[p] = the heads' scores added in head order. Pages in blocks of 8, the heads in
-// turn per block: a page's max/min (2·d floats, 1/4 of the page's fp16 K and V bytes at S = 8) comes from memory
-// once for the whole group, not once per head, and the 8 pages' sums are independent chains (one page's serial
-// lane sum no longer waits for the previous page's). Each score is the same sum in the same order as scoring one
-// head and one page at a time (8-float lanes, then lanes 0..7 in turn, then the tail): the selections, hence the
-// outputs, are bit-identical to the per-head kernel's. (An HSum8 tree over vf16 lanes was tried: as fast here, but
-// it rounds differently and flipped a near-tied page choice at κ = 0.3 in a 32-step SmolLM2 decode.)
-SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const float* hi_pages, const float* lo_pages,
-                                int64_t P, int64_t d, float* score, bool sum) {
-  const int64_t dvec = d / 8 * 8;
-  for (int64_t p0 = 0; p0 < P; p0 += 8) {
-    const int64_t np = std::min<int64_t>(8, P - p0);
-    float total[8] = {};
-    for (int64_t g = 0; g < G; ++g) {
-      const float* q = qrows + g * d;
-      v8 part[8];
-#pragma GCC unroll 8
-      for (int r = 0; r < 8; ++r) {
-        v8 acc = {};
-        if (r < np) {
-          const float* hi = hi_pages + (p0 + r) * d;
-          const float* lo = lo_pages + (p0 + r) * d;
-          for (int64_t i = 0; i < dvec; i += 8) {
-            const v8 qv = Load<v8>(q + i);
-            const v8 x = qv * Load<v8>(hi + i);
-            const v8 y = qv * Load<v8>(lo + i);
-            acc += x > y ? x : y;
-          }
-        }
-        part[r] = acc;
-      }
-      for (int64_t r = 0; r < np; ++r) {
-        const float* hi = hi_pages + (p0 + r) * d;
-        const float* lo = lo_pages + (p0 + r) * d;
-        float sc = HSum(part[r]);
-        for (int64_t i = dvec; i < d; ++i) sc += std::max(q[i] * hi[i], q[i] * lo[i]);
-        if (!sum) score[g * P + p0 + r] = sc;
-        else total[r] = g == 0 ? sc : total[r] + sc;
-      }
-    }
-    if (sum)
-      for (int64_t r = 0; r < np; ++r) score[p0 + r] = total[r];
-  }
-}
-
 // The decode family's variants (kernels_util.h): the bodies above compiled for each ISA, one table per process.
 // Each variant also reads fp16 caches (H: HALF, the half-row reader of that ISA); VEC: softmax·v's vector.
 #define SOLM_DECODE_VARIANT(SUFFIX, ATTR, HALF, VEC)                                                                    \
@@ -289,18 +35,19 @@ SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const float* hi_p
                                int64_t d, float* score, bool sum) {                                              \
     PageScoresBody(qrows, G, hi, lo, P, d, score, sum);                                                           \
   }                                                                                                              \
-  ATTR uint64_t AttendKept##SUFFIX(const float* qrows, int64_t G, const float* K, const float* V, int64_t L,      \
-                                   int64_t d, int64_t dv, float scale, const uint8_t* ukeep, const uint8_t* keep, \
-                                   int64_t ks, const MaskRow* masks, float* logit, int32_t* idx, float* out,      \
-                                   uint64_t* rows) {                                                             \
-    return AttendKeptBody<F32Rows, VEC>(qrows, G, K, V, L, d, dv, scale, ukeep, keep, ks, masks, logit, idx, out,     \
-                                   rows);                                                                        \
+  ATTR uint64_t AttendRows##SUFFIX(const float* qrows, int64_t G, const float* K, const float* V, int64_t d,      \
+                                   int64_t dv, float scale, const int32_t* idx, int64_t n, bool pf,              \
+                                   const uint8_t* keep, int64_t ks, const MaskRow* masks, float* logit, float* mx, \
+                                   float* sums, float* out, uint64_t* rows) {                                    \
+    return AttendRowsBody<F32Rows, VEC>(qrows, G, K, V, d, dv, scale, idx, n, pf, keep, ks, masks, logit, mx,    \
+                                        sums, out, rows);                                                        \
   }                                                                                                              \
-  ATTR uint64_t AttendKeptH##SUFFIX(const float* qrows, int64_t G, const uint16_t* K, const uint16_t* V,         \
-                                    int64_t L, int64_t d, int64_t dv, float scale, const uint8_t* ukeep,         \
+  ATTR uint64_t AttendRowsH##SUFFIX(const float* qrows, int64_t G, const uint16_t* K, const uint16_t* V,         \
+                                    int64_t d, int64_t dv, float scale, const int32_t* idx, int64_t n, bool pf,  \
                                     const uint8_t* keep, int64_t ks, const MaskRow* masks, float* logit,         \
-                                    int32_t* idx, float* out, uint64_t* rows) {                                  \
-    return AttendKeptBody<HALF, VEC>(qrows, G, K, V, L, d, dv, scale, ukeep, keep, ks, masks, logit, idx, out, rows); \
+                                    float* mx, float* sums, float* out, uint64_t* rows) {                        \
+    return AttendRowsBody<HALF, VEC>(qrows, G, K, V, d, dv, scale, idx, n, pf, keep, ks, masks, logit, mx, sums, \
+                                     out, rows);                                                                 \
   }
 SOLM_DECODE_VARIANT(Base, , F16Rows, v8)
 #ifdef SOLM_ISA_VARIANTS
@@ -312,9 +59,9 @@ SOLM_DECODE_VARIANT(V4, SOLM_TARGET_V4, F16cRows, vf16)
 struct DecodeKernelTable {
   decltype(&PageMinMaxBase) page_minmax;
   decltype(&PageScoresBase) page_scores;
-  decltype(&AttendKeptBase) attend_kept;
+  decltype(&AttendRowsBase) attend_rows;
   decltype(&PageMinMaxHBase) page_minmax_h;  // fp16 caches
-  decltype(&AttendKeptHBase) attend_kept_h;
+  decltype(&AttendRowsHBase) attend_rows_h;
   const char* isa;
 };
 
@@ -323,11 +70,11 @@ const DecodeKernelTable& DecodeKernels() {
   static const DecodeKernelTable t = [] {
 #ifdef SOLM_ISA_VARIANTS
     if (IsaLevel() == 4)
-      return DecodeKernelTable{PageMinMaxV4, PageScoresV4, AttendKeptV4, PageMinMaxHV4, AttendKeptHV4, IsaName(4)};
+      return DecodeKernelTable{PageMinMaxV4, PageScoresV4, AttendRowsV4, PageMinMaxHV4, AttendRowsHV4, IsaName(4)};
     if (IsaLevel() == 3)
-      return DecodeKernelTable{PageMinMaxV3, PageScoresV3, AttendKeptV3, PageMinMaxHV3, AttendKeptHV3, IsaName(3)};
+      return DecodeKernelTable{PageMinMaxV3, PageScoresV3, AttendRowsV3, PageMinMaxHV3, AttendRowsHV3, IsaName(3)};
 #endif
-    return DecodeKernelTable{PageMinMaxBase, PageScoresBase, AttendKeptBase, PageMinMaxHBase, AttendKeptHBase,
+    return DecodeKernelTable{PageMinMaxBase, PageScoresBase, AttendRowsBase, PageMinMaxHBase, AttendRowsHBase,
                              IsaName(0)};
   }();
   return t;
@@ -374,7 +121,68 @@ void PageMinMaxStep(const KvView& kv, int64_t B, int64_t Hkv, int64_t T, int64_t
                                   hi + o * Ps * d, lo + o * Ps * d);
     st.attn_minmax_rows.fetch_add(static_cast<uint64_t>(Lb - j0), std::memory_order_relaxed);
   };
-  par.For(static_cast<size_t>(B * Hkv), item);
+  if (T == 1 && (paged || P_past > 0))  // one key per item folded in: less work than waking a thread for it
+    for (int64_t it = 0; it < B * Hkv; ++it) item(static_cast<size_t>(it));
+  else
+    par.For(static_cast<size_t>(B * Hkv), item);
+}
+
+// Decode chunks: an item's n rows are cut into ceil(n / kChunkRows) chunks (one when n <= kChunkRows), at
+// multiples of 8 rows (AttendRowsBody's q·k blocks, so each logit is computed as without chunks). The size is a
+// build-time constant (-DSOLM_DECODE_CHUNK_ROWS=N for experiments; a huge N restores the unchunked decode).
+#ifndef SOLM_DECODE_CHUNK_ROWS
+#define SOLM_DECODE_CHUNK_ROWS 256
+#endif
+constexpr int64_t kChunkRows = SOLM_DECODE_CHUNK_ROWS;
+inline int64_t DecodeChunks(int64_t n) { return n <= kChunkRows ? 1 : (n + kChunkRows - 1) / kChunkRows; }
+
+// 0, 1, ..., n-1 (the rows of a dense item), kept in v across calls.
+const int32_t* Iota(std::vector<int32_t>& v, int64_t n) {
+  const size_t had = v.size();
+  if (had < static_cast<size_t>(n)) {
+    v.resize(static_cast<size_t>(n));
+    for (size_t i = had; i < v.size(); ++i) v[i] = static_cast<int32_t>(i);
+  }
+  return v.data();
+}
+
+// out[g, dv] /= sums[g] (AttendRowsBody's numerators of one chunk): zeros when no row is allowed (sums 0), NaN
+// from a NaN logit.
+void Normalise(float* out, int64_t G, int64_t dv, const float* sums) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* o = out + g * dv;
+    if (!(sums[g] > 0.f)) {
+      const float f = sums[g] == 0.f ? 0.f : kNaN;
+      for (int64_t i = 0; i < dv; ++i) o[i] = f;
+      continue;
+    }
+    const float inv = 1.f / sums[g];
+    for (int64_t i = 0; i < dv; ++i) o[i] *= inv;
+  }
+}
+
+// One item's nc chunk results part [nc, G·(dv + 2)] (per chunk: mx [G], sums [G], acc [G, dv]) merged into out
+// [G, dv]: per head M = the largest chunk max, out = Σ_c e^(mx_c - M)·acc_c / Σ_c e^(mx_c - M)·sums_c, in chunk
+// order; a chunk with sums 0 (no row allowed for the head) adds nothing.
+void MergeChunks(const float* part, int64_t nc, int64_t G, int64_t dv, float* out) {
+  const int64_t ps = G * (dv + 2);
+  for (int64_t g = 0; g < G; ++g) {
+    float M = kNegInf;
+    for (int64_t c = 0; c < nc; ++c)
+      if (part[c * ps + G + g] != 0.f) M = std::max(M, part[c * ps + g]);
+    float* o = out + g * dv;
+    std::memset(o, 0, dv * sizeof(float));
+    float total = 0.f;
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* pc = part + c * ps;
+      if (pc[G + g] == 0.f) continue;
+      const float w = std::exp(pc[g] - M);
+      total += w * pc[G + g];
+      const float* acc = pc + 2 * G + g * dv;
+      for (int64_t i = 0; i < dv; ++i) o[i] += w * acc[i];
+    }
+    Normalise(o, 1, dv, &total);
+  }
 }
 
 }  // namespace
@@ -440,21 +248,34 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
 
   const DecodeKernelTable& dk = DecodeKernels();
   NoteIsa(kIsaDecode, dk.isa);
-  // One item per (row, KV head): the pages are chosen per query head (or once for the group with per_kv_head), and
-  // the group streams the union of its heads' kept tokens once, each head scoring only the tokens it kept.
-  auto item = [&](size_t it) {
+  // Phase 1, one item per (row, KV head): the rows the GQA group attends (idx: token indices, ascending) and, for
+  // a sparse row, its keep flags: pages chosen per query head (or once for the group with per_kv_head), the group
+  // streaming the union of its heads' kept tokens once, each head scoring only the tokens it kept. A dense row
+  // attends every row (the shared 0..L-1). Phase 2: each item's rows in chunks of ~kChunkRows (AttendRowsBody), so
+  // that the B·Hkv items (3 for SmolLM2 at B = 1) spread evenly over the threads; phase 3 merges an item's chunks
+  // (flash-decoding). The chunking depends only on the number of rows, never on the threads, so outputs do not
+  // change with the thread count; an item of one chunk (at most kChunkRows rows) is computed exactly as before.
+  const int64_t items = B * Hkv, L0 = L;
+  const bool shared = p.per_kv_head || G == 1;  // one token set for the whole group
+  const int64_t nsets = shared ? 1 : G;
+  int32_t* idx_all = any_sparse ? Grow(scratch.idx, static_cast<size_t>(items * L)) : nullptr;
+  uint8_t* keep_all = any_sparse ? Grow(scratch.keep, static_cast<size_t>(items * (nsets + 1) * L)) : nullptr;
+  int64_t* nrow = Grow(scratch.nrow, static_cast<size_t>(items));  // rows an item attends; < 0: dense (all)
+  auto select_item = [&](size_t it) {
     const int64_t b = static_cast<int64_t>(it) / Hkv, hk = static_cast<int64_t>(it) % Hkv;
-    const int64_t h = hk * G;  // first query head of the group
     const int64_t L = len_of(b), P = (L + S - 1) / S;  // this row's keys and pages (shadow the call's maxima)
     int64_t pb;
-    const bool sparse = row_budget(b, &pb);
-    const bool shared = p.per_kv_head || G == 1;  // one token set for the whole group
-    const int64_t nsets = sparse ? (shared ? 1 : G) : 0;
+    if (!row_budget(b, &pb)) {
+      nrow[it] = -L;
+      return;
+    }
+    const int64_t h = hk * G;  // first query head of the group
     Tls& tls = ThreadScratch();
-    float* logit = Grow(tls.f0, static_cast<size_t>(G * L + G + (G + 1) * P));
-    float* score = logit + G * L + G;  // [P] (one set) or [G, P] (a set per head)
+    float* score = Grow(tls.f0, static_cast<size_t>((G + 1) * P));  // [P] (one set) or [G, P] (a set per head)
     float* tmp = score + G * P;
-    uint8_t* page_ok = masked && sparse ? Grow(tls.u1, static_cast<size_t>(P)) : nullptr;
+    uint8_t* page_ok = masked ? Grow(tls.u1, static_cast<size_t>(P)) : nullptr;
+    MaskRow* mr = Grow(tls.masks, static_cast<size_t>(G));
+    for (int64_t g = 0; g < G; ++g) mr[g] = RowOf(mask, b, h + g, 0, false);
     // one token set: its keep flags from its page scores sc (the set of query heads mh[0, nh) decides what is
     // unmasked: one head, or the group's union when it shares a set). The unmasked pages are counted once for
     // consecutive sets whose mask rows are the same (a mask broadcast over heads: every head of the group).
@@ -478,38 +299,70 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
       }
       KeepFromScores(sc, P, pbs, L, S, p.sinks, p.window, kp, tmp, page_ok);
     };
-    int32_t* idx = Grow(tls.i0, static_cast<size_t>(L));
-    uint8_t* keep = sparse ? Grow(tls.u0, static_cast<size_t>((nsets + 1) * L)) : nullptr;
-    uint8_t* ukeep = keep == nullptr ? nullptr : nsets == 1 ? keep : keep + nsets * L;
+    uint8_t* keep = keep_all + static_cast<int64_t>(it) * (nsets + 1) * L0;
+    uint8_t* ukeep = nsets == 1 ? keep : keep + nsets * L;
+    const float* qh = q + (b * H + h) * d;  // T == 1
+    const int64_t o = static_cast<int64_t>(it) * Ps * d;
+    dk.page_scores(qh, G, pmax + o, pmin + o, P, d, score, shared);
+    if (shared) {
+      select(score, mr, G, keep);
+    } else {
+      for (int64_t g = 0; g < G; ++g) select(score + g * P, mr + g, 1, keep + g * L);
+      std::memcpy(ukeep, keep, L);
+      for (int64_t g = 1; g < G; ++g)
+        for (int64_t j = 0; j < L; ++j) ukeep[j] |= keep[g * L + j];
+    }
+    int32_t* idx = idx_all + static_cast<int64_t>(it) * L0;
+    int64_t n = 0;
+    for (int64_t j = 0; j < L; ++j)
+      if (ukeep[j]) idx[n++] = static_cast<int32_t>(j);
+    nrow[it] = n;
+  };
+  if (any_sparse) par.For(static_cast<size_t>(items), select_item);
+  else for (int64_t it = 0; it < items; ++it) select_item(static_cast<size_t>(it));
+
+  const int32_t* iota = Iota(scratch.iota, L);
+  int64_t* first = Grow(scratch.first, static_cast<size_t>(items + 1));  // item it's chunks: [first[it], first[it+1])
+  first[0] = 0;
+  for (int64_t it = 0; it < items; ++it) first[it + 1] = first[it] + DecodeChunks(std::abs(nrow[it]));
+  const int64_t nch = first[items], pstride = G * (dv + 2);
+  float* part = Grow(scratch.part, static_cast<size_t>(nch * pstride));  // per chunk: mx [G], sums [G], acc [G, dv]
+  auto chunk = [&](size_t ci) {
+    const int64_t it = std::upper_bound(first, first + items + 1, static_cast<int64_t>(ci)) - first - 1;
+    const int64_t c = static_cast<int64_t>(ci) - first[it], nc = first[it + 1] - first[it];
+    const int64_t b = it / Hkv, hk = it % Hkv, h = hk * G, Lb = len_of(b);
+    const bool sparse = nrow[it] >= 0;
+    const int64_t n = std::abs(nrow[it]);
+    const int64_t r0 = c * n / nc / 8 * 8, r1 = c + 1 == nc ? n : (c + 1) * n / nc / 8 * 8;  // blocks of 8 rows
+    Tls& tls = ThreadScratch();
     MaskRow* mr = Grow(tls.masks, static_cast<size_t>(G));
     for (int64_t g = 0; g < G; ++g) mr[g] = RowOf(mask, b, h + g, 0, false);
+    float* logit = Grow(tls.f0, static_cast<size_t>(G * (r1 - r0 + 2)));
+    float* mx = nc == 1 ? logit + G * (r1 - r0) : part + ci * pstride;
+    float* sums = mx + G;
+    float* o = nc == 1 ? out + (b * H + h) * dv : part + ci * pstride + 2 * G;
+    const uint8_t* keep = sparse ? keep_all + it * (nsets + 1) * L0 : nullptr;
+    const int32_t* idx = (sparse ? idx_all + it * L0 : iota) + r0;
+    const int64_t ks = nsets == 1 ? 0 : Lb;
     const float* qh = q + (b * H + h) * d;  // T == 1
-    const int64_t head = (b * Hkv + hk) * kv.stride;  // rows before this head's first
-    if (sparse) {
-      const int64_t o = (b * Hkv + hk) * Ps * d;
-      dk.page_scores(qh, G, pmax + o, pmin + o, P, d, score, shared);
-      if (shared) {
-        select(score, mr, G, keep);
-      } else {
-        for (int64_t g = 0; g < G; ++g) select(score + g * P, mr + g, 1, keep + g * L);
-        std::memcpy(ukeep, keep, L);
-        for (int64_t g = 1; g < G; ++g)
-          for (int64_t j = 0; j < L; ++j) ukeep[j] |= keep[g * L + j];
-      }
-    }
+    const int64_t head = it * kv.stride;    // rows before this head's first
     uint64_t rows = 0;
-    const int64_t ks = nsets == 1 ? 0 : L;
     const uint64_t scored =
-        kv.f16 ? dk.attend_kept_h(qh, G, static_cast<const uint16_t*>(kv.k) + head * d,
-                                  static_cast<const uint16_t*>(kv.v) + head * dv, L, d, dv, scale, ukeep, keep, ks, mr,
-                                  logit, idx, out + (b * H + h) * dv, &rows)
-               : dk.attend_kept(qh, G, static_cast<const float*>(kv.k) + head * d,
-                                static_cast<const float*>(kv.v) + head * dv, L, d, dv, scale, ukeep, keep, ks, mr,
-                                logit, idx, out + (b * H + h) * dv, &rows);
+        kv.f16 ? dk.attend_rows_h(qh, G, static_cast<const uint16_t*>(kv.k) + head * d,
+                                  static_cast<const uint16_t*>(kv.v) + head * dv, d, dv, scale, idx, r1 - r0, sparse,
+                                  keep, ks, mr, logit, mx, sums, o, &rows)
+               : dk.attend_rows(qh, G, static_cast<const float*>(kv.k) + head * d,
+                                static_cast<const float*>(kv.v) + head * dv, d, dv, scale, idx, r1 - r0, sparse, keep,
+                                ks, mr, logit, mx, sums, o, &rows);
+    if (nc == 1) Normalise(o, G, dv, sums);
     st.attn_keys_scored.fetch_add(scored, std::memory_order_relaxed);
     st.attn_kv_rows_read.fetch_add(rows, std::memory_order_relaxed);
   };
-  par.For(static_cast<size_t>(B * Hkv), item);
+  par.For(static_cast<size_t>(nch), chunk);
+  for (int64_t it = 0; it < items; ++it)
+    if (first[it + 1] - first[it] > 1)
+      MergeChunks(part + first[it] * pstride, first[it + 1] - first[it], G, dv,
+                  out + ((it / Hkv) * H + (it % Hkv) * G) * dv);
 }
 
 }  // namespace solm

@@ -48,7 +48,11 @@ void QuestAttentionCache(const float* q, const float* k_new, const float* v_new,
     StoreRow(c.k, c.f16, (o * C + pb) * d, k_new + o * T * d, T * d);
     StoreRow(c.v, c.f16, (o * C + pb) * dv, v_new + o * T * dv, T * dv);
   };
-  par.For(static_cast<size_t>(B * Hkv), append);
+  const bool copies = (c.past_k != nullptr && c.past_k != c.k) || (c.past_v != nullptr && c.past_v != c.v);
+  if (T == 1 && !copies)  // one row per item written in place: less work than waking a thread for it
+    for (int64_t it = 0; it < B * Hkv; ++it) append(static_cast<size_t>(it));
+  else
+    par.For(static_cast<size_t>(B * Hkv), append);
 
   if (T == 1) {  // decode: read the cache where it lies
     KvView kv;

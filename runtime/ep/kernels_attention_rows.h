@@ -1,7 +1,8 @@
 // Row micro-kernels of QuestAttention decode (kernels_attention.cc): the softmax numerators, q·k of 8 cache rows per
-// reduction tree (one head, or a 3-head group at AVX-512), single rows, and softmax·v (per row, or for dv = 64 with
-// the sums in registers). Target-free bodies, compiled into each ISA variant of AttendKeptBody; R is the row reader
-// (kernels_util.h: F32Rows, F16Rows, F16cRows), VF the variant's vector.
+// reduction tree (one head, or a 3-head group at AVX-512), single rows, softmax·v (per row, or for dv = 64 with
+// the sums in registers), and AttendRowsBody, which runs them over a list of cache rows. Target-free bodies,
+// compiled into each ISA variant of AttendRowsBody; R is the row reader (kernels_util.h: F32Rows, F16Rows,
+// F16cRows), VF the variant's vector.
 #pragma once
 
 #include "kernels_util.h"
@@ -155,6 +156,115 @@ SOLM_INLINE void SoftmaxV64(const float* logit, int64_t L, const typename R::E* 
   }
   for (int g = 0; g < NG; ++g)
     for (int c = 0; c < NV; ++c) Store<VF>(out + g * 64 + c * Ln, acc[g][c]);
+}
+
+// Returns false if token j is masked out (bool false, or an additive value at or below the lowest finite float:
+// -inf or Hugging Face's finfo.min, as reference.valid_keys); else sets *add to the additive mask value.
+inline bool Allowed(const MaskRow& m, int64_t j, float* add) {
+  *add = 0.f;
+  if (j > m.jmax) return false;
+  if (m.b) return m.b[j * m.sl] != 0;
+  if (m.f) {
+    *add = m.f[j * m.sl];
+    return !(*add <= std::numeric_limits<float>::lowest());
+  }
+  return true;
+}
+
+
+// Decode attention (T == 1) of the G query heads (rows qrows + g*d) that share one K/V head, over the cache rows
+// idx[0, n) (token indices, ascending; all of a call's rows, or one chunk of them: QuestAttentionView splits long
+// row lists so that the chunks of the few (row, KV head) items spread over the threads). Head g attends over the
+// rows its mask allows and, when keep is given, with keep[g*ks + j] (ks = 0: one token set for the group; ks = L: a
+// set per head). Two passes, each with one access pattern and, when pf (scattered kept pages, which the hardware
+// prefetchers do not follow), its own prefetch kPrefetch rows ahead: q·k of every head over the rows' K (8 rows per
+// reduction tree), then, after a vectorised softmax, softmax·v over the V rows. Branch-free per head: a row the head
+// did not keep (or its mask removes) gets -inf, so weight 0. Not normalised: per head g, mx[g] = its largest logit
+// over these rows, sums[g] = Σ exp(logit - mx[g]) (0 when every row is -inf for it; NaN from a NaN logit) and
+// out[g, dv] = Σ exp(logit - mx[g])·v (unspecified when sums[g] == 0). Scratch: logit [G*n]. Returns the q·k
+// products that count (kept and allowed); *rows = the rows some head attends.
+template <class R, class VF>
+SOLM_INLINE uint64_t AttendRowsBody(const float* qrows, int64_t G, const typename R::E* K, const typename R::E* V,
+                                    int64_t d, int64_t dv, float scale, const int32_t* idx, int64_t n, bool pf,
+                                    const uint8_t* keep, int64_t ks, const MaskRow* masks, float* logit, float* mx,
+                                    float* sums, float* out, uint64_t* rows) {
+  constexpr int64_t kPrefetch = 16;
+  // A set per head (ks = L): a head computes nothing for the union's rows it did not keep (q·k skipped per block
+  // of 8 rows it kept none of, the logit then -inf below; softmax·v skipped per row), so its arithmetic follows
+  // its own set, not the union's (at κ = 0.5 the union of 3 heads' sets is ~65 % of the rows).
+  const uint8_t* per_head = keep != nullptr && ks != 0 ? keep : nullptr;
+  auto kept8 = [per_head, ks](int64_t g, const int32_t* ix) {
+    if (per_head == nullptr) return true;
+    const uint8_t* kg = per_head + g * ks;
+    int any = 0;
+    for (int r = 0; r < 8; ++r) any |= kg[ix[r]];
+    return any != 0;
+  };
+  const int64_t kb = d * sizeof(typename R::E), vb = dv * sizeof(typename R::E);
+  // q·k: rows in blocks of 8 (one reduction tree per head and block), the tail one row at a time
+  const int64_t n8 = d % 8 == 0 ? n / 8 * 8 : 0;
+  for (int64_t c = 0; c < n8; c += 8) {
+    if (pf)
+      for (int64_t r = c + kPrefetch; r < std::min(c + kPrefetch + 8, n); ++r) {
+        const char* kp = reinterpret_cast<const char*>(K + static_cast<int64_t>(idx[r]) * d);
+        for (int64_t b = 0; b < kb; b += 64) __builtin_prefetch(kp + b);
+      }
+    if constexpr (Lanes<VF>() == 16) {  // AVX-512 (32 registers): 3 heads' 8-row trees, each K chunk widened once
+      if (G == 3 && kept8(0, idx + c) && kept8(1, idx + c) && kept8(2, idx + c)) {
+        Dot8Rows3<R>(qrows, K, idx + c, d, logit + c, n);
+        continue;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g)
+      if (kept8(g, idx + c)) Dot8Rows<R>(qrows + g * d, K, idx + c, d, logit + g * n + c);
+  }
+  for (int64_t c = n8; c < n; ++c)
+    for (int64_t g = 0; g < G; ++g)
+      if (per_head == nullptr || per_head[g * ks + idx[c]])
+        logit[g * n + c] = DotRow<R>(qrows + g * d, K + static_cast<int64_t>(idx[c]) * d, d);
+  // scale, mask and keep: a row some head attends counts as read
+  uint64_t scored = 0, nrows = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t j = idx[c];
+    bool any = false;
+    for (int64_t g = 0; g < G; ++g) {
+      float add;
+      const bool ok = (keep == nullptr || keep[g * ks + j]) && Allowed(masks[g], j, &add);
+      float& lg = logit[g * n + c];
+      lg = ok ? lg * scale + add : kNegInf;
+      any |= ok;
+      scored += ok;
+    }
+    nrows += any;
+  }
+  *rows = nrows;
+  for (int64_t g = 0; g < G; ++g) {
+    float* lg = logit + g * n;
+    float m = kNegInf;
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, lg[i]);
+    mx[g] = m;
+    // sum > 0 unless every token is masked out (0) or a logit is NaN (NaN)
+    sums[g] = m != kNegInf ? ExpShiftSum(lg, n, m) : 0.f;
+    if (m == kNegInf)  // no finite logit: 0 when every row is masked out, NaN when a logit is NaN
+      for (int64_t i = 0; i < n; ++i)
+        if (lg[i] != lg[i]) sums[g] = kNaN;
+    std::memset(out + g * dv, 0, dv * sizeof(float));
+  }
+  // softmax·v: every row once, into every head (skipped where the head did not keep it)
+  if (dv == 64 && G <= 3) {  // the accumulators in registers (SmolLM2-like heads; each element's sum is the same)
+    if (G == 1) SoftmaxV64<R, VF, 1>(logit, n, V, idx, n, per_head, ks, pf, out);
+    else if (G == 2) SoftmaxV64<R, VF, 2>(logit, n, V, idx, n, per_head, ks, pf, out);
+    else SoftmaxV64<R, VF, 3>(logit, n, V, idx, n, per_head, ks, pf, out);
+  } else for (int64_t i = 0; i < n; ++i) {
+    if (pf && i + kPrefetch < n) {
+      const char* vp = reinterpret_cast<const char*>(V + static_cast<int64_t>(idx[i + kPrefetch]) * dv);
+      for (int64_t b = 0; b < vb; b += 64) __builtin_prefetch(vp + b);
+    }
+    const typename R::E* vr = V + static_cast<int64_t>(idx[i]) * dv;
+    for (int64_t g = 0; g < G; ++g)
+      if (per_head == nullptr || per_head[g * ks + idx[i]]) AxpyRow<R>(out + g * dv, vr, logit[g * n + i], dv);
+  }
+  return scored;
 }
 
 }  // namespace

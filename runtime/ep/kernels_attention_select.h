@@ -1,0 +1,143 @@
+// Page selection of QuestAttention decode (kernels_attention.cc): the pages a mask leaves, the page min/max fold,
+// the keep flags from page scores, and the page scores of a GQA group. Target-free bodies (PageMinMaxBody,
+// PageScoresBody) are compiled into each ISA variant of the decode family.
+#pragma once
+
+#include "kernels_util.h"
+
+namespace solm {
+namespace {
+
+// The pages [P] of S tokens holding a key that some of the n mask rows allows (page_ok |= ...; the caller zeroes
+// it); returns the number of such keys (L with no mask). Page by page: no division per key (an idiv per key was
+// ~5 % of a sparse decode step at ctx 2048).
+int64_t UnmaskedPages(const MaskRow* m, int64_t n, int64_t L, int64_t S, uint8_t* page_ok) {
+  int64_t lv = 0;
+  for (int64_t p = 0, j0 = 0; j0 < L; ++p, j0 += S) {
+    const int64_t j1 = std::min(L, j0 + S);
+    int64_t c = 0;
+    for (int64_t j = j0; j < j1; ++j) {
+      bool ok = false;
+      for (int64_t g = 0; g < n && !ok; ++g) {
+        float add;
+        ok = Allowed(m[g], j, &add);
+      }
+      c += ok;
+    }
+    if (c > 0) page_ok[p] = 1;
+    lv += c;
+  }
+  return lv;
+}
+
+inline bool SameRow(const MaskRow& a, const MaskRow& b) {
+  return a.b == b.b && a.f == b.f && a.sl == b.sl && a.jmax == b.jmax;
+}
+
+// Element-wise max/min of the keys of pages, hi/lo [P, d], folding keys [j0, L) in order: a page that starts at or
+// after j0 starts from its first key; the page holding j0, when j0 is inside it, continues from its current hi/lo
+// (its keys before j0 already folded in), so the result equals the fold over the whole page (j0 = 0: every page).
+// R: how K's rows are read (kernels_util.h: F32Rows, F16Rows, F16cRows).
+template <class R>
+SOLM_INLINE void PageMinMaxBody(const typename R::E* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi,
+                                float* lo) {
+  for (int64_t p = j0 / S; p * S < L; ++p) {
+    float* h = hi + p * d;
+    float* l = lo + p * d;
+    int64_t j = std::max(j0, p * S);
+    const int64_t j1 = std::min(L, (p + 1) * S);
+    if (j == p * S) {
+      for (int64_t i = 0; i < d; ++i) h[i] = l[i] = R::At(K + j * d + i);
+      ++j;
+    }
+    for (; j < j1; ++j) {
+      const typename R::E* kr = K + j * d;
+      int64_t i = 0;
+      for (; i + 8 <= d; i += 8) {
+        v8 x = R::Load8(kr + i);
+        v8 a = *reinterpret_cast<v8*>(h + i);
+        v8 b = *reinterpret_cast<v8*>(l + i);
+        *reinterpret_cast<v8*>(h + i) = x > a ? x : a;
+        *reinterpret_cast<v8*>(l + i) = x < b ? x : b;
+      }
+      for (; i < d; ++i) {
+        const float x = R::At(kr + i);
+        h[i] = x > h[i] ? x : h[i];
+        l[i] = x < l[i] ? x : l[i];
+      }
+    }
+  }
+}
+
+// Token keep flags [L] from page scores: the pb best pages (ties at the threshold kept) among the pages page_ok
+// allows (null: every page; the caller clamps pb to their number), the first `sinks` and last `window` tokens, and
+// the last token if nothing else is kept (reference.quest_keep_ref).
+void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_t S, int64_t sinks, int64_t window,
+                    uint8_t* keep, float* tmp, const uint8_t* page_ok) {
+  std::memset(keep, 0, L);
+  if (pb > 0) {
+    int64_t n = 0;
+    for (int64_t p = 0; p < P; ++p)
+      if (page_ok == nullptr || page_ok[p]) tmp[n++] = score[p];
+    const float thr = KthLargest(tmp, n, pb);
+    for (int64_t p = 0; p < P; ++p)
+      if ((page_ok == nullptr || page_ok[p]) && score[p] >= thr) std::memset(keep + p * S, 1, std::min(S, L - p * S));
+  }
+  if (sinks > 0) std::memset(keep, 1, std::min(sinks, L));
+  if (window > 0) {
+    const int64_t s0 = std::max<int64_t>(L - window, 0);
+    std::memset(keep + s0, 1, L - s0);
+  }
+  bool any = false;
+  for (int64_t j = 0; j < L && !any; ++j) any = keep[j] != 0;
+  if (!any) keep[L - 1] = 1;
+}
+
+// Quest page scores of the G query heads of a GQA group (rows qrows + g*d): score[g*P + p] = Σ_d max(q_d·max_d,
+// q_d·min_d), or with sum, score[p] = the heads' scores added in head order. Pages in blocks of 8, the heads in
+// turn per block: a page's max/min (2·d floats, 1/4 of the page's fp16 K and V bytes at S = 8) comes from memory
+// once for the whole group, not once per head, and the 8 pages' sums are independent chains (one page's serial
+// lane sum no longer waits for the previous page's). Each score is the same sum in the same order as scoring one
+// head and one page at a time (8-float lanes, then lanes 0..7 in turn, then the tail): the selections, hence the
+// outputs, are bit-identical to the per-head kernel's. (An HSum8 tree over vf16 lanes was tried: as fast here, but
+// it rounds differently and flipped a near-tied page choice at κ = 0.3 in a 32-step SmolLM2 decode.)
+SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const float* hi_pages, const float* lo_pages,
+                                int64_t P, int64_t d, float* score, bool sum) {
+  const int64_t dvec = d / 8 * 8;
+  for (int64_t p0 = 0; p0 < P; p0 += 8) {
+    const int64_t np = std::min<int64_t>(8, P - p0);
+    float total[8] = {};
+    for (int64_t g = 0; g < G; ++g) {
+      const float* q = qrows + g * d;
+      v8 part[8];
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        v8 acc = {};
+        if (r < np) {
+          const float* hi = hi_pages + (p0 + r) * d;
+          const float* lo = lo_pages + (p0 + r) * d;
+          for (int64_t i = 0; i < dvec; i += 8) {
+            const v8 qv = Load<v8>(q + i);
+            const v8 x = qv * Load<v8>(hi + i);
+            const v8 y = qv * Load<v8>(lo + i);
+            acc += x > y ? x : y;
+          }
+        }
+        part[r] = acc;
+      }
+      for (int64_t r = 0; r < np; ++r) {
+        const float* hi = hi_pages + (p0 + r) * d;
+        const float* lo = lo_pages + (p0 + r) * d;
+        float sc = HSum(part[r]);
+        for (int64_t i = dvec; i < d; ++i) sc += std::max(q[i] * hi[i], q[i] * lo[i]);
+        if (!sum) score[g * P + p0 + r] = sc;
+        else total[r] = g == 0 ? sc : total[r] + sc;
+      }
+    }
+    if (sum)
+      for (int64_t r = 0; r < np; ++r) score[p0 + r] = total[r];
+  }
+}
+
+}  // namespace
+}  // namespace solm
