@@ -263,6 +263,8 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
         from solm_compile.artifact.dense import fuse_dense_attention
 
         ep_meta["dense_attention"] = fuse_dense_attention(program)
+        if ep_meta["dense_attention"].get("kv_cache") == "buffer":     # float32 buffers written in place (protocol 1)
+            ep_meta["kv_cache"] = {"layout": "buffer", "dtype": "float32"}
     ep_meta["fused"] = fuse_norm_rope(program)
     ep_meta["weights"] = pack_low_bit(program, weights, activations, mlp_down_bits)
     ep_meta["mlp_skip"] = mlp_skip
