@@ -195,11 +195,13 @@ def carry_ep_state(program, kind: str, per_kv_head: bool = False, kv: str | None
 
 
 def fuse_norm_rope(program) -> dict:
-    """``passes/fuse_norm_rope`` on ``program.model``: RMSNorm and RoPE as one opset-23 node each (exact)."""
+    """``passes/fuse_norm_rope`` on ``program.model``: RMSNorm and RoPE as one opset-23 node each (exact); then
+    ``passes/unpack_heads`` (the dense kind's GroupQueryAttention reads q, k, v without the head transposes)."""
     from solm_compile.passes.fuse_norm_rope import fuse_rms_norm, fuse_rotary
+    from solm_compile.passes.unpack_heads import unpack_heads
 
     counts = {}
-    for fuse in (fuse_rms_norm, fuse_rotary):
+    for fuse in (fuse_rms_norm, fuse_rotary, unpack_heads):
         r = fuse(program.model)
         log.debug("%s: %s (skipped: %s)", r.name, dict(r.counts), r.skipped)
         counts.update(r.counts)
