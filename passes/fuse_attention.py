@@ -15,6 +15,18 @@ step has no padding input) and the scale read from the exported graph. A layer w
 it is (``skipped`` says why); ``write_artifact`` also runs the fused and the unfused graph on a probe input and
 keeps the unfused one if they disagree (e.g. a sliding-window layer), so the pass never changes what the
 artifact computes.
+
+``buffer=True`` (issue 16, what the dense artifact ships) also drops the concat form's copy: in it every step the
+kernel zeroes a fresh ``present`` of P+T rows and copies the whole cache into it (≈ 190 MB a token at SmolLM2's ctx
+2048). Instead, as onnxruntime-genai's models do, the caches become buffers the host allocates once::
+
+    past_key_i, past_value_i      [B, Hkv, kv_capacity, d] float32   (rows ≥ past_length unused)
+    past_length                   [B] int64: valid rows per row      -> seqlens_k = past_length + T − 1,
+                                                                        total_sequence_length = max(past_length + T)
+    present_key_i, present_value_i  [B, Hkv, kv_capacity, d]
+
+and a host that binds each ``present`` to its ``past``'s OrtValue gets GroupQueryAttention's shared-buffer path:
+only the T new rows are written (runtime/kv.py, layout "buffer").
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from solm_compile.passes.base import PassResult
 
 MS = "com.microsoft"
 _SHAPE_OPS = ("Unsqueeze", "Expand", "Reshape")
+SHAPE3 = "gqa.shape3"
 
 
 def _const_scalar(value: ir.Value) -> float | None:
@@ -73,9 +86,10 @@ def _only_user(value: ir.Value, op_type: str) -> ir.Node | None:
 
 
 class _Lengths:
-    """seqlens_k [B] int32 (= total − 1) and total_sequence_length [] int32, built once from the inputs."""
+    """seqlens_k [B] int32 (= total − 1) and total_sequence_length [] int32, built once from the inputs: from the
+    cache's shape (concat form) or, in the buffer form, from ``past_length`` [B] int64 (each row's valid rows)."""
 
-    def __init__(self, graph: ir.Graph, past_key: ir.Value, input_ids: ir.Value):
+    def __init__(self, graph: ir.Graph, past_key: ir.Value, input_ids: ir.Value, past_length: ir.Value | None = None):
         first = next(iter(graph))
         tape = []
 
@@ -85,14 +99,22 @@ class _Lengths:
             tape.append(node)
             return node.outputs[0]
 
-        one = ir.Value(name="gqa.one", const_value=ir.tensor(np.array([1], np.int32), name="gqa.one"))
-        graph.register_initializer(one)
-        past = op("Shape", [past_key], start=2, end=3)                         # [1] int64
-        new = op("Shape", [input_ids], start=1, end=2)                         # [1]
-        batch = op("Shape", [input_ids], start=0, end=1)                       # [1]
-        total = op("Cast", [op("Add", [past, new])], to=ir.DataType.INT32.value)   # [1] int32
-        self.total = op("Squeeze", [total])                                    # [] int32
-        self.seqlens = op("Expand", [op("Sub", [total, one]), batch])          # [B] int32
+        int32 = ir.DataType.INT32.value
+        new = op("Shape", [input_ids], start=1, end=2)                         # [1] int64
+        if past_length is not None:
+            one = ir.Value(name="gqa.one64", const_value=ir.tensor(np.array([1], np.int64), name="gqa.one64"))
+            graph.register_initializer(one)
+            ends = op("Add", [past_length, new])                               # [B] int64: P_b + T
+            self.seqlens = op("Cast", [op("Sub", [ends, one])], to=int32)      # [B] int32
+            self.total = op("Cast", [op("ReduceMax", [ends], keepdims=0)], to=int32)   # [] int32
+        else:
+            one = ir.Value(name="gqa.one", const_value=ir.tensor(np.array([1], np.int32), name="gqa.one"))
+            graph.register_initializer(one)
+            past = op("Shape", [past_key], start=2, end=3)                     # [1] int64
+            batch = op("Shape", [input_ids], start=0, end=1)                   # [1]
+            total = op("Cast", [op("Add", [past, new])], to=int32)             # [1] int32
+            self.total = op("Squeeze", [total])                                # [] int32
+            self.seqlens = op("Expand", [op("Sub", [total, one]), batch])      # [B] int32
         graph.insert_before(first, tape)
 
 
@@ -104,36 +126,79 @@ def _packed(graph: ir.Graph, at: ir.Node, x: ir.Value, shape3: ir.Value) -> ir.V
     return r.outputs[0]
 
 
-def fuse_attention(model: ir.Model) -> PassResult:
+def fuse_attention(model: ir.Model, buffer: bool = False) -> PassResult:
+    """``buffer``: also turn the caches into buffers written in place (module docstring); only when every layer
+    fuses (a layer left unfused concatenates its cache), else the concat form, with a line in ``skipped``."""
     graph = model.graph
     result = PassResult("fuse_attention")
     inputs = {v.name: v for v in graph.inputs}
     if "input_ids" not in inputs or "past_key_0" not in inputs:
         result.skipped.append("not a decode step (no input_ids / past_key_0)")
         return result
-    lengths = None
-    shape3 = ir.Value(name="gqa.shape3", const_value=ir.tensor(np.array([0, 0, -1], np.int64), name="gqa.shape3"))
-    i = 0
+    rewrites, i = [], 0
     while f"past_key_{i}" in inputs:
-        why = _fuse_layer(graph, i, inputs, shape3)
+        why = _fuse_layer(graph, i, inputs)
         if isinstance(why, str):
             result.skipped.append(f"layer {i}: {why}")
         else:
-            if lengths is None:
-                lengths = _Lengths(graph, inputs["past_key_0"], inputs["input_ids"])
-                graph.register_initializer(shape3)
-            why(lengths)
-            result.counts["group_query_attention"] += 1
+            rewrites.append(why)
         i += 1
-    if result.counts:
-        model.opset_imports.setdefault(MS, 1)
-        ir.passes.common.RemoveUnusedNodesPass()(model)
-        result.modified = True
+    if not rewrites:
+        return result
+    if buffer and result.skipped:
+        result.skipped.append("KV cache left in the concat form: not every layer fuses")
+        buffer = False
+    past_length = _add_past_length(graph, inputs["past_key_0"]) if buffer else None
+    lengths = _Lengths(graph, inputs["past_key_0"], inputs["input_ids"], past_length)
+    shape3 = ir.Value(name=SHAPE3, const_value=ir.tensor(np.array([0, 0, -1], np.int64), name=SHAPE3))
+    graph.register_initializer(shape3)
+    for rewrite in rewrites:
+        rewrite(lengths, shape3)
+        result.counts["group_query_attention"] += 1
+    model.opset_imports.setdefault(MS, 1)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    if buffer:
+        _as_buffers(graph, inputs)
+        result.counts["kv_buffer"] = 1
+    result.modified = True
     return result
 
 
-def _fuse_layer(graph: ir.Graph, i: int, inputs: dict, shape3: ir.Value):
-    """A closure that rewrites layer i given the lengths, or a string saying why it does not match."""
+def _add_past_length(graph: ir.Graph, past_key: ir.Value) -> ir.Value:
+    """The graph input ``past_length`` [B] int64, right after the last cache input (step protocol)."""
+    past_length = ir.Value(name="past_length", shape=ir.Shape([past_key.shape[0]]),
+                           type=ir.TensorType(ir.DataType.INT64))
+    at = max(i for i, v in enumerate(graph.inputs) if (v.name or "").startswith(("past_key_", "past_value_")))
+    graph.inputs.insert(at + 1, past_length)
+    return past_length
+
+
+def _reads_dims_0_1(node: ir.Node) -> bool:
+    """Shape(end <= 2): the batch and heads, which the buffer form keeps."""
+    end = node.attributes.get("end")
+    return node.op_type == "Shape" and node.domain == "" and end is not None and 0 < end.as_int() <= 2
+
+
+def _as_buffers(graph: ir.Graph, inputs: dict) -> None:
+    """Caches [B, Hkv, kv_capacity, d] in and out; refuses (ValueError) if anything but GroupQueryAttention (or a
+    Shape of the batch and heads) reads one, since it would see the capacity where the concat form had the valid
+    length."""
+    presents = {o.name: o for o in graph.outputs}
+    for name, past in inputs.items():
+        if not name.startswith(("past_key_", "past_value_")):
+            continue
+        readers = [u.node.op_type for u in past.uses() if u.node.op_type != "GroupQueryAttention"
+                   and not _reads_dims_0_1(u.node)]
+        if readers:
+            raise ValueError(f"fuse_attention: {name} is also read by {readers[0]}: no buffer form")
+        shape = ir.Shape([past.shape[0], past.shape[1], "kv_capacity", past.shape[3]])
+        past.shape = shape
+        presents[name.replace("past_", "present_", 1)].shape = shape
+
+
+def _fuse_layer(graph: ir.Graph, i: int, inputs: dict):
+    """A closure that rewrites layer i given the lengths and the packing shape, or a string saying why it does not
+    match."""
     pk, pv = inputs[f"past_key_{i}"], inputs.get(f"past_value_{i}")
     ck, cv = _cache_concat(pk), _cache_concat(pv) if pv is not None else None
     if ck is None or cv is None:
@@ -155,7 +220,7 @@ def _fuse_layer(graph: ir.Graph, i: int, inputs: dict, shape3: ir.Value):
     heads, kv_heads = q.shape[1], pk.shape[1]
     scale = q_scale * float(np.prod(k_scale)) if k_scale else q_scale
 
-    def rewrite(lengths: _Lengths) -> None:
+    def rewrite(lengths: _Lengths, shape3: ir.Value) -> None:
         args = [_packed(graph, qk, v, shape3) for v in (q, ck.inputs[1], cv.inputs[1])]
         gqa = ir.Node(MS, "GroupQueryAttention", [*args, pk, pv, lengths.seqlens, lengths.total],
                       [ir.AttrInt64("num_heads", heads), ir.AttrInt64("kv_num_heads", kv_heads),

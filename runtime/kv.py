@@ -3,10 +3,12 @@ carry it to the next step, and how to snapshot and restore it. ``SolmSession`` d
 
 Two layouts, named by the artifact's ``solm.kv_cache`` metadata:
 
-- ``concat`` (portable and dense artifacts, and ai.solm artifacts written before issue 16): ``past_key_i`` /
+- ``concat`` (portable artifacts, dense ones whose attention did not fuse, and ai.solm artifacts written before
+  issue 16): ``past_key_i`` /
   ``past_value_i`` float32 [B, Hkv, T_past, d]; the graph concatenates the new rows and returns the grown cache as
   ``present_*``, which the next step feeds back.
-- ``buffer`` (the ai.solm kinds, ``passes/kv_buffer.py``): ``past_key_i`` / ``past_value_i`` [B, Hkv, C, d] of the
+- ``buffer`` (the ai.solm kinds, ``passes/kv_buffer.py``; the dense kind in float32 where its attention is
+  GroupQueryAttention, ``passes/fuse_attention.py``): ``past_key_i`` / ``past_value_i`` [B, Hkv, C, d] of the
   artifact's dtype (float16 by default), allocated once per decode with capacity C, plus ``past_length`` [B] int64.
   Each run binds ``present_*`` to the *same* OrtValues as ``past_*`` (onnxruntime writes the op's output into the
   bound buffer), so QuestAttention writes only the new rows, in place; carrying a step is ``past_length += T``.

@@ -242,14 +242,14 @@ class SolmSession:
 
     def prefill_runs(self, n: int) -> list[tuple[int, int]]:
         """[start, end) of the runs an ``n``-token prompt is prefilled in (``prefill_spans``; one run for the concat
-        kinds, see ``prefill``)."""
-        return prefill_spans(n, self.prefill_chunk if self.kv.buffered else 0)
+        kinds and the dense kind, see ``prefill``)."""
+        return prefill_spans(n, self.prefill_chunk if self.kv.buffered and self.kind != "dense" else 0)
 
     def prefill(self, feeds: dict, ids: np.ndarray) -> np.ndarray:
         """Prefill ``ids`` [B, T] from the empty state in ``feeds`` (caches, policy state, controls), in runs of at
         most ``prefill_chunk`` tokens, each carried into ``feeds``; returns the last position's logits [B, V]. The
-        concat kinds (dense, portable) prefill in one run: onnxruntime's GroupQueryAttention refuses a multi-token
-        run after a past at B > 1."""
+        concat kinds and the dense kind (its cache a buffer or not) prefill in one run: onnxruntime's
+        GroupQueryAttention refuses a multi-token run after a past at B > 1."""
         B = ids.shape[0]
         for a, b in self.prefill_runs(ids.shape[1]):
             feeds["input_ids"] = ids[:, a:b]                                                     # [B, b - a]

@@ -223,9 +223,12 @@ def test_dense_artifact_runs_the_quantized_weights(tmp_path, weights):
         want = ref(ids).logits[0].numpy()                                    # [6, V]
     sess = ort.InferenceSession(str(art), providers=["CPUExecutionProvider"])
     feeds = {"input_ids": ids.numpy(), "position_ids": np.arange(6)[None]}
-    for i in sess.get_inputs()[2:]:                                          # an empty KV cache
+    for i in sess.get_inputs()[2:]:                                          # an empty KV cache of 8 rows
+        if i.name == "past_length":
+            feeds[i.name] = np.zeros(1, np.int64)
+            continue
         _, h, _, hd = i.shape
-        feeds[i.name] = np.zeros((1, h, 0, hd), np.float32)
+        feeds[i.name] = np.zeros((1, h, 8, hd), np.float32)
     got = sess.run(["logits"], feeds)[0][0]
     scale = np.abs(want).max()
     assert np.abs(got - want).max() < 0.05 * scale                           # int8 activations per block of 32

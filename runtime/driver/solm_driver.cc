@@ -6,10 +6,10 @@
 // on one line. LIBSOLM_EP is SolmEP's library (registered as a plugin EP for the solm and fixed kinds; ignored for
 // portable and dense artifacts). THREADS: onnxruntime's intra-op threads (default: onnxruntime's choice).
 // One prefill run, then one run per token; every state output is fed back as the next run's input, the KV
-// buffers of the SolmEP kinds written in place (present bound to past's OrtValue; in protocol 2 the page state
-// buffers too). Stops after MAX_NEW_TOKENS or at
-// an id of solm.eos_token_ids (not printed). Any error: one line on stderr, exit code 2. Built and tested by
-// runtime/driver_build.py and tests/test_driver.py, which compare its ids with `solm run --greedy`'s.
+// buffers of a buffer-form artifact (solm, fixed, dense) written in place (present bound to past's OrtValue; in
+// protocol 2 the page state buffers too). Stops after MAX_NEW_TOKENS or at an id of solm.eos_token_ids (not
+// printed). Any error: one line on stderr, exit code 2. Built and tested by runtime/driver_build.py and
+// tests/test_driver.py, which compare its ids with `solm run --greedy`'s.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>

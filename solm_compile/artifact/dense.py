@@ -1,6 +1,8 @@
 """The dense artifact's attention: fused into ``GroupQueryAttention`` only where that provably changes nothing.
 
-``passes/fuse_attention.py`` rewrites the exported eager attention; here the fused and the unfused graphs both run
+``passes/fuse_attention.py`` rewrites the exported eager attention, with the KV cache as buffers written in place
+(``buffer=True``: ``past_length`` and caches of a capacity; ``kv_cache`` in the returned metadata says "buffer");
+here the fused and the unfused graphs both run
 on probe steps (random ids and cache: 2 rows × 3 tokens with no cache, 2 rows × 1 token after 5 cached, 1 row ×
 3 tokens after 5 cached) and the fused one is kept only if its logits and presents match to float32 rounding.
 onnxruntime's GroupQueryAttention refuses the one remaining shape, several rows of several tokens over a non-empty
@@ -32,8 +34,24 @@ def _probe_feeds(session, rng, rows: int, new: int, past: int) -> dict:
     return feeds
 
 
+def _buffer_feeds(feeds: dict, rng) -> tuple[dict, int]:
+    """The concat form's ``feeds`` for the buffer form: each cache in a buffer 3 rows longer than P + T whose spare
+    rows hold noise (never to be read), and ``past_length``; returns them and P + T."""
+    out, valid = dict(feeds), 0
+    for name, v in feeds.items():
+        if name.startswith("past_"):
+            B, H, P, d = v.shape                                                    # [B, Hkv, P, d]
+            valid = P + feeds["input_ids"].shape[1]
+            buf = rng.standard_normal((B, H, valid + 3, d)).astype(np.float32)      # [B, Hkv, C, d]
+            buf[:, :, :P] = v
+            out[name] = buf
+            out["past_length"] = np.full((B,), P, np.int64)                         # [B]
+    return out, valid
+
+
 def _agree(before: bytes, after: bytes) -> str | None:
-    """None if both graphs compute the same outputs on the probe; else what differs."""
+    """None if both graphs compute the same outputs on the probe (a buffer form's presents: their valid rows);
+    else what differs."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -41,9 +59,12 @@ def _agree(before: bytes, after: bytes) -> str | None:
     a = ort.InferenceSession(before, opts, providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(after, opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
+    buffered = "past_length" in {i.name for i in b.get_inputs()}
     for probe in PROBES:
         feeds = _probe_feeds(a, rng, *probe)
-        for out, x, y in zip(a.get_outputs(), a.run(None, feeds), b.run(None, feeds)):
+        fed, valid = _buffer_feeds(feeds, rng) if buffered else (feeds, None)
+        for out, x, y in zip(a.get_outputs(), a.run(None, feeds), b.run(None, fed)):
+            y = y[:, :, :valid] if buffered and out.name.startswith("present_") else y
             err = float(np.abs(x - y).max()) / max(float(np.abs(x).max()), 1e-6)
             if x.shape != y.shape or not err <= TOLERANCE:
                 return f"{out.name} differs at (rows, new, cached) = {probe} (relative {err:.2g})"
@@ -58,7 +79,12 @@ def fuse_dense_attention(program) -> dict:
 
     before = program.model_proto.SerializeToString()
     fused = ir.from_proto(program.model_proto)
-    result = fuse_attention(fused)
+    try:
+        result = fuse_attention(fused, buffer=True)
+    except ValueError as e:                                    # a cache read elsewhere: the concat form
+        log.warning("dense artifact: KV cache kept in the concat form (%s)", e)
+        fused = ir.from_proto(program.model_proto)
+        result = fuse_attention(fused)
     if not result.modified:
         return {"attention": "exported", "why": "; ".join(result.skipped[:3])}
     why = _agree(before, ir.to_proto(fused).SerializeToString())
@@ -67,4 +93,5 @@ def fuse_dense_attention(program) -> dict:
         return {"attention": "exported", "why": why}
     program.model = fused
     layers = result.counts["group_query_attention"]
-    return {"attention": "GroupQueryAttention", "layers": layers, "unfused": result.skipped}
+    return {"attention": "GroupQueryAttention", "layers": layers, "unfused": result.skipped,
+            "kv_cache": "buffer" if result.counts.get("kv_buffer") else "concat"}

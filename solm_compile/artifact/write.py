@@ -195,11 +195,13 @@ def carry_ep_state(program, kind: str, per_kv_head: bool = False, kv: str | None
 
 
 def fuse_norm_rope(program) -> dict:
-    """``passes/fuse_norm_rope`` on ``program.model``: RMSNorm and RoPE as one opset-23 node each (exact)."""
+    """``passes/fuse_norm_rope`` on ``program.model``: RMSNorm and RoPE as one opset-23 node each (exact); then
+    ``passes/unpack_heads`` (the dense kind's GroupQueryAttention reads q, k, v without the head transposes)."""
     from solm_compile.passes.fuse_norm_rope import fuse_rms_norm, fuse_rotary
+    from solm_compile.passes.unpack_heads import unpack_heads
 
     counts = {}
-    for fuse in (fuse_rms_norm, fuse_rotary):
+    for fuse in (fuse_rms_norm, fuse_rotary, unpack_heads):
         r = fuse(program.model)
         log.debug("%s: %s (skipped: %s)", r.name, dict(r.counts), r.skipped)
         counts.update(r.counts)
@@ -263,6 +265,8 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
         from solm_compile.artifact.dense import fuse_dense_attention
 
         ep_meta["dense_attention"] = fuse_dense_attention(program)
+        if ep_meta["dense_attention"].get("kv_cache") == "buffer":     # float32 buffers written in place (protocol 1)
+            ep_meta["kv_cache"] = {"layout": "buffer", "dtype": "float32"}
     ep_meta["fused"] = fuse_norm_rope(program)
     ep_meta["weights"] = pack_low_bit(program, weights, activations, mlp_down_bits)
     ep_meta["mlp_skip"] = mlp_skip

@@ -1,0 +1,124 @@
+"""The dense artifact on ``--weights int4`` (issue 16's stock-onnxruntime row): the fused ops it ships, and its
+logits against HF eager run on the weights dequantised, in this file, from the artifact's own packed bytes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from solm_compile.runtime.session import read_metadata
+
+
+def _attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 [..., n] → [..., 2n]: the low nibble first (MatMulNBits' order)."""
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def _dequantized(path) -> list[np.ndarray]:
+    """Every low-bit weight of the artifact as float32 [N, K] (Linear layout) or [V, D] (the embedding), from its
+    initializers: w = scale · (code − zero point) per block, unpacked by hand."""
+    g = onnx.load(str(path)).graph
+    init = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    out = []
+    for node in g.node:
+        if node.op_type == "MatMulNBits":
+            a = _attrs(node)
+            n, k, bits, block = a["N"], a["K"], a["bits"], a["block_size"]
+            codes, scale, zp = (init[x] for x in node.input[1:4])
+            nb = k // block
+            q = (_nibbles(codes) if bits == 4 else codes).reshape(n, nb, block).astype(np.float32)
+            z = (_nibbles(zp)[:, :nb] if bits == 4 else zp).reshape(n, nb).astype(np.float32)
+            out.append(((q - z[..., None]) * scale.reshape(n, nb)[..., None]).reshape(n, k))
+        elif node.op_type == "GatherBlockQuantized":
+            codes, scale, zp = (init[node.input[i]] for i in (0, 2, 3))
+            v, dim = codes.shape
+            q = codes.reshape(v, -1, _attrs(node)["block_size"]).astype(np.float32)
+            out.append(((q - zp.astype(np.float32)[..., None]) * scale[..., None]).reshape(v, dim))
+    return out
+
+
+def _reference(model, weights: list[np.ndarray]):
+    """``model`` with each Linear / Embedding weight replaced by the artifact weight nearest to it."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+                w = mod.weight.detach().numpy()
+                same = [x for x in weights if x.shape == w.shape]
+                best = min(same, key=lambda x: float(np.abs(x - w).max()))
+                assert np.abs(best - w).max() < 0.2 * np.abs(w).max()        # it is this weight, rounded
+                mod.weight.copy_(torch.from_numpy(best))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from test_loading import tiny_hf_llama
+
+    d = tmp_path_factory.mktemp("dense-int4")
+    tiny_hf_llama().save_pretrained(d / "tiny")
+    return d
+
+
+def _decode(path, ids: np.ndarray, prompt: int) -> np.ndarray:
+    """Logits [T, V] of a prefill of ``prompt`` ids then one step per id, through SolmSession (buffers in place)."""
+    from solm_compile.runtime.session import SolmSession
+
+    s = SolmSession(path, tokenizer=False)
+    feeds = {"input_ids": ids[:, :prompt], "position_ids": np.arange(prompt)[None], **s._empty_past(1, 16)}
+    out = s._run(feeds)
+    rows = [out["logits"].numpy()[0]]
+    s._carry(out, feeds)
+    for t in range(prompt, ids.shape[1]):
+        feeds["input_ids"], feeds["position_ids"] = ids[:, t:t + 1], np.array([[t]])
+        out = s._run(feeds)
+        rows.append(out["logits"].numpy()[0])
+        s._carry(out, feeds)
+    return np.concatenate(rows)                                             # [T, V]
+
+
+def test_int4_dense_artifact_ships_the_fused_ops(tiny):
+    """GroupQueryAttention on buffers, MatMulNBits with integer zero points at accuracy_level 4 and no Q4_1-style
+    offset (ReduceSum + MatMul), RMSNormalization and RotaryEmbedding: no op of the unfused chains is left."""
+    from solm_compile.api import SolmConfig, compile
+
+    art = compile(str(tiny / "tiny"), SolmConfig(kind="dense", weights="int4"), tiny / "int4.onnx")
+    meta = read_metadata(art)
+    assert meta["kv_cache"] == {"layout": "buffer", "dtype": "float32"}
+    g = onnx.load(str(art)).graph
+    ops = [n.op_type for n in g.node]
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("RotaryEmbedding") == 4     # q and k per layer
+    assert ops.count("RMSNormalization") == 2 * 2 + 1 and ops.count("MatMulNBits") == 2 * 7 + 1
+    assert not {"MatMul", "ReduceSum", "Softmax", "Pow", "Sqrt", "Reciprocal", "Transpose"} & set(ops)
+    nbits = [_attrs(n) for n in g.node if n.op_type == "MatMulNBits"]
+    assert all(a["accuracy_level"] == 4 and a["block_size"] == 32 for a in nbits)
+    assert sorted(a["bits"] for a in nbits).count(4) == 2 * 7                 # every linear 4-bit, the head 8-bit
+    assert all(len(n.input) >= 4 and n.input[3] for n in g.node if n.op_type == "MatMulNBits")   # zero points
+
+
+@pytest.mark.parametrize("activations, tol", [("fp32", 1e-4), ("int8", 0.05)])
+def test_int4_dense_artifact_matches_pytorch_on_its_dequantized_weights(tiny, activations, tol):
+    """Prefill 6 ids, then 3 steps: HF eager on the artifact's own weights (dequantised above). fp32 activations
+    (accuracy_level 0) agree to float rounding; int8 activations per block of 32 (the default, accuracy_level 4)
+    to a few percent of the logits' range, the greedy tokens mostly the same."""
+    from test_loading import tiny_hf_llama
+
+    from solm_compile.api import SolmConfig, compile
+
+    art = compile(str(tiny / "tiny"), SolmConfig(kind="dense", weights="int4", activations=activations),
+                  tiny / f"int4-{activations}.onnx")
+    ref = _reference(tiny_hf_llama().float().eval(), _dequantized(art))
+    ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 8, 9]])
+    with torch.no_grad():
+        want = ref(ids).logits[0].numpy()                                    # [9, V]
+    got = _decode(art, ids.numpy(), 6)                                        # [9, V]
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= tol * scale
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 7 / 9
