@@ -290,6 +290,9 @@ struct MlpBlockScratch {
   std::vector<float> xd, hd;   // and their per-block scales, [N, D/32] / [N, I/32]
   std::vector<int32_t> hidx;   // skip="h": each token's kept units, [N, I] (the first hcount[n])
   std::vector<int64_t> hcount;  // [N]
+  std::vector<int32_t> hunion;  // skip="h", per group of BlockHKernels::tile tokens: the union of their kept units
+  std::vector<float> hcoef;     // and its coefficients [units, tile] (0 where a token dropped the unit)
+  std::vector<int64_t> hnunion, hjobs;  // the union's size per group (-1: per token), the down pass's work items
 };
 
 // The variant the block kernels run here ("x86-64-v4", "x86-64-v3" or "baseline"); the int8-activation kernels'
