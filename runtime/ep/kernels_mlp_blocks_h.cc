@@ -155,7 +155,7 @@ SOLM_INLINE void DownT(const BlockRows& W, const float* h, const int32_t* idx, i
 }
 
 // Several tokens at once (B > 1, prefill): output block c of NT tokens over the union of their kept units,
-// units[0..nu) ascending, coef [nu, NT] (h_t[j] where token t kept unit j, 0 elsewhere; padding tokens all 0).
+// units[0..nu) ascending, coef [I, NT] by unit (h_t[j] where token t kept unit j, 0 elsewhere; padding tokens 0).
 // Each unit's codes are read and widened once and FMAd into every token, so the conversion µops and the bytes are
 // paid once per unit instead of once per token that kept it. A token's sum is the per-token tile's exactly: the
 // same terms in the same (ascending unit) order, s = coef·scale and os += offset·coef in the same expressions, plus
@@ -190,7 +190,7 @@ SOLM_INLINE void DownTileMany(const BlockRows& W, const int32_t* units, const fl
     }
     const int64_t j = units[i];
     VT a;
-    __builtin_memcpy(&a, coef + i * NT, sizeof(VT));
+    __builtin_memcpy(&a, coef + j * NT, sizeof(VT));
     const float sc = scb[j * nb], of = ofb[j * nb];
     alignas(64) float s[NT];
     const VT sv = a * sc;  // the per-token tile's a·scale, lane by lane
@@ -269,32 +269,32 @@ namespace {
 
 constexpr int64_t kColsTok = 8, kColsMany = 2;  // output blocks per work item: per token, per union group
 
-// Group g's union (units, ascending) and coefficients [nu, tile]; returns nu, or -1 where per-token lists are
-// cheaper: a union unit costs ~kWiden vector µops to widen its codes plus one FMA per token of the tile (padding
-// included), a kept unit of the per-token path the widening plus one FMA.
+// Group g's union (units, ascending) and coefficients [I, tile] by unit; returns nu, or -1 where per-token lists
+// are cheaper: a union unit costs ~kWiden vector µops to widen its codes plus one FMA per token of the tile (padding
+// included), a kept unit of the per-token path the widening plus one FMA. A unit is in the union iff some token's
+// coefficient is non-zero (the lists hold only non-zero kept units).
 int64_t Unite(const float* h, int64_t Ip, const int32_t* idx, const int64_t* cnt, int64_t I, int64_t n0, int64_t nt,
               int64_t tile, int32_t* units, float* coef) {
   constexpr int64_t kWiden = 3;
   if (nt < 2) return -1;
-  uint8_t* mark = Grow(ThreadScratch().u0, static_cast<size_t>(I));
-  int32_t* pos = Grow(ThreadScratch().i0, static_cast<size_t>(I));
-  std::memset(mark, 0, static_cast<size_t>(I));
+  std::memset(coef, 0, static_cast<size_t>(I * tile) * sizeof(float));
   int64_t sum = 0;
   for (int64_t t = 0; t < nt; ++t) {
-    sum += cnt[n0 + t];
-    for (int64_t i = 0; i < cnt[n0 + t]; ++i) mark[idx[(n0 + t) * I + i]] = 1;
+    const int64_t n = n0 + t;
+    sum += cnt[n];
+    for (int64_t i = 0; i < cnt[n]; ++i) {
+      const int32_t j = idx[n * I + i];
+      coef[j * tile + t] = h[n * Ip + j];
+    }
   }
   int64_t nu = 0;
-  for (int64_t j = 0; j < I; ++j)
-    if (mark[j]) pos[j] = static_cast<int32_t>(nu), units[nu++] = static_cast<int32_t>(j);
-  if (nu * (kWiden + tile) >= sum * (kWiden + 1)) return -1;
-  std::memset(coef, 0, static_cast<size_t>(nu * tile) * sizeof(float));
-  for (int64_t t = 0; t < nt; ++t)
-    for (int64_t i = 0; i < cnt[n0 + t]; ++i) {
-      const int32_t j = idx[(n0 + t) * I + i];
-      coef[pos[j] * tile + t] = h[(n0 + t) * Ip + j];
-    }
-  return nu;
+  for (int64_t j = 0; j < I; ++j) {
+    bool any = false;
+    for (int64_t t = 0; t < tile; ++t) any |= coef[j * tile + t] != 0.f;
+    units[nu] = static_cast<int32_t>(j);
+    nu += any;
+  }
+  return nu * (kWiden + tile) < sum * (kWiden + 1) ? nu : -1;
 }
 
 }  // namespace
@@ -307,11 +307,19 @@ void SparseMlpBlocksDownH(const float* h, int64_t Ip, int64_t N, int64_t T, int6
   int64_t* cnt = Grow(sc.hcount, static_cast<size_t>(N));
   auto select = [&](size_t it) {
     const int64_t n = static_cast<int64_t>(it);
-    float* hs = Grow(ThreadScratch().f0, static_cast<size_t>(2 * I));
-    TopK(h + n * Ip, I, static_cast<double>(rho[n / T]), hs, hs + I);
+    // TopK's rule (|h| >= its threshold; every unit at ρ >= 1), listing the non-zero kept units branch-free (a kept
+    // 0 would add nothing)
+    const float* hr = h + n * Ip;
+    const double r = static_cast<double>(rho[n / T]);
+    int32_t* out = idx + n * I;
     int64_t c = 0;
-    for (int64_t j = 0; j < I; ++j)
-      if (hs[j] != 0.f) idx[n * I + c++] = static_cast<int32_t>(j);  // a kept 0 would add nothing
+    if (r >= 1.0) {
+      for (int64_t j = 0; j < I; ++j) out[c] = static_cast<int32_t>(j), c += hr[j] != 0.f;
+    } else {
+      const float thr = TopKThreshold(hr, I, r, Grow(ThreadScratch().f0, static_cast<size_t>(I)));
+      for (int64_t j = 0; j < I; ++j)
+        out[c] = static_cast<int32_t>(j), c += (std::fabs(hr[j]) >= thr) & (hr[j] != 0.f);
+    }
     cnt[n] = c;
   };
   par.For(static_cast<size_t>(N), select);
@@ -322,7 +330,7 @@ void SparseMlpBlocksDownH(const float* h, int64_t Ip, int64_t N, int64_t T, int6
   const BlockHKernels& KH = BlocksH();
   const int64_t tile = KH.many ? KH.tile : 1, groups = (N + tile - 1) / tile;
   int32_t* units = Grow(sc.hunion, static_cast<size_t>(groups * I));
-  float* coef = Grow(sc.hcoef, static_cast<size_t>(groups * I * tile));
+  float* coef = Grow(sc.hcoef, static_cast<size_t>(groups * I * tile));  // [groups, I, tile]
   int64_t* nu = Grow(sc.hnunion, static_cast<size_t>(groups));
   auto unite = [&](size_t it) {
     const int64_t g = static_cast<int64_t>(it), n0 = g * tile;
