@@ -195,6 +195,9 @@ SOLM_INLINE void DownTileMany(const BlockRows& W, const int32_t* units, const fl
     alignas(64) float s[NT];
     const VT sv = a * sc;  // the per-token tile's a·scale, lane by lane
     __builtin_memcpy(s, &sv, sizeof(VT));
+    // s goes through memory, so each Splat below is a broadcast load (load ports) instead of a lane extract and a
+    // register broadcast (vector port 5, which the FMAs and conversions need)
+    asm("" : "+m"(s));
     os += of * a;
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
