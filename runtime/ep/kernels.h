@@ -65,7 +65,11 @@ struct Stats {
   std::atomic<uint64_t> mlp_calls{0};
   std::atomic<uint64_t> mlp_in_rows{0};        // gate/up input-major rows accumulated (per token)
   std::atomic<uint64_t> mlp_in_rows_dense{0};  // D per token
-  std::atomic<uint64_t> mlp_down_rows{0};      // down rows accumulated (per token)
+  // down rows accumulated (per token): each token's own kept units (SparseMLPBlocks skip="h": the non-zero ones).
+  // At B > 1 / T > 1 the skip="h" union tile streams the union of a group's kept units once and gives the tokens
+  // that dropped a unit coefficient 0: those zero terms are not counted, so this stays the per-token kept work
+  // (the bytes streamed per group are the union's; the arithmetic the union times the group's tile).
+  std::atomic<uint64_t> mlp_down_rows{0};
   std::atomic<uint64_t> mlp_down_rows_dense{0};  // I per token
 };
 Stats& GlobalStats();
@@ -296,6 +300,9 @@ struct MlpBlockScratch {
   std::vector<float> xd, hd;   // and their per-block scales, [N, D/32] / [N, I/32]
   std::vector<int32_t> hidx;   // skip="h": each token's kept units, [N, I] (the first hcount[n])
   std::vector<int64_t> hcount;  // [N]
+  std::vector<int32_t> hunion;  // skip="h", per group of BlockHKernels::tile tokens: the union of their kept units
+  std::vector<float> hcoef;     // and its coefficients [units, tile] (0 where a token dropped the unit)
+  std::vector<int64_t> hnunion, hjobs;  // the union's size per group (-1: per token), the down pass's work items
 };
 
 // The variant the block kernels run here ("x86-64-v4", "x86-64-v3" or "baseline"); the int8-activation kernels'

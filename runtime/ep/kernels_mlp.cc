@@ -314,6 +314,14 @@ float KthLargest(float* x, int64_t n, int64_t k) {
   return f;
 }
 
+// TopK's threshold for rho < 1: the ceil(rho*D)-th largest |x| (tmp [D] overwritten).
+float TopKThreshold(const float* x, int64_t D, double rho, float* tmp) {
+  const double kd = std::ceil(rho * static_cast<double>(D) - 1e-9);
+  int64_t kk = kd >= static_cast<double>(D) ? D : (kd > 1 ? static_cast<int64_t>(kd) : 1);
+  for (int64_t c = 0; c < D; ++c) tmp[c] = std::fabs(x[c]);
+  return KthLargest(tmp, D, kk);
+}
+
 // Keep the ceil(rho*D) channels of largest |x| (ties at the threshold kept), zero the rest
 // (reference.topk_channels_ref). Returns the number of non-zero channels written. xs may be x (in place).
 int64_t TopK(const float* x, int64_t D, double rho, float* xs, float* tmp) {
@@ -325,10 +333,7 @@ int64_t TopK(const float* x, int64_t D, double rho, float* xs, float* tmp) {
     }
     return nz;
   }
-  const double kd = std::ceil(rho * static_cast<double>(D) - 1e-9);
-  int64_t kk = kd >= static_cast<double>(D) ? D : (kd > 1 ? static_cast<int64_t>(kd) : 1);
-  for (int64_t c = 0; c < D; ++c) tmp[c] = std::fabs(x[c]);
-  const float thr = KthLargest(tmp, D, kk);
+  const float thr = TopKThreshold(x, D, rho, tmp);
   int64_t nz = 0;
   for (int64_t c = 0; c < D; ++c) {
     const bool keep = std::fabs(x[c]) >= thr;

@@ -268,42 +268,6 @@ void ApplyQ(const BlockInt8Kernels& K, const BlockMatrix& W, const int8_t* q, co
   else K.gemm(W, in, nt, g0, g1, y, ys);
 }
 
-// skip="h": per token keep the top-k units of h (TopK on the row: reference.topk_channels_ref's rule), list the
-// non-zero kept ones, then y = Σ_kept h_j·downT[j] (+ b_down), work items (token, 8 output blocks). Each token reads
-// its own kept rows: in a batch a unit kept by several tokens is read once per token (from cache after the first),
-// so memory traffic is the union of the kept sets and the arithmetic their sum.
-void DownH(const float* h, int64_t Ip, int64_t N, int64_t T, int64_t I, int64_t Dout, const MlpBlockWeights& W,
-           const float* rho, float* y, MlpBlockScratch& sc, const Parallel& par) {
-  Stats& st = GlobalStats();
-  int32_t* idx = Grow(sc.hidx, static_cast<size_t>(N * I));
-  int64_t* cnt = Grow(sc.hcount, static_cast<size_t>(N));
-  auto select = [&](size_t it) {
-    const int64_t n = static_cast<int64_t>(it);
-    float* hs = Grow(ThreadScratch().f0, static_cast<size_t>(2 * I));
-    TopK(h + n * Ip, I, static_cast<double>(rho[n / T]), hs, hs + I);
-    int64_t c = 0;
-    for (int64_t j = 0; j < I; ++j)
-      if (hs[j] != 0.f) idx[n * I + c++] = static_cast<int32_t>(j);  // a kept 0 would add nothing
-    cnt[n] = c;
-  };
-  par.For(static_cast<size_t>(N), select);
-  uint64_t kept = 0;
-  for (int64_t n = 0; n < N; ++n) kept += static_cast<uint64_t>(cnt[n]);
-  st.mlp_down_rows.fetch_add(kept, std::memory_order_relaxed);
-  const BlockHKernels& KH = BlocksH();
-  constexpr int64_t kCols = 8;  // output blocks (256 outputs) per work item
-  const int64_t nb = W.down_t.nb, chunks = (nb + kCols - 1) / kCols;
-  auto down = [&](size_t it) {
-    const int64_t n = static_cast<int64_t>(it) / chunks, c0 = static_cast<int64_t>(it) % chunks * kCols;
-    const int64_t c1 = std::min(c0 + kCols, nb);
-    float* yr = y + n * Dout;
-    KH.down(W.down_t, h + n * Ip, idx + n * I, cnt[n], c0, c1, yr);
-    if (!W.b_down.empty())
-      for (int64_t j = c0 * BlockRows::kBlock; j < c1 * BlockRows::kBlock; ++j) yr[j] += W.b_down[j];
-  };
-  par.For(static_cast<size_t>(N * chunks), down);
-}
-
 }  // namespace
 
 const char* MlpBlocksKernelIsa() { return Blocks().isa; }
@@ -391,7 +355,7 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
     for (int64_t n = n0; n < n0 + nt; ++n) BlockSums(h + n * Ip, 1, I, hsum + n * nbI, hnz + n * nbI);
   };
   if (hskip) {
-    DownH(h, Ip, N, T, I, Dout, W, rho, y, sc, par);
+    SparseMlpBlocksDownH(h, Ip, N, T, I, Dout, W, rho, y, sc, par);
     FakeQuantTokens(y, B, T, Dout, bits, par);
     return;
   }

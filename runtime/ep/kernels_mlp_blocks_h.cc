@@ -154,6 +154,76 @@ SOLM_INLINE void DownT(const BlockRows& W, const float* h, const int32_t* idx, i
   else DownBits<VF, 8, CB>(W, h, idx, n, c0, c1, y);
 }
 
+// Several tokens at once (B > 1, prefill): output block c of NT tokens over the union of their kept units,
+// units[0..nu) ascending, coef [I, NT] by unit (h_t[j] where token t kept unit j, 0 elsewhere; padding tokens 0).
+// Each unit's codes are read and widened once and FMAd into every token, so the conversion µops and the bytes are
+// paid once per unit instead of once per token that kept it. A token's sum is the per-token tile's exactly: the
+// same terms in the same (ascending unit) order, s = coef·scale and os += offset·coef in the same expressions, plus
+// terms whose coefficient is 0 (0·code = ±0 and acc ± 0 = acc for finite weights: rows of downT are finite).
+template <int NT>
+struct TokVec {
+  typedef float type __attribute__((vector_size(NT * 4)));  // NT a power of two
+};
+
+template <class VF, int BITS, int NT>
+SOLM_INLINE void DownTileMany(const BlockRows& W, const int32_t* units, const float* coef, int64_t nu, int64_t c,
+                              int64_t nt, float* y, int64_t ys) {
+  constexpr int Ln = Lanes<VF>(), NV = BlockRows::kBlock / Ln;
+  constexpr int64_t kAhead = 16;
+  typedef typename TokVec<NT>::type VT;  // one lane per token
+  const int64_t cb = W.CodeBytes(), rb = W.RowBytes(), nb = W.nb;
+  const uint8_t* base = W.codes.data() + c * cb;
+  const float* scb = W.scale.data() + c;
+  const float* ofb = W.offset.data() + c;
+  VF acc[NT][NV];
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[t][v] = VF{};
+  VT os = VT{};
+  for (int64_t i = 0; i < nu; ++i) {
+    if (i + kAhead < nu) {
+      const int64_t ja = units[i + kAhead];
+      __builtin_prefetch(base + ja * rb);
+      __builtin_prefetch(scb + ja * nb);
+      __builtin_prefetch(ofb + ja * nb);
+    }
+    const int64_t j = units[i];
+    VT a;
+    __builtin_memcpy(&a, coef + j * NT, sizeof(VT));
+    const float sc = scb[j * nb], of = ofb[j * nb];
+    alignas(64) float s[NT];
+    const VT sv = a * sc;  // the per-token tile's a·scale, lane by lane
+    __builtin_memcpy(s, &sv, sizeof(VT));
+    // s goes through memory, so each Splat below is a broadcast load (load ports) instead of a lane extract and a
+    // register broadcast (vector port 5, which the FMAs and conversions need)
+    asm("" : "+m"(s));
+    os += of * a;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const VF w = CodesAt<VF, BITS>(base + j * rb, v);
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) acc[t][v] += Splat<VF>(s[t]) * w;
+    }
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t) {
+    if (t >= nt) break;
+    const VF o = Splat<VF>(os[t]);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) Store<VF>(y + t * ys + c * BlockRows::kBlock + v * Ln, acc[t][v] + o);
+  }
+}
+
+template <class VF, int NT>
+SOLM_INLINE void DownManyT(const BlockRows& W, const int32_t* units, const float* coef, int64_t nu, int64_t nt,
+                           int64_t c0, int64_t c1, float* y, int64_t ys) {
+  for (int64_t c = c0; c < c1; ++c) {
+    if (W.bits == 4) DownTileMany<VF, 4, NT>(W, units, coef, nu, c, nt, y, ys);
+    else DownTileMany<VF, 8, NT>(W, units, coef, nu, c, nt, y, ys);
+  }
+}
+
 // Baseline (SSE2, 16 xmm registers): one block (8 accumulators) at a time.
 void DownBase(const BlockRows& W, const float* h, const int32_t* idx, int64_t n, int64_t c0, int64_t c1, float* y) {
   DownT<vf4, 1>(W, h, idx, n, c0, c1, y);
@@ -168,6 +238,16 @@ SOLM_TARGET_V4 void DownV4(const BlockRows& W, const float* h, const int32_t* id
                            float* y) {
   DownT<vf16, 8>(W, h, idx, n, c0, c1, y);
 }
+// Tokens per union tile: AVX2 2 tokens x 4 vectors = 8 accumulators (16 ymm); AVX-512 8 tokens x 2 vectors = 16
+// accumulators (32 zmm). Baseline (16 xmm, 8 vectors a block) has none: per token only.
+SOLM_TARGET_V3 void DownManyV3(const BlockRows& W, const int32_t* units, const float* coef, int64_t nu, int64_t nt,
+                               int64_t c0, int64_t c1, float* y, int64_t ys) {
+  DownManyT<v8, 2>(W, units, coef, nu, nt, c0, c1, y, ys);
+}
+SOLM_TARGET_V4 void DownManyV4(const BlockRows& W, const int32_t* units, const float* coef, int64_t nu, int64_t nt,
+                               int64_t c0, int64_t c1, float* y, int64_t ys) {
+  DownManyT<vf16, 8>(W, units, coef, nu, nt, c0, c1, y, ys);
+}
 #endif
 
 }  // namespace
@@ -175,12 +255,125 @@ SOLM_TARGET_V4 void DownV4(const BlockRows& W, const float* h, const int32_t* id
 const BlockHKernels& BlocksH() {
   static const BlockHKernels k = [] {
 #if defined(SOLM_ISA_VARIANTS)
-    if (IsaLevel() == 4) return BlockHKernels{DownV4, "x86-64-v4"};
-    if (IsaLevel() == 3) return BlockHKernels{DownV3, "x86-64-v3"};
+    if (IsaLevel() == 4) return BlockHKernels{DownV4, DownManyV4, 8, "x86-64-v4"};
+    if (IsaLevel() == 3) return BlockHKernels{DownV3, DownManyV3, 2, "x86-64-v3"};
 #endif
-    return BlockHKernels{DownBase, "baseline"};
+    return BlockHKernels{DownBase, nullptr, 1, "baseline"};
   }();
   return k;
+}
+
+// skip="h": per token keep the top-k units of h (TopK on the row: reference.topk_channels_ref's rule) and list the
+// non-zero kept ones; then y = Σ_kept h_j·downT[j] (+ b_down). Tokens go in groups of the ISA's union tile
+// (BlockHKernels::tile): a group whose union of kept units is cheaper to stream once for all its tokens than each
+// token's own list (Unite's estimate) runs DownTileMany over the union, work items (group, 2 output blocks); any
+// other token runs the per-token DownTile, work items (token, 8 output blocks). Both give a token the same floats.
+namespace {
+
+constexpr int64_t kColsTok = 8, kColsMany = 2;  // output blocks per work item: per token, per union group
+
+// Group g's union (units, ascending) and coefficients [I, tile] by unit; returns nu, or -1 where per-token lists
+// are cheaper: a union unit costs ~kWiden vector µops to widen its codes plus one FMA per token of the tile (padding
+// included), a kept unit of the per-token path the widening plus one FMA. A unit is in the union iff some token's
+// coefficient is non-zero (the lists hold only non-zero kept units).
+int64_t Unite(const float* h, int64_t Ip, const int32_t* idx, const int64_t* cnt, int64_t I, int64_t n0, int64_t nt,
+              int64_t tile, int32_t* units, float* coef) {
+  constexpr int64_t kWiden = 3;
+  if (nt < 2) return -1;
+  std::memset(coef, 0, static_cast<size_t>(I * tile) * sizeof(float));
+  int64_t sum = 0;
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t n = n0 + t;
+    sum += cnt[n];
+    for (int64_t i = 0; i < cnt[n]; ++i) {
+      const int32_t j = idx[n * I + i];
+      coef[j * tile + t] = h[n * Ip + j];
+    }
+  }
+  int64_t nu = 0;
+  for (int64_t j = 0; j < I; ++j) {
+    bool any = false;
+    for (int64_t t = 0; t < tile; ++t) any |= coef[j * tile + t] != 0.f;
+    units[nu] = static_cast<int32_t>(j);
+    nu += any;
+  }
+  return nu * (kWiden + tile) < sum * (kWiden + 1) ? nu : -1;
+}
+
+}  // namespace
+
+void SparseMlpBlocksDownH(const float* h, int64_t Ip, int64_t N, int64_t T, int64_t I, int64_t Dout,
+                          const MlpBlockWeights& W, const float* rho, float* y, MlpBlockScratch& sc,
+                          const Parallel& par) {
+  Stats& st = GlobalStats();
+  int32_t* idx = Grow(sc.hidx, static_cast<size_t>(N * I));
+  int64_t* cnt = Grow(sc.hcount, static_cast<size_t>(N));
+  auto select = [&](size_t it) {
+    const int64_t n = static_cast<int64_t>(it);
+    // TopK's rule (|h| >= its threshold; every unit at ρ >= 1), listing the non-zero kept units branch-free (a kept
+    // 0 would add nothing)
+    const float* hr = h + n * Ip;
+    const double r = static_cast<double>(rho[n / T]);
+    int32_t* out = idx + n * I;
+    int64_t c = 0;
+    if (r >= 1.0) {
+      for (int64_t j = 0; j < I; ++j) out[c] = static_cast<int32_t>(j), c += hr[j] != 0.f;
+    } else {
+      const float thr = TopKThreshold(hr, I, r, Grow(ThreadScratch().f0, static_cast<size_t>(I)));
+      for (int64_t j = 0; j < I; ++j)
+        out[c] = static_cast<int32_t>(j), c += (std::fabs(hr[j]) >= thr) & (hr[j] != 0.f);
+    }
+    cnt[n] = c;
+  };
+  par.For(static_cast<size_t>(N), select);
+  uint64_t kept = 0;
+  for (int64_t n = 0; n < N; ++n) kept += static_cast<uint64_t>(cnt[n]);
+  st.mlp_down_rows.fetch_add(kept, std::memory_order_relaxed);
+
+  const BlockHKernels& KH = BlocksH();
+  const int64_t tile = KH.many ? KH.tile : 1, groups = (N + tile - 1) / tile;
+  int32_t* units = Grow(sc.hunion, static_cast<size_t>(groups * I));
+  float* coef = Grow(sc.hcoef, static_cast<size_t>(groups * I * tile));  // [groups, I, tile]
+  int64_t* nu = Grow(sc.hnunion, static_cast<size_t>(groups));
+  auto unite = [&](size_t it) {
+    const int64_t g = static_cast<int64_t>(it), n0 = g * tile;
+    nu[g] = Unite(h, Ip, idx, cnt, I, n0, std::min(tile, N - n0), tile, units + g * I, coef + g * I * tile);
+  };
+  if (KH.many) par.For(static_cast<size_t>(groups), unite);
+  else std::fill(nu, nu + groups, int64_t{-1});
+
+  // Work items: (union group, column chunk) as g·2, or (token, column chunk) as n·2 + 1, then the chunk.
+  const int64_t nb = W.down_t.nb, chunksTok = (nb + kColsTok - 1) / kColsTok;
+  const int64_t chunksMany = (nb + kColsMany - 1) / kColsMany;
+  std::vector<int64_t>& jobs = sc.hjobs;
+  jobs.clear();
+  for (int64_t g = 0; g < groups; ++g) {
+    if (nu[g] >= 0) {
+      for (int64_t c = 0; c < chunksMany; ++c) jobs.push_back((g * 2) * chunksMany + c);
+    } else {
+      for (int64_t n = g * tile; n < std::min(N, g * tile + tile); ++n)
+        for (int64_t c = 0; c < chunksTok; ++c) jobs.push_back((n * 2 + 1) * chunksMany + c);
+    }
+  }
+  auto bias = [&](int64_t n, int64_t c0, int64_t c1) {
+    if (W.b_down.empty()) return;
+    float* yr = y + n * Dout;
+    for (int64_t j = c0 * BlockRows::kBlock; j < c1 * BlockRows::kBlock; ++j) yr[j] += W.b_down[j];
+  };
+  auto down = [&](size_t it) {
+    const int64_t job = jobs[it], who = job / chunksMany / 2, c = job % chunksMany;
+    if ((job / chunksMany) % 2 == 0) {
+      const int64_t n0 = who * tile, nt = std::min(tile, N - n0);
+      const int64_t c0 = c * kColsMany, c1 = std::min(c0 + kColsMany, nb);
+      KH.many(W.down_t, units + who * I, coef + who * I * tile, nu[who], nt, c0, c1, y + n0 * Dout, Dout);
+      for (int64_t t = 0; t < nt; ++t) bias(n0 + t, c0, c1);
+    } else {
+      const int64_t c0 = c * kColsTok, c1 = std::min(c0 + kColsTok, nb);
+      KH.down(W.down_t, h + who * Ip, idx + who * I, cnt[who], c0, c1, y + who * Dout);
+      bias(who, c0, c1);
+    }
+  };
+  par.For(jobs.size(), down);
 }
 
 }  // namespace solm

@@ -278,6 +278,8 @@ inline float Activate(Act act, float x) {
 // Shared by SparseMLP and SparseMLPBlocks (kernels_mlp.cc): the per-token top-k of the input channels (returns
 // the non-zero channels written to xs) and the output's fake quantisation.
 int64_t TopK(const float* x, int64_t D, double rho, float* xs, float* tmp);
+// TopK's threshold for rho < 1 (kernels_mlp.cc): |x| >= it is kept.
+float TopKThreshold(const float* x, int64_t D, double rho, float* tmp);
 // The k-th largest (1 <= k <= n) of x[0, n) in float order, by a radix select; x is overwritten.
 float KthLargest(float* x, int64_t n, int64_t k);
 void FakeQuant(float* y, int64_t n, double bits);
@@ -330,11 +332,22 @@ const BlockInt8Kernels& BlocksInt8();
 // downT[idx[i], blocks c0..c1) for one token (fp32 h; y overwritten), reading only the listed units' rows.
 using DownHFn = void (*)(const BlockRows&, const float* h, const int32_t* idx, int64_t n, int64_t c0, int64_t c1,
                          float* y);
+// The same for up to `tile` tokens at once over the union of their kept units: units [nu] ascending, coef [nu, tile]
+// (token t's h at a unit it kept, 0 at one it dropped), y + t·ys for t < nt (kernels_mlp_blocks_h.cc DownTileMany).
+using DownHManyFn = void (*)(const BlockRows&, const int32_t* units, const float* coef, int64_t nu, int64_t nt,
+                             int64_t c0, int64_t c1, float* y, int64_t ys);
 struct BlockHKernels {
   DownHFn down;
+  DownHManyFn many;  // nullptr: per token only (baseline)
+  int tile;          // tokens per `many` call
   const char* isa;
 };
 const BlockHKernels& BlocksH();
+// SparseMLPBlocks' skip="h" tail (kernels_mlp_blocks_h.cc): per token the top-k units of h [N, Ip] (ρ of row n/T),
+// then y [N, Dout] = Σ_kept h_j·downT[j] (+ b_down), unfake-quantised.
+void SparseMlpBlocksDownH(const float* h, int64_t Ip, int64_t N, int64_t T, int64_t I, int64_t Dout,
+                          const MlpBlockWeights& W, const float* rho, float* y, MlpBlockScratch& sc,
+                          const Parallel& par);
 
 // The multi-token (T > 1) path of QuestAttention (kernels_attention_prefill.cc): dense attention under the mask
 // (and is_causal), blocked like flash attention. Shapes as QuestAttention's; kappa plays no part.
