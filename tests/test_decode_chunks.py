@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from onnx import TensorProto, helper
-
+from onnx import TensorProto
+from quest_graph import quest_buffer_session
 from require import registered_ep
+
 from solm_compile.ops import reference as ref
-from solm_compile.runtime import ep
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -38,22 +38,7 @@ def lib():
 
 
 def _session(kv_type, threads=1):
-    names = ["q", "k", "v", "", "kappa", "", "", "past_key", "past_value", "past_length"]
-    node = helper.make_node("QuestAttention", names, ["out", "", "", "present_key", "present_value"],
-                            domain="ai.solm", page_size=S, sinks=2, window=4)
-    types = {"q": F, "k": F, "v": F, "kappa": F, "past_key": kv_type, "past_value": kv_type, "past_length": I64}
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, t, None) for n, t in types.items()],
-                              [helper.make_tensor_value_info("out", F, None),
-                               helper.make_tensor_value_info("present_key", kv_type, None),
-                               helper.make_tensor_value_info("present_value", kv_type, None)])
-    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
-                                                                   helper.make_opsetid("ai.solm", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so = ep.session_options_with_ep(so, ort=ort)
-    sess = ort.InferenceSession(model.SerializeToString(), so)
-    assert sess.get_providers()[0] == "SolmEP"
-    return sess
+    return quest_buffer_session(ort, kv_type, S, threads)
 
 
 def _case(dtype, B, H, Hkv, d, C, P, kappa, seed):

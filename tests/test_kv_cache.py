@@ -15,11 +15,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from onnx import TensorProto, helper
-
+from onnx import TensorProto
+from quest_graph import quest_buffer_session
 from require import registered_ep
+
 from solm_compile.ops import reference as ref
-from solm_compile.runtime import ep
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -34,20 +34,7 @@ def lib():
 
 
 def _session(kv_type):
-    names = ["q", "k", "v", "", "kappa", "", "", "past_key", "past_value", "past_length"]
-    node = helper.make_node("QuestAttention", names, ["out", "", "", "present_key", "present_value"],
-                            domain="ai.solm", page_size=S, sinks=2, window=4)
-    types = {"q": F, "k": F, "v": F, "kappa": F, "past_key": kv_type, "past_value": kv_type, "past_length": I64}
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, t, None) for n, t in types.items()],
-                              [helper.make_tensor_value_info("out", F, None),
-                               helper.make_tensor_value_info("present_key", kv_type, None),
-                               helper.make_tensor_value_info("present_value", kv_type, None)])
-    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
-                                                                   helper.make_opsetid("ai.solm", 1)])
-    so = ep.session_options_with_ep(ort.SessionOptions(), ort=ort)
-    sess = ort.InferenceSession(model.SerializeToString(), so)
-    assert sess.get_providers()[0] == "SolmEP"
-    return sess
+    return quest_buffer_session(ort, kv_type, S)
 
 
 def _run(sess, feeds, past_k, past_v, in_place=True):
@@ -171,12 +158,12 @@ def test_op_errors_are_clear(lib):
 @pytest.fixture(scope="module")
 def artifacts(lib, tmp_path_factory):
     """The tiny Llama's fixed artifact in the concat form (exported once) and its fp32 / fp16 buffer forms."""
-    from onnxscript import ir
-
     from conftest import tiny_models
+    from onnxscript import ir
+    from solm_compile.passes.kv_buffer import kv_buffer
+
     from solm_compile.artifact.write import write_artifact
     from solm_compile.frontend.gated import GatedLM
-    from solm_compile.passes.kv_buffer import kv_buffer
 
     torch.manual_seed(0)
     lm = GatedLM.from_hf(tiny_models()["llama-gqa"]().eval())

@@ -131,12 +131,7 @@ def plot(doc: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (KV length when the timed steps start)")
     ax.set_ylabel("decode tok/s (median over rounds)")
-    ax.set_title(f"{doc['model']}: decode speed by engine ({doc['machine']['cpu']})", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, f"{doc['model']}: decode speed by engine ({doc['machine']['cpu']})", path)
 
 
 def plot_speed_quality(doc: dict, pts: dict, path: Path) -> None:
@@ -166,7 +161,14 @@ def plot_speed_quality(doc: dict, pts: dict, path: Path) -> None:
     ax.set_xlabel(f"perplexity ({doc['ppl']['scored']} held-out ids after {doc['ppl']['window'] - doc['ppl']['scored']}"
                   " of context; lower is better)")
     ax.set_ylabel(f"decode tok/s at ctx {ctx} (median over rounds)")
-    ax.set_title(f"{doc['model']}: speed against quality ({doc['machine']['cpu']})", fontsize=9)
+    _finish(fig, ax, f"{doc['model']}: speed against quality ({doc['machine']['cpu']})", path)
+
+
+def _finish(fig, ax, title: str, path: Path) -> None:
+    """Title, grid and legend, then the PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
