@@ -6,6 +6,7 @@ skip with that reason there and fail under SOLM_REQUIRE_BENCH=1 (tests/require.p
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -102,6 +103,25 @@ def test_config_is_checked_at_construction():
         with pytest.raises(UserError):
             run.EnginesConfig(**bad)
     assert run.EnginesConfig(contexts=(4096,), steps=32).tokens_needed() == 4096 + 32
+
+
+def test_keeps_take_pairs_for_unequal_attention_and_mlp_keeps():
+    from solm_compile.cli.bench import _keep_list
+
+    keeps = _keep_list("0.5, 0.25/0.4")
+    assert keeps == (0.5, (0.25, 0.4))
+    assert [run.keep_pair(k) for k in keeps] == [(0.5, 0.5), (0.25, 0.4)]
+    assert [run.keep_label(k) for k in keeps] == ["0.5", "0.25/0.4"]
+    assert run.EnginesConfig(keeps=keeps).keeps == keeps
+    with pytest.raises(UserError, match="0.25/0"):
+        run.EnginesConfig(keeps=((0.25, 0.0),))
+    for bad in ("", "0.5/", "a/0.4"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--keeps"):
+            _keep_list(bad)
+    # the sweep is ordered by the mean of the two keeps: 0.25/0.4 sits between 0.3 and 0.5
+    names = ["solm keep 0.5", "solm dense-budget", "solm keep 0.3", "solm keep 0.25/0.4"]
+    assert sorted(names, key=lambda n: -report._keep(n)) == ["solm dense-budget", "solm keep 0.5",
+                                                         "solm keep 0.25/0.4", "solm keep 0.3"]
 
 
 def test_weights_go_to_load_only_where_it_takes_them():

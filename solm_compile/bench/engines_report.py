@@ -106,11 +106,13 @@ def _is_solm(name: str) -> bool:
 
 
 def _keep(name: str) -> float:
-    """The budget of a solm row from its name (``solm keep 0.5``; the dense budget is 1), for ordering the sweep."""
+    """The budget of a solm row from its name (``solm keep 0.5``, ``solm keep 0.25/0.4`` → the mean of κ and ρ;
+    the dense budget is 1), for ordering the sweep."""
     try:
-        return float(name.rsplit(" ", 1)[-1])
+        parts = [float(x) for x in name.rsplit(" ", 1)[-1].split("/")]
     except ValueError:
         return 1.0
+    return sum(parts) / len(parts)
 
 
 def plot(doc: dict, path: Path) -> None:

@@ -37,6 +37,19 @@ from solm_compile.quant.weights import WEIGHTS
 ENGINE_NAMES = ("llama.cpp", "onnxruntime-genai", "onnxruntime", "solm")
 
 
+def keep_pair(keep) -> tuple[float, float]:
+    """(κ, ρ) of one ``--keeps`` entry: a number K is κ = ρ = K, a pair is (κ, ρ)."""
+    if isinstance(keep, (tuple, list)):
+        return float(keep[0]), float(keep[1])
+    return float(keep), float(keep)
+
+
+def keep_label(keep) -> str:
+    """``0.5`` for κ = ρ = 0.5, ``0.25/0.4`` for κ 0.25 and ρ 0.4 (the row's name, the CLI's spelling)."""
+    kappa, rho = keep_pair(keep)
+    return f"{kappa:g}" if kappa == rho else f"{kappa:g}/{rho:g}"
+
+
 @dataclass(frozen=True)
 class EnginesConfig:
     contexts: tuple[int, ...] = (256, 1024, 2048, 4096)
@@ -44,7 +57,7 @@ class EnginesConfig:
     reps: int = 5
     steps: int = 32
     warmup: int = 4
-    keeps: tuple[float, ...] = (0.5, 0.3)   # solm rows at κ = ρ = each (plus the dense budget)
+    keeps: tuple = (0.5, 0.3)               # solm rows at κ = ρ = K, or (κ, ρ) pairs (plus the dense budget)
     ppl_window: int = 2048
     ppl_tokens: int = 256
     memory: bool = True
@@ -57,8 +70,8 @@ class EnginesConfig:
 
     def __post_init__(self):
         check_timing(self.contexts, self.threads, self.reps, self.steps, self.warmup)
-        if any(not 0.05 <= k <= 1.0 for k in self.keeps):
-            raise UserError(f"--keeps must lie in [0.05, 1], got {list(self.keeps)}")
+        if any(not 0.05 <= k <= 1.0 for pair in map(keep_pair, self.keeps) for k in pair):
+            raise UserError(f"--keeps must lie in [0.05, 1], got {', '.join(map(keep_label, self.keeps))}")
         if not 2 <= self.ppl_tokens < self.ppl_window:
             raise UserError(f"--ppl-tokens must be in [2, --ppl-window), got {self.ppl_tokens}/{self.ppl_window}")
         if self.memory_context < 1:
@@ -138,8 +151,9 @@ def engine_specs(model: str, lm, cfg: EnginesConfig, taken: bool,
         specs.append(EngineSpec("onnxruntime", "onnxruntime (solm dense)", str(arts["dense"]), label))
     if "fixed" in arts:
         for k in (1.0, *cfg.keeps):
-            name = "solm dense-budget" if k == 1.0 else f"solm keep {k:g}"
-            specs.append(EngineSpec("solm", name, str(arts["fixed"]), label, (k, k, 16.0)))
+            kappa, rho = keep_pair(k)
+            name = "solm dense-budget" if (kappa, rho) == (1.0, 1.0) else f"solm keep {keep_label(k)}"
+            specs.append(EngineSpec("solm", name, str(arts["fixed"]), label, (kappa, rho, 16.0)))
     return specs, notes
 
 

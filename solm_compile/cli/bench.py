@@ -24,6 +24,18 @@ def _int_list(flag: str, cast=int, what: str = "integers"):
     return parse
 
 
+def _keep_list(s: str) -> tuple:
+    """``--keeps``: ``0.5,0.4,0.25/0.4`` -> (0.5, 0.4, (0.25, 0.4))."""
+    try:
+        vals = tuple(float(x) if "/" not in x else tuple(float(y) for y in x.split("/", 1))
+                     for x in (x.strip() for x in s.split(",")) if x)
+    except ValueError:
+        vals = ()
+    if not vals:
+        raise argparse.ArgumentTypeError(f"--keeps takes comma-separated K or K/R numbers, got {s!r}")
+    return vals
+
+
 def add_bench_parser(sub, common) -> None:
     p = sub.add_parser("bench", help="decode tok/s of the dense, solm and portable artifacts (one process)")
     common(p)
@@ -71,8 +83,9 @@ def add_engines_args(p) -> None:
                    help="time llama.cpp on the model's GGUF, onnxruntime-genai int4, stock onnxruntime on solm's "
                         "dense artifact and solm on SolmEP (dense budget and --keeps) side by side, with each one's "
                         "perplexity and peak memory")
-    g.add_argument("--keeps", type=_int_list("--keeps", float, "numbers"), default=d.keeps,
-                   help="solm rows at attention keep = MLP keep = each (default 0.5,0.3), beside the dense budget")
+    g.add_argument("--keeps", type=_keep_list, default=d.keeps,
+                   help="solm rows beside the dense budget, comma-separated: K for attention keep = MLP keep = K, "
+                        "K/R for attention keep K and MLP keep R (default 0.5,0.3)")
     g.add_argument("--engine-list", default=",".join(d.engines),
                    help=f"comma-separated subset of {','.join(ENGINE_NAMES)} (default all)")
     g.add_argument("--ppl-window", type=int, default=d.ppl_window, help="ids of held-out text in the PPL window "
