@@ -231,3 +231,5 @@ def test_cli_trains_offsets_on_a_floor_file_and_evaluates_it(capsys, tmp_path, m
     r = json.loads(stdout)
     assert set(r["methods"]) == {"dense", "policy", "uniform"} and r["policy_kind"] == "offsets"
     assert r["policy_floor"] == "layers:" + sha[:16]
+    one_line_error(capsys, ["compile", model_dir, "--policy", out, "--out", tmp_path / "m.onnx"],
+                   "runs joint policies only")

@@ -112,6 +112,15 @@ def check_mlp_skip(lp: "LoadedPolicy", gate: GateConfig) -> None:
                         f"{lp.gate.mlp_skip}); its ρ does not transfer")
 
 
+def require_joint(lp: "LoadedPolicy", what: str) -> "LoadedPolicy":
+    """An offsets policy runs in the torch engine only (``solm eval``); ``what`` (the artifact, the torch.compile
+    backend) takes one joint action per row (docs/policy.md, item 4 of what is left)."""
+    if lp.kind != "joint":
+        raise UserError(f"{lp.path}: a --policy-kind {lp.kind} policy; {what} runs joint policies only (solm eval "
+                        "evaluates it; docs/policy.md)")
+    return lp
+
+
 def build_policy(ck: dict) -> tuple[RecurrentActorCriticPolicy, ActionGrid]:
     grid = ActionGrid.from_dict(ck["grid"])
     pcfg = PolicyConfig.from_dict(dict(ck["train_config"]["policy"]))
