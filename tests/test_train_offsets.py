@@ -196,7 +196,8 @@ def test_validation_against_the_floor_is_zero_for_a_fresh_policy():
     val = random_blocks(3, 24 + 4 + 1, seed=11)
     v = offsets_validation_score(lm, _policy(lm.info.hidden_size, groups=2), OFFSETS.grid, floor, val, 24, 4)
     assert v["score"] == 0.0 and v["nll"] == v["floor_nll"]
-    moved = offsets_validation_score(lm, _policy(lm.info.hidden_size, scale=1.0, groups=2), OFFSETS.grid, floor, val, 24, 4)
+    moved = offsets_validation_score(lm, _policy(lm.info.hidden_size, scale=1.0, groups=2), OFFSETS.grid, floor,
+                                     val, 24, 4)
     assert moved["score"] != 0.0
 
 

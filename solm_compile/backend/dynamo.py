@@ -159,7 +159,8 @@ def _controller_for(root, opts: Options) -> PolicyController:
         if opts.policy is not None and not path.is_file():
             raise UserError(f"torch.compile(backend='solm'): policy {path}: no such file")
         if path is not None:
-            loaded = require_joint(load_policy(path, info), "torch.compile(backend='solm')")   # UserError: another model
+            # UserError on a policy for another model, or of the offsets kind
+            loaded = require_joint(load_policy(path, info), "torch.compile(backend='solm')")
             gate = loaded.gate
         elif not opts.dense:
             _warn_once("no-policy", f"solm: no policy shipped for {info.architecture} (weights "

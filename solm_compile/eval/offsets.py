@@ -2,10 +2,12 @@
 
 ``floor_keeps`` gives the floor's per-layer (κ_l, ρ_l) at a target: ``uniform`` (ū in every layer) or the
 calibrated ``layers`` allocation (``eval.floor.allocate``). ``OffsetController`` is an engine controller
-(``evaluate.run_traces``): at each step a head maps what the policy would see (the step index, the LM's last hidden
-state, the current token's embedding, whether the step counts) to raw logits [n, G·2·O] (or a stateful head, ``policy.offset_step.OffsetHead``, runs the shared state machine
-``OffsetStep``); the factored choice (greedy, or sampled with a generator) picks an offset per (group, axis), and the controls are [n, L, 3] = (floor + offsets, bits), dense on
-the steps that do not count. With a head that outputs zeros it is the floor, exactly.
+(``evaluate.run_traces``). A trained policy's head (``policy.offset_step.OffsetHead``) runs the shared state machine
+``OffsetStep``; a plain callable head maps what the policy would see (the step index, the LM's last hidden state,
+the current token's embedding, whether the step counts) to raw logits [n, G·2·O]. Either way the factored choice
+(greedy, or sampled with a generator) picks an offset per (group, axis) and the controls are [n, L, 3] = (floor +
+offsets, bits), dense on the steps that do not count. With a head that outputs zeros it is the floor, exactly.
+``policy_factory`` is what ``PPLEvaluator`` runs as "policy" for either kind of checkpoint.
 """
 
 from __future__ import annotations

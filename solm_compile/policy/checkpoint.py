@@ -116,8 +116,8 @@ def require_joint(lp: "LoadedPolicy", what: str) -> "LoadedPolicy":
     """An offsets policy runs in the torch engine only (``solm eval``); ``what`` (the artifact, the torch.compile
     backend) takes one joint action per row (docs/policy.md, item 4 of what is left)."""
     if lp.kind != "joint":
-        raise UserError(f"{lp.path}: a --policy-kind {lp.kind} policy; {what} runs joint policies only (solm eval "
-                        "evaluates it; docs/policy.md)")
+        raise UserError(f"{lp.path}: a --policy-kind {lp.kind} policy; {what} runs joint policies only "
+                        "(solm eval evaluates it; docs/policy.md)")
     return lp
 
 
