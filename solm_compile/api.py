@@ -127,7 +127,7 @@ def _resolve_kind(kind: str) -> str:
 
 def resolve_policy(arg: str | None, info):
     """Load ``arg``, or the policy shipped for the model; one line saying how to train one if there is none."""
-    from solm_compile.policy.checkpoint import load_policy, shipped_policy
+    from solm_compile.policy.checkpoint import load_policy, require_joint, shipped_policy
 
     path = Path(arg) if arg else shipped_policy(info)
     if path is None:
@@ -135,7 +135,7 @@ def resolve_policy(arg: str | None, info):
                         f"`solm train {info.name} --out policy.pt` and pass --policy policy.pt (or use --dense)")
     if not path.is_file():
         raise UserError(f"--policy {path}: no such file")
-    return load_policy(path, info)
+    return require_joint(load_policy(path, info), "the artifact")
 
 
 def compile(model: str, config: SolmConfig = SolmConfig(), out: str | Path = "model.solm.onnx") -> Path:  # noqa: A001

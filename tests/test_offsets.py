@@ -146,7 +146,7 @@ def test_offset_policy_prev_ids_and_step_equals_sequence():
 
 
 def test_a_fresh_offset_policy_is_the_floor_and_a_trained_one_deviates():
-    from solm_compile.policy.offset_network import OffsetHead
+    from solm_compile.policy.offset_step import OffsetHead
 
     lm = gated_tiny_llama(0)
     L, ctx, T = lm.info.num_layers, 24, 4

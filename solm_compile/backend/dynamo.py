@@ -152,14 +152,15 @@ def _controller_for(root, opts: Options) -> PolicyController:
     if opts.dense and opts.policy is None:
         pass                                        # a dense budget runs the dense action whatever the policy
     elif root is not None and hasattr(root, "config"):
-        from solm_compile.policy.checkpoint import load_policy
+        from solm_compile.policy.checkpoint import load_policy, require_joint
 
         info = _model_info(root)
         path = Path(opts.policy) if opts.policy is not None else shipped_policy(info)
         if opts.policy is not None and not path.is_file():
             raise UserError(f"torch.compile(backend='solm'): policy {path}: no such file")
         if path is not None:
-            loaded = load_policy(path, info)        # UserError on a policy for another model
+            # UserError on a policy for another model, or of the offsets kind
+            loaded = require_joint(load_policy(path, info), "torch.compile(backend='solm')")
             gate = loaded.gate
         elif not opts.dense:
             _warn_once("no-policy", f"solm: no policy shipped for {info.architecture} (weights "

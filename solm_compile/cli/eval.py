@@ -205,6 +205,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cost = CostModel(shapes_from_gated(gated), gated.gate)
     head = {"model": loaded.info.name, "weights": args.weights, "policy": str(policy_path or "static"),
             "policy_step": lp.step if lp else None, "grid": grid.to_dict(), "gate": gated.gate.to_dict()}
+    if lp is not None and lp.kind != "joint":
+        head.update(policy_kind=lp.kind, policy_floor=(lp.floor or {}).get("id"))
+        if args.task:
+            raise UserError(f"--task: {policy_path} is an offsets policy; multiple choice runs joint policies only")
     if args.task:
         items = _mc_items(loaded.tokenizer, args.task, args.items, args.seed)
         try:
@@ -230,7 +234,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         costs, choose, floor_info = floor_data(lm, loaded, grid, args)
     ev = PPLEvaluator(lm, lp.policy if lp else None, grid, blocks, ctx=args.ctx, T=args.T, cost=cost, fit_blocks=fit,
                       random_seeds=args.random_seeds, seed=args.seed, batch_rows=args.batch_rows,
-                      methods=methods, layer_costs=costs, calib_blocks=choose)
+                      methods=methods, layer_costs=costs, calib_blocks=choose,
+                      policy_floor=lp.floor if lp else None)
     common = {**head, "data": args.data, "blocks": args.blocks, "ctx": args.ctx, "T": args.T,
               "random_seeds": args.random_seeds, "fit_data": args.fit_data, "fit_blocks": args.fit_blocks,
               "floor": floor_info}

@@ -18,7 +18,7 @@ DATA_HELP = ("training text: 'austen' (the Austen novels except Persuasion, the 
 
 
 def add_train_parser(sub, common) -> None:
-    from solm_compile.train.config import TrainConfig
+    from solm_compile.train.config import POLICY_KINDS, TrainConfig
 
     p = sub.add_parser("train", help="train the policy with GRPO (checkpoints, --resume, torchrun for DDP)")
     common(p)
@@ -57,6 +57,12 @@ def add_train_parser(sub, common) -> None:
     p.add_argument("--alpha", type=float, nargs=3, default=list(defaults.alpha), metavar=("TOK", "PRU", "Q"),
                    help="budget-penalty weight per axis (default SOL's 100 100 200); like --lr, --entropy-coef and "
                    "the schedule flags it may change on --resume")
+    p.add_argument("--policy-kind", choices=POLICY_KINDS, default=defaults.policy_kind,
+                   help="joint: one joint (κ, ρ, bits) action per step for every layer (SOL's); offsets: per "
+                   "layer-group offsets over the floor, docs/policy.md (default %(default)s; fixed on --resume)")
+    p.add_argument("--floor", metavar="FILE", help="with --policy-kind offsets: the floor is the per-layer "
+                   "calibration of this static policy file (solm eval --floor writes it; with ρ on the same "
+                   "--mlp-skip); default the uniform floor")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
 
@@ -111,7 +117,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       buffer_decisions=args.buffer_decisions, minibatch_decisions=args.minibatch_decisions,
                       grad_accum=args.grad_accum, ppo_epochs=args.ppo_epochs, lr=args.lr,
                       alpha=tuple(args.alpha), entropy_coef=args.entropy_coef,
-                      policy=PolicyConfig(d_model=args.d_model))
+                      policy=PolicyConfig(d_model=args.d_model), policy_kind=args.policy_kind,
+                      floor=_floor_id(args))
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: directory {out.parent} does not exist")
@@ -126,14 +133,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from solm_compile.analysis.inspect import shapes_from_gated  # noqa: F401  (keeps the gated graph's ops registered)
 
     lm = GatedLM(gated, kv_shape(loaded))
-    validate, meta = None, {}
+    costs, floor_meta = _floor_costs(args, loaded, lm)
+    validate, meta = None, floor_meta
     if picked is None:
         blocks = _blocks(loaded, args.data, cfg.ctx + cfg.T + 1, args.blocks)
     else:
-        blocks, validate, meta = _genre_data(loaded.tokenizer, lm, picked, cfg, args)
+        blocks, validate, data_meta = _genre_data(loaded.tokenizer, lm, picked, cfg, args, costs)
+        meta = {**meta, **data_meta}
     log.info("training on %d blocks of %d tokens", blocks.shape[0], blocks.shape[1])
     result = train(lm, blocks, cfg, run_dir, resume=args.resume, progress=not args.no_progress, validate=validate,
-                   meta=meta)
+                   meta=meta, floor_costs=costs)
     best = run_dir / BEST
     ck = checkpoint.read(best if validate is not None and best.is_file() else result.checkpoint)
     stripped = {k: v for k, v in ck.items() if k not in ("optimizer", "rng", "best")}
@@ -144,16 +153,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     checkpoint.save(out, stripped)
     shutil.copyfile(run_dir / "metrics.jsonl", out.with_suffix(".metrics.jsonl"))
     last = result.history[-1] if result.history else {}
-    chosen = (f"; best on validation: score {result.best['score']:+.4f} nats vs uniform"
+    versus = "uniform" if cfg.policy_kind == "joint" else "the floor"
+    chosen = (f"; best on validation: score {result.best['score']:+.4f} nats vs {versus}"
               if validate is not None and result.best else "")
     print(f"wrote {out} (step {ck.get('step')}{chosen}; last reward {last.get('reward', float('nan')):.4f}, "
           f"usage tok/pru/q {last.get('use_tok', 0):.2f}/{last.get('use_pru', 0):.2f}/{last.get('use_q', 0):.2f})")
     return 0
 
 
-def _genre_data(tokenizer, lm, picked, cfg, args):
+def _floor_id(args) -> str:
+    """TrainConfig.floor of --floor: 'uniform', or 'layers:' and the first 16 hex digits of the file's sha256."""
+    import hashlib
+
+    from solm_compile.errors import UserError
+
+    if not args.floor:
+        return "uniform"
+    if args.policy_kind != "offsets":
+        raise UserError(f"--floor {args.floor}: a floor is what offsets deviate from; add --policy-kind offsets")
+    path = Path(args.floor)
+    if not path.is_file():
+        raise UserError(f"--floor {path}: no such file")
+    return "layers:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _floor_costs(args, loaded, lm):
+    """(LayerCosts of --floor or None, what the checkpoint records of the file)."""
+    if not args.floor:
+        return None, {}
+    import hashlib
+
+    from solm_compile.eval import floor as fl
+    from solm_compile.policy.checkpoint import model_identity
+
+    path = Path(args.floor)
+    costs, _ = fl.load_static(path, model_identity(loaded.info), lm.gate.mlp_skip)
+    return costs, {"floor_file": {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}}
+
+
+def _genre_data(tokenizer, lm, picked, cfg, args, costs=None):
     """Blocks evenly per genre (train split), the validation scorer and the data record for the checkpoint."""
-    from solm_compile.eval.select import validation_score
+    from solm_compile.eval.select import offsets_validation_score, validation_score
     from solm_compile.train.data import data_record, genre_blocks
 
     if tokenizer is None:
@@ -167,6 +207,9 @@ def _genre_data(tokenizer, lm, picked, cfg, args):
         val_per = val.shape[0] // len(picked)
 
         def validate(policy):
+            if cfg.policy_kind == "offsets":
+                floor = {"id": cfg.floor, "layer_costs": costs.to_dict() if costs is not None else None}
+                return offsets_validation_score(lm, policy, cfg.grid, floor, val, cfg.ctx, cfg.T)
             return validation_score(lm, policy, cfg.grid, val, cfg.ctx, cfg.T)
     meta = {"data": data_record(picked, blocks.shape[0] // len(picked), val_per, 0, tokenizer)}
     return blocks, validate, meta

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from solm_compile.eval import baselines as bl
 from solm_compile.eval import floor as fl
+from solm_compile.eval.offsets import policy_factory
 from solm_compile.policy.actions import ActionGrid
 from solm_compile.eval.report_html import passages_of
 from solm_compile.eval.summarize import CostModel, _spend, action_histogram, summarize
@@ -159,10 +160,10 @@ class PPLEvaluator:
                  ctx: int, T: int, cost: Optional[CostModel] = None, fit_blocks: Optional[Tensor] = None,
                  random_seeds: int = 10, seed: int = 0, batch_rows: int = 32, methods: Sequence[str] = METHODS,
                  keep_passages: int = 3, layer_costs: Optional[fl.LayerCosts] = None,
-                 calib_blocks: Optional[Tensor] = None):
+                 calib_blocks: Optional[Tensor] = None, policy_floor: Optional[dict] = None):
         """``policy`` None: no policy runs (``solm eval --policy static``); every baseline is matched to the
         targets themselves. ``layer_costs``: the ``layers`` calibration; ``calib_blocks``: the calibration text
-        ``floor`` picks uniform, schedule or layers on."""
+        ``floor`` picks uniform, schedule or layers on; ``policy_floor``: an offsets policy's floor record."""
         unknown = set(methods) - set(METHODS) - set(FLOOR_METHODS)
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}")
@@ -176,7 +177,7 @@ class PPLEvaluator:
         self.ctx, self.T, self.batch_rows, self.methods = ctx, T, batch_rows, tuple(methods)
         self.random_seeds, self.seed, self.fit_blocks = random_seeds, seed, fit_blocks
         self.source = BlockSource(lm, blocks, ctx, T)
-        self.layer_costs = layer_costs
+        self.layer_costs, self.policy_floor = layer_costs, policy_floor
         self.calib = None if calib_blocks is None else BlockSource(lm, calib_blocks, ctx, T)
         self.step_costs: Optional[bl.StepCosts] = None
         self._dense: Optional[Trace] = None
@@ -237,7 +238,7 @@ class PPLEvaluator:
         t0 = time.perf_counter()
         first: dict[str, Factory] = {}
         if self.policy is not None:
-            first["policy"] = PolicyController(self.lm, self.policy, self.grid, targets).begin
+            first["policy"] = policy_factory(self.lm, self.policy, self.grid, targets, self.T, self.policy_floor)
         if self._dense is None and "dense" in self.methods:
             first["dense"] = lambda x: DenseController().begin(x)
         tr = run_traces(self.lm, self.source, first, self.batch_rows) if first else {}

@@ -8,6 +8,8 @@ Layout (``FORMAT``, ``VERSION``)::
     grid, gate               ActionGrid.to_dict(), GateConfig.to_dict()
     policy                   policy state_dict
     optimizer, step, batches, rng, history     training state for ``resume`` (absent in a stripped export)
+    offset_grid, floor       train_config.policy_kind "offsets" only (train/kinds.py): the OffsetGrid and the floor
+                             (id "uniform" or "layers:<sha256>", and the layer_costs of a layers floor)
 
 Writes are atomic (a temp file in the same directory, then ``os.replace``): a reader sees the old or the new
 checkpoint, never half of one.
@@ -26,6 +28,8 @@ from solm_compile.config import GateConfig
 from solm_compile.errors import UserError
 from solm_compile.io import atomic_path
 from solm_compile.policy.network import PolicyConfig, RecurrentActorCriticPolicy
+from solm_compile.policy.offset_network import OffsetPolicy
+from solm_compile.policy.offsets import OffsetGrid
 
 FORMAT = "solm-policy"
 VERSION = 1
@@ -94,6 +98,11 @@ class LoadedPolicy:
     train_config: dict                      # TrainConfig.to_dict() as saved
     step: int                               # updates done when it was saved
     path: Path
+    floor: dict | None = None               # offsets: {"id", "layer_costs"} of the floor it deviates from
+
+    @property
+    def kind(self) -> str:
+        return str(self.train_config.get("policy_kind", "joint"))
 
 
 def check_mlp_skip(lp: "LoadedPolicy", gate: GateConfig) -> None:
@@ -103,10 +112,24 @@ def check_mlp_skip(lp: "LoadedPolicy", gate: GateConfig) -> None:
                         f"{lp.gate.mlp_skip}); its ρ does not transfer")
 
 
+def require_joint(lp: "LoadedPolicy", what: str) -> "LoadedPolicy":
+    """An offsets policy runs in the torch engine only (``solm eval``); ``what`` (the artifact, the torch.compile
+    backend) takes one joint action per row (docs/policy.md, item 4 of what is left)."""
+    if lp.kind != "joint":
+        raise UserError(f"{lp.path}: a --policy-kind {lp.kind} policy; {what} runs joint policies only "
+                        "(solm eval evaluates it; docs/policy.md)")
+    return lp
+
+
 def build_policy(ck: dict) -> tuple[RecurrentActorCriticPolicy, ActionGrid]:
     grid = ActionGrid.from_dict(ck["grid"])
     pcfg = PolicyConfig.from_dict(dict(ck["train_config"]["policy"]))
-    policy = RecurrentActorCriticPolicy(int(ck["model"]["hidden_size"]), grid.num_actions, pcfg)
+    if ck["train_config"].get("policy_kind", "joint") == "offsets":
+        og = dict(ck["offset_grid"])
+        og = OffsetGrid(tuple(og["offsets"]), int(og["groups"]), float(og["prior"]), tuple(og["lowest"]))
+        policy = OffsetPolicy(int(ck["model"]["hidden_size"]), og, pcfg)
+    else:
+        policy = RecurrentActorCriticPolicy(int(ck["model"]["hidden_size"]), grid.num_actions, pcfg)
     policy.load_state_dict(ck["policy"])
     return policy, grid
 
@@ -124,7 +147,8 @@ def load_policy(path: Path, lm_info: Any) -> LoadedPolicy:
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: policy checkpoint does not match its own config ({reason[:160]})") from e
-    return LoadedPolicy(policy.eval(), grid, gate, dict(ck["train_config"]), int(ck.get("step", 0)), path)
+    return LoadedPolicy(policy.eval(), grid, gate, dict(ck["train_config"]), int(ck.get("step", 0)), path,
+                        ck.get("floor"))
 
 
 POLICY_DIR = Path(__file__).resolve().parent / "shipped"

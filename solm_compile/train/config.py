@@ -11,6 +11,7 @@ from solm_compile.policy.step import EPISODE_LEN
 from solm_compile.train import grpo
 
 REWARDS = ("ll", "kl")
+POLICY_KINDS = ("joint", "offsets")   # one joint action per step (SOL's), or offsets over the floor (docs/policy.md)
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"          # the checkpoint that scored best on the validation blocks (solm train ships it)
 METRICS = "metrics.jsonl"
@@ -48,6 +49,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 2.0
     grid: ActionGrid = field(default_factory=ActionGrid)
+    policy_kind: str = "joint"
+    floor: str = "uniform"              # offsets: the floor they deviate from: "uniform" or "layers:<file sha256>"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     def __post_init__(self) -> None:
@@ -67,6 +70,12 @@ class TrainConfig:
         check(self.reward in REWARDS, f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
         check(self.minibatch_decisions >= self.T,
               f"minibatch_decisions ({self.minibatch_decisions}) must hold one episode (T={self.T})")
+        check(self.policy_kind in POLICY_KINDS,
+              f"policy_kind must be one of {', '.join(POLICY_KINDS)}, got {self.policy_kind!r}")
+        check(self.floor == "uniform" or (self.floor.startswith("layers:") and len(self.floor) > 7),
+              f"floor must be 'uniform' or 'layers:<sha256>', got {self.floor!r}")
+        check(self.floor == "uniform" or self.policy_kind == "offsets",
+              f"a floor ({self.floor}) is what offsets deviate from: it needs policy_kind 'offsets'")
         check(self.tau > 0, f"tau must be > 0, got {self.tau}")
         check(0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1], got {self.gamma}")
         check(self.dead_zone >= 0, f"dead_zone must be >= 0, got {self.dead_zone}")

@@ -27,7 +27,6 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -38,6 +37,8 @@ from solm_compile.policy import checkpoint
 from solm_compile.policy.actions import AXES
 from solm_compile.policy.network import RecurrentActorCriticPolicy
 from solm_compile.train import grpo
+from solm_compile.eval.floor import LayerCosts
+from solm_compile.train.kinds import kind_of
 from solm_compile.train.config import _RESUMABLE, BEST, CHECKPOINT, METRICS, TrainConfig  # noqa: F401
 from solm_compile.train.rollout import Episode, gate_of, rollout  # noqa: F401 (re-exported)
 
@@ -76,7 +77,7 @@ def _advantages(ep: Episode, cfg: TrainConfig, alpha: Tensor) -> tuple[Tensor, T
     return adv.reshape(B * K, T), pen
 
 
-def _update(model, policy: RecurrentActorCriticPolicy, opt: torch.optim.Optimizer, buf: dict, cfg: TrainConfig,
+def _update(model, policy: RecurrentActorCriticPolicy, kind, opt: torch.optim.Optimizer, buf: dict, cfg: TrainConfig,
             gen: torch.Generator, world: int) -> dict:
     """``ppo_epochs`` passes over the buffer: minibatches of ~minibatch_decisions, an AdamW step every grad_accum."""
     M = buf["actions"].shape[0]
@@ -95,9 +96,9 @@ def _update(model, policy: RecurrentActorCriticPolicy, opt: torch.optim.Optimize
             sync = world == 1 or j == len(group) - 1
             with nullcontext() if sync else model.no_sync():
                 logits = model(buf["h"][c], buf["e"][c], buf["scalars"][c], buf["prev"][c], cfg.tau)  # [m, T, A]
-                logp = F.log_softmax(logits, -1).gather(-1, buf["actions"][c][..., None])[..., 0]   # [m, T]
-                loss, st = grpo.clipped_loss(logp, buf["logp"][c], buf["adv"][c], grpo.entropy(logits),
-                                             buf["eff"][c], cfg.clip, cfg.entropy_coef)
+                logp, ent = kind.logp_entropy(logits, buf["actions"][c])                            # [m, T] each
+                loss, st = grpo.clipped_loss(logp, buf["logp"][c], buf["adv"][c], ent, buf["eff"][c], cfg.clip,
+                                             cfg.entropy_coef)
                 w = buf["eff"][c].sum() / n_group
                 (loss * w).backward()
             stats["loss"] += float(loss.detach() * w) / len(groups)
@@ -131,7 +132,7 @@ def _select(out: Path, validate: Callable, policy, payload: dict, step: int, his
     return best
 
 
-def _save(out: Path, cfg: TrainConfig, gate: GateConfig, ident: dict, policy, opt, step: int, batches: int,
+def _save(out: Path, cfg: TrainConfig, gate: GateConfig, ident: dict, kind, policy, opt, step: int, batches: int,
           gen: torch.Generator, history: list, rank: int, world: int, meta: dict, validate: Optional[Callable],
           best: dict) -> dict:
     states = [gen.get_state()]
@@ -139,7 +140,7 @@ def _save(out: Path, cfg: TrainConfig, gate: GateConfig, ident: dict, policy, op
         states = [None] * world
         dist.all_gather_object(states, gen.get_state())
     if rank == 0:
-        payload = {**checkpoint.policy_payload(policy, cfg.grid, gate, ident, cfg.to_dict()), **meta}
+        payload = {**checkpoint.policy_payload(policy, cfg.grid, gate, ident, cfg.to_dict()), **kind.record(), **meta}
         if validate is not None:
             best = _select(out, validate, policy, payload, step, history, best)
         checkpoint.save(out / CHECKPOINT, {
@@ -154,7 +155,11 @@ def _save(out: Path, cfg: TrainConfig, gate: GateConfig, ident: dict, policy, op
 def _restore(path: Path, lm: Any, cfg: TrainConfig, policy, opt, gen: torch.Generator, rank: int, world: int):
     ck = checkpoint.read(path)
     checkpoint.check_identity(path, ck, lm.info)
-    old = {k: v for k, v in ck["train_config"].items() if k not in _RESUMABLE}
+    was_kind = ck["train_config"].get("policy_kind", "joint")     # checkpoints before the kinds were joint
+    if was_kind != cfg.policy_kind:
+        raise UserError(f"--policy-kind {cfg.policy_kind}: cannot resume {path}, trained with --policy-kind {was_kind}")
+    saved = {"policy_kind": "joint", "floor": "uniform", **ck["train_config"]}
+    old = {k: v for k, v in saved.items() if k not in _RESUMABLE}
     new = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE}
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
@@ -174,7 +179,7 @@ def _restore(path: Path, lm: Any, cfg: TrainConfig, policy, opt, gen: torch.Gene
     return int(ck["step"]), int(ck["batches"]), list(ck["history"]), dict(ck.get("best") or {})
 
 
-def _collect(lm, policy, blocks: Tensor, shard: Tensor, batches: int, n_batches: int, cfg: TrainConfig,
+def _collect(lm, policy, kind, blocks: Tensor, shard: Tensor, batches: int, n_batches: int, cfg: TrainConfig,
              gate: GateConfig, gen: torch.Generator) -> tuple[list[Episode], dict, int]:
     """Roll out ``n_batches`` batches of B blocks; return the episodes, the update buffer and the batch counter."""
     alpha = grpo.penalty_alpha(cfg.grid, cfg.alpha)
@@ -184,8 +189,7 @@ def _collect(lm, policy, blocks: Tensor, shard: Tensor, batches: int, n_batches:
         idx = _batch_indices(shard, batches, cfg.B, cfg.seed)
         batches += 1
         targets = grpo.sample_budgets(cfg.B, cfg.grid, gen)
-        ep = rollout(lm, policy, blocks[idx], targets, cfg.grid, T=cfg.T, K=cfg.K, tau=cfg.tau,
-                     reward=cfg.reward, generator=gen, min_len=gate.min_len)
+        ep = kind.rollout(lm, policy, blocks[idx], targets, gen, gate.min_len)
         adv, pen = _advantages(ep, cfg, alpha)
         eps.append(ep), advs.append(adv), pens.append(pen)
     keys = ("h", "e", "scalars", "prev", "actions", "logp", "eff")
@@ -205,13 +209,15 @@ def _episode_metrics(eps: list[Episode], buf: dict) -> dict:
 
 
 def train(lm: Any, blocks: Tensor, cfg: TrainConfig, out: Path, resume: bool = False,
-          progress: bool = True, validate: Optional[Callable] = None, meta: Optional[dict] = None) -> TrainResult:
+          progress: bool = True, validate: Optional[Callable] = None, meta: Optional[dict] = None,
+          floor_costs: Optional[LayerCosts] = None) -> TrainResult:
     """Train a policy for ``lm`` on token ``blocks`` [N, ctx+T+1]; checkpoints go to ``out/checkpoint.pt``.
 
     ``validate(policy) -> {"score": lower is better, ...}`` (rank 0, at every checkpoint): the best-scoring
     checkpoint so far is kept as ``out/best.pt`` with ``selection`` = {step, score, validation}; the run's
     checkpoint records it (``best``) so a resume goes on comparing against it. ``meta`` (e.g. the training data's
-    record) is stored in every checkpoint."""
+    record) is stored in every checkpoint. ``floor_costs``: the ``layers`` calibration an ``offsets`` policy's floor
+    is (``cfg.floor`` 'layers:<hash>'; ``train/kinds.py``)."""
     out = Path(out)
     rank, world = _dist()
     if blocks.dim() != 2 or blocks.shape[1] != cfg.ctx + cfg.T + 1:
@@ -221,9 +227,10 @@ def train(lm: Any, blocks: Tensor, cfg: TrainConfig, out: Path, resume: bool = F
     if len(shard) < cfg.B:
         raise UserError(f"{blocks.shape[0]} training blocks over {world} process(es) leave fewer than B={cfg.B} each")
     gate, ident = gate_of(lm), checkpoint.model_identity(lm.info)
+    kind = kind_of(cfg, floor_costs, ident["num_layers"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        policy = RecurrentActorCriticPolicy(ident["hidden_size"], cfg.grid.num_actions, cfg.policy)
+        policy = kind.make(ident["hidden_size"])
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 7919 * (rank + 1))
     path = out / CHECKPOINT
@@ -247,10 +254,10 @@ def train(lm: Any, blocks: Tensor, cfg: TrainConfig, out: Path, resume: bool = F
     bar = tqdm(total=cfg.updates, initial=step, desc="grpo", unit="upd", disable=not progress or rank != 0)
     while step < cfg.updates:
         t0 = time.perf_counter()
-        eps, buf, batches = _collect(lm, policy, blocks, shard, batches, n_batches, cfg, gate, gen)
+        eps, buf, batches = _collect(lm, policy, kind, blocks, shard, batches, n_batches, cfg, gate, gen)
         t_roll = time.perf_counter() - t0
         policy.train()
-        stats = _update(model, policy, opt, buf, cfg, gen, world)
+        stats = _update(model, policy, kind, opt, buf, cfg, gen, world)
         step += 1
         timing = {"rollout_s": t_roll, "update_s": time.perf_counter() - t0, "lr": cfg.lr,
                   "entropy_coef": cfg.entropy_coef, **{f"alpha_{a}": w for a, w in zip(AXES, cfg.alpha)}}
@@ -260,7 +267,7 @@ def train(lm: Any, blocks: Tensor, cfg: TrainConfig, out: Path, resume: bool = F
         bar.set_postfix(r=f"{metrics['reward']:.3f}", tok=f"{metrics['use_tok']:.2f}", pru=f"{metrics['use_pru']:.2f}",
                         q=f"{metrics['use_q']:.2f}", loss=f"{metrics['loss']:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.updates:
-            best = _save(out, cfg, gate, ident, policy, opt, step, batches, gen, history, rank, world, meta or {},
+            best = _save(out, cfg, gate, ident, kind, policy, opt, step, batches, gen, history, rank, world, meta or {},
                          validate, best)
     bar.close()
     policy.eval()

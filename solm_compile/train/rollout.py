@@ -26,8 +26,8 @@ class Episode:
     h: Tensor          # [N, T, D] policy input: LM last hidden at the previous position
     e: Tensor          # [N, T, D] policy input: embedding of the current token
     scalars: Tensor    # [N, T, 8]
-    prev: Tensor       # [N, T] previous effective action (BOS at t=0)
-    actions: Tensor    # [N, T] chosen action (sampled or greedy)
+    prev: Tensor       # [N, T] previous effective action (BOS at t=0); offsets: [N, T, G·2] embedding rows
+    actions: Tensor    # [N, T] chosen action (sampled or greedy); offsets: [N, T, G, 2] choices
     logp: Tensor       # [N, T] log pi(action) at tau when chosen
     eff: Tensor        # [N, T] bool: effective step (the action was applied and counts towards usage)
     reward: Tensor     # [N, T] per-step reward
@@ -41,17 +41,12 @@ def gate_of(lm: Any) -> GateConfig:
     return gate if isinstance(gate, GateConfig) else GateConfig()
 
 
-@torch.no_grad()
-def rollout(lm: Any, policy: RecurrentActorCriticPolicy, blocks: Tensor, targets: Tensor, grid: ActionGrid, *,
-            T: int, K: int, tau: float = 1.0, greedy: bool = False, reward: str = "ll",
-            generator: Optional[torch.Generator] = None, min_len: Optional[int] = None) -> Episode:
-    """Dense prefill of blocks[:, :-T-1], then T teacher-forced steps under policy control, K rollouts each.
-
-    blocks [B, ctx+T+1]: step t feeds token ctx+t and scores token ctx+t+1. targets [B, 3].
-    """
+def teacher_forced(lm: Any, blocks: Tensor, T: int, K: int, reward: str):
+    """What every rollout shares: the dense prefill of blocks[:, :-T-1] tiled K times (rows b·K + k), the dense
+    teacher-forced log-probs for the kl reward (None for ll), and the T steps' embeddings, labels and ids.
+    -> hid [B, ctx, D], cache [N, ...], dense_lp [N, T, V] | None, E [N, T, D], labels [N, T], ids [N, T]."""
     B, n = blocks.shape
-    ctx, N = n - T - 1, B * K
-    min_len = gate_of(lm).min_len if min_len is None else min_len
+    ctx = n - T - 1
     _, hid, cache = lm.prefill(blocks[:, :ctx])                       # hid [B, ctx, D]
     tiled = cache.repeat_interleave(K)                                # [N, ...] rows b·K + k
     dense_lp = None
@@ -62,10 +57,33 @@ def rollout(lm: Any, policy: RecurrentActorCriticPolicy, blocks: Tensor, targets
             lg, _, cache = lm.step(blocks[:, ctx + t, None], cache, ones, ones, sixteen)   # [B, 1, V]
             lps.append(F.log_softmax(lg[:, 0].float(), dim=-1))
         dense_lp = torch.stack(lps, 1).repeat_interleave(K, 0)       # [N, T, V]
-    cache = tiled
     E = lm.embed(blocks[:, ctx:ctx + T]).float().repeat_interleave(K, 0)   # [N, T, D]
     labels = blocks[:, ctx + 1:ctx + T + 1].repeat_interleave(K, 0)        # [N, T]
     ids = blocks[:, ctx:ctx + T].repeat_interleave(K, 0)                   # [N, T]
+    return hid, tiled, dense_lp, E, labels, ids
+
+
+def step_reward(logits: Tensor, labels: Tensor, dense_lp: Optional[Tensor], t: int) -> tuple[Tensor, Tensor]:
+    """(log p(true), reward) of one step: logits [N, V], labels [N]; reward −KL(dense‖sparse) with dense_lp, else
+    log p(true)."""
+    lp_true = grpo.ll_reward(logits, labels)                          # [N]
+    if dense_lp is None:
+        return lp_true, lp_true
+    lp_s = F.log_softmax(logits.float(), dim=-1)                      # [N, V]
+    return lp_true, -(dense_lp[:, t].exp() * (dense_lp[:, t] - lp_s)).sum(-1)   # [N], [N]
+
+
+@torch.no_grad()
+def rollout(lm: Any, policy: RecurrentActorCriticPolicy, blocks: Tensor, targets: Tensor, grid: ActionGrid, *,
+            T: int, K: int, tau: float = 1.0, greedy: bool = False, reward: str = "ll",
+            generator: Optional[torch.Generator] = None, min_len: Optional[int] = None) -> Episode:
+    """Dense prefill of blocks[:, :-T-1], then T teacher-forced steps under policy control, K rollouts each.
+
+    blocks [B, ctx+T+1]: step t feeds token ctx+t and scores token ctx+t+1. targets [B, 3].
+    """
+    N = blocks.shape[0] * K
+    min_len = gate_of(lm).min_len if min_len is None else min_len
+    hid, cache, dense_lp, E, labels, ids = teacher_forced(lm, blocks, T, K, reward)
     C = targets.float().repeat_interleave(K, 0)                            # [N, 3]
     ps = PolicyStep(policy, grid, T)
     state = ps.start(N, hid[:, -1].float().repeat_interleave(K, 0))       # h [N, D]
@@ -77,12 +95,7 @@ def rollout(lm: Any, policy: RecurrentActorCriticPolicy, blocks: Tensor, targets
         kappa, rho, bits = d.controls.unbind(-1)                           # 3 x [N]
         lg, hid, cache = lm.step(ids[:, t, None], cache, kappa.contiguous(), rho.contiguous(),
                                  bits.contiguous())                        # [N, 1, V], [N, 1, D]
-        lp_true = grpo.ll_reward(lg[:, 0], labels[:, t])                  # [N]
-        if reward == "kl":
-            lp_s = F.log_softmax(lg[:, 0].float(), dim=-1)                # [N, V]
-            r = -(dense_lp[:, t].exp() * (dense_lp[:, t] - lp_s)).sum(-1)  # [N]
-        else:
-            r = lp_true
+        lp_true, r = step_reward(lg[:, 0], labels[:, t], dense_lp, t)     # [N], [N]
         for k, v in (("h", state.hidden), ("s", d.scalars), ("prev", state.prev), ("a", d.action), ("logp", logp),
                      ("eff", eff), ("r", r), ("lp", lp_true)):
             out[k].append(v)
