@@ -39,9 +39,13 @@ def _dequantized(path) -> list[np.ndarray]:
             out.append(((q - z[..., None]) * scale.reshape(n, nb)[..., None]).reshape(n, k))
         elif node.op_type == "GatherBlockQuantized":
             codes, scale, zp = (init[node.input[i]] for i in (0, 2, 3))
+            a = _attrs(node)
+            codes = _nibbles(codes) if a["bits"] == 4 else codes                 # [V, D]
             v, dim = codes.shape
-            q = codes.reshape(v, -1, _attrs(node)["block_size"]).astype(np.float32)
-            out.append(((q - zp.astype(np.float32)[..., None]) * scale[..., None]).reshape(v, dim))
+            nb = dim // a["block_size"]
+            z = (_nibbles(zp)[:, :nb] if a["bits"] == 4 else zp).astype(np.float32)   # [V, nb]
+            q = codes.reshape(v, nb, a["block_size"]).astype(np.float32)
+            out.append(((q - z[..., None]) * scale[..., None]).reshape(v, dim))
     return out
 
 
@@ -122,3 +126,36 @@ def test_int4_dense_artifact_matches_pytorch_on_its_dequantized_weights(tiny, ac
     scale = np.abs(want).max()
     assert np.abs(got - want).max() <= tol * scale
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 7 / 9
+
+
+def test_int4_head_bits_4_stores_the_table_at_4_bits_and_matches_pytorch(tiny):
+    """``head_bits=4``: the embedding lookup (GatherBlockQuantized bits 4) and the LM head (MatMulNBits bits 4) on
+    the 4-bit table; fp32 activations give HF eager's logits on those weights, dequantised here from the bytes."""
+    from test_loading import tiny_hf_llama
+
+    from solm_compile.api import SolmConfig, compile
+
+    art = compile(str(tiny / "tiny"), SolmConfig(kind="dense", weights="int4", head_bits=4, activations="fp32"),
+                  tiny / "int4-head4.onnx")
+    g = onnx.load(str(art)).graph
+    assert all(_attrs(n)["bits"] == 4 for n in g.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
+    assert [n.op_type for n in g.node].count("GatherBlockQuantized") == 1
+    assert read_metadata(art)["weights"]["head_bits"] == 4
+    weights = _dequantized(art)
+    vocab = tiny_hf_llama().config.vocab_size
+    assert sum(w.shape[0] == vocab for w in weights) == 2                    # the embedding and the head
+    ref = _reference(tiny_hf_llama().float().eval(), weights)
+    ids = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 8, 9]])
+    with torch.no_grad():
+        want = ref(ids).logits[0].numpy()                                    # [9, V]
+    got = _decode(art, ids.numpy(), 6)                                        # [9, V]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("weights, bits", [("int8", 4), ("int4", 6), ("source", 4)])
+def test_head_bits_refuses_what_it_cannot_mean(weights, bits):
+    from solm_compile.api import SolmConfig
+    from solm_compile.errors import UserError
+
+    with pytest.raises(UserError, match="--head-bits"):
+        SolmConfig(weights=weights, head_bits=bits)
