@@ -36,7 +36,10 @@ def _dequantized(path) -> list[np.ndarray]:
             nb = k // block
             q = (_nibbles(codes) if bits == 4 else codes).reshape(n, nb, block).astype(np.float32)
             z = (_nibbles(zp)[:, :nb] if bits == 4 else zp).reshape(n, nb).astype(np.float32)
-            out.append(((q - z[..., None]) * scale.reshape(n, nb)[..., None]).reshape(n, k))
+            w = ((q - z[..., None]) * scale.reshape(n, nb)[..., None]).reshape(n, k)
+            split = [m for m in g.node if m.op_type == "Split" and m.input[0] == node.output[0]]
+            rows = np.cumsum(init[split[0].input[1]])[:-1] if split else []        # packed q/k/v, gate/up
+            out.extend(np.split(w, rows))
         elif node.op_type == "GatherBlockQuantized":
             codes, scale, zp = (init[node.input[i]] for i in (0, 2, 3))
             a = _attrs(node)
@@ -99,11 +102,14 @@ def test_int4_dense_artifact_ships_the_fused_ops(tiny):
     g = onnx.load(str(art)).graph
     ops = [n.op_type for n in g.node]
     assert ops.count("GroupQueryAttention") == 2 and ops.count("RotaryEmbedding") == 4     # q and k per layer
-    assert ops.count("RMSNormalization") == 2 * 2 + 1 and ops.count("MatMulNBits") == 2 * 7 + 1
-    assert not {"MatMul", "ReduceSum", "Softmax", "Pow", "Sqrt", "Reciprocal", "Transpose"} & set(ops)
+    # per layer: packed qkv, o, packed gate/up, down; the first norm alone, the other 2·2 with the residual add
+    assert ops.count("MatMulNBits") == 2 * 4 + 1 and ops.count("Split") == 2 * 2
+    assert ops.count("RMSNormalization") == 1 and ops.count("SkipSimplifiedLayerNormalization") == 2 * 2
+    assert not {"MatMul", "ReduceSum", "Softmax", "Pow", "Sqrt", "Reciprocal", "Transpose", "Add"} & set(ops[8:])
     nbits = [_attrs(n) for n in g.node if n.op_type == "MatMulNBits"]
     assert all(a["accuracy_level"] == 4 and a["block_size"] == 32 for a in nbits)
-    assert sorted(a["bits"] for a in nbits).count(4) == 2 * 7                 # every linear 4-bit, the head 8-bit
+    assert sorted(a["bits"] for a in nbits).count(4) == 2 * 4                 # every linear 4-bit, the head 8-bit
+    assert sorted(a["N"] for a in nbits if a["bits"] == 4) == [32] * 4 + [64] * 2 + [128] * 2   # q+k+v, gate+up
     assert all(len(n.input) >= 4 and n.input[3] for n in g.node if n.op_type == "MatMulNBits")   # zero points
 
 
@@ -159,3 +165,22 @@ def test_head_bits_refuses_what_it_cannot_mean(weights, bits):
 
     with pytest.raises(UserError, match="--head-bits"):
         SolmConfig(weights=weights, head_bits=bits)
+
+
+@pytest.mark.parametrize("activations, tol", [("fp32", 1e-5), ("int8", 1e-5)])
+def test_dense_fusions_give_the_unfused_artifacts_logits(tiny, monkeypatch, activations, tol):
+    """Packed q/k/v and gate/up MatMulNBits and SkipSimplifiedLayerNormalization compute the same elements as the
+    unfused graph (the same int8-quantized activations per block): prefill 6 ids then 3 steps on the KV buffer."""
+    import solm_compile.artifact.dense as dense
+    from solm_compile.api import SolmConfig, compile
+
+    cfg = SolmConfig(kind="dense", weights="int4", activations=activations)
+    fused = compile(str(tiny / "tiny"), cfg, tiny / f"fused-{activations}.onnx")
+    monkeypatch.setattr(dense, "_dense_passes", lambda: ())
+    plain = compile(str(tiny / "tiny"), cfg, tiny / f"plain-{activations}.onnx")
+    ops = {p: [n.op_type for n in onnx.load(str(p)).graph.node] for p in (fused, plain)}
+    assert "SkipSimplifiedLayerNormalization" not in ops[plain] and ops[plain].count("MatMulNBits") == 2 * 7 + 1
+    assert len(ops[fused]) == len(ops[plain]) - 2 * 1 - 2 * 2     # per layer: q/k/v 3 → 1 + Split; 2 adds
+    ids = np.array([[5, 17, 99, 3, 250, 42, 7, 8, 9]])
+    want, got = _decode(plain, ids, 6), _decode(fused, ids, 6)               # [9, V] each
+    assert np.abs(got - want).max() <= tol * np.abs(want).max()

@@ -95,3 +95,23 @@ def fuse_dense_attention(program) -> dict:
     layers = result.counts["group_query_attention"]
     return {"attention": "GroupQueryAttention", "layers": layers, "unfused": result.skipped,
             "kv_cache": "buffer" if result.counts.get("kv_buffer") else "concat"}
+
+
+def _dense_passes() -> tuple:
+    """The stock-onnxruntime fusions of the dense artifact, in order (after ``pack_weights``): genai's packed QKV
+    (and gate/up) MatMulNBits, and SkipSimplifiedLayerNormalization for each residual add + RMSNorm."""
+    from solm_compile.passes.fuse_skip_norm import fuse_skip_norm
+    from solm_compile.passes.pack_matmuls import pack_matmuls
+
+    return (pack_matmuls, fuse_skip_norm)
+
+
+def fuse_dense_ops(program, passes=None) -> dict:
+    """``passes`` (default ``_dense_passes()``) on ``program.model`` in place; returns their counts and the node
+    count after (the metadata's ``dense_ops``)."""
+    counts = {}
+    for fuse in _dense_passes() if passes is None else passes:
+        r = fuse(program.model)
+        log.debug("%s: %s (skipped: %s)", r.name, dict(r.counts), r.skipped)
+        counts.update(r.counts)
+    return {**counts, "nodes": len(list(program.model.graph))}
