@@ -37,9 +37,7 @@ def _dequantized(path) -> list[np.ndarray]:
             q = (_nibbles(codes) if bits == 4 else codes).reshape(n, nb, block).astype(np.float32)
             z = (_nibbles(zp)[:, :nb] if bits == 4 else zp).reshape(n, nb).astype(np.float32)
             w = ((q - z[..., None]) * scale.reshape(n, nb)[..., None]).reshape(n, k)
-            split = [m for m in g.node if m.op_type == "Split" and m.input[0] == node.output[0]]
-            rows = np.cumsum(init[split[0].input[1]])[:-1] if split else []        # packed q/k/v, gate/up
-            out.extend(np.split(w, rows))
+            out.extend(np.split(w, _packed_rows(g, node.output[0], init, n)))
         elif node.op_type == "GatherBlockQuantized":
             codes, scale, zp = (init[node.input[i]] for i in (0, 2, 3))
             a = _attrs(node)
@@ -50,6 +48,19 @@ def _dequantized(path) -> list[np.ndarray]:
             q = codes.reshape(v, nb, a["block_size"]).astype(np.float32)
             out.append(((q - z[..., None]) * scale[..., None]).reshape(v, dim))
     return out
+
+
+def _packed_rows(g, value: str, init: dict, n: int) -> list[int]:
+    """Where a packed weight's rows split: by the Split reading it (gate/up), by GroupQueryAttention's heads when it
+    is the attention's packed query (q, k, v), else nowhere."""
+    for m in g.node:
+        if m.op_type == "Split" and m.input[0] == value:
+            return list(np.cumsum(init[m.input[1]])[:-1])
+        if m.op_type == "GroupQueryAttention" and m.input[0] == value and not m.input[1]:
+            a = _attrs(m)
+            d = n // (a["num_heads"] + 2 * a["kv_num_heads"])
+            return [a["num_heads"] * d, (a["num_heads"] + a["kv_num_heads"]) * d]
+    return []
 
 
 def _reference(model, weights: list[np.ndarray]):
@@ -65,10 +76,22 @@ def _reference(model, weights: list[np.ndarray]):
     return model
 
 
+def tiny_hf_llama():
+    """test_loading's tiny Llama with head size 16 (onnxruntime's rotary inside GroupQueryAttention needs a
+    multiple of 16) and 2 blocks of 32 per row."""
+    from test_loading import LAYERS, _vocab
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(_vocab()), hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=10000.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(cfg).eval()
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from test_loading import tiny_hf_llama
-
     d = tmp_path_factory.mktemp("dense-int4")
     tiny_hf_llama().save_pretrained(d / "tiny")
     return d
@@ -101,15 +124,17 @@ def test_int4_dense_artifact_ships_the_fused_ops(tiny):
     assert meta["kv_cache"] == {"layout": "buffer", "dtype": "float32"}
     g = onnx.load(str(art)).graph
     ops = [n.op_type for n in g.node]
-    assert ops.count("GroupQueryAttention") == 2 and ops.count("RotaryEmbedding") == 4     # q and k per layer
-    # per layer: packed qkv, o, packed gate/up, down; the first norm alone, the other 2·2 with the residual add
-    assert ops.count("MatMulNBits") == 2 * 4 + 1 and ops.count("Split") == 2 * 2
+    gqa = [_attrs(n) for n in g.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all(a["do_rotary"] == 1 and a["rotary_interleaved"] == 0 for a in gqa)
+    assert all(n.input[1] == n.input[2] == "" for n in g.node if n.op_type == "GroupQueryAttention")   # packed qkv
+    # per layer: packed qkv, o, packed gate/up (+ Split), down; the first norm alone, 2·2 with the residual add
+    assert ops.count("MatMulNBits") == 2 * 4 + 1 and ops.count("Split") == 2 and "RotaryEmbedding" not in ops
     assert ops.count("RMSNormalization") == 1 and ops.count("SkipSimplifiedLayerNormalization") == 2 * 2
     assert not {"MatMul", "ReduceSum", "Softmax", "Pow", "Sqrt", "Reciprocal", "Transpose", "Add"} & set(ops[8:])
     nbits = [_attrs(n) for n in g.node if n.op_type == "MatMulNBits"]
     assert all(a["accuracy_level"] == 4 and a["block_size"] == 32 for a in nbits)
     assert sorted(a["bits"] for a in nbits).count(4) == 2 * 4                 # every linear 4-bit, the head 8-bit
-    assert sorted(a["N"] for a in nbits if a["bits"] == 4) == [32] * 4 + [64] * 2 + [128] * 2   # q+k+v, gate+up
+    assert sorted(a["N"] for a in nbits if a["bits"] == 4) == [64] * 4 + [128] * 2 + [256] * 2  # q+k+v, gate+up
     assert all(len(n.input) >= 4 and n.input[3] for n in g.node if n.op_type == "MatMulNBits")   # zero points
 
 
@@ -118,8 +143,6 @@ def test_int4_dense_artifact_matches_pytorch_on_its_dequantized_weights(tiny, ac
     """Prefill 6 ids, then 3 steps: HF eager on the artifact's own weights (dequantised above). fp32 activations
     (accuracy_level 0) agree to float rounding; int8 activations per block of 32 (the default, accuracy_level 4)
     to a few percent of the logits' range, the greedy tokens mostly the same."""
-    from test_loading import tiny_hf_llama
-
     from solm_compile.api import SolmConfig, compile
 
     art = compile(str(tiny / "tiny"), SolmConfig(kind="dense", weights="int4", activations=activations),
@@ -137,8 +160,6 @@ def test_int4_dense_artifact_matches_pytorch_on_its_dequantized_weights(tiny, ac
 def test_int4_head_bits_4_stores_the_table_at_4_bits_and_matches_pytorch(tiny):
     """``head_bits=4``: the embedding lookup (GatherBlockQuantized bits 4) and the LM head (MatMulNBits bits 4) on
     the 4-bit table; fp32 activations give HF eager's logits on those weights, dequantised here from the bytes."""
-    from test_loading import tiny_hf_llama
-
     from solm_compile.api import SolmConfig, compile
 
     art = compile(str(tiny / "tiny"), SolmConfig(kind="dense", weights="int4", head_bits=4, activations="fp32"),
@@ -169,8 +190,9 @@ def test_head_bits_refuses_what_it_cannot_mean(weights, bits):
 
 @pytest.mark.parametrize("activations, tol", [("fp32", 1e-5), ("int8", 1e-5)])
 def test_dense_fusions_give_the_unfused_artifacts_logits(tiny, monkeypatch, activations, tol):
-    """Packed q/k/v and gate/up MatMulNBits and SkipSimplifiedLayerNormalization compute the same elements as the
-    unfused graph (the same int8-quantized activations per block): prefill 6 ids then 3 steps on the KV buffer."""
+    """Packed q/k/v and gate/up MatMulNBits, RoPE inside GroupQueryAttention (cos/sin caches) and
+    SkipSimplifiedLayerNormalization compute what the unfused graph does (the same int8-quantized activations per
+    block; cos and sin from a table): prefill 6 ids then 3 steps on the KV buffer."""
     import solm_compile.artifact.dense as dense
     from solm_compile.api import SolmConfig, compile
 
@@ -180,7 +202,8 @@ def test_dense_fusions_give_the_unfused_artifacts_logits(tiny, monkeypatch, acti
     plain = compile(str(tiny / "tiny"), cfg, tiny / f"plain-{activations}.onnx")
     ops = {p: [n.op_type for n in onnx.load(str(p)).graph.node] for p in (fused, plain)}
     assert "SkipSimplifiedLayerNormalization" not in ops[plain] and ops[plain].count("MatMulNBits") == 2 * 7 + 1
-    assert len(ops[fused]) == len(ops[plain]) - 2 * 1 - 2 * 2     # per layer: q/k/v 3 → 1 + Split; 2 adds
+    # per layer: q/k/v 3 → 1, 2 RotaryEmbedding and 2 adds; once: the angles' Unsqueeze, Cast, Mul, Cos, Sin
+    assert len(ops[fused]) == len(ops[plain]) - 2 * (2 + 2 + 2) - 5
     ids = np.array([[5, 17, 99, 3, 250, 42, 7, 8, 9]])
     want, got = _decode(plain, ids, 6), _decode(fused, ids, 6)               # [9, V] each
     assert np.abs(got - want).max() <= tol * np.abs(want).max()

@@ -99,19 +99,26 @@ def fuse_dense_attention(program) -> dict:
 
 def _dense_passes() -> tuple:
     """The stock-onnxruntime fusions of the dense artifact, in order (after ``pack_weights``): genai's packed QKV
-    (and gate/up) MatMulNBits, and SkipSimplifiedLayerNormalization for each residual add + RMSNorm."""
+    (and gate/up) MatMulNBits, RoPE inside GroupQueryAttention on the packed q/k/v (``do_rotary``), and
+    SkipSimplifiedLayerNormalization for each residual add + RMSNorm."""
     from solm_compile.passes.fuse_skip_norm import fuse_skip_norm
+    from solm_compile.passes.gqa_rotary import gqa_rotary
     from solm_compile.passes.pack_matmuls import pack_matmuls
 
-    return (pack_matmuls, fuse_skip_norm)
+    return (pack_matmuls, gqa_rotary, fuse_skip_norm)
 
 
 def fuse_dense_ops(program, passes=None) -> dict:
     """``passes`` (default ``_dense_passes()``) on ``program.model`` in place; returns their counts and the node
-    count after (the metadata's ``dense_ops``)."""
+    count after (the metadata's ``dense_ops``; ``rotary_positions``: the rows of GroupQueryAttention's cos/sin
+    caches, the positions the artifact can rotate, where ``gqa_rotary`` moved the RoPE inside)."""
+    from solm_compile.passes.gqa_rotary import POSITIONS
+
     counts = {}
     for fuse in _dense_passes() if passes is None else passes:
         r = fuse(program.model)
         log.debug("%s: %s (skipped: %s)", r.name, dict(r.counts), r.skipped)
         counts.update(r.counts)
+        if r.name == "gqa_rotary" and r.modified:
+            counts["rotary_positions"] = POSITIONS
     return {**counts, "nodes": len(list(program.model.graph))}
