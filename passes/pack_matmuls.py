@@ -45,7 +45,7 @@ def _pack(graph: ir.Graph, group: list[ir.Node]) -> None:
     parts = [[n.inputs[i].const_value.numpy() for n in group] for i in (1, 2, 3)]     # codes, scale, zero point
     ins = [first.inputs[0]] + [_const(graph, f"{name}.{i}", np.concatenate(p, axis=0)) for i, p in enumerate(parts)]
     sizes = [n.attributes["N"].value for n in group]
-    attrs = [ir.AttrInt64(k, v.value) if k != "N" else ir.AttrInt64("N", sum(sizes)) for k, v in first.attributes.items()]
+    attrs = [ir.AttrInt64(k, sum(sizes) if k == "N" else v.value) for k, v in first.attributes.items()]
     mm = ir.Node(MS, "MatMulNBits", ins, attrs)
     mm.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     split = ir.Node("", "Split", [mm.outputs[0], _const(graph, f"{name}.split", np.array(sizes, np.int64))],

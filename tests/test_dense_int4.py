@@ -97,17 +97,19 @@ def tiny(tmp_path_factory):
     return d
 
 
-def _decode(path, ids: np.ndarray, prompt: int) -> np.ndarray:
-    """Logits [T, V] of a prefill of ``prompt`` ids then one step per id, through SolmSession (buffers in place)."""
+def _decode(path, ids: np.ndarray, prompt: int, chunk: int = 1) -> np.ndarray:
+    """Logits [T, V] of a prefill of ``prompt`` ids then one run per ``chunk`` ids, through SolmSession (buffers in
+    place)."""
     from solm_compile.runtime.session import SolmSession
 
     s = SolmSession(path, tokenizer=False)
-    feeds = {"input_ids": ids[:, :prompt], "position_ids": np.arange(prompt)[None], **s._empty_past(1, 16)}
+    feeds = {"input_ids": ids[:, :prompt], "position_ids": np.arange(prompt)[None],
+             **s._empty_past(1, ids.shape[1])}
     out = s._run(feeds)
     rows = [out["logits"].numpy()[0]]
     s._carry(out, feeds)
-    for t in range(prompt, ids.shape[1]):
-        feeds["input_ids"], feeds["position_ids"] = ids[:, t:t + 1], np.array([[t]])
+    for t in range(prompt, ids.shape[1], chunk):
+        feeds["input_ids"], feeds["position_ids"] = ids[:, t:t + chunk], np.arange(t, t + chunk)[None]
         out = s._run(feeds)
         rows.append(out["logits"].numpy()[0])
         s._carry(out, feeds)
@@ -192,7 +194,7 @@ def test_head_bits_refuses_what_it_cannot_mean(weights, bits):
 def test_dense_fusions_give_the_unfused_artifacts_logits(tiny, monkeypatch, activations, tol):
     """Packed q/k/v and gate/up MatMulNBits, RoPE inside GroupQueryAttention (cos/sin caches) and
     SkipSimplifiedLayerNormalization compute what the unfused graph does (the same int8-quantized activations per
-    block; cos and sin from a table): prefill 6 ids then 3 steps on the KV buffer."""
+    block; cos and sin from a table): prefill 96 ids then 6 steps on the KV buffer, or 3 ids per run."""
     import solm_compile.artifact.dense as dense
     from solm_compile.api import SolmConfig, compile
 
@@ -204,6 +206,7 @@ def test_dense_fusions_give_the_unfused_artifacts_logits(tiny, monkeypatch, acti
     assert "SkipSimplifiedLayerNormalization" not in ops[plain] and ops[plain].count("MatMulNBits") == 2 * 7 + 1
     # per layer: q/k/v 3 → 1, 2 RotaryEmbedding and 2 adds; once: the angles' Unsqueeze, Cast, Mul, Cos, Sin
     assert len(ops[fused]) == len(ops[plain]) - 2 * (2 + 2 + 2) - 5
-    ids = np.array([[5, 17, 99, 3, 250, 42, 7, 8, 9]])
-    want, got = _decode(plain, ids, 6), _decode(fused, ids, 6)               # [9, V] each
-    assert np.abs(got - want).max() <= tol * np.abs(want).max()
+    ids = np.random.default_rng(0).integers(0, tiny_hf_llama().config.vocab_size, (1, 102))
+    for chunk in (1, 3):                                                      # steps; a continued prefill
+        want, got = _decode(plain, ids, 96, chunk), _decode(fused, ids, 96, chunk)  # [102, V] each
+        assert np.abs(got - want).max() <= tol * np.abs(want).max()

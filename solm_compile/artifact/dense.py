@@ -7,7 +7,9 @@ on probe steps (random ids and cache: 2 rows Ã— 3 tokens with no cache, 2 rows Ã
 3 tokens after 5 cached) and the fused one is kept only if its logits and presents match to float32 rounding.
 onnxruntime's GroupQueryAttention refuses the one remaining shape, several rows of several tokens over a non-empty
 cache (its message says so); the dense artifact is the single-stream baseline, which never feeds it. A model whose attention the pass misreads (a sliding window,
-a soft cap) keeps the exported graph, with a warning.
+a soft cap) keeps the exported graph, with a warning. After ``pack_weights``, ``fuse_dense_ops`` runs stock
+onnxruntime's fused forms (onnxruntime-genai's int4 graph): packed MatMulNBits, RoPE inside GroupQueryAttention,
+SkipSimplifiedLayerNormalization; each is exact up to float32 summation order (tests/test_dense_int4.py).
 """
 
 from __future__ import annotations
