@@ -6,7 +6,7 @@ low-bit values into the torch model (``quant/weights.py``). A weight is found by
 
     MatMul(x, W)       ->  MatMulNBits(x, codes, scale, zero_point)                  w = d·(q − z), z integer
                        ->  MatMulNBits(x, codes, scale, 0) + MatMul(blocksum(x), m)  w = d·q + m  (GGUF Q4_1)
-    Gather(W, ids)     ->  GatherBlockQuantized(codes, ids, scale, zero_point)       8-bit blocks only
+    Gather(W, ids)     ->  GatherBlockQuantized(codes, ids, scale, zero_point)       8 or 4 bits, integer z
     GatherND(W, ids)   ->  GatherBlockQuantized(codes, Squeeze(ids, -1), ...)        ids [..., 1], batch_dims 0
 
 The Q4_1 form is lossless: Σ_k x_k (d q_k + m) = d Σ_k x_k q_k + m Σ_k x_k per block, and the block sums of x are
@@ -105,14 +105,16 @@ def _gather(b: _Builder, node: ir.Node, bq: BlockQuant) -> ir.Value:
     """Gather(W, ids), or GatherND(W, ids[..., 1]) (the policy's own embedding lookup) = Gather(W, ids[..., 0])."""
     w, ids = node.inputs
     if id(bq) not in b.tables:                              # one packed copy per table, however many lookups
-        b.tables[id(bq)] = [b.const(f"{w.name}.q8", bq.codes.reshape(bq.shape)), b.const(f"{w.name}.scale", bq.scale),
-                            b.const(f"{w.name}.zero_point", bq.zero_point)]
+        v, dim = bq.shape                                   # 4 bits: two codes and two zero points per byte
+        b.tables[id(bq)] = [b.const(f"{w.name}.q{bq.bits}", _pack(bq.codes, bq.bits).reshape(v, dim * bq.bits // 8)),
+                            b.const(f"{w.name}.scale", bq.scale),
+                            b.const(f"{w.name}.zero_point", _pack_zero_point(bq.zero_point, bq.bits))]
     codes, scale, zero = b.tables[id(bq)]
     if node.op_type == "GatherND":
         ids = b.node(node, "Squeeze", [ids, b.const(f"{node.name}.axes", np.array([-1], np.int64))])
         ids.type = ir.TensorType(ir.DataType.INT64)
     return b.node(node, "GatherBlockQuantized", [codes, ids, scale, zero], MS, gather_axis=0, quantize_axis=1,
-                  block_size=bq.block, bits=8)
+                  block_size=bq.block, bits=bq.bits)
 
 
 def _lookup(node: ir.Node) -> bool:
@@ -158,8 +160,8 @@ def pack_weights(model: ir.Model, table: WeightTable, accuracy_level: int = 4,
         bq = table.find(w.T if matmul else w)
         if bq is None:
             continue
-        if not matmul and (bq.bits != 8 or bq.zero_point is None):
-            result.skipped.append(f"{node.name}: the embedding's {bq.fmt} blocks have no 8-bit zero-point form")
+        if not matmul and bq.zero_point is None:
+            result.skipped.append(f"{node.name}: the embedding's {bq.fmt} blocks have no integer zero point")
             continue
         y = _matmul(b, node, bq, accuracy_level) if matmul else _gather(b, node, bq)
         old = node.outputs[0]

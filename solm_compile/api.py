@@ -38,6 +38,8 @@ class SolmConfig:
     per_kv_head Quest pages chosen once per KV head (SolmEP artifacts only)
     weights     how the weights are stored: "source" (default: a GGUF keeps its own blocks, losslessly), "fp32"
                 (the exactness reference), "int8" or "int4" (round-to-nearest, block 32); see quant/weights.py
+    head_bits   under weights "int4", the embedding / LM head's bits: 8 (default; GGUF's Q4 files keep it at Q8_0)
+                or 4 (onnxruntime-genai's int4 model; 14.6 MB/token less on SmolLM2, docs/measurements.md session 14)
     activations what the low-bit matmuls multiply the weights with: "int8" (default; per block of 32, as llama.cpp
                 and onnxruntime-genai's int4 CPU model do: +0.2 % perplexity on SmolLM2) or "fp32" (exact)
     mlp_skip    (read-only: ``gate.mlp_skip``, the one source) what the MLP's ρ keeps: "x" (SOL's input channels,
@@ -67,6 +69,7 @@ class SolmConfig:
     mlir_dialect: str | None = None
     kv: str = "fp16"
     mlp_down_bits: int = 8
+    head_bits: int = 8
 
     @property
     def mlp_skip(self) -> str:
@@ -79,10 +82,11 @@ class SolmConfig:
             raise UserError(f"SolmConfig: gate must be a GateConfig, got {type(self.gate).__name__}")
         if self.policy is not None and not Path(self.policy).is_file():
             raise UserError(f"--policy {self.policy}: no such file")
-        from solm_compile.quant.weights import WEIGHTS
+        from solm_compile.quant.weights import WEIGHTS, check_head_bits
 
         if self.weights not in WEIGHTS:
             raise UserError(f"--weights: must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        check_head_bits(self.weights, self.head_bits)
         if self.kv not in ("fp16", "fp32"):
             raise UserError(f"--kv: must be fp16 or fp32, got {self.kv!r}")
         if self.activations not in ("int8", "fp32"):
@@ -148,7 +152,8 @@ def compile(model: str, config: SolmConfig = SolmConfig(), out: str | Path = "mo
     out = Path(out)
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: directory {out.parent} does not exist")
-    loaded = load_model(model, trust_pickle=config.trust_pickle, weights=config.weights)
+    loaded = load_model(model, trust_pickle=config.trust_pickle, weights=config.weights,
+                        head_bits=config.head_bits)
     gated = compile_gated(loaded, config.gate)
     lm = GatedLM(gated, _kv_shape_from_graph(loaded))
     if config.emit == "mlir":

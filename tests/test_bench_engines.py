@@ -133,6 +133,9 @@ def test_weights_go_to_load_only_where_it_takes_them():
 
     assert run.weights_plan("source", old) == ({}, False)
     assert run.weights_plan("int4", new) == ({"weights": "int4"}, True)
+    assert run.weights_plan("int4", new, head_bits=4) == ({"weights": "int4", "head_bits": 4}, True)
+    with pytest.raises(UserError, match="--head-bits 4"):
+        run.EnginesConfig(weights="int8", head_bits=4)
     with pytest.raises(UserError, match="--weights int4"):
         run.weights_plan("int4", old)
     assert run.solm_weights_label("source", False, "Q4_1") == "fp32 (dequantized Q4_1 GGUF)"

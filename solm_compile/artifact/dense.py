@@ -7,7 +7,9 @@ on probe steps (random ids and cache: 2 rows Ã— 3 tokens with no cache, 2 rows Ã
 3 tokens after 5 cached) and the fused one is kept only if its logits and presents match to float32 rounding.
 onnxruntime's GroupQueryAttention refuses the one remaining shape, several rows of several tokens over a non-empty
 cache (its message says so); the dense artifact is the single-stream baseline, which never feeds it. A model whose attention the pass misreads (a sliding window,
-a soft cap) keeps the exported graph, with a warning.
+a soft cap) keeps the exported graph, with a warning. After ``pack_weights``, ``fuse_dense_ops`` runs stock
+onnxruntime's fused forms (onnxruntime-genai's int4 graph): packed MatMulNBits, RoPE inside GroupQueryAttention,
+SkipSimplifiedLayerNormalization; each is exact up to float32 summation order (tests/test_dense_int4.py).
 """
 
 from __future__ import annotations
@@ -95,3 +97,30 @@ def fuse_dense_attention(program) -> dict:
     layers = result.counts["group_query_attention"]
     return {"attention": "GroupQueryAttention", "layers": layers, "unfused": result.skipped,
             "kv_cache": "buffer" if result.counts.get("kv_buffer") else "concat"}
+
+
+def _dense_passes() -> tuple:
+    """The stock-onnxruntime fusions of the dense artifact, in order (after ``pack_weights``): genai's packed QKV
+    (and gate/up) MatMulNBits, RoPE inside GroupQueryAttention on the packed q/k/v (``do_rotary``), and
+    SkipSimplifiedLayerNormalization for each residual add + RMSNorm."""
+    from solm_compile.passes.fuse_skip_norm import fuse_skip_norm
+    from solm_compile.passes.gqa_rotary import gqa_rotary
+    from solm_compile.passes.pack_matmuls import pack_matmuls
+
+    return (pack_matmuls, gqa_rotary, fuse_skip_norm)
+
+
+def fuse_dense_ops(program, passes=None) -> dict:
+    """``passes`` (default ``_dense_passes()``) on ``program.model`` in place; returns their counts and the node
+    count after (the metadata's ``dense_ops``; ``rotary_positions``: the rows of GroupQueryAttention's cos/sin
+    caches, the positions the artifact can rotate, where ``gqa_rotary`` moved the RoPE inside)."""
+    from solm_compile.passes.gqa_rotary import POSITIONS
+
+    counts = {}
+    for fuse in _dense_passes() if passes is None else passes:
+        r = fuse(program.model)
+        log.debug("%s: %s (skipped: %s)", r.name, dict(r.counts), r.skipped)
+        counts.update(r.counts)
+        if r.name == "gqa_rotary" and r.modified:
+            counts["rotary_positions"] = POSITIONS
+    return {**counts, "nodes": len(list(program.model.graph))}

@@ -269,6 +269,10 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
             ep_meta["kv_cache"] = {"layout": "buffer", "dtype": "float32"}
     ep_meta["fused"] = fuse_norm_rope(program)
     ep_meta["weights"] = pack_low_bit(program, weights, activations, mlp_down_bits)
+    if kind == "dense":      # stock onnxruntime's fused forms of what is left (onnxruntime-genai's graph)
+        from solm_compile.artifact.dense import fuse_dense_ops
+
+        ep_meta["dense_ops"] = fuse_dense_ops(program)
     ep_meta["mlp_skip"] = mlp_skip
     tok_name = None
     if tokenizer is not None:

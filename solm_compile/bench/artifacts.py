@@ -110,6 +110,7 @@ def ensure_artifacts(lm, kinds, policy_path: Path | None, say: Callable[[str], N
                             "--policy random (a random-init policy: timing only)")
         table = getattr(lm, "weights", None)                  # bench.decode.prepare sets it (--weights)
         mode = table.weights if table is not None else "fp32"
+        mode += "-head4" if getattr(table, "head_bits", 8) == 4 else ""      # --head-bits 4: another table
         kv = getattr(lm, "kv", "fp16")                        # --kv (prepare sets it): the SolmEP kinds' cache
         key = artifact_key(lm.info, lm.gate, kind, policy_path if needs_policy else None, mode, kv)
         path = d / f"{kind}-{mode}-{key}.onnx"

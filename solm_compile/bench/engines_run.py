@@ -32,7 +32,7 @@ from solm_compile.bench import tensor_bytes
 from solm_compile.bench.engines import PEERS, EngineSpec, available, make_engine, perplexity, skip_line
 from solm_compile.bench.measure import check_timing
 from solm_compile.errors import UserError
-from solm_compile.quant.weights import WEIGHTS
+from solm_compile.quant.weights import WEIGHTS, check_head_bits
 
 ENGINE_NAMES = ("llama.cpp", "onnxruntime-genai", "onnxruntime", "solm")
 
@@ -63,6 +63,7 @@ class EnginesConfig:
     memory: bool = True
     memory_context: int = 2048
     weights: str = "source"                 # solm's weights (issue 16's --weights), passed on where supported
+    head_bits: int = 8                      # the embedding / LM head's bits under --weights int4 (--head-bits)
     kv: str = "fp16"                        # solm's KV cache buffer (--kv), for the SolmEP (fixed) artifact
     engines: tuple[str, ...] = ENGINE_NAMES
     reference: str = "llama.cpp"            # ratios are against this engine's row (the first row without it)
@@ -78,6 +79,7 @@ class EnginesConfig:
             raise UserError(f"the memory context must be positive, got {self.memory_context}")
         if self.weights not in WEIGHTS:
             raise UserError(f"--weights {self.weights}: choose from {', '.join(WEIGHTS)}")
+        check_head_bits(self.weights, self.head_bits)
         unknown = [e for e in self.engines if e not in ENGINE_NAMES]
         if unknown or not self.engines:
             raise UserError(f"--engine-list: unknown {', '.join(unknown) or '(none)'} (choose from "
@@ -96,11 +98,11 @@ def accepts(fn, name: str) -> bool:
         return False
 
 
-def weights_plan(weights: str, load_fn) -> tuple[dict, bool]:
+def weights_plan(weights: str, load_fn, head_bits: int = 8) -> tuple[dict, bool]:
     """(kwargs for ``load``, whether it takes ``weights``): issue 16's ``load(..., weights=)`` puts the weights in
     that format and the artifacts store them so; a solm without it has only today's fp32 (``source`` = fp32)."""
     if accepts(load_fn, "weights"):
-        return {"weights": weights}, True
+        return {"weights": weights, **({"head_bits": head_bits} if head_bits != 8 else {})}, True
     if weights != "source":
         raise UserError(f"--weights {weights}: this solm compiles fp32 weights only (no weights option yet)")
     return {}, False
@@ -146,7 +148,7 @@ def engine_specs(model: str, lm, cfg: EnginesConfig, taken: bool,
     if kinds:
         lm.kv = cfg.kv                                                   # the fixed artifact's KV cache (--kv)
     arts = ensure_artifacts(lm, kinds, None, say) if kinds else {}      # in lm.weights' format (load_lm)
-    label = solm_weights_label(cfg.weights, taken, src_type)
+    label = solm_weights_label(cfg.weights, taken, src_type) + (", 4-bit head" if cfg.head_bits == 4 else "")
     if "dense" in arts:
         specs.append(EngineSpec("onnxruntime", "onnxruntime (solm dense)", str(arts["dense"]), label))
     if "fixed" in arts:
@@ -250,7 +252,7 @@ def run_engines(model: str, cfg: EnginesConfig, gate=None, trust_pickle: bool = 
     from solm_compile.bench.measure import bench_tokens
     from solm_compile.frontend.models import load
 
-    load_kw, taken = weights_plan(cfg.weights, load)
+    load_kw, taken = weights_plan(cfg.weights, load, cfg.head_bits)
     t0 = time.perf_counter()
     lm, tokenizer = load_lm(model, load_kw, gate, trust_pickle)
     say(f"loaded {lm.info.name} ({time.perf_counter() - t0:.0f} s)")

@@ -35,6 +35,9 @@ def add_artifact_parsers(sub, common) -> None:
                    help="with --mlp-skip h on low-bit weights: the bits SolmEP's transposed down projection is "
                    "re-quantised to (default 8: +0.1 %% PPL on SmolLM2, twice a Q4 down's bytes; 4: a Q4 down's "
                    "bytes, so rho saves them; docs/measurements.md session 12)")
+    p.add_argument("--head-bits", type=int, choices=(8, 4), default=SolmConfig.head_bits,
+                   help="with --weights int4: the embedding / LM head's bits (default 8, as GGUF's Q4 files; 4, as "
+                   "onnxruntime-genai's int4 model: 14.6 MB/token less on SmolLM2, docs/measurements.md session 14)")
     p.add_argument("--emit", choices=("onnx", "mlir"), default="onnx",
                    help="onnx: the artifact (default); mlir: the decode step as MLIR text through torch-mlir "
                    "(pip install solm-compile[mlir]): the gated step with the budget as arguments, or with --dense "
@@ -84,7 +87,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     config = SolmConfig(kind=kind, policy=args.policy, gate=dataclass_from_args(GateConfig, args),
                         per_kv_head=args.per_kv_head, trust_pickle=args.trust_pickle, weights=args.weights,
                         activations=args.activations, emit=args.emit, mlir_dialect=args.mlir_dialect,
-                        kv=args.kv, mlp_down_bits=args.mlp_down_bits)
+                        kv=args.kv, mlp_down_bits=args.mlp_down_bits, head_bits=args.head_bits)
     path = compile(args.model, config, out=args.out)
     if args.emit == "mlir":
         print(f"wrote {path} (MLIR, {config.mlir_dialect or ('linalg-on-tensors' if args.dense else 'raw')}, "

@@ -88,6 +88,9 @@ def add_engines_args(p) -> None:
                         "K/R for attention keep K and MLP keep R (default 0.5,0.3)")
     g.add_argument("--engine-list", default=",".join(d.engines),
                    help=f"comma-separated subset of {','.join(ENGINE_NAMES)} (default all)")
+    g.add_argument("--head-bits", type=int, choices=(8, 4), default=d.head_bits,
+                   help="with --weights int4: solm's embedding / LM head at 8 bits (default) or 4 (as "
+                   "onnxruntime-genai's int4 model; docs/cli.md)")
     g.add_argument("--ppl-window", type=int, default=d.ppl_window, help="ids of held-out text in the PPL window "
                    "(default 2048)")
     g.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens,
@@ -113,6 +116,7 @@ def engines_config_from_args(args):
     return EnginesConfig(contexts=tuple(args.context or d.contexts), threads=tuple(args.threads), reps=args.reps,
                          steps=args.steps, warmup=args.warmup, keeps=tuple(args.keeps), ppl_window=args.ppl_window,
                          ppl_tokens=args.ppl_tokens, memory=args.memory, weights=args.weights, kv=args.kv,
+                         head_bits=args.head_bits,
                          engines=tuple(e.strip() for e in args.engine_list.split(",") if e.strip()))
 
 

@@ -75,23 +75,28 @@ def weights_hash(tensors) -> str:
     return h.hexdigest()[:16]
 
 
-def load(spec: str, trust_pickle: bool = False, weights: str = "source") -> LoadedModel:
-    """Resolve MODEL, put its weights in the ``weights`` format (``quant/weights.py``), export its decode step."""
-    from solm_compile.quant.weights import WEIGHTS
+def load(spec: str, trust_pickle: bool = False, weights: str = "source", head_bits: int = 8) -> LoadedModel:
+    """Resolve MODEL, put its weights in the ``weights`` format (``quant/weights.py``; ``head_bits``: the
+    embedding / LM head's bits under int4), export its decode step."""
+    from solm_compile.quant.weights import WEIGHTS, check_head_bits
 
     if weights not in WEIGHTS:
         raise UserError(f"--weights: must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    check_head_bits(weights, head_bits)
     if spec in ALIASES:
-        return _from_hf(*_load_alias(spec), name=spec, source=spec, weights=weights, gguf=_alias_gguf(spec))
+        return _from_hf(*_load_alias(spec), name=spec, source=spec, weights=weights, gguf=_alias_gguf(spec),
+                        head_bits=head_bits)
     path = Path(spec)
     if not path.exists():
         raise UserError(f"{spec}: no such file or directory (MODEL must be {FORMATS})")
     if path.is_dir():
-        return _from_hf(*_load_hf_dir(path, trust_pickle), name=path.name, source=str(path), weights=weights)
+        return _from_hf(*_load_hf_dir(path, trust_pickle), name=path.name, source=str(path), weights=weights,
+                        head_bits=head_bits)
     if path.suffix == ".gguf":
-        return _from_hf(*_load_gguf(path), name=path.stem, source=str(path), weights=weights, gguf=path)
+        return _from_hf(*_load_gguf(path), name=path.stem, source=str(path), weights=weights, gguf=path,
+                        head_bits=head_bits)
     if path.suffix in (".pt2", ".pt", ".pth", ".bin"):
-        return _load_torch_file(path, trust_pickle, weights)
+        return _load_torch_file(path, trust_pickle, weights, head_bits)
     raise UserError(f"{spec}: unknown model format '{path.suffix}' (MODEL must be {FORMATS})")
 
 
@@ -181,14 +186,14 @@ def usable_tokenizer(tok, vocab_size: int):
     return tok
 
 
-def _from_hf(model, tokenizer, name: str, source: str, weights: str = "source", gguf: Path | None = None
-             ) -> LoadedModel:
+def _from_hf(model, tokenizer, name: str, source: str, weights: str = "source", gguf: Path | None = None,
+             head_bits: int = 8) -> LoadedModel:
     from solm_compile.quant.weights import quantize_model
 
     model.eval()
     _check_architecture(model.config, name)
     info = hf_model_info(model, name)          # the base model's identity: a policy trained on it still applies
-    table = quantize_model(model, weights, gguf)
+    table = quantize_model(model, weights, gguf, head_bits)
     return LoadedModel(info=info, hf=model, tokenizer=tokenizer, source=source, weights=table)
 
 
@@ -212,7 +217,7 @@ def hf_model_info(model, name: str) -> ModelInfo:
 
 
 # ---------------------------------------------------------------------------------------------- torch files
-def _load_torch_file(path: Path, trust_pickle: bool, weights: str = "source") -> LoadedModel:
+def _load_torch_file(path: Path, trust_pickle: bool, weights: str = "source", head_bits: int = 8) -> LoadedModel:
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:2] == b"PK":
@@ -226,10 +231,10 @@ def _load_torch_file(path: Path, trust_pickle: bool, weights: str = "source") ->
                                 "Face directory, a .gguf); an ExportedProgram keeps its own weights")
             return _load_exported(path)
         if any(n.endswith("data.pkl") for n in names):
-            return _load_pickle(path, trust_pickle, weights)
+            return _load_pickle(path, trust_pickle, weights, head_bits)
         raise UserError(f"{path}: a zip archive that is neither an ExportedProgram nor a torch.save file")
     if head[:1] == b"\x80":
-        return _load_pickle(path, trust_pickle, weights)
+        return _load_pickle(path, trust_pickle, weights, head_bits)
     raise UserError(f"{path}: not a PyTorch file (expected a torch.export.save archive)")
 
 
@@ -254,7 +259,7 @@ def _load_exported(path: Path) -> LoadedModel:
     return LoadedModel(info=info, program=ep, source=str(path))
 
 
-def _load_pickle(path: Path, trust_pickle: bool, weights: str = "source") -> LoadedModel:
+def _load_pickle(path: Path, trust_pickle: bool, weights: str = "source", head_bits: int = 8) -> LoadedModel:
     import torch
 
     if not trust_pickle:
@@ -266,4 +271,4 @@ def _load_pickle(path: Path, trust_pickle: bool, weights: str = "source") -> Loa
         raise UserError(f"{path}: cannot unpickle: {str(e).splitlines()[0][:200]}") from e
     if not isinstance(obj, torch.nn.Module) or not hasattr(obj, "config"):
         raise UserError(f"{path}: the pickle holds a {type(obj).__name__}, expected a transformers causal LM module")
-    return _from_hf(obj.float(), None, name=path.stem, source=str(path), weights=weights)
+    return _from_hf(obj.float(), None, name=path.stem, source=str(path), weights=weights, head_bits=head_bits)

@@ -5,7 +5,8 @@
   own floats.
 - ``fp32``: every weight dequantised to float32: the exactness reference (``solm verify`` against HF eager).
 - ``int4``: every linear layer (q, k, v, o, gate, up, down) round-to-nearest asymmetric int4, block 32; the
-  embedding and the LM head int8 (GGUF's own Q4 files keep that tensor at Q8_0 too).
+  embedding and the LM head at ``head_bits`` (``--head-bits``): 8 (symmetric int8, as GGUF's own Q4 files keep that
+  tensor at Q8_0) or 4 (the linears' int4, as onnxruntime-genai's int4 model stores it).
 - ``int8``: every linear layer and the embedding / LM head symmetric int8, block 32.
 
 ``quantize_model`` writes the dequantised low-bit values into the torch model, so training, ``solm eval`` and
@@ -29,6 +30,15 @@ from solm_compile.quant.blocks import QUANTIZERS, BlockQuant
 log = logging.getLogger(__name__)
 
 WEIGHTS = ("source", "fp32", "int8", "int4")
+HEAD_BITS = (8, 4)
+
+
+def check_head_bits(weights: str, head_bits: int) -> None:
+    """One line for a bad ``--head-bits``: 8 or 4, and 4 only where ``--weights int4`` quantizes the table."""
+    if head_bits not in HEAD_BITS:
+        raise UserError(f"--head-bits: must be 8 or 4, got {head_bits!r}")
+    if head_bits != 8 and weights != "int4":
+        raise UserError(f"--head-bits {head_bits}: applies to --weights int4 only (got --weights {weights})")
 
 
 def content_key(w: np.ndarray) -> str:
@@ -45,6 +55,7 @@ class WeightTable:
     evaluate it does not pay for it."""
 
     weights: str = "fp32"
+    head_bits: int = 8                                        # the embedding / LM head's bits under int4
     pending: Optional[Callable[["WeightTable"], None]] = None
     _keys: dict = field(default_factory=dict)                 # content key -> BlockQuant
     _formats: dict = field(default_factory=dict)              # fmt -> tensors
@@ -85,7 +96,8 @@ class WeightTable:
         return f"{self.weights}: {fmts}" + (f" (float32: {len(self.skipped)} others)" if self.skipped else "")
 
     def to_dict(self) -> dict:
-        return {"weights": self.weights, "formats": dict(sorted(self.formats.items())), "float32": self.skipped}
+        out = {"weights": self.weights, "formats": dict(sorted(self.formats.items())), "float32": self.skipped}
+        return {**out, "head_bits": self.head_bits} if self.weights == "int4" else out
 
 
 def _targets(model) -> dict[str, "object"]:
@@ -103,20 +115,22 @@ def _targets(model) -> dict[str, "object"]:
 
 
 def _is_table(model, name: str) -> bool:
-    """The embedding / LM head (vocab-sized), quantized at 8 bits in int4 mode."""
+    """The embedding / LM head (vocab-sized), quantized at ``head_bits`` in int4 mode."""
     emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
     params = dict(model.named_parameters(remove_duplicate=False))
     return emb is not None and params.get(name) is emb or name.startswith("lm_head")
 
 
-def quantize_model(model, weights: str, gguf_path: Path | None = None) -> WeightTable:
+def quantize_model(model, weights: str, gguf_path: Path | None = None, head_bits: int = 8) -> WeightTable:
     """Decide the low-bit blocks for ``model`` (in place for int4/int8: the parameters become the dequantised
-    values). ``gguf_path``: the file the model was loaded from, for ``source``."""
+    values). ``gguf_path``: the file the model was loaded from, for ``source``; ``head_bits``: the embedding / LM
+    head's bits under int4 (8 or 4)."""
     import torch
 
     if weights not in WEIGHTS:
         raise UserError(f"--weights: must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    table = WeightTable(weights)
+    check_head_bits(weights, head_bits)
+    table = WeightTable(weights, head_bits)
     if weights == "fp32" or (weights == "source" and gguf_path is None):
         return table
     targets = _targets(model)
@@ -129,7 +143,8 @@ def quantize_model(model, weights: str, gguf_path: Path | None = None) -> Weight
             if w.shape[1] % 32:
                 table.skip(f"{name}: K={w.shape[1]} not a multiple of 32")
                 continue
-            quant = QUANTIZERS["int8" if weights == "int8" or _is_table(model, name) else "int4"]
+            table_8 = _is_table(model, name) and head_bits == 8
+            quant = QUANTIZERS["int8" if weights == "int8" or table_8 else "int4"]
             bq = quant(w.detach().float().numpy())
             w.copy_(torch.from_numpy(bq.dequantize()).to(w.dtype))
             table.add(bq.dequantize(), bq)
