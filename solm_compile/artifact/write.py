@@ -208,6 +208,16 @@ def fuse_norm_rope(program) -> dict:
     return counts
 
 
+def fuse_projections(program) -> dict:
+    """``passes/fuse_qkv`` on ``program.model`` (after ``pack_low_bit``): the low-bit projections that read one input
+    (q, k, v) as one MatMulNBits and a Split, 5 fewer nodes a layer; {"qkv": groups fused}."""
+    from solm_compile.passes.fuse_qkv import fuse_qkv
+
+    r = fuse_qkv(program.model)
+    log.debug("%s: %s (skipped: %s)", r.name, dict(r.counts), r.skipped)
+    return {"qkv": r.counts["fused"]}
+
+
 def pack_low_bit(program, weights, activations: str = "int8", down_bits: int = 8) -> dict:
     """``passes/pack_weights`` on ``program.model``; returns the metadata saying what each weight is stored as.
     ``activations``: "int8" (MatMulNBits accuracy_level 4, SparseMLPBlocks activations="int8": int8 activations per
@@ -269,6 +279,8 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
             ep_meta["kv_cache"] = {"layout": "buffer", "dtype": "float32"}
     ep_meta["fused"] = fuse_norm_rope(program)
     ep_meta["weights"] = pack_low_bit(program, weights, activations, mlp_down_bits)
+    if kind in ("solm", "fixed"):       # SolmEP's kinds: q, k, v as one MatMulNBits and a Split (exact)
+        ep_meta["fused"].update(fuse_projections(program))
     ep_meta["mlp_skip"] = mlp_skip
     tok_name = None
     if tokenizer is not None:
