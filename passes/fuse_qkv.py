@@ -10,11 +10,14 @@ offsets one output column after another) and writes::
 
     y = Add(MatMulNBits(x, codes, scale, zero), MatMul(s, offset));  y_q, y_k, y_v = Split(y, [N_q, N_k, N_v])
 
-Nine nodes become four per layer (SmolLM2: 150 fewer of the decode step's ~1,000, each paying onnxruntime's
-per-node dispatch on a one-token step), and the one projection of N = 960 columns splits over the intra-op threads
-where three of 576, 192 and 192 each ran alone. Each output column is computed as before (the same input, the same
-per-block int8 quantisation of it under accuracy_level 4, the same K loop): the logits are unchanged
-(``tests/test_fuse_qkv.py`` runs the graph before and after).
+Nine nodes become four per layer. Where each part then goes to heads by its own Reshape [B,T,H_j,d] and Transpose
+(0,2,1,3) (as QuestAttention wants them), the fused projection is reshaped and transposed once and split on the head
+axis instead (six nodes and a Split become three). SmolLM2: 270 fewer of the decode step's ~1,020 nodes, each
+paying onnxruntime's per-node dispatch on a one-token step; and the one projection of N = 960 columns splits over the
+intra-op threads where three of 576, 192 and 192 each ran alone. Each output column is computed as before (the same
+input, the same per-block int8 quantisation of it under accuracy_level 4, the same K loop): the logits are unchanged
+(``tests/test_fuse_qkv.py`` runs the graph before and after; the SmolLM2 decode logits are bit-identical, 1 and 2
+threads, docs/measurements.md "Session 14").
 
 A group fuses only when its members agree on K, bits, block size and accuracy level, have no g_idx or bias, and
 either all add an offset over the same block sum or none does; ``skipped`` says why a group did not.
@@ -76,7 +79,7 @@ def _groups(graph: ir.Graph) -> dict:
     return {k: v for k, v in found.items() if len(v) > 1}
 
 
-def _fuse(graph: ir.Graph, nodes: list[ir.Node], members: list[tuple], tag: str, order: dict) -> None:
+def _fuse(graph: ir.Graph, nodes: list[ir.Node], members: list[tuple], tag: str, order: dict) -> ir.Node:
     x, first = nodes[0].inputs[0], nodes[0]
     ns = [int(_attr(n, "N")) for n in nodes]
     N = sum(ns)
@@ -113,10 +116,55 @@ def _fuse(graph: ir.Graph, nodes: list[ir.Node], members: list[tuple], tag: str,
         for v in weights:                                   # the unfused weights: no reader is left
             if not list(v.uses()) and graph.initializers.get(v.name) is v:
                 del graph.initializers[v.name]
+    return split
+
+
+def _to_heads(value: ir.Value) -> tuple[ir.Node, ir.Node, int, int] | None:
+    """(reshape, transpose, heads, d) if ``value`` [B, T, H·d] is only Reshape'd to [B, T, H, d] (H, d static) and
+    that only Transpose'd by (0, 2, 1, 3) to [B, H, T, d]."""
+    uses = list(value.uses())
+    r = uses[0].node if len(uses) == 1 else None
+    if r is None or r.op_type != "Reshape" or r.domain != "" or uses[0].idx != 0:
+        return None
+    shape = r.outputs[0].shape
+    ruses = list(r.outputs[0].uses())
+    t = ruses[0].node if len(ruses) == 1 else None
+    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]) or t is None or \
+            t.op_type != "Transpose" or list(_attr(t, "perm", [])) != [0, 2, 1, 3]:
+        return None
+    return r, t, int(shape[2]), int(shape[3])
+
+
+def _split_heads(graph: ir.Graph, split: ir.Node, tag: str, order: dict) -> bool:
+    """Where each part of ``split`` goes to heads by its own Reshape and Transpose, reshape and transpose the
+    fused projection once and split it by heads instead: Reshape [B,T,ΣH,d] → Transpose [B,ΣH,T,d] → Split on
+    axis 1 (pure data movement, the same values). Returns whether it did."""
+    parts = [_to_heads(v) for v in split.outputs]
+    if any(p is None for p in parts) or len({p[3] for p in parts}) != 1:
+        return False
+    d = parts[0][3]
+    shape = ir.Value(name=f"{tag}.heads", const_value=ir.tensor(np.array([0, 0, -1, d], np.int64), name=f"{tag}.heads"))
+    heads = ir.Value(name=f"{tag}.head_sizes", const_value=ir.tensor(np.array([p[2] for p in parts], np.int64),
+                                                                     name=f"{tag}.head_sizes"))
+    graph.register_initializer(shape)
+    graph.register_initializer(heads)
+    r = ir.Node("", "Reshape", [split.inputs[0], shape])                           # [B, T, ΣH, d]
+    t = ir.Node("", "Transpose", [r.outputs[0]], [ir.AttrInt64s("perm", [0, 2, 1, 3])])   # [B, ΣH, T, d]
+    s = ir.Node("", "Split", [t.outputs[0], heads], [ir.AttrInt64("axis", 1)], num_outputs=len(parts))
+    graph.insert_before(min((p[0] for p in parts), key=order.__getitem__), [r, t, s])
+    for (old_r, old_t, _, _), out in zip(parts, s.outputs):
+        out.shape, out.type = old_t.outputs[0].shape, old_t.outputs[0].type
+        ir.convenience.replace_all_uses_with(old_t.outputs[0], out, replace_graph_outputs=True)
+    sizes = split.inputs[1]
+    graph.remove([split, *[n for p in parts for n in p[:2]]], safe=True)
+    if not list(sizes.uses()) and graph.initializers.get(sizes.name) is sizes:
+        del graph.initializers[sizes.name]
+    return True
 
 
 def fuse_qkv(model: ir.Model) -> PassResult:
-    """Fuse each group of MatMulNBits over one input (see the module doc); ``counts['fused']`` = groups."""
+    """Fuse each group of MatMulNBits over one input (see the module doc); ``counts``: ``fused`` groups, their
+    ``projections``, and ``split_by_heads`` (groups split after one Reshape/Transpose to heads)."""
     res = PassResult("fuse_qkv")
     graph = model.graph
     order = {node: i for i, node in enumerate(graph)}
@@ -132,7 +180,8 @@ def fuse_qkv(model: ir.Model) -> PassResult:
         if why is not None:
             res.skipped.append((nodes[0].name, why))
             continue
-        _fuse(graph, nodes, members, f"fused_proj_{i}", order)
+        split = _fuse(graph, nodes, members, f"fused_proj_{i}", order)
+        res.counts["split_by_heads"] += _split_heads(graph, split, f"fused_proj_{i}", order)
         res.counts["fused"] += 1
         res.counts["projections"] += len(nodes)
         res.modified = True

@@ -12,7 +12,8 @@ from solm_compile.passes.fuse_qkv import fuse_qkv
 
 B, T, K, BLK = 2, 3, 96, 32
 NB = K // BLK
-NS = (48, 16, 16)          # q, k, v columns
+D = 8                      # head dim
+NS = (48, 16, 16)          # q, k, v columns: 6, 2 and 2 heads
 
 
 def _weights(rng, n):
@@ -27,13 +28,15 @@ def _weights(rng, n):
     return (packed, scale, zpacked, offset), w
 
 
-def _model(with_offset=True, accuracy_level=0, seed=0):
-    """x [B,T,K] → RMS-free q/k/v projections as pack_weights writes them → each Reshape'd to [B,T,N]."""
+def _model(with_offset=True, accuracy_level=0, seed=0, heads=False):
+    """x [B,T,K] → q/k/v projections as pack_weights writes them → each Reshape'd to [B,T,N], or (``heads``) to
+    [B,T,H,D] and transposed to [B,H,T,D] as the exporter writes attention's heads."""
     rng = np.random.default_rng(seed)
     n, inits, nodes, outs, refs = helper.make_node, [], [], [], []
     inits += [numpy_helper.from_array(np.array([0, 0, NB, BLK], np.int64), "bs.shape"),
               numpy_helper.from_array(np.array([-1], np.int64), "bs.axes"),
-              numpy_helper.from_array(np.array([B, T, -1], np.int64), "shape3")]
+              numpy_helper.from_array(np.array([B, T, -1], np.int64), "shape3"),
+              numpy_helper.from_array(np.array([B, T, -1, D], np.int64), "shape4")][:4 if heads else 3]
     nodes += [n("Reshape", ["x", "bs.shape"], ["xb"]), n("ReduceSum", ["xb", "bs.axes"], ["s"], keepdims=0)]
     for j, N in enumerate(NS):
         (packed, scale, zp, offset), w = _weights(rng, N)
@@ -45,13 +48,21 @@ def _model(with_offset=True, accuracy_level=0, seed=0):
         if with_offset:
             nodes += [n("MatMul", ["s", f"w{j}.offset"], [f"o{j}"]), n("Add", [f"y{j}", f"o{j}"], [f"a{j}"])]
             last = f"a{j}"
-        nodes.append(n("Reshape", [last, "shape3"], [f"out{j}"]))
-        outs.append(helper.make_tensor_value_info(f"out{j}", TensorProto.FLOAT, [B, T, N]))
+        if heads:
+            nodes += [n("Reshape", [last, "shape4"], [f"h{j}"], allowzero=1),
+                      n("Transpose", [f"h{j}"], [f"out{j}"], perm=[0, 2, 1, 3])]
+            outs.append(helper.make_tensor_value_info(f"out{j}", TensorProto.FLOAT, [B, N // D, T, D]))
+        else:
+            nodes.append(n("Reshape", [last, "shape3"], [f"out{j}"]))
+            outs.append(helper.make_tensor_value_info(f"out{j}", TensorProto.FLOAT, [B, T, N]))
         refs.append((w, offset if with_offset else None))
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, T, K])], outs,
                           initializer=inits)
     proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
                               ir_version=10)
+    # the static [B,T,H,D] the pass reads (the torch exporter writes it; onnx's inference does not know MatMulNBits)
+    proto.graph.value_info.extend(helper.make_tensor_value_info(f"h{j}", TensorProto.FLOAT, [B, T, N // D, D])
+                                  for j, N in enumerate(NS) if heads)
     return proto, refs
 
 
@@ -103,3 +114,23 @@ def test_nothing_to_fuse_and_mixed_groups_are_left_alone():
     kept, res3 = _fused(odd)
     assert not res3.modified and res3.skipped and "differ" in res3.skipped[0][1]
     assert len(kept.graph.node) == len(odd.graph.node)
+
+
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_parts_going_to_heads_are_split_by_heads_after_one_transpose(accuracy_level):
+    proto, refs = _model(True, accuracy_level, heads=True)
+    fused, res = _fused(proto)
+    assert res.counts["fused"] == 1 and res.counts["split_by_heads"] == 1
+    ops = [nd.op_type for nd in fused.graph.node]
+    assert ops.count("Transpose") == 1 and ops.count("Split") == 1 and ops.count("MatMulNBits") == 1
+    assert len(fused.graph.node) == len(proto.graph.node) - 5 - 4      # 9 → 4 projection nodes, 7 → 3 head nodes
+    x = np.random.default_rng(2).standard_normal((B, T, K)).astype(np.float32)
+    before, after = _run(proto, x), _run(fused, x)
+    for a, b, N in zip(before, after, NS):
+        assert b.shape == (B, N // D, T, D)
+        np.testing.assert_array_equal(a, b)
+    if accuracy_level == 0:
+        s = x.reshape(B, T, NB, BLK).sum(-1)                                       # [B, T, nb]
+        for (w, offset), y, N in zip(refs, after, NS):
+            ref = (x @ w.T + s @ offset).reshape(B, T, N // D, D).transpose(0, 2, 1, 3)   # [B, H, T, D]
+            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
