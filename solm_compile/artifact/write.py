@@ -208,14 +208,19 @@ def fuse_norm_rope(program) -> dict:
     return counts
 
 
-def fuse_projections(program) -> dict:
-    """``passes/fuse_qkv`` on ``program.model`` (after ``pack_low_bit``): the low-bit projections that read one input
-    (q, k, v) as one MatMulNBits and a Split, 5 fewer nodes a layer; {"qkv": groups fused}."""
+def trim_nodes(program) -> dict:
+    """Fewer nodes on the decode step, exactly (after ``pack_low_bit``): ``passes/fuse_qkv`` (the low-bit projections
+    that read one input, q, k and v, as one MatMulNBits split by heads) and ``passes/drop_identity_reshapes``;
+    {"qkv": groups fused, "identity_reshapes": Reshapes dropped}."""
+    from solm_compile.passes.drop_identity_reshapes import drop_identity_reshapes
     from solm_compile.passes.fuse_qkv import fuse_qkv
 
-    r = fuse_qkv(program.model)
-    log.debug("%s: %s (skipped: %s)", r.name, dict(r.counts), r.skipped)
-    return {"qkv": r.counts["fused"]}
+    counts = {}
+    for name, key, run in (("qkv", "fused", fuse_qkv), ("identity_reshapes", "reshape", drop_identity_reshapes)):
+        r = run(program.model)
+        log.debug("%s: %s (skipped: %s)", r.name, dict(r.counts), r.skipped)
+        counts[name] = r.counts[key]
+    return counts
 
 
 def pack_low_bit(program, weights, activations: str = "int8", down_bits: int = 8) -> dict:
@@ -279,8 +284,8 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
             ep_meta["kv_cache"] = {"layout": "buffer", "dtype": "float32"}
     ep_meta["fused"] = fuse_norm_rope(program)
     ep_meta["weights"] = pack_low_bit(program, weights, activations, mlp_down_bits)
-    if kind in ("solm", "fixed"):       # SolmEP's kinds: q, k, v as one MatMulNBits and a Split (exact)
-        ep_meta["fused"].update(fuse_projections(program))
+    if kind in ("solm", "fixed"):       # SolmEP's kinds: q, k, v as one MatMulNBits, no identity Reshape (exact)
+        ep_meta["fused"].update(trim_nodes(program))
     ep_meta["mlp_skip"] = mlp_skip
     tok_name = None
     if tokenizer is not None:
