@@ -208,6 +208,21 @@ def fuse_norm_rope(program) -> dict:
     return counts
 
 
+def trim_nodes(program) -> dict:
+    """Fewer nodes on the decode step, exactly (after ``pack_low_bit``): ``passes/fuse_qkv`` (the low-bit projections
+    that read one input, q, k and v, as one MatMulNBits split by heads) and ``passes/drop_identity_reshapes``;
+    {"qkv": groups fused, "identity_reshapes": Reshapes dropped}."""
+    from solm_compile.passes.drop_identity_reshapes import drop_identity_reshapes
+    from solm_compile.passes.fuse_qkv import fuse_qkv
+
+    counts = {}
+    for name, key, run in (("qkv", "fused", fuse_qkv), ("identity_reshapes", "reshape", drop_identity_reshapes)):
+        r = run(program.model)
+        log.debug("%s: %s (skipped: %s)", r.name, dict(r.counts), r.skipped)
+        counts[name] = r.counts[key]
+    return counts
+
+
 def pack_low_bit(program, weights, activations: str = "int8", down_bits: int = 8) -> dict:
     """``passes/pack_weights`` on ``program.model``; returns the metadata saying what each weight is stored as.
     ``activations``: "int8" (MatMulNBits accuracy_level 4, SparseMLPBlocks activations="int8": int8 activations per
@@ -273,6 +288,8 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
         from solm_compile.artifact.dense import fuse_dense_ops
 
         ep_meta["dense_ops"] = fuse_dense_ops(program)
+    if kind in ("solm", "fixed"):       # SolmEP's kinds: q, k, v as one MatMulNBits, no identity Reshape (exact)
+        ep_meta["fused"].update(trim_nodes(program))
     ep_meta["mlp_skip"] = mlp_skip
     tok_name = None
     if tokenizer is not None:
