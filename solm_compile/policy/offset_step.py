@@ -21,12 +21,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from solm_compile.errors import UserError
 from solm_compile.policy import offsets as off
 from solm_compile.policy.offset_network import OffsetPolicy
-from solm_compile.policy.step import StepState
+from solm_compile.policy.step import EpisodeSteps, StepState
 
 DENSE = (1.0, 1.0, 16.0)
 USAGE_SCALE = (1.0, 1.0, 16.0)      # usage = (κ, ρ, b/16): ρ's dense level is 1 on either mlp_skip
@@ -52,7 +52,7 @@ def offset_controls(grid: off.OffsetGrid, floor: Tensor, choice: Tensor, control
     return torch.where(controlled[:, None, None], ctl, dense)                               # [B, L, 3]
 
 
-class OffsetStep(nn.Module):
+class OffsetStep(EpisodeSteps):
     """The offset policy's state machine over an explicit ``StepState`` (see the module docstring)."""
 
     def __init__(self, policy: OffsetPolicy, episode_len: int):
@@ -65,18 +65,9 @@ class OffsetStep(nn.Module):
 
     def start(self, batch: int, hidden: Tensor) -> StepState:
         """An episode start for ``batch`` rows whose previous hidden state is ``hidden`` [B, D]."""
-        pol, dev = self.policy, hidden.device
-        kv = torch.zeros(batch, pol.n_heads, self.episode_len, pol.head_dim, device=dev)       # [B, H, T, hd]
-        prev = torch.full((batch, self.grid.groups * 2), pol.bos, dtype=torch.long, device=dev)  # [B, G·2]
-        return StepState(kv, kv.clone(), prev, torch.zeros(batch, 3, device=dev), torch.zeros(batch, device=dev),
-                         torch.zeros(batch, dtype=torch.long, device=dev), hidden.float())
-
-    def scalars(self, state: StepState, eff: Tensor, budget: Tensor) -> Tensor:
-        """s [B, 8] = [(t+1)/T, eff, C (3), mean usage − C (3; zero before the first effective step)]."""
-        mean = state.usage / state.count.clamp(min=1)[:, None]                                 # [B, 3]
-        dev = torch.where(state.count[:, None] > 0, mean - budget, torch.zeros_like(budget))   # [B, 3]
-        t_frac = (state.step.float() + 1) / self.episode_len                                   # [B]
-        return torch.cat([t_frac[:, None], eff.float()[:, None], budget, dev], dim=-1)         # [B, 8]
+        prev = torch.full((batch, self.grid.groups * 2), self.policy.bos, dtype=torch.long,
+                          device=hidden.device)                                                # [B, G·2]
+        return self.fresh_state(batch, hidden, prev)
 
     def decide(self, state: StepState, token_emb: Tensor, eff: Tensor, budget: Tensor, floor: Tensor,
                tau: float = 1.0, sample: torch.Generator | bool | None = None) -> OffsetDecision:
@@ -99,24 +90,8 @@ class OffsetStep(nn.Module):
                 fresh: Tensor | None = None, end_episode: bool = True) -> StepState:
         """The state after the LM ran ``d.controls`` and produced ``hidden`` [B, D]; usage is their layer mean.
         Finished episodes (and ``fresh`` rows) restart; ``end_episode=False`` keeps a finished one's usage."""
-        used = eff.float()[:, None] * (d.controls.mean(1) / self.usage_scale)                  # [B, 3]
-        nxt = StepState(d.key, d.value, self.policy.prev_ids(d.effective), state.usage + used,
-                        state.count + eff.float(), state.step + 1, hidden.float())
-        restart = nxt.step >= self.episode_len                                                 # [B]
-        if not end_episode:
-            restart = torch.zeros_like(restart)
-        if fresh is not None:
-            restart = restart | fresh
-        return self.restart(nxt, restart)
-
-    def restart(self, state: StepState, rows: Tensor) -> StepState:
-        """Rows [B] bool start a new episode, keeping their hidden state; the other rows are unchanged."""
-        zero = self.start(state.prev.shape[0], state.hidden)
-        r1, r4 = rows[:, None], rows[:, None, None, None]
-        return StepState(torch.where(r4, zero.key, state.key), torch.where(r4, zero.value, state.value),
-                         torch.where(r1, zero.prev, state.prev), torch.where(r1, zero.usage, state.usage),
-                         torch.where(rows, zero.count, state.count), torch.where(rows, zero.step, state.step),
-                         state.hidden)
+        return self.step_state(state, d.key, d.value, self.policy.prev_ids(d.effective), d.controls.mean(1), eff,
+                               hidden, fresh, end_episode)
 
 
 class OffsetHead:

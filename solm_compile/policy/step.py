@@ -59,7 +59,58 @@ class Decision(NamedTuple):
     value: Tensor
 
 
-class PolicyStep(nn.Module):
+class EpisodeSteps(nn.Module):
+    """What every policy's state machine shares: the scalars it reads, the usage/count/step bookkeeping of
+    ``advance`` and the per-row episode restart. ``PolicyStep`` (one joint action) and ``policy/offset_step.py``'s
+    ``OffsetStep`` (per-layer offsets) add their own ``start`` (the shape of ``prev``) and ``decide``."""
+
+    episode_len: int
+    usage_scale: Tensor
+
+    def start(self, batch: int, hidden: Tensor) -> StepState:
+        raise NotImplementedError
+
+    def fresh_state(self, batch: int, hidden: Tensor, prev: Tensor) -> StepState:
+        """An episode start: empty policy KV cache, no usage, step 0, ``prev`` the BOS choice(s) [B, ...]."""
+        pol, dev = self.policy, hidden.device
+        kv = torch.zeros(batch, pol.n_heads, self.episode_len, pol.head_dim, device=dev)      # [B, H, T, hd]
+        return StepState(kv, kv.clone(), prev, torch.zeros(batch, 3, device=dev), torch.zeros(batch, device=dev),
+                         torch.zeros(batch, dtype=torch.long, device=dev), hidden.float())
+
+    def scalars(self, state: StepState, eff: Tensor, budget: Tensor) -> Tensor:
+        """s [B, 8] = [(t+1)/T, eff, C (3), mean usage − C (3; zero before the first effective step)]."""
+        mean = state.usage / state.count.clamp(min=1)[:, None]                                 # [B, 3]
+        dev = torch.where(state.count[:, None] > 0, mean - budget, torch.zeros_like(budget))   # [B, 3]
+        t_frac = (state.step.float() + 1) / self.episode_len                                   # [B]
+        return torch.cat([t_frac[:, None], eff.float()[:, None], budget, dev], dim=-1)         # [B, 8]
+
+    def step_state(self, state: StepState, key: Tensor, value: Tensor, prev: Tensor, controls: Tensor, eff: Tensor,
+                   hidden: Tensor, fresh: Tensor | None, end_episode: bool) -> StepState:
+        """The state after a step whose applied ``controls`` [B, 3] (κ, ρ, bits) counted on ``eff`` rows: usage
+        and count grow, t + 1, ``prev`` the applied choice(s); finished episodes and ``fresh`` rows restart
+        (``end_episode=False`` keeps a finished episode's usage to read)."""
+        used = eff.float()[:, None] * (controls / self.usage_scale)                            # [B, 3]
+        nxt = StepState(key, value, prev, state.usage + used, state.count + eff.float(), state.step + 1,
+                        hidden.float())
+        restart = nxt.step >= self.episode_len                                                 # [B]
+        if not end_episode:
+            restart = torch.zeros_like(restart)
+        if fresh is not None:
+            restart = restart | fresh
+        return self.restart(nxt, restart)
+
+    def restart(self, state: StepState, rows: Tensor) -> StepState:
+        """Rows [B] bool start a new episode, keeping their hidden state; the other rows are unchanged."""
+        zero = self.start(state.prev.shape[0], state.hidden)
+        r1, r4 = rows[:, None], rows[:, None, None, None]
+        rp = rows.view(-1, *[1] * (state.prev.dim() - 1))                                      # [B] or [B, 1]
+        return StepState(torch.where(r4, zero.key, state.key), torch.where(r4, zero.value, state.value),
+                         torch.where(rp, zero.prev, state.prev), torch.where(r1, zero.usage, state.usage),
+                         torch.where(rows, zero.count, state.count), torch.where(rows, zero.step, state.step),
+                         state.hidden)
+
+
+class PolicyStep(EpisodeSteps):
     """SOL's per-step policy state machine over an explicit ``StepState`` (see the module docstring)."""
 
     def __init__(self, policy: RecurrentActorCriticPolicy, grid: ActionGrid, episode_len: int):
@@ -82,18 +133,8 @@ class PolicyStep(nn.Module):
     # ------------------------------------------------------------------------------------------ state
     def start(self, batch: int, hidden: Tensor) -> StepState:
         """An episode start for ``batch`` rows whose previous hidden state is ``hidden`` [B, D]."""
-        pol, dev = self.policy, hidden.device
-        kv = torch.zeros(batch, pol.n_heads, self.episode_len, pol.head_dim, device=dev)      # [B, H, T, hd]
-        return StepState(kv, kv.clone(), torch.full((batch,), pol.bos, dtype=torch.long, device=dev),
-                         torch.zeros(batch, 3, device=dev), torch.zeros(batch, device=dev),
-                         torch.zeros(batch, dtype=torch.long, device=dev), hidden.float())
-
-    def scalars(self, state: StepState, eff: Tensor, budget: Tensor) -> Tensor:
-        """s [B, 8] = [(t+1)/T, eff, C (3), mean usage − C (3; zero before the first effective step)]."""
-        mean = state.usage / state.count.clamp(min=1)[:, None]                                 # [B, 3]
-        dev = torch.where(state.count[:, None] > 0, mean - budget, torch.zeros_like(budget))   # [B, 3]
-        t_frac = (state.step.float() + 1) / self.episode_len                                   # [B]
-        return torch.cat([t_frac[:, None], eff.float()[:, None], budget, dev], dim=-1)         # [B, 8]
+        bos = torch.full((batch,), self.policy.bos, dtype=torch.long, device=hidden.device)    # [B]
+        return self.fresh_state(batch, hidden, bos)
 
     # ------------------------------------------------------------------------------------------ one step
     def decide(self, state: StepState, token_emb: Tensor, eff: Tensor, budget: Tensor, tau: float = 1.0,
@@ -118,24 +159,7 @@ class PolicyStep(nn.Module):
         """The state after the LM ran this step's controls and produced ``hidden`` [B, D]. Rows whose episode is
         over, or marked ``fresh`` [B] bool (the LM call was a prefill), start a new episode from ``hidden``;
         ``end_episode=False`` keeps a finished episode's state (to read its usage)."""
-        used = eff.float()[:, None] * (d.controls / self.usage_scale)                          # [B, 3]
-        nxt = StepState(d.key, d.value, d.effective, state.usage + used, state.count + eff.float(),
-                        state.step + 1, hidden.float())
-        restart = nxt.step >= self.episode_len                                                 # [B]
-        if not end_episode:
-            restart = torch.zeros_like(restart)
-        if fresh is not None:
-            restart = restart | fresh
-        return self.restart(nxt, restart)
-
-    def restart(self, state: StepState, rows: Tensor) -> StepState:
-        """Rows [B] bool start a new episode, keeping their hidden state; the other rows are unchanged."""
-        zero = self.start(state.prev.shape[0], state.hidden)
-        r1, r4 = rows[:, None], rows[:, None, None, None]
-        return StepState(torch.where(r4, zero.key, state.key), torch.where(r4, zero.value, state.value),
-                         torch.where(rows, zero.prev, state.prev), torch.where(r1, zero.usage, state.usage),
-                         torch.where(rows, zero.count, state.count), torch.where(rows, zero.step, state.step),
-                         state.hidden)
+        return self.step_state(state, d.key, d.value, d.effective, d.controls, eff, hidden, fresh, end_episode)
 
 
 def episode_length(train_config: dict | None) -> int:

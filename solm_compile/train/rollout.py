@@ -6,7 +6,7 @@ The policy is driven by ``PolicyStep`` (solm_compile/policy/step.py), the state 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,25 +81,39 @@ def rollout(lm: Any, policy: RecurrentActorCriticPolicy, blocks: Tensor, targets
 
     blocks [B, ctx+T+1]: step t feeds token ctx+t and scores token ctx+t+1. targets [B, 3].
     """
-    N = blocks.shape[0] * K
     min_len = gate_of(lm).min_len if min_len is None else min_len
     hid, cache, dense_lp, E, labels, ids = teacher_forced(lm, blocks, T, K, reward)
     C = targets.float().repeat_interleave(K, 0)                            # [N, 3]
     ps = PolicyStep(policy, grid, T)
-    state = ps.start(N, hid[:, -1].float().repeat_interleave(K, 0))       # h [N, D]
+    sample = None if greedy else (generator or True)
+
+    def decide(state, e, eff):
+        d = ps.decide(state, e, eff, C, tau, sample=sample)
+        logp = F.log_softmax(d.logits, dim=-1).gather(-1, d.action[:, None])[:, 0]   # [N]
+        return d, d.action, logp
+
+    return controlled_steps(lm, ps, decide, hid, cache, dense_lp, E, labels, ids, C, min_len)
+
+
+def controlled_steps(lm: Any, ps: Any, decide: Callable, hid: Tensor, cache: Any, dense_lp: Optional[Tensor],
+                     E: Tensor, labels: Tensor, ids: Tensor, C: Tensor, min_len: int) -> Episode:
+    """The T teacher-forced controlled steps every rollout shares (``teacher_forced``'s outputs in). ``ps`` is the
+    policy's state machine; ``decide(state, e [N, D], eff [N]) -> (decision, chosen action(s), log π [N])``, whose
+    ``decision.controls`` ([N, 3], or per layer [N, L, 3]) the LM runs."""
+    N, T = E.shape[0], E.shape[1]
+    state = ps.start(N, hid[:, -1].float().repeat_interleave(N // hid.shape[0], 0))   # h [N, D]
     out = {k: [] for k in ("h", "s", "prev", "a", "logp", "eff", "r", "lp")}
     for t in range(T):
         eff = torch.full((N,), cache.length + 1 > min_len)                 # [N] bool
-        d = ps.decide(state, E[:, t], eff, C, tau, sample=None if greedy else (generator or True))
-        logp = F.log_softmax(d.logits, dim=-1).gather(-1, d.action[:, None])[:, 0]   # [N]
-        kappa, rho, bits = d.controls.unbind(-1)                           # 3 x [N]
-        lg, hid, cache = lm.step(ids[:, t, None], cache, kappa.contiguous(), rho.contiguous(),
-                                 bits.contiguous())                        # [N, 1, V], [N, 1, D]
+        d, chosen, logp = decide(state, E[:, t], eff)
+        kappa, rho, bits = d.controls.unbind(-1)                           # 3 x [N] or [N, L]
+        lg, h, cache = lm.step(ids[:, t, None], cache, kappa.contiguous(), rho.contiguous(),
+                               bits.contiguous())                          # [N, 1, V], [N, 1, D]
         lp_true, r = step_reward(lg[:, 0], labels[:, t], dense_lp, t)     # [N], [N]
-        for k, v in (("h", state.hidden), ("s", d.scalars), ("prev", state.prev), ("a", d.action), ("logp", logp),
+        for k, v in (("h", state.hidden), ("s", d.scalars), ("prev", state.prev), ("a", chosen), ("logp", logp),
                      ("eff", eff), ("r", r), ("lp", lp_true)):
             out[k].append(v)
-        state = ps.advance(state, d, eff, hid[:, 0], end_episode=t < T - 1)   # keep the last step's usage
+        state = ps.advance(state, d, eff, h[:, 0], end_episode=t < T - 1)   # keep the last step's usage
     st = {k: torch.stack(v, 1) for k, v in out.items()}
     return Episode(st["h"], E, st["s"], st["prev"], st["a"], st["logp"], st["eff"], st["r"], st["lp"],
                    grpo.realised_usage(state.usage, state.count), C)

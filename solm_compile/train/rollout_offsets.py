@@ -18,8 +18,7 @@ from solm_compile.eval.offsets import floor_keeps
 from solm_compile.policy import offsets as off
 from solm_compile.policy.offset_network import OffsetPolicy
 from solm_compile.policy.offset_step import OffsetStep
-from solm_compile.train import grpo
-from solm_compile.train.rollout import Episode, gate_of, step_reward, teacher_forced
+from solm_compile.train.rollout import Episode, controlled_steps, gate_of, teacher_forced
 
 
 def floors(targets: Tensor, num_layers: int, costs: Optional[fl.LayerCosts]) -> Tensor:
@@ -38,26 +37,15 @@ def rollout_offsets(lm: Any, policy: OffsetPolicy, blocks: Tensor, targets: Tens
                     K: int, tau: float = 1.0, greedy: bool = False, reward: str = "ll",
                     generator: Optional[torch.Generator] = None, min_len: Optional[int] = None) -> Episode:
     """blocks [B, ctx+T+1], targets [B, 3], floor [B, L, 2] (``floors``) -> an Episode of N = B·K rows."""
-    N = blocks.shape[0] * K
     min_len = gate_of(lm).min_len if min_len is None else min_len
     hid, cache, dense_lp, E, labels, ids = teacher_forced(lm, blocks, T, K, reward)
     C = targets.float().repeat_interleave(K, 0)                                 # [N, 3]
     F_ = floor.float().repeat_interleave(K, 0)                                  # [N, L, 2]
     ps = OffsetStep(policy, T)
-    state = ps.start(N, hid[:, -1].float().repeat_interleave(K, 0))            # h [N, D]
-    out = {k: [] for k in ("h", "s", "prev", "a", "logp", "eff", "r", "lp")}
-    for t in range(T):
-        eff = torch.full((N,), cache.length + 1 > min_len)                      # [N] bool
-        d = ps.decide(state, E[:, t], eff, C, F_, tau, sample=None if greedy else (generator or True))
-        logp = off.log_prob(d.logits, d.choice)                                 # [N]
-        kappa, rho, bits = d.controls.unbind(-1)                                # 3 x [N, L]
-        lg, hid, cache = lm.step(ids[:, t, None], cache, kappa.contiguous(), rho.contiguous(),
-                                 bits.contiguous())                             # [N, 1, V], [N, 1, D]
-        lp_true, r = step_reward(lg[:, 0], labels[:, t], dense_lp, t)          # [N], [N]
-        for k, v in (("h", state.hidden), ("s", d.scalars), ("prev", state.prev), ("a", d.choice), ("logp", logp),
-                     ("eff", eff), ("r", r), ("lp", lp_true)):
-            out[k].append(v)
-        state = ps.advance(state, d, eff, hid[:, 0], end_episode=t < T - 1)    # keep the last step's usage
-    st = {k: torch.stack(v, 1) for k, v in out.items()}
-    return Episode(st["h"], E, st["s"], st["prev"], st["a"], st["logp"], st["eff"], st["r"], st["lp"],
-                   grpo.realised_usage(state.usage, state.count), C)
+    sample = None if greedy else (generator or True)
+
+    def decide(state, e, eff):
+        d = ps.decide(state, e, eff, C, F_, tau, sample=sample)
+        return d, d.choice, off.log_prob(d.logits, d.choice)                    # ..., [N, G, 2], [N]
+
+    return controlled_steps(lm, ps, decide, hid, cache, dense_lp, E, labels, ids, C, min_len)
