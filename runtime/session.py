@@ -65,15 +65,17 @@ def read_metadata(path: Path) -> dict:
     return meta
 
 
-def session_options(ort, threads: int | None = None):
+def session_options(ort, threads: int | None = None, spin: bool = False):
     """solm's onnxruntime session settings: ``threads`` intra-op threads (onnxruntime's default if None), one
-    inter-op thread, no spinning (idle threads would steal cores), errors-only logging (the node-placement
-    notice for shape ops is expected, not news)."""
+    inter-op thread, errors-only logging (the node-placement notice for shape ops is expected, not news), and no
+    spinning unless ``spin``: an idle worker that spins takes a core another process on a shared machine needs, but
+    on a machine of its own spinning is what onnxruntime, llama.cpp and onnxruntime-genai do by default, and on two
+    threads it is worth 1.1-1.5x a decode step (docs/measurements.md, session 14)."""
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.log_severity_level = 3
     return so
 
@@ -107,10 +109,12 @@ class SolmSession:
 
     def __init__(self, path: str | Path, providers: list | None = None, threads: int | None = None,
                  use_ep: bool = True, tokenizer: bool = True, ep_options: dict | None = None,
-                 profile_prefix: str | None = None, device: str = "cpu", prefill_chunk: int = PREFILL_CHUNK):
+                 profile_prefix: str | None = None, device: str = "cpu", prefill_chunk: int = PREFILL_CHUNK,
+                 spin: bool = False):
         """``device`` (cpu, cuda) picks the providers when ``providers`` is None (``runtime/device.py``: CUDA first
         and the CPU last, for portable and dense artifacts); an explicit ``providers`` list wins. ``prefill_chunk``:
-        the most prompt tokens one prefill run feeds (0: the whole prompt in one run)."""
+        the most prompt tokens one prefill run feeds (0: the whole prompt in one run). ``spin``: onnxruntime's
+        intra-op threads spin between runs (``session_options``; for a machine of its own)."""
         import onnxruntime as ort
 
         from solm_compile.runtime.device import providers_for
@@ -131,7 +135,7 @@ class SolmSession:
         if providers is None:
             providers = providers_for(self.kind, device, ort)
         self.device = "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
-        so = session_options(ort, threads)
+        so = session_options(ort, threads, spin)
         if profile_prefix:  # onnxruntime's profiler (per-node times); self.sess.end_profiling() writes the JSON
             so.enable_profiling = True
             so.profile_file_prefix = str(profile_prefix)

@@ -124,6 +124,21 @@ def test_keeps_take_pairs_for_unequal_attention_and_mlp_keeps():
                                                          "solm keep 0.25/0.4", "solm keep 0.3"]
 
 
+def test_spin_reaches_solm_sessions_and_defaults_on_for_the_engines_bench():
+    import onnxruntime as ort
+
+    from solm_compile.cli.app import build_parser
+    from solm_compile.runtime.session import session_options
+
+    key = "session.intra_op.allow_spinning"
+    assert session_options(ort, 2).get_session_config_entry(key) == "0"          # serving / tests: no spinning
+    assert session_options(ort, 2, spin=True).get_session_config_entry(key) == "1"
+    parse = build_parser().parse_args
+    from solm_compile.cli.bench import engines_config_from_args
+    assert engines_config_from_args(parse(["bench", "smollm2", "--engines"])).spin is True
+    assert engines_config_from_args(parse(["bench", "smollm2", "--engines", "--no-spin"])).spin is False
+
+
 def test_weights_go_to_load_only_where_it_takes_them():
     def old(model, trust_pickle=False):
         pass

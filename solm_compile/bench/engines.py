@@ -162,14 +162,14 @@ class ArtifactEngine(Engine):
 
     module = "onnxruntime"
 
-    def __init__(self, spec, threads, n_ctx, session=None):
+    def __init__(self, spec, threads, n_ctx, session=None, spin=False):
         super().__init__(spec, threads, n_ctx)
         import onnxruntime as ort
 
         from solm_compile.runtime.session import SolmSession
 
         self.ov = ort.OrtValue.ortvalue_from_numpy
-        self.s = session or SolmSession(spec.path, threads=threads, tokenizer=False)
+        self.s = session or SolmSession(spec.path, threads=threads, tokenizer=False, spin=spin)
         if self.s.kind not in ("dense", "fixed"):
             raise UserError(f"{spec.path}: the engines bench runs dense or fixed artifacts, not {self.s.kind}")
         self.budget = tuple(spec.budget or (1.0, 1.0, 16.0))
@@ -225,8 +225,10 @@ def skip_line(missing: list[str]) -> str:
     return f"skipped {', '.join(missing)} (not installed): {INSTALL_HINT}"
 
 
-def make_engine(spec: EngineSpec, threads: int, n_ctx: int, sessions: dict | None = None) -> Engine:
-    """The adapter for ``spec``; artifact engines share one ``SolmSession`` per (artifact, threads) in ``sessions``."""
+def make_engine(spec: EngineSpec, threads: int, n_ctx: int, sessions: dict | None = None,
+                spin: bool = False) -> Engine:
+    """The adapter for ``spec``; artifact engines share one ``SolmSession`` per (artifact, threads) in ``sessions``
+    and spin their onnxruntime threads if ``spin`` (the peers' own defaults stand)."""
     cls = ENGINES.get(spec.engine)
     if cls is None:
         raise UserError(f"unknown engine {spec.engine!r} (choose from {', '.join(ENGINES)})")
@@ -235,7 +237,7 @@ def make_engine(spec: EngineSpec, threads: int, n_ctx: int, sessions: dict | Non
     key = (spec.path, threads)
     if sessions is not None and key in sessions:
         return ArtifactEngine(spec, threads, n_ctx, session=sessions[key])
-    e = ArtifactEngine(spec, threads, n_ctx)
+    e = ArtifactEngine(spec, threads, n_ctx, spin=spin)
     if sessions is not None:
         sessions[key] = e.s
     return e

@@ -67,6 +67,7 @@ class EnginesConfig:
     kv: str = "fp16"                        # solm's KV cache buffer (--kv), for the SolmEP (fixed) artifact
     engines: tuple[str, ...] = ENGINE_NAMES
     reference: str = "llama.cpp"            # ratios are against this engine's row (the first row without it)
+    spin: bool = True                       # solm's onnxruntime threads spin, as the peers' do by default (--spin)
     seed: int = 0
 
     def __post_init__(self):
@@ -271,7 +272,7 @@ def run_engines(model: str, cfg: EnginesConfig, gate=None, trust_pickle: bool = 
     rows, ppl = [], {}
     for threads in cfg.threads:
         sessions: dict = {}
-        engines = {s.label: make_engine(s, threads, n_ctx, sessions) for s in specs}
+        engines = {s.label: make_engine(s, threads, n_ctx, sessions, spin=cfg.spin) for s in specs}
         if not ppl:
             say(f"perplexity over ids [{cfg.ppl_window - cfg.ppl_tokens}, {cfg.ppl_window}) ({threads} threads)")
             ppl = ppl_all(engines, ids, cfg, say)

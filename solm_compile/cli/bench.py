@@ -95,6 +95,9 @@ def add_engines_args(p) -> None:
                    "(default 2048)")
     g.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens,
                    help="last ids of the window scored, each by decode steps (default 256)")
+    g.add_argument("--spin", action=argparse.BooleanOptionalAction, default=d.spin,
+                   help="solm's onnxruntime intra-op threads spin between runs, as llama.cpp's, onnxruntime-genai's "
+                        "and plain onnxruntime's do by default (default on; --no-spin: solm's serving default)")
     g.add_argument("--memory", action=argparse.BooleanOptionalAction, default=d.memory,
                    help="peak resident memory of a child process decoding at ctx 2048, per engine (default on)")
     g.add_argument("--out", help="write the JSON here (atomically) and the plots beside it: .png (tok/s against context) and "
@@ -115,7 +118,7 @@ def engines_config_from_args(args):
     d = EnginesConfig()
     return EnginesConfig(contexts=tuple(args.context or d.contexts), threads=tuple(args.threads), reps=args.reps,
                          steps=args.steps, warmup=args.warmup, keeps=tuple(args.keeps), ppl_window=args.ppl_window,
-                         ppl_tokens=args.ppl_tokens, memory=args.memory, weights=args.weights, kv=args.kv,
+                         ppl_tokens=args.ppl_tokens, memory=args.memory, spin=args.spin, weights=args.weights, kv=args.kv,
                          head_bits=args.head_bits,
                          engines=tuple(e.strip() for e in args.engine_list.split(",") if e.strip()))
 
