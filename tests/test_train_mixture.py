@@ -8,6 +8,7 @@ came from is known; the tokenizer is a character code, so a block decodes back t
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -117,3 +118,13 @@ def test_resume_without_best_pt_restarts_selection(tmp_path) -> None:
                 progress=False, validate=lambda p: {"score": next(scores)})
     assert res.best["step"] == 2 and res.best["score"] == 2.0        # worse than the lost 1.0, but shippable
     assert checkpoint.read(tmp_path / "best.pt")["step"] == 2
+
+
+def test_metrics_record_the_usage_validation_realised(tmp_path) -> None:
+    def validate(policy):                                             # what the validators return: tensors or dicts
+        return {"score": 0.5, "usage": [torch.tensor([0.25, 0.5, 1.0]), {"attn_keep": 0.75}]}
+
+    cfg = dataclasses.replace(TINY, updates=1)
+    train(FakeGatedLM(), _blocks(cfg), cfg, tmp_path, progress=False, validate=validate)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_usage"] == [[0.25, 0.5, 1.0], {"attn_keep": 0.75}]

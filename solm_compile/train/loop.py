@@ -120,12 +120,24 @@ def _reduce(metrics: dict, world: int) -> dict:
     return {k: float(x) / world for k, x in zip(keys, v)}
 
 
+def _plain(x):
+    """Numbers, tensors and their lists/dicts as JSON-ready floats (for metrics.jsonl)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, Tensor):
+        return _plain(x.tolist())
+    return float(x) if isinstance(x, (int, float)) else x
+
+
 def _select(out: Path, validate: Callable, policy, payload: dict, step: int, history: list, best: dict) -> dict:
     """Score the policy on the validation blocks (lower is better); a new best is written to ``out/best.pt``."""
     policy.eval()
     v = validate(policy)
     score = float(v["score"])
     history[-1]["val_score"] = score
+    history[-1]["val_usage"] = _plain(v.get("usage"))      # per validation target: what the policy realised
     if not best or score < best["score"]:
         best = {"step": step, "score": score, "validation": {k: x for k, x in v.items() if k != "score"}}
         checkpoint.save(out / BEST, {**payload, "step": step, "selection": dict(best)})
