@@ -23,6 +23,7 @@ from solm_compile.errors import UserError
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "solm", "portable", "fixed", "dense")
+POLICY_NAMES = ("static", "shipped")     # --policy values that are not files
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,10 @@ class SolmConfig:
                 portable one (the same semantics in standard ONNX ops); "solm" forces the ``ai.solm`` artifact,
                 "portable" the standard-ops one, "fixed" the gated graph with the controls as inputs (no policy),
                 "dense" the original model (the benchmark baseline)
-    policy      a policy checkpoint; None: the one shipped for the model
+    policy      "static" (what None means wherever the artifact runs on SolmEP): no learned policy, the floor, i.e.
+                every layer at the requested budget (the ``fixed`` artifact, budgets as inputs): on held-out genres no
+                learned policy has beaten it (docs/policy.md "Verdict"); "shipped": the learned policy shipped for the
+                model; or a policy checkpoint file. The portable kind carries a learned policy (None: the shipped one)
     gate        where the gates go and how they select (Quest page size, sinks, window, warm-up)
     per_kv_head Quest pages chosen once per KV head (SolmEP artifacts only)
     weights     how the weights are stored: "source" (default: a GGUF keeps its own blocks, losslessly), "fp32"
@@ -80,8 +84,12 @@ class SolmConfig:
             raise UserError(f"SolmConfig: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not isinstance(self.gate, GateConfig):
             raise UserError(f"SolmConfig: gate must be a GateConfig, got {type(self.gate).__name__}")
-        if self.policy is not None and not Path(self.policy).is_file():
-            raise UserError(f"--policy {self.policy}: no such file")
+        if self.policy not in (None, *POLICY_NAMES) and not Path(self.policy).is_file():
+            raise UserError(f"--policy {self.policy}: no such file (or one of: {', '.join(POLICY_NAMES)})")
+        if self.policy == "static" and self.kind in ("portable", "dense"):
+            raise UserError(f"--policy static is the fixed artifact's (SolmEP); the {self.kind} kind "
+                            + ("carries a learned policy: --policy shipped or a checkpoint" if self.kind == "portable"
+                               else "has no policy"))
         from solm_compile.quant.weights import WEIGHTS, check_head_bits
 
         if self.weights not in WEIGHTS:
@@ -111,7 +119,14 @@ class SolmConfig:
                             "applies to the ai.solm and --fixed artifacts)")
 
 
-def _resolve_kind(kind: str) -> str:
+def resolve_kind(kind: str, policy: str | None) -> str:
+    """The artifact kind ``compile`` writes: the floor (``policy`` None or "static") on a SolmEP kind is ``fixed``;
+    auto without SolmEP here is portable, whose policy is then the shipped learned one unless a file is given."""
+    kind = _resolve_kind(kind, policy)
+    return "fixed" if kind == "solm" and policy in (None, "static") else kind
+
+
+def _resolve_kind(kind: str, policy: str | None = None) -> str:
     if kind != "auto":
         return kind
     import warnings
@@ -124,8 +139,12 @@ def _resolve_kind(kind: str) -> str:
     if available:
         return "solm"
     reason = str(why[0].message) if why else "SolmEP is not available"
-    log.warning("%s; writing the portable artifact instead (same semantics in standard ONNX ops; "
-                "--custom-ops writes the ai.solm one anyway)", reason)
+    if policy == "static":
+        raise UserError(f"--policy static: {reason}; the static floor is the fixed artifact, which needs SolmEP "
+                        "(--custom-ops writes it anyway)")
+    log.warning("%s; writing the portable artifact instead (same semantics in standard ONNX ops%s; "
+                "--custom-ops writes the ai.solm one anyway)", reason,
+                ", with the shipped learned policy: the static floor needs SolmEP" if policy is None else "")
     return "portable"
 
 
@@ -133,7 +152,7 @@ def resolve_policy(arg: str | None, info):
     """Load ``arg``, or the policy shipped for the model; one line saying how to train one if there is none."""
     from solm_compile.policy.checkpoint import load_policy, require_joint, shipped_policy
 
-    path = Path(arg) if arg else shipped_policy(info)
+    path = Path(arg) if arg not in (None, "shipped") else shipped_policy(info)
     if path is None:
         raise UserError(f"{info.name}: no policy shipped for this model; train one with "
                         f"`solm train {info.name} --out policy.pt` and pass --policy policy.pt (or use --dense)")
@@ -162,7 +181,7 @@ def compile(model: str, config: SolmConfig = SolmConfig(), out: str | Path = "mo
         path = emit_mlir(lm, out, dense=config.kind == "dense", dialect=config.mlir_dialect)
         log.info("wrote %s (MLIR, %s)", path, "dense" if config.kind == "dense" else "gated")
         return path
-    kind = _resolve_kind(config.kind)
+    kind = resolve_kind(config.kind, config.policy)
     policy = None if kind in ("dense", "fixed") else resolve_policy(config.policy, loaded.info)
     path = write_artifact(lm, out, kind, policy, tokenizer=loaded.tokenizer, per_kv_head=config.per_kv_head,
                           weights=loaded.weights, activations=config.activations, kv=config.kv,

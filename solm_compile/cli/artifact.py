@@ -16,12 +16,16 @@ def add_artifact_parsers(sub, common) -> None:
     p = sub.add_parser("compile", help="write the .solm.onnx artifact (same as solm-compile)")
     common(p)
     p.add_argument("--out", required=True, help="output path, e.g. model.solm.onnx")
-    p.add_argument("--policy", help="policy checkpoint (default: the one shipped for the model)")
+    p.add_argument("--policy", help="'static' (the default on SolmEP: no learned policy, every layer at the "
+                   "requested budget, i.e. the --fixed artifact; no learned policy has beaten it on held-out text, "
+                   "docs/policy.md), 'shipped' (the model's learned policy; the portable artifact's default) or a "
+                   "policy checkpoint file")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--portable", action="store_true", help="standard ONNX ops only (runs on stock onnxruntime)")
     kind.add_argument("--dense", action="store_true", help="the original model, ungated (the benchmark baseline)")
     kind.add_argument("--fixed", action="store_true",
-                      help="no policy: the gated graph with attn_keep/mlp_keep/bits as inputs (kernel benchmarks)")
+                      help="no policy: the gated graph with attn_keep/mlp_keep/bits as inputs (what --policy "
+                      "static writes)")
     kind.add_argument("--custom-ops", action="store_true",
                       help="the ai.solm artifact even where SolmEP is not available (to deploy elsewhere); by "
                       "default a machine without SolmEP gets the portable artifact, with a warning")
@@ -97,7 +101,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     fmts = ", ".join(f"{k} ×{v}" for k, v in (meta.get("weights") or {}).get("packed", {}).items())
     print(f"wrote {path} ({meta['kind']}, {path.stat().st_size / 1e6:.1f} MB; weights {args.weights}"
           + (f": {fmts}" if fmts else "")
-          + (f"; policy {meta['policy_file']}" if meta.get("policy_file") else "") + ")")
+          + (f"; policy {meta['policy_file']}" if meta.get("policy_file") else
+             "; static: every layer at the budget you run it at" if meta["kind"] == "fixed" else "") + ")")
     return 0
 
 
