@@ -3,8 +3,10 @@
     python examples/torch_compile_generate.py [--max-new-tokens N] [--no-inductor]
 
 `backend="solm"` is found by name once solm is pip-installed. Compile the model's forward (`model.compile`), not
-the module returned by `torch.compile(model)`: that one forwards `generate` to the uncompiled model. The policy
-shipped for SmolLM2 is found by the model's identity; pass options={"policy": PATH} for another one.
+the module returned by `torch.compile(model)`: that one forwards `generate` to the uncompiled model. Without a
+"policy" option the backend runs the static floor (every decode step at the budget, the default since no learned
+policy has beaten it on held-out text); this example asks for the learned policy shipped for SmolLM2
+(options={"policy": "shipped"}, found by the model's identity) to show its per-step actions; PATH picks another.
 """
 
 import argparse
@@ -26,7 +28,8 @@ model, tok = loaded.hf.eval(), loaded.tokenizer
 ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                               add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
 
-model.compile(backend="solm", options={"attn_keep": 0.5, "mlp_keep": 0.75, "bits": 8, "inductor": args.inductor})
+model.compile(backend="solm", options={"attn_keep": 0.5, "mlp_keep": 0.75, "bits": 8, "inductor": args.inductor,
+                                      "policy": "shipped"})          # default "static": every step at the budget
 with torch.no_grad():
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                          do_sample=False)

@@ -132,7 +132,7 @@ def test_dense_budget_batch_rows_equal_single_runs(dense):
 @pytest.fixture(scope="module")
 def half(tmp_path_factory):
     """A random policy for the tiny Llama shipped in a temporary policies/ directory, and the model compiled at a
-    half budget (no policy option: found by identity) after one greedy generate."""
+    half budget (policy "shipped": found by identity) after one greedy generate."""
     torch._dynamo.reset()
     model = tiny_llama()
     grid = GRID27
@@ -147,7 +147,7 @@ def half(tmp_path_factory):
     dense = generate(model, ids)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(checkpoint, "POLICY_DIR", path.parent)   # where shipped policies are looked up
-        model.compile(backend="solm", options=HALF)
+        model.compile(backend="solm", options={**HALF, "policy": "shipped"})
         stats = {**fast_c.STATS, **fast_ops.STATS}
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")

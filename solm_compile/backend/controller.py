@@ -27,13 +27,15 @@ class PolicyController:
     """Chooses each call's per-row controls (κ, ρ, bits) [B] and keeps the policy's state across calls.
 
     ``history`` holds, per single-token step, ``{"action": [B] long | None, "controls": [B, 3], "effective":
-    [B] bool}`` (the last ``HISTORY`` steps). ``policy`` is None when running dense.
+    [B] bool}`` (the last ``HISTORY`` steps). ``policy`` is None when running dense or ``static`` (the floor: every
+    single-token step runs at the budget itself, once past the gate's warm-up).
     """
 
     def __init__(self, info, loaded, budgets: Budget | tuple[Budget, ...], gate: GateConfig,
-                 embedding: Tensor | None):
+                 embedding: Tensor | None, static: bool = False):
         budgets = (budgets,) if isinstance(budgets, Budget) else tuple(budgets)
         self.info, self.loaded, self.budgets, self.gate = info, loaded, budgets, gate
+        self.static = static and loaded is None       # the floor: every decode step at the budget, no policy
         self.policy = loaded.policy if loaded is not None else None
         self.grid = loaded.grid if loaded is not None else None
         self.step = PolicyStep.from_loaded(loaded) if loaded is not None else None
@@ -51,12 +53,13 @@ class PolicyController:
         self.page_states = PageStates()     # Quest page min/max carried across steps (fast_c; reset per sequence)
         if self.policy is not None:
             self._budget = torch.tensor([[b.attn_keep, b.mlp_keep, b.bits / 16.0] for b in budgets])   # [R, 3]
+        self._static = torch.tensor([[b.attn_keep, b.mlp_keep, float(b.bits)] for b in budgets])      # [R, 3]
 
     @property
     def active(self) -> bool:
         """Whether the policy decides anything: a policy, a budget below dense, and the LM's hidden state."""
         dense = all(b.is_dense for b in self.budgets)
-        return self.policy is not None and not dense and self.embedding is not None
+        return not dense and (self.static or (self.policy is not None and self.embedding is not None))
 
     @property
     def actions(self) -> list:
@@ -73,6 +76,12 @@ class PolicyController:
             one = torch.ones(B, device=device)
             hit = self._dense[key] = (one, one, one * 16.0)
         return hit
+
+    def _static_controls(self, B: int, device) -> Tensor:
+        rows = self._static.shape[0]
+        if rows not in (1, B):
+            raise UserError(f"torch.compile(backend='solm'): {rows} per-row budgets for a batch of {B} rows")
+        return self._static.to(device).expand(B, 3)                                       # [B, 3]
 
     def _to(self, device) -> None:
         if self._budget.device != device:
@@ -91,6 +100,11 @@ class PolicyController:
             return self._dense_controls(B, dev)
         self.calls["step"] += 1
         eff_flag = past_len + T > self.min_len                       # gate_controls' rule (T == 1 here)
+        if self.static and self.active:                              # the floor: the budget itself, every row
+            ctl = self._static_controls(B, dev) if eff_flag else torch.stack(self._dense_controls(B, dev), -1)
+            self.history.append({"action": None, "controls": ctl, "effective": torch.full((B,), eff_flag, device=dev)})
+            self._pending = None
+            return ctl[:, 0].contiguous(), ctl[:, 1].contiguous(), ctl[:, 2].contiguous()
         if not (self.active and want_hidden):
             ctl = self._dense_controls(B, dev)
             self.history.append({"action": None, "controls": torch.stack(ctl, -1),

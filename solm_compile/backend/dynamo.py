@@ -3,8 +3,10 @@
 Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so ``backend="solm"`` works after
 ``pip install`` without importing solm_compile first. Options (``torch.compile(..., options={...})``)::
 
-    policy      path of a policy checkpoint (default: the one shipped in solm_compile/policy/shipped/ for this model's
-                identity; none → dense, with a warning when the budget is not dense)
+    policy      "static" (default: no learned policy, every decode step at the budget: the floor that no learned
+                policy has beaten on held-out text, docs/policy.md), "shipped" (the learned policy shipped in
+                solm_compile/policy/shipped/ for this model's identity; none → dense, with a warning when the
+                budget is not dense) or the path of a policy checkpoint
     attn_keep   attention keep target κ̄ (default 1)        mlp_keep   MLP keep target ρ̄ (default 1)
     bits        output bits target (default 16)            runtime    "torch" (default) | "onnxruntime"
                 each budget field is a number (every row) or a list with one number per batch row (per-row
@@ -149,14 +151,19 @@ def _controller_for(root, opts: Options) -> PolicyController:
         if hit is not None:
             return hit
     info, loaded, gate, embedding = None, None, GateConfig(), None
-    if opts.dense and opts.policy is None:
+    if opts.dense and opts.policy in (None, "static"):
         pass                                        # a dense budget runs the dense action whatever the policy
+    elif opts.policy in (None, "static"):
+        ctl = PolicyController(None, None, opts.budgets, gate, None, static=True)
+        if root is not None:
+            _CONTROLLERS.setdefault(root, {})[key] = ctl
+        return ctl
     elif root is not None and hasattr(root, "config"):
         from solm_compile.policy.checkpoint import load_policy, require_joint
 
         info = _model_info(root)
-        path = Path(opts.policy) if opts.policy is not None else shipped_policy(info)
-        if opts.policy is not None and not path.is_file():
+        path = Path(opts.policy) if opts.policy != "shipped" else shipped_policy(info)
+        if opts.policy != "shipped" and not path.is_file():
             raise UserError(f"torch.compile(backend='solm'): policy {path}: no such file")
         if path is not None:
             # UserError on a policy for another model, or of the offsets kind
