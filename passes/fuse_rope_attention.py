@@ -58,7 +58,8 @@ def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
 
 
 def _swaps_heads(node: ir.Node | None) -> bool:
-    return node is not None and list(node.attributes["perm"].value if "perm" in node.attributes else []) == [0, 2, 1, 3]
+    perm = node.attributes.get("perm") if node is not None else None
+    return perm is not None and list(perm.value) == [0, 2, 1, 3]
 
 
 def _rotary(value: ir.Value) -> tuple[ir.Node, ir.Value] | str:
@@ -76,9 +77,11 @@ def _rotary(value: ir.Value) -> tuple[ir.Node, ir.Value] | str:
 
 
 def _head_dim(reshape: ir.Node, heads: int) -> int | None:
-    """d if ``reshape`` makes [B, T, heads, d] (its target [0, 0, -1 | heads, d] or its output's static shape)."""
+    """d if ``reshape`` makes [B, T, heads, d] (its output's static shape, or a constant target [0, 0, -1 | heads,
+    d] where 0 copies the input's dimension: allowzero off)."""
     target, shape = _const(reshape.inputs[1]), reshape.outputs[0].shape
-    if target is not None and target.shape == (4,) and list(target[:2]) == [0, 0] and target[2] in (-1, heads):
+    if target is not None and target.shape == (4,) and list(target[:2]) == [0, 0] and target[2] in (-1, heads) \
+            and not _int_attr(reshape, "allowzero"):
         d = int(target[3])
     elif shape is not None and len(shape) == 4 and shape[2] == heads:
         d = shape[3]
@@ -116,8 +119,8 @@ def _match(qa: ir.Node) -> tuple | str:
     sizes = _const(split.inputs[1]) if len(split.inputs) > 1 else None
     t_in = _producer(split.inputs[0], "Transpose")
     r_in = _producer(t_in.inputs[0], "Reshape") if _swaps_heads(t_in) else None
-    if sizes is None or len(sizes) != 3 or sizes[1] != sizes[2] or r_in is None or \
-            not _private(t_in.outputs[0]) or not _private(r_in.outputs[0]):
+    gqa = sizes is not None and len(sizes) == 3 and sizes[1] == sizes[2] >= 1 and sizes[0] % sizes[1] == 0
+    if not gqa or r_in is None or not _private(t_in.outputs[0]) or not _private(r_in.outputs[0]):
         return "the Split's input is not the packed projection reshaped and transposed to heads"
     d = _head_dim(r_in, int(sizes.sum()))
     if d is None:

@@ -76,7 +76,8 @@ def _steps(sess, kv_dtype, seed=0):
              "past_page_max": np.zeros((B, HKV, C // S, D), np.float32)}
     got, past = [], 0
     for T, kappa in [(13, 1.0)] + [(1, 0.3)] * 2 + [(1, 0.6)] * 2:
-        ang = np.arange(past, past + T)[None, :, None] * 10000.0 ** (-np.arange(0, D, 2) / D) + np.arange(B)[:, None, None]
+        inv = 10000.0 ** (-np.arange(0, D, 2) / D)                                          # [d/2]
+        ang = np.arange(past, past + T)[None, :, None] * inv + np.arange(B)[:, None, None]    # [B, T, d/2]
         mask = np.tril(np.ones((T, past + T), bool), k=past)[None, None].repeat(B, 0)
         feeds = {"qkv": rng.standard_normal((B, T, N)).astype(np.float32), "cos": np.cos(ang).astype(np.float32),
                  "sin": np.sin(ang).astype(np.float32), "mask": mask, "kappa": np.full(B, kappa, np.float32),

@@ -1,5 +1,5 @@
-"""QuestAttentionRope on SolmEP (kernels_attention_rope.cc): the packed q/k/v projection in, the rotary embedding and the
-head layout inside, QuestAttention's KV cache buffer and page state as the artifact carries them.
+"""QuestAttentionRope on SolmEP (kernels_attention_rope.cc): the packed q/k/v projection in, the rotary embedding and
+the head layout inside, QuestAttention's KV cache buffer and page state as the artifact carries them.
 
 Against a plain PyTorch reference: the rotary written here (float64, rounded once to float32), the attention by
 ``reference.quest_attention_cache_ref`` (softmax(q·kᵀ/√d) over the selected pages, the sinks and the window), over a

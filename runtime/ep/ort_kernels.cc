@@ -160,8 +160,8 @@ void QuestRopeKernel::Compute(OrtKernelContext* kc) {
   const int64_t B = x.shape[0], T = x.shape[1], d = x.shape[2] / heads;
   if (c.shape != s.shape || c.shape.size() != 3 || (c.shape[0] != B && c.shape[0] != 1) || c.shape[1] != T ||
       c.shape[2] != d / 2)
-    Fail("SolmEP: QuestAttentionRope cos/sin " + ShapeStr(c.shape) + " / " + ShapeStr(s.shape) + " are not [B|1,T,d/2] = [" +
-         std::to_string(B) + "," + std::to_string(T) + "," + std::to_string(d / 2) + "]");
+    Fail("SolmEP: QuestAttentionRope cos/sin " + ShapeStr(c.shape) + " / " + ShapeStr(s.shape) +
+         " are not [B|1,T,d/2] = [" + std::to_string(B) + "," + std::to_string(T) + "," + std::to_string(d / 2) + "]");
   const float* kappa = RowValues(kap, B, "kappa", op, call->kappa_b);
   solm::KvCache cache;
   if (!CacheOf(kc, B, Hkv, T, T, d, d, &cache))
