@@ -4,8 +4,8 @@ the head layout inside, QuestAttention's KV cache buffer and page state as the a
 Against a plain PyTorch reference: the rotary written here (float64, rounded once to float32), the attention by
 ``reference.quest_attention_cache_ref`` (softmax(q·kᵀ/√d) over the selected pages, the sinks and the window), over a
 prefill and three decode steps that carry the kernel's own caches, fp16 and fp32 caches, both rotary conventions, a
-padding mask, per-row cos/sin and broadcast ones; every ISA variant SOLM_EP_ISA can force (a fresh process each);
-one and two threads bit-identical.
+padding mask, per-row cos/sin and broadcast ones, rows of different past lengths; every ISA variant SOLM_EP_ISA can
+force (a fresh process each); one and two threads bit-identical.
 """
 
 from __future__ import annotations
@@ -184,3 +184,27 @@ def test_every_isa_variant_matches_the_reference(lib, cap):
     assert rep["isa"]["decode_attention"] == cap and rep["isa"]["prefill_attention"] == cap
     for kv in ("fp32", "fp16"):
         assert rep["outs"][f"{kv}-1"] == rep["outs"][f"{kv}-2"]      # 1 and 2 threads bit-identical
+
+
+def test_rows_of_different_lengths_decode_each_over_its_own(lib):
+    """Step protocol 2: one decode step with past lengths 21 and 9 (the page state of the random past computed
+    here), each row against the reference over its own keys and its own positions' angles."""
+    rng = np.random.default_rng(7)
+    lens = np.array([21, 9], np.int64)
+    keys = rng.standard_normal((B, HKV, C, D)).astype(np.float32)
+    pmin = np.zeros((B, HKV, C // S, D), np.float32)
+    pmax = np.zeros((B, HKV, C // S, D), np.float32)
+    for b in range(B):
+        for p in range(-(-int(lens[b]) // S)):
+            rows = keys[b, :, p * S:min((p + 1) * S, int(lens[b]))]             # [Hkv, ≤S, d] valid keys of page p
+            pmin[b, :, p], pmax[b, :, p] = rows.min(1), rows.max(1)
+    ang = lens[:, None, None] * 10000.0 ** (-np.arange(0, D, 2) / D)           # [B, 1, d/2] each row's position
+    feeds = {"qkv": rng.standard_normal((B, 1, (H + 2 * HKV) * D)).astype(np.float32),
+             "cos": np.cos(ang).astype(np.float32), "sin": np.sin(ang).astype(np.float32),
+             "mask": np.ones((B, 1, 1, int(lens.max()) + 1), bool), "kappa": np.array([0.3, 0.6], np.float32),
+             "past_length": lens, "past_key": keys, "past_page_min": pmin, "past_page_max": pmax,
+             "past_value": rng.standard_normal((B, HKV, C, D)).astype(np.float32)}
+    got = rope_session(F, 0).run(None, feeds)
+    out, _, _ = expected(feeds["qkv"], feeds["cos"], feeds["sin"], feeds["mask"], feeds["kappa"], keys,
+                         feeds["past_value"], lens, 0)
+    np.testing.assert_allclose(got[0], out, rtol=2e-5, atol=2e-5)
