@@ -39,7 +39,8 @@ REQUIRED_HEADERS = ("onnxruntime_c_api.h", "onnxruntime_ep_c_api.h")
 MIN_ORT_API = 24  # solm_ep.cc asks onnxruntime for this API level
 
 SRC_DIR = Path(__file__).resolve().parent / "ep"
-SOURCES = ("kernels_attention.cc", "kernels_attention_prefill.cc", "kernels_attention_cache.cc", "kernels_mlp.cc",
+SOURCES = ("kernels_attention.cc", "kernels_attention_prefill.cc", "kernels_attention_cache.cc",
+           "kernels_attention_rope.cc", "kernels_mlp.cc",
            "kernels_mlp_tiles.cc", "kernels_mlp_blocks.cc", "kernels_mlp_blocks_int8.cc",
            "kernels_mlp_blocks_h.cc",
            "ort_kernels.cc", "ep_graph.cc", "ep_build_kernel.cc", "solm_ep.cc", "c_api.cc")

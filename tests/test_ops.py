@@ -194,7 +194,8 @@ def test_onnx_schemas_are_the_registry_entries():
 
     for sig, op in [(registry.GATE_CONTROLS, onnx_ops._GATE), (registry.QUEST_ATTENTION, onnx_ops._QUEST),
                     (registry.SPARSE_MLP, onnx_ops._SPARSE_MLP),
-                    (registry.SPARSE_MLP_BLOCKS, onnx_ops._SPARSE_MLP_BLOCKS)]:
+                    (registry.SPARSE_MLP_BLOCKS, onnx_ops._SPARSE_MLP_BLOCKS),
+                    (registry.QUEST_ATTENTION_ROPE, onnx_ops._QUEST_ROPE)]:
         schema = op.op_schema
         assert (schema.name, schema.domain, schema.since_version) == (sig.onnx_name, registry.DOMAIN,
                                                                       registry.VERSION)

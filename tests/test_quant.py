@@ -264,7 +264,8 @@ def test_fixed_artifact_mlp_runs_on_blocks_on_solm_ep(tmp_path):
     proto = onnx.load(str(art))
     ops = collections.Counter(n.op_type for n in proto.graph.node)
     assert ops["SparseMLPBlocks"] == 2 and ops["SparseMLP"] == 0
-    assert ops["Split"] == 2 and read_metadata(art)["fused"]["qkv"] == 2   # q, k, v: one MatMulNBits a layer
+    assert ops["Split"] == 0 and read_metadata(art)["fused"]["qkv"] == 2   # q, k, v: one MatMulNBits a layer
+    assert ops["QuestAttentionRope"] == 2 and read_metadata(art)["fused"]["rope_attention"] == 2   # its split inside
     assert read_metadata(art)["fused"]["identity_reshapes"] == 2          # the view after QuestAttention
     assert [a.s for n in proto.graph.node if n.op_type == "SparseMLPBlocks" for a in n.attribute
             if a.name == "activations"] == [b"int8"] * 2                    # the default: int8 activations

@@ -80,15 +80,25 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
   }
 
   std::unique_ptr<KernelBase> kernel;
-  if (op == "QuestAttention") {
-    auto k = std::make_unique<QuestKernel>();
+  if (op == "QuestAttention" || op == "QuestAttentionRope") {
+    const bool rope = op == "QuestAttentionRope";
+    std::unique_ptr<QuestKernel> k = rope ? std::make_unique<QuestRopeKernel>() : std::make_unique<QuestKernel>();
+    if (rope) {
+      auto* r = static_cast<QuestRopeKernel*>(k.get());
+      r->num_heads = AttrInt(node, attr("num_heads"), 0);
+      r->kv_num_heads = AttrInt(node, attr("kv_num_heads"), 0);
+      r->interleaved = AttrInt(node, attr("interleaved"), 0) != 0;
+      if (r->num_heads < 1 || r->kv_num_heads < 1 || r->num_heads % r->kv_num_heads != 0)
+        Fail("SolmEP: QuestAttentionRope needs num_heads a multiple of kv_num_heads >= 1, got " +
+             std::to_string(r->num_heads) + " / " + std::to_string(r->kv_num_heads));
+    }
     float scale = 0.f;
     k->has_scale = AttrFloat(node, attr("scale"), &scale);
     k->params.scale = scale;
     k->params.page_size = AttrInt(node, attr("page_size"), 8);
     k->params.sinks = AttrInt(node, attr("sinks"), 0);
     k->params.window = AttrInt(node, attr("window"), 0);
-    k->params.is_causal = AttrInt(node, attr("is_causal"), 0) != 0;
+    if (!rope) k->params.is_causal = AttrInt(node, attr("is_causal"), 0) != 0;
     const int64_t per_kv = AttrInt(node, attr("select_per_kv_head"), 0);
     k->params.per_kv_head = cfg.per_kv_head_override >= 0 ? cfg.per_kv_head_override != 0 : per_kv != 0;
     if (k->params.page_size < 1) Fail("SolmEP: QuestAttention page_size must be >= 1");

@@ -135,7 +135,7 @@ bool IsClaimable(const OrtNode* node, const OpSpec** spec_out) {
     const auto t = ValueElemType(ins[i]);
     if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && t != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED) return false;
   }
-  if (std::strcmp(op, "QuestAttention") == 0 && ins.size() > 3 && ins[3] != nullptr) {
+  if (std::strncmp(op, "QuestAttention", 14) == 0 && ins.size() > 3 && ins[3] != nullptr) {  // and ...Rope
     const auto t = ValueElemType(ins[3]);
     if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL && t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
         t != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED)

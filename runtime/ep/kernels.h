@@ -127,6 +127,7 @@ struct AttnScratch {
   std::vector<uint8_t> keep;
   std::vector<int64_t> nrow, first;
   std::vector<float> part;
+  std::vector<float> rq, rk, rv, ro;     // QuestAttentionRope: rotated q, k, v by head, T > 1: out by head
 };
 
 // q [B,H,T,d], k [B,Hkv,L,d], v [B,Hkv,L,dv], kappa [B], out [B,H,T,dv]. state: nullptr (page min/max from all of
@@ -174,6 +175,23 @@ void QuestAttentionCache(const float* q, const float* k_new, const float* v_new,
                          const MaskView& mask, const float* kappa, int64_t B, int64_t H, int64_t Hkv, int64_t T,
                          int64_t d, int64_t dv, const QuestParams& p, float* out, AttnScratch& scratch,
                          const Parallel& par, const PageState* state = nullptr);
+
+// QuestAttentionRope (kernels_attention_rope.cc): the packed projection qkv [B,T,(H+2Hkv)·d] (q, k, v heads side by
+// side per token) split into heads, q and k rotated as ONNX RotaryEmbedding does (onnxruntime's CPU kernel: each
+// output one fused multiply-add over the other product, rounded, so the values are bit-identical to the
+// RotaryEmbedding nodes it replaces), then QuestAttentionCache; out [B,T,H·d]. cos/sin [B|1,T,d/2] (row_stride:
+// floats between batch rows, 0 when broadcast). T == 1 writes out directly ([B,H,1,d] is [B,1,H·d]); T > 1 through
+// scratch and one transpose.
+struct Rotary {
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  int64_t row_stride = 0;
+  bool interleaved = false;  // pairs (2i, 2i+1); else halves (i, i+d/2)
+};
+void QuestAttentionRope(const float* qkv, const Rotary& rot, const KvCache& cache, const MaskView& mask,
+                        const float* kappa, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t d,
+                        const QuestParams& p, float* out, AttnScratch& scratch, const Parallel& par,
+                        const PageState* state = nullptr);
 
 // Pages kept for keep fraction kappa at KV length L and page size S (reference.page_budget).
 int64_t PageBudget(double kappa, int64_t L, int64_t S);

@@ -45,6 +45,10 @@ inline const std::vector<OpSpec>& OpSpecs() {
       //   -> out, present_page_min?, present_page_max?, present_key?, present_value?
       {"QuestAttention", {F, F, F, Ao, F, Fo, Fo, Ao, Ao, I64o}, 5, 1,
        {"scale", "is_causal", "page_size", "sinks", "window", "select_per_kv_head"}, 3},
+      // qkv [B,T,(H+2Hkv)d], cos, sin [B|1,T,d/2], then QuestAttention's inputs 3.. and outputs (buffer form
+      //   required by the kernel); out [B,T,H·d]
+      {"QuestAttentionRope", {F, F, F, Ao, F, Fo, Fo, Ao, Ao, I64o}, 5, 1,
+       {"scale", "page_size", "sinks", "window", "num_heads", "kv_num_heads", "interleaved", "select_per_kv_head"}, 3},
       // x, w_gate?, b_gate?, w_up, b_up?, w_down, b_down?, rho, bits -> y
       {"SparseMLP", {F, Fo, Fo, F, Fo, F, Fo, F, F}, 1, 1, {"act", "skip"}},
       // x, codes_gate?, scale_gate?, offset_gate?, b_gate?, codes_up, scale_up, offset_up, b_up?, codes_down,

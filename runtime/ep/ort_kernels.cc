@@ -147,6 +147,41 @@ void QuestKernel::Compute(OrtKernelContext* kc) {
                        stateful ? &ps : nullptr);
 }
 
+void QuestRopeKernel::Compute(OrtKernelContext* kc) {
+  const CallPool<Call>::Lease call = calls.Get();
+  TensorRef x = In(kc, 0), c = In(kc, 1), s = In(kc, 2), m = In(kc, 3), kap = In(kc, 4);
+  RequireFloat(x, "qkv");
+  RequireFloat(c, "cos");
+  RequireFloat(s, "sin");
+  const int64_t H = num_heads, Hkv = kv_num_heads, heads = H + 2 * Hkv;
+  if (x.shape.size() != 3 || x.shape[2] % heads != 0 || (x.shape[2] / heads) % 2 != 0)
+    Fail("SolmEP: QuestAttentionRope expects qkv [B,T,(H+2Hkv)·d] with H=" + std::to_string(H) + ", Hkv=" +
+         std::to_string(Hkv) + " and d even, got " + ShapeStr(x.shape));
+  const int64_t B = x.shape[0], T = x.shape[1], d = x.shape[2] / heads;
+  if (c.shape != s.shape || c.shape.size() != 3 || (c.shape[0] != B && c.shape[0] != 1) || c.shape[1] != T ||
+      c.shape[2] != d / 2)
+    Fail("SolmEP: QuestAttentionRope cos/sin " + ShapeStr(c.shape) + " / " + ShapeStr(s.shape) +
+         " are not [B|1,T,d/2] = [" + std::to_string(B) + "," + std::to_string(T) + "," + std::to_string(d / 2) + "]");
+  const float* kappa = RowValues(kap, B, "kappa", op, call->kappa_b);
+  solm::KvCache cache;
+  if (!CacheOf(kc, B, Hkv, T, T, d, d, &cache))
+    Fail("SolmEP: QuestAttentionRope needs the KV cache buffer (past_key, past_value, past_length)");
+  const int64_t Lk = cache.past + T;
+  solm::MaskView mv;
+  if (m.present) mv = MaskOf(m, B, H, T, Lk);
+  solm::PageState ps;
+  const bool stateful = PageStateOf(kc, B, Hkv, T, Lk, d, &cache, &ps, call->spare_state);
+  float* out = Out(kc, 0, {B, T, H * d});
+  if (out == nullptr) out = Grow(call->spare_out, B * H * T * d);  // only the caches are consumed
+  if (B * T == 0) return;
+  solm::QuestParams p = params;
+  if (!has_scale) p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  solm::Rotary rot;
+  rot.cos = c.f(), rot.sin = s.f(), rot.row_stride = c.shape[0] == 1 ? 0 : T * (d / 2), rot.interleaved = interleaved;
+  solm::QuestAttentionRope(x.f(), rot, cache, mv, kappa, B, H, Hkv, T, d, p, out, call->scratch, MakeParallel(kc),
+                           stateful ? &ps : nullptr);
+}
+
 bool QuestKernel::PageStateOf(OrtKernelContext* kc, int64_t B, int64_t Hkv, int64_t T, int64_t L, int64_t d,
                               const solm::KvCache* cache, solm::PageState* ps, std::vector<float>& spare_state) const {
   TensorRef mn = In(kc, 5), mx = In(kc, 6);

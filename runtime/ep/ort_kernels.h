@@ -282,6 +282,15 @@ struct QuestKernel : KernelBase {
   solm::MaskView MaskOf(const TensorRef& m, int64_t B, int64_t H, int64_t T, int64_t L) const;
 };
 
+// QuestAttentionRope: QuestAttention's inputs 3.. and outputs in the same places (so MaskOf / CacheOf / PageStateOf
+// serve it), with inputs 0-2 the packed projection qkv [B,T,(H+2Hkv)·d] and RotaryEmbedding's cos/sin [B|1,T,d/2];
+// out [B,T,H·d]. Only the KV cache buffer form (what passes/fuse_rope_attention.py writes).
+struct QuestRopeKernel : QuestKernel {
+  int64_t num_heads = 0, kv_num_heads = 0;
+  bool interleaved = false;
+  void Compute(OrtKernelContext* kc) override;
+};
+
 struct MlpKernel : KernelBase {
   solm::Act act = solm::Act::kSilu;
   bool skip_h = false;         // the skip attribute ("h"), copied into every MlpWeights SetWeights lays out

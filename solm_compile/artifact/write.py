@@ -210,13 +210,16 @@ def fuse_norm_rope(program) -> dict:
 
 def trim_nodes(program) -> dict:
     """Fewer nodes on the decode step, exactly (after ``pack_low_bit``): ``passes/fuse_qkv`` (the low-bit projections
-    that read one input, q, k and v, as one MatMulNBits split by heads) and ``passes/drop_identity_reshapes``;
-    {"qkv": groups fused, "identity_reshapes": Reshapes dropped}."""
+    that read one input, q, k and v, as one MatMulNBits split by heads), ``passes/drop_identity_reshapes`` and
+    ``passes/fuse_rope_attention`` (the head split, rotary and head merge inside QuestAttentionRope); {"qkv": groups
+    fused, "identity_reshapes": Reshapes dropped, "rope_attention": QuestAttentionRope nodes}."""
     from solm_compile.passes.drop_identity_reshapes import drop_identity_reshapes
     from solm_compile.passes.fuse_qkv import fuse_qkv
+    from solm_compile.passes.fuse_rope_attention import fuse_rope_attention
 
     counts = {}
-    for name, key, run in (("qkv", "fused", fuse_qkv), ("identity_reshapes", "reshape", drop_identity_reshapes)):
+    for name, key, run in (("qkv", "fused", fuse_qkv), ("identity_reshapes", "reshape", drop_identity_reshapes),
+                           ("rope_attention", "fused", fuse_rope_attention)):
         r = run(program.model)
         log.debug("%s: %s (skipped: %s)", r.name, dict(r.counts), r.skipped)
         counts[name] = r.counts[key]

@@ -154,6 +154,36 @@ def quest_attention_cache_ref(q, k, v, attn_mask, kappa, past_key, past_value, p
     return out, present_key, present_value
 
 
+def rotary_ref(x, cos, sin, interleaved: int):
+    """ONNX RotaryEmbedding on x [B, N, T, d] with cos/sin [B|1, T, d/2] (no position ids): per pair (x1, x2), the
+    halves x[i], x[i + d/2] (interleaved 0) or x[2i], x[2i + 1] (1), y1 = x1·cos − x2·sin, y2 = x2·cos + x1·sin."""
+    c, s = cos[:, None], sin[:, None]                                           # [B|1, 1, T, d/2]
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleaved else x.chunk(2, dim=-1)   # [B, N, T, d/2] each
+    y1, y2 = x1 * c - x2 * s, x2 * c + x1 * s                                   # [B, N, T, d/2] each
+    if interleaved:
+        return torch.stack((y1, y2), dim=-1).flatten(-2)                        # [B, N, T, d]
+    return torch.cat((y1, y2), dim=-1)                                          # [B, N, T, d]
+
+
+def quest_attention_rope_ref(qkv, cos, sin, attn_mask, kappa, scale, page_size, sinks, window, num_heads: int,
+                             kv_num_heads: int, interleaved: int, past_key=None, past_value=None, past_length=None):
+    """registry.QUEST_ATTENTION_ROPE: qkv [B, T, (H + 2·Hkv)·d] split into heads, q and k rotated (``rotary_ref``),
+    QuestAttention over the T tokens (no cache) or in the buffer form (``quest_attention_cache_ref``: then returns
+    (out, present_key, present_value)); out [B, T, H·d]."""
+    B, T, N = qkv.shape
+    H, Hkv = num_heads, kv_num_heads
+    d = N // (H + 2 * Hkv)
+    heads = qkv.view(B, T, H + 2 * Hkv, d).transpose(1, 2)                     # [B, H + 2·Hkv, T, d]
+    q, k, v = heads.split([H, Hkv, Hkv], dim=1)                                 # [B, H|Hkv, T, d]
+    q, k = rotary_ref(q, cos, sin, interleaved), rotary_ref(k, cos, sin, interleaved)
+    if past_key is None:
+        out = quest_attention_ref(q, k, v, attn_mask, kappa, scale, page_size, sinks, window)   # [B, H, T, d]
+        return out.transpose(1, 2).reshape(B, T, H * d)                         # [B, T, H·d]
+    out, present_key, present_value = quest_attention_cache_ref(q, k, v, attn_mask, kappa, past_key, past_value,
+                                                                past_length, scale, page_size, sinks, window)
+    return out.transpose(1, 2).reshape(B, T, H * d), present_key, present_value
+
+
 def topk_channels_ref(x_row: torch.Tensor, rho: float) -> torch.Tensor:
     """Keep the ⌈ρ·D⌉ channels of largest |x| (ties at the threshold kept); zero the rest. x_row [D]."""
     D = x_row.shape[-1]

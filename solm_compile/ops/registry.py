@@ -113,6 +113,24 @@ QUEST_ATTENTION = OpSig(
     types=(("T", FLOAT_TYPES), ("M", ("tensor(bool)",) + FLOAT_TYPES), ("C", FLOAT_TYPES),
            ("K", ("tensor(float)", "tensor(float16)")), ("I", ("tensor(int64)",))))
 
+# QuestAttention with the head layout and the rotary embedding inside (issue 17; made by passes/fuse_rope_attention.py
+# on the SolmEP kinds, never by export): qkv [B, T, (H + 2·Hkv)·d] is the q, k and v projections side by side
+# (fuse_qkv's one projection), cos/sin [B|1, T, d/2] are ONNX RotaryEmbedding's tables (the values the graph's shared
+# Cos/Sin compute from the positions). Per token and head q and k are rotated as RotaryEmbedding does (interleaved 0:
+# the halves x[i], x[i + d/2]; 1: the pairs x[2i], x[2i + 1]; y1 = x1·cos − x2·sin, y2 = x2·cos + x1·sin), then
+# QuestAttention runs unchanged, and out is [B, T, H·d] (the heads back beside each other: the o projection's input).
+# Inputs 3.. and every output sit where QuestAttention has them. The torch op (export form) attends over the T
+# tokens only; SolmEP runs the buffer form (past_key/past_value/past_length given), which the pass always writes.
+QUEST_ATTENTION_ROPE = OpSig(
+    "quest_attention_rope", "QuestAttentionRope",
+    inputs=(Param("qkv", "T"), Param("cos", "T"), Param("sin", "T")) + QUEST_ATTENTION.inputs[3:],
+    outputs=QUEST_ATTENTION.outputs,
+    attributes=(Attr("scale", "float"), Attr("page_size", "int"), Attr("sinks", "int"), Attr("window", "int"),
+                Attr("num_heads", "int"), Attr("kv_num_heads", "int"), Attr("interleaved", "int"),
+                Attr("select_per_kv_head", "int", torch=False, export=False)),
+    types=QUEST_ATTENTION.types,
+    from_pass=True)
+
 # ``skip`` (issue 17; MLP_SKIPS below): what ρ keeps. "x": the ⌈ρ·D⌉ input channels of largest |x| (SOL). "h": gate
 # and up on all of x, h = act(gate)⊙up, the ⌈ρ·I⌉ units of largest |h| (ties at the threshold kept) feed down
 # (``reference.sparse_mlp_ref``). SolmEP's fp32 SparseMLP kernel and SparseMLPBlocks run both (fp32: the dropped
@@ -157,7 +175,7 @@ SPARSE_MLP_BLOCKS = OpSig(
     types=(("T", ("tensor(float)",)), ("Q", ("tensor(uint8)",)), ("C", ("tensor(float)",))),
     from_pass=True)
 
-OPS = (GATE_CONTROLS, QUEST_ATTENTION, SPARSE_MLP, SPARSE_MLP_BLOCKS)
+OPS = (GATE_CONTROLS, QUEST_ATTENTION, SPARSE_MLP, SPARSE_MLP_BLOCKS, QUEST_ATTENTION_ROPE)
 BY_NAME = {op.name: op for op in OPS}
 BY_ONNX_NAME = {op.onnx_name: op for op in OPS}
 

@@ -8,6 +8,7 @@ Two flavours, each a ``{torch op overload: translation function}`` table for ``c
       GateControls(input_ids, past_key, kappa, rho, bits) -> (kappa_e, rho_e, bits_e)     min_len: int
       QuestAttention(q, k, v, attn_mask?, kappa) -> out          scale: float, page_size, sinks, window: int
       SparseMLP(x, w_gate?, b_gate?, w_up, b_up?, w_down, b_down?, rho, bits) -> y    act, skip: string
+      QuestAttentionRope(qkv, cos, sin, attn_mask?, kappa) -> out   (made by a pass; registry.QUEST_ATTENTION_ROPE)
 
   An absent optional input is an empty input name. In the written ``ai.solm`` artifact QuestAttention also carries
   its page state like the KV cache (added after export by ``passes/page_state.py``; the torch op has no such
@@ -35,51 +36,23 @@ import math
 from typing import Optional
 
 import numpy as np
-import onnx
 import torch
 from onnxscript import ir
 from onnxscript.onnx_opset import opset18 as op
 from onnxscript.onnx_types import TensorType
-from onnxscript.values import Op, Opset
 
 from solm_compile.ops import registry
 from solm_compile.ops import torch_ops as _ops  # noqa: F401  (registers torch.ops.solm.*)
-
-DOMAIN = registry.DOMAIN
-VERSION = registry.VERSION
-SOLM = Opset(DOMAIN, VERSION)
+from solm_compile.ops.onnx_schema import DOMAIN, SOLM, VERSION, op_of as _op  # noqa: F401
 
 _INT64_MAX = 2**63 - 1
-
-
-# ---------------------------------------------------------------------------------------------- ai.solm schemas
-_S = onnx.defs.OpSchema
-_ATTR_TYPES = {"int": _S.AttrType.INT, "float": _S.AttrType.FLOAT, "string": _S.AttrType.STRING}
-
-
-def _schema(sig: registry.OpSig) -> onnx.defs.OpSchema:
-    """The export form of ``sig`` (registry.py) as an OpSchema: its exported inputs, outputs and attributes (all
-    required: the translations below always write them) under the registry's type constraints."""
-    def param(p: registry.Param):
-        option = _S.FormalParameterOption.Optional if p.optional else _S.FormalParameterOption.Single
-        return _S.FormalParameter(p.name, p.type_var, "", param_option=option)
-
-    return _S(sig.onnx_name, DOMAIN, VERSION, "",
-              inputs=[param(p) for p in sig.export_inputs()], outputs=[param(p) for p in sig.export_outputs()],
-              type_constraints=[(var, list(types), "") for var, types in sig.types
-                                if any(p.type_var == var for p in sig.export_inputs() + sig.export_outputs())],
-              attributes=[_S.Attribute(a.name, _ATTR_TYPES[a.kind], "", required=True)
-                          for a in sig.export_attributes()])
-
-
-def _op(sig: registry.OpSig) -> Op:
-    return Op(SOLM, sig.onnx_name, _schema(sig))
 
 
 _GATE = _op(registry.GATE_CONTROLS)
 _QUEST = _op(registry.QUEST_ATTENTION)
 _SPARSE_MLP = _op(registry.SPARSE_MLP)
 _SPARSE_MLP_BLOCKS = _op(registry.SPARSE_MLP_BLOCKS)
+_QUEST_ROPE = _op(registry.QUEST_ATTENTION_ROPE)
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
@@ -139,6 +112,17 @@ def sparse_mlp_blocks_custom(x, codes_gate, scale_gate, offset_gate, b_gate, cod
                               codes_down, scale_down, offset_down, b_down, rho, bits, act=str(act),
                               bits_gate=int(bits_gate), bits_up=int(bits_up), bits_down=int(bits_down),
                               block_size=int(block_size), activations=str(activations), skip=str(skip))
+
+
+def quest_attention_rope_custom(qkv, cos, sin, attn_mask, kappa, scale, page_size: int, sinks: int, window: int,
+                                num_heads: int, kv_num_heads: int, interleaved: int):
+    return _QUEST_ROPE(qkv, cos, sin, attn_mask, kappa, scale=float(scale), page_size=int(page_size), sinks=int(sinks),
+                       window=int(window), num_heads=int(num_heads), kv_num_heads=int(kv_num_heads),
+                       interleaved=int(interleaved))
+
+
+def quest_attention_rope_portable(*args, **kwargs):   # a pass makes the op on the SolmEP kinds only
+    raise NotImplementedError("solm.quest_attention_rope: made by passes/fuse_rope_attention.py for SolmEP only")
 
 
 # ---------------------------------------------------------------------------------------------- PORTABLE helpers
@@ -384,6 +368,7 @@ CUSTOM = {
     torch.ops.solm.quest_attention.default: quest_attention_custom,
     torch.ops.solm.sparse_mlp.default: sparse_mlp_custom,
     torch.ops.solm.sparse_mlp_blocks.default: sparse_mlp_blocks_custom,
+    torch.ops.solm.quest_attention_rope.default: quest_attention_rope_custom,
 }
 
 PORTABLE = {
@@ -391,6 +376,7 @@ PORTABLE = {
     torch.ops.solm.quest_attention.default: quest_attention_portable,
     torch.ops.solm.sparse_mlp.default: sparse_mlp_portable,
     torch.ops.solm.sparse_mlp_blocks.default: sparse_mlp_blocks_portable,
+    torch.ops.solm.quest_attention_rope.default: quest_attention_rope_portable,
 }
 
 

@@ -215,6 +215,23 @@ def _(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset
     return x.new_empty(x.shape[:-1] + (dout,))
 
 
+# ---------------------------------------------------------------------------------------------- quest_attention_rope
+# Made by an ONNX pass (passes/fuse_rope_attention.py), never traced from a model: the torch op is the reference,
+# enough to run and test the op from torch.
+@torch.library.custom_op(registry.QUEST_ATTENTION_ROPE.torch_qualname, mutates_args=())
+def quest_attention_rope(qkv: Tensor, cos: Tensor, sin: Tensor, attn_mask: Optional[Tensor], kappa: Tensor,
+                         scale: Optional[float], page_size: int, sinks: int, window: int, num_heads: int,
+                         kv_num_heads: int, interleaved: int) -> Tensor:
+    return ref.quest_attention_rope_ref(qkv, cos, sin, attn_mask, kappa, scale, page_size, sinks, window, num_heads,
+                                        kv_num_heads, interleaved).contiguous()
+
+
+@quest_attention_rope.register_fake
+def _(qkv, cos, sin, attn_mask, kappa, scale, page_size, sinks, window, num_heads, kv_num_heads, interleaved):
+    d = qkv.shape[-1] // (num_heads + 2 * kv_num_heads)
+    return qkv.new_empty(qkv.shape[:-1] + (num_heads * d,))
+
+
 # ---------------------------------------------------------------------------------------------- the list
 @dataclass(frozen=True)
 class OpDef:
@@ -236,6 +253,7 @@ OPS = (
     OpDef(registry.QUEST_ATTENTION, quest_attention, ref.quest_attention_ref),
     OpDef(registry.SPARSE_MLP, sparse_mlp, ref.sparse_mlp_ref),
     OpDef(registry.SPARSE_MLP_BLOCKS, sparse_mlp_blocks, ref.sparse_mlp_blocks_ref),
+    OpDef(registry.QUEST_ATTENTION_ROPE, quest_attention_rope, ref.quest_attention_rope_ref),
 )
 ONNX_DOMAIN = registry.DOMAIN
 
