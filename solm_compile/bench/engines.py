@@ -33,15 +33,17 @@ class EngineSpec:
     path: str                       # GGUF file, onnxruntime-genai model folder, or solm artifact
     weights: str                    # what the weights are, as the row prints it
     budget: tuple | None = None     # solm: (attn_keep, mlp_keep, bits) fed to the fixed artifact
+    per_kv_head: bool = False       # solm: SolmEP chooses pages once per KV head (provider option select_per_kv_head)
 
     def to_json(self) -> str:
         return json.dumps({"engine": self.engine, "label": self.label, "path": self.path, "weights": self.weights,
-                           "budget": list(self.budget) if self.budget else None})
+                           "budget": list(self.budget) if self.budget else None, "per_kv_head": self.per_kv_head})
 
     @classmethod
     def from_json(cls, text: str) -> "EngineSpec":
         d = json.loads(text)
-        return cls(d["engine"], d["label"], d["path"], d["weights"], tuple(d["budget"]) if d["budget"] else None)
+        return cls(d["engine"], d["label"], d["path"], d["weights"], tuple(d["budget"]) if d["budget"] else None,
+                   bool(d.get("per_kv_head", False)))
 
 
 def nll_from_logits(logits: np.ndarray, targets) -> np.ndarray:
@@ -169,7 +171,8 @@ class ArtifactEngine(Engine):
         from solm_compile.runtime.session import SolmSession
 
         self.ov = ort.OrtValue.ortvalue_from_numpy
-        self.s = session or SolmSession(spec.path, threads=threads, tokenizer=False, spin=spin)
+        options = {"select_per_kv_head": "1"} if spec.per_kv_head else None
+        self.s = session or SolmSession(spec.path, threads=threads, tokenizer=False, spin=spin, ep_options=options)
         if self.s.kind not in ("dense", "fixed"):
             raise UserError(f"{spec.path}: the engines bench runs dense or fixed artifacts, not {self.s.kind}")
         self.budget = tuple(spec.budget or (1.0, 1.0, 16.0))
@@ -234,7 +237,7 @@ def make_engine(spec: EngineSpec, threads: int, n_ctx: int, sessions: dict | Non
         raise UserError(f"unknown engine {spec.engine!r} (choose from {', '.join(ENGINES)})")
     if cls is not ArtifactEngine:
         return cls(spec, threads, n_ctx)
-    key = (spec.path, threads)
+    key = (spec.path, threads, spec.per_kv_head)
     if sessions is not None and key in sessions:
         return ArtifactEngine(spec, threads, n_ctx, session=sessions[key])
     e = ArtifactEngine(spec, threads, n_ctx, spin=spin)

@@ -68,6 +68,7 @@ class EnginesConfig:
     engines: tuple[str, ...] = ENGINE_NAMES
     reference: str = "llama.cpp"            # ratios are against this engine's row (the first row without it)
     spin: bool = True                       # solm's onnxruntime threads spin, as the peers' do by default (--spin)
+    per_kv_head: bool = False               # also each sparse solm row with pages chosen once per KV head
     seed: int = 0
 
     def __post_init__(self):
@@ -157,6 +158,9 @@ def engine_specs(model: str, lm, cfg: EnginesConfig, taken: bool,
             kappa, rho = keep_pair(k)
             name = "solm dense-budget" if (kappa, rho) == (1.0, 1.0) else f"solm keep {keep_label(k)}"
             specs.append(EngineSpec("solm", name, str(arts["fixed"]), label, (kappa, rho, 16.0)))
+            if cfg.per_kv_head and kappa < 1.0:       # the same artifact, SolmEP's select_per_kv_head option
+                specs.append(EngineSpec("solm", f"{name} per-KV-head", str(arts["fixed"]), label, (kappa, rho, 16.0),
+                                        per_kv_head=True))
     return specs, notes
 
 

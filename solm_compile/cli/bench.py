@@ -58,7 +58,8 @@ def add_bench_parser(sub, common) -> None:
                         "solm+fixed adds the replay row that isolates the policy's cost)")
     p.add_argument("--per-kv-head", action="store_true",
                    help="also time the fixed artifact with SolmEP choosing pages once per KV head (a coarser "
-                        "selection than the reference; diagnostic row fixed_kvhead)")
+                        "selection than the reference; diagnostic row fixed_kvhead; with --engines: a 'per-KV-head' "
+                        "row beside each sparse solm row, with its own perplexity)")
     p.add_argument("--backend", choices=("onnxruntime", "torch", "both"), default="onnxruntime",
                    help="onnxruntime: the artifacts (default); torch: torch.compile(backend='solm') at the dense and "
                         "the given budget against torch.compile(backend='inductor'); both: all rows")
@@ -119,7 +120,7 @@ def engines_config_from_args(args):
     return EnginesConfig(contexts=tuple(args.context or d.contexts), threads=tuple(args.threads), reps=args.reps,
                          steps=args.steps, warmup=args.warmup, keeps=tuple(args.keeps), ppl_window=args.ppl_window,
                          ppl_tokens=args.ppl_tokens, memory=args.memory, spin=args.spin, weights=args.weights, kv=args.kv,
-                         head_bits=args.head_bits,
+                         head_bits=args.head_bits, per_kv_head=args.per_kv_head,
                          engines=tuple(e.strip() for e in args.engine_list.split(",") if e.strip()))
 
 
