@@ -209,14 +209,20 @@ def fuse_norm_rope(program) -> dict:
 
 
 def trim_nodes(program) -> dict:
-    """Fewer nodes on the decode step, exactly (after ``pack_low_bit``): ``passes/fuse_qkv`` (the low-bit projections
-    that read one input, q, k and v, as one MatMulNBits split by heads) and ``passes/drop_identity_reshapes``;
-    {"qkv": groups fused, "identity_reshapes": Reshapes dropped}."""
+    """Fewer nodes on the decode step (after ``pack_low_bit``): ``passes/fuse_qkv`` (q, k and v as one MatMulNBits
+    split by heads), ``passes/fuse_linear_blocks`` (each low-bit projection but the LM head, with Q4_1's block-sum
+    offset, as one SolmEP LinearBlocks: int8 activations where MatMulNBits had them), ``passes/
+    drop_identity_reshapes`` and ``passes/fuse_skip_norm`` (residual Add + RMSNorm as one
+    SkipSimplifiedLayerNormalization, exact); {"qkv", "linear_blocks", "identity_reshapes", "skip_norm"}: counts."""
     from solm_compile.passes.drop_identity_reshapes import drop_identity_reshapes
+    from solm_compile.passes.fuse_linear_blocks import fuse_linear_blocks
     from solm_compile.passes.fuse_qkv import fuse_qkv
+    from solm_compile.passes.fuse_skip_norm import fuse_skip_norm
 
     counts = {}
-    for name, key, run in (("qkv", "fused", fuse_qkv), ("identity_reshapes", "reshape", drop_identity_reshapes)):
+    for name, key, run in (("qkv", "fused", fuse_qkv), ("linear_blocks", "linear_blocks", fuse_linear_blocks),
+                           ("identity_reshapes", "reshape", drop_identity_reshapes),
+                           ("skip_norm", "skip_simplified_layer_norm", fuse_skip_norm)):
         r = run(program.model)
         log.debug("%s: %s (skipped: %s)", r.name, dict(r.counts), r.skipped)
         counts[name] = r.counts[key]
