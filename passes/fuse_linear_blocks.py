@@ -70,6 +70,8 @@ def _operands(node: ir.Node) -> tuple | str:
     if _const(codes) is None or scale is None or scale.dtype != np.float32 or (
             len(node.inputs) > 3 and node.inputs[3] is not None and zp is None):
         return "weights not constant float32"
+    if zp is not None and zp.dtype != np.uint8:
+        return "zero points not packed uint8"
     if _const(codes).shape != (n, nb, BLOCK * bits // 8):
         return f"codes of shape {_const(codes).shape}"
     scale = scale.reshape(n, nb)
