@@ -172,6 +172,32 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
       slots[i].consumed = true;
     }
     kernel = std::move(k);
+  } else if (op == "LinearBlocks") {
+    auto k = std::make_unique<LinearBlocksKernel>();
+    k->bits = static_cast<int>(AttrInt(node, attr("bits"), 4));
+    k->block_size = AttrInt(node, attr("block_size"), 32);
+    const std::string acts = AttrString(node, attr("activations"), "fp32");
+    if (acts != "fp32" && acts != "int8") Fail("SolmEP: LinearBlocks activations must be fp32 | int8, got '" + acts + "'");
+    k->int8 = acts == "int8";
+    TensorRef t[4];
+    for (size_t j = 0; j < 4; ++j) {
+      const InputSlot& sl = slots[LinearBlocksKernel::kWeightInputs[j]];
+      if (sl.name.empty()) continue;
+      if (!sl.saved) Fail("SolmEP: LinearBlocks weight input '" + sl.name + "' must be a constant initializer");
+      t[j].data = sl.saved->bytes.data();
+      t[j].type = sl.saved->type;
+      t[j].shape.Assign(sl.saved->shape.data(), sl.saved->shape.size());
+      t[j].present = true;
+    }
+    for (size_t j = 0; j < 3; ++j)
+      if (!t[j].present) Fail("SolmEP: LinearBlocks needs codes, scale and offset");
+    k->op = op;
+    k->SetWeights(t);
+    for (size_t i : LinearBlocksKernel::kWeightInputs) {
+      slots[i].saved.reset();
+      slots[i].consumed = true;
+    }
+    kernel = std::move(k);
   } else {
     auto k = std::make_unique<GateKernel>();
     k->min_len = AttrInt(node, attr("min_len"), 0);

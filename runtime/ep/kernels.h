@@ -332,4 +332,18 @@ const char* MlpBlocksInt8KernelIsa();
 void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights& w, const float* rho,
                      const float* bits, Act act, float* y, MlpBlockScratch& scratch, const Parallel& par);
 
+
+// LinearBlocks (kernels_mlp_blocks.cc): y [n, N] = x [n, K] · Wᵀ (+ bias) for one dense low-bit projection W (a
+// BlockMatrix: the same layout, row kernels and ISA families as SparseMLPBlocks' gate/up, kIsaMlpBlocks /
+// kIsaMlpBlocksInt8). int8: x quantised per block of 32 (W must then be laid out with int8_layout). Work items are
+// chunks of output rows (x tiles of up to 32 tokens); every row is computed the same whatever the split, so results
+// are bit-identical across thread counts, and a token's row the same at n = 1 and n > 1.
+struct LinearBlockScratch {
+  std::vector<float> xsum, xd, y;
+  std::vector<uint8_t> xnz;
+  std::vector<int8_t> xq;
+};
+void LinearBlocks(const float* x, int64_t n, const BlockMatrix& W, bool int8, const float* bias, float* y,
+                  LinearBlockScratch& scratch, const Parallel& par);
+
 }  // namespace solm

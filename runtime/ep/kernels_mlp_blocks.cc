@@ -389,4 +389,40 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
   FakeQuantTokens(y, B, T, Dout, bits, par);
 }
 
+void LinearBlocks(const float* x, int64_t n, const BlockMatrix& W, bool int8, const float* bias, float* y,
+                  LinearBlockScratch& sc, const Parallel& par) {
+  if (n == 0) return;
+  const BlockKernels& K = Blocks();
+  const BlockInt8Kernels& KQ = BlocksInt8();
+  NoteIsa(int8 ? kIsaMlpBlocksInt8 : kIsaMlpBlocks, int8 ? KQ.isa : K.isa);
+  const int64_t R = BlockMatrix::kRows, nb = W.nb, N = W.N, Np = W.Np;
+  float* xsum = Grow(sc.xsum, static_cast<size_t>(n * nb));
+  uint8_t* xnz = Grow(sc.xnz, static_cast<size_t>(n * nb));
+  int8_t* xq = int8 ? Grow(sc.xq, static_cast<size_t>(n * W.K)) : nullptr;
+  float* xd = int8 ? Grow(sc.xd, static_cast<size_t>(n * nb)) : nullptr;
+  const bool direct = Np == N && bias == nullptr;  // rows straight into y; else padded rows, then copied
+  float* yp = direct ? y : Grow(sc.y, static_cast<size_t>(n * Np));
+  const int64_t ntile = (n + kTokTile - 1) / kTokTile;
+  auto prep = [&](size_t it) {  // per token: block sums, non-zero flags, the int8 blocks
+    const int64_t n0 = static_cast<int64_t>(it) * kTokTile, nt = std::min(kTokTile, n - n0);
+    BlockSums(x + n0 * W.K, nt, W.K, xsum + n0 * nb, xnz + n0 * nb);
+    if (int8)
+      for (int64_t t = n0; t < n0 + nt; ++t) KQ.quant(x + t * W.K, nb, xq + t * W.K, xd + t * nb);
+  };
+  par.For(static_cast<size_t>(ntile), prep);
+  constexpr int64_t kGroups = 4;  // row groups (64 rows) per work item: SmolLM2's o (576) is 9 items, qkv (960) 15
+  const int64_t groups = Np / R, chunks = (groups + kGroups - 1) / kGroups;
+  auto rows = [&](size_t it) {
+    const int64_t c = static_cast<int64_t>(it) % chunks, n0 = static_cast<int64_t>(it) / chunks * kTokTile;
+    const int64_t nt = std::min(kTokTile, n - n0), g0 = c * kGroups, g1 = std::min(g0 + kGroups, groups);
+    if (int8) ApplyQ(KQ, W, xq, xd, xsum, xnz, n0, nt, g0, g1, yp + n0 * Np, Np);
+    else Apply(K, W, x, xsum, xnz, n0, nt, g0, g1, yp + n0 * Np, Np);
+    if (direct) return;
+    const int64_t r0 = g0 * R, r1 = std::min(g1 * R, N);
+    for (int64_t t = n0; t < n0 + nt; ++t)
+      for (int64_t j = r0; j < r1; ++j) y[t * N + j] = yp[t * Np + j] + (bias != nullptr ? bias[j] : 0.f);
+  };
+  par.For(static_cast<size_t>(chunks * ntile), rows);
+}
+
 }  // namespace solm

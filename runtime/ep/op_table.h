@@ -55,6 +55,8 @@ inline const std::vector<OpSpec>& OpSpecs() {
       //   scale_down, offset_down, b_down?, rho, bits -> y   (codes uint8: A)
       {"SparseMLPBlocks", {F, Ao, Fo, Fo, Fo, A, F, F, Fo, A, F, F, Fo, F, F}, 1, 1,
        {"act", "bits_gate", "bits_up", "bits_down", "block_size", "activations", "skip"}},
+      // x [.., K], codes [N, K/32, 32·bits/8] (uint8: A), scale, offset [N, K/32], bias? [N] -> y [.., N]
+      {"LinearBlocks", {F, A, F, F, Fo}, 1, 1, {"bits", "block_size", "activations"}},
       // input_ids, past_key (only their shapes are read), kappa, rho, bits, past_length? (int64 [B]: each row gated
       //   by its own length, step protocol 2) -> kappa_e, rho_e, bits_e
       {"GateControls", {A, A, F, F, F, I64o}, 3, 3, {"min_len"}},

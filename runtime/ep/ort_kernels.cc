@@ -341,6 +341,41 @@ void MlpBlocksKernel::Compute(OrtKernelContext* kc) {
   solm::SparseMlpBlocks(x.f(), B, T, weights, r, b, act, y, call->scratch, MakeParallel(kc));
 }
 
+void LinearBlocksKernel::SetWeights(const TensorRef* t) {
+  if (block_size != solm::BlockMatrix::kBlock) Fail("SolmEP: LinearBlocks block_size must be 32");
+  if (bits != 4 && bits != 8) Fail("SolmEP: LinearBlocks bits must be 4 or 8");
+  const TensorRef &c = t[0], &s = t[1], &o = t[2], &b = t[3];
+  if (c.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) Fail("SolmEP: LinearBlocks codes must be uint8");
+  RequireFloat(s, "scale");
+  RequireFloat(o, "offset");
+  if (c.shape.size() != 3 || c.shape[2] != solm::BlockMatrix::kBlock * bits / 8)
+    Fail("SolmEP: LinearBlocks codes must be [N, K/32, " + std::to_string(32 * bits / 8) + "], got " +
+         ShapeStr(c.shape));
+  const int64_t N = c.shape[0], nb = c.shape[1];
+  if (s.shape != Shape{N, nb} || o.shape != Shape{N, nb})
+    Fail("SolmEP: LinearBlocks scale/offset must be [" + std::to_string(N) + "," + std::to_string(nb) + "]");
+  weights.Set(static_cast<const uint8_t*>(c.data), s.f(), o.f(), N, nb * solm::BlockMatrix::kBlock, bits, int8);
+  bias.clear();
+  if (!b.present) return;
+  RequireFloat(b, "bias");
+  if (b.numel() != N) Fail("SolmEP: LinearBlocks bias must have " + std::to_string(N) + " values");
+  bias.assign(b.f(), b.f() + N);
+}
+
+void LinearBlocksKernel::Compute(OrtKernelContext* kc) {
+  const CallPool<Call>::Lease call = calls.Get();
+  TensorRef x = In(kc, 0);
+  RequireFloat(x, "x");
+  if (x.shape.size() < 1 || x.shape[x.shape.size() - 1] != weights.K)
+    Fail("SolmEP: LinearBlocks x must be [.., K] with K=" + std::to_string(weights.K) + ", got " + ShapeStr(x.shape));
+  Shape ys = x.shape;
+  ys.d[ys.n - 1] = weights.N;
+  float* y = Out(kc, 0, ys);
+  if (y == nullptr) return;
+  solm::LinearBlocks(x.f(), x.numel() / weights.K, weights, int8, bias.empty() ? nullptr : bias.data(), y,
+                     call->scratch, MakeParallel(kc));
+}
+
 void GateKernel::Compute(OrtKernelContext* kc) {
   TensorRef ids = In(kc, 0), past = In(kc, 1);
   if (ids.shape.size() < 2) Fail("SolmEP: GateControls input_ids must be [B,T]");

@@ -330,6 +330,23 @@ struct MlpBlocksKernel : KernelBase {
   void Compute(OrtKernelContext* kc) override;
 };
 
+// LinearBlocks: one dense low-bit projection (passes/fuse_linear_blocks.py); the weights are constants, repacked at
+// Compile. inputs: 0 x [.., K], 1 codes [N, K/32, 32·bits/8], 2 scale, 3 offset [N, K/32], 4 bias? [N].
+struct LinearBlocksKernel : KernelBase {
+  int bits = 4;
+  int64_t block_size = 32;
+  bool int8 = false;  // the activations attribute ("int8"): set before SetWeights (the layout depends on it)
+  solm::BlockMatrix weights;
+  std::vector<float> bias;  // empty when absent
+  struct Call {
+    solm::LinearBlockScratch scratch;
+  };
+  CallPool<Call> calls;
+  static constexpr size_t kWeightInputs[4] = {1, 2, 3, 4};
+  void SetWeights(const TensorRef* t);  // t[i] for the 4 weight inputs
+  void Compute(OrtKernelContext* kc) override;
+};
+
 struct GateKernel : KernelBase {
   int64_t min_len = 0;
 

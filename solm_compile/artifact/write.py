@@ -208,18 +208,28 @@ def fuse_norm_rope(program) -> dict:
     return counts
 
 
-def trim_nodes(program) -> dict:
-    """Fewer nodes on the decode step, exactly (after ``pack_low_bit``): ``passes/fuse_qkv`` (the low-bit projections
-    that read one input, q, k and v, as one MatMulNBits split by heads), ``passes/drop_identity_reshapes`` and
-    ``passes/fuse_rope_attention`` (the head split, rotary and head merge inside QuestAttentionRope); {"qkv": groups
-    fused, "identity_reshapes": Reshapes dropped, "rope_attention": QuestAttentionRope nodes}."""
+def trim_nodes(program, skip_norm: bool = True) -> dict:
+    """Fewer nodes on the decode step (after ``pack_low_bit``): ``passes/fuse_qkv`` (q, k and v as one MatMulNBits
+    split by heads), ``passes/fuse_linear_blocks`` (each low-bit projection but the LM head, with Q4_1's block-sum
+    offset, as one SolmEP LinearBlocks: int8 activations where MatMulNBits had them), ``passes/
+    drop_identity_reshapes``, ``passes/fuse_rope_attention`` (the head split, rotary and head merge inside
+    QuestAttentionRope, exact) and, if ``skip_norm``, ``passes/fuse_skip_norm`` (residual Add + RMSNorm as one
+    SkipSimplifiedLayerNormalization: equal up to a few ulps, its own summation order); {"qkv", "linear_blocks",
+    "identity_reshapes", "rope_attention", "skip_norm"}: counts."""
     from solm_compile.passes.drop_identity_reshapes import drop_identity_reshapes
+    from solm_compile.passes.fuse_linear_blocks import fuse_linear_blocks
     from solm_compile.passes.fuse_qkv import fuse_qkv
     from solm_compile.passes.fuse_rope_attention import fuse_rope_attention
+    from solm_compile.passes.fuse_skip_norm import fuse_skip_norm
 
     counts = {}
-    for name, key, run in (("qkv", "fused", fuse_qkv), ("identity_reshapes", "reshape", drop_identity_reshapes),
-                           ("rope_attention", "fused", fuse_rope_attention)):
+    for name, key, run in (("qkv", "fused", fuse_qkv), ("linear_blocks", "linear_blocks", fuse_linear_blocks),
+                           ("identity_reshapes", "reshape", drop_identity_reshapes),
+                           ("rope_attention", "fused", fuse_rope_attention),
+                           ("skip_norm", "skip_simplified_layer_norm", fuse_skip_norm)):
+        if run is fuse_skip_norm and not skip_norm:
+            counts[name] = 0
+            continue
         r = run(program.model)
         log.debug("%s: %s (skipped: %s)", r.name, dict(r.counts), r.skipped)
         counts[name] = r.counts[key]
@@ -291,8 +301,10 @@ def write_artifact(lm: GatedLM, out: Path, kind: str = "solm", loaded_policy=Non
         from solm_compile.artifact.dense import fuse_dense_ops
 
         ep_meta["dense_ops"] = fuse_dense_ops(program)
-    if kind in ("solm", "fixed"):       # SolmEP's kinds: q, k, v as one MatMulNBits, no identity Reshape (exact)
-        ep_meta["fused"].update(trim_nodes(program))
+    if kind in ("solm", "fixed"):       # SolmEP's kinds: q, k, v and o as LinearBlocks, no identity Reshape; the fused
+        # Add + RMSNorm only with low-bit weights: an fp32 artifact stays the portable kind's exact counterpart
+        # (tests/test_solm_ep.py: 1e-4 over 64 steps at 6 bits, which the fused norm's few ulps can exceed)
+        ep_meta["fused"].update(trim_nodes(program, skip_norm=weights is not None))
     ep_meta["mlp_skip"] = mlp_skip
     tok_name = None
     if tokenizer is not None:

@@ -257,6 +257,18 @@ def linear_blocks_int8_ref(x_row, codes, scale, offset, bits: int, bias=None):
     return (y if bias is None else y + bias.double()).to(torch.float32)
 
 
+def linear_blocks_ref(x, codes, scale, offset, bias, bits: int, block_size: int, activations: str = "fp32"):
+    """y [.., N] = x [.., K] · Wᵀ (+ bias), W dequantised from its blocks; "int8": ``linear_blocks_int8_ref`` per
+    row (x quantised per block of ``block_size``)."""
+    if activations == "fp32":
+        return F.linear(x.to(torch.float32), dequantize_blocks_ref(codes, scale, offset, bits), bias)
+    if activations != "int8":
+        raise ValueError(f"linear_blocks: activations must be fp32 or int8, got {activations!r}")
+    rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    y = torch.stack([linear_blocks_int8_ref(r, codes, scale, offset, bits, bias) for r in rows])
+    return y.reshape(*x.shape[:-1], codes.shape[0])
+
+
 def _sparse_mlp_blocks_int8(x, g, u, dn, rho, bits, act):
     """``sparse_mlp_ref`` with int8 activations; g/u/dn: (codes, scale, offset, bits, bias), g None if not gated."""
     fn = ACTIVATIONS[act]

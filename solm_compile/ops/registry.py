@@ -175,7 +175,21 @@ SPARSE_MLP_BLOCKS = OpSig(
     types=(("T", ("tensor(float)",)), ("Q", ("tensor(uint8)",)), ("C", ("tensor(float)",))),
     from_pass=True)
 
-OPS = (GATE_CONTROLS, QUEST_ATTENTION, SPARSE_MLP, SPARSE_MLP_BLOCKS, QUEST_ATTENTION_ROPE)
+# One dense projection on low-bit blocks (issue 17): y = x·Wᵀ (+ bias), W [N, K] given as SparseMLPBlocks' operands
+# (codes [N, K/32, 32·bits/8] uint8, 4 bits two a byte even input low; scale, offset [N, K/32]: w = scale·code +
+# offset). ``activations`` as SparseMLPBlocks': "fp32" or "int8" (x per block of 32, ``reference.
+# linear_blocks_int8_ref``). Made by passes/fuse_linear_blocks.py from a MatMulNBits (+ Q4_1's offset MatMul and
+# Add) in the ai.solm kinds, never by export; SolmEP runs it on the MLP's gate/up row kernels.
+LINEAR_BLOCKS = OpSig(
+    "linear_blocks", "LinearBlocks",
+    inputs=(Param("x", "T"), Param("codes", "Q"), Param("scale", "T"), Param("offset", "T"),
+            Param("bias", "T", optional=True)),
+    outputs=(Param("y", "T"),),
+    attributes=(Attr("bits", "int"), Attr("block_size", "int"), Attr("activations", "string")),
+    types=(("T", ("tensor(float)",)), ("Q", ("tensor(uint8)",))),
+    from_pass=True)
+
+OPS = (GATE_CONTROLS, QUEST_ATTENTION, SPARSE_MLP, SPARSE_MLP_BLOCKS, QUEST_ATTENTION_ROPE, LINEAR_BLOCKS)
 BY_NAME = {op.name: op for op in OPS}
 BY_ONNX_NAME = {op.onnx_name: op for op in OPS}
 

@@ -3,24 +3,10 @@
 Two flavours, each a ``{torch op overload: translation function}`` table for ``custom_translation_table``:
 
 - ``CUSTOM``: one node per op in domain ``ai.solm`` (version 1), run by SolmEP (``runtime/ep``); the schemas are
-  the export forms of ``registry.py``'s entries::
-
-      GateControls(input_ids, past_key, kappa, rho, bits) -> (kappa_e, rho_e, bits_e)     min_len: int
-      QuestAttention(q, k, v, attn_mask?, kappa) -> out          scale: float, page_size, sinks, window: int
-      SparseMLP(x, w_gate?, b_gate?, w_up, b_up?, w_down, b_down?, rho, bits) -> y    act, skip: string
-      QuestAttentionRope(qkv, cos, sin, attn_mask?, kappa) -> out   (made by a pass; registry.QUEST_ATTENTION_ROPE)
-
-  An absent optional input is an empty input name. In the written ``ai.solm`` artifact QuestAttention also carries
-  its page state like the KV cache (added after export by ``passes/page_state.py``; the torch op has no such
-  arguments)::
-
-      QuestAttention(q, k, v, attn_mask?, kappa, past_page_min?, past_page_max?)
-          -> (out, present_page_min?, present_page_max?)              select_per_kv_head: int (optional, SolmEP)
-
-  k [B,Hkv,L,d] is the whole cache (the L_past = L − T past keys, then the T new ones); past_page_min/max
-  [B,Hkv,ceil(L_past/S),d] are the element-wise min/max of the past keys per page of S = page_size tokens, or
-  [*,Hkv,0,d] for "none yet" (every page is then computed from k); present_page_min/max [B,Hkv,ceil(L/S),d] are
-  the same over all L keys. Single-token steps select pages from them in O(P·d) instead of reading all of K.
+  the export forms of ``registry.py``'s entries (inputs, outputs and attributes are listed there). An absent
+  optional input is an empty input name. The artifact form adds inputs and outputs after export (page state, KV
+  cache buffers); the ops made by passes (SparseMLPBlocks, LinearBlocks,
+  QuestAttentionRope) are translated only so their torch ops export.
 - ``PORTABLE``: the same semantics (``reference.py``) in standard ONNX ops only (opset 18), so the exported model
   runs on stock onnxruntime with no registration. Selection is expressed as masks, like the SOL reference.
 
@@ -53,6 +39,7 @@ _QUEST = _op(registry.QUEST_ATTENTION)
 _SPARSE_MLP = _op(registry.SPARSE_MLP)
 _SPARSE_MLP_BLOCKS = _op(registry.SPARSE_MLP_BLOCKS)
 _QUEST_ROPE = _op(registry.QUEST_ATTENTION_ROPE)
+_LINEAR_BLOCKS = _op(registry.LINEAR_BLOCKS)
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
@@ -362,6 +349,17 @@ def sparse_mlp_blocks_portable(x, codes_gate, scale_gate, offset_gate, b_gate, c
                                op.Transpose(wd, perm=[1, 0]) if skip == "h" else wd, b_down, rho, bits, act, skip)
 
 
+def linear_blocks_custom(x, codes, scale, offset, bias, bits: int, block_size: int, activations: str = "fp32"):
+    return _LINEAR_BLOCKS(x, codes, scale, offset, bias, bits=int(bits), block_size=int(block_size),
+                          activations=str(activations))
+
+
+def linear_blocks_portable(x, codes, scale, offset, bias, bits: int, block_size: int, activations: str = "fp32"):
+    if activations != "fp32":   # as sparse_mlp_blocks_portable: no portable int8 decomposition
+        raise NotImplementedError("linear_blocks: the portable translation has fp32 activations only")
+    return _linear(x, _dequantize(codes, scale, offset, bits), bias)
+
+
 # ---------------------------------------------------------------------------------------------- tables
 CUSTOM = {
     torch.ops.solm.gate_controls.default: gate_controls_custom,
@@ -369,6 +367,7 @@ CUSTOM = {
     torch.ops.solm.sparse_mlp.default: sparse_mlp_custom,
     torch.ops.solm.sparse_mlp_blocks.default: sparse_mlp_blocks_custom,
     torch.ops.solm.quest_attention_rope.default: quest_attention_rope_custom,
+    torch.ops.solm.linear_blocks.default: linear_blocks_custom,
 }
 
 PORTABLE = {
@@ -377,6 +376,7 @@ PORTABLE = {
     torch.ops.solm.sparse_mlp.default: sparse_mlp_portable,
     torch.ops.solm.sparse_mlp_blocks.default: sparse_mlp_blocks_portable,
     torch.ops.solm.quest_attention_rope.default: quest_attention_rope_portable,
+    torch.ops.solm.linear_blocks.default: linear_blocks_portable,
 }
 
 

@@ -232,6 +232,19 @@ def _(qkv, cos, sin, attn_mask, kappa, scale, page_size, sinks, window, num_head
     return qkv.new_empty(qkv.shape[:-1] + (num_heads * d,))
 
 
+# ---------------------------------------------------------------------------------------------- linear_blocks
+# Made by an ONNX pass (passes/fuse_linear_blocks.py), never traced: the torch op is the reference.
+@torch.library.custom_op(registry.LINEAR_BLOCKS.torch_qualname, mutates_args=())
+def linear_blocks(x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor, bias: Optional[Tensor], bits: int,
+                  block_size: int, activations: str = "fp32") -> Tensor:
+    return ref.linear_blocks_ref(x, codes, scale, offset, bias, bits, block_size, activations)
+
+
+@linear_blocks.register_fake
+def _(x, codes, scale, offset, bias, bits, block_size, activations="fp32"):
+    return x.new_empty(x.shape[:-1] + (codes.shape[0],))
+
+
 # ---------------------------------------------------------------------------------------------- the list
 @dataclass(frozen=True)
 class OpDef:
@@ -254,6 +267,7 @@ OPS = (
     OpDef(registry.SPARSE_MLP, sparse_mlp, ref.sparse_mlp_ref),
     OpDef(registry.SPARSE_MLP_BLOCKS, sparse_mlp_blocks, ref.sparse_mlp_blocks_ref),
     OpDef(registry.QUEST_ATTENTION_ROPE, quest_attention_rope, ref.quest_attention_rope_ref),
+    OpDef(registry.LINEAR_BLOCKS, linear_blocks, ref.linear_blocks_ref),
 )
 ONNX_DOMAIN = registry.DOMAIN
 

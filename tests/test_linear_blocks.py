@@ -1,0 +1,164 @@
+"""LinearBlocks (one dense low-bit projection, issue 17) on SolmEP against numpy written here.
+
+The reference is independent of solm's: the blocks are dequantised in this file (w = scale·code + offset, codes
+unpacked from the bytes by hand) and, for activations "int8", x is quantised per block of 32 here as llama.cpp's
+Q8 does (d = max|x|/127 in float32, q = round half to even of x·(1/d)), the integer dot products exact and the rest
+summed in float64. Weight kinds: GGUF Q4_1-style (a non-integer offset), int4 and int8 with an integer zero point
+(offset = −scale·zero, what passes/fuse_linear_blocks.py writes); T = 1 and T > 1; N not a multiple of 16 (padded
+row group) and with a bias; 1 vs 2 threads bit-identical; T = 1 vs T > 1 bit-identical per token; every ISA variant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from solm_compile.ops import torch_ops
+from solm_compile.runtime import ep
+from test_ep_isa import report_under_cap
+from test_solm_ep import F, _model, _session, lib  # noqa: F401  (lib: the fixture)
+
+U8 = 2  # TensorProto.UINT8
+
+
+def weights(rng, kind: str, n: int, k: int):
+    """(packed codes [N, K/32, 32·bits/8], scale, offset [N, K/32], bits) of one random projection."""
+    nb = k // 32
+    bits = 8 if kind == "int8" else 4
+    codes = rng.integers(0, 2 ** bits, (n, nb, 32), dtype=np.uint8)
+    scale = (rng.random((n, nb)) * 0.02 + 0.001).astype(np.float32)
+    if kind == "q4_1":
+        offset = (-(rng.random((n, nb)) * 0.2)).astype(np.float32)
+    else:
+        zero = rng.integers(0, 2 ** bits, (n, nb)).astype(np.float32)
+        offset = -(scale * zero)
+    packed = codes if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return packed, scale, offset, bits
+
+
+def unpack(packed, bits):
+    if bits == 8:
+        return packed.astype(np.int64)
+    return np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:2], 32).astype(np.int64)
+
+
+def numpy_ref(x, packed, scale, offset, bits, bias, activations):
+    """y [.., N] in float64 (cast to float32)."""
+    q = unpack(packed, bits)                                                      # [N, nb, 32]
+    rows = x.reshape(-1, x.shape[-1])
+    n, nb = scale.shape
+    out = np.empty((rows.shape[0], n))
+    for t, xr in enumerate(rows):
+        xb = xr.reshape(nb, 32)                                                   # float32
+        if activations == "fp32":
+            w = q * scale[..., None].astype(np.float64) + offset[..., None]       # [N, nb, 32]
+            out[t] = (w * xb.astype(np.float64)).sum((1, 2))
+            continue
+        d = (np.abs(xb).max(1) / np.float32(127)).astype(np.float32)             # [nb]
+        inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
+        xq = np.clip(np.round(xb * inv[:, None]), -127, 127).astype(np.int64)   # half to even
+        isum = (q * xq[None]).sum(-1)                                             # [N, nb], exact
+        out[t] = (scale * (d.astype(np.float64) * isum) + offset.astype(np.float64) *
+                  xb.astype(np.float64).sum(1)).sum(1)
+    if bias is not None:
+        out += bias
+    return out.reshape(*x.shape[:-1], n).astype(np.float32)
+
+
+def model(packed, scale, offset, bits, bias=None, activations=None):
+    inits = [("codes", packed), ("scale", scale), ("offset", offset)] + ([("bias", bias)] if bias is not None else [])
+    ins = [("x", F), ("codes", U8), ("scale", F), ("offset", F), ("bias", F) if bias is not None else None]
+    attrs = {"bits": bits, "block_size": 32}
+    if activations is not None:
+        attrs["activations"] = activations
+    return _model("LinearBlocks", ins, ["y"], attrs, inits)
+
+
+def close(got, want):
+    tol = 2e-5 * max(1.0, float(np.abs(want).max()))
+    assert np.abs(got - want).max() <= tol, (np.abs(got - want).max(), tol)
+
+
+CASES = [  # kind, N, K, T, bias
+    ("q4_1", 80, 96, 1, False),
+    ("q4_1", 72, 64, 37, True),        # N = 72: a padded row group
+    ("int4", 160, 96, 1, True),
+    ("int4", 64, 128, 5, False),
+    ("int8", 96, 64, 1, False),
+    ("int8", 40, 96, 33, True),
+]
+
+
+@pytest.mark.parametrize("activations", ["fp32", "int8"])
+@pytest.mark.parametrize("kind,N,K,T,with_bias", CASES)
+def test_linear_blocks_match_numpy(lib, kind, N, K, T, with_bias, activations):
+    rng = np.random.default_rng(N + K + T)
+    packed, scale, offset, bits = weights(rng, kind, N, K)
+    bias = rng.standard_normal(N).astype(np.float32) if with_bias else None
+    x = rng.standard_normal((2, T, K), dtype=np.float32)
+    x[0, 0, 32:64] = 0.0                                   # an all-zero block: skipped, exactly
+    got = _session(model(packed, scale, offset, bits, bias, activations)).run(None, {"x": x})[0]
+    assert got.shape == (2, T, N)
+    want = numpy_ref(x, packed, scale, offset, bits, bias, activations)
+    close(got, want)
+    t = lambda a: None if a is None else torch.from_numpy(a)
+    close(torch_ops.linear_blocks(t(x), t(packed), t(scale), t(offset), t(bias), bits, 32, activations).numpy(), want)
+    if activations == "int8":        # the trade: off by ~1/254 of a block's max|x| per value, against fp32
+        fp = numpy_ref(x, packed, scale, offset, bits, bias, "fp32")
+        assert np.abs(got - fp).max() <= 0.02 * np.abs(fp).max()
+
+
+@pytest.mark.parametrize("activations", ["fp32", "int8"])
+def test_threads_and_token_count_are_bit_identical(lib, activations):
+    """Rows split over 2 threads give the 1-thread bits, and a token alone (T = 1) the bits it gets among 37."""
+    rng = np.random.default_rng(7)
+    packed, scale, offset, bits = weights(rng, "q4_1", 400, 192)
+    m = model(packed, scale, offset, bits, activations=activations)
+    x = rng.standard_normal((1, 37, 192), dtype=np.float32)
+    one, two = _session(m, threads=1), _session(m, threads=2)
+    many = one.run(None, {"x": x})[0]
+    np.testing.assert_array_equal(two.run(None, {"x": x})[0], many)
+    for t in (0, 17, 36):
+        alone = x[:, t:t + 1]
+        np.testing.assert_array_equal(one.run(None, {"x": alone})[0][0, 0], many[0, t])
+        np.testing.assert_array_equal(two.run(None, {"x": alone})[0][0, 0], many[0, t])
+
+
+_SCRIPT = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+import onnxruntime as ort
+import test_linear_blocks as t
+from solm_compile.runtime import ep
+assert ep.register(ort, path=sys.argv[1])
+rng = np.random.default_rng(3)
+for kind, N, T in [("q4_1", 80, 1), ("int8", 72, 1), ("int4", 96, 20)]:
+    packed, scale, offset, bits = t.weights(rng, kind, N, 96)
+    x = rng.standard_normal((2, T, 96), dtype=np.float32)
+    for acts in ("fp32", "int8"):
+        got = t._session(t.model(packed, scale, offset, bits, activations=acts)).run(None, {"x": x})[0]
+        t.close(got, t.numpy_ref(x, packed, scale, offset, bits, None, acts))
+print("REPORT " + json.dumps(ep.isa_report(sys.argv[1])))
+"""
+
+
+def _host_vnni() -> bool:
+    try:
+        return "avx512_vnni" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("cap", ["baseline", "x86-64-v3", "x86-64-v4", "x86-64-v4-vnni"])
+def test_every_isa_variant(lib, cap):
+    """Both activation modes under each cap; LinearBlocks reports as the MLP block families (the same kernels)."""
+    if cap.endswith("vnni") and not _host_vnni():
+        pytest.skip("this CPU has no AVX512_VNNI")
+    report = report_under_cap(cap, _SCRIPT, str(ep._registered), Path(__file__).parent)
+    level = cap.removesuffix("-vnni")
+    assert report["sparse_mlp_blocks"] == level and report["selected"] == level
+    assert report["sparse_mlp_blocks_int8"] == cap
