@@ -20,6 +20,7 @@ from solm_compile.ops import torch_ops
 from solm_compile.runtime import ep
 from test_ep_isa import report_under_cap
 from test_solm_ep import F, _model, _session, lib  # noqa: F401  (lib: the fixture)
+from test_solm_ep_blocks import _host_vnni
 
 U8 = 2  # TensorProto.UINT8
 
@@ -144,13 +145,6 @@ for kind, N, T in [("q4_1", 80, 1), ("int8", 72, 1), ("int4", 96, 20)]:
         t.close(got, t.numpy_ref(x, packed, scale, offset, bits, None, acts))
 print("REPORT " + json.dumps(ep.isa_report(sys.argv[1])))
 """
-
-
-def _host_vnni() -> bool:
-    try:
-        return "avx512_vnni" in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("cap", ["baseline", "x86-64-v3", "x86-64-v4", "x86-64-v4-vnni"])

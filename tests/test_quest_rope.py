@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from onnx import TensorProto, helper
+from quest_graph import one_node_session
 from require import registered_ep
 
 from solm_compile.ops import reference as ref
@@ -36,22 +37,10 @@ OUT = ["out", "present_page_min", "present_page_max", "present_key", "present_va
 
 def rope_session(kv_type: int, interleaved: int, threads: int | None = None):
     """One QuestAttentionRope node (page state and KV cache as buffers) on SolmEP."""
-    from solm_compile.runtime import ep
-
     node = helper.make_node("QuestAttentionRope", IN, OUT, domain="ai.solm", page_size=S, sinks=SINKS, window=WINDOW,
                             num_heads=H, kv_num_heads=HKV, interleaved=interleaved)
     types = {n: F for n in IN} | {"mask": BOOL, "past_key": kv_type, "past_value": kv_type, "past_length": I64}
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, t, None) for n, t in types.items()],
-                              [helper.make_tensor_value_info(n, types.get(n.replace("present", "past"), F), None)
-                               for n in OUT])
-    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
-                                                                   helper.make_opsetid("ai.solm", 1)])
-    so = ort.SessionOptions()
-    if threads is not None:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), ep.session_options_with_ep(so, ort=ort))
-    assert sess.get_providers()[0] == "SolmEP"
-    return sess
+    return one_node_session(ort, node, types, {n: types.get(n.replace("present", "past"), F) for n in OUT}, threads)
 
 
 def trig(positions: np.ndarray, broadcast: bool) -> tuple[np.ndarray, np.ndarray]:
