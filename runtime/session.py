@@ -270,23 +270,23 @@ class SolmSession:
 
         ``next_token(logits [B,V]) -> [B]`` picks each next token (greedy by default); ``forced`` [B,n] feeds given
         tokens instead (teacher forcing, for ``score``). ``budget`` is one (attn_keep, mlp_keep, bits) for every row,
-        or (solm and portable artifacts) a list of B of them: each row carries its own.
+        or (solm, portable and fixed artifacts) a list of B of them: each row carries its own.
         """
         ids = np.asarray(prompt_ids, dtype=np.int64)
         B, T = ids.shape
         per_row = len(budget) == B and all(isinstance(b, (tuple, list)) for b in budget)
         n = len(forced[0]) if forced is not None else max_new_tokens
         feeds = self._empty_past(B, capacity=T + n)
-        if per_row and self.kind not in ("solm", "portable"):
-            raise UserError(f"{self.path}: per-row budgets need a policy artifact (solm or portable), not {self.kind}")
+        if per_row and self.kind == "dense":
+            raise UserError(f"{self.path}: a dense artifact takes no budget, so no per-row budgets either")
         target = (np.stack([self.check_budget(b) for b in budget]) if per_row else
                   np.tile(self.check_budget(budget), (B, 1)) if self.kind != "dense" else None)
         policy = self.kind in ("solm", "portable")
         if policy:
             feeds.update(self._policy_start(B, np.zeros((B, self.meta["hidden_size"]), np.float32)), budget=target)
-        elif self.kind == "fixed":    # no policy: the budget is fed as the controls themselves
-            feeds.update(attn_keep=np.full((B,), budget[0], np.float32), mlp_keep=np.full((B,), budget[1], np.float32),
-                         bits=np.full((B,), budget[2], np.float32))
+        elif self.kind == "fixed":    # no policy: each row's budget is fed as its controls themselves
+            controls = target * np.array([1.0, 1.0, 16.0], np.float32)                        # [B, 3]
+            feeds.update(attn_keep=controls[:, 0].copy(), mlp_keep=controls[:, 1].copy(), bits=controls[:, 2].copy())
         logits = self.prefill(feeds, ids)
         yield {"logits": logits, "action": None, "controls": None}
         for t in range(n):
@@ -303,7 +303,7 @@ class SolmSession:
             elif self.kind == "fixed":   # the controls GateControls applies (dense while L <= ts + tw + 1)
                 g = self.meta.get("gate", {})
                 on = T + t + 1 > g.get("ts", 4) + g.get("tw", 2) + 1
-                step["controls"] = np.tile(np.asarray(budget if on else (1.0, 1.0, 16.0), np.float32), (B, 1))
+                step["controls"] = controls.copy() if on else np.tile(np.float32([1.0, 1.0, 16.0]), (B, 1))
             yield step
 
     # ------------------------------------------------------------------------------------------ public API

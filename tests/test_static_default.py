@@ -5,6 +5,7 @@ graph driven with the same constant controls, and that the policy names are one-
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,6 +58,24 @@ def test_compile_without_a_policy_is_the_static_floor(tiny, tmp_path, capsys, po
             assert (want - dense).abs().max() > 1e-3, budget
         got = torch.from_numpy(sess.score(ids, context, budget))
         torch.testing.assert_close(got, want, atol=2e-4, rtol=0, msg=lambda m: f"{budget}: {m}")
+
+
+def test_per_row_budgets_equal_the_rows_run_alone(tiny, tmp_path):
+    """The default (fixed) artifact takes one budget per batch row, as a policy artifact does: a batch of two rows at
+    different budgets gives each row the logits it gets alone at its budget."""
+    registered_ep()
+    out = tmp_path / "m.solm.onnx"
+    assert cli.main(["compile", str(tiny), "--out", str(out), "--kv", "fp32"]) == 0
+    sess = SolmSession(out, threads=1)
+    ids = sess.tokenizer.encode(PROMPT).ids
+    prompt, forced = ids[:-NEW], ids[-NEW:]
+    budgets = [(0.25, 0.5, 16.0), (1.0, 1.0, 16.0)]
+    both = [s["logits"] for s in sess.steps([prompt, prompt], budgets, forced=[forced, forced])]      # [2, V] each
+    for row, b in enumerate(budgets):
+        alone = [s["logits"] for s in sess.steps([prompt], b, forced=[forced])]                       # [1, V] each
+        for t, (x, y) in enumerate(zip(both, alone)):
+            np.testing.assert_allclose(x[row], y[0], atol=1e-5, rtol=0, err_msg=f"row {row} step {t}")
+    assert np.abs(both[-1][0] - both[-1][1]).max() > 1e-3        # the two budgets really differ
 
 
 def test_policy_names_that_cannot_apply_are_one_line(tiny, tmp_path, capsys):
