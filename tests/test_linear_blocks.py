@@ -10,7 +10,6 @@ row group) and with a bias; 1 vs 2 threads bit-identical; T = 1 vs T > 1 bit-ide
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +17,8 @@ import torch
 
 from solm_compile.ops import torch_ops
 from solm_compile.runtime import ep
-from test_ep_isa import report_under_cap
 from test_solm_ep import F, _model, _session, lib  # noqa: F401  (lib: the fixture)
-from test_solm_ep_blocks import _host_vnni
+from test_solm_ep_blocks import check_blocks_isa
 
 U8 = 2  # TensorProto.UINT8
 
@@ -150,9 +148,4 @@ print("REPORT " + json.dumps(ep.isa_report(sys.argv[1])))
 @pytest.mark.parametrize("cap", ["baseline", "x86-64-v3", "x86-64-v4", "x86-64-v4-vnni"])
 def test_every_isa_variant(lib, cap):
     """Both activation modes under each cap; LinearBlocks reports as the MLP block families (the same kernels)."""
-    if cap.endswith("vnni") and not _host_vnni():
-        pytest.skip("this CPU has no AVX512_VNNI")
-    report = report_under_cap(cap, _SCRIPT, str(ep._registered), Path(__file__).parent)
-    level = cap.removesuffix("-vnni")
-    assert report["sparse_mlp_blocks"] == level and report["selected"] == level
-    assert report["sparse_mlp_blocks_int8"] == cap
+    check_blocks_isa(cap, _SCRIPT)
