@@ -133,9 +133,34 @@ SOLM_INLINE void SoftmaxV64(const float* logit, int64_t L, const typename R::E* 
                             const uint8_t* per_head, int64_t ks, bool pf, float* out) {
   constexpr int Ln = Lanes<VF>(), NV = 64 / Ln;
   constexpr int64_t kPrefetch = 16;
-  VF acc[NG][NV];
+  VF acc[NG][NV];  // every loop over acc fully unrolled: constant indices keep the sums in registers
+#pragma GCC unroll 4
   for (int g = 0; g < NG; ++g)
+#pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) acc[g][c] = VF{};
+  if (per_head == nullptr) {  // one set: every head takes every row, branch-free, the sums stay in registers
+    for (int64_t i = 0; i < n; ++i) {
+      if (pf && i + kPrefetch < n) {
+        const char* vp = reinterpret_cast<const char*>(V + static_cast<int64_t>(idx[i + kPrefetch]) * 64);
+        for (size_t b = 0; b < 64 * sizeof(typename R::E); b += 64) __builtin_prefetch(vp + b);
+      }
+      const typename R::E* vr = V + static_cast<int64_t>(idx[i]) * 64;
+      VF x[NV];
+#pragma GCC unroll 16
+      for (int c = 0; c < NV; ++c) x[c] = LoadRow<R, VF>(vr + c * Ln);
+#pragma GCC unroll 4
+      for (int g = 0; g < NG; ++g) {
+        const VF w = Splat<VF>(logit[g * L + i]);
+#pragma GCC unroll 16
+        for (int c = 0; c < NV; ++c) acc[g][c] += w * x[c];
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g)
+#pragma GCC unroll 16
+      for (int c = 0; c < NV; ++c) Store<VF>(out + g * 64 + c * Ln, acc[g][c]);
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) {
     const int64_t j = idx[i];
     if (pf && i + kPrefetch < n) {
@@ -154,8 +179,15 @@ SOLM_INLINE void SoftmaxV64(const float* logit, int64_t L, const typename R::E* 
       for (int c = 0; c < NV; ++c) acc[g][c] += w * x[c];
     }
   }
+#pragma GCC unroll 4
   for (int g = 0; g < NG; ++g)
+#pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) Store<VF>(out + g * 64 + c * Ln, acc[g][c]);
+}
+
+// Whether two mask rows say the same for every token (the same bytes or floats, stride and causal bound).
+inline bool SameMaskRow(const MaskRow& a, const MaskRow& b) {
+  return a.b == b.b && a.f == b.f && a.sl == b.sl && a.jmax == b.jmax;
 }
 
 // Returns false if token j is masked out (bool false, or an additive value at or below the lowest finite float:
@@ -176,8 +208,8 @@ inline bool Allowed(const MaskRow& m, int64_t j, float* add) {
 // idx[0, n) (token indices, ascending; all of a call's rows, or one chunk of them: QuestAttentionView splits long
 // row lists so that the chunks of the few (row, KV head) items spread over the threads). Head g attends over the
 // rows its mask allows and, when keep is given, with keep[g*ks + j] (ks = 0: one token set for the group; ks = L: a
-// set per head). Two passes, each with one access pattern and, when pf (scattered kept pages, which the hardware
-// prefetchers do not follow), its own prefetch kPrefetch rows ahead: q·k of every head over the rows' K (8 rows per
+// set per head). Two passes, each with one access pattern and, when pf, its own software prefetch kPrefetch rows
+// ahead: q·k of every head over the rows' K (8 rows per
 // reduction tree), then, after a vectorised softmax, softmax·v over the V rows. Branch-free per head: a row the head
 // did not keep (or its mask removes) gets -inf, so weight 0. Not normalised: per head g, mx[g] = its largest logit
 // over these rows, sums[g] = Σ exp(logit - mx[g]) (0 when every row is -inf for it; NaN from a NaN logit) and
@@ -224,7 +256,38 @@ SOLM_INLINE uint64_t AttendRowsBody(const float* qrows, int64_t G, const typenam
         logit[g * n + c] = DotRow<R>(qrows + g * d, K + static_cast<int64_t>(idx[c]) * d, d);
   // scale, mask and keep: a row some head attends counts as read
   uint64_t scored = 0, nrows = 0;
-  for (int64_t c = 0; c < n; ++c) {
+  // one token set for the group (no keep flags, or one set: ks = 0) and one mask row: each row's verdict once
+  bool same = keep == nullptr || ks == 0;
+  for (int64_t g = 1; g < G && same; ++g) same = SameMaskRow(masks[0], masks[g]);
+  if (same) {  // per block of 64 rows: the verdicts once, then every head's logits 8 at a time
+    typedef int32_t v8i __attribute__((vector_size(32)));
+    const v8 sc = Splat<v8>(scale), ninf = Splat<v8>(kNegInf);
+    for (int64_t c0 = 0; c0 < n; c0 += 64) {
+      const int64_t m = std::min<int64_t>(64, n - c0), m8 = m / 8 * 8;
+      alignas(32) int32_t okb[64];
+      alignas(32) float addb[64];
+      for (int64_t c = 0; c < m; ++c) {
+        const int64_t j = idx[c0 + c];
+        const bool ok = (keep == nullptr || keep[j]) && Allowed(masks[0], j, &addb[c]);
+        okb[c] = ok ? -1 : 0;
+        nrows += ok;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* lg = logit + g * n + c0;
+        for (int64_t c = 0; c < m8; c += 8) {
+          v8 x, a;
+          v8i k;
+          __builtin_memcpy(&x, lg + c, sizeof(x));
+          __builtin_memcpy(&a, addb + c, sizeof(a));
+          __builtin_memcpy(&k, okb + c, sizeof(k));
+          x = k != 0 ? x * sc + a : ninf;
+          __builtin_memcpy(lg + c, &x, sizeof(x));
+        }
+        for (int64_t c = m8; c < m; ++c) lg[c] = okb[c] ? lg[c] * scale + addb[c] : kNegInf;
+      }
+    }
+    scored = nrows * static_cast<uint64_t>(G);
+  } else for (int64_t c = 0; c < n; ++c) {
     const int64_t j = idx[c];
     bool any = false;
     for (int64_t g = 0; g < G; ++g) {
@@ -240,8 +303,20 @@ SOLM_INLINE uint64_t AttendRowsBody(const float* qrows, int64_t G, const typenam
   *rows = nrows;
   for (int64_t g = 0; g < G; ++g) {
     float* lg = logit + g * n;
-    float m = kNegInf;
-    for (int64_t i = 0; i < n; ++i) m = std::max(m, lg[i]);
+    float m = kNegInf;  // std::max(m, x) per lane (a NaN logit never wins), 8 lanes then the tail
+    if (n >= 8) {
+      v8 mv = Splat<v8>(kNegInf);
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) {
+        v8 x;
+        __builtin_memcpy(&x, lg + i, sizeof(x));
+        mv = mv < x ? x : mv;
+      }
+      for (int r = 0; r < 8; ++r) m = std::max(m, mv[r]);
+      for (; i < n; ++i) m = std::max(m, lg[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) m = std::max(m, lg[i]);
+    }
     mx[g] = m;
     // sum > 0 unless every token is masked out (0) or a logit is NaN (NaN)
     sums[g] = m != kNegInf ? ExpShiftSum(lg, n, m) : 0.f;
