@@ -24,7 +24,11 @@ U8 = 2  # TensorProto.UINT8
 
 
 def weights(rng, kind: str, n: int, k: int):
-    """(packed codes [N, K/32, 32·bits/8], scale, offset [N, K/32], bits) of one random projection."""
+    """(packed codes [N, K/32, 32·bits/8], scale, offset [N, K/32], bits) of one random projection. A kind ending in
+    "h" has every scale and offset exactly a half, as a GGUF's blocks have them (SolmEP's int8 kernels then hold them
+    as half: kernels.h BlockMatrix::half)."""
+    half = kind.endswith("h")
+    kind = kind.removesuffix("h")
     nb = k // 32
     bits = 8 if kind == "int8" else 4
     codes = rng.integers(0, 2 ** bits, (n, nb, 32), dtype=np.uint8)
@@ -34,6 +38,8 @@ def weights(rng, kind: str, n: int, k: int):
     else:
         zero = rng.integers(0, 2 ** bits, (n, nb)).astype(np.float32)
         offset = -(scale * zero)
+    if half:
+        scale, offset = (a.astype(np.float16).astype(np.float32) for a in (scale, offset))
     packed = codes if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
     return packed, scale, offset, bits
 
@@ -88,6 +94,9 @@ CASES = [  # kind, N, K, T, bias
     ("int4", 64, 128, 5, False),
     ("int8", 96, 64, 1, False),
     ("int8", 40, 96, 33, True),
+    ("q4_1h", 72, 64, 1, True),        # half scales and minima (a GGUF's): the int8 kernels' half path
+    ("q4_1h", 200, 96, 19, False),
+    ("int8h", 40, 96, 1, True),
 ]
 
 
@@ -110,11 +119,12 @@ def test_linear_blocks_match_numpy(lib, kind, N, K, T, with_bias, activations):
         assert np.abs(got - fp).max() <= 0.02 * np.abs(fp).max()
 
 
+@pytest.mark.parametrize("kind", ["q4_1", "q4_1h"])
 @pytest.mark.parametrize("activations", ["fp32", "int8"])
-def test_threads_and_token_count_are_bit_identical(lib, activations):
+def test_threads_and_token_count_are_bit_identical(lib, activations, kind):
     """Rows split over 2 threads give the 1-thread bits, and a token alone (T = 1) the bits it gets among 37."""
     rng = np.random.default_rng(7)
-    packed, scale, offset, bits = weights(rng, "q4_1", 400, 192)
+    packed, scale, offset, bits = weights(rng, kind, 400, 192)
     m = model(packed, scale, offset, bits, activations=activations)
     x = rng.standard_normal((1, 37, 192), dtype=np.float32)
     one, two = _session(m, threads=1), _session(m, threads=2)
@@ -135,7 +145,7 @@ import test_linear_blocks as t
 from solm_compile.runtime import ep
 assert ep.register(ort, path=sys.argv[1])
 rng = np.random.default_rng(3)
-for kind, N, T in [("q4_1", 80, 1), ("int8", 72, 1), ("int4", 96, 20)]:
+for kind, N, T in [("q4_1", 80, 1), ("int8", 72, 1), ("int4", 96, 20), ("q4_1h", 80, 1), ("int8h", 48, 3)]:
     packed, scale, offset, bits = t.weights(rng, kind, N, 96)
     x = rng.standard_normal((2, T, 96), dtype=np.float32)
     for acts in ("fp32", "int8"):

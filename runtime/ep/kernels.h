@@ -272,12 +272,17 @@ struct BlockMatrix {
   int bits = 4;                          // 4 (two codes a byte) or 8
   bool int8_layout = false;              // 4 bits, the int8-activation path's nibble order (kernels_mlp_blocks.cc)
   std::vector<uint8_t> codes;            // [nb, Np/kRows, GroupBytes()]
-  std::vector<float> scale, offset;      // [nb, Np]
+  std::vector<float> scale, offset;      // [nb, Np] (empty when half)
+  // half: scale/offset held as IEEE half in scale_h/offset_h [nb, Np], which the int8-activation kernels read (a
+  // GGUF's Q4_0/Q4_1/Q8_0 scales and minima are half already: 4 bytes a block instead of 8, the same values)
+  bool half = false;
+  std::vector<uint16_t> scale_h, offset_h;
   int64_t GroupBytes() const { return kBlock * bits / 8 * kRows; }
   // From the op's operands: codes [N, K/32, 32·bits/8] (4 bits: input 2j low nibble, 2j+1 high), scale/offset
-  // [N, K/32]. int8_layout: see the member.
+  // [N, K/32]. int8: for the int8-activation kernels (4 bits: int8_layout; scale/offset in half when every value
+  // is exactly a half).
   void Set(const uint8_t* codes, const float* scale, const float* offset, int64_t N, int64_t K, int bits,
-           bool int8_layout = false);
+           bool int8 = false);
 };
 
 // SparseMLPBlocks with skip="h" (kernels_mlp_blocks_h.cc): the down projection given transposed, downT [I, D] as

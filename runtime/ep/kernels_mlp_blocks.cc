@@ -19,9 +19,11 @@
 namespace solm {
 
 void BlockMatrix::Set(const uint8_t* src, const float* scale_, const float* offset_, int64_t N_, int64_t K_,
-                      int bits_, bool int8_layout_) {
+                      int bits_, bool int8) {
   N = N_, K = K_, bits = bits_, nb = K / kBlock, Np = (N + kRows - 1) / kRows * kRows;
-  int8_layout = int8_layout_ && bits == 4;
+  int8_layout = int8 && bits == 4;
+  half = false;
+  scale_h.clear(), offset_h.clear();
   uint8_t sb8[kBlock / 2];  // int8_layout: a row's block re-paired, byte 4j+i = input 8j+i (low) | 8j+4+i (high)
   const int64_t gb = GroupBytes(), src_row = nb * kBlock * bits / 8;
   codes.assign(static_cast<size_t>(nb * Np / kRows * gb), 0);
@@ -44,6 +46,16 @@ void BlockMatrix::Set(const uint8_t* src, const float* scale_, const float* offs
       offset[b * Np + n] = offset_[n * nb + b];
     }
   }
+  if (!int8) return;
+  // half when lossless: every scale and offset comes back from half unchanged (NaN never does: it stays fp32)
+  std::vector<uint16_t> sh(scale.size()), oh(offset.size());
+  for (size_t i = 0; i < scale.size(); ++i) {
+    sh[i] = FloatToHalf(scale[i]), oh[i] = FloatToHalf(offset[i]);
+    if (!(HalfToFloat(sh[i]) == scale[i]) || !(HalfToFloat(oh[i]) == offset[i])) return;
+  }
+  half = true;
+  scale_h.swap(sh), offset_h.swap(oh);
+  std::vector<float>().swap(scale), std::vector<float>().swap(offset);
 }
 
 namespace {

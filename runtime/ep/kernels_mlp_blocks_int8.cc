@@ -63,16 +63,54 @@ SOLM_INLINE VI DotBytes(VI acc, VI a, int32_t xw) {
   }
 }
 
-// y[o..o+Ln) += scale·(d·Σ) + offset·xsum: the one float expression every variant and path uses.
-template <class VF, class VI>
-SOLM_INLINE void Epilogue(float* y, const float* sc, const float* of, VI isum, VF d, VF xsum) {
+// Ln scales (or offsets) as floats: fp32 as they are; half through F16C's vcvtph2ps (the v3/v4 variants' CPUs have
+// it), or in software in the baseline variant (4 lanes).
+template <class VF, class ST>
+SOLM_INLINE VF LoadScale(const ST* p) {
+  if constexpr (std::is_same<ST, float>::value) {
+    return Load<VF>(p);
+  } else if constexpr (sizeof(VF) == 64) {
+    typedef short H16 __attribute__((vector_size(32)));
+    H16 h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    return (VF)__builtin_ia32_vcvtph2ps512_mask(h, VF{}, -1, 4);  // 4: _MM_FROUND_CUR_DIRECTION (exact anyway)
+  } else if constexpr (sizeof(VF) == 32) {
+    typedef short H8 __attribute__((vector_size(16)));
+    H8 h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    return (VF)__builtin_ia32_vcvtph2ps256(h);
+  } else {
+    VF v;
+    for (int l = 0; l < Lanes<VF>(); ++l) v[l] = HalfToFloat(p[l]);
+    return v;
+  }
+}
+
+// y[o..o+Ln) += scale·(d·Σ) + offset·xsum: the one float expression every variant and path uses (a half scale is
+// the same float once loaded, so the result does not depend on how it was stored).
+template <class VF, class VI, class ST>
+SOLM_INLINE void Epilogue(float* y, const ST* sc, const ST* of, VI isum, VF d, VF xsum) {
   const VF s = __builtin_convertvector(isum, VF);
-  Store<VF>(y, Load<VF>(y) + (Load<VF>(sc) * (s * d) + Load<VF>(of) * xsum));
+  Store<VF>(y, Load<VF>(y) + (LoadScale<VF>(sc) * (s * d) + LoadScale<VF>(of) * xsum));
+}
+
+// Where block column b's scales and offsets of rows from r0 start: fp32 or half.
+inline const float* ScaleAt(const BlockMatrix& W, const float*, int64_t b, int64_t r0) {
+  return W.scale.data() + b * W.Np + r0;
+}
+inline const uint16_t* ScaleAt(const BlockMatrix& W, const uint16_t*, int64_t b, int64_t r0) {
+  return W.scale_h.data() + b * W.Np + r0;
+}
+inline const float* OffsetAt(const BlockMatrix& W, const float*, int64_t b, int64_t r0) {
+  return W.offset.data() + b * W.Np + r0;
+}
+inline const uint16_t* OffsetAt(const BlockMatrix& W, const uint16_t*, int64_t b, int64_t r0) {
+  return W.offset_h.data() + b * W.Np + r0;
 }
 
 // One token: y[g*16 .. (g+G)*16) += block column b of G row groups (col) · the token's block b (xw: its 32 int8 as 8
 // words). Accumulators: G groups x H vectors x 2 chains.
-template <class VF, int G, int BITS, int DOT>
+template <class VF, int G, int BITS, int DOT, class ST>
 SOLM_INLINE void GemvBlock(const BlockMatrix& W, const int32_t* xw, float d, float xsum, const uint8_t* col,
                            int64_t g0, int64_t b, float* y) {
   typedef typename IntVec<sizeof(VF)>::type VI;
@@ -101,18 +139,18 @@ SOLM_INLINE void GemvBlock(const BlockMatrix& W, const int32_t* xw, float d, flo
       }
   }
   const VF dv = Splat<VF>(d), xs = Splat<VF>(xsum);
-  const float* sc = W.scale.data() + b * W.Np + g0 * kR;
-  const float* of = W.offset.data() + b * W.Np + g0 * kR;
+  const ST* sc = ScaleAt(W, static_cast<const ST*>(nullptr), b, g0 * kR);
+  const ST* of = OffsetAt(W, static_cast<const ST*>(nullptr), b, g0 * kR);
   for (int r = 0; r < G; ++r)
     for (int h = 0; h < H; ++h) {
       const int64_t o = r * kR + h * Ln;
-      Epilogue<VF, VI>(y + o, sc + o, of + o, a0[r][h] + a1[r][h], dv, xs);
+      Epilogue<VF, VI, ST>(y + o, sc + o, of + o, a0[r][h] + a1[r][h], dv, xs);
     }
 }
 
 // Rows [g0*16, g1*16) of y = W·x, one token: block column by block column, each streamed front to back, a column
 // whose 32 inputs are all zero not read.
-template <class VF, int G, int BITS, int DOT>
+template <class VF, int G, int BITS, int DOT, class ST>
 SOLM_INLINE void GemvBits(const BlockMatrix& W, const BlockQIn& in, int64_t g0, int64_t g1, float* y) {
   const int64_t gb = W.GroupBytes(), ngroups = W.Np / kR;
   std::memset(y + g0 * kR, 0, (g1 - g0) * kR * sizeof(float));
@@ -123,14 +161,14 @@ SOLM_INLINE void GemvBits(const BlockMatrix& W, const BlockQIn& in, int64_t g0, 
     const uint8_t* col = W.codes.data() + b * ngroups * gb;
     int64_t g = g0;
     for (; g + G <= g1; g += G)
-      GemvBlock<VF, G, BITS, DOT>(W, xw, in.d[b], in.xsum[b], col + g * gb, g, b, y + g * kR);
-    for (; g < g1; ++g) GemvBlock<VF, 1, BITS, DOT>(W, xw, in.d[b], in.xsum[b], col + g * gb, g, b, y + g * kR);
+      GemvBlock<VF, G, BITS, DOT, ST>(W, xw, in.d[b], in.xsum[b], col + g * gb, g, b, y + g * kR);
+    for (; g < g1; ++g) GemvBlock<VF, 1, BITS, DOT, ST>(W, xw, in.d[b], in.xsum[b], col + g * gb, g, b, y + g * kR);
   }
 }
 
 // nt tokens: per row group and block the codes are loaded (and unpacked) once into registers, then each token's
 // block applied to them. The same integers and epilogue as GemvBits: bit-identical per token.
-template <class VF, int BITS, int DOT>
+template <class VF, int BITS, int DOT, class ST>
 SOLM_INLINE void GemmBits(const BlockMatrix& W, const BlockQIn* in, int64_t nt, int64_t g0, int64_t g1, float* y,
                           int64_t ys) {
   typedef typename IntVec<sizeof(VF)>::type VI;
@@ -156,8 +194,8 @@ SOLM_INLINE void GemmBits(const BlockMatrix& W, const BlockQIn* in, int64_t nt, 
             w[j][h] = v;
           }
         }
-      const float* sc = W.scale.data() + b * W.Np + g * kR;
-      const float* of = W.offset.data() + b * W.Np + g * kR;
+      const ST* sc = ScaleAt(W, static_cast<const ST*>(nullptr), b, g * kR);
+      const ST* of = OffsetAt(W, static_cast<const ST*>(nullptr), b, g * kR);
       for (int64_t t = 0; t < nt; ++t) {
         if (!in[t].nz[b]) continue;
         int32_t xw[8];
@@ -172,7 +210,8 @@ SOLM_INLINE void GemmBits(const BlockMatrix& W, const BlockQIn* in, int64_t nt, 
           }
         const VF dv = Splat<VF>(in[t].d[b]), xs = Splat<VF>(in[t].xsum[b]);
         float* yt = y + t * ys + g * kR;
-        for (int h = 0; h < H; ++h) Epilogue<VF, VI>(yt + h * Ln, sc + h * Ln, of + h * Ln, a0[h] + a1[h], dv, xs);
+        for (int h = 0; h < H; ++h)
+          Epilogue<VF, VI, ST>(yt + h * Ln, sc + h * Ln, of + h * Ln, a0[h] + a1[h], dv, xs);
       }
     }
   }
@@ -212,14 +251,24 @@ SOLM_INLINE void QuantT(const float* x, int64_t nb, int8_t* q, float* d) {
 
 template <class VF, int G, int DOT>
 SOLM_INLINE void GemvT(const BlockMatrix& W, const BlockQIn& in, int64_t g0, int64_t g1, float* y) {
-  if (W.bits == 4) GemvBits<VF, G, 4, DOT>(W, in, g0, g1, y);
-  else GemvBits<VF, G, 8, DOT>(W, in, g0, g1, y);
+  if (W.half) {
+    if (W.bits == 4) GemvBits<VF, G, 4, DOT, uint16_t>(W, in, g0, g1, y);
+    else GemvBits<VF, G, 8, DOT, uint16_t>(W, in, g0, g1, y);
+  } else {
+    if (W.bits == 4) GemvBits<VF, G, 4, DOT, float>(W, in, g0, g1, y);
+    else GemvBits<VF, G, 8, DOT, float>(W, in, g0, g1, y);
+  }
 }
 template <class VF, int DOT>
 SOLM_INLINE void GemmT(const BlockMatrix& W, const BlockQIn* in, int64_t nt, int64_t g0, int64_t g1, float* y,
                        int64_t ys) {
-  if (W.bits == 4) GemmBits<VF, 4, DOT>(W, in, nt, g0, g1, y, ys);
-  else GemmBits<VF, 8, DOT>(W, in, nt, g0, g1, y, ys);
+  if (W.half) {
+    if (W.bits == 4) GemmBits<VF, 4, DOT, uint16_t>(W, in, nt, g0, g1, y, ys);
+    else GemmBits<VF, 8, DOT, uint16_t>(W, in, nt, g0, g1, y, ys);
+  } else {
+    if (W.bits == 4) GemmBits<VF, 4, DOT, float>(W, in, nt, g0, g1, y, ys);
+    else GemmBits<VF, 8, DOT, float>(W, in, nt, g0, g1, y, ys);
+  }
 }
 
 // Baseline x86-64: int32 lanes of 4 (a group is 4 vectors), one group at a time.
