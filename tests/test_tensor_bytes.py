@@ -134,3 +134,33 @@ def test_solm_ep_counters_give_the_bytes_its_kernels_read(tmp_path):
     kv = tb.per_token(t, L, attn, steps) - t.weights                 # K/V rows read plus every page's min/max
     assert attn["attn_kv_rows_read"] < dense["attn_kv_rows_read"]
     assert kv >= math.ceil(L / 8) * t.meta_page
+
+
+def test_half_scales_of_the_int8_kernels_count_half(tmp_path):
+    """SolmEP's int8 kernels hold a matrix's scale and offset as half when both are exactly halves (kernels.h
+    BlockMatrix::half): those count 2 bytes a value; downᵀ under skip="h", fp32 activations and a pair with one
+    value that is not a half count 4."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    I = 6
+    halfs = lambda v: np.full((I, 1), v, np.float32)                # noqa: E731  (0.5, 0.25: exactly halves)
+    inits = {"gc": np.zeros((I, 1, 16), np.uint8), "gs": halfs(0.5), "go": halfs(-0.25),
+             "uc": np.zeros((I, 1, 16), np.uint8), "us": halfs(0.5), "uo": np.full((I, 1), 0.1, np.float32),
+             "dc": np.zeros((I, 1, 32), np.uint8), "ds": halfs(0.5), "do": halfs(0.5),
+             "lc": np.zeros((I, 1, 16), np.uint8), "ls": halfs(0.5), "lo": halfs(0.5),
+             "fc": np.zeros((I, 1, 16), np.uint8), "fs": halfs(0.5), "fo": halfs(0.5)}
+    mlp = helper.make_node("SparseMLPBlocks", ["x", "gc", "gs", "go", "", "uc", "us", "uo", "", "dc", "ds", "do", "",
+                                               "rho", "bits"], ["z"], domain="ai.solm", activations="int8", skip="h")
+    lin8 = helper.make_node("LinearBlocks", ["x", "lc", "ls", "lo"], ["y"], domain="ai.solm", activations="int8")
+    lin32 = helper.make_node("LinearBlocks", ["x", "fc", "fs", "fo"], ["w"], domain="ai.solm")
+    g = helper.make_graph([mlp, lin8, lin32], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "zyw"],
+                          [numpy_helper.from_array(a, n) for n, a in inits.items()])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("ai.solm", 1)]),
+              str(tmp_path / "h.onnx"))
+    got = tb.onnx_bytes(tmp_path / "h.onnx")
+    n = I * 4                                                        # one [I, 1] fp32 tensor
+    assert got.gate_up == 2 * I * 16 + n // 2 * 2 + 2 * n            # gate's pair half; up's 0.1 keeps both fp32
+    assert got.down == I * 32 + 2 * n                                # downᵀ (skip="h"): fp32
+    assert got.full == 2 * I * 16 + n // 2 * 2 + 2 * n               # int8 LinearBlocks half; fp32 activations not

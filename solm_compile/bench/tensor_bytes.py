@@ -5,7 +5,8 @@ actually read per token (weights at their stored precision, KV pages read, metad
 from the cost model under test. This module does that:
 
 - ``onnx_bytes(path)`` sorts every initializer of an ONNX file (a solm artifact, onnxruntime-genai's model) by how a
-  decode token reads it, at its stored dtype and shape (the file's tensor protos, weights not loaded):
+  decode token reads it, at its stored dtype and shape (or at half where SolmEP holds an int8 kernel's float32
+  scale/offset as half: ``HALF_SCALES``) (the file's tensor protos, weights not loaded):
   ``full`` (q/k/v/o, norms, the LM head, the policy), ``per_id`` (a table only gathered by token ids: one row per
   token), ``gate_up`` and ``down`` (a SparseMLP/SparseMLPBlocks node's matrices, read in part under ρ); and the KV
   cache's graph inputs: bytes of one position's K and V over every KV head and layer, and the page metadata's bytes
@@ -33,6 +34,10 @@ import numpy as np
 # down ..., bd, ...): the input positions of each matrix (ops/registry.py's schemas)
 MLP_INPUTS = {"SparseMLP": ({1, 3}, {5}), "SparseMLPBlocks": ({1, 2, 3, 5, 6, 7}, {9, 10, 11})}
 GATHERS = ("Gather", "GatherBlockQuantized")
+# scale/offset inputs SolmEP's int8 kernels hold as half when every value is exactly a half (runtime/ep/kernels.h
+# BlockMatrix::half), a matrix's (scale, offset) pair together: LinearBlocks' and SparseMLPBlocks' matrices with
+# activations="int8" (down only with skip="x": skip="h" reads downᵀ rows, which stay fp32)
+HALF_SCALES = {"LinearBlocks": [(2, 3)], "SparseMLPBlocks": [(2, 3), (6, 7), (10, 11)]}
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,9 @@ def onnx_bytes(path: str | Path) -> TensorBytes:
     model = onnx.load(str(path), load_external_data=False)
     size = {t.name: _nbytes(t) for t in model.graph.initializer}
     rows = {t.name: (t.dims[0] if t.dims else 1) for t in model.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
+    for name in _half_scales(model, inits):
+        size[name] //= 2
     role: dict[str, str] = {}
     for node in model.graph.node:
         gate_up, down = MLP_INPUTS.get(node.op_type, (set(), set()))
@@ -116,6 +124,32 @@ def onnx_bytes(path: str | Path) -> TensorBytes:
 
         page = int(json.loads(meta["solm.gate"]).get("page_size", 0))
     return TensorBytes(by["full"], by["per_id"], by["gate_up"], by["down"], kv_position, kv_row, meta_page, page)
+
+
+def _half_scales(model, inits: dict) -> set[str]:
+    """The float32 scale/offset initializers SolmEP keeps as half (HALF_SCALES), i.e. whose values are all exactly
+    halves."""
+    from onnx import helper, numpy_helper
+
+    out = set()
+    for node in model.graph.node:
+        if node.domain != "ai.solm" or node.op_type not in HALF_SCALES:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("activations", b"fp32") != b"int8":
+            continue
+        pairs = HALF_SCALES[node.op_type]
+        if attrs.get("skip", b"x") == b"h":
+            pairs = pairs[:2]
+        for pair in pairs:
+            names = [node.input[i] if i < len(node.input) else "" for i in pair]
+            ts = [inits.get(n) for n in names]
+            if any(t is None or t.data_type != 1 for t in ts):
+                continue
+            arrays = [numpy_helper.to_array(t) for t in ts]
+            if all(np.array_equal(a.astype(np.float16).astype(np.float32), a) for a in arrays):
+                out.update(names)
+    return out
 
 
 def _genai_head_size(path: Path) -> int:
