@@ -254,6 +254,11 @@ class SolmSession:
         self.sess.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.get_outputs()))
 
+    def release(self) -> None:
+        """Drop this thread's kept IO binding (``_run``), and with it its hold on the last feeds' buffers: call it
+        when those feeds are dropped and their memory should go before the next run."""
+        self._bindings.last = None
+
     def _carry(self, out: dict, feeds: dict) -> None:
         """Feed this step's presents (KV cache, page state and policy state) into the next step's inputs."""
         self.kv.carry(out, feeds)

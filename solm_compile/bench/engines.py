@@ -191,7 +191,8 @@ class ArtifactEngine(Engine):
         self.base = {k: (v.numpy() if hasattr(v, "numpy") else v).copy() for k, v in feeds.items()
                      if k not in ("input_ids", "position_ids", "past_length") and k not in self.kv}
         self.base_pos = len(ids)
-        del feeds                   # the prefill's buffers go before reset() restores fresh ones (peak memory)
+        del feeds                   # the prefill's buffers go before reset() restores fresh ones (peak memory),
+        self.s.release()            # the session's kept binding too
         self.reset()
         return logits[0]                                             # [1, V] → [V]
 
