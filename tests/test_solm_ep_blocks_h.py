@@ -190,6 +190,21 @@ def test_h_skip_matches_masked_mlp(lib, gated, act, T, rho, dbits, acts, bias):
     _close(run(w, x, rho, act, biases, acts), masked_mlp(w, x, rho, act, biases, acts))
 
 
+@pytest.mark.parametrize("dout", [576, 352, 416])
+def test_wide_outputs_in_work_items_of_nine_blocks(lib, dout):
+    """Down's outputs go in work items of 9 blocks of 32 (AVX-512: one pass over the kept units per item): SmolLM2's
+    576 is two items, 352 is 9 + 2 and 416 is 9 + 4 (the tails of 2 and 4 blocks in one pass each); 1 and 2 threads
+    give the same bits."""
+    rng = np.random.default_rng(dout)
+    w = {"up": q4_1(rng, I, D), "gate": q4_1(rng, I, D), "down": requantize_transposed(q4_1(rng, dout, I), 8)}
+    x = rng.standard_normal((1, 1, D), dtype=np.float32)
+    for rho in ([0.5], [1.0]):
+        one = run(w, x, rho)
+        assert one.shape == (1, 1, dout)
+        _close(one, masked_mlp(w, x, rho, "silu"))
+        np.testing.assert_array_equal(run(w, x, rho, threads=2), one)
+
+
 def test_fake_quantised_output_matches_reference(lib):
     rng = np.random.default_rng(11)
     w = h_weights(rng)

@@ -90,10 +90,12 @@ SOLM_INLINE void DownTile(const BlockRows& W, const float* h, const int32_t* idx
   constexpr int64_t kAhead = 16;  // units prefetched ahead
   const int64_t cb = W.CodeBytes(), rb = W.RowBytes(), nb = W.nb;
   const uint8_t* base = W.codes.data() + c * cb;
-  VF acc[CB][NV];
+  VF acc[CB][NV];  // every loop over acc fully unrolled: constant indices keep the sums in registers
   alignas(32) float os[CB];
+#pragma GCC unroll 16
   for (int b = 0; b < CB; ++b) {
     os[b] = 0.f;
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[b][v] = VF{};
   }
   for (int64_t i = 0; i < n; ++i) {
@@ -126,7 +128,7 @@ SOLM_INLINE void DownTile(const BlockRows& W, const float* h, const int32_t* idx
         os[b] += a * of[b];
       }
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int b = 0; b < CB; ++b) {
       const uint8_t* blk = row + b * cb;
       const VF sv = Splat<VF>(s[b]);
@@ -134,8 +136,10 @@ SOLM_INLINE void DownTile(const BlockRows& W, const float* h, const int32_t* idx
       for (int v = 0; v < NV; ++v) acc[b][v] += sv * CodesAt<VF, BITS>(blk, v);
     }
   }
+#pragma GCC unroll 16
   for (int b = 0; b < CB; ++b) {
     const VF o = Splat<VF>(os[b]);
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) Store<VF>(y + (c + b) * BlockRows::kBlock + v * Ln, acc[b][v] + o);
   }
 }
@@ -145,6 +149,16 @@ SOLM_INLINE void DownBits(const BlockRows& W, const float* h, const int32_t* idx
                           float* y) {
   int64_t c = c0;
   for (; c + CB <= c1; c += CB) DownTile<VF, BITS, CB>(W, h, idx, n, c, y);
+  // the rest in one pass over the kept units when it is 2 or 4 blocks (each pass re-reads every unit's scale and
+  // offset), else a block at a time
+  if (c1 - c == 4 && CB > 4) {
+    DownTile<VF, BITS, 4>(W, h, idx, n, c, y);
+    return;
+  }
+  if (c1 - c == 2 && CB > 2) {
+    DownTile<VF, BITS, 2>(W, h, idx, n, c, y);
+    return;
+  }
   for (; c < c1; ++c) DownTile<VF, BITS, 1>(W, h, idx, n, c, y);
 }
 template <class VF, int CB>
@@ -267,10 +281,13 @@ const BlockHKernels& BlocksH() {
 // non-zero kept ones; then y = Σ_kept h_j·downT[j] (+ b_down). Tokens go in groups of the ISA's union tile
 // (BlockHKernels::tile): a group whose union of kept units is cheaper to stream once for all its tokens than each
 // token's own list (Unite's estimate) runs DownTileMany over the union, work items (group, 2 output blocks); any
-// other token runs the per-token DownTile, work items (token, 8 output blocks). Both give a token the same floats.
+// other token runs the per-token DownTile, work items (token, 9 output blocks). Both give a token the same floats.
 namespace {
 
-constexpr int64_t kColsTok = 8, kColsMany = 2;  // output blocks per work item: per token, per union group
+// output blocks per work item: per token, per union group. 9 per token: SmolLM2's 18 output blocks are two equal
+// items (two threads busy alike), where 8 made items of 8, 8, 2 (one thread waiting). (A 9-block register tile was
+// tried: 18 accumulators plus the widened codes spill on AVX-512 and ran slower than 8 + 1.)
+constexpr int64_t kColsTok = 9, kColsMany = 2;
 
 // Group g's union (units, ascending) and coefficients [I, tile] by unit; returns nu, or -1 where per-token lists
 // are cheaper: a union unit costs ~kWiden vector µops to widen its codes plus one FMA per token of the tile (padding
