@@ -125,6 +125,7 @@ struct AttnScratch {
   // the chunks' partial softmax results
   std::vector<int32_t> idx, iota;
   std::vector<uint8_t> keep;
+  std::vector<float> score;  // [B·Hkv, G, P] page scores
   std::vector<int64_t> nrow, first;
   std::vector<float> part;
   std::vector<float> rq, rk, rv, ro;     // QuestAttentionRope: rotated q, k, v by head, T > 1: out by head

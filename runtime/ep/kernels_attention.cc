@@ -32,8 +32,8 @@ namespace {
     PageMinMaxBody<HALF>(K, j0, L, d, S, hi, lo);                                                                \
   }                                                                                                              \
   ATTR void PageScores##SUFFIX(const float* qrows, int64_t G, const float* hi, const float* lo, int64_t P,       \
-                               int64_t d, float* score, bool sum) {                                              \
-    PageScoresBody(qrows, G, hi, lo, P, d, score, sum);                                                           \
+                               int64_t ps, int64_t d, float* score, bool sum) {                                  \
+    PageScoresBody(qrows, G, hi, lo, P, ps, d, score, sum);                                                       \
   }                                                                                                              \
   ATTR uint64_t AttendRows##SUFFIX(const float* qrows, int64_t G, const float* K, const float* V, int64_t d,      \
                                    int64_t dv, float scale, const int32_t* idx, int64_t n, bool pf,              \
@@ -261,18 +261,34 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
   int32_t* idx_all = any_sparse ? Grow(scratch.idx, static_cast<size_t>(items * L)) : nullptr;
   uint8_t* keep_all = any_sparse ? Grow(scratch.keep, static_cast<size_t>(items * (nsets + 1) * L)) : nullptr;
   int64_t* nrow = Grow(scratch.nrow, static_cast<size_t>(items));  // rows an item attends; < 0: dense (all)
+  // Page scores first, in work items of (item, kScorePages pages), so that two threads share the 3 KV heads of a
+  // SmolLM2 row evenly (one item each left a thread idle for a third of the scoring); each score is computed as
+  // whole-item scoring computes it. Per item: [P] (one set) or [G, P] (a set per head, rows P apart).
+  constexpr int64_t kScorePages = 64;
+  const int64_t pch = (P + kScorePages - 1) / kScorePages, P0 = P;
+  float* score_all = any_sparse ? Grow(scratch.score, static_cast<size_t>(items * G * P)) : nullptr;
+  auto score_item = [&](size_t w) {
+    const int64_t it = static_cast<int64_t>(w) / pch, p0 = static_cast<int64_t>(w) % pch * kScorePages;
+    const int64_t b = it / Hkv, hk = it % Hkv, P = (len_of(b) + S - 1) / S;
+    int64_t pb;
+    if (p0 >= P || !row_budget(b, &pb)) return;
+    const int64_t p1 = std::min(P, p0 + kScorePages), o = (it * Ps + p0) * d;
+    dk.page_scores(q + (b * H + hk * G) * d, G, pmax + o, pmin + o, p1 - p0, P, d, score_all + it * G * P0 + p0,
+                   shared);
+  };
+  if (any_sparse) par.For(static_cast<size_t>(items * pch), score_item);
   auto select_item = [&](size_t it) {
-    const int64_t b = static_cast<int64_t>(it) / Hkv, hk = static_cast<int64_t>(it) % Hkv;
+    const int64_t b = static_cast<int64_t>(it) / Hkv;
     const int64_t L = len_of(b), P = (L + S - 1) / S;  // this row's keys and pages (shadow the call's maxima)
     int64_t pb;
     if (!row_budget(b, &pb)) {
       nrow[it] = -L;
       return;
     }
-    const int64_t h = hk * G;  // first query head of the group
+    const int64_t h = static_cast<int64_t>(it) % Hkv * G;  // first query head of the group
     Tls& tls = ThreadScratch();
-    float* score = Grow(tls.f0, static_cast<size_t>((G + 1) * P));  // [P] (one set) or [G, P] (a set per head)
-    float* tmp = score + G * P;
+    const float* score = score_all + static_cast<int64_t>(it) * G * P0;
+    float* tmp = Grow(tls.f0, static_cast<size_t>(P));
     uint8_t* page_ok = masked ? Grow(tls.u1, static_cast<size_t>(P)) : nullptr;
     MaskRow* mr = Grow(tls.masks, static_cast<size_t>(G));
     for (int64_t g = 0; g < G; ++g) mr[g] = RowOf(mask, b, h + g, 0, false);
@@ -301,9 +317,6 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
     };
     uint8_t* keep = keep_all + static_cast<int64_t>(it) * (nsets + 1) * L0;
     uint8_t* ukeep = nsets == 1 ? keep : keep + nsets * L;
-    const float* qh = q + (b * H + h) * d;  // T == 1
-    const int64_t o = static_cast<int64_t>(it) * Ps * d;
-    dk.page_scores(qh, G, pmax + o, pmin + o, P, d, score, shared);
     if (shared) {
       select(score, mr, G, keep);
     } else {

@@ -113,8 +113,8 @@ void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_
   if (!any) keep[L - 1] = 1;
 }
 
-// Quest page scores of the G query heads of a GQA group (rows qrows + g*d): score[g*P + p] = Σ_d max(q_d·max_d,
-// q_d·min_d), or with sum, score[p] = the heads' scores added in head order. Pages in blocks of 8, the heads in
+// Quest page scores of the G query heads of a GQA group (rows qrows + g*d) over P pages: score[g*ps + p] =
+// Σ_d max(q_d·max_d, q_d·min_d), or with sum, score[p] = the heads' scores added in head order. Pages in blocks of 8, the heads in
 // turn per block: a page's max/min (2·d floats, 1/4 of the page's fp16 K and V bytes at S = 8) comes from memory
 // once for the whole group, not once per head, and the 8 pages' sums are independent chains (one page's serial
 // lane sum no longer waits for the previous page's). Each score is the same sum in the same order as scoring one
@@ -122,7 +122,7 @@ void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_
 // outputs, are bit-identical to the per-head kernel's. (An HSum8 tree over vf16 lanes was tried: as fast here, but
 // it rounds differently and flipped a near-tied page choice at κ = 0.3 in a 32-step SmolLM2 decode.)
 SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const float* hi_pages, const float* lo_pages,
-                                int64_t P, int64_t d, float* score, bool sum) {
+                                int64_t P, int64_t ps, int64_t d, float* score, bool sum) {
   const int64_t dvec = d / 8 * 8;
   for (int64_t p0 = 0; p0 < P; p0 += 8) {
     const int64_t np = std::min<int64_t>(8, P - p0);
@@ -150,7 +150,7 @@ SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const float* hi_p
         const float* lo = lo_pages + (p0 + r) * d;
         float sc = HSum(part[r]);
         for (int64_t i = dvec; i < d; ++i) sc += std::max(q[i] * hi[i], q[i] * lo[i]);
-        if (!sum) score[g * P + p0 + r] = sc;
+        if (!sum) score[g * ps + p0 + r] = sc;
         else total[r] = g == 0 ? sc : total[r] + sc;
       }
     }
