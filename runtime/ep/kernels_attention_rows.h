@@ -256,37 +256,47 @@ SOLM_INLINE uint64_t AttendRowsBody(const float* qrows, int64_t G, const typenam
         logit[g * n + c] = DotRow<R>(qrows + g * d, K + static_cast<int64_t>(idx[c]) * d, d);
   // scale, mask and keep: a row some head attends counts as read
   uint64_t scored = 0, nrows = 0;
-  // one token set for the group (no keep flags, or one set: ks = 0) and one mask row: each row's verdict once
-  bool same = keep == nullptr || ks == 0;
+  // one mask row for the group (a mask broadcast over heads): per block of 64 rows each row's mask verdict once,
+  // then per head its keep flags (one set for the group: ks = 0, or its own: ks = L) and its logits 8 at a time
+  bool same = true;
   for (int64_t g = 1; g < G && same; ++g) same = SameMaskRow(masks[0], masks[g]);
-  if (same) {  // per block of 64 rows: the verdicts once, then every head's logits 8 at a time
+  if (same) {
     typedef int32_t v8i __attribute__((vector_size(32)));
     const v8 sc = Splat<v8>(scale), ninf = Splat<v8>(kNegInf);
     for (int64_t c0 = 0; c0 < n; c0 += 64) {
       const int64_t m = std::min<int64_t>(64, n - c0), m8 = m / 8 * 8;
-      alignas(32) int32_t okb[64];
+      alignas(32) int32_t okm[64], okb[64], anyb[64];
       alignas(32) float addb[64];
       for (int64_t c = 0; c < m; ++c) {
         const int64_t j = idx[c0 + c];
-        const bool ok = (keep == nullptr || keep[j]) && Allowed(masks[0], j, &addb[c]);
-        okb[c] = ok ? -1 : 0;
-        nrows += ok;
+        okm[c] = (keep == nullptr || ks != 0 || keep[j]) && Allowed(masks[0], j, &addb[c]) ? -1 : 0;
+        anyb[c] = 0;
       }
       for (int64_t g = 0; g < G; ++g) {
+        const int32_t* ok = okm;
+        if (keep != nullptr && ks != 0) {  // this head's own set
+          const uint8_t* kg = keep + g * ks;
+          for (int64_t c = 0; c < m; ++c) okb[c] = kg[idx[c0 + c]] ? okm[c] : 0;
+          ok = okb;
+        }
         float* lg = logit + g * n + c0;
         for (int64_t c = 0; c < m8; c += 8) {
           v8 x, a;
           v8i k;
           __builtin_memcpy(&x, lg + c, sizeof(x));
           __builtin_memcpy(&a, addb + c, sizeof(a));
-          __builtin_memcpy(&k, okb + c, sizeof(k));
+          __builtin_memcpy(&k, ok + c, sizeof(k));
           x = k != 0 ? x * sc + a : ninf;
           __builtin_memcpy(lg + c, &x, sizeof(x));
         }
-        for (int64_t c = m8; c < m; ++c) lg[c] = okb[c] ? lg[c] * scale + addb[c] : kNegInf;
+        for (int64_t c = m8; c < m; ++c) lg[c] = ok[c] ? lg[c] * scale + addb[c] : kNegInf;
+        for (int64_t c = 0; c < m; ++c) {
+          anyb[c] |= ok[c];
+          scored += ok[c] != 0;
+        }
       }
+      for (int64_t c = 0; c < m; ++c) nrows += anyb[c] != 0;
     }
-    scored = nrows * static_cast<uint64_t>(G);
   } else for (int64_t c = 0; c < n; ++c) {
     const int64_t j = idx[c];
     bool any = false;
