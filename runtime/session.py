@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from solm_compile.artifact import protocol
+from solm_compile.runtime.binding import KeptBinding
 from solm_compile.errors import UserError
 from solm_compile.runtime.kv import KvCache
 
@@ -157,7 +157,6 @@ class SolmSession:
         if self.device == "cuda" and "CUDAExecutionProvider" not in self.sess.get_providers():
             raise UserError(f"{self.path}: --device cuda: onnxruntime-gpu is installed but its CUDA EP did not start "
                             f"(no GPU visible, or the CUDA/cuDNN libraries it needs are missing)")
-        self._bindings = threading.local()               # _run's IO binding, kept between runs per thread
         self.input_names = [i.name for i in self.sess.get_inputs()]
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.n_layers = int(self.meta["num_layers"])
@@ -173,8 +172,9 @@ class SolmSession:
         # where each output is bound: on CUDA the carried state stays on the GPU; what the caller reads is copied
         self.output_devices = {name: "cpu" if self.device == "cpu" or name in HOST_OUTPUTS else "cuda"
                                for name in self.output_names}
-        alias = self.kv.aliases()
-        self._alias = (alias, set(alias.values()))       # (present -> past, the pasts): fixed by the artifact
+        self._alias = self.kv.aliases()                  # present -> past: the buffers written in place
+        self._binding = KeptBinding(self.sess, self.input_names, self.output_names, self.optional_inputs,
+                                    self._alias, self.output_devices)
         self.tokenizer = self._tokenizer() if tokenizer else None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -217,52 +217,20 @@ class SolmSession:
 
     # ------------------------------------------------------------------------------------------ stepping
     def _run(self, feeds: dict) -> dict:
-        """One run with IO binding: numpy or OrtValue inputs in, OrtValue outputs out (no copy to numpy); a buffer
-        KV cache's outputs are its inputs' OrtValues (written in place, runtime/kv.py).
-
-        The binding lives on between runs on the same ``feeds`` dict (per thread): only the inputs whose OrtValue
-        changed are bound again (a decode step: the ids, the positions and past_length, not the 120 cache buffers),
-        which saved ~0.25 ms of Python and binding per SmolLM2 step. Outputs that are not buffers are bound afresh
-        every run, so each run returns new OrtValues for them."""
-        import onnxruntime as ort
-
-        optional = [name for name in self.optional_inputs if name in feeds]   # left out: the empty default
-        alias, buffers = self._alias                     # present -> past: the buffers written in place
-        names = self.input_names + optional
-        cached = getattr(self._bindings, "last", None)
-        if cached is None or cached[0] is not feeds or cached[1] != names:
-            cached = (feeds, names, self.sess.io_binding(), {})
-            self._bindings.last = cached
-        _, _, binding, bound = cached
-        for name in names:
-            v = feeds[name]
-            if not isinstance(v, ort.OrtValue):
-                v = ort.OrtValue.ortvalue_from_numpy(v)
-                if name in buffers:                      # keep the buffer's OrtValue: the output is bound to it
-                    feeds[name] = v
-            if bound.get(name) is not v:
-                binding.bind_ortvalue_input(name, v)
-                bound[name] = v
-        for name in self.output_names:                   # in output order: get_outputs() returns them so
-            if name in alias:
-                v = feeds[alias[name]]
-                if bound.get(("out", name)) is not v:
-                    binding.bind_ortvalue_output(name, v)
-                    bound[("out", name)] = v
-            else:
-                binding.bind_output(name, self.output_devices[name])
-        self.sess.run_with_iobinding(binding)
-        return dict(zip(self.output_names, binding.get_outputs()))
+        """One run with IO binding (runtime/binding.py: kept between runs on the same ``feeds``): numpy or OrtValue
+        inputs in, OrtValue outputs out (no copy to numpy); a buffer KV cache's outputs are its inputs' OrtValues
+        (written in place, runtime/kv.py)."""
+        return self._binding.run(feeds)
 
     def release(self) -> None:
-        """Drop this thread's kept IO binding (``_run``), and with it its hold on the last feeds' buffers: call it
-        when those feeds are dropped and their memory should go before the next run."""
-        self._bindings.last = None
+        """Drop this thread's kept IO binding, and with it its hold on the last feeds' buffers: call it when those
+        feeds are dropped and their memory should go before the next run."""
+        self._binding.release()
 
     def _carry(self, out: dict, feeds: dict) -> None:
         """Feed this step's presents (KV cache, page state and policy state) into the next step's inputs."""
         self.kv.carry(out, feeds)
-        alias = self._alias[0]
+        alias = self._alias
         for past, present in self.page_state:
             if alias.get(present) != past:               # a buffer is written in place: feeds holds it already
                 feeds[past] = out[present]
