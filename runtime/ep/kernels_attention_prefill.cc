@@ -77,10 +77,6 @@ int ClassifyRow(const MaskRow& m, int64_t j0, int64_t n, float* bias) {
   return 2;
 }
 
-inline bool SameRow(const MaskRow& a, const MaskRow& b) {
-  return a.b == b.b && a.f == b.f && a.sl == b.sl && a.jmax == b.jmax;
-}
-
 struct PrefillArgs {
   const float* q;
   const float* kt;  // [B, Hkv, nblk, d, kKeyBlock]: K transposed per key block, zero-padded past L

@@ -128,9 +128,9 @@ SOLM_INLINE VF LoadRow(const typename R::E* p) {
 // registers while the union's rows stream by (each row widened once for all heads), instead of a load and a store
 // of out per FMA. Rows a head did not keep (per_head, ks: AttendKeptBody) are skipped for it. Each output element
 // is the same sum in the same order as AxpyRow's (0, then += w·v row by row), so the result is unchanged.
-template <class R, class VF, int NG>
-SOLM_INLINE void SoftmaxV64(const float* logit, int64_t L, const typename R::E* V, const int32_t* idx, int64_t n,
-                            const uint8_t* per_head, int64_t ks, bool pf, float* out) {
+template <class R, class VF, int NG, bool PER_HEAD>
+SOLM_INLINE void SoftmaxV64Rows(const float* logit, int64_t L, const typename R::E* V, const int32_t* idx, int64_t n,
+                                const uint8_t* per_head, int64_t ks, bool pf, float* out) {
   constexpr int Ln = Lanes<VF>(), NV = 64 / Ln;
   constexpr int64_t kPrefetch = 16;
   VF acc[NG][NV];  // every loop over acc fully unrolled: constant indices keep the sums in registers
@@ -138,29 +138,6 @@ SOLM_INLINE void SoftmaxV64(const float* logit, int64_t L, const typename R::E* 
   for (int g = 0; g < NG; ++g)
 #pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) acc[g][c] = VF{};
-  if (per_head == nullptr) {  // one set: every head takes every row, branch-free, the sums stay in registers
-    for (int64_t i = 0; i < n; ++i) {
-      if (pf && i + kPrefetch < n) {
-        const char* vp = reinterpret_cast<const char*>(V + static_cast<int64_t>(idx[i + kPrefetch]) * 64);
-        for (size_t b = 0; b < 64 * sizeof(typename R::E); b += 64) __builtin_prefetch(vp + b);
-      }
-      const typename R::E* vr = V + static_cast<int64_t>(idx[i]) * 64;
-      VF x[NV];
-#pragma GCC unroll 16
-      for (int c = 0; c < NV; ++c) x[c] = LoadRow<R, VF>(vr + c * Ln);
-#pragma GCC unroll 4
-      for (int g = 0; g < NG; ++g) {
-        const VF w = Splat<VF>(logit[g * L + i]);
-#pragma GCC unroll 16
-        for (int c = 0; c < NV; ++c) acc[g][c] += w * x[c];
-      }
-    }
-#pragma GCC unroll 4
-    for (int g = 0; g < NG; ++g)
-#pragma GCC unroll 16
-      for (int c = 0; c < NV; ++c) Store<VF>(out + g * 64 + c * Ln, acc[g][c]);
-    return;
-  }
   for (int64_t i = 0; i < n; ++i) {
     const int64_t j = idx[i];
     if (pf && i + kPrefetch < n) {
@@ -173,7 +150,8 @@ SOLM_INLINE void SoftmaxV64(const float* logit, int64_t L, const typename R::E* 
     for (int c = 0; c < NV; ++c) x[c] = LoadRow<R, VF>(vr + c * Ln);
 #pragma GCC unroll 4
     for (int g = 0; g < NG; ++g) {
-      if (per_head != nullptr && !per_head[g * ks + j]) continue;
+      if constexpr (PER_HEAD)
+        if (!per_head[g * ks + j]) continue;
       const VF w = Splat<VF>(logit[g * L + i]);
 #pragma GCC unroll 16
       for (int c = 0; c < NV; ++c) acc[g][c] += w * x[c];
@@ -184,10 +162,11 @@ SOLM_INLINE void SoftmaxV64(const float* logit, int64_t L, const typename R::E* 
 #pragma GCC unroll 16
     for (int c = 0; c < NV; ++c) Store<VF>(out + g * 64 + c * Ln, acc[g][c]);
 }
-
-// Whether two mask rows say the same for every token (the same bytes or floats, stride and causal bound).
-inline bool SameMaskRow(const MaskRow& a, const MaskRow& b) {
-  return a.b == b.b && a.f == b.f && a.sl == b.sl && a.jmax == b.jmax;
+template <class R, class VF, int NG>
+SOLM_INLINE void SoftmaxV64(const float* logit, int64_t L, const typename R::E* V, const int32_t* idx, int64_t n,
+                            const uint8_t* per_head, int64_t ks, bool pf, float* out) {
+  if (per_head == nullptr) SoftmaxV64Rows<R, VF, NG, false>(logit, L, V, idx, n, per_head, ks, pf, out);
+  else SoftmaxV64Rows<R, VF, NG, true>(logit, L, V, idx, n, per_head, ks, pf, out);
 }
 
 // Returns false if token j is masked out (bool false, or an additive value at or below the lowest finite float:
@@ -259,7 +238,7 @@ SOLM_INLINE uint64_t AttendRowsBody(const float* qrows, int64_t G, const typenam
   // one mask row for the group (a mask broadcast over heads): per block of 64 rows each row's mask verdict once,
   // then per head its keep flags (one set for the group: ks = 0, or its own: ks = L) and its logits 8 at a time
   bool same = true;
-  for (int64_t g = 1; g < G && same; ++g) same = SameMaskRow(masks[0], masks[g]);
+  for (int64_t g = 1; g < G && same; ++g) same = SameRow(masks[0], masks[g]);
   if (same) {
     typedef int32_t v8i __attribute__((vector_size(32)));
     const v8 sc = Splat<v8>(scale), ninf = Splat<v8>(kNegInf);

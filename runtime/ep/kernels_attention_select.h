@@ -11,8 +11,6 @@ namespace {
 // The pages [P] of S tokens holding a key that some of the n mask rows allows (page_ok |= ...; the caller zeroes
 // it); returns the number of such keys (L with no mask). Page by page: no division per key (an idiv per key was
 // ~5 % of a sparse decode step at ctx 2048).
-inline bool SameRow(const MaskRow& a, const MaskRow& b);
-
 int64_t UnmaskedPages(const MaskRow* m, int64_t n, int64_t L, int64_t S, uint8_t* page_ok) {
   bool one = true;  // every row the same (a mask broadcast over the group's heads): one row decides
   for (int64_t g = 1; g < n && one; ++g) one = SameRow(m[0], m[g]);
@@ -48,10 +46,6 @@ int64_t UnmaskedPages(const MaskRow* m, int64_t n, int64_t L, int64_t S, uint8_t
     lv += c;
   }
   return lv;
-}
-
-inline bool SameRow(const MaskRow& a, const MaskRow& b) {
-  return a.b == b.b && a.f == b.f && a.sl == b.sl && a.jmax == b.jmax;
 }
 
 // Element-wise max/min of the keys of pages, hi/lo [P, d], folding keys [j0, L) in order: a page that starts at or

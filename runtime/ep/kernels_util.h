@@ -198,6 +198,11 @@ struct MaskRow {  // the mask restricted to one (b, h, t)
   int64_t jmax = INT64_MAX;  // is_causal: tokens j > jmax are masked out
 };
 
+// Whether two mask rows say the same for every token (the same bytes or floats, stride and causal bound).
+inline bool SameRow(const MaskRow& a, const MaskRow& b) {
+  return a.b == b.b && a.f == b.f && a.sl == b.sl && a.jmax == b.jmax;
+}
+
 inline MaskRow RowOf(const MaskView& m, int64_t b, int64_t h, int64_t t, bool causal) {
   MaskRow r;
   if (causal) r.jmax = t;
