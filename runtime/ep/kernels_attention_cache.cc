@@ -26,11 +26,20 @@ inline void StoreRow(void* dst, bool f16, int64_t at, const float* src, int64_t 
   }
 }
 
-// dst[i] = src[at + i] as float.
+// dst[i] = src[at + i] as float (half: exact). With F16C, 4 at a time through vcvtph2ps, as StoreRow: the software
+// conversion made a chunked prefill's gather of the past rows ~10 % of a serving step.
 inline void LoadRows(float* dst, const void* src, bool f16, int64_t at, int64_t n) {
   if (f16) {
     const uint16_t* s = static_cast<const uint16_t*>(src) + at;
-    for (int64_t i = 0; i < n; ++i) dst[i] = HalfToFloat(s[i]);
+    static const bool f16c = __builtin_cpu_supports("f16c");
+    int64_t i = 0;
+    if (f16c)
+      for (; i + 4 <= n; i += 4) {
+        vf4 x;
+        asm("vcvtph2ps %1, %0" : "=x"(x) : "m"(*reinterpret_cast<const char(*)[8]>(s + i)));
+        __builtin_memcpy(dst + i, &x, sizeof(x));
+      }
+    for (; i < n; ++i) dst[i] = HalfToFloat(s[i]);
   } else {
     std::memcpy(dst, static_cast<const float*>(src) + at, n * sizeof(float));
   }
