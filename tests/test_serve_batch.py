@@ -168,3 +168,18 @@ def test_the_servers_prefill_chunk_reaches_its_session_and_must_fit_the_pages(st
     odd = SolmSession(step_artifacts["solm"], **ServeConfig(threads=1, prefill_chunk=page + 1).session_options)
     with pytest.raises(UserError, match=f"not a multiple of .* page size {page}"):
         Scheduler(odd, max_active=2, max_queue=2, timeout_s=60, context=128)
+
+
+def test_solm_serve_spin_reaches_the_onnxruntime_session(step_artifacts):
+    """``solm serve --spin`` (``ServeConfig.spin``) is the session's ``session.intra_op.allow_spinning``; off by
+    default (an idle spinning thread keeps a core busy on a shared machine)."""
+    from solm_compile.cli.app import build_parser
+    from solm_compile.runtime.session import SolmSession
+    from solm_compile.serve import ServeConfig
+
+    key = "session.intra_op.allow_spinning"
+    parse = build_parser().parse_args
+    assert parse(["serve", "a.onnx"]).spin is False and parse(["serve", "a.onnx", "--spin"]).spin is True
+    for spin, entry in ((False, "0"), (True, "1")):
+        sess = SolmSession(step_artifacts["solm"], **ServeConfig(threads=1, spin=spin).session_options)
+        assert sess.sess.get_session_options().get_session_config_entry(key) == entry

@@ -132,7 +132,7 @@ def bench_artifact(path: str, args, budgets: dict, stop_at: float) -> list[dict]
     config = ServeConfig(context=args.prompt_max + args.max_tokens + 8, max_active=max(args.clients),
                          max_queue=4 * max(args.clients), timeout_s=TIMEOUT_S, threads=args.threads,
                          replicas=args.replicas, port=args.port if args.replicas else 0,
-                         prefill_chunk=args.prefill_chunk)
+                         prefill_chunk=args.prefill_chunk, spin=args.spin)
     sess = SolmSession(path, **config.session_options)
     pool = prompts(sess, max(args.clients) * args.requests, args.prompt_min, args.prompt_max, args.seed)
     if sess.kind == "dense":
@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=8000, help="the Ray proxy's loopback port with --replicas (default 8000)")
     ap.add_argument("--prefill-chunk", type=int, default=ServeConfig.prefill_chunk,
                     help="the server's tokens per prefill run of a joining prompt (solm serve --prefill-chunk)")
+    ap.add_argument("--spin", action="store_true",
+                    help="the server's onnxruntime threads spin between parallel regions (solm serve --spin)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     args = ap.parse_args(argv)

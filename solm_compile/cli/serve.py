@@ -37,6 +37,9 @@ def add_serve_parser(sub, common) -> None:
                    help=f"tokens per prefill run of a joining prompt, the running requests stepped between runs: "
                         f"smaller bounds their inter-token gap, larger gives the newcomer its first token sooner "
                         f"(default {D.prefill_chunk}; a multiple of the page size; 0: one run)")
+    p.add_argument("--spin", action="store_true", default=D.spin,
+                   help="let onnxruntime's threads spin between parallel regions instead of sleeping: faster steps "
+                        "on a machine of the server's own, a busy core for everyone else (default: off)")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(fn=cmd_serve)
 
@@ -45,7 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(host=args.host, port=args.port, threads=args.threads, context=args.context,
                          max_active=args.max_active, max_queue=args.max_queue, timeout_s=args.timeout_s,
                          model_name=args.model_name, kv_budget_mb=args.kv_budget_mb,
-                         replicas=args.replicas, prefill_chunk=args.prefill_chunk)  # bad flags fail before loading
+                         replicas=args.replicas, prefill_chunk=args.prefill_chunk,
+                         spin=args.spin)  # bad flags fail before loading
     if config.replicas is not None:
         return serve_replicas(args.artifact, config)
     try:

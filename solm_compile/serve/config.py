@@ -28,7 +28,10 @@ class ServeConfig:
     N runs N replicas of the same app as a Ray Serve deployment on a local Ray (``ray_serve.py``), each with its
     own session, scheduler and KV budget. ``prefill_chunk``: tokens per prefill run of a joining prompt (the
     scheduler steps the running requests between runs, so a smaller chunk bounds the gap a join puts between their
-    tokens, at the joining request's time to first token; a multiple of the artifact's page size; 0: one run)."""
+    tokens, at the joining request's time to first token; a multiple of the artifact's page size; 0: one run).
+    ``spin``: onnxruntime's intra-op threads spin between parallel regions instead of sleeping (a machine of the
+    server's own: −15–20 % per decode step on two threads; an idle spinning thread takes a core other processes
+    need)."""
 
     host: str = LOOPBACK
     port: int = 8000
@@ -42,11 +45,12 @@ class ServeConfig:
     model_name: str | None = None
     replicas: int | None = None
     prefill_chunk: int = 128
+    spin: bool = False
 
     @property
     def session_options(self) -> dict:
         """SolmSession's keyword arguments for this server (the CLI, the Ray replicas and the load test share them)."""
-        return {"threads": self.threads, "prefill_chunk": self.prefill_chunk}
+        return {"threads": self.threads, "prefill_chunk": self.prefill_chunk, "spin": self.spin}
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}")
