@@ -166,8 +166,62 @@ SOLM_INLINE void GemvBits(const BlockMatrix& W, const BlockQIn& in, int64_t g0, 
   }
 }
 
+// AVX-512 (32 registers, a row group one vector): NT tokens' outputs of row group g stay in registers over all the
+// blocks (the codes unpacked once per block for the NT tokens, the scales loaded once), stored once at the end,
+// where GemmBits reads and writes y per token and block. The same integers and, per token and block, the same
+// epilogue expression on the same running sum (starting from 0, as GemvBits' memset): bit-identical per token.
+template <class VF, int BITS, int DOT, class ST, int NT>
+SOLM_INLINE void GemmTile(const BlockMatrix& W, const BlockQIn* in, int64_t g, float* y, int64_t ys) {
+  typedef typename IntVec<sizeof(VF)>::type VI;
+  static_assert(Lanes<VF>() == kR, "one vector per row group");
+  const int64_t gb = W.GroupBytes(), ngroups = W.Np / kR;
+  const VI m4 = VI{} + 0x0F0F0F0F;
+  VF acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = VF{};
+  for (int64_t b = 0; b < W.nb; ++b) {
+    bool any = false;
+    for (int t = 0; t < NT; ++t) any |= in[t].nz[b];
+    if (!any) continue;
+    const uint8_t* col = W.codes.data() + (b * ngroups + g) * gb;
+    VI w[8];  // w[j]: the codes meeting q word j
+#pragma GCC unroll 8
+    for (int j = 0; j < BITS; ++j) {
+      VI v;
+      __builtin_memcpy(&v, col + j * kR * 4, sizeof(VI));
+      if constexpr (BITS == 4) {
+        w[2 * j] = v & m4;
+        w[2 * j + 1] = (v >> 4) & m4;
+      } else {
+        w[j] = v;
+      }
+    }
+    const VF sc = LoadScale<VF>(ScaleAt(W, static_cast<const ST*>(nullptr), b, g * kR));
+    const VF of = LoadScale<VF>(OffsetAt(W, static_cast<const ST*>(nullptr), b, g * kR));
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) {
+      if (!in[t].nz[b]) continue;
+      const int8_t* qb = in[t].q + b * kB;
+      auto xw = [qb](int j) {  // the token's q word j (4 int8), read where it lies (a broadcast operand)
+        int32_t v;
+        __builtin_memcpy(&v, qb + 4 * j, sizeof(v));
+        return v;
+      };
+      VI a0 = VI{}, a1 = VI{};
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; j += 2) {
+        a0 = DotBytes<DOT, BITS == 4 ? 15 : 255>(a0, w[j], xw(j));
+        a1 = DotBytes<DOT, BITS == 4 ? 15 : 255>(a1, w[j + 1], xw(j + 1));
+      }
+      const VF s = __builtin_convertvector(a0 + a1, VF);
+      acc[t] = acc[t] + (sc * (s * Splat<VF>(in[t].d[b])) + of * Splat<VF>(in[t].xsum[b]));  // Epilogue's expression
+    }
+  }
+  for (int t = 0; t < NT; ++t) Store<VF>(y + t * ys + g * kR, acc[t]);
+}
+
 // nt tokens: per row group and block the codes are loaded (and unpacked) once into registers, then each token's
-// block applied to them. The same integers and epilogue as GemvBits: bit-identical per token.
+// block applied to them. The same integers and epilogue as GemvBits: bit-identical per token. On AVX-512, tiles of
+// up to 8 tokens with their sums in registers (GemmTile).
 template <class VF, int BITS, int DOT, class ST>
 SOLM_INLINE void GemmBits(const BlockMatrix& W, const BlockQIn* in, int64_t nt, int64_t g0, int64_t g1, float* y,
                           int64_t ys) {
@@ -175,6 +229,16 @@ SOLM_INLINE void GemmBits(const BlockMatrix& W, const BlockQIn* in, int64_t nt, 
   constexpr int Ln = Lanes<VF>(), H = kR / Ln;
   const int64_t gb = W.GroupBytes(), ngroups = W.Np / kR;
   const VI m4 = VI{} + 0x0F0F0F0F;
+  if constexpr (Lanes<VF>() == kR) {
+    for (int64_t g = g0; g < g1; ++g) {
+      int64_t t = 0;
+      for (; t + 8 <= nt; t += 8) GemmTile<VF, BITS, DOT, ST, 8>(W, in + t, g, y + t * ys, ys);
+      if (t + 4 <= nt) GemmTile<VF, BITS, DOT, ST, 4>(W, in + t, g, y + t * ys, ys), t += 4;
+      if (t + 2 <= nt) GemmTile<VF, BITS, DOT, ST, 2>(W, in + t, g, y + t * ys, ys), t += 2;
+      if (t < nt) GemmTile<VF, BITS, DOT, ST, 1>(W, in + t, g, y + t * ys, ys);
+    }
+    return;
+  }
   for (int64_t g = g0; g < g1; ++g) {
     for (int64_t t = 0; t < nt; ++t) std::memset(y + t * ys + g * kR, 0, kR * sizeof(float));
     for (int64_t b = 0; b < W.nb; ++b) {
