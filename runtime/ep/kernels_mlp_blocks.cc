@@ -422,24 +422,19 @@ void LinearBlocks(const float* x, int64_t n, const BlockMatrix& W, bool int8, co
       for (int64_t t = n0; t < n0 + nt; ++t) KQ.quant(x + t * W.K, nb, xq + t * W.K, xd + t * nb);
   };
   par.For(static_cast<size_t>(ntile), prep);
-  // Work items of kGroups row groups (64 rows: the int8 kernels' 4-group register tile). An odd count has its last
-  // item cut in two, so that two threads get equal rows (SmolLM2's o: 36 groups, 8 items of 4 then 2 + 2; qkv: 60,
-  // 14 of 4 then 2 + 2): with 9 items one thread waited a ninth of the op (session 16 profile). Rows are split, never
-  // sums, so the output does not depend on the items.
-  constexpr int64_t kGroups = 4;
-  const int64_t groups = Np / R, full = (groups + kGroups - 1) / kGroups;
-  const int64_t last = groups - (full - 1) * kGroups;  // the last item's groups (1..kGroups)
-  const bool split = full > 1 && full % 2 == 1 && last >= 2;
-  const int64_t chunks = full + (split ? 1 : 0);
+  // Work items of ~kGroups row groups (256 rows), an even count of equal ranges (SmolLM2's o: 36 groups, 2 items of
+  // 18; qkv: 60, 4 of 15), so that two threads get equal rows. A one-token item streams its rows' slice of every
+  // block column (the GEMV prefetches the next column's slice): the longer the slice the nearer to streaming speed
+  // (items of 4 groups, 1 KiB slices, ran at ~15 GB/s, these at ~20-28 on one or two threads). Rows are split,
+  // never sums, so the output does not depend on the items.
+  constexpr int64_t kGroups = 16;
+  const int64_t groups = Np / R;
+  int64_t chunks = (groups + kGroups - 1) / kGroups;
+  if (chunks % 2 == 1 && groups >= 2) ++chunks;
   auto rows = [&](size_t it) {
     const int64_t c = static_cast<int64_t>(it) % chunks, n0 = static_cast<int64_t>(it) / chunks * kTokTile;
     const int64_t nt = std::min(kTokTile, n - n0);
-    int64_t g0 = c * kGroups, g1 = std::min(g0 + kGroups, groups);
-    if (split && c >= full - 1) {  // the last item's two halves
-      const int64_t base = (full - 1) * kGroups, half = (last + 1) / 2;
-      g0 = c == full - 1 ? base : base + half;
-      g1 = c == full - 1 ? base + half : groups;
-    }
+    const int64_t g0 = c * groups / chunks, g1 = (c + 1) * groups / chunks;
     if (int8) ApplyQ(KQ, W, xq, xd, xsum, xnz, n0, nt, g0, g1, yp + n0 * Np, Np);
     else Apply(K, W, x, xsum, xnz, n0, nt, g0, g1, yp + n0 * Np, Np);
     if (direct) return;
