@@ -86,12 +86,15 @@ SOLM_INLINE VF LoadScale(const ST* p) {
   }
 }
 
-// y[o..o+Ln) += scale·(d·Σ) + offset·xsum: the one float expression every variant and path uses (a half scale is
-// the same float once loaded, so the result does not depend on how it was stored).
+// y[o..o+Ln) += scale·(d·Σ) + offset·xsum (BlockTerm): the one float expression every variant and path uses (a half
+// scale is the same float once loaded, so the result does not depend on how it was stored).
+template <class VF, class VI>
+SOLM_INLINE VF BlockTerm(VI isum, VF scale, VF offset, VF d, VF xsum) {
+  return scale * (__builtin_convertvector(isum, VF) * d) + offset * xsum;
+}
 template <class VF, class VI, class ST>
 SOLM_INLINE void Epilogue(float* y, const ST* sc, const ST* of, VI isum, VF d, VF xsum) {
-  const VF s = __builtin_convertvector(isum, VF);
-  Store<VF>(y, Load<VF>(y) + (LoadScale<VF>(sc) * (s * d) + LoadScale<VF>(of) * xsum));
+  Store<VF>(y, Load<VF>(y) + BlockTerm<VF, VI>(isum, LoadScale<VF>(sc), LoadScale<VF>(of), d, xsum));
 }
 
 // Where block column b's scales and offsets of rows from r0 start: fp32 or half.
@@ -218,8 +221,7 @@ SOLM_INLINE void GemmTile(const BlockMatrix& W, const BlockQIn* in, int64_t g, f
         a0 = DotBytes<DOT, BITS == 4 ? 15 : 255>(a0, w[j], xw(j));
         a1 = DotBytes<DOT, BITS == 4 ? 15 : 255>(a1, w[j + 1], xw(j + 1));
       }
-      const VF s = __builtin_convertvector(a0 + a1, VF);
-      acc[t] = acc[t] + (sc * (s * Splat<VF>(in[t].d[b])) + of * Splat<VF>(in[t].xsum[b]));  // Epilogue's expression
+      acc[t] = acc[t] + BlockTerm<VF, VI>(a0 + a1, sc, of, Splat<VF>(in[t].d[b]), Splat<VF>(in[t].xsum[b]));
     }
   }
   for (int t = 0; t < NT; ++t) Store<VF>(y + t * ys + g * kR, acc[t]);
