@@ -15,7 +15,9 @@ why in ``skipped``) unless every one of its weights has blocks of 32.
 ``skip`` (registry.MLP_SKIPS): the SparseMLP node's own attribute (absent: "x"; passes/gate_mlp.py writes
 GateConfig.mlp_skip there, the one source), copied to the new node: "x" as above; "h" (issue 17: ρ keeps units of h) stores down
 transposed, the blocks of W_downᵀ [I, D] re-quantised round-to-nearest at ``down_bits`` (8 by default, or 4) from
-the dequantised source (``quant.blocks.requantize_transposed``: new rounding error, counted as ``mlp_downT_*``).
+the dequantised source (``quant.blocks.requantize_transposed``: new rounding error, counted as ``mlp_downT_*``),
+and keeps the source blocks of down as ``*_down_dense`` too (lossless; SparseMLPBlocks runs them for tokens at ρ ≥ 1,
+so the dense budget reads the source's bytes, not downT's; counted as ``mlp_down_dense_*``).
 """
 
 from __future__ import annotations
@@ -79,6 +81,12 @@ def pack_mlp(model: ir.Model, table: WeightTable, result: PassResult, pack, cons
                          const(f"{name}.offset", bq.offset), bias]
             attrs.append(ir.AttrInt64(f"bits_{p}", bq.bits))
         operands += [rho, bits]
+        if skip == "h":   # down in its source layout too, for tokens at ρ ≥ 1 (lossless: the table's blocks)
+            bq = found["down"]
+            operands += [const(f"{parts['down'].name}.codes{bq.bits}", pack(bq.codes, bq.bits)),
+                         const(f"{parts['down'].name}.scale", bq.scale), const(f"{parts['down'].name}.offset", bq.offset)]
+            attrs.append(ir.AttrInt64("bits_down_dense", bq.bits))
+            result.counts[f"mlp_down_dense_{bq.fmt}"] += 1
         while operands and operands[-1] is None:
             operands.pop()
         new = ir.Node(registry.DOMAIN, sig.onnx_name, operands, attrs, name=f"{node.name}.blocks")

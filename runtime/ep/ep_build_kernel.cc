@@ -144,6 +144,7 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
     k->bits_gate = static_cast<int>(AttrInt(node, attr("bits_gate"), 4));
     k->bits_up = static_cast<int>(AttrInt(node, attr("bits_up"), 4));
     k->bits_down = static_cast<int>(AttrInt(node, attr("bits_down"), 4));
+    k->bits_down_dense = static_cast<int>(AttrInt(node, attr("bits_down_dense"), 4));
     k->block_size = AttrInt(node, attr("block_size"), 32);
     // Absent: fp32, the exact path (an artifact from before the attribute keeps its meaning).
     const std::string acts = AttrString(node, attr("activations"), "fp32");
@@ -155,8 +156,8 @@ std::unique_ptr<KernelBase> BuildKernel(const OrtNode* node, const OrtNode* fuse
     if (skip != "x" && skip != "h") Fail("SolmEP: SparseMLPBlocks skip must be x | h, got '" + skip + "'");
     k->weights.skip_h = skip == "h";
     // The weights must be constants: they are repacked block-column-major now and not kept as given.
-    TensorRef t[12];
-    for (size_t j = 0; j < 12; ++j) {
+    TensorRef t[15];
+    for (size_t j = 0; j < 15; ++j) {
       const InputSlot& sl = slots[MlpBlocksKernel::kWeightInputs[j]];
       if (sl.name.empty()) continue;
       if (!sl.saved) Fail("SolmEP: SparseMLPBlocks weight input '" + sl.name + "' must be a constant initializer");

@@ -308,6 +308,8 @@ struct MlpBlockWeights {
   // skip="h": ρ keeps units of h (gate/up dense), down is down_t (BlockRows) and `down` is unused.
   bool skip_h = false;
   BlockRows down_t;
+  // skip="h" with down also in its source layout (`down`): tokens whose rho >= 1 run the skip="x" down on all of h
+  bool down_dense = false;
   int64_t Dout() const { return skip_h ? down_t.D : down.N; }
   // Activations: false = fp32 (exact: Σ x·w in fp32); true = int8 per block of 32 (the op's activations="int8",
   // reference.sparse_mlp_blocks_ref: x and h quantised per block, sx = max|x|/127, round half to even; integer dot

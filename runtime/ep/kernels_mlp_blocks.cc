@@ -291,6 +291,16 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
   const int64_t N = B * T, D = W.up.K, I = W.up.N, Dout = W.Dout();
   const bool hskip = W.skip_h;  // rho keeps units of h (gate/up dense; kernels_mlp_blocks_h.cc), not channels of x
   if (N == 0) return;
+  // skip="h" with down in its source layout too: rows at rho >= 1 take the skip="x" down on all of h (`dense`)
+  bool any_dense = !hskip, all_dense = !hskip;
+  if (hskip && W.down_dense) {
+    all_dense = true;
+    for (int64_t b = 0; b < B; ++b) {
+      if (rho[b] >= 1.f) any_dense = true;
+      else all_dense = false;
+    }
+  }
+  auto dense = [&](int64_t n) { return !hskip || (W.down_dense && rho[n / T] >= 1.f); };
   const BlockKernels& K = Blocks();
   const BlockInt8Kernels& KQ = BlocksInt8();
   const bool q8 = W.int8;
@@ -298,7 +308,7 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
   else NoteIsa(kIsaMlpBlocks, K.isa);
   if (hskip) NoteIsa(kIsaMlpBlocks, BlocksH().isa);  // its down projection (fp32 h in either mode)
   const int64_t nbD = D / BlockMatrix::kBlock, nbI = I / BlockMatrix::kBlock, Ip = W.up.Np;
-  const int64_t Dp = hskip ? Dout : W.down.Np;
+  const int64_t Dp = any_dense ? W.down.Np : Dout;
   float* xs = Grow(sc.xs, static_cast<size_t>(N * D));
   float* xsum = Grow(sc.xsum, static_cast<size_t>(N * nbD));
   uint8_t* xnz = Grow(sc.xnz, static_cast<size_t>(N * nbD));
@@ -307,7 +317,7 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
   uint8_t* hnz = Grow(sc.hnz, static_cast<size_t>(N * nbI));
   float* yp = Grow(sc.y, static_cast<size_t>(N * Dp));
   int8_t* xq = q8 ? Grow(sc.xq, static_cast<size_t>(N * D)) : nullptr;
-  int8_t* hq = q8 && !hskip ? Grow(sc.hq, static_cast<size_t>(N * I)) : nullptr;
+  int8_t* hq = q8 && any_dense ? Grow(sc.hq, static_cast<size_t>(N * I)) : nullptr;
   float* xd = q8 ? Grow(sc.xd, static_cast<size_t>(N * nbD)) : nullptr;
   float* hd = q8 ? Grow(sc.hd, static_cast<size_t>(N * nbI)) : nullptr;
   st.mlp_in_rows_dense.fetch_add(static_cast<uint64_t>(N * D), std::memory_order_relaxed);
@@ -352,7 +362,7 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
         const float u = hr[i] + (W.b_up.empty() ? 0.f : W.b_up[i]);
         hr[i] = W.gated ? Activate(act, gr[i] + (W.b_gate.empty() ? 0.f : W.b_gate[i])) * u : Activate(act, u);
       }
-      if (q8 && !hskip) {  // these rows' blocks of h (r0 and r1 are multiples of 32): sums and int8, for down
+      if (q8 && dense(n0 + t)) {  // these rows' blocks of h (r0, r1 multiples of 32): sums and int8, for down
         const int64_t n = n0 + t, b0 = r0 / BlockMatrix::kBlock;
         BlockSums(hr + r0, 1, r1 - r0, hsum + n * nbI + b0, hnz + n * nbI + b0);
         KQ.quant(hr + r0, (r1 - r0) / BlockMatrix::kBlock, hq + n * I + r0, hd + n * nbI + b0);
@@ -366,14 +376,14 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
     const int64_t n0 = static_cast<int64_t>(it) * kTokTile, nt = std::min(kTokTile, N - n0);
     for (int64_t n = n0; n < n0 + nt; ++n) BlockSums(h + n * Ip, 1, I, hsum + n * nbI, hnz + n * nbI);
   };
-  if (hskip) {
+  if (!all_dense) {  // a mixed batch runs both (the rows at rho >= 1 overwritten below)
     SparseMlpBlocksDownH(h, Ip, N, T, I, Dout, W, rho, y, sc, par);
-    FakeQuantTokens(y, B, T, Dout, bits, par);
-    return;
+    if (!any_dense) return FakeQuantTokens(y, B, T, Dout, bits, par);
   }
   if (!q8) par.For(static_cast<size_t>(ntile), hsums);
   uint64_t hnonzero = 0;
-  for (int64_t i = 0; i < N * nbI; ++i) hnonzero += hnz[i];
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < nbI && dense(n); ++i) hnonzero += hnz[n * nbI + i];
   st.mlp_down_rows.fetch_add(hnonzero * BlockMatrix::kBlock, std::memory_order_relaxed);
 
   // C: down projection, same items; h rows are Ip apart (BlockIn reads K = I of them).
@@ -392,7 +402,7 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
     }
     const int64_t r0 = g0 * BlockMatrix::kRows, r1 = std::min(g1 * BlockMatrix::kRows, Dout);
     for (int64_t t = 0; t < nt; ++t)
-      for (int64_t j = r0; j < r1; ++j)
+      for (int64_t j = r0; j < r1 && dense(n0 + t); ++j)
         y[(n0 + t) * Dout + j] = yp[(n0 + t) * Dp + j] + (W.b_down.empty() ? 0.f : W.b_down[j]);
   };
   par.For(static_cast<size_t>(chunksD * ntile), down);

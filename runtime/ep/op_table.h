@@ -53,8 +53,8 @@ inline const std::vector<OpSpec>& OpSpecs() {
       {"SparseMLP", {F, Fo, Fo, F, Fo, F, Fo, F, F}, 1, 1, {"act", "skip"}},
       // x, codes_gate?, scale_gate?, offset_gate?, b_gate?, codes_up, scale_up, offset_up, b_up?, codes_down,
       //   scale_down, offset_down, b_down?, rho, bits -> y   (codes uint8: A)
-      {"SparseMLPBlocks", {F, Ao, Fo, Fo, Fo, A, F, F, Fo, A, F, F, Fo, F, F}, 1, 1,
-       {"act", "bits_gate", "bits_up", "bits_down", "block_size", "activations", "skip"}},
+      {"SparseMLPBlocks", {F, Ao, Fo, Fo, Fo, A, F, F, Fo, A, F, F, Fo, F, F, Ao, Fo, Fo}, 1, 1,
+       {"act", "bits_gate", "bits_up", "bits_down", "block_size", "activations", "skip", "bits_down_dense"}},
       // x [.., K], codes [N, K/32, 32·bits/8] (uint8: A), scale, offset [N, K/32], bias? [N] -> y [.., N]
       {"LinearBlocks", {F, A, F, F, Fo}, 1, 1, {"bits", "block_size", "activations"}},
       // input_ids, past_key (only their shapes are read), kappa, rho, bits, past_length? (int64 [B]: each row gated

@@ -303,11 +303,17 @@ void MlpBlocksKernel::SetWeights(const TensorRef* t) {
   solm::MlpBlockWeights& W = weights;
   W.gated = t[0].present;
   matrix(4, bits_up, "up", W.up);
-  if (W.skip_h) {  // down given transposed: [I, D/32, ..] blocks of W_downᵀ
+  W.down_dense = t[12].present || t[13].present || t[14].present;
+  if (W.down_dense && !W.skip_h) Fail("SolmEP: SparseMLPBlocks codes_down_dense is for skip=h only");
+  if (W.skip_h) {  // down given transposed: [I, D/32, ..] blocks of W_downᵀ; maybe also as given (rho >= 1 rows)
     const auto [I, nb] = operands(8, bits_down, "down");
     W.down_t.Set(static_cast<const uint8_t*>(t[8].data), t[9].f(), t[10].f(), I, nb * solm::BlockRows::kBlock,
                  bits_down);
     W.down = solm::BlockMatrix{};
+    if (W.down_dense) matrix(12, bits_down_dense, "down_dense", W.down);
+    if (W.down_dense && (W.down.N != W.down_t.D || W.down.K != I))
+      Fail("SolmEP: SparseMLPBlocks down_dense must be [" + std::to_string(W.down_t.D) + ", " + std::to_string(I) +
+           "], the transpose of down");
   } else {
     matrix(8, bits_down, "down", W.down);
   }

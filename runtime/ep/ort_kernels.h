@@ -315,7 +315,7 @@ struct MlpKernel : KernelBase {
 // SparseMLPBlocks: the weights are always constants (initializers made by passes/pack_mlp.py), repacked at Compile.
 struct MlpBlocksKernel : KernelBase {
   solm::Act act = solm::Act::kSilu;
-  int bits_gate = 4, bits_up = 4, bits_down = 4;
+  int bits_gate = 4, bits_up = 4, bits_down = 4, bits_down_dense = 4;
   int64_t block_size = 32;
   solm::MlpBlockWeights weights;  // weights.int8 / skip_h: the activations / skip attributes, set before SetWeights
   struct Call {
@@ -323,9 +323,10 @@ struct MlpBlocksKernel : KernelBase {
     std::vector<float> rho_b, bits_b;
   };
   CallPool<Call> calls;
-  // inputs: 0 x, 1-4 codes/scale/offset/b of gate, 5-8 up, 9-12 down, 13 rho, 14 bits
-  static constexpr size_t kWeightInputs[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
-  // t[i] for the 12 weight inputs (absent: not present)
+  // inputs: 0 x, 1-4 codes/scale/offset/b of gate, 5-8 up, 9-12 down, 13 rho, 14 bits, 15-17 codes/scale/offset
+  // of down in its source layout (skip="h" only: the rows at rho >= 1)
+  static constexpr size_t kWeightInputs[15] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 15, 16, 17};
+  // t[i] for the 15 weight inputs (absent: not present)
   void SetWeights(const TensorRef* t);
   void Compute(OrtKernelContext* kc) override;
 };

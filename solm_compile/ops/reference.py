@@ -30,7 +30,8 @@ Semantics (SOL, shared/research/sol_method.md §2, plus solm's forced sinks/wind
   the unquantised block sums (``linear_blocks_int8_ref``). With ``skip="h"`` (``sparse_mlp_blocks_h_ref``) ρ keeps
   units of h instead: gate/up on all of x, the ⌈ρ·I⌉ units of largest |h| kept (``topk_channels_ref`` on h: ties at
   the threshold kept), y = Σ_kept h_j·downT[j, :] with down given transposed ([I, D] blocks); "int8" then
-  quantises x only (h stays fp32).
+  quantises x only (h stays fp32). With the optional source-layout down (``*_down_dense``) a row at ρ ≥ 1 runs
+  y = down(h) on it instead (int8: h quantised per block, as skip "x").
 - ``sparse_mlp``: per token keep the ⌈ρ·D⌉ input channels of largest |x| (every channel ≥ the k-th largest),
   zero the rest, run the MLP (``skip="h"``: run gate/up on all of x and keep the ⌈ρ·I⌉ units of largest |h| instead), then fake-quantise its output per token, symmetric, q_max = 2^(b−1)−1; b ≥ 16 is
   the identity.
@@ -283,10 +284,12 @@ def _sparse_mlp_blocks_int8(x, g, u, dn, rho, bits, act):
     return out
 
 
-def sparse_mlp_blocks_h_ref(x, g, u, dn, rho, bits, act: str, activations: str = "fp32"):
+def sparse_mlp_blocks_h_ref(x, g, u, dn, rho, bits, act: str, activations: str = "fp32", dense=None):
     """skip="h": g/u/dn (codes, scale, offset, bits, bias), g None if not gated, dn the blocks of W_downᵀ [I, D].
     Per token: up/gate on all of x (int8 activations: x quantised per block as ``linear_blocks_int8_ref``), h =
-    act(gate)·up, keep the ⌈ρ·I⌉ largest |h| (ties kept), y = Σ_kept h_j·downT[j] + b_down, fake-quantised."""
+    act(gate)·up, keep the ⌈ρ·I⌉ largest |h| (ties kept), y = Σ_kept h_j·downT[j] + b_down, fake-quantised.
+    ``dense`` (codes, scale, offset, bits): down in its source layout [D, I]; a row whose ρ ≥ 1 then takes
+    y = down(h) + b_down on it (int8: h quantised per block, ``linear_blocks_int8_ref``) instead of downT."""
     fn = ACTIVATIONS[act]
     if activations not in ("fp32", "int8"):
         raise ValueError(f"sparse_mlp_blocks: activations must be fp32 or int8, got {activations!r}")
@@ -307,22 +310,29 @@ def sparse_mlp_blocks_h_ref(x, g, u, dn, rho, bits, act: str, activations: str =
                 h = fn(F.linear(xt, wg, g[4])) * up if g is not None else fn(up)
             hk = topk_channels_ref(h, float(rho[b]))
             kept = hk != 0                                                       # a kept 0 adds nothing
-            y = hk[kept] @ wd_t[kept]
+            if dense is not None and float(rho[b]) >= 1:
+                y = (F.linear(h, dequantize_blocks_ref(*dense)) if activations == "fp32"
+                     else linear_blocks_int8_ref(h, *dense))
+            else:
+                y = hk[kept] @ wd_t[kept]
             out[b, t] = fake_quant_ref(y if dn[4] is None else y + dn[4], float(bits[b]))
     return out
 
 
 def sparse_mlp_blocks_ref(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
                           codes_down, scale_down, offset_down, b_down, rho, bits, act: str, bits_gate: int,
-                          bits_up: int, bits_down: int, block_size: int, activations: str = "fp32", skip: str = "x"):
+                          bits_up: int, bits_down: int, block_size: int, activations: str = "fp32", skip: str = "x",
+                          dense=None):
     """``sparse_mlp_ref`` on the dequantised weights (block_size: the codes' last axis at 8 bits); activations
     "int8": each layer's input quantised per block (``linear_blocks_int8_ref``); skip "h": ``sparse_mlp_blocks_h_ref``
-    (down given transposed)."""
+    (down given transposed; ``dense``: the optional source-layout down for rows at ρ ≥ 1)."""
     if skip == "h":
         g = None if codes_gate is None else (codes_gate, scale_gate, offset_gate, bits_gate, b_gate)
         return sparse_mlp_blocks_h_ref(x, g, (codes_up, scale_up, offset_up, bits_up, b_up),
                                        (codes_down, scale_down, offset_down, bits_down, b_down), rho, bits, act,
-                                       activations)
+                                       activations, dense)
+    if dense is not None:
+        raise ValueError("sparse_mlp_blocks: a dense down copy is for skip='h' only")
     if skip != "x":
         raise ValueError(f"sparse_mlp_blocks: skip must be x or h, got {skip!r}")
     if activations == "int8":

@@ -158,6 +158,10 @@ SPARSE_MLP = OpSig(
 # and scale/offset_down [I, D/32] (the blocks of W_downᵀ: a unit's row of D weights is contiguous, so a skipped
 # unit costs no byte), and y = Σ_kept h_j·downT[j, :]. With activations "int8" only gate/up take int8 x; h stays
 # fp32 (downT's scales vary along the summed axis j, so there is no integer dot product to make).
+# ``codes/scale/offset_down_dense`` (optional, skip "h" only; ``bits_down_dense``): down ALSO in its source layout
+# [D, I/32, ..] (nn.Linear, the blocks the weight table holds, lossless). A token whose ρ ≥ 1 (every unit kept) then
+# runs y = down(h) on these, as skip "x" does (int8: h quantised per block of 32), instead of downT: the dense budget
+# reads the source's bytes (half of downT's 8-bit ones) at the int8 dot product's speed.
 BLOCK_ACTIVATIONS = ("fp32", "int8")
 MLP_SKIPS = ("x", "h")
 MLP_SKIP_DEFAULT = "x"       # the shipped policies were trained with ρ on x (solm-compile --mlp-skip, SolmConfig)
@@ -168,10 +172,13 @@ SPARSE_MLP_BLOCKS = OpSig(
             Param("offset_gate", "T", optional=True), Param("b_gate", "T", optional=True),
             Param("codes_up", "Q"), Param("scale_up", "T"), Param("offset_up", "T"), Param("b_up", "T", optional=True),
             Param("codes_down", "Q"), Param("scale_down", "T"), Param("offset_down", "T"),
-            Param("b_down", "T", optional=True), Param("rho", "C"), Param("bits", "C")),
+            Param("b_down", "T", optional=True), Param("rho", "C"), Param("bits", "C"),
+            Param("codes_down_dense", "Q", optional=True), Param("scale_down_dense", "T", optional=True),
+            Param("offset_down_dense", "T", optional=True)),
     outputs=(Param("y", "T"),),
     attributes=(Attr("act", "string"), Attr("bits_gate", "int"), Attr("bits_up", "int"), Attr("bits_down", "int"),
-                Attr("block_size", "int"), Attr("activations", "string"), Attr("skip", "string")),
+                Attr("block_size", "int"), Attr("activations", "string"), Attr("skip", "string"),
+                Attr("bits_down_dense", "int")),
     types=(("T", ("tensor(float)",)), ("Q", ("tensor(uint8)",)), ("C", ("tensor(float)",))),
     from_pass=True)
 

@@ -93,12 +93,15 @@ def sparse_mlp_custom(x: TensorType, w_gate: Optional[TensorType], b_gate: Optio
 def sparse_mlp_blocks_custom(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
                              codes_down, scale_down, offset_down, b_down, rho, bits, act: str, bits_gate: int,
                              bits_up: int, bits_down: int, block_size: int, activations: str = "fp32",
-                             skip: str = "x"):
+                             skip: str = "x", codes_down_dense=None, scale_down_dense=None, offset_down_dense=None,
+                             bits_down_dense: int = 4):
     _check_act(act)
     return _SPARSE_MLP_BLOCKS(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
-                              codes_down, scale_down, offset_down, b_down, rho, bits, act=str(act),
+                              codes_down, scale_down, offset_down, b_down, rho, bits, codes_down_dense,
+                              scale_down_dense, offset_down_dense, act=str(act),
                               bits_gate=int(bits_gate), bits_up=int(bits_up), bits_down=int(bits_down),
-                              block_size=int(block_size), activations=str(activations), skip=str(skip))
+                              block_size=int(block_size), activations=str(activations), skip=str(skip),
+                              bits_down_dense=int(bits_down_dense))
 
 
 def quest_attention_rope_custom(qkv, cos, sin, attn_mask, kappa, scale, page_size: int, sinks: int, window: int,
@@ -340,13 +343,23 @@ def _dequantize(codes, scale, offset, bits: int):
 
 def sparse_mlp_blocks_portable(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up,
                                codes_down, scale_down, offset_down, b_down, rho, bits, act: str, bits_gate: int,
-                               bits_up: int, bits_down: int, block_size: int, activations: str = "fp32", skip="x"):
+                               bits_up: int, bits_down: int, block_size: int, activations: str = "fp32", skip="x",
+                               codes_down_dense=None, scale_down_dense=None, offset_down_dense=None,
+                               bits_down_dense: int = 4):
     if activations != "fp32":   # never exported (a pass makes the op); int8 has no portable decomposition here
         raise NotImplementedError("sparse_mlp_blocks: the portable translation has fp32 activations only")
     wg = None if codes_gate is None else _dequantize(codes_gate, scale_gate, offset_gate, bits_gate)
+    wu = _dequantize(codes_up, scale_up, offset_up, bits_up)
     wd = _dequantize(codes_down, scale_down, offset_down, bits_down)     # [Dout, I]; skip h: W_downᵀ [I, Dout]
-    return sparse_mlp_portable(x, wg, b_gate, _dequantize(codes_up, scale_up, offset_up, bits_up), b_up,
-                               op.Transpose(wd, perm=[1, 0]) if skip == "h" else wd, b_down, rho, bits, act, skip)
+    y = sparse_mlp_portable(x, wg, b_gate, wu, b_up, op.Transpose(wd, perm=[1, 0]) if skip == "h" else wd, b_down,
+                            rho, bits, act, skip)
+    if codes_down_dense is None:
+        return y
+    # rows at ρ ≥ 1 run the source-layout down (every unit is kept there: the top-k mask is the identity)
+    rank = len(x.shape) if x.shape is not None else 3
+    wdd = _dequantize(codes_down_dense, scale_down_dense, offset_down_dense, bits_down_dense)
+    yd = sparse_mlp_portable(x, wg, b_gate, wu, b_up, wdd, b_down, rho, bits, act, skip)
+    return op.Where(op.GreaterOrEqual(_row(rho, rank), _f(1.0, rho)), yd, y)
 
 
 def linear_blocks_custom(x, codes, scale, offset, bias, bits: int, block_size: int, activations: str = "fp32"):

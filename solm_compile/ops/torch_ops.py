@@ -197,11 +197,15 @@ def sparse_mlp_blocks(x: Tensor, codes_gate: Optional[Tensor], scale_gate: Optio
                       offset_up: Tensor, b_up: Optional[Tensor], codes_down: Tensor, scale_down: Tensor,
                       offset_down: Tensor, b_down: Optional[Tensor], rho: Tensor, bits: Tensor, act: str,
                       bits_gate: int, bits_up: int, bits_down: int, block_size: int,
-                      activations: str = "fp32", skip: str = "x") -> Tensor:
+                      activations: str = "fp32", skip: str = "x", codes_down_dense: Optional[Tensor] = None,
+                      scale_down_dense: Optional[Tensor] = None, offset_down_dense: Optional[Tensor] = None,
+                      bits_down_dense: int = 4) -> Tensor:
     if activations != "fp32" or skip != "x":   # int8 activations, h skip: the reference itself (slow, exact)
+        dense = None if codes_down_dense is None else (codes_down_dense, scale_down_dense, offset_down_dense,
+                                                       bits_down_dense)
         return ref.sparse_mlp_blocks_ref(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up,
                                          offset_up, b_up, codes_down, scale_down, offset_down, b_down, rho, bits, act,
-                                         bits_gate, bits_up, bits_down, block_size, activations, skip)
+                                         bits_gate, bits_up, bits_down, block_size, activations, skip, dense)
     deq = ref.dequantize_blocks_ref
     wg = None if codes_gate is None else deq(codes_gate, scale_gate, offset_gate, bits_gate)
     return sparse_mlp(x, wg, b_gate, deq(codes_up, scale_up, offset_up, bits_up), b_up,
@@ -210,7 +214,8 @@ def sparse_mlp_blocks(x: Tensor, codes_gate: Optional[Tensor], scale_gate: Optio
 
 @sparse_mlp_blocks.register_fake
 def _(x, codes_gate, scale_gate, offset_gate, b_gate, codes_up, scale_up, offset_up, b_up, codes_down, scale_down,
-      offset_down, b_down, rho, bits, act, bits_gate, bits_up, bits_down, block_size, activations="fp32", skip="x"):
+      offset_down, b_down, rho, bits, act, bits_gate, bits_up, bits_down, block_size, activations="fp32", skip="x",
+      codes_down_dense=None, scale_down_dense=None, offset_down_dense=None, bits_down_dense=4):
     dout = scale_down.shape[1] * block_size if skip == "h" else codes_down.shape[0]   # h: down given transposed
     return x.new_empty(x.shape[:-1] + (dout,))
 

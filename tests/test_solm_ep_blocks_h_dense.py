@@ -1,0 +1,168 @@
+"""SparseMLPBlocks skip="h" with down also in its source layout (``*_down_dense``): rows at ρ ≥ 1 run y = down(h) on
+the source blocks (lossless), rows at ρ < 1 the transposed, re-quantised downT as before.
+
+The references are written here, independently of the op's: ``masked_mlp`` (test_solm_ep_blocks_h: downT, float64)
+for the sparse rows, and for the dense rows the source blocks dequantised by a plain loop (fp32 activations) or h
+quantised per block of 32 as ``lin_int8`` does (int8 activations: d = max|h|/127 and h·(1/d) in float32, np.rint
+half to even, integer sums in float64). The source down (Q4_1) and downT (8-bit, re-quantised) differ by more than
+the tolerance, which ``test_the_two_downs_differ`` checks, so a dense row that ran downT fails.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from onnx import helper
+
+from solm_compile.ops import reference as ref
+from solm_compile.ops import torch_ops
+from solm_compile.passes.pack_weights import _pack
+from solm_compile.quant.blocks import BlockQuant, requantize_transposed
+from test_solm_ep import _close, _session, lib  # noqa: F401  (lib: the fixture)
+from test_solm_ep_blocks import q4_1
+from test_solm_ep_blocks_h import ACT, D, I, deq_loop, h_model, lin_int8, masked_mlp
+
+
+def weights(rng, gated=True):
+    src = q4_1(rng, D, I)                                            # W_down [D, I] as the source holds it
+    w = {"up": q4_1(rng, I, D), "down": requantize_transposed(src, 8)}
+    if gated:
+        w["gate"] = q4_1(rng, I, D)
+    return w, src
+
+
+def model(w, src: BlockQuant, activations=None):
+    m = h_model(w, activations=activations)
+    node = m.graph.node[0]
+    names = ["codes_down_dense", "scale_down_dense", "offset_down_dense"]
+    for name, a in zip(names, (_pack(src.codes, src.bits), src.scale, src.offset)):
+        m.graph.initializer.append(helper.make_tensor(name, 2 if a.dtype == np.uint8 else 1, a.shape,
+                                                      a.tobytes(), raw=True))
+    node.input.extend(names)
+    node.attribute.append(helper.make_attribute("bits_down_dense", src.bits))
+    return m
+
+
+def run(w, src, x, rho, activations=None, threads=1):
+    sess = _session(model(w, src, activations), threads=threads)
+    B = x.shape[0]
+    return sess.run(None, {"x": x, "rho": np.asarray(rho, np.float32), "bits": np.full(B, 16.0, np.float32)})[0]
+
+
+def want(w, src, x, rho, act="silu", activations="fp32"):
+    """Rows at ρ < 1: masked_mlp on downT; rows at ρ ≥ 1: the source down on all of h."""
+    out = masked_mlp(w, x, rho, act, activations=activations)
+    wd = deq_loop(src)                                                                 # [D, I]
+    for b in np.flatnonzero(np.asarray(rho, np.float32) >= 1):
+        for t in range(x.shape[1]):
+            xt = x[b, t]
+            if activations == "int8":
+                u, g = lin_int8(xt, w["up"]), lin_int8(xt, w["gate"]) if "gate" in w else None
+            else:
+                u = deq_loop(w["up"]) @ xt.astype(np.float64)
+                g = deq_loop(w["gate"]) @ xt.astype(np.float64) if "gate" in w else None
+            h = ACT[act](g) * u if g is not None else ACT[act](u)
+            out[b, t] = lin_int8(h.astype(np.float32), src) if activations == "int8" else wd @ h
+    return out
+
+
+def test_the_two_downs_differ():
+    """The check below can tell which down a row ran: at ρ = 1 the two references differ well past _close's tolerance."""
+    rng = np.random.default_rng(3)
+    w, src = weights(rng)
+    x = rng.standard_normal((1, 1, D), dtype=np.float32)
+    a, b = masked_mlp(w, x, [1.0], "silu"), want(w, src, x, [1.0])
+    assert np.abs(a - b).max() > 1e-3 * np.abs(b).max()     # _close: 1e-4 of max|y|
+
+
+@pytest.mark.parametrize("acts,T,rho", [("fp32", 1, [1.0, 0.5]), ("int8", 1, [1.0, 0.3]), ("int8", 3, [0.5, 1.0]),
+                                        ("fp32", 2, [1.0, 1.0]), ("int8", 1, [0.4, 0.6])])
+def test_dense_rows_run_the_source_down(lib, acts, T, rho):
+    rng = np.random.default_rng(T * 7 + len(acts))
+    w, src = weights(rng)
+    x = rng.standard_normal((2, T, D), dtype=np.float32)
+    _close(run(w, src, x, rho, acts), want(w, src, x, rho, activations=acts))
+
+
+def test_a_mixed_batch_equals_its_rows_one_by_one(lib):
+    rng = np.random.default_rng(5)
+    w, src = weights(rng)
+    x = rng.standard_normal((4, 1, D), dtype=np.float32)
+    rho = np.array([1.0, 0.3, 1.0, 0.7], np.float32)
+    got = run(w, src, x, rho, "int8", threads=2)
+    for b in range(4):
+        np.testing.assert_array_equal(got[b], run(w, src, x[b:b + 1], rho[b:b + 1], "int8")[0])
+
+
+def test_dense_rows_never_read_down_transposed(lib):
+    """downT poisoned whole (NaN scales, huge offsets): a batch at ρ = 1 stays finite and equal to the reference."""
+    rng = np.random.default_rng(9)
+    w, src = weights(rng)
+    x = rng.standard_normal((2, 1, D), dtype=np.float32)
+    clean = want(w, src, x, [1.0, 1.0], activations="int8")
+    dn = w["down"]
+    w["down"] = BlockQuant(np.full_like(dn.codes, 255), np.full_like(dn.scale, np.nan), np.full_like(dn.offset, 3e38),
+                           dn.bits, dn.fmt)
+    got = run(w, src, x, [1.0, 1.0], "int8")
+    assert np.isfinite(got).all()
+    _close(got, clean)
+
+
+def test_reference_and_torch_op_take_the_dense_down():
+    rng = np.random.default_rng(4)
+    w, src = weights(rng)
+    x = rng.standard_normal((2, 2, D), dtype=np.float32)
+    rho = np.array([1.0, 0.5], np.float32)
+    t = torch.from_numpy
+    args = [a for p in ("gate", "up", "down") for a in (t(_pack(w[p].codes, w[p].bits)), t(w[p].scale),
+                                                        t(w[p].offset), None)]
+    dense = (t(_pack(src.codes, src.bits)), t(src.scale), t(src.offset))
+    bits = t(np.full(2, 16.0, np.float32))
+    for acts in ("fp32", "int8"):
+        expect = want(w, src, x, rho, activations=acts)
+        got = ref.sparse_mlp_blocks_ref(t(x), *args, t(rho), bits, "silu", 4, 4, 8, 32, acts, "h", (*dense, 4))
+        _close(got.numpy(), expect)
+        op = torch_ops.sparse_mlp_blocks(t(x), *args, t(rho), bits, "silu", 4, 4, 8, 32, acts, "h", *dense, 4)
+        _close(op.numpy(), expect)
+
+
+def test_portable_translation_takes_the_dense_down():
+    from test_onnx_ops import B, T, export, run as ort_run, session
+
+    rng = np.random.default_rng(8)
+    w, src = weights(rng)
+    t = torch.from_numpy
+    parts = {**w, "down_dense": src}
+
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for p, bq in parts.items():
+                for name, a in (("codes", _pack(bq.codes, bq.bits)), ("scale", bq.scale), ("offset", bq.offset)):
+                    self.register_buffer(f"{name}_{p}", t(np.ascontiguousarray(a)))
+
+        def forward(self, x, rho, bits):
+            args = [a for p in ("gate", "up", "down") for a in (getattr(self, f"codes_{p}"),
+                    getattr(self, f"scale_{p}"), getattr(self, f"offset_{p}"), None)]
+            return torch.ops.solm.sparse_mlp_blocks(x, *args, rho, bits, "silu", 4, 4, 8, 32, "fp32", "h",
+                                                    self.codes_down_dense, self.scale_down_dense,
+                                                    self.offset_down_dense, 4)
+
+    x = rng.standard_normal((2, 3, D), dtype=np.float32)
+    rho, bits = np.array([1.0, 0.5], np.float32), np.full(2, 16.0, np.float32)
+    proto = export(Blocks(), (t(x), t(rho), t(bits)), ({0: B, 1: T}, {0: B}, {0: B}), portable=True)
+    _close(ort_run(session(proto), t(x), t(rho), t(bits))[0].numpy(), want(w, src, x, rho))
+
+
+def test_bad_dense_down_is_refused(lib):
+    rng = np.random.default_rng(2)
+    w, src = weights(rng)
+    with pytest.raises(Exception, match="down_dense must be \\[96, 160\\]"):
+        _session(model(w, q4_1(rng, D, 128)))
+    m = model(w, src)
+    for a in m.graph.node[0].attribute:
+        if a.name == "skip":
+            a.s = b"x"
+    with pytest.raises(Exception, match="codes_down_dense is for skip=h only"):
+        _session(m)
