@@ -178,7 +178,7 @@ def isa_report(path: str | Path | None = None) -> dict:
 
 
 COUNTERS = ("attn_calls", "attn_keys_scored", "attn_keys_dense", "attn_kv_rows_read", "mlp_calls", "mlp_in_rows",
-            "mlp_in_rows_dense", "mlp_down_rows", "mlp_down_rows_dense", "attn_minmax_rows")
+            "mlp_in_rows_dense", "mlp_down_rows", "mlp_down_rows_dense", "attn_minmax_rows", "mlp_down_dense_rows")
 
 
 def work_counters(path: str | Path | None = None) -> dict[str, int]:

@@ -133,11 +133,13 @@ def test_hand_computed_mlp_skip_x_and_h():
     assert h.parts_at(8, 1, 0.5)["mlp"] == {"flops": 160, "bytes": 80 * 4}
     # down stored at its own width ("mlp_down" 1 byte, gate/up 0.625): the rest 184·4 = 736 bytes;
     # x: gate/up 32·0.625 = 20 + down 32·1 = 32 → 788; h: gate/up 64·0.625 = 40 + down 16·1 = 16 → 792;
-    # dense: 64·0.625 + 32 = 72 → 808. "mlp_down" not named: down at the "mlp" width, h 80·0.625 = 50 → 786.
+    # dense: x 64·0.625 + 32 = 72 → 808; h reads down's source-layout copy at ρ = 1, at the "mlp" width:
+    # 96·0.625 = 60 → 796. "mlp_down" not named: down at the "mlp" width, h 80·0.625 = 50 → 786.
     widths = (("mlp", 0.625), ("mlp_down", 1))
     assert decode_cost(TINY, TINY_GATE, widths).at(8, 1, 0.5)["bytes"] == 788
     assert decode_cost(TINY, H_GATE, widths).at(8, 1, 0.5)["bytes"] == 792
-    assert decode_cost(TINY, H_GATE, widths).at(8)["bytes"] == 808
+    assert decode_cost(TINY, TINY_GATE, widths).at(8)["bytes"] == 808
+    assert decode_cost(TINY, H_GATE, widths).at(8)["bytes"] == 796
     assert decode_cost(TINY, H_GATE, (("mlp", 0.625),)).at(8, 1, 0.5)["bytes"] == 786
     # warm-up (L ≤ ts+tw+1 = 3): dense whatever ρ says, for h too
     assert fraction(TINY, H_GATE, 3, 0.5, 0.5) == {"flops": 1.0, "bytes": 1.0}

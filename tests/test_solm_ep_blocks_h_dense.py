@@ -166,3 +166,24 @@ def test_bad_dense_down_is_refused(lib):
             a.s = b"x"
     with pytest.raises(Exception, match="codes_down_dense is for skip=h only"):
         _session(m)
+
+
+def test_work_counters_say_which_down_was_read(lib):
+    """mlp_down_dense_rows counts the units a ρ ≥ 1 row read through the source-layout copy, mlp_down_rows only
+    downᵀ's rows (bench/tensor_bytes.py turns them into bytes)."""
+    from solm_compile.runtime import ep
+
+    rng = np.random.default_rng(12)
+    w, src = weights(rng)
+    x = rng.standard_normal((1, 1, D), dtype=np.float32)
+    sess = _session(model(w, src, "int8"))
+
+    def count(rho):
+        before = ep.work_counters()
+        sess.run(None, {"x": x, "rho": np.float32([rho]), "bits": np.float32([16])})
+        after = ep.work_counters()
+        return {k: after[k] - before[k] for k in after}
+
+    dense, half = count(1.0), count(0.5)
+    assert (dense["mlp_down_dense_rows"], dense["mlp_down_rows"], dense["mlp_down_rows_dense"]) == (I, 0, I)
+    assert (half["mlp_down_dense_rows"], half["mlp_down_rows"]) == (0, I // 2)

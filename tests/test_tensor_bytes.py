@@ -149,9 +149,11 @@ def test_half_scales_of_the_int8_kernels_count_half(tmp_path):
              "uc": np.zeros((I, 1, 16), np.uint8), "us": halfs(0.5), "uo": np.full((I, 1), 0.1, np.float32),
              "dc": np.zeros((I, 1, 32), np.uint8), "ds": halfs(0.5), "do": halfs(0.5),
              "lc": np.zeros((I, 1, 16), np.uint8), "ls": halfs(0.5), "lo": halfs(0.5),
-             "fc": np.zeros((I, 1, 16), np.uint8), "fs": halfs(0.5), "fo": halfs(0.5)}
+             "fc": np.zeros((I, 1, 16), np.uint8), "fs": halfs(0.5), "fo": halfs(0.5),
+             "ec": np.zeros((I, 1, 16), np.uint8), "es": halfs(0.5), "eo": halfs(0.75)}
     mlp = helper.make_node("SparseMLPBlocks", ["x", "gc", "gs", "go", "", "uc", "us", "uo", "", "dc", "ds", "do", "",
-                                               "rho", "bits"], ["z"], domain="ai.solm", activations="int8", skip="h")
+                                               "rho", "bits", "ec", "es", "eo"], ["z"], domain="ai.solm",
+                           activations="int8", skip="h")
     lin8 = helper.make_node("LinearBlocks", ["x", "lc", "ls", "lo"], ["y"], domain="ai.solm", activations="int8")
     lin32 = helper.make_node("LinearBlocks", ["x", "fc", "fs", "fo"], ["w"], domain="ai.solm")
     g = helper.make_graph([mlp, lin8, lin32], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
@@ -163,4 +165,11 @@ def test_half_scales_of_the_int8_kernels_count_half(tmp_path):
     n = I * 4                                                        # one [I, 1] fp32 tensor
     assert got.gate_up == 2 * I * 16 + n // 2 * 2 + 2 * n            # gate's pair half; up's 0.1 keeps both fp32
     assert got.down == I * 32 + 2 * n                                # downᵀ (skip="h"): fp32
+    assert got.down_dense == I * 16 + n // 2 * 2                     # the source-layout copy: a BlockMatrix, half
+    assert got.weights == got.full + got.gate_up + got.down_dense    # the dense budget reads that copy, not downᵀ
+    dense = {"mlp_in_rows": 1, "mlp_in_rows_dense": 1, "mlp_down_rows": 0, "mlp_down_rows_dense": I,
+             "mlp_down_dense_rows": I, "attn_kv_rows_read": 0, "attn_keys_scored": 0, "attn_keys_dense": 0}
+    assert tb.per_token(got, 0, dense) == got.weights
+    half = dict(dense, mlp_down_rows=I // 2, mlp_down_dense_rows=0)  # ρ 0.5: half of downᵀ's rows, no copy
+    assert tb.per_token(got, 0, half) == got.full + got.gate_up + got.down / 2
     assert got.full == 2 * I * 16 + n // 2 * 2 + 2 * n               # int8 LinearBlocks half; fp32 activations not

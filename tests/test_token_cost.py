@@ -37,8 +37,9 @@ def test_rho_on_h_counts_the_kept_units_of_the_transposed_down():
     # --mlp-skip h (pack_mlp's down_bits 4): down re-stored transposed, 16 code bytes + fp32 scale and offset per 32
     # weights (24/32 bytes a weight). At L = 100, κ = 1, ρ = 0.5: KV 6400·2 = 12800, q/k/v/o 12288·0.625 = 7680,
     # head 6464·34/32 = 6868; gate/up dense 2·64·128 = 16384·0.625 = 10240; down ⌈0.5·128⌉ = 64 units of 64 = 4096
-    # ·0.75 = 3072 (dense: 128·64 = 8192·0.75 = 6144). (ρ on x would give 5120 + 6144 here: a different number.)
+    # ·0.75 = 3072; dense (ρ = 1) reads down's source-layout copy instead, at gate/up's Q4_1: 8192·0.625 = 5120.
+    # (ρ on x would give 5120 + 6144 here: a different number.)
     assert dict(part_bytes(META_H))["mlp_down"] == 24 / 32
     assert dict(part_bytes({**META_H, "weights": {"packed": {"mlp_downT_int8-rtn": 1}}}))["mlp_down"] == 40 / 32
     got = TokenCost(META_H)(100, (1.0, 0.5, 16))
-    assert abs(got - (12800 + 7680 + 6868 + 10240 + 3072) / (12800 + 7680 + 6868 + 10240 + 6144)) < 1e-12
+    assert abs(got - (12800 + 7680 + 6868 + 10240 + 3072) / (12800 + 7680 + 6868 + 10240 + 5120)) < 1e-12

@@ -71,6 +71,9 @@ struct Stats {
   // (the bytes streamed per group are the union's; the arithmetic the union times the group's tile).
   std::atomic<uint64_t> mlp_down_rows{0};
   std::atomic<uint64_t> mlp_down_rows_dense{0};  // I per token
+  // SparseMLPBlocks skip="h" tokens at rho >= 1 that ran down's source-layout copy (down_dense): its non-zero
+  // blocks' units (not in mlp_down_rows, which counts the transposed copy's rows)
+  std::atomic<uint64_t> mlp_down_dense_rows{0};
 };
 Stats& GlobalStats();
 

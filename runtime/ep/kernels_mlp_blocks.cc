@@ -384,7 +384,8 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
   uint64_t hnonzero = 0;
   for (int64_t n = 0; n < N; ++n)
     for (int64_t i = 0; i < nbI && dense(n); ++i) hnonzero += hnz[n * nbI + i];
-  st.mlp_down_rows.fetch_add(hnonzero * BlockMatrix::kBlock, std::memory_order_relaxed);
+  (hskip ? st.mlp_down_dense_rows : st.mlp_down_rows).fetch_add(hnonzero * BlockMatrix::kBlock,
+                                                                 std::memory_order_relaxed);
 
   // C: down projection, same items; h rows are Ip apart (BlockIn reads K = I of them).
   const int64_t chunksD = (Dp / BlockMatrix::kRows + kChunkGroups - 1) / kChunkGroups;

@@ -315,13 +315,13 @@ SOLM_EXPORT const char* SolmEpIsa() { return solm::MlpKernelIsa(); }
 
 // Work counters of the kernels (process-wide), for tests and benchmarks:
 // [attn_calls, attn_keys_scored, attn_keys_dense, attn_kv_rows_read, mlp_calls, mlp_in_rows, mlp_in_rows_dense,
-//  mlp_down_rows, mlp_down_rows_dense, attn_minmax_rows]. Returns how many values were written.
+//  mlp_down_rows, mlp_down_rows_dense, attn_minmax_rows, mlp_down_dense_rows]. Returns how many values were written.
 SOLM_EXPORT size_t SolmEpGetStats(uint64_t* out, size_t n) {
   const solm::Stats& s = solm::GlobalStats();
   const uint64_t v[] = {s.attn_calls.load(),    s.attn_keys_scored.load(), s.attn_keys_dense.load(),
                         s.attn_kv_rows_read.load(), s.mlp_calls.load(),   s.mlp_in_rows.load(),
                         s.mlp_in_rows_dense.load(), s.mlp_down_rows.load(), s.mlp_down_rows_dense.load(),
-                        s.attn_minmax_rows.load()};
+                        s.attn_minmax_rows.load(),  s.mlp_down_dense_rows.load()};
   const size_t m = std::min(n, sizeof(v) / sizeof(v[0]));
   for (size_t i = 0; i < m; ++i) out[i] = v[i];
   return m;
@@ -331,6 +331,6 @@ SOLM_EXPORT void SolmEpResetStats() {
   solm::Stats& s = solm::GlobalStats();
   for (auto* a : {&s.attn_calls, &s.attn_keys_scored, &s.attn_keys_dense, &s.attn_kv_rows_read, &s.mlp_calls,
                   &s.mlp_in_rows, &s.mlp_in_rows_dense, &s.mlp_down_rows, &s.mlp_down_rows_dense,
-                  &s.attn_minmax_rows})
+                  &s.attn_minmax_rows, &s.mlp_down_dense_rows})
     a->store(0);
 }

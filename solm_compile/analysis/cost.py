@@ -36,7 +36,8 @@ Terms, per layer unless noted (``n = 2`` gate+up for a GLU MLP, ``1`` for an up-
 
   The down projection's elements are their own storage part, ``"mlp_down"`` (:func:`decode_cost`'s
   ``dtype_bytes``; not named: the ``"mlp"`` width), since under h a low-bit artifact re-stores down transposed at
-  its own precision. Biases are read in full (counted at the ``"mlp"`` width). Bits b change nothing here:
+  its own precision; a step that keeps every unit (ρ ≥ 1, or L ≤ min_len) reads down's source-layout copy instead
+  (SparseMLPBlocks' ``*_down_dense``), counted at the ``"mlp"`` width. Biases are read in full (counted at the ``"mlp"`` width). Bits b change nothing here:
   weights stay as stored and the fake-quant of the output is elementwise work on D values; b enters only SOL's
   nominal usage (:func:`net_keep`).
 - model: LM head ``vocab·D`` (``2·vocab·D`` FLOPs), final-norm weights and ``embed_rows`` embedding rows of D
@@ -189,7 +190,12 @@ def _mlp(s: LayerShapes, g: GateConfig):
     k_in, k_unit = (kept(s.D), s.I) if g.mlp_skip == "x" else (s.D, kept(s.I))
     gate_up, down = n * k_in * s.I, k_unit * s.D
     bias = (n * s.I + s.D) if s.mlp_bias else 0
-    return 2 * (gate_up + down) + bias, {"mlp": gate_up + bias, "mlp_down": down}
+    flops = 2 * (gate_up + down) + bias
+    if g.mlp_skip == "h" and s.mlp_gated:   # every unit kept: the source-layout copy, at the "mlp" width
+        full = sp.Ge(rho, 1) | (L <= g.min_len)
+        return flops, {"mlp": gate_up + bias + sp.Piecewise((down, full), (0, True)),
+                       "mlp_down": sp.Piecewise((0, full), (down, True))}
+    return flops, {"mlp": gate_up + bias, "mlp_down": down}
 
 
 def _dense_layer(s: LayerShapes):

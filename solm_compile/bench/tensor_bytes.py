@@ -31,13 +31,15 @@ from pathlib import Path
 import numpy as np
 
 # SparseMLP(x, Wg, bg, Wu, bu, Wd, bd, ...) and SparseMLPBlocks(x, gate codes/scale/offset, bg, up ..., bu,
-# down ..., bd, ...): the input positions of each matrix (ops/registry.py's schemas)
+# down ..., bd, rho, bits, down_dense codes/scale/offset): the input positions of each matrix (ops/registry.py's
+# schemas). down_dense: skip="h"'s source-layout copy of down, which the tokens at ρ ≥ 1 read instead of downᵀ.
 MLP_INPUTS = {"SparseMLP": ({1, 3}, {5}), "SparseMLPBlocks": ({1, 2, 3, 5, 6, 7}, {9, 10, 11})}
+DOWN_DENSE = {"SparseMLPBlocks": {15, 16, 17}}
 GATHERS = ("Gather", "GatherBlockQuantized")
 # scale/offset inputs SolmEP's int8 kernels hold as half when every value is exactly a half (runtime/ep/kernels.h
 # BlockMatrix::half), a matrix's (scale, offset) pair together: LinearBlocks' and SparseMLPBlocks' matrices with
 # activations="int8" (down only with skip="x": skip="h" reads downᵀ rows, which stay fp32)
-HALF_SCALES = {"LinearBlocks": [(2, 3)], "SparseMLPBlocks": [(2, 3), (6, 7), (10, 11)]}
+HALF_SCALES = {"LinearBlocks": [(2, 3)], "SparseMLPBlocks": [(2, 3), (6, 7), (10, 11), (16, 17)]}
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,12 @@ class TensorBytes:
     kv_row: int          # K and V of one position of one KV head (what attn_kv_rows_read counts)
     meta_page: int       # page min and max of one page, every KV head of every layer (0: no page metadata)
     page_size: int = 0
+    down_dense: int = 0  # skip="h" artifacts: down's source-layout copy (all layers), read instead of down at ρ ≥ 1
 
     @property
     def weights(self) -> int:
-        return self.full + self.per_id + self.gate_up + self.down
+        """What a dense-budget token reads: down's source-layout copy where the artifact has one."""
+        return self.full + self.per_id + self.gate_up + (self.down_dense or self.down)
 
 
 def _nbytes(t) -> int:
@@ -91,13 +95,15 @@ def onnx_bytes(path: str | Path) -> TensorBytes:
     role: dict[str, str] = {}
     for node in model.graph.node:
         gate_up, down = MLP_INPUTS.get(node.op_type, (set(), set()))
+        down_dense = DOWN_DENSE.get(node.op_type, set())
         for i, name in enumerate(node.input):
             if name not in size:
                 continue
-            r = "gate_up" if i in gate_up else "down" if i in down else "row" if node.op_type in GATHERS else "full"
+            r = ("gate_up" if i in gate_up else "down" if i in down else "down_dense" if i in down_dense
+                 else "row" if node.op_type in GATHERS else "full")
             if role.get(name, "row") == "row":           # a tensor both gathered and multiplied is read in full
                 role[name] = r
-    by = {"full": 0, "per_id": 0, "gate_up": 0, "down": 0}
+    by = {"full": 0, "per_id": 0, "gate_up": 0, "down": 0, "down_dense": 0}
     gathered = {}
     for name, r in role.items():
         if r == "row":
@@ -123,7 +129,8 @@ def onnx_bytes(path: str | Path) -> TensorBytes:
         import json
 
         page = int(json.loads(meta["solm.gate"]).get("page_size", 0))
-    return TensorBytes(by["full"], by["per_id"], by["gate_up"], by["down"], kv_position, kv_row, meta_page, page)
+    return TensorBytes(by["full"], by["per_id"], by["gate_up"], by["down"], kv_position, kv_row, meta_page, page,
+                       by["down_dense"])
 
 
 def _half_scales(model, inits: dict) -> set[str]:
@@ -140,7 +147,7 @@ def _half_scales(model, inits: dict) -> set[str]:
             continue
         pairs = HALF_SCALES[node.op_type]
         if attrs.get("skip", b"x") == b"h":
-            pairs = pairs[:2]
+            pairs = pairs[:2] + pairs[3:]                 # downᵀ's stay fp32; the source-layout copy's may be half
         for pair in pairs:
             names = [node.input[i] if i < len(node.input) else "" for i in pair]
             ts = [inits.get(n) for n in names]
@@ -191,10 +198,11 @@ def per_token(tb: TensorBytes, L: float, counters: dict | None = None, steps: in
     c = counters
     frac_in = c["mlp_in_rows"] / c["mlp_in_rows_dense"] if c["mlp_in_rows_dense"] else 1.0
     frac_down = c["mlp_down_rows"] / c["mlp_down_rows_dense"] if c["mlp_down_rows_dense"] else 1.0
+    frac_dd = c.get("mlp_down_dense_rows", 0) / c["mlp_down_rows_dense"] if c["mlp_down_rows_dense"] else 0.0
     kv = c["attn_kv_rows_read"] * tb.kv_row / steps
     selected = c["attn_keys_scored"] < c["attn_keys_dense"]
     meta = math.ceil(L / tb.page_size) * tb.meta_page if selected and tb.page_size else 0
-    return tb.full + tb.per_id + tb.gate_up * frac_in + tb.down * frac_down + kv + meta
+    return tb.full + tb.per_id + tb.gate_up * frac_in + tb.down * frac_down + tb.down_dense * frac_dd + kv + meta
 
 
 def stream_gb_s(mb: int = 512, reps: int = 5) -> float:
