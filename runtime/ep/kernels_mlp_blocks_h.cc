@@ -22,26 +22,6 @@
 
 namespace solm {
 
-void BlockRows::Set(const uint8_t* codes_, const float* scale_, const float* offset_, int64_t I_, int64_t D_,
-                    int bits_) {
-  I = I_, D = D_, bits = bits_, nb = D / kBlock;
-  const int64_t cb = CodeBytes();
-  codes.assign(static_cast<size_t>(I * RowBytes()), 0);
-  scale.assign(scale_, scale_ + I * nb);
-  offset.assign(offset_, offset_ + I * nb);
-  for (int64_t j = 0; j < I; ++j)
-    for (int64_t b = 0; b < nb; ++b) {
-      uint8_t* dst = codes.data() + (j * nb + b) * cb;
-      const uint8_t* src = codes_ + (j * nb + b) * cb;
-      if (bits == 8) {
-        std::memcpy(dst, src, static_cast<size_t>(cb));
-      } else {
-        auto code = [&](int64_t k) { return (src[k / 2] >> (4 * (k % 2))) & 15; };
-        for (int64_t i = 0; i < kBlock / 2; ++i) dst[i] = static_cast<uint8_t>(code(i) | code(i + kBlock / 2) << 4);
-      }
-    }
-}
-
 namespace {
 
 // Ln bytes at p zero-extended to int32 lanes: vpmovzxbd at AVX-512 / AVX2 (inline asm, as F16cRows does, so this
