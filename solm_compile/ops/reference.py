@@ -311,8 +311,7 @@ def sparse_mlp_blocks_h_ref(x, g, u, dn, rho, bits, act: str, activations: str =
             hk = topk_channels_ref(h, float(rho[b]))
             kept = hk != 0                                                       # a kept 0 adds nothing
             if dense is not None and float(rho[b]) >= 1:
-                y = (F.linear(h, dequantize_blocks_ref(*dense)) if activations == "fp32"
-                     else linear_blocks_int8_ref(h, *dense))
+                y = linear_blocks_ref(h, *dense[:3], None, dense[3], 32, activations)
             else:
                 y = hk[kept] @ wd_t[kept]
             out[b, t] = fake_quant_ref(y if dn[4] is None else y + dn[4], float(bits[b]))

@@ -310,15 +310,17 @@ def _topk_keep(x, rho, rank: int):
 def sparse_mlp_portable(x: TensorType, w_gate: Optional[TensorType], b_gate: Optional[TensorType],
                         w_up: TensorType, b_up: Optional[TensorType], w_down: TensorType,
                         b_down: Optional[TensorType], rho: TensorType, bits: TensorType, act: str,
-                        skip: str = "x"):
+                        skip: str = "x", w_down_dense=None):
     _check_act(act, skip)
     rank = len(x.shape) if x.shape is not None else 3
     xs = _topk_keep(x, rho, rank) if skip == "x" else x
     up = _linear(xs, w_up, b_up)
     h = (op.Mul(_activation(_linear(xs, w_gate, b_gate), act), up) if w_gate is not None
          else _activation(up, act))
-    h = _topk_keep(h, rho, rank) if skip == "h" else h                        # ρ on h: mask, then a dense down
-    y = _linear(h, w_down, b_down)
+    hk = _topk_keep(h, rho, rank) if skip == "h" else h                       # ρ on h: mask, then a dense down
+    y = _linear(hk, w_down, b_down)
+    if w_down_dense is not None:              # rows at ρ ≥ 1 (every unit kept): down's source-layout copy on all of h
+        y = op.Where(op.GreaterOrEqual(_row(rho, rank), _f(1.0, rho)), _linear(h, w_down_dense, b_down), y)
     # per-token symmetric fake quantisation, q_max = 2^(round(b) − 1) − 1; b ≥ 16 or s == 0: untouched
     bits_r = _row(bits, rank)
     qmax = op.CastLike(op.Sub(op.Pow(_f(2.0, bits), op.Sub(op.Round(bits_r), _f(1.0, bits))), _f(1.0, bits)), y)
@@ -351,15 +353,10 @@ def sparse_mlp_blocks_portable(x, codes_gate, scale_gate, offset_gate, b_gate, c
     wg = None if codes_gate is None else _dequantize(codes_gate, scale_gate, offset_gate, bits_gate)
     wu = _dequantize(codes_up, scale_up, offset_up, bits_up)
     wd = _dequantize(codes_down, scale_down, offset_down, bits_down)     # [Dout, I]; skip h: W_downᵀ [I, Dout]
-    y = sparse_mlp_portable(x, wg, b_gate, wu, b_up, op.Transpose(wd, perm=[1, 0]) if skip == "h" else wd, b_down,
-                            rho, bits, act, skip)
-    if codes_down_dense is None:
-        return y
-    # rows at ρ ≥ 1 run the source-layout down (every unit is kept there: the top-k mask is the identity)
-    rank = len(x.shape) if x.shape is not None else 3
-    wdd = _dequantize(codes_down_dense, scale_down_dense, offset_down_dense, bits_down_dense)
-    yd = sparse_mlp_portable(x, wg, b_gate, wu, b_up, wdd, b_down, rho, bits, act, skip)
-    return op.Where(op.GreaterOrEqual(_row(rho, rank), _f(1.0, rho)), yd, y)
+    wdd = None if codes_down_dense is None else _dequantize(codes_down_dense, scale_down_dense, offset_down_dense,
+                                                             bits_down_dense)
+    return sparse_mlp_portable(x, wg, b_gate, wu, b_up, op.Transpose(wd, perm=[1, 0]) if skip == "h" else wd, b_down,
+                               rho, bits, act, skip, wdd)
 
 
 def linear_blocks_custom(x, codes, scale, offset, bias, bits: int, block_size: int, activations: str = "fp32"):
