@@ -67,6 +67,61 @@ def test_engine_nll_scores_each_token_given_all_before_it():
     assert e.fed == [0, 1, 2, 2]
 
 
+def test_ppl_all_pools_every_texts_scored_ids_and_keeps_each_texts_own():
+    cfg = run.EnginesConfig(ppl_window=4, ppl_tokens=2, memory=False)
+    texts = {"persuasion": [0, 1, 2, 2, 9], "jargon": [1, 0, 1, 1]}       # the window cuts the 9 off
+    out = run.ppl_all({"b": Bigram()}, texts, cfg, lambda s: None)["b"]
+    # persuasion scores p(2 | 1) = 0.25, p(2 | 2) = 0.6; jargon p(1 | 0) = 0.6, p(1 | 1) = 0.25
+    assert out["texts"]["persuasion"] == pytest.approx(1 / math.sqrt(0.25 * 0.6))
+    assert out["texts"]["jargon"] == pytest.approx(1 / math.sqrt(0.6 * 0.25))
+    assert out["pooled"] == pytest.approx((0.25 * 0.6 * 0.6 * 0.25) ** -0.25)
+    skew = run.ppl_all({"b": Bigram()}, {"a": [0, 1, 2, 2], "b": [0, 0, 0, 0]}, cfg, lambda s: None)["b"]
+    # p(2 | 1) = 0.25, p(2 | 2) = 0.6 and p(0 | 0) = 0.1 twice: pooled is the geometric mean over 4 ids, not of
+    # the two texts' perplexities' arithmetic mean
+    assert skew["pooled"] == pytest.approx((0.25 * 0.6 * 0.1 * 0.1) ** -0.25)
+    assert skew["pooled"] != pytest.approx((skew["texts"]["a"] + skew["texts"]["b"]) / 2)
+
+
+class _Words:
+    """A tokenizer: one id per character (mod 50), enough to tell texts apart."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % 50 for c in text]
+
+
+def test_ppl_texts_reads_each_text_and_says_which_it_left_out(monkeypatch):
+    from solm_compile.bench import measure
+    from solm_compile.errors import UserError as UE
+
+    def fake(name):
+        if name == "jargon":
+            raise UE("jargon-text: apt-get download failed")
+        return "Captain Wentworth " * 20
+
+    monkeypatch.setattr(measure, "_ppl_text", fake)
+    texts, notes = measure.ppl_texts(_Words(), ("persuasion", "jargon"), 16, vocab=50)
+    assert list(texts) == ["persuasion"] and texts["persuasion"] == [ord(c) % 50 for c in "Captain Wentworth "][:16]
+    assert notes == ["PPL text jargon left out: jargon-text: apt-get download failed"]
+    short, notes = measure.ppl_texts(_Words(), ("persuasion",), 1000, vocab=50)
+    assert list(short) == ["random"] and len(short["random"]) == 1000     # too short: random ids, said
+    assert notes == ["PPL text persuasion left out: 360 ids, the window needs 1000"]
+    none, notes = measure.ppl_texts(None, ("persuasion",), 8, vocab=50)
+    assert list(none) == ["random"] and notes == []
+
+
+def test_the_protocol_texts_are_fiction_and_non_fiction_outside_training():
+    from solm_compile.bench.measure import PPL_TEXTS
+    from solm_compile.data import corpora, genres
+
+    assert tuple(PPL_TEXTS) == run.EnginesConfig().ppl_texts == ("persuasion", "jargon")
+    genre, src = genres.source("jargon")
+    assert genre.name in genres.MIXTURE.heldout_genres                    # never trained on, never tuned on
+    fiction, persuasion = genres.source("persuasion")
+    assert persuasion.only == "heldout" and corpora.HELDOUT_NOVEL == "persuasion"
+    with pytest.raises(UserError, match="unknown source 'nope'"):
+        genres.source("nope")
+
+
 # ---------------------------------------------------------------------------------------------- protocol
 def test_time_block_rounds_rotate_and_start_from_the_prefill():
     cfg = run.EnginesConfig(contexts=(3,), threads=(1,), reps=3, steps=2, warmup=1, memory=False,
@@ -99,7 +154,7 @@ def test_block_rows_ratio_is_the_median_of_per_round_ratios():
 
 def test_config_is_checked_at_construction():
     for bad in (dict(weights="int3"), dict(ppl_tokens=4096), dict(keeps=(0.0,)), dict(contexts=()),
-                dict(engines=("vllm",)), dict(reps=0)):
+                dict(engines=("vllm",)), dict(reps=0), dict(ppl_texts=()), dict(ppl_texts=("wikitext",))):
         with pytest.raises(UserError):
             run.EnginesConfig(**bad)
     assert run.EnginesConfig(contexts=(4096,), steps=32).tokens_needed() == 4096 + 32
@@ -182,9 +237,10 @@ def _doc():
     for t in cfg.threads:
         for c in cfg.contexts:
             for r in run.block_rows({"llama.cpp": [0.1, 0.12], "solm dense-budget": [0.2, 0.22]}, specs, c, t, cfg):
-                rows.append({**r, "ppl": 10.0, "peak_rss_mb": None})
+                rows.append({**r, "ppl": 10.0, "ppl_texts": {"persuasion": 12.0, "jargon": 8.5}, "peak_rss_mb": None})
     return {"model": "smollm2", "config": {}, "tokens": "text:persuasion", "skipped": ["skipped x"],
-            "machine": report.machine([]), "ppl": {"window": 2048, "scored": 256, "values": {}},
+            "machine": report.machine([]), "ppl": {"window": 2048, "scored": 256, "texts": ["persuasion", "jargon"],
+                                                   "values": {}},
             "memory_context": None, "rows": rows}
 
 
@@ -194,6 +250,8 @@ def test_table_json_and_plot(tmp_path):
     assert lines[0].split()[:3] == ["engine", "weights", "thr"]
     assert len(lines) == 1 + len(doc["rows"]) + 2                     # header, rows, footnote, skipped line
     assert "Q4_1 GGUF" in lines[1] and lines[-1] == "skipped x"
+    assert lines[0].split()[9:12] == ["PPL", "persuasion", "jargon"]      # pooled, then each text's own
+    assert lines[1].split()[-3:] == ["10.000", "12.000", "8.500"]         # no memory or bytes columns here
     out, png, ppl_png = report.write_outputs(doc, tmp_path / "res" / "engines.json")
     assert json.loads(out.read_text())["rows"] == doc["rows"]
     assert png == tmp_path / "res" / "engines.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

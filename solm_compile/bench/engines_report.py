@@ -38,21 +38,27 @@ def machine(specs) -> dict:
 
 
 def format_table(doc: dict) -> str:
-    """One line per (engine, threads, context): tok/s median (min–max), ratio to the reference, PPL, peak MB."""
+    """One line per (engine, threads, context): tok/s median (min–max), ratio to the reference, PPL (pooled over the
+    protocol's texts, then each text's own), peak MB and the bytes columns."""
+    texts = doc["ppl"].get("texts", [])
     cols = f"{'engine':<26}{'weights':<34}{'thr':>4}{'ctx':>6}{'tok/s (min-max)':>22}{'x ref (min-max)':>22}" \
-           f"{'PPL':>9}{'peak MB':>9}{'MB/tok':>8}{'GB/s':>6}{'ideal':>7}{'realised':>9}"
+           f"{'PPL':>9}" + "".join(f"{t[:10]:>11}" for t in texts) + \
+           f"{'peak MB':>9}{'MB/tok':>8}{'GB/s':>6}{'ideal':>7}{'realised':>9}"
     lines = [cols]
     for r in doc["rows"]:
         mem = "" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}"
+        by_text = r.get("ppl_texts") or {}
         lines.append(f"{r['engine']:<26}{r['weights'][:33]:<34}{r['threads']:>4}{r['context']:>6}"
                      f"{_spread(r['tok_s'], r['tok_s_min'], r['tok_s_max'], 1):>22}"
-                     f"{_spread(r['ratio'], r['ratio_min'], r['ratio_max'], 2):>22}{r['ppl']:>9.3f}{mem:>9}"
-                     f"{_num(r.get('mb_token'), 1):>8}{_num(r.get('gb_s'), 1):>6}{_num(r.get('ideal'), 2):>7}"
+                     f"{_spread(r['ratio'], r['ratio_min'], r['ratio_max'], 2):>22}{_num(r.get('ppl'), 3):>9}"
+                     + "".join(f"{_num(by_text.get(t), 3):>11}" for t in texts) +
+                     f"{mem:>9}{_num(r.get('mb_token'), 1):>8}{_num(r.get('gb_s'), 1):>6}{_num(r.get('ideal'), 2):>7}"
                      f"{_pct(r.get('realised')):>9}")
     ref = doc["rows"][0]["ratio_to"] if doc["rows"] else "?"
     p = doc["ppl"]
-    lines.append(f"x ref: median of per-round time ratios against {ref}; PPL over the last {p['scored']} of "
-                 f"{p['window']} ids ({doc['tokens']}); "
+    lines.append(f"x ref: median of per-round time ratios against {ref}; PPL over the last {p['scored']} of the first "
+                 f"{p['window']} ids of each text ({', '.join(texts) or doc['tokens']}; PPL pools them); "
+                 f"speed ids {doc['tokens']}; "
                  + (f"peak MB at ctx {doc['memory_context']}; " if doc.get("memory_context") else "")
                  + f"{doc['machine']['cpu']}, {doc['machine']['cores']} cores")
     if doc["machine"].get("stream_gb_s"):
@@ -160,8 +166,10 @@ def plot_speed_quality(doc: dict, pts: dict, path: Path) -> None:
             if (e, t) in pts:
                 ax.plot(*pts[(e, t)], marker=markers[t], linestyle="none", color=colors(i % 10), label=f"{e}, {t} thr")
     ctx = max(r["context"] for r in doc["rows"])
-    ax.set_xlabel(f"perplexity ({doc['ppl']['scored']} held-out ids after {doc['ppl']['window'] - doc['ppl']['scored']}"
-                  " of context; lower is better)")
+    p = doc["ppl"]
+    texts = f" of {' + '.join(p['texts'])}" if p.get("texts") else ""
+    ax.set_xlabel(f"perplexity ({p['scored']} held-out ids{texts}, each after {p['window'] - p['scored']}+ ids of "
+                  "context; lower is better)")
     ax.set_ylabel(f"decode tok/s at ctx {ctx} (median over rounds)")
     _finish(fig, ax, f"{doc['model']}: speed against quality ({doc['machine']['cpu']})", path)
 

@@ -14,8 +14,10 @@ context every engine prefills the same ``context`` ids once and warms up (``warm
 each time every engine once, in an order rotated per round: ``steps`` teacher-forced decode steps (the ids after
 the context) from the prefilled cache (``reset`` restores it untimed). A row's tok/s is the median over rounds
 (min–max beside it); ``ratio`` is the median over rounds of the per-round ratio ``reference time / row time``.
-Each row carries the engine's perplexity on one fixed window of the held-out text (``ppl_window`` ids; the last
-``ppl_tokens`` scored, each from every id before it: a prefill, then decode steps, the path the speed rows time)
+Each row carries the engine's perplexity on the protocol's texts (``ppl_texts``: Persuasion and the Jargon File,
+neither trained on): per text one window of its first ``ppl_window`` ids, the last ``ppl_tokens`` scored, each from
+every id before it (a prefill, then decode steps, the path the speed rows time); ``ppl`` pools every scored id,
+``ppl_texts`` has each text's own
 and, with ``memory``, the peak resident memory of a child process that loads the engine, prefills
 ``memory_context`` ids and decodes 8 steps (engines_rss.py; rows of one artifact share a child).
 """
@@ -30,7 +32,7 @@ from typing import Callable
 
 from solm_compile.bench import tensor_bytes
 from solm_compile.bench.engines import PEERS, EngineSpec, available, make_engine, perplexity, skip_line
-from solm_compile.bench.measure import check_timing
+from solm_compile.bench.measure import PPL_TEXTS, check_timing
 from solm_compile.errors import UserError
 from solm_compile.quant.weights import WEIGHTS, check_head_bits
 
@@ -59,7 +61,8 @@ class EnginesConfig:
     warmup: int = 4
     keeps: tuple = (0.5, 0.3)               # solm rows at κ = ρ = K, or (κ, ρ) pairs (plus the dense budget)
     ppl_window: int = 2048
-    ppl_tokens: int = 256
+    ppl_tokens: int = 1024                  # scored ids see 1024-2047 ids before them: PPL at ctx 2048
+    ppl_texts: tuple[str, ...] = tuple(PPL_TEXTS)
     memory: bool = True
     memory_context: int = 2048
     weights: str = "source"                 # solm's weights (issue 16's --weights), passed on where supported
@@ -77,6 +80,9 @@ class EnginesConfig:
             raise UserError(f"--keeps must lie in [0.05, 1], got {', '.join(map(keep_label, self.keeps))}")
         if not 2 <= self.ppl_tokens < self.ppl_window:
             raise UserError(f"--ppl-tokens must be in [2, --ppl-window), got {self.ppl_tokens}/{self.ppl_window}")
+        if not self.ppl_texts or any(t not in PPL_TEXTS for t in self.ppl_texts):
+            raise UserError(f"--ppl-texts: choose one or more of {', '.join(PPL_TEXTS)}, got "
+                            f"{', '.join(self.ppl_texts) or '(none)'}")
         if self.memory_context < 1:
             raise UserError(f"the memory context must be positive, got {self.memory_context}")
         if self.weights not in WEIGHTS:
@@ -228,13 +234,19 @@ def block_rows(secs: dict[str, list[float]], specs: dict, context: int, threads:
     return rows
 
 
-def ppl_all(engines: dict, ids: list[int], cfg: EnginesConfig, say: Callable[[str], None]) -> dict[str, float]:
-    window = ids[:cfg.ppl_window]
+def ppl_all(engines: dict, texts: dict[str, list[int]], cfg: EnginesConfig,
+            say: Callable[[str], None]) -> dict[str, dict]:
+    """engine label -> {"pooled": PPL over every text's scored ids together, "texts": {text: its own PPL}}."""
+    start = cfg.ppl_window - cfg.ppl_tokens
     out = {}
     for lb, e in engines.items():
         t0 = time.perf_counter()
-        out[lb] = perplexity(e.nll(window, cfg.ppl_window - cfg.ppl_tokens))
-        say(f"  PPL {lb}: {out[lb]:.3f} ({time.perf_counter() - t0:.0f} s)")
+        nll = {name: e.nll(ids[:cfg.ppl_window], start) for name, ids in texts.items()}
+        out[lb] = {"pooled": perplexity([x for v in nll.values() for x in v]),
+                   "texts": {name: perplexity(v) for name, v in nll.items()}}
+        say(f"  PPL {lb}: {out[lb]['pooled']:.3f} ("
+            + ", ".join(f"{n} {v:.3f}" for n, v in out[lb]["texts"].items())
+            + f"; {time.perf_counter() - t0:.0f} s)")
     return out
 
 
@@ -254,7 +266,7 @@ def run_engines(model: str, cfg: EnginesConfig, gate=None, trust_pickle: bool = 
                 say: Callable[[str], None] = lambda s: None) -> dict:
     """Every engine at every (threads, context), their PPL and peak memory: the JSON document ``--out`` writes."""
     from solm_compile.bench.engines_report import machine
-    from solm_compile.bench.measure import bench_tokens
+    from solm_compile.bench.measure import bench_tokens, ppl_texts
     from solm_compile.frontend.models import load
 
     load_kw, taken = weights_plan(cfg.weights, load, cfg.head_bits)
@@ -267,7 +279,13 @@ def run_engines(model: str, cfg: EnginesConfig, gate=None, trust_pickle: bool = 
     if not specs:
         raise UserError("no engine to run (see the lines above)")
     ids, source = bench_tokens(tokenizer, cfg.tokens_needed(), lm.info.vocab_size, cfg.seed)
-    say(f"tokens: {source}" + (" (random ids: the PPL column means nothing)" if source == "random" else ""))
+    say(f"tokens: {source}" + (" (random ids)" if source == "random" else ""))
+    texts, text_notes = ppl_texts(tokenizer, cfg.ppl_texts, cfg.ppl_window, lm.info.vocab_size, cfg.seed)
+    notes += text_notes
+    for n in text_notes:
+        say(n)
+    if "random" in texts:
+        say("PPL on random ids: the PPL column means nothing")
     by_label = {s.label: s for s in specs}
     tbs = {s.label: tensor_bytes.for_spec(s) for s in specs}            # bytes from tensors (protocol point 5)
     stream = tensor_bytes.stream_gb_s()
@@ -278,14 +296,15 @@ def run_engines(model: str, cfg: EnginesConfig, gate=None, trust_pickle: bool = 
         sessions: dict = {}
         engines = {s.label: make_engine(s, threads, n_ctx, sessions, spin=cfg.spin) for s in specs}
         if not ppl:
-            say(f"perplexity over ids [{cfg.ppl_window - cfg.ppl_tokens}, {cfg.ppl_window}) ({threads} threads)")
-            ppl = ppl_all(engines, ids, cfg, say)
+            say(f"perplexity over ids [{cfg.ppl_window - cfg.ppl_tokens}, {cfg.ppl_window}) of "
+                f"{', '.join(texts)} ({threads} threads)")
+            ppl = ppl_all(engines, texts, cfg, say)
         for context in cfg.contexts:
             counters: dict = {}
             block = block_rows(time_block(engines, ids, context, cfg, counters), by_label, context, threads, cfg)
             tensor_bytes.add_columns(block, tbs, counters, stream)
             for r in block:
-                r["ppl"] = ppl[r["engine"]]
+                r["ppl"], r["ppl_texts"] = ppl[r["engine"]]["pooled"], ppl[r["engine"]]["texts"]
             rows += block
             say(_block_line(block))
         for e in engines.values():
@@ -297,7 +316,9 @@ def run_engines(model: str, cfg: EnginesConfig, gate=None, trust_pickle: bool = 
         r["peak_rss_mb"] = r["memory"]["peak_mb"] if r["memory"] else None
     return {"model": model, "config": asdict(cfg), "tokens": source, "skipped": notes,
             "machine": {**machine(specs), "stream_gb_s": stream},
-            "ppl": {"window": cfg.ppl_window, "scored": cfg.ppl_tokens, "values": ppl},
+            "ppl": {"window": cfg.ppl_window, "scored": cfg.ppl_tokens, "texts": list(texts),
+                    "values": {lb: v["pooled"] for lb, v in ppl.items()},
+                    "by_text": {lb: v["texts"] for lb, v in ppl.items()}},
             "memory_context": cfg.memory_context if cfg.memory else None, "rows": rows}
 
 

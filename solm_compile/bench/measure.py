@@ -37,6 +37,11 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _encode(tokenizer, text: str, n: int) -> list[int]:
+    ids = tokenizer.encode(text[: 8 * n + 10_000], add_special_tokens=False)
+    return list(ids.ids if hasattr(ids, "ids") else ids)[:n]
+
+
 def bench_tokens(tokenizer, n: int, vocab: int, seed: int = 0) -> tuple[list[int], str]:
     """n token ids: the held-out Austen novel if it is already in the solm cache (nothing is downloaded), else
     random ids. Returns (ids, source)."""
@@ -46,15 +51,51 @@ def bench_tokens(tokenizer, n: int, vocab: int, seed: int = 0) -> tuple[list[int
 
             path = data._austen_txt_dir() / f"{data.HELDOUT_NOVEL}.txt"
             if path.is_file():
-                text = path.read_text(encoding="utf-8")
-                ids = tokenizer.encode(text[: 8 * n + 10_000], add_special_tokens=False)
-                ids = list(ids.ids if hasattr(ids, "ids") else ids)
+                ids = _encode(tokenizer, path.read_text(encoding="utf-8"), n)
                 if len(ids) >= n:
-                    return ids[:n], f"text:{data.HELDOUT_NOVEL}"
+                    return ids, f"text:{data.HELDOUT_NOVEL}"
         except Exception as e:  # noqa: BLE001 - text is a nicety; random ids are a valid benchmark input
             log.debug("no bench text: %s", e)
     rng = np.random.default_rng(seed)
     return rng.integers(0, vocab, size=n).tolist(), "random"
+
+
+# The protocol's quality texts (shared/benchmark_protocol.md, point 4): no policy was trained or tuned on either.
+PPL_TEXTS = {
+    "persuasion": "Austen's Persuasion (fiction; held out of every training mixture)",
+    "jargon": "the Jargon File 4.4.7 (non-fiction; the technical genre, held out of training)",
+}
+
+
+def _ppl_text(name: str) -> str:
+    from solm_compile.data import corpora, genres
+
+    if name == "persuasion":
+        return corpora.heldout_text()
+    return "\n\n".join(genres.source(name)[1].documents())
+
+
+def ppl_texts(tokenizer, names, n: int, vocab: int, seed: int = 0) -> tuple[dict[str, list[int]], list[str]]:
+    """The first n ids of each named text (``PPL_TEXTS``; its registry asset is fetched into the cache if
+    missing) and a note line per text left out. With no tokenizer, or no text readable: n random ids under
+    the name ``random`` (their perplexity means nothing)."""
+    from solm_compile.errors import UserError
+
+    texts: dict[str, list[int]] = {}
+    notes: list[str] = []
+    for name in names if tokenizer is not None else ():
+        try:
+            ids = _encode(tokenizer, _ppl_text(name), n)
+        except UserError as e:
+            notes.append(f"PPL text {name} left out: {e}")
+            continue
+        if len(ids) < n:
+            notes.append(f"PPL text {name} left out: {len(ids)} ids, the window needs {n}")
+            continue
+        texts[name] = ids
+    if not texts:
+        texts["random"] = np.random.default_rng(seed).integers(0, vocab, size=n).tolist()
+    return texts, notes
 
 
 class CostTable:

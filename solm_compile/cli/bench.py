@@ -95,7 +95,11 @@ def add_engines_args(p) -> None:
     g.add_argument("--ppl-window", type=int, default=d.ppl_window, help="ids of held-out text in the PPL window "
                    "(default 2048)")
     g.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens,
-                   help="last ids of the window scored, each by decode steps (default 256)")
+                   help=f"last ids of the window scored, each by decode steps (default {d.ppl_tokens}: PPL at ctx "
+                        f"{d.ppl_window})")
+    g.add_argument("--ppl-texts", default=",".join(d.ppl_texts),
+                   help=f"comma-separated texts the PPL is measured on (default {','.join(d.ppl_texts)}: the "
+                        "protocol's fiction and non-fiction texts, neither trained on)")
     g.add_argument("--spin", action=argparse.BooleanOptionalAction, default=d.spin,
                    help="solm's onnxruntime intra-op threads spin between runs, as llama.cpp's, onnxruntime-genai's "
                         "and plain onnxruntime's do by default (default on; --no-spin: solm's serving default)")
@@ -119,7 +123,9 @@ def engines_config_from_args(args):
     d = EnginesConfig()
     return EnginesConfig(contexts=tuple(args.context or d.contexts), threads=tuple(args.threads), reps=args.reps,
                          steps=args.steps, warmup=args.warmup, keeps=tuple(args.keeps), ppl_window=args.ppl_window,
-                         ppl_tokens=args.ppl_tokens, memory=args.memory, spin=args.spin, weights=args.weights, kv=args.kv,
+                         ppl_tokens=args.ppl_tokens, memory=args.memory,
+                         ppl_texts=tuple(t.strip() for t in args.ppl_texts.split(",") if t.strip()),
+                         spin=args.spin, weights=args.weights, kv=args.kv,
                          head_bits=args.head_bits, per_kv_head=args.per_kv_head,
                          engines=tuple(e.strip() for e in args.engine_list.split(",") if e.strip()))
 

@@ -223,6 +223,15 @@ def names() -> tuple[str, ...]:
     return tuple(g.name for g in GENRES)
 
 
+def source(name: str) -> tuple[Genre, Source]:
+    """The genre and the source named ``name`` (e.g. ``jargon``), for a reader of one source's text."""
+    for g in GENRES:
+        for s in g.sources:
+            if s.name == name:
+                return g, s
+    raise UserError(f"unknown source {name!r}; sources: {', '.join(s.name for g in GENRES for s in g.sources)}")
+
+
 def asset_names() -> tuple[str, ...]:
     """Every registry asset the genres are read from, once each, in genre order (``solm fetch genres``)."""
     return tuple(dict.fromkeys(s.asset for g in GENRES for s in g.sources if s.asset is not None))
