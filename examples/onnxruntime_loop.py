@@ -14,9 +14,9 @@ restarts the policy's episodes itself), plus action and controls for the caller'
 The SolmEP artifacts keep the KV cache in buffers (metadata kv_cache = {"layout": "buffer", "dtype": ...}):
 past_key_i/past_value_i [1, Hkv, C, d] allocated once with room for the whole generation, plus past_length [1];
 present_key_i/present_value_i are bound (IO binding) to the same OrtValues, so each step writes its new rows in
-place, and the caller only advances past_length. In step protocol 2 (metadata protocol = 2) the Quest page state
-past_page_min_i/past_page_max_i [1, Hkv, C/S, d] is such a buffer too. Portable and dense artifacts grow float32
-caches instead.
+place, and the caller only advances past_length. In step protocols 2 and 3 (metadata protocol) the Quest page state
+past_page_min_i/past_page_max_i [1, Hkv, C/S, d] is such a buffer too: float32 in 2, the cache's dtype in 3.
+Portable and dense artifacts grow float32 caches instead.
 """
 
 import argparse
@@ -55,12 +55,13 @@ buffer = kv["layout"] == "buffer"
 S = meta["gate"]["page_size"]
 C = -(-(len(ids) + args.max_new_tokens + 1) // S) * S                 # the cache's capacity: every position, in pages
 paged = buffer and meta.get("protocol", 1) >= 2                         # the page state is a buffer too
+page_dtype = kv.get("dtype") if meta.get("protocol", 1) >= 3 else np.float32   # protocol 3: the cache's dtype
 for i in range(L):
     for k in ("key", "value"):                                          # [1, Hkv, C, d] buffer, or [1, Hkv, 0, d]
         feeds[f"past_{k}_{i}"] = (ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kvh, C, hd), kv["dtype"])) if buffer
                                   else np.zeros((1, kvh, 0, hd), np.float32))
     for m in ("min", "max") if paged else ():                           # [1, Hkv, C/S, d]
-        feeds[f"past_page_{m}_{i}"] = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kvh, C // S, hd), np.float32))
+        feeds[f"past_page_{m}_{i}"] = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kvh, C // S, hd), page_dtype))
 if buffer:
     feeds["past_length"] = np.zeros(1, np.int64)
 state = []                                       # the policy's state, fed back each step (a policy artifact)

@@ -24,8 +24,10 @@ Step protocol 2 (docs/protocol.md: rows of different lengths in one run) also ta
 
 - every ``GateControls`` gets ``past_length`` as its optional last input, so each row is gated by its own length;
 - the page state ``carry_page_state`` added becomes buffers like the KV: ``past_page_min_i`` / ``past_page_max_i``
-  [B, Hkv, kv_pages, d] float32 (kv_pages = kv_capacity / S), required inputs (no default), and ``present_page_*``
-  the same shape, meant to be bound to the same OrtValues; SolmEP folds each row's new keys into its own pages.
+  [B, Hkv, kv_pages, d] (kv_pages = kv_capacity / S) of the cache's dtype (step protocol 3: the min/max of float16
+  keys are float16 values, so half the bytes lose nothing), required inputs (no default), and ``present_page_*``
+  the same shape and type, meant to be bound to the same OrtValues; SolmEP folds each row's new keys into its own
+  pages.
 
 The ghost's length is the rows' maximum: a single-token run is a prefill (the policy restarts its episode) only when
 every row is empty, which a host never runs (a joining row is prefilled in a run of its own).
@@ -147,13 +149,14 @@ def kv_buffer(model: ir.Model, dtype: str = "float16") -> PassResult:
             node.resize_inputs(len(registry.GATE_CONTROLS.inputs))
             node.replace_input_with(len(registry.GATE_CONTROLS.inputs) - 1, past_length)
             result.counts["gate_lengths"] += 1
-    _page_buffers(graph, batch, hkv)
+    _page_buffers(graph, batch, hkv, elem)
     result.modified = True
     return result
 
 
-def _page_buffers(graph: ir.Graph, batch, hkv) -> None:
-    """The carried page state as in-place buffers [B, Hkv, kv_pages, d] (required inputs, outputs of that shape)."""
+def _page_buffers(graph: ir.Graph, batch, hkv, elem: ir.DataType) -> None:
+    """The carried page state as in-place buffers [B, Hkv, kv_pages, d] of the cache's type ``elem`` (required
+    inputs, outputs of that shape and type)."""
     for value in list(graph.inputs):
         m = _PAGE.fullmatch(value.name or "")
         if m is None:
@@ -163,5 +166,7 @@ def _page_buffers(graph: ir.Graph, batch, hkv) -> None:
         value.const_value = None
         d = value.shape[3]
         value.shape = ir.Shape([batch, hkv, "kv_pages", d])
+        value.type = ir.TensorType(elem)
         out = next(o for o in graph.outputs if o.name == f"present_page_{m.group(1)}_{m.group(2)}")
         out.shape = ir.Shape([batch, hkv, "kv_pages", d])
+        out.type = ir.TensorType(elem)

@@ -90,13 +90,13 @@ class Batch(_Slots):
         super().__init__(sess, rows, capacity)
         kv = sess.kv
         if not kv.paged:
-            raise UserError(f"{sess.path}: continuous batching needs step protocol 2 (a solm or fixed artifact "
-                            f"compiled by this solm); this one is protocol {sess.meta.get('protocol', 1)}")
+            raise UserError(f"{sess.path}: continuous batching needs step protocol 2 or 3 (a solm or fixed "
+                            f"artifact compiled by this solm); this one is protocol {sess.meta.get('protocol', 1)}")
         self.kv, self.C = kv, kv.capacity(capacity)
         R = self.rows
         self.buffers = {name: np.zeros((R, kv.kv_heads, self.C, kv.head_dim), kv.dtype)    # [R, Hkv, C, d]
                         for name in kv.names("past")}
-        self.buffers.update({name: np.zeros(kv.page_shape(R, self.C), np.float32)          # [R, Hkv, C/S, d]
+        self.buffers.update({name: np.zeros(kv.page_shape(R, self.C), kv.page_dtype)       # [R, Hkv, C/S, d]
                              for name in kv.page_names("past")})
         self.alias = kv.aliases()                                                          # present -> past
         self.length = np.zeros((R,), np.int64)                                             # [R] past_length

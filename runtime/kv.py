@@ -14,7 +14,8 @@ Two layouts, named by the artifact's ``solm.kv_cache`` metadata:
   bound buffer), so QuestAttention writes only the new rows, in place; carrying a step is ``past_length += T``.
   In step protocol 2 (``paged``, docs/protocol.md) each row has its own ``past_length`` and the Quest page state
   ``past_page_min_i`` / ``past_page_max_i`` is a float32 buffer [B, Hkv, C/S, d] of its own, bound in place the same
-  way (protocol 1: carried tensors that grow, which ``SolmSession`` carries itself).
+  way (protocol 1: carried tensors that grow, which ``SolmSession`` carries itself); protocol 3 keeps it in the
+  cache's dtype (``page_dtype``: a min or max of float16 keys is a float16 value, so nothing is rounded).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class KvCache:
     head_dim: int
     page_size: int
     paged: bool = False      # step protocol 2: the page state is a buffer too, and rows may differ in length
+    page_dtype: type = np.float32  # the page state buffers' dtype: the cache's from protocol 3 on
 
     @classmethod
     def of(cls, meta: dict, path="artifact") -> "KvCache":
@@ -57,9 +59,11 @@ class KvCache:
         if layout not in LAYOUTS or dtype not in DTYPES or (layout == "concat" and dtype != "float32"):
             raise UserError(f"{path}: KV cache {layout}/{dtype} is not one this runtime drives (concat/float32 or "
                             f"buffer/float16|float32); update solm or compile the model again")
-        paged = layout == "buffer" and int(meta.get("protocol", 1)) >= 2
+        protocol = int(meta.get("protocol", 1))
+        paged = layout == "buffer" and protocol >= 2
+        page_dtype = DTYPES[dtype] if paged and protocol >= 3 else np.float32
         return cls(layout, DTYPES[dtype], int(meta["num_layers"]), int(meta["kv_heads"]), int(meta["head_dim"]),
-                   int((meta.get("gate") or {}).get("page_size", 8)), paged)
+                   int((meta.get("gate") or {}).get("page_size", 8)), paged, page_dtype)
 
     @property
     def buffered(self) -> bool:
@@ -76,7 +80,8 @@ class KvCache:
         """Bytes of one row's cache of ``tokens`` positions (every layer's keys and values, and its page buffers)."""
         C = self.capacity(tokens)
         kv = 2 * self.n_layers * self.kv_heads * C * self.head_dim * np.dtype(self.dtype).itemsize
-        return kv + 4 * len(self.page_names("past")) * self.kv_heads * (C // self.page_size) * self.head_dim
+        pages = len(self.page_names("past")) * self.kv_heads * (C // self.page_size) * self.head_dim
+        return kv + pages * np.dtype(self.page_dtype).itemsize
 
     def page_shape(self, batch: int, capacity: int) -> tuple:
         return (batch, self.kv_heads, self.capacity(capacity) // self.page_size, self.head_dim)  # [B, Hkv, C/S, d]
@@ -97,7 +102,7 @@ class KvCache:
         shape = (batch, self.kv_heads, self.capacity(capacity), self.head_dim)               # [B, Hkv, C, d]
         pages = self.page_shape(batch, capacity)                                             # [B, Hkv, C/S, d]
         return {**{name: _ortvalue(np.zeros(shape, self.dtype)) for name in self.names("past")},
-                **{name: _ortvalue(np.zeros(pages, np.float32)) for name in self.page_names("past")},
+                **{name: _ortvalue(np.zeros(pages, self.page_dtype)) for name in self.page_names("past")},
                 "past_length": np.zeros((batch,), np.int64)}                                  # [B]
 
     def aliases(self) -> dict:
@@ -165,9 +170,9 @@ class KvCache:
             buf[:, :, :L] = snap[name].astype(self.dtype)
             feeds[name] = _ortvalue(buf)
         for name in self.page_names("past"):
-            buf = np.zeros(self.page_shape(B, max(capacity, L)), np.float32)                    # [B, Hkv, C/S, d]
+            buf = np.zeros(self.page_shape(B, max(capacity, L)), self.page_dtype)               # [B, Hkv, C/S, d]
             pages = snap[name] if name in snap else self._pages(snap, name, L)                  # [B, Hkv, ⌈L/S⌉, d]
-            buf[:, :, :pages.shape[2]] = pages
+            buf[:, :, :pages.shape[2]] = pages                  # fp16 pages of fp16 keys: exact either way
             feeds[name] = _ortvalue(buf)
         feeds["past_length"] = np.full((B,), L, np.int64)                                        # [B]
         return feeds

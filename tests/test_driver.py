@@ -94,8 +94,8 @@ def test_the_driver_stops_at_the_artifacts_eos_id_as_the_session_does(driver, st
 def test_the_driver_refuses_in_one_line(driver, step_artifacts, tmp_path):
     """An unknown protocol version, a budget outside the artifact's range, no ids, a SolmEP artifact without SolmEP's
     library: exit code 2, one line."""
-    future = _edited_copy(step_artifacts["dense"], tmp_path, protocol=3)
-    cases = [(future, BUDGETS["dense"], PROMPT_IDS, None, "step protocol 3 is not one this driver drives"),
+    future = _edited_copy(step_artifacts["dense"], tmp_path, protocol=4)
+    cases = [(future, BUDGETS["dense"], PROMPT_IDS, None, "step protocol 4 is not one this driver drives"),
              (step_artifacts["portable"], (0.01, 1.0, 16.0), PROMPT_IDS, None, "ATTN_KEEP 0.01"),
              (step_artifacts["dense"], BUDGETS["dense"], [], None, "no prompt token ids"),
              (step_artifacts["solm"], BUDGETS["dense"], PROMPT_IDS, "-", "cannot load it without SolmEP")]

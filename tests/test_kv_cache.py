@@ -19,6 +19,7 @@ from onnx import TensorProto
 from quest_graph import quest_buffer_session
 from require import registered_ep
 
+from solm_compile.artifact.protocol import BUFFER_PROTOCOL
 from solm_compile.ops import reference as ref
 
 ort = pytest.importorskip("onnxruntime")
@@ -175,7 +176,7 @@ def artifacts(lib, tmp_path_factory):
         assert r.counts["kv_buffer"] == 2 and not r.skipped
         assert not kv_buffer(model, dtype).modified                  # a second run changes nothing
         model.metadata_props["solm.kv_cache"] = json.dumps({"layout": "buffer", "dtype": dtype})
-        model.metadata_props["solm.protocol"] = "2"                  # the pass made the page state buffers too
+        model.metadata_props["solm.protocol"] = str(BUFFER_PROTOCOL)  # the pass made the page state buffers too
         paths[dtype] = d / f"tiny.{dtype}.onnx"
         ir.save(model, str(paths[dtype]))
     return paths
@@ -200,6 +201,44 @@ def test_fp32_buffer_decodes_exactly_as_concat_and_fp16_greedily_the_same(artifa
     np.testing.assert_array_equal(tok16, tok32)
     np.testing.assert_allclose(lg16, lg32, rtol=0, atol=2e-3)   # random-init logits ~0.3: fp16 rounding's share
     assert np.abs(lg16 - lg32).max() > 0
+
+
+def _as_protocol_2(path, out):
+    """The same fp16 artifact as step protocol 2 wrote it: page state buffers in float32 over the float16 cache."""
+    from onnxscript import ir
+
+    model = ir.load(str(path))
+    for v in [*model.graph.inputs, *model.graph.outputs]:
+        if "_page_" in (v.name or ""):
+            v.type = ir.TensorType(ir.DataType.FLOAT)
+    model.metadata_props["solm.protocol"] = "2"
+    ir.save(model, str(out))
+    return out
+
+
+def test_fp16_page_state_selects_as_fp32_and_holds_the_fp16_keys_min_max(artifacts, tmp_path):
+    """Protocol 3 keeps the page min/max in the cache's float16: the min or max of float16 keys is one of them, so
+    the pages hold exactly protocol 2's float32 values and every step selects the same pages (κ = 0.3: sparse)."""
+    from solm_compile.runtime.session import SolmSession
+
+    v2 = _as_protocol_2(artifacts["float16"], tmp_path / "v2.onnx")
+    s16, lg16, tok16 = _decode(artifacts["float16"])
+    s2, lg2, tok2 = _decode(v2)
+    assert (s16.kv.page_dtype, s2.kv.page_dtype) == (np.float16, np.float32)
+    np.testing.assert_array_equal(tok16, tok2)
+    np.testing.assert_array_equal(lg16, lg2)                      # the same selections, so the same logits
+    s = SolmSession(artifacts["float16"], tokenizer=False, threads=1)
+    ctl = {"attn_keep": np.full(1, 0.3, np.float32), "mlp_keep": np.ones(1, np.float32), "bits": np.full(1, 16, np.float32)}
+    feeds = {"input_ids": np.arange(1, 20)[None], "position_ids": np.arange(19)[None], **s._empty_past(1, 24), **ctl}
+    s._carry(s._run(feeds), feeds)
+    S = s.kv.page_size
+    for i in range(s.kv.n_layers):                                # 19 keys: pages of 8, 8 and 3 (numpy's own fold)
+        keys = feeds[f"past_key_{i}"].numpy()[:, :, :19].astype(np.float32)              # [1, Hkv, 19, d]
+        for m, fold in (("min", np.min), ("max", np.max)):
+            pages = feeds[f"past_page_{m}_{i}"].numpy()                                   # [1, Hkv, C/S, d]
+            assert pages.dtype == np.float16
+            want = np.stack([fold(keys[:, :, p * S:(p + 1) * S], axis=2) for p in range(3)], axis=2)
+            np.testing.assert_array_equal(pages[:, :, :3].astype(np.float32), want)
 
 
 def test_session_snapshot_restores_across_layouts(artifacts):

@@ -75,8 +75,8 @@ def test_the_kv_budget_caps_the_rows_and_the_rest_wait(solm_session):
     meta = solm_session.meta
     S, layers, hkv, d = meta["gate"]["page_size"], meta["num_layers"], meta["kv_heads"], meta["head_dim"]
     # one row of 128 positions: keys and values in float16 (2 bytes) per layer and head, and the page min and max
-    # (float32) of its 128/S pages
-    per_row = 128 * layers * hkv * d * 2 * 2 + (128 // S) * layers * hkv * d * 2 * 4
+    # of its 128/S pages (float16 too: step protocol 3)
+    per_row = 128 * layers * hkv * d * 2 * 2 + (128 // S) * layers * hkv * d * 2 * 2
     assert solm_session.kv.row_bytes(128) == per_row
     assert batch_rows(solm_session, 4, 128, 2.5 * per_row / MIB) == 2
     assert batch_rows(solm_session, 4, 128, None) == 4

@@ -1,4 +1,4 @@
-// solm_driver: greedy decoding of a solm artifact with onnxruntime's C/C++ API alone, by docs/protocol.md (v1, v2).
+// solm_driver: greedy decoding of a solm artifact with onnxruntime's C/C++ API alone, by docs/protocol.md (v1 to v3).
 //
 //   solm_driver ARTIFACT LIBSOLM_EP ATTN_KEEP MLP_KEEP BITS MAX_NEW_TOKENS [THREADS]  < prompt ids  > new ids
 //
@@ -28,7 +28,7 @@
 
 namespace {
 
-constexpr int kProtocolMax = 2;  // docs/protocol.md: versions 1 and 2 (one row: they differ in the page state)
+constexpr int kProtocolMax = 3;  // docs/protocol.md: versions 1 to 3 (one row: they differ in the page state)
 constexpr uint32_t kMinApi = 24;  // the plugin-EP API (onnxruntime 1.24)
 
 [[noreturn]] void Die(const std::string& msg) {
@@ -216,10 +216,10 @@ class Driver {
     if (meta_.Raw("kind").empty()) Die(args_.artifact + ": an ONNX model without solm metadata");
     kind_ = meta_.Raw("kind").substr(1, meta_.Raw("kind").size() - 2);
     const std::string protocol = meta_.Raw("protocol");  // a JSON integer; absent: written before version 1
-    if (protocol != "" && protocol != "1" && protocol != "2")
+    if (protocol != "" && protocol != "1" && protocol != "2" && protocol != "3")
       Die(args_.artifact + ": step protocol " + protocol + " is not one this driver drives (1 to " +
           std::to_string(kProtocolMax) + "); compile the model again or update the driver");
-    paged_ = protocol == "2" && !meta_.Raw("kv_cache").empty();  // the page state: buffers written in place
+    paged_ = (protocol == "2" || protocol == "3") && !meta_.Raw("kv_cache").empty();  // page state: buffers
     for (double id : meta_.Numbers("eos_token_ids")) eos_.push_back(static_cast<int64_t>(id));
     if (kind_ != "dense") {  // the budget within the artifact's ranges, as `solm run` checks it
       auto r = meta_.Numbers("budget_ranges");
@@ -244,8 +244,8 @@ class Driver {
         v = buffered_ ? Zeros({1, hkv, C, d}, types_[name]) : Zeros({1, hkv, 0, d}, kF32);
       } else if (name == "past_length") {
         v = Zeros({1}, kI64);
-      } else if (StartsWith(name, "past_page_")) {  // protocol 2: a buffer of C/S pages; 1: carried, empty at first
-        v = Zeros({1, hkv, paged_ ? C / S : 0, d}, kF32);
+      } else if (StartsWith(name, "past_page_")) {  // 2-3: a buffer of C/S pages (3: the cache's dtype, as the
+        v = Zeros({1, hkv, paged_ ? C / S : 0, d}, paged_ ? types_[name] : kF32);  // input declares); 1: carried
       } else if (name == "policy_key" || name == "policy_value") {
         v = Zeros({1, meta_.Int("policy_heads"), meta_.Int("episode_len"), meta_.Int("policy_head_dim")}, kF32);
       } else if (name == "policy_prev_action") {
@@ -264,7 +264,7 @@ class Driver {
         float x = name == "attn_keep" ? args_.attn_keep : name == "mlp_keep" ? args_.mlp_keep : args_.bits;
         v = Filled<float>({1}, {x});
       } else {
-        Die(args_.artifact + ": input " + name + " is not in step protocol 1 or 2");
+        Die(args_.artifact + ": input " + name + " is not in step protocols 1 to 3");
       }
       feeds_[name] = std::move(v);
     }

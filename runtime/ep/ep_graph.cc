@@ -133,6 +133,7 @@ bool IsClaimable(const OrtNode* node, const OpSpec** spec_out) {
   for (size_t i = 0; i < ins.size() && i < spec->inputs.size(); ++i) {
     if (ins[i] == nullptr || !spec->inputs[i].float32) continue;
     const auto t = ValueElemType(ins[i]);
+    if (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 && spec->inputs[i].half_too) continue;  // fp16 page state
     if (t != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && t != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED) return false;
   }
   if (std::strncmp(op, "QuestAttention", 14) == 0 && ins.size() > 3 && ins[3] != nullptr) {  // and ...Rope

@@ -117,6 +117,8 @@ struct PageState {
   float* min = nullptr;  // [B, Hkv, P, d], written for every row (buffer form: [B, Hkv, stride, d])
   float* max = nullptr;
   int64_t stride = 0;  // 0: carried, tight pages; > 0: the buffer form, pages per (row, KV head)
+  bool f16 = false;    // buffer form over an fp16 cache (step protocol 3): the four pointers hold IEEE halves,
+                       // exactly the fp32 pages' values (a min or max of fp16 keys is one of them)
 };
 
 struct AttnScratch {

@@ -25,15 +25,27 @@ namespace {
 #define SOLM_DECODE_VARIANT(SUFFIX, ATTR, HALF, VEC)                                                                    \
   ATTR void PageMinMax##SUFFIX(const float* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi,           \
                                float* lo) {                                                                      \
-    PageMinMaxBody<F32Rows>(K, j0, L, d, S, hi, lo);                                                             \
+    PageMinMaxBody<F32Rows, F32Rows>(K, j0, L, d, S, hi, lo);                                                    \
   }                                                                                                              \
   ATTR void PageMinMaxH##SUFFIX(const uint16_t* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi,       \
                                 float* lo) {                                                                     \
-    PageMinMaxBody<HALF>(K, j0, L, d, S, hi, lo);                                                                \
+    PageMinMaxBody<HALF, F32Rows>(K, j0, L, d, S, hi, lo);                                                       \
+  }                                                                                                              \
+  ATTR void PageMinMaxHH##SUFFIX(const uint16_t* K, int64_t j0, int64_t L, int64_t d, int64_t S, uint16_t* hi,   \
+                                 uint16_t* lo) {                                                                 \
+    PageMinMaxBody<HALF, HALF>(K, j0, L, d, S, hi, lo);                                                          \
+  }                                                                                                              \
+  ATTR void PageMinMaxFH##SUFFIX(const float* K, int64_t j0, int64_t L, int64_t d, int64_t S, uint16_t* hi,      \
+                                 uint16_t* lo) {                                                                 \
+    PageMinMaxBody<F32Rows, HALF>(K, j0, L, d, S, hi, lo);                                                       \
   }                                                                                                              \
   ATTR void PageScores##SUFFIX(const float* qrows, int64_t G, const float* hi, const float* lo, int64_t P,       \
                                int64_t ps, int64_t d, float* score, bool sum) {                                  \
-    PageScoresBody(qrows, G, hi, lo, P, ps, d, score, sum);                                                       \
+    PageScoresBody<F32Rows>(qrows, G, hi, lo, P, ps, d, score, sum);                                             \
+  }                                                                                                              \
+  ATTR void PageScoresH##SUFFIX(const float* qrows, int64_t G, const uint16_t* hi, const uint16_t* lo,           \
+                                int64_t P, int64_t ps, int64_t d, float* score, bool sum) {                      \
+    PageScoresBody<HALF>(qrows, G, hi, lo, P, ps, d, score, sum);                                                \
   }                                                                                                              \
   ATTR uint64_t AttendRows##SUFFIX(const float* qrows, int64_t G, const float* K, const float* V, int64_t d,      \
                                    int64_t dv, float scale, const int32_t* idx, int64_t n, bool pf,              \
@@ -62,6 +74,9 @@ struct DecodeKernelTable {
   decltype(&AttendRowsBase) attend_rows;
   decltype(&PageMinMaxHBase) page_minmax_h;  // fp16 caches
   decltype(&AttendRowsHBase) attend_rows_h;
+  decltype(&PageMinMaxHHBase) page_minmax_hh;  // fp16 page state (step protocol 3): from the fp16 cache,
+  decltype(&PageMinMaxFHBase) page_minmax_fh;  // from a prefill's fp32 gather of it (the same values)
+  decltype(&PageScoresHBase) page_scores_h;
   const char* isa;
 };
 
@@ -70,12 +85,14 @@ const DecodeKernelTable& DecodeKernels() {
   static const DecodeKernelTable t = [] {
 #ifdef SOLM_ISA_VARIANTS
     if (IsaLevel() == 4)
-      return DecodeKernelTable{PageMinMaxV4, PageScoresV4, AttendRowsV4, PageMinMaxHV4, AttendRowsHV4, IsaName(4)};
+      return DecodeKernelTable{PageMinMaxV4,   PageScoresV4,  AttendRowsV4, PageMinMaxHV4,
+                               AttendRowsHV4, PageMinMaxHHV4, PageMinMaxFHV4, PageScoresHV4, IsaName(4)};
     if (IsaLevel() == 3)
-      return DecodeKernelTable{PageMinMaxV3, PageScoresV3, AttendRowsV3, PageMinMaxHV3, AttendRowsHV3, IsaName(3)};
+      return DecodeKernelTable{PageMinMaxV3,   PageScoresV3,  AttendRowsV3, PageMinMaxHV3,
+                               AttendRowsHV3, PageMinMaxHHV3, PageMinMaxFHV3, PageScoresHV3, IsaName(3)};
 #endif
-    return DecodeKernelTable{PageMinMaxBase, PageScoresBase, AttendRowsBase, PageMinMaxHBase, AttendRowsHBase,
-                             IsaName(0)};
+    return DecodeKernelTable{PageMinMaxBase,   PageScoresBase,  AttendRowsBase, PageMinMaxHBase,
+                             AttendRowsHBase, PageMinMaxHHBase, PageMinMaxFHBase, PageScoresHBase, IsaName(0)};
   }();
   return t;
 }
@@ -90,7 +107,9 @@ void PageMinMaxStep(const KvView& kv, int64_t B, int64_t Hkv, int64_t T, int64_t
   const bool to_state = state != nullptr && state->min != nullptr && state->max != nullptr;
   if (!to_state && !any_sparse) return;
   const bool paged = to_state && state->stride > 0;
+  const bool half = paged && state->f16;         // fp16 page buffers (kernels.h PageState; an fp16 cache only)
   const int64_t Ps = paged ? state->stride : P;  // pages per (row, KV head) in hi/lo
+  const size_t es = half ? sizeof(uint16_t) : sizeof(float);
   float* hi = to_state ? state->max : Grow(scratch.page_max, static_cast<size_t>(B * Hkv * P * d));
   float* lo = to_state ? state->min : Grow(scratch.page_min, static_cast<size_t>(B * Hkv * P * d));
   const int64_t P_past = state != nullptr ? state->P_past : 0;
@@ -105,15 +124,24 @@ void PageMinMaxStep(const KvView& kv, int64_t B, int64_t Hkv, int64_t T, int64_t
     if (paged) {
       j0 = Lb - T;
       const int64_t keep = (j0 + S - 1) / S;  // this row's pages before the call
-      if (state->past_max != nullptr && state->past_max != hi) {
-        std::memmove(hi + o * Ps * d, state->past_max + o * Ps * d, keep * d * sizeof(float));
-        std::memmove(lo + o * Ps * d, state->past_min + o * Ps * d, keep * d * sizeof(float));
+      if (state->past_max != nullptr && state->past_max != hi) {  // element offsets in bytes: fp32 or fp16
+        const size_t at = static_cast<size_t>(o * Ps * d) * es, n = static_cast<size_t>(keep * d) * es;
+        std::memmove(reinterpret_cast<char*>(hi) + at, reinterpret_cast<const char*>(state->past_max) + at, n);
+        std::memmove(reinterpret_cast<char*>(lo) + at, reinterpret_cast<const char*>(state->past_min) + at, n);
       }
     } else if (P_past > 0 && state->past_max != hi) {  // in place (kernels.h: aliasing needs P_past == P): no copy
       std::memmove(hi + o * P * d, state->past_max + o * P_past * d, P_past * d * sizeof(float));
       std::memmove(lo + o * P * d, state->past_min + o * P_past * d, P_past * d * sizeof(float));
     }
-    if (kv.f16)
+    if (half && kv.f16)
+      DecodeKernels().page_minmax_hh(static_cast<const uint16_t*>(kv.k) + o * kv.stride * d, j0, Lb, d, S,
+                                     reinterpret_cast<uint16_t*>(hi) + o * Ps * d,
+                                     reinterpret_cast<uint16_t*>(lo) + o * Ps * d);
+    else if (half)
+      DecodeKernels().page_minmax_fh(static_cast<const float*>(kv.k) + o * kv.stride * d, j0, Lb, d, S,
+                                     reinterpret_cast<uint16_t*>(hi) + o * Ps * d,
+                                     reinterpret_cast<uint16_t*>(lo) + o * Ps * d);
+    else if (kv.f16)
       DecodeKernels().page_minmax_h(static_cast<const uint16_t*>(kv.k) + o * kv.stride * d, j0, Lb, d, S,
                                     hi + o * Ps * d, lo + o * Ps * d);
     else
@@ -237,6 +265,7 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
   const float* pmax = to_state ? state->max : scratch.page_max.data();
   const float* pmin = to_state ? state->min : scratch.page_min.data();
   const int64_t Ps = to_state && state->stride > 0 ? state->stride : P;  // pages per (row, KV head) there
+  const bool half_pages = to_state && state->stride > 0 && state->f16;    // pmax/pmin hold IEEE halves
 
   if (T != 1) {  // multi-token call (prefill): dense attention under the mask, blocked (kernels_attention_prefill.cc)
     if (kv.f16 || kv.stride != L || kv.lengths != nullptr) std::abort();  // QuestAttentionCache gathers a tight copy
@@ -273,8 +302,12 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
     int64_t pb;
     if (p0 >= P || !row_budget(b, &pb)) return;
     const int64_t p1 = std::min(P, p0 + kScorePages), o = (it * Ps + p0) * d;
-    dk.page_scores(q + (b * H + hk * G) * d, G, pmax + o, pmin + o, p1 - p0, P, d, score_all + it * G * P0 + p0,
-                   shared);
+    if (half_pages)
+      dk.page_scores_h(q + (b * H + hk * G) * d, G, reinterpret_cast<const uint16_t*>(pmax) + o,
+                       reinterpret_cast<const uint16_t*>(pmin) + o, p1 - p0, P, d, score_all + it * G * P0 + p0, shared);
+    else
+      dk.page_scores(q + (b * H + hk * G) * d, G, pmax + o, pmin + o, p1 - p0, P, d, score_all + it * G * P0 + p0,
+                     shared);
   };
   if (any_sparse) par.For(static_cast<size_t>(items * pch), score_item);
   auto select_item = [&](size_t it) {

@@ -51,17 +51,22 @@ int64_t UnmaskedPages(const MaskRow* m, int64_t n, int64_t L, int64_t S, uint8_t
 // Element-wise max/min of the keys of pages, hi/lo [P, d], folding keys [j0, L) in order: a page that starts at or
 // after j0 starts from its first key; the page holding j0, when j0 is inside it, continues from its current hi/lo
 // (its keys before j0 already folded in), so the result equals the fold over the whole page (j0 = 0: every page).
-// R: how K's rows are read (kernels_util.h: F32Rows, F16Rows, F16cRows).
-template <class R>
-SOLM_INLINE void PageMinMaxBody(const typename R::E* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi,
-                                float* lo) {
+// R: how K's rows are read, St: how hi/lo are read and written (kernels_util.h: F32Rows, F16Rows, F16cRows). With
+// fp16 keys an fp16 hi/lo holds exactly the fp32 one's values: a min or max of halves is one of them.
+template <class R, class St>
+SOLM_INLINE void PageMinMaxBody(const typename R::E* K, int64_t j0, int64_t L, int64_t d, int64_t S,
+                                typename St::E* hi, typename St::E* lo) {
   for (int64_t p = j0 / S; p * S < L; ++p) {
-    float* h = hi + p * d;
-    float* l = lo + p * d;
+    typename St::E* h = hi + p * d;
+    typename St::E* l = lo + p * d;
     int64_t j = std::max(j0, p * S);
     const int64_t j1 = std::min(L, (p + 1) * S);
     if (j == p * S) {
-      for (int64_t i = 0; i < d; ++i) h[i] = l[i] = R::At(K + j * d + i);
+      for (int64_t i = 0; i < d; ++i) {
+        const float x = R::At(K + j * d + i);
+        St::Put(h + i, x);
+        St::Put(l + i, x);
+      }
       ++j;
     }
     for (; j < j1; ++j) {
@@ -69,15 +74,15 @@ SOLM_INLINE void PageMinMaxBody(const typename R::E* K, int64_t j0, int64_t L, i
       int64_t i = 0;
       for (; i + 8 <= d; i += 8) {
         v8 x = R::Load8(kr + i);
-        v8 a = *reinterpret_cast<v8*>(h + i);
-        v8 b = *reinterpret_cast<v8*>(l + i);
-        *reinterpret_cast<v8*>(h + i) = x > a ? x : a;
-        *reinterpret_cast<v8*>(l + i) = x < b ? x : b;
+        v8 a = St::Load8(h + i);
+        v8 b = St::Load8(l + i);
+        St::Store8(h + i, x > a ? x : a);
+        St::Store8(l + i, x < b ? x : b);
       }
       for (; i < d; ++i) {
-        const float x = R::At(kr + i);
-        h[i] = x > h[i] ? x : h[i];
-        l[i] = x < l[i] ? x : l[i];
+        const float x = R::At(kr + i), a = St::At(h + i), b = St::At(l + i);
+        St::Put(h + i, x > a ? x : a);
+        St::Put(l + i, x < b ? x : b);
       }
     }
   }
@@ -109,14 +114,17 @@ void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_
 
 // Quest page scores of the G query heads of a GQA group (rows qrows + g*d) over P pages: score[g*ps + p] =
 // Σ_d max(q_d·max_d, q_d·min_d), or with sum, score[p] = the heads' scores added in head order. Pages in blocks of 8, the heads in
-// turn per block: a page's max/min (2·d floats, 1/4 of the page's fp16 K and V bytes at S = 8) comes from memory
-// once for the whole group, not once per head, and the 8 pages' sums are independent chains (one page's serial
-// lane sum no longer waits for the previous page's). Each score is the same sum in the same order as scoring one
-// head and one page at a time (8-float lanes, then lanes 0..7 in turn, then the tail): the selections, hence the
-// outputs, are bit-identical to the per-head kernel's. (An HSum8 tree over vf16 lanes was tried: as fast here, but
-// it rounds differently and flipped a near-tied page choice at κ = 0.3 in a 32-step SmolLM2 decode.)
-SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const float* hi_pages, const float* lo_pages,
-                                int64_t P, int64_t ps, int64_t d, float* score, bool sum) {
+// turn per block: a page's max/min (2·d values, 1/4 of the page's fp16 K and V bytes at S = 8 in fp32, 1/8 in fp16)
+// comes from memory once for the whole group, not once per head, and the 8 pages' sums are independent chains (one
+// page's serial lane sum no longer waits for the previous page's). Each score is the same sum in the same order as
+// scoring one head and one page at a time (8-float lanes, then lanes 0..7 in turn, then the tail): the selections,
+// hence the outputs, are bit-identical to the per-head kernel's. (An HSum8 tree over vf16 lanes was tried: as fast
+// here, but it rounds differently and flipped a near-tied page choice at κ = 0.3 in a 32-step SmolLM2 decode.)
+// St: how the pages are read (F32Rows, or fp16 pages: the same floats, so the same scores).
+template <class St>
+SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const typename St::E* hi_pages,
+                                const typename St::E* lo_pages, int64_t P, int64_t ps, int64_t d, float* score,
+                                bool sum) {
   const int64_t dvec = d / 8 * 8;
   for (int64_t p0 = 0; p0 < P; p0 += 8) {
     const int64_t np = std::min<int64_t>(8, P - p0);
@@ -128,22 +136,22 @@ SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const float* hi_p
       for (int r = 0; r < 8; ++r) {
         v8 acc = {};
         if (r < np) {
-          const float* hi = hi_pages + (p0 + r) * d;
-          const float* lo = lo_pages + (p0 + r) * d;
+          const typename St::E* hi = hi_pages + (p0 + r) * d;
+          const typename St::E* lo = lo_pages + (p0 + r) * d;
           for (int64_t i = 0; i < dvec; i += 8) {
             const v8 qv = Load<v8>(q + i);
-            const v8 x = qv * Load<v8>(hi + i);
-            const v8 y = qv * Load<v8>(lo + i);
+            const v8 x = qv * St::Load8(hi + i);
+            const v8 y = qv * St::Load8(lo + i);
             acc += x > y ? x : y;
           }
         }
         part[r] = acc;
       }
       for (int64_t r = 0; r < np; ++r) {
-        const float* hi = hi_pages + (p0 + r) * d;
-        const float* lo = lo_pages + (p0 + r) * d;
+        const typename St::E* hi = hi_pages + (p0 + r) * d;
+        const typename St::E* lo = lo_pages + (p0 + r) * d;
         float sc = HSum(part[r]);
-        for (int64_t i = dvec; i < d; ++i) sc += std::max(q[i] * hi[i], q[i] * lo[i]);
+        for (int64_t i = dvec; i < d; ++i) sc += std::max(q[i] * St::At(hi + i), q[i] * St::At(lo + i));
         if (!sum) score[g * ps + p0 + r] = sc;
         else total[r] = g == 0 ? sc : total[r] + sc;
       }

@@ -169,6 +169,8 @@ struct F32Rows {
     return v;
   }
   static inline __attribute__((always_inline)) float At(const float* p) { return *p; }
+  static inline __attribute__((always_inline)) void Store8(float* p, v8 v) { __builtin_memcpy(p, &v, sizeof(v)); }
+  static inline __attribute__((always_inline)) void Put(float* p, float x) { *p = x; }
 };
 struct F16Rows {
   typedef uint16_t E;
@@ -178,6 +180,10 @@ struct F16Rows {
     return v;
   }
   static inline __attribute__((always_inline)) float At(const uint16_t* p) { return HalfToFloat(*p); }
+  static inline __attribute__((always_inline)) void Store8(uint16_t* p, v8 v) {
+    for (int i = 0; i < 8; ++i) p[i] = FloatToHalf(v[i]);
+  }
+  static inline __attribute__((always_inline)) void Put(uint16_t* p, float x) { *p = FloatToHalf(x); }
 };
 #ifdef SOLM_ISA_VARIANTS
 struct F16cRows {
@@ -188,6 +194,10 @@ struct F16cRows {
     return v;
   }
   static inline __attribute__((always_inline)) float At(const uint16_t* p) { return HalfToFloat(*p); }
+  static inline __attribute__((always_inline)) void Store8(uint16_t* p, v8 v) {  // imm 0: nearest even
+    asm("vcvtps2ph $0, %1, %0" : "=m"(*reinterpret_cast<char(*)[16]>(p)) : "x"(v));
+  }
+  static inline __attribute__((always_inline)) void Put(uint16_t* p, float x) { *p = FloatToHalf(x); }
 };
 #endif
 

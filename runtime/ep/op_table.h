@@ -19,6 +19,7 @@ struct InputSpec {
   bool optional;
   bool int64 = false;  // declared int64 in the placeholder schema (ORT types an any-type output like the last
                        // any-type input: QuestAttention's present_key/value must follow past_value, not past_length)
+  bool half_too = false;  // float32 or float16: the page state (step protocol 3 keeps it in an fp16 cache's dtype)
 };
 
 struct OpSpec {
@@ -28,6 +29,9 @@ struct OpSpec {
   size_t n_out_required;                // outputs from this index on are optional
   std::vector<const char*> attributes;  // every attribute the kernel reads (each optional, with a default there)
   size_t n_out_float = SIZE_MAX;        // outputs from this index on may have any type (e.g. an fp16 KV cache)
+  // outputs [page_out, page_out + 2) have the type of the half_too inputs: solm_ep.cc registers a second placeholder
+  // typed float16 there, so ORT picks the float or the float16 schema from the page state a node is given
+  size_t page_out = 0;
 
   bool HasAttribute(const char* a) const {
     for (const char* x : attributes)
@@ -38,17 +42,19 @@ struct OpSpec {
 
 // One table for the whole library (an inline function's static is shared by every translation unit).
 inline const std::vector<OpSpec>& OpSpecs() {
-  constexpr InputSpec F{true, false}, Fo{true, true}, A{false, false}, Ao{false, true}, I64o{false, true, true};
+  constexpr InputSpec F{true, false}, Fo{true, true}, A{false, false}, Ao{false, true}, I64o{false, true, true},
+      Fp{true, true, false, true};
   static const std::vector<OpSpec> specs = {
-      // q, k, v, attn_mask? (bool or float), kappa, past_page_min?, past_page_max?, past_key?, past_value?
-      //   (float or float16 [B,Hkv,C,d] caches), past_length? (int64 [B])
-      //   -> out, present_page_min?, present_page_max?, present_key?, present_value?
-      {"QuestAttention", {F, F, F, Ao, F, Fo, Fo, Ao, Ao, I64o}, 5, 1,
-       {"scale", "is_causal", "page_size", "sinks", "window", "select_per_kv_head"}, 3},
+      // q, k, v, attn_mask? (bool or float), kappa, past_page_min?, past_page_max? (float, or float16 over a
+      //   float16 cache), past_key?, past_value? (float or float16 [B,Hkv,C,d] caches), past_length? (int64 [B])
+      //   -> out, present_page_min?, present_page_max? (as the page inputs), present_key?, present_value?
+      {"QuestAttention", {F, F, F, Ao, F, Fp, Fp, Ao, Ao, I64o}, 5, 1,
+       {"scale", "is_causal", "page_size", "sinks", "window", "select_per_kv_head"}, 3, 1},
       // qkv [B,T,(H+2Hkv)d], cos, sin [B|1,T,d/2], then QuestAttention's inputs 3.. and outputs (buffer form
       //   required by the kernel); out [B,T,H·d]
-      {"QuestAttentionRope", {F, F, F, Ao, F, Fo, Fo, Ao, Ao, I64o}, 5, 1,
-       {"scale", "page_size", "sinks", "window", "num_heads", "kv_num_heads", "interleaved", "select_per_kv_head"}, 3},
+      {"QuestAttentionRope", {F, F, F, Ao, F, Fp, Fp, Ao, Ao, I64o}, 5, 1,
+       {"scale", "page_size", "sinks", "window", "num_heads", "kv_num_heads", "interleaved", "select_per_kv_head"}, 3,
+       1},
       // x, w_gate?, b_gate?, w_up, b_up?, w_down, b_down?, rho, bits -> y
       {"SparseMLP", {F, Fo, Fo, F, Fo, F, Fo, F, F}, 1, 1, {"act", "skip"}},
       // x, codes_gate?, scale_gate?, offset_gate?, b_gate?, codes_up, scale_up, offset_up, b_up?, codes_down,

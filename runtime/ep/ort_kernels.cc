@@ -192,8 +192,13 @@ bool QuestKernel::PageStateOf(OrtKernelContext* kc, int64_t B, int64_t Hkv, int6
   const int64_t Pc = cache != nullptr && cache->capacity % S == 0 ? cache->capacity / S : -1;
   if (mn.present && Pc > 0 && mn.shape.size() == 4 && mn.shape == mx.shape && mn.shape[0] == B &&
       mn.shape[1] == Hkv && mn.shape[2] == Pc && mn.shape[3] == d) {
-    RequireFloat(mn, "past_page_min");
-    RequireFloat(mx, "past_page_max");
+    // float32 pages (protocol 2), or IEEE half pages over an fp16 cache (protocol 3): exactly the same values
+    const auto f16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    ps->f16 = cache->f16 && mn.type == f16 && mx.type == f16;
+    if (!ps->f16) {
+      RequireFloat(mn, "past_page_min");
+      RequireFloat(mx, "past_page_max");
+    }
     ps->past_min = mn.f(), ps->past_max = mx.f(), ps->stride = Pc;
     ps->min = Out(kc, 1, mn.shape);
     ps->max = Out(kc, 2, mx.shape);

@@ -61,25 +61,35 @@ const OrtEpApi* g_ep = nullptr;
 // ------------------------------------------------------------------------------------------------ op table
 // The ops, their inputs, outputs and attributes: op_table.h (OpSpecs / FindSpec), shared with c_api.cc.
 
-ONNXTensorElementDataType InputType(const OpSpec& spec, size_t i) {
+ONNXTensorElementDataType InputType(const OpSpec& spec, size_t i, bool half_pages) {
+  if (half_pages && spec.inputs[i].half_too) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
   if (spec.inputs[i].float32) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   return spec.inputs[i].int64 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 }
 
 // Placeholder custom ops: they only give ORT a schema for ai.solm so graphs validate; SolmEP compiles the nodes.
-// If a node is ever left to the CPU EP (e.g. non-float inputs), its Compute fails with a clear message.
+// If a node is ever left to the CPU EP (e.g. non-float inputs), its Compute fails with a clear message. An op with
+// page state (half_too inputs) has two: page state float32 (protocols 1-2) and float16 (protocol 3 over an fp16
+// cache). ORT types each node's outputs by the first whose inputs match: a one-type output by its type (the page
+// outputs), an any-type output like the last multi-type input (present_key/value: past_value).
 struct PlaceholderOp : OrtCustomOp {
   const OpSpec* spec;
-  explicit PlaceholderOp(const OpSpec* s) : OrtCustomOp{}, spec(s) {
+  bool half_pages;
+  explicit PlaceholderOp(const OpSpec* s, bool half = false) : OrtCustomOp{}, spec(s), half_pages(half) {
     version = kSolmOrtApi;
     GetName = [](const OrtCustomOp* op) { return static_cast<const PlaceholderOp*>(op)->spec->name; };
     GetExecutionProviderType = [](const OrtCustomOp*) { return kEpName; };
     GetInputTypeCount = [](const OrtCustomOp* op) { return static_cast<const PlaceholderOp*>(op)->spec->inputs.size(); };
-    GetInputType = [](const OrtCustomOp* op, size_t i) { return InputType(*static_cast<const PlaceholderOp*>(op)->spec, i); };
+    GetInputType = [](const OrtCustomOp* op, size_t i) {
+      const auto* self = static_cast<const PlaceholderOp*>(op);
+      return InputType(*self->spec, i, self->half_pages);
+    };
     GetOutputTypeCount = [](const OrtCustomOp* op) { return static_cast<const PlaceholderOp*>(op)->spec->n_out; };
     GetOutputType = [](const OrtCustomOp* op, size_t i) {
-      return i < static_cast<const PlaceholderOp*>(op)->spec->n_out_float ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
-                                                                           : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+      const auto* self = static_cast<const PlaceholderOp*>(op);
+      const size_t p = self->spec->page_out;
+      if (self->half_pages && p > 0 && i >= p && i < p + 2) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+      return i < self->spec->n_out_float ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
     };
     GetInputCharacteristic = [](const OrtCustomOp* op, size_t i) {
       return static_cast<const PlaceholderOp*>(op)->spec->inputs[i].optional ? INPUT_OUTPUT_OPTIONAL
@@ -269,8 +279,11 @@ struct SolmFactory : OrtEpFactory {
   OrtStatus* Init() {
     if (OrtStatus* s = g_ort->CreateCustomOpDomain(kDomain, &domain)) return s;
     for (const auto& spec : OpSpecs()) {
-      ops.push_back(std::make_unique<PlaceholderOp>(&spec));
-      if (OrtStatus* s = g_ort->CustomOpDomain_Add(domain, ops.back().get())) return s;
+      for (bool half : {false, true}) {
+        if (half && spec.page_out == 0) continue;
+        ops.push_back(std::make_unique<PlaceholderOp>(&spec, half));
+        if (OrtStatus* s = g_ort->CustomOpDomain_Add(domain, ops.back().get())) return s;
+      }
     }
     return nullptr;
   }

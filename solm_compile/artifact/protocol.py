@@ -12,8 +12,9 @@ from __future__ import annotations
 from solm_compile.errors import UserError
 
 PROTOCOL = 1             # portable and dense artifacts (and ai.solm ones in the concat form): equal-length rows
-BUFFER_PROTOCOL = 2      # the ai.solm kinds' buffer form: per-row lengths, page state in place (continuous batching)
-SUPPORTED = (1, 2)
+BUFFER_PROTOCOL = 3      # the ai.solm kinds' buffer form: per-row lengths, page state in place (continuous batching)
+                         # in the KV cache's dtype (2: the same with float32 page state)
+SUPPORTED = (1, 2, 3)
 
 
 def check(meta: dict, path) -> int:

@@ -93,25 +93,27 @@ GATE_CONTROLS = OpSig(
 # present_value (same shape and type; meant to be the same buffers as past_key / past_value, bound so by the
 # caller: then written in place, otherwise the valid past rows are copied first), and the op attends over the
 # L = past_length + T valid rows. attn_mask is then [.., T, L]. Without them (export, portable): k/v are all L keys.
+# The page state (P) is float32, or float16 over a float16 cache (step protocol 3: a min/max of fp16 keys is exact).
 QUEST_ATTENTION = OpSig(
     "quest_attention", "QuestAttention",
     inputs=(Param("q", "T"), Param("k", "T"), Param("v", "T"), Param("attn_mask", "M", optional=True),
             Param("kappa", "C"),
-            Param("past_page_min", "T", optional=True, state=True),
-            Param("past_page_max", "T", optional=True, state=True),
+            Param("past_page_min", "P", optional=True, state=True),
+            Param("past_page_max", "P", optional=True, state=True),
             Param("past_key", "K", optional=True, state=True),
             Param("past_value", "K", optional=True, state=True),
             Param("past_length", "I", optional=True, state=True)),
     outputs=(Param("out", "T"),
-             Param("present_page_min", "T", optional=True, state=True),
-             Param("present_page_max", "T", optional=True, state=True),
+             Param("present_page_min", "P", optional=True, state=True),
+             Param("present_page_max", "P", optional=True, state=True),
              Param("present_key", "K", optional=True, state=True),
              Param("present_value", "K", optional=True, state=True)),
     attributes=(Attr("scale", "float"), Attr("is_causal", "int", export=False), Attr("page_size", "int"),
                 Attr("sinks", "int"), Attr("window", "int"),
                 Attr("select_per_kv_head", "int", torch=False, export=False)),
     types=(("T", FLOAT_TYPES), ("M", ("tensor(bool)",) + FLOAT_TYPES), ("C", FLOAT_TYPES),
-           ("K", ("tensor(float)", "tensor(float16)")), ("I", ("tensor(int64)",))))
+           ("K", ("tensor(float)", "tensor(float16)")), ("P", ("tensor(float)", "tensor(float16)")),
+           ("I", ("tensor(int64)",))))
 
 # QuestAttention with the head layout and the rotary embedding inside (issue 17; made by passes/fuse_rope_attention.py
 # on the SolmEP kinds, never by export): qkv [B, T, (H + 2·Hkv)·d] is the q, k and v projections side by side
