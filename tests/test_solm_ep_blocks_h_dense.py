@@ -21,7 +21,7 @@ from solm_compile.passes.pack_weights import _pack
 from solm_compile.quant.blocks import BlockQuant, requantize_transposed
 from test_solm_ep import _close, _session, lib  # noqa: F401  (lib: the fixture)
 from test_solm_ep_blocks import q4_1
-from test_solm_ep_blocks_h import ACT, D, I, deq_loop, h_model, lin_int8, masked_mlp
+from test_solm_ep_blocks_h import ACT, D, I, _kept, deq_loop, h_model, lin_int8, masked_mlp
 
 
 def weights(rng, gated=True):
@@ -51,10 +51,12 @@ def run(w, src, x, rho, activations=None, threads=1):
 
 
 def want(w, src, x, rho, act="silu", activations="fp32"):
-    """Rows at ρ < 1: masked_mlp on downT; rows at ρ ≥ 1: the source down on all of h."""
+    """fp32: rows at ρ < 1 masked_mlp on downT, rows at ρ ≥ 1 the source down on all of h. int8 (a 4-bit source):
+    every row the source down on h masked to its kept units, h quantised per block of 32 (lin_int8)."""
     out = masked_mlp(w, x, rho, act, activations=activations)
     wd = deq_loop(src)                                                                 # [D, I]
-    for b in np.flatnonzero(np.asarray(rho, np.float32) >= 1):
+    rows = range(x.shape[0]) if activations == "int8" else np.flatnonzero(np.asarray(rho, np.float32) >= 1)
+    for b in rows:
         for t in range(x.shape[1]):
             xt = x[b, t]
             if activations == "int8":
@@ -63,7 +65,11 @@ def want(w, src, x, rho, act="silu", activations="fp32"):
                 u = deq_loop(w["up"]) @ xt.astype(np.float64)
                 g = deq_loop(w["gate"]) @ xt.astype(np.float64) if "gate" in w else None
             h = ACT[act](g) * u if g is not None else ACT[act](u)
-            out[b, t] = lin_int8(h.astype(np.float32), src) if activations == "int8" else wd @ h
+            if activations == "int8":
+                keep = _kept(h, float(np.float32(rho[b])))
+                out[b, t] = lin_int8(np.where(keep, h, 0.0).astype(np.float32), src)
+            else:
+                out[b, t] = wd @ h
     return out
 
 
@@ -95,16 +101,18 @@ def test_a_mixed_batch_equals_its_rows_one_by_one(lib):
         np.testing.assert_array_equal(got[b], run(w, src, x[b:b + 1], rho[b:b + 1], "int8")[0])
 
 
-def test_dense_rows_never_read_down_transposed(lib):
-    """downT poisoned whole (NaN scales, huge offsets): a batch at ρ = 1 stays finite and equal to the reference."""
+@pytest.mark.parametrize("rho", [[1.0, 1.0], [0.5, 0.3]])
+def test_int8_rows_never_read_down_transposed(lib, rho):
+    """downT poisoned whole (NaN scales, huge offsets): under int8 with a 4-bit copy every row reads the source's
+    down, at ρ = 1 and below, so the batch stays finite and equal to the reference."""
     rng = np.random.default_rng(9)
     w, src = weights(rng)
     x = rng.standard_normal((2, 1, D), dtype=np.float32)
-    clean = want(w, src, x, [1.0, 1.0], activations="int8")
+    clean = want(w, src, x, rho, activations="int8")
     dn = w["down"]
     w["down"] = BlockQuant(np.full_like(dn.codes, 255), np.full_like(dn.scale, np.nan), np.full_like(dn.offset, 3e38),
                            dn.bits, dn.fmt)
-    got = run(w, src, x, [1.0, 1.0], "int8")
+    got = run(w, src, x, rho, "int8")
     assert np.isfinite(got).all()
     _close(got, clean)
 
@@ -169,8 +177,8 @@ def test_bad_dense_down_is_refused(lib):
 
 
 def test_work_counters_say_which_down_was_read(lib):
-    """mlp_down_dense_rows counts the units a ρ ≥ 1 row read through the source-layout copy, mlp_down_rows only
-    downᵀ's rows (bench/tensor_bytes.py turns them into bytes)."""
+    """mlp_down_dense_rows counts the units a row read through the source-layout copy (all of them at ρ ≥ 1, the
+    kept ones below under int8), mlp_down_rows only downᵀ's rows (bench/tensor_bytes.py turns them into bytes)."""
     from solm_compile.runtime import ep
 
     rng = np.random.default_rng(12)
@@ -186,4 +194,59 @@ def test_work_counters_say_which_down_was_read(lib):
 
     dense, half = count(1.0), count(0.5)
     assert (dense["mlp_down_dense_rows"], dense["mlp_down_rows"], dense["mlp_down_rows_dense"]) == (I, 0, I)
-    assert (half["mlp_down_dense_rows"], half["mlp_down_rows"]) == (0, I // 2)
+    assert (half["mlp_down_dense_rows"], half["mlp_down_rows"]) == (I // 2, 0)
+
+
+_SCRIPT = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+import onnxruntime as ort
+import test_solm_ep_blocks_h_dense as t
+from test_solm_ep import _close
+from test_solm_ep_blocks import q4_1
+from solm_compile.quant.blocks import requantize_transposed
+from solm_compile.runtime import ep
+assert ep.register(ort, path=sys.argv[1])
+rng = np.random.default_rng(3)
+for dout in (96, 576):   # one tile of 128 rows (padded), and 4.5 tiles (SmolLM2's 576)
+    src = q4_1(rng, dout, t.I)
+    w = {"up": q4_1(rng, t.I, t.D), "gate": q4_1(rng, t.I, t.D), "down": requantize_transposed(src, 8)}
+    x = rng.standard_normal((3, 2, t.D), dtype=np.float32)
+    rho = [1.0, 0.5, 0.3]
+    _close(t.run(w, src, x, rho, "int8", threads=2), t.want(w, src, x, rho, activations="int8"))
+print("REPORT " + json.dumps(ep.isa_report(sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize("cap", ["baseline", "x86-64-v4"])
+def test_every_isa_variant_of_the_regrouped_down(lib, cap):
+    """The regrouped source down (int8 h, rows at ρ < 1 too) under SOLM_EP_ISA caps without VNNI, in a fresh
+    process: the plain variant, against the reference (the vpdpbusd one runs in this process: the tests above)."""
+    from pathlib import Path
+
+    from solm_compile.runtime import ep
+    from test_ep_isa import report_under_cap
+
+    report = report_under_cap(cap, _SCRIPT, str(ep._registered), Path(__file__).parent)
+    assert report["sparse_mlp_blocks_int8"] == cap
+
+
+@pytest.mark.parametrize("scales", ["half", "fp32"])
+@pytest.mark.parametrize("dout", [576, 352])
+def test_many_tiles_of_output_rows(lib, dout, scales):
+    """SmolLM2's 576 rows are 4.5 tiles of 128 (two work items of 3 and 2 tiles), 352 is 2.75: padding rows
+    never reach y; one and two threads give the same bits. The regrouped copy keeps the scales as IEEE half when
+    they all round-trip (a GGUF's do: q4_1's), else fp32 (a scale nudged off every half value)."""
+    rng = np.random.default_rng(dout)
+    src = q4_1(rng, dout, I)
+    if scales == "fp32":
+        src = BlockQuant(src.codes, (src.scale * np.float32(1 + 2**-20)).astype(np.float32), src.offset, src.bits,
+                         src.fmt)
+        assert not np.array_equal(src.scale.astype(np.float16).astype(np.float32), src.scale)
+    w = {"up": q4_1(rng, I, D), "gate": q4_1(rng, I, D), "down": requantize_transposed(src, 8)}
+    x = rng.standard_normal((2, 1, D), dtype=np.float32)
+    rho = [0.5, 0.3]
+    one = run(w, src, x, rho, "int8")
+    _close(one, want(w, src, x, rho, activations="int8"))
+    np.testing.assert_array_equal(run(w, src, x, rho, "int8", threads=2), one)

@@ -43,3 +43,16 @@ def test_rho_on_h_counts_the_kept_units_of_the_transposed_down():
     assert dict(part_bytes({**META_H, "weights": {"packed": {"mlp_downT_int8-rtn": 1}}}))["mlp_down"] == 40 / 32
     got = TokenCost(META_H)(100, (1.0, 0.5, 16))
     assert abs(got - (12800 + 7680 + 6868 + 10240 + 3072) / (12800 + 7680 + 6868 + 10240 + 5120)) < 1e-12
+
+
+def test_int8_activations_with_a_4bit_copy_read_the_copy_at_every_budget():
+    # SparseMLPBlocks under int8 activations with down's 4-bit source copy runs every row's down on that copy
+    # (rows at ρ < 1 read their kept units' Q4_1 codes, 20/32 bytes a weight), so downT's 24/32 is not what a sparse
+    # row reads; under fp32 activations it still is. At L = 100, κ = 1, ρ = 0.5 (the hand count above): down 4096
+    # weights · 20/32 = 2560 instead of 3072.
+    packed = {**META_H["weights"]["packed"], "mlp_down_dense_Q4_1": 1}
+    int8 = {**META_H, "weights": {"packed": packed, "activations": "int8"}}
+    fp32 = {**META_H, "weights": {"packed": packed, "activations": "fp32"}}
+    assert dict(part_bytes(int8))["mlp_down"] == 20 / 32 and dict(part_bytes(fp32))["mlp_down"] == 24 / 32
+    got = TokenCost(int8)(100, (1.0, 0.5, 16))
+    assert abs(got - (12800 + 7680 + 6868 + 10240 + 2560) / (12800 + 7680 + 6868 + 10240 + 5120)) < 1e-12

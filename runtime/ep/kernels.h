@@ -308,6 +308,27 @@ struct BlockRows {
   void Set(const uint8_t* codes, const float* scale, const float* offset, int64_t I, int64_t D, int bits);
 };
 
+// skip="h" with int8 activations: down's 4-bit source-layout copy regrouped so that one unit's codes are contiguous
+// (kernels_mlp_blocks_hg.cc). Units go in groups of 32 (the source's blocks along I): per group g and unit u, the
+// codes of every output row, 128 rows a tile, 64 bytes a tile (byte i: row 128k+i low nibble, row 128k+64+i high);
+// per group the source's scale and offset of every row, in the kernel's accumulator order. Lossless: the same
+// codes, scales and offsets as the source blocks, so y = Σ_g scale·(d_g·Σ_kept q·code) + offset·Σ_kept h, the
+// source's int8 dot product on the masked h, reading only the kept units' codes (and each group's scales once).
+struct DownGroups {
+  static constexpr int64_t kTile = 128;
+  int64_t I = 0, D = 0, Dp = 0, G = 0;  // Dp: D rounded up to kTile (padding rows: code 0, scale 0, offset 0)
+  std::vector<uint8_t> codes;           // [G, 32, Dp/2]
+  std::vector<float> scale, offset;     // [G, Dp] in accumulator order (kernels_mlp_blocks_hg.cc)
+  // the same as IEEE half when every value round-trips (a GGUF's d and m always do): half the scale bytes, the same
+  // floats (then scale/offset are empty)
+  std::vector<uint16_t> scale_h, offset_h;
+  bool half() const { return !scale_h.empty(); }
+  bool empty() const { return codes.empty(); }
+  int64_t UnitBytes() const { return Dp / 2; }
+  // From the source operands: codes [D, I/32, 16] (4 bits: input 2j low nibble), scale/offset [D, I/32].
+  void Set(const uint8_t* codes, const float* scale, const float* offset, int64_t D, int64_t I);
+};
+
 struct MlpBlockWeights {
   bool gated = false;
   // skip="h": ρ keeps units of h (gate/up dense), down is down_t (BlockRows) and `down` is unused.
@@ -315,6 +336,9 @@ struct MlpBlockWeights {
   BlockRows down_t;
   // skip="h" with down also in its source layout (`down`): tokens whose rho >= 1 run the skip="x" down on all of h
   bool down_dense = false;
+  // ... and under activations="int8" with a 4-bit copy, that copy regrouped (DownGroups): rows at rho < 1 then run
+  // the source's down on their masked h too, reading only the kept units (reference.sparse_mlp_blocks_h_ref)
+  DownGroups down_g;
   int64_t Dout() const { return skip_h ? down_t.D : down.N; }
   // Activations: false = fp32 (exact: Σ x·w in fp32); true = int8 per block of 32 (the op's activations="int8",
   // reference.sparse_mlp_blocks_ref: x and h quantised per block, sx = max|x|/127, round half to even; integer dot

@@ -267,6 +267,7 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
   if (q8) NoteIsa(kIsaMlpBlocksInt8, KQ.isa);
   else NoteIsa(kIsaMlpBlocks, K.isa);
   if (hskip) NoteIsa(kIsaMlpBlocks, BlocksH().isa);  // its down projection (fp32 h in either mode)
+  if (hskip && q8 && !W.down_g.empty()) NoteIsa(kIsaMlpBlocksInt8, BlocksHG().isa);  // or the regrouped source's
   const int64_t nbD = D / BlockMatrix::kBlock, nbI = I / BlockMatrix::kBlock, Ip = W.up.Np;
   const int64_t Dp = any_dense ? W.down.Np : Dout;
   float* xs = Grow(sc.xs, static_cast<size_t>(N * D));

@@ -325,8 +325,21 @@ void SparseMlpBlocksDownH(const float* h, int64_t Ip, int64_t N, int64_t T, int6
   par.For(static_cast<size_t>(N), select);
   uint64_t kept = 0;
   for (int64_t n = 0; n < N; ++n) kept += static_cast<uint64_t>(cnt[n]);
-  st.mlp_down_rows.fetch_add(kept, std::memory_order_relaxed);
+  (W.down_g.empty() ? st.mlp_down_rows : st.mlp_down_dense_rows).fetch_add(kept, std::memory_order_relaxed);
 
+  if (!W.down_g.empty()) {  // int8 h on the source's down, only the kept units (kernels_mlp_blocks_hg.cc)
+    const BlockHGKernels& KG = BlocksHG();
+    const int64_t tiles = W.down_g.Dp / DownGroups::kTile, per = std::min<int64_t>(8, (tiles + 1) / 2);
+    const int64_t chunks = (tiles + per - 1) / per;  // two items a token where they fit (the VNNI kernel: <= 8 tiles)
+    auto down = [&](size_t it) {
+      const int64_t n = static_cast<int64_t>(it) / chunks, k0 = static_cast<int64_t>(it) % chunks * per;
+      const int64_t k1 = std::min(k0 + per, tiles);
+      KG.down(W.down_g, h + n * Ip, idx + n * I, cnt[n], k0, k1, y + n * Dout);
+      for (int64_t j = k0 * DownGroups::kTile; j < std::min(k1 * DownGroups::kTile, Dout) && !W.b_down.empty(); ++j)
+        y[n * Dout + j] += W.b_down[j];
+    };
+    return par.For(static_cast<size_t>(N * chunks), down);
+  }
   const BlockHKernels& KH = BlocksH();
   const int64_t tile = KH.many ? KH.tile : 1, groups = (N + tile - 1) / tile;
   int32_t* units = Grow(sc.hunion, static_cast<size_t>(groups * I));

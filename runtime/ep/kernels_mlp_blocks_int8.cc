@@ -352,7 +352,6 @@ void GemmBase(const BlockMatrix& W, const BlockQIn* in, int64_t nt, int64_t g0, 
   GemmT<vf4, kScalar>(W, in, nt, g0, g1, y, ys);
 }
 #if defined(SOLM_ISA_VARIANTS)
-#define SOLM_TARGET_V4_VNNI __attribute__((target("arch=x86-64-v4,avx512vnni")))
 // AVX2: vpmaddubsw + vpmaddwd, 8 lanes, two groups at a time.
 SOLM_TARGET_V3 void QuantV3(const float* x, int64_t nb, int8_t* q, float* d) { QuantT<v8>(x, nb, q, d); }
 SOLM_TARGET_V3 void GemvV3(const BlockMatrix& W, const BlockQIn& in, int64_t g0, int64_t g1, float* y) {

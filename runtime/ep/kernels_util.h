@@ -22,6 +22,8 @@
 #define SOLM_ISA_VARIANTS 1
 #define SOLM_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
 #define SOLM_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+// x86-64-v4 with AVX512_VNNI (vpdpbusd): the int8-activation kernels only, picked where IsaVnni().
+#define SOLM_TARGET_V4_VNNI __attribute__((target("arch=x86-64-v4,avx512vnni")))
 #endif
 // A variant body: inlined into each ISA's wrapper, so it is compiled with that wrapper's target.
 #define SOLM_INLINE inline __attribute__((always_inline))
@@ -358,6 +360,15 @@ struct BlockHKernels {
   const char* isa;
 };
 const BlockHKernels& BlocksH();
+// The rows at rho < 1 on DownGroups (kernels_mlp_blocks_hg.cc): y[128·k0 .. 128·k1) (rows < D) of one token from its
+// n kept units idx (ascending, h != 0), the source's int8 dot product on the masked h.
+using DownGFn = void (*)(const DownGroups&, const float* h, const int32_t* idx, int64_t n, int64_t k0, int64_t k1,
+                         float* y);
+struct BlockHGKernels {
+  DownGFn down;
+  const char* isa;
+};
+const BlockHGKernels& BlocksHG();
 // SparseMLPBlocks' skip="h" tail (kernels_mlp_blocks_h.cc): per token the top-k units of h [N, Ip] (ρ of row n/T),
 // then y [N, Dout] = Σ_kept h_j·downT[j] (+ b_down), unfake-quantised.
 void SparseMlpBlocksDownH(const float* h, int64_t Ip, int64_t N, int64_t T, int64_t I, int64_t Dout,

@@ -22,6 +22,9 @@ BLOCK_BYTES = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q5_0": (22, 32), "Q5_1": (24
 # SparseMLPBlocks' transposed down under --mlp-skip h (``mlp_downT_<fmt>``, passes/pack_mlp.py): re-quantised blocks of
 # 32 that the kernel keeps as codes plus an fp32 scale and offset per block (BlockRows, runtime/ep/kernels.h)
 DOWN_T_BYTES = {"int8-rtn": (32 + 8, 32), "int4-rtn": (16 + 8, 32)}
+# ... except under int8 activations with a 4-bit source copy of down (``mlp_down_dense_<fmt>``): then the rows at ρ < 1
+# read that copy's kept units too (SolmEP regroups it unit-major; scales as half when they round-trip, as a GGUF's)
+FOUR_BIT = {"Q4_0": BLOCK_BYTES["Q4_0"], "Q4_1": BLOCK_BYTES["Q4_1"], "int4-rtn": (16 + 8, 32)}
 
 
 def _format_bytes(packed: dict, prefixes: tuple[str, ...]) -> float | None:
@@ -40,7 +43,8 @@ def _format_bytes(packed: dict, prefixes: tuple[str, ...]) -> float | None:
 def part_bytes(meta: dict) -> tuple:
     """((part, bytes per element), ...) for ``CostModel`` from an artifact's metadata: fp32 unless its weights are
     packed blocks (``solm.weights``) or its KV cache is fp16 (``solm.kv_cache``). "mlp_down" is the down projection:
-    the MLP's format, or under --mlp-skip h its transposed re-quantised blocks (``DOWN_T_BYTES``)."""
+    the MLP's format, or under --mlp-skip h its transposed re-quantised blocks (``DOWN_T_BYTES``), or with int8
+    activations and a 4-bit source copy that copy (``FOUR_BIT``)."""
     packed = (meta.get("weights") or {}).get("packed") or {}
     kv = 2 if (meta.get("kv_cache") or {}).get("dtype") == "float16" else 4
     dense = _format_bytes(packed, ("matmul_",)) or 4
@@ -48,6 +52,9 @@ def part_bytes(meta: dict) -> tuple:
     down_t = [DOWN_T_BYTES[r[len("mlp_downT_"):]] for r in packed
               if r.startswith("mlp_downT_") and r[len("mlp_downT_"):] in DOWN_T_BYTES]
     down = down_t[0][0] / down_t[0][1] if down_t else mlp
+    copy = [r[len("mlp_down_dense_"):] for r in packed if r.startswith("mlp_down_dense_")]
+    if (meta.get("weights") or {}).get("activations") == "int8" and copy and copy[0] in FOUR_BIT:
+        down = FOUR_BIT[copy[0]][0] / FOUR_BIT[copy[0]][1]    # every row reads the 4-bit source copy's kept units
     head = _format_bytes(packed, ("gather_",)) or dense
     return (("attention", kv), ("mlp", mlp), ("mlp_down", down), ("dense", dense), ("head", head))
 

@@ -31,7 +31,8 @@ Semantics (SOL, shared/research/sol_method.md §2, plus solm's forced sinks/wind
   units of h instead: gate/up on all of x, the ⌈ρ·I⌉ units of largest |h| kept (``topk_channels_ref`` on h: ties at
   the threshold kept), y = Σ_kept h_j·downT[j, :] with down given transposed ([I, D] blocks); "int8" then
   quantises x only (h stays fp32). With the optional source-layout down (``*_down_dense``) a row at ρ ≥ 1 runs
-  y = down(h) on it instead (int8: h quantised per block, as skip "x").
+  y = down(h) on it instead (int8: h quantised per block, as skip "x"); under "int8" with a 4-bit copy every row
+  does, on the masked h (so downT is then unused).
 - ``sparse_mlp``: per token keep the ⌈ρ·D⌉ input channels of largest |x| (every channel ≥ the k-th largest),
   zero the rest, run the MLP (``skip="h"``: run gate/up on all of x and keep the ⌈ρ·I⌉ units of largest |h| instead), then fake-quantise its output per token, symmetric, q_max = 2^(b−1)−1; b ≥ 16 is
   the identity.
@@ -289,7 +290,8 @@ def sparse_mlp_blocks_h_ref(x, g, u, dn, rho, bits, act: str, activations: str =
     Per token: up/gate on all of x (int8 activations: x quantised per block as ``linear_blocks_int8_ref``), h =
     act(gate)·up, keep the ⌈ρ·I⌉ largest |h| (ties kept), y = Σ_kept h_j·downT[j] + b_down, fake-quantised.
     ``dense`` (codes, scale, offset, bits): down in its source layout [D, I]; a row whose ρ ≥ 1 then takes
-    y = down(h) + b_down on it (int8: h quantised per block, ``linear_blocks_int8_ref``) instead of downT."""
+    y = down(h) + b_down on it (int8: h quantised per block, ``linear_blocks_int8_ref``) instead of downT. With
+    activations "int8" and a 4-bit copy every row does, on its masked h (a dropped unit quantises to 0)."""
     fn = ACTIVATIONS[act]
     if activations not in ("fp32", "int8"):
         raise ValueError(f"sparse_mlp_blocks: activations must be fp32 or int8, got {activations!r}")
@@ -310,7 +312,9 @@ def sparse_mlp_blocks_h_ref(x, g, u, dn, rho, bits, act: str, activations: str =
                 h = fn(F.linear(xt, wg, g[4])) * up if g is not None else fn(up)
             hk = topk_channels_ref(h, float(rho[b]))
             kept = hk != 0                                                       # a kept 0 adds nothing
-            if dense is not None and float(rho[b]) >= 1:
+            if dense is not None and activations == "int8" and dense[3] == 4:    # every row: the source's down
+                y = linear_blocks_ref(hk, *dense[:3], None, dense[3], 32, activations)   # on the masked h
+            elif dense is not None and float(rho[b]) >= 1:
                 y = linear_blocks_ref(h, *dense[:3], None, dense[3], 32, activations)
             else:
                 y = hk[kept] @ wd_t[kept]

@@ -163,7 +163,9 @@ SPARSE_MLP = OpSig(
 # ``codes/scale/offset_down_dense`` (optional, skip "h" only; ``bits_down_dense``): down ALSO in its source layout
 # [D, I/32, ..] (nn.Linear, the blocks the weight table holds, lossless). A token whose ρ ≥ 1 (every unit kept) then
 # runs y = down(h) on these, as skip "x" does (int8: h quantised per block of 32), instead of downT: the dense budget
-# reads the source's bytes (half of downT's 8-bit ones) at the int8 dot product's speed.
+# reads the source's bytes (half of downT's 8-bit ones) at the int8 dot product's speed. With activations "int8" and
+# a 4-bit copy (``bits_down_dense`` 4) every row does, on h masked to its kept units (the source's int8 dot product,
+# lossless, reading only the kept units' codes: SolmEP regroups the copy unit-major), and downT goes unused.
 BLOCK_ACTIVATIONS = ("fp32", "int8")
 MLP_SKIPS = ("x", "h")
 MLP_SKIP_DEFAULT = "x"       # the shipped policies were trained with ρ on x (solm-compile --mlp-skip, SolmConfig)
