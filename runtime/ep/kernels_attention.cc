@@ -20,33 +20,29 @@ const char* SelectedIsa() { return IsaName(IsaLevel()); }
 
 namespace {
 
+// Page min/max and page score variants: keys read as KR, pages held as SR (kernels_util.h row readers: F32Rows, or a
+// half reader; their element type E is the pointers').
+#define SOLM_PAGE_MINMAX(NAME, ATTR, KR, SR)                                                                   \
+  ATTR void NAME(const KR::E* K, int64_t j0, int64_t L, int64_t d, int64_t S, SR::E* hi, SR::E* lo) {         \
+    PageMinMaxBody<KR, SR>(K, j0, L, d, S, hi, lo);                                                           \
+  }
+#define SOLM_PAGE_SCORES(NAME, ATTR, SR)                                                                       \
+  ATTR void NAME(const float* qrows, int64_t G, const SR::E* hi, const SR::E* lo, int64_t P, int64_t ps,      \
+                 int64_t d, float* score, bool sum) {                                                         \
+    PageScoresBody<SR>(qrows, G, hi, lo, P, ps, d, score, sum);                                               \
+  }
+
 // The decode family's variants (kernels_util.h): the bodies above compiled for each ISA, one table per process.
-// Each variant also reads fp16 caches (H: HALF, the half-row reader of that ISA); VEC: softmax·v's vector.
+// Each variant also reads fp16 caches (H: HALF, the half-row reader of that ISA); VEC: softmax·v's vector. Page
+// state: fp32 (PageMinMax, PageMinMaxH over an fp16 cache, PageScores) or fp16 (HH, FH from a prefill's fp32
+// gather, PageScoresH: step protocol 3).
 #define SOLM_DECODE_VARIANT(SUFFIX, ATTR, HALF, VEC)                                                                    \
-  ATTR void PageMinMax##SUFFIX(const float* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi,           \
-                               float* lo) {                                                                      \
-    PageMinMaxBody<F32Rows, F32Rows>(K, j0, L, d, S, hi, lo);                                                    \
-  }                                                                                                              \
-  ATTR void PageMinMaxH##SUFFIX(const uint16_t* K, int64_t j0, int64_t L, int64_t d, int64_t S, float* hi,       \
-                                float* lo) {                                                                     \
-    PageMinMaxBody<HALF, F32Rows>(K, j0, L, d, S, hi, lo);                                                       \
-  }                                                                                                              \
-  ATTR void PageMinMaxHH##SUFFIX(const uint16_t* K, int64_t j0, int64_t L, int64_t d, int64_t S, uint16_t* hi,   \
-                                 uint16_t* lo) {                                                                 \
-    PageMinMaxBody<HALF, HALF>(K, j0, L, d, S, hi, lo);                                                          \
-  }                                                                                                              \
-  ATTR void PageMinMaxFH##SUFFIX(const float* K, int64_t j0, int64_t L, int64_t d, int64_t S, uint16_t* hi,      \
-                                 uint16_t* lo) {                                                                 \
-    PageMinMaxBody<F32Rows, HALF>(K, j0, L, d, S, hi, lo);                                                       \
-  }                                                                                                              \
-  ATTR void PageScores##SUFFIX(const float* qrows, int64_t G, const float* hi, const float* lo, int64_t P,       \
-                               int64_t ps, int64_t d, float* score, bool sum) {                                  \
-    PageScoresBody<F32Rows>(qrows, G, hi, lo, P, ps, d, score, sum);                                             \
-  }                                                                                                              \
-  ATTR void PageScoresH##SUFFIX(const float* qrows, int64_t G, const uint16_t* hi, const uint16_t* lo,           \
-                                int64_t P, int64_t ps, int64_t d, float* score, bool sum) {                      \
-    PageScoresBody<HALF>(qrows, G, hi, lo, P, ps, d, score, sum);                                                \
-  }                                                                                                              \
+  SOLM_PAGE_MINMAX(PageMinMax##SUFFIX, ATTR, F32Rows, F32Rows)                                                   \
+  SOLM_PAGE_MINMAX(PageMinMaxH##SUFFIX, ATTR, HALF, F32Rows)                                                     \
+  SOLM_PAGE_MINMAX(PageMinMaxHH##SUFFIX, ATTR, HALF, HALF)                                                       \
+  SOLM_PAGE_MINMAX(PageMinMaxFH##SUFFIX, ATTR, F32Rows, HALF)                                                    \
+  SOLM_PAGE_SCORES(PageScores##SUFFIX, ATTR, F32Rows)                                                            \
+  SOLM_PAGE_SCORES(PageScoresH##SUFFIX, ATTR, HALF)                                                              \
   ATTR uint64_t AttendRows##SUFFIX(const float* qrows, int64_t G, const float* K, const float* V, int64_t d,      \
                                    int64_t dv, float scale, const int32_t* idx, int64_t n, bool pf,              \
                                    const uint8_t* keep, int64_t ks, const MaskRow* masks, float* logit, float* mx, \
@@ -67,6 +63,8 @@ SOLM_DECODE_VARIANT(V3, SOLM_TARGET_V3, F16cRows, v8)
 SOLM_DECODE_VARIANT(V4, SOLM_TARGET_V4, F16cRows, vf16)
 #endif
 #undef SOLM_DECODE_VARIANT
+#undef SOLM_PAGE_SCORES
+#undef SOLM_PAGE_MINMAX
 
 struct DecodeKernelTable {
   decltype(&PageMinMaxBase) page_minmax;
