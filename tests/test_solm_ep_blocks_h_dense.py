@@ -166,8 +166,9 @@ def test_portable_translation_takes_the_dense_down():
 def test_bad_dense_down_is_refused(lib):
     rng = np.random.default_rng(2)
     w, src = weights(rng)
-    with pytest.raises(Exception, match="down_dense must be \\[96, 160\\]"):
-        _session(model(w, q4_1(rng, D, 128)))
+    for acts in (None, "int8"):          # int8: refused before the copy is regrouped (it would read past a short one)
+        with pytest.raises(Exception, match="down_dense must be \\[96, 160\\]"):
+            _session(model(w, q4_1(rng, D, 128), acts))
     m = model(w, src)
     for a in m.graph.node[0].attribute:
         if a.name == "skip":

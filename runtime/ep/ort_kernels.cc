@@ -316,12 +316,12 @@ void MlpBlocksKernel::SetWeights(const TensorRef* t) {
                  bits_down);
     W.down = solm::BlockMatrix{};
     if (W.down_dense) matrix(12, bits_down_dense, "down_dense", W.down);
-    W.down_g = solm::DownGroups{};
-    if (W.down_dense && W.int8 && bits_down_dense == 4)  // rows at rho < 1 on the source's down too
-      W.down_g.Set(static_cast<const uint8_t*>(t[12].data), t[13].f(), t[14].f(), t[12].shape[0], I);
     if (W.down_dense && (W.down.N != W.down_t.D || W.down.K != I))
       Fail("SolmEP: SparseMLPBlocks down_dense must be [" + std::to_string(W.down_t.D) + ", " + std::to_string(I) +
            "], the transpose of down");
+    W.down_g = solm::DownGroups{};
+    if (W.down_dense && W.int8 && bits_down_dense == 4)  // rows at rho < 1 on the source's down too (shape checked)
+      W.down_g.Set(static_cast<const uint8_t*>(t[12].data), t[13].f(), t[14].f(), W.down.N, I);
   } else {
     matrix(8, bits_down, "down", W.down);
   }
