@@ -312,15 +312,20 @@ void MlpBlocksKernel::SetWeights(const TensorRef* t) {
   if (W.down_dense && !W.skip_h) Fail("SolmEP: SparseMLPBlocks codes_down_dense is for skip=h only");
   if (W.skip_h) {  // down given transposed: [I, D/32, ..] blocks of W_downᵀ; maybe also as given (rho >= 1 rows)
     const auto [I, nb] = operands(8, bits_down, "down");
-    W.down_t.Set(static_cast<const uint8_t*>(t[8].data), t[9].f(), t[10].f(), I, nb * solm::BlockRows::kBlock,
-                 bits_down);
+    // int8 with a 4-bit copy: every row reads the copy (rho >= 1 as given, rho < 1 regrouped below), so downᵀ is
+    // never read and only its shape is kept (no repacked copy: ~1/4 of the MLP's resident bytes, work at Compile)
+    const bool regroup = t[12].present && weights.int8 && bits_down_dense == 4;
+    W.down_t = solm::BlockRows{};
+    if (regroup) W.down_t.I = I, W.down_t.D = nb * solm::BlockRows::kBlock, W.down_t.nb = nb, W.down_t.bits = bits_down;
+    else W.down_t.Set(static_cast<const uint8_t*>(t[8].data), t[9].f(), t[10].f(), I, nb * solm::BlockRows::kBlock,
+                      bits_down);
     W.down = solm::BlockMatrix{};
     if (W.down_dense) matrix(12, bits_down_dense, "down_dense", W.down);
     if (W.down_dense && (W.down.N != W.down_t.D || W.down.K != I))
       Fail("SolmEP: SparseMLPBlocks down_dense must be [" + std::to_string(W.down_t.D) + ", " + std::to_string(I) +
            "], the transpose of down");
     W.down_g = solm::DownGroups{};
-    if (W.down_dense && W.int8 && bits_down_dense == 4)  // rows at rho < 1 on the source's down too (shape checked)
+    if (regroup)  // rows at rho < 1 on the source's down too (shape checked above)
       W.down_g.Set(static_cast<const uint8_t*>(t[12].data), t[13].f(), t[14].f(), W.down.N, I);
   } else {
     matrix(8, bits_down, "down", W.down);
