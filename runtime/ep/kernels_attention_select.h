@@ -121,10 +121,38 @@ void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_
 // hence the outputs, are bit-identical to the per-head kernel's. (An HSum8 tree over vf16 lanes was tried: as fast
 // here, but it rounds differently and flipped a near-tied page choice at κ = 0.3 in a 32-step SmolLM2 decode.)
 // St: how the pages are read (F32Rows, or fp16 pages: the same floats, so the same scores).
+//
+// With sum (pages chosen once per KV head) the heads fold first: max(q·M, q·m) = q⁺·M + q⁻·m element-wise (M >= m;
+// q⁺ = max(q, 0), q⁻ = min(q, 0)), so Σ_g score_g = Q⁺·M + Q⁻·m with Q± = Σ_g q±_g: two FMAs per page element for
+// the whole group instead of G·(two products, a max, an add). The same sum up to rounding (the heads are added
+// before the page elements multiply them); per_kv_head is SolmEP's own coarser selection, not the reference's.
+template <class St>
+SOLM_INLINE void PageScoresFolded(const float* qrows, int64_t G, const typename St::E* hi_pages,
+                                  const typename St::E* lo_pages, int64_t P, int64_t d, float* score) {
+  constexpr int64_t kMaxD = 256;
+  alignas(32) float qp[kMaxD], qn[kMaxD];
+  for (int64_t i = 0; i < d; ++i) {
+    float a = 0.f, b = 0.f;
+    for (int64_t g = 0; g < G; ++g) a += std::max(qrows[g * d + i], 0.f), b += std::min(qrows[g * d + i], 0.f);
+    qp[i] = a, qn[i] = b;
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    const typename St::E* hi = hi_pages + p * d;
+    const typename St::E* lo = lo_pages + p * d;
+    v8 acc0 = {}, acc1 = {};
+    for (int64_t i = 0; i < d; i += 8) {
+      acc0 += Load<v8>(qp + i) * St::Load8(hi + i);
+      acc1 += Load<v8>(qn + i) * St::Load8(lo + i);
+    }
+    score[p] = HSum(acc0 + acc1);
+  }
+}
+
 template <class St>
 SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const typename St::E* hi_pages,
                                 const typename St::E* lo_pages, int64_t P, int64_t ps, int64_t d, float* score,
                                 bool sum) {
+  if (sum && G > 1 && d % 8 == 0 && d <= 256) return PageScoresFolded<St>(qrows, G, hi_pages, lo_pages, P, d, score);
   const int64_t dvec = d / 8 * 8;
   for (int64_t p0 = 0; p0 < P; p0 += 8) {
     const int64_t np = std::min<int64_t>(8, P - p0);
