@@ -348,6 +348,18 @@ struct MlpBlockWeights {
   std::vector<float> b_gate, b_up, b_down;  // empty when absent
 };
 
+// One token's kept units of h prepared for DownGroups (kernels_mlp_blocks_hg.cc, PrepareDownG): runs of kept units
+// by group of 32 (ascending), each with d and the masked block sum; the q bytes of the units packed
+// 4 to a word (quads padded with q = 0 and the run's last unit), and per slot the unit whose codes are loaded.
+struct DownGToken {
+  struct Run {
+    int64_t g, first, count;
+    float d, hsum;
+  };
+  std::vector<Run> runs;
+  std::vector<int32_t> qw, unit;
+};
+
 struct MlpBlockScratch {
   std::vector<float> xs, xsum, h, hsum, y;
   std::vector<uint8_t> xnz, hnz;
@@ -358,6 +370,7 @@ struct MlpBlockScratch {
   std::vector<int32_t> hunion;  // skip="h", per group of BlockHKernels::tile tokens: the union of their kept units
   std::vector<float> hcoef;     // and its coefficients [units, tile] (0 where a token dropped the unit)
   std::vector<int64_t> hnunion, hjobs;  // the union's size per group (-1: per token), the down pass's work items
+  std::vector<DownGToken> hg;           // skip="h" on DownGroups: each token's prepared kept units, [N]
 };
 
 // The variant the block kernels run here ("x86-64-v4", "x86-64-v3" or "baseline"); the int8-activation kernels'

@@ -321,7 +321,9 @@ void SparseMlpBlocksDownH(const float* h, int64_t Ip, int64_t N, int64_t T, int6
         out[c] = static_cast<int32_t>(j), c += (std::fabs(hr[j]) >= thr) & (hr[j] != 0.f);
     }
     cnt[n] = c;
+    if (!W.down_g.empty()) PrepareDownG(hr, out, c, sc.hg[n]);  // once a token, for every tile chunk below
   };
+  if (!W.down_g.empty() && sc.hg.size() < static_cast<size_t>(N)) sc.hg.resize(static_cast<size_t>(N));
   par.For(static_cast<size_t>(N), select);
   uint64_t kept = 0;
   for (int64_t n = 0; n < N; ++n) kept += static_cast<uint64_t>(cnt[n]);
@@ -334,7 +336,7 @@ void SparseMlpBlocksDownH(const float* h, int64_t Ip, int64_t N, int64_t T, int6
     auto down = [&](size_t it) {
       const int64_t n = static_cast<int64_t>(it) / chunks, k0 = static_cast<int64_t>(it) % chunks * per;
       const int64_t k1 = std::min(k0 + per, tiles);
-      KG.down(W.down_g, h + n * Ip, idx + n * I, cnt[n], k0, k1, y + n * Dout);
+      KG.down(W.down_g, sc.hg[n], k0, k1, y + n * Dout);
       for (int64_t j = k0 * DownGroups::kTile; j < std::min(k1 * DownGroups::kTile, Dout) && !W.b_down.empty(); ++j)
         y[n * Dout + j] += W.b_down[j];
     };

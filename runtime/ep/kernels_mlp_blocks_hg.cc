@@ -58,21 +58,10 @@ void DownGroups::Set(const uint8_t* src, const float* sc, const float* of, int64
   std::vector<float>().swap(scale), std::vector<float>().swap(offset);
 }
 
-namespace {
-
-// One token's groups: runs of its kept units (ascending) by group, each with d, 1/d, the masked block sum and the
-// q bytes of its units packed 4 to a word (quads padded with q = 0 and the run's last unit).
-struct GroupRun {
-  int64_t g, first, count;
-  float d, hsum;
-};
-struct TokenQ {
-  std::vector<GroupRun> runs;
-  std::vector<int32_t> qw;    // per quad of each run, in run order
-  std::vector<int32_t>& unit = ThreadScratch().i0;  // per slot (4 a quad), the unit whose codes are loaded
-};
-
-void Prepare(const float* h, const int32_t* idx, int64_t n, TokenQ& t) {
+// The token's runs of kept units by group: d = max|h|/127 over the run (the masked block's),
+// q = round-half-even(h·(1/d)) under the default rounding mode, the run's sum of h for the offset term. Once a token:
+// the tile chunks of SparseMlpBlocksDownH (two a token for SmolLM2) share it, where each chunk used to prepare its own.
+void PrepareDownG(const float* h, const int32_t* idx, int64_t n, DownGToken& t) {
   t.runs.clear(), t.qw.clear(), t.unit.clear();
   for (int64_t i = 0; i < n;) {
     const int64_t g = idx[i] / kGroup;
@@ -95,19 +84,14 @@ void Prepare(const float* h, const int32_t* idx, int64_t n, TokenQ& t) {
   }
 }
 
-TokenQ& ThreadTokenQ() {
-  thread_local TokenQ t;
-  return t;
-}
+namespace {
 
 // Tiles [k0, k1) of one token, plainly: the same q, the same integer sums, the epilogue in the same order.
-void DownGBase(const DownGroups& W, const float* h, const int32_t* idx, int64_t n, int64_t k0, int64_t k1, float* y) {
-  TokenQ& t = ThreadTokenQ();
-  Prepare(h, idx, n, t);
+void DownGBase(const DownGroups& W, const DownGToken& t, int64_t k0, int64_t k1, float* y) {
   for (int64_t k = k0; k < k1; ++k) {
     float F[DownGroups::kTile] = {};  // accumulator order
     int64_t quad = 0;
-    for (const GroupRun& r : t.runs) {
+    for (const DownGToken::Run& r : t.runs) {
       int32_t isum[DownGroups::kTile] = {};
       const int64_t nq = (r.count + 3) / 4;
       for (int64_t qd = quad; qd < quad + nq; ++qd)
@@ -142,10 +126,7 @@ void DownGBase(const DownGroups& W, const float* h, const int32_t* idx, int64_t 
 // run of Dp/2 bytes) come from memory once, on the group's first tile (the next group's runs are prefetched while
 // this one computes; their addresses depend on h), and stay in L1 for its other tiles. The float sums of the
 // item's tiles live in a small buffer between groups.
-SOLM_TARGET_V4_VNNI void DownGVnni(const DownGroups& W, const float* h, const int32_t* idx, int64_t n, int64_t k0,
-                                   int64_t k1, float* y) {
-  TokenQ& t = ThreadTokenQ();
-  Prepare(h, idx, n, t);
+SOLM_TARGET_V4_VNNI void DownGVnni(const DownGroups& W, const DownGToken& t, int64_t k0, int64_t k1, float* y) {
   const __m512i nib = _mm512_set1_epi8(0x0F);
   const int64_t ub = W.UnitBytes(), nk = k1 - k0;
   const bool half = W.half();
@@ -154,7 +135,7 @@ SOLM_TARGET_V4_VNNI void DownGVnni(const DownGroups& W, const float* h, const in
   int64_t quad = 0;
   const int64_t nquads = static_cast<int64_t>(t.qw.size());
   for (size_t ri = 0; ri < t.runs.size(); ++ri) {
-    const GroupRun& r = t.runs[ri];
+    const DownGToken::Run& r = t.runs[ri];
     const int64_t nq = (r.count + 3) / 4;
     for (int64_t s = (quad + nq) * 4; s < std::min(nquads, quad + nq + nq + 1) * 4; ++s)  // the next run's units
       for (int64_t off = k0 * 64; off < k1 * 64; off += 64)

@@ -360,10 +360,11 @@ struct BlockHKernels {
   const char* isa;
 };
 const BlockHKernels& BlocksH();
-// The rows at rho < 1 on DownGroups (kernels_mlp_blocks_hg.cc): y[128·k0 .. 128·k1) (rows < D) of one token from its
-// n kept units idx (ascending, h != 0), the source's int8 dot product on the masked h.
-using DownGFn = void (*)(const DownGroups&, const float* h, const int32_t* idx, int64_t n, int64_t k0, int64_t k1,
-                         float* y);
+// The rows at rho < 1 on DownGroups (kernels_mlp_blocks_hg.cc): a token's n kept units idx (ascending, h != 0)
+// prepared once (PrepareDownG), then y[128·k0 .. 128·k1) (rows < D) of it, the source's int8 dot product on the
+// masked h.
+void PrepareDownG(const float* h, const int32_t* idx, int64_t n, DownGToken& t);
+using DownGFn = void (*)(const DownGroups&, const DownGToken&, int64_t k0, int64_t k1, float* y);
 struct BlockHGKernels {
   DownGFn down;
   const char* isa;
