@@ -5,19 +5,6 @@
 
 namespace solm {
 
-Stats& GlobalStats() {
-  static Stats stats;
-  return stats;
-}
-
-namespace {
-std::atomic<const char*> g_last_isa[kIsaFamilies];
-}  // namespace
-
-void NoteIsa(IsaFamily family, const char* isa) { g_last_isa[family].store(isa, std::memory_order_relaxed); }
-const char* LastIsa(IsaFamily family) { return g_last_isa[family].load(std::memory_order_relaxed); }
-const char* SelectedIsa() { return IsaName(IsaLevel()); }
-
 namespace {
 
 // Page min/max and page score variants: keys read as KR, pages held as SR (kernels_util.h row readers: F32Rows, or a
@@ -170,45 +157,6 @@ const int32_t* Iota(std::vector<int32_t>& v, int64_t n) {
     for (size_t i = had; i < v.size(); ++i) v[i] = static_cast<int32_t>(i);
   }
   return v.data();
-}
-
-// out[g, dv] /= sums[g] (AttendRowsBody's numerators of one chunk): zeros when no row is allowed (sums 0), NaN
-// from a NaN logit.
-void Normalise(float* out, int64_t G, int64_t dv, const float* sums) {
-  for (int64_t g = 0; g < G; ++g) {
-    float* o = out + g * dv;
-    if (!(sums[g] > 0.f)) {
-      const float f = sums[g] == 0.f ? 0.f : kNaN;
-      for (int64_t i = 0; i < dv; ++i) o[i] = f;
-      continue;
-    }
-    const float inv = 1.f / sums[g];
-    for (int64_t i = 0; i < dv; ++i) o[i] *= inv;
-  }
-}
-
-// One item's nc chunk results part [nc, G·(dv + 2)] (per chunk: mx [G], sums [G], acc [G, dv]) merged into out
-// [G, dv]: per head M = the largest chunk max, out = Σ_c e^(mx_c - M)·acc_c / Σ_c e^(mx_c - M)·sums_c, in chunk
-// order; a chunk with sums 0 (no row allowed for the head) adds nothing.
-void MergeChunks(const float* part, int64_t nc, int64_t G, int64_t dv, float* out) {
-  const int64_t ps = G * (dv + 2);
-  for (int64_t g = 0; g < G; ++g) {
-    float M = kNegInf;
-    for (int64_t c = 0; c < nc; ++c)
-      if (part[c * ps + G + g] != 0.f) M = std::max(M, part[c * ps + g]);
-    float* o = out + g * dv;
-    std::memset(o, 0, dv * sizeof(float));
-    float total = 0.f;
-    for (int64_t c = 0; c < nc; ++c) {
-      const float* pc = part + c * ps;
-      if (pc[G + g] == 0.f) continue;
-      const float w = std::exp(pc[g] - M);
-      total += w * pc[G + g];
-      const float* acc = pc + 2 * G + g * dv;
-      for (int64_t i = 0; i < dv; ++i) o[i] += w * acc[i];
-    }
-    Normalise(o, 1, dv, &total);
-  }
 }
 
 }  // namespace

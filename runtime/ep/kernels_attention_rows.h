@@ -2,7 +2,8 @@
 // reduction tree (one head, or a 3-head group at AVX-512), single rows, softmax·v (per row, or for dv = 64 with
 // the sums in registers), and AttendRowsBody, which runs them over a list of cache rows. Target-free bodies,
 // compiled into each ISA variant of AttendRowsBody; R is the row reader (kernels_util.h: F32Rows, F16Rows,
-// F16cRows), VF the variant's vector.
+// F16cRows), VF the variant's vector; and the flash-decoding epilogue of a row list split in chunks (Normalise,
+// MergeChunks).
 #pragma once
 
 #include "kernels_util.h"
@@ -345,6 +346,45 @@ SOLM_INLINE uint64_t AttendRowsBody(const float* qrows, int64_t G, const typenam
       if (per_head == nullptr || per_head[g * ks + idx[i]]) AxpyRow<R>(out + g * dv, vr, logit[g * n + i], dv);
   }
   return scored;
+}
+
+// out[g, dv] /= sums[g] (AttendRowsBody's numerators of one chunk): zeros when no row is allowed (sums 0), NaN
+// from a NaN logit.
+void Normalise(float* out, int64_t G, int64_t dv, const float* sums) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* o = out + g * dv;
+    if (!(sums[g] > 0.f)) {
+      const float f = sums[g] == 0.f ? 0.f : kNaN;
+      for (int64_t i = 0; i < dv; ++i) o[i] = f;
+      continue;
+    }
+    const float inv = 1.f / sums[g];
+    for (int64_t i = 0; i < dv; ++i) o[i] *= inv;
+  }
+}
+
+// One item's nc chunk results part [nc, G·(dv + 2)] (per chunk: mx [G], sums [G], acc [G, dv]) merged into out
+// [G, dv]: per head M = the largest chunk max, out = Σ_c e^(mx_c - M)·acc_c / Σ_c e^(mx_c - M)·sums_c, in chunk
+// order; a chunk with sums 0 (no row allowed for the head) adds nothing.
+void MergeChunks(const float* part, int64_t nc, int64_t G, int64_t dv, float* out) {
+  const int64_t ps = G * (dv + 2);
+  for (int64_t g = 0; g < G; ++g) {
+    float M = kNegInf;
+    for (int64_t c = 0; c < nc; ++c)
+      if (part[c * ps + G + g] != 0.f) M = std::max(M, part[c * ps + g]);
+    float* o = out + g * dv;
+    std::memset(o, 0, dv * sizeof(float));
+    float total = 0.f;
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* pc = part + c * ps;
+      if (pc[G + g] == 0.f) continue;
+      const float w = std::exp(pc[g] - M);
+      total += w * pc[G + g];
+      const float* acc = pc + 2 * G + g * dv;
+      for (int64_t i = 0; i < dv; ++i) o[i] += w * acc[i];
+    }
+    Normalise(o, 1, dv, &total);
+  }
 }
 
 }  // namespace

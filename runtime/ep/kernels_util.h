@@ -323,6 +323,22 @@ struct PanelKernels {
 // Picked once per process from the CPU (IsaLevel).
 const PanelKernels& Panel();
 
+// SparseMLPBlocks' fp32-activation kernels (kernels_mlp_blocks.cc; picked once per process): y rows [g0*16, g1*16)
+// = W·x for one token (gemv) or nt at y + t*ys (gemm); a block column whose 32 inputs are all zero is not read.
+struct BlockIn {
+  const float* x;     // [K]
+  const float* xsum;  // [nb]
+  const uint8_t* nz;  // [nb]
+};
+using BlockGemvFn = void (*)(const BlockMatrix&, const BlockIn&, int64_t, int64_t, float*);
+using BlockGemmFn = void (*)(const BlockMatrix&, const BlockIn*, int64_t, int64_t, int64_t, float*, int64_t);
+struct BlockKernels {
+  BlockGemvFn gemv;
+  BlockGemmFn gemm;
+  const char* isa;
+};
+const BlockKernels& Blocks();
+
 // SparseMLPBlocks' int8-activation kernels (kernels_mlp_blocks_int8.cc), on BlockMatrix with int8_layout.
 // quant: one token's nb blocks of 32 values x -> q (int8) and d (scale): d = max|x|/127, q = round-half-even(x·(1/d))
 // (0 where d = 0). gemv/gemm: y rows [g0*16, g1*16) = W·x (one token; nt tokens at y + t*ys), per block and row
