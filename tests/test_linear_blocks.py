@@ -2,8 +2,8 @@
 
 The reference is independent of solm's: the blocks are dequantised in this file (w = scale·code + offset, codes
 unpacked from the bytes by hand) and, for activations "int8", x is quantised per block of 32 here as llama.cpp's
-Q8 does (d = max|x|/127 in float32, q = round half to even of x·(1/d)), the integer dot products exact and the rest
-summed in float64. Weight kinds: GGUF Q4_1-style (a non-integer offset), int4 and int8 with an integer zero point
+Q8 does (d = max|x|/127 in float32, q = round half to even of x·(1/d)), and y = W·x̂ with x̂ = d·q, every
+weight (offset included) meeting the quantised x as in llama.cpp's Q4_1 x Q8_1, summed in float64. Weight kinds: GGUF Q4_1-style (a non-integer offset), int4 and int8 with an integer zero point
 (offset = −scale·zero, what passes/fuse_linear_blocks.py writes); T = 1 and T > 1; N not a multiple of 16 (padded
 row group) and with a bias; 1 vs 2 threads bit-identical; T = 1 vs T > 1 bit-identical per token; every ISA variant.
 """
@@ -65,9 +65,9 @@ def numpy_ref(x, packed, scale, offset, bits, bias, activations):
         d = (np.abs(xb).max(1) / np.float32(127)).astype(np.float32)             # [nb]
         inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
         xq = np.clip(np.round(xb * inv[:, None]), -127, 127).astype(np.int64)   # half to even
-        isum = (q * xq[None]).sum(-1)                                             # [N, nb], exact
-        out[t] = (scale * (d.astype(np.float64) * isum) + offset.astype(np.float64) *
-                  xb.astype(np.float64).sum(1)).sum(1)
+        xhat = d.astype(np.float64)[:, None] * xq                                 # [nb, 32]: what the codes meet
+        w = q * scale[..., None].astype(np.float64) + offset[..., None]           # [N, nb, 32]
+        out[t] = (w * xhat).sum((1, 2))                                           # the offset meets x̂ too
     if bias is not None:
         out += bias
     return out.reshape(*x.shape[:-1], n).astype(np.float32)

@@ -195,8 +195,8 @@ def check_blocks_isa(cap: str, script: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- int8 activations
 # activations="int8" (llama.cpp's Q4_1 x Q8_1): x and h quantised per block of 32 (d = max|x|/127, round half to
-# even), integer dot products with the codes, the offset term on the fp32 block sums. The reference models that
-# exactly (reference.quantize_blocks_ref / linear_blocks_int8_ref), so the kernel differs from it only by the order
+# even), integer dot products with the codes, the offset term on the quantised block sums d·Σq. The reference models
+# that exactly (reference.quantize_blocks_ref / linear_blocks_int8_ref), so the kernel differs from it only by the order
 # of its float32 sums: RTOL of max|y|, and, through that order, h: an h element within float noise of a rounding
 # boundary (x·(1/d) = k + ½) may round to the other side, which moves y_n by |scale·code|·d_h of that element. The
 # check allows FLIPS such steps per output on top of RTOL (the x side has no such slack: x and its top-k are exact).
@@ -228,11 +228,12 @@ def close_int8(got, want, w, x, rho, act, biases=None, step=None):
 
 
 def test_int8_quantizer_rounds_half_to_even():
-    """d = max|x|/127; x·(1/d) on a tie rounds to the even integer; an all-zero block is zeros with d = 0."""
+    """d = max|x|/127; x·(1/d) on a tie rounds to the even integer; an all-zero block is zeros with d = 0; the block
+    sum is the quantised values' (127 + 2 + 4 − 2 + 0 + 1 = 132), not x's (131.4999999)."""
     x = np.zeros(64, np.float32)
     x[:6] = [127.0, 2.5, 3.5, -2.5, -0.5, 1.4999999]       # d = 1 exactly: the products are the values
     q, d, s = ref.quantize_blocks_ref(torch.from_numpy(x))
-    assert d.tolist() == [1.0, 0.0] and s[0].item() == pytest.approx(x[:32].sum())
+    assert d.tolist() == [1.0, 0.0] and s.tolist() == [132.0, 0.0]
     assert q[0, :6].tolist() == [127, 2, 4, -2, 0, 1] and not q[1].any()
 
 

@@ -45,13 +45,15 @@ def deq_loop(bq: BlockQuant) -> np.ndarray:
 
 
 def lin_int8(x32: np.ndarray, bq: BlockQuant) -> np.ndarray:
-    """y [N] for one token with x quantised per block (float32 steps as documented), sums in float64."""
+    """y [N] = W·x̂ for one token, x̂ = d·q: x quantised per block (float32 steps as documented), every weight
+    (offset included) meeting the quantised values, as llama.cpp's Q4_1 x Q8_1; sums in float64."""
     xb = x32.astype(np.float32).reshape(-1, 32)
     d = np.abs(xb).max(1) / np.float32(127)
     inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
     q = np.clip(np.rint(xb * inv[:, None]), -127, 127).astype(np.float64)
-    isum = (bq.codes.astype(np.float64) * q[None]).sum(-1)                          # [N, nb]
-    return (bq.scale * (d.astype(np.float64) * isum) + bq.offset * xb.sum(-1).astype(np.float64)).sum(-1)
+    xhat = d.astype(np.float64)[:, None] * q                                         # [nb, 32]
+    w = bq.scale[..., None].astype(np.float64) * bq.codes + bq.offset[..., None]       # [N, nb, 32]
+    return (w * xhat[None]).sum((1, 2))
 
 
 ACT = {"silu": lambda v: v / (1 + np.exp(-v)),

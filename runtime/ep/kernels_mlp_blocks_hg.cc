@@ -59,27 +59,32 @@ void DownGroups::Set(const uint8_t* src, const float* sc, const float* of, int64
 }
 
 // The token's runs of kept units by group: d = max|h|/127 over the run (the masked block's),
-// q = round-half-even(h·(1/d)) under the default rounding mode, the run's sum of h for the offset term. Once a token:
+// q = round-half-even(h·(1/d)) under the default rounding mode, d·Σq over the run for the offset term (as quant's s:
+// the sum of the values the codes meet, kernels_mlp_blocks_int8.cc). Once a token:
 // the tile chunks of SparseMlpBlocksDownH (two a token for SmolLM2) share it, where each chunk used to prepare its own.
 void PrepareDownG(const float* h, const int32_t* idx, int64_t n, DownGToken& t) {
   t.runs.clear(), t.qw.clear(), t.unit.clear();
   for (int64_t i = 0; i < n;) {
     const int64_t g = idx[i] / kGroup;
     int64_t e = i;
-    float mx = 0.f, sum = 0.f;
-    for (; e < n && idx[e] / kGroup == g; ++e) mx = std::max(mx, std::fabs(h[idx[e]])), sum += h[idx[e]];
+    float mx = 0.f;
+    for (; e < n && idx[e] / kGroup == g; ++e) mx = std::max(mx, std::fabs(h[idx[e]]));
     const float d = mx / 127.f, inv = d != 0.f ? 1.f / d : 0.f;
-    t.runs.push_back({g, i, e - i, d, sum});
+    const size_t run = t.runs.size();
+    t.runs.push_back({g, i, e - i, d, 0.f});
+    int32_t qsum = 0;  // |Σq| <= 32·127
     for (int64_t s = i; s < e; s += 4) {
       uint32_t w = 0;
       for (int64_t u = 0; u < 4; ++u) {
         const bool in = s + u < e;
         const int32_t q = in ? static_cast<int32_t>(std::nearbyint(h[idx[s + u]] * inv)) : 0;
+        qsum += q;
         w |= static_cast<uint32_t>(static_cast<uint8_t>(static_cast<int8_t>(q))) << (8 * u);
         t.unit.push_back(idx[in ? s + u : e - 1]);
       }
       t.qw.push_back(static_cast<int32_t>(w));
     }
+    t.runs[run].hsum = d * static_cast<float>(qsum);
     i = e;
   }
 }

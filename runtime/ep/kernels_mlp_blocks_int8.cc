@@ -3,7 +3,9 @@
 //
 // - each token's (top-k masked) x, and later h, is quantised per block of 32: d = max|x|/127, q = round(x·(1/d)),
 //   round half to even (the magic-number add, exact for |v| < 2^22; the reference uses torch.round, also half to
-//   even), with the block's sum Σx kept from the fp32 values for the offset term;
+//   even), and the block's sum for the offset term taken from the quantised values, d·Σq (llama.cpp's Q8_1 s). The
+//   fp32 Σx would pair the offset with x but the codes with x's rounding: the rounding error then meets d·code (all
+//   of one sign, up to 15·d) instead of the weight d·code + offset, which cost SmolLM2 +0.5 % PPL (session 21);
 // - per row n and block b, y_n += scale·(d·Σ_i code_i·q_i) + offset·Σx, the integer dot product in int32 (exact:
 //   |Σ| <= 32·255·127). Codes are unsigned, q signed: exactly vpdpbusd's u8 x s8 operands.
 //
@@ -289,11 +291,11 @@ SOLM_INLINE void GemmBits(const BlockMatrix& W, const BlockQIn* in, int64_t nt, 
   }
 }
 
-// One token's nb blocks of x -> q, d (kernels_util.h's contract). The rounding: v + 1.5·2^23 - 1.5·2^23 is v rounded
+// One token's nb blocks of x -> q, d, s = d·Σq (kernels_util.h's contract). The rounding: v + 1.5·2^23 - 1.5·2^23 is v rounded
 // half to even for |v| < 2^22 (GCC would fuse x·id into the add: an empty asm keeps the product's own rounding);
 // then clamped to ±127 (a no-op but for safety).
 template <class VF>
-SOLM_INLINE void QuantT(const float* x, int64_t nb, int8_t* q, float* d) {
+SOLM_INLINE void QuantT(const float* x, int64_t nb, int8_t* q, float* d, float* s) {
   typedef typename IntVec<sizeof(VF)>::type VI;
   constexpr int Ln = Lanes<VF>(), NV = kB / Ln;
   const VF magic = Splat<VF>(12582912.f);
@@ -309,6 +311,7 @@ SOLM_INLINE void QuantT(const float* x, int64_t nb, int8_t* q, float* d) {
     const float dd = amax / 127.f, id = dd != 0.f ? 1.f / dd : 0.f;
     d[b] = dd;
     const VF idv = Splat<VF>(id);
+    VI qs = VI{};
     for (int v = 0; v < NV; ++v) {
       VF t = Load<VF>(xb + v * Ln) * idv;
       asm("" : "+v"(t));  // x·id rounded to fp32 first, as the reference: no FMA with the magic add
@@ -316,8 +319,12 @@ SOLM_INLINE void QuantT(const float* x, int64_t nb, int8_t* q, float* d) {
       VI qi = __builtin_convertvector(t, VI);
       qi = qi > 127 ? VI{} + 127 : qi;
       qi = qi < -127 ? VI{} - 127 : qi;
+      qs += qi;
       for (int l = 0; l < Ln; ++l) q[b * kB + v * Ln + l] = static_cast<int8_t>(qi[l]);
     }
+    int32_t isum = 0;  // |Σq| <= 32·127: exact in int32 and in float
+    for (int l = 0; l < Ln; ++l) isum += qs[l];
+    s[b] = dd * static_cast<float>(isum);
   }
 }
 
@@ -344,7 +351,7 @@ SOLM_INLINE void GemmT(const BlockMatrix& W, const BlockQIn* in, int64_t nt, int
 }
 
 // Baseline x86-64: int32 lanes of 4 (a group is 4 vectors), one group at a time.
-void QuantBase(const float* x, int64_t nb, int8_t* q, float* d) { QuantT<vf4>(x, nb, q, d); }
+void QuantBase(const float* x, int64_t nb, int8_t* q, float* d, float* s) { QuantT<vf4>(x, nb, q, d, s); }
 void GemvBase(const BlockMatrix& W, const BlockQIn& in, int64_t g0, int64_t g1, float* y) {
   GemvT<vf4, 1, kScalar>(W, in, g0, g1, y);
 }
@@ -353,7 +360,7 @@ void GemmBase(const BlockMatrix& W, const BlockQIn* in, int64_t nt, int64_t g0, 
 }
 #if defined(SOLM_ISA_VARIANTS)
 // AVX2: vpmaddubsw + vpmaddwd, 8 lanes, two groups at a time.
-SOLM_TARGET_V3 void QuantV3(const float* x, int64_t nb, int8_t* q, float* d) { QuantT<v8>(x, nb, q, d); }
+SOLM_TARGET_V3 void QuantV3(const float* x, int64_t nb, int8_t* q, float* d, float* s) { QuantT<v8>(x, nb, q, d, s); }
 SOLM_TARGET_V3 void GemvV3(const BlockMatrix& W, const BlockQIn& in, int64_t g0, int64_t g1, float* y) {
   GemvT<v8, 2, kMaddubs>(W, in, g0, g1, y);
 }
@@ -362,7 +369,7 @@ SOLM_TARGET_V3 void GemmV3(const BlockMatrix& W, const BlockQIn* in, int64_t nt,
   GemmT<v8, kMaddubs>(W, in, nt, g0, g1, y, ys);
 }
 // AVX-512 without VNNI: the same at 16 lanes (a group is one vector), four groups at a time.
-SOLM_TARGET_V4 void QuantV4(const float* x, int64_t nb, int8_t* q, float* d) { QuantT<vf16>(x, nb, q, d); }
+SOLM_TARGET_V4 void QuantV4(const float* x, int64_t nb, int8_t* q, float* d, float* s) { QuantT<vf16>(x, nb, q, d, s); }
 SOLM_TARGET_V4 void GemvV4(const BlockMatrix& W, const BlockQIn& in, int64_t g0, int64_t g1, float* y) {
   GemvT<vf16, 4, kMaddubs>(W, in, g0, g1, y);
 }

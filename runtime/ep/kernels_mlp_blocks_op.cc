@@ -100,7 +100,7 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
                                          tmp));
     BlockSums(xs + n0 * D, nt, D, xsum + n0 * nbD, xnz + n0 * nbD);
     if (q8)
-      for (int64_t n = n0; n < n0 + nt; ++n) KQ.quant(xs + n * D, nbD, xq + n * D, xd + n * nbD);
+      for (int64_t n = n0; n < n0 + nt; ++n) KQ.quant(xs + n * D, nbD, xq + n * D, xd + n * nbD, xsum + n * nbD);
     st.mlp_in_rows.fetch_add(rows, std::memory_order_relaxed);
   };
   par.For(static_cast<size_t>(ntile), select);
@@ -131,7 +131,7 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
       if (q8 && dense(n0 + t)) {  // these rows' blocks of h (r0, r1 multiples of 32): sums and int8, for down
         const int64_t n = n0 + t, b0 = r0 / BlockMatrix::kBlock;
         BlockSums(hr + r0, 1, r1 - r0, hsum + n * nbI + b0, hnz + n * nbI + b0);
-        KQ.quant(hr + r0, (r1 - r0) / BlockMatrix::kBlock, hq + n * I + r0, hd + n * nbI + b0);
+        KQ.quant(hr + r0, (r1 - r0) / BlockMatrix::kBlock, hq + n * I + r0, hd + n * nbI + b0, hsum + n * nbI + b0);
       }
     }
   };
@@ -196,7 +196,7 @@ void LinearBlocks(const float* x, int64_t n, const BlockMatrix& W, bool int8, co
     const int64_t n0 = static_cast<int64_t>(it) * kTokTile, nt = std::min(kTokTile, n - n0);
     BlockSums(x + n0 * W.K, nt, W.K, xsum + n0 * nb, xnz + n0 * nb);
     if (int8)
-      for (int64_t t = n0; t < n0 + nt; ++t) KQ.quant(x + t * W.K, nb, xq + t * W.K, xd + t * nb);
+      for (int64_t t = n0; t < n0 + nt; ++t) KQ.quant(x + t * W.K, nb, xq + t * W.K, xd + t * nb, xsum + t * nb);
   };
   par.For(static_cast<size_t>(ntile), prep);
   // Work items of ~kGroups row groups (256 rows), an even count of equal ranges (SmolLM2's o: 36 groups, 2 items of

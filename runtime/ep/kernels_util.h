@@ -340,16 +340,17 @@ struct BlockKernels {
 const BlockKernels& Blocks();
 
 // SparseMLPBlocks' int8-activation kernels (kernels_mlp_blocks_int8.cc), on BlockMatrix with int8_layout.
-// quant: one token's nb blocks of 32 values x -> q (int8) and d (scale): d = max|x|/127, q = round-half-even(x·(1/d))
-// (0 where d = 0). gemv/gemm: y rows [g0*16, g1*16) = W·x (one token; nt tokens at y + t*ys), per block and row
+// quant: one token's nb blocks of 32 values x -> q (int8), d (scale) and s (the block sum the offset term reads):
+// d = max|x|/127, q = round-half-even(x·(1/d)) (0 where d = 0), s = d·Σq (of the quantised values, as llama.cpp's
+// Q8_1; kernels_mlp_blocks_int8.cc says why). gemv/gemm: y rows [g0*16, g1*16) = W·x (one token; nt tokens at y + t*ys), per block and row
 // scale·(d·Σ code·q) + offset·xsum, a block whose nz is 0 skipped. Both give a token bit-identical results.
 struct BlockQIn {
   const int8_t* q;     // [K]
   const float* d;      // [nb]
-  const float* xsum;   // [nb], of the fp32 values
+  const float* xsum;   // [nb], d·Σq (quant's s)
   const uint8_t* nz;   // [nb]
 };
-using QuantFn = void (*)(const float* x, int64_t nb, int8_t* q, float* d);
+using QuantFn = void (*)(const float* x, int64_t nb, int8_t* q, float* d, float* s);
 using QGemvFn = void (*)(const BlockMatrix&, const BlockQIn&, int64_t, int64_t, float*);
 using QGemmFn = void (*)(const BlockMatrix&, const BlockQIn*, int64_t, int64_t, int64_t, float*, int64_t);
 struct BlockInt8Kernels {

@@ -26,8 +26,9 @@ Semantics (SOL, shared/research/sol_method.md §2, plus solm's forced sinks/wind
 - ``sparse_mlp_blocks``: ``sparse_mlp`` on the weights its low-bit blocks dequantise to, w = (scale·code) + offset
   in float32 (``dequantize_blocks_ref``). With ``activations="int8"`` each linear layer's input (the top-k masked x,
   then h) is quantised per block of 32 first (``quantize_blocks_ref``: d = max|x|/127 in fp32, q = round(x·(1/d)),
-  half to even) and y_n = Σ_b scale·(d_b·Σ_i code·q) + offset·Σ_i x_i: integer dot products, the offset term on
-  the unquantised block sums (``linear_blocks_int8_ref``). With ``skip="h"`` (``sparse_mlp_blocks_h_ref``) ρ keeps
+  half to even) and y_n = Σ_b scale·(d_b·Σ_i code·q) + offset·d_b·Σ_i q_i: integer dot products, and the offset
+  term on the quantised block's sum, as llama.cpp's Q8_1 keeps it, so y = W·x̂ with x̂ = d·q exactly
+  (``linear_blocks_int8_ref``). With ``skip="h"`` (``sparse_mlp_blocks_h_ref``) ρ keeps
   units of h instead: gate/up on all of x, the ⌈ρ·I⌉ units of largest |h| kept (``topk_channels_ref`` on h: ties at
   the threshold kept), y = Σ_kept h_j·downT[j, :] with down given transposed ([I, D] blocks); "int8" then
   quantises x only (h stays fp32). With the optional source-layout down (``*_down_dense``) a row at ρ ≥ 1 runs
@@ -243,16 +244,18 @@ def dequantize_blocks_ref(codes: torch.Tensor, scale: torch.Tensor, offset: torc
 
 def quantize_blocks_ref(x_row: torch.Tensor, block: int = 32):
     """x [K] float32 -> q [K/block, block] (integers, as float32), d [K/block], block sums [K/block]: d = max|x|/127,
-    q = round(x·(1/d)) half to even (torch.round), 0 where d = 0; every step a float32 operation, as SolmEP does."""
+    q = round(x·(1/d)) half to even (torch.round), 0 where d = 0, sum d·Σq (the quantised block's, llama.cpp's Q8_1
+    s); every step a float32 operation, as SolmEP does."""
     xb = x_row.to(torch.float32).reshape(-1, block)
     d = xb.abs().amax(-1) / 127.0
     inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
-    return torch.round(xb * inv[:, None]).clamp(-127, 127), d, xb.sum(-1)
+    q = torch.round(xb * inv[:, None]).clamp(-127, 127)
+    return q, d, d * q.sum(-1)
 
 
 def linear_blocks_int8_ref(x_row, codes, scale, offset, bits: int, bias=None):
-    """y [N] = Σ_b scale·(d_b·Σ_i code_i·q_i) + offset·Σx_b (+ bias): x quantised per block, the integer sums exact
-    (float64), the rest summed in float64 too (SolmEP sums in float32: the tests' tolerance)."""
+    """y [N] = Σ_b scale·(d_b·Σ_i code_i·q_i) + offset·d_b·Σ_i q_i (+ bias): x quantised per block, the integer
+    sums exact (float64), the rest summed in float64 too (SolmEP sums in float32: the tests' tolerance)."""
     q, d, xs = quantize_blocks_ref(x_row, x_row.shape[-1] // codes.shape[1])
     isum = (unpack_codes_ref(codes, bits).to(torch.float64) * q.to(torch.float64)).sum(-1)      # [N, nb]
     y = (scale.double() * (d.double() * isum) + offset.double() * xs.double()).sum(-1)

@@ -153,7 +153,8 @@ SPARSE_MLP = OpSig(
 # WeightTable knows (never by export: the portable kind's MLP is MatMuls that pack_weights packs itself).
 # ``activations``: "fp32" (the default: the dot products in fp32, exact up to rounding) or "int8" (x and h quantised
 # per block of 32 to int8, d = max|x|/127, round half to even, integer dot products with the codes, the offset term
-# on the fp32 block sums: llama.cpp's Q4_1 x Q8_1, MatMulNBits' accuracy_level 4; ``reference.quantize_blocks_ref``).
+# on the quantised block sums d·Σq, i.e. y = W·x̂ with x̂ = d·q: llama.cpp's Q4_1 x Q8_1;
+# ``reference.quantize_blocks_ref``).
 # ``skip`` (issue 17): what ρ keeps. "x" (the default): the top-k input channels of gate/up, as SparseMLP. "h": gate
 # and up run on all of x, h = act(gate)⊙up, and the k units of largest |h| (k = ⌈ρ·I⌉, ties at the threshold kept:
 # ``reference.topk_channels_ref`` on h) feed down; down is then stored TRANSPOSED, codes_down [I, D/32, 32·bits/8]
