@@ -3,9 +3,10 @@
 The reference is independent of solm's: the blocks are dequantised in this file (w = scale·code + offset, codes
 unpacked from the bytes by hand) and, for activations "int8", x is quantised per block of 32 here as llama.cpp's
 Q8 does (d = max|x|/127 in float32, q = round half to even of x·(1/d)), and y = W·x̂ with x̂ = d·q, every
-weight (offset included) meeting the quantised x as in llama.cpp's Q4_1 x Q8_1, summed in float64. Weight kinds: GGUF Q4_1-style (a non-integer offset), int4 and int8 with an integer zero point
-(offset = −scale·zero, what passes/fuse_linear_blocks.py writes); T = 1 and T > 1; N not a multiple of 16 (padded
-row group) and with a bias; 1 vs 2 threads bit-identical; T = 1 vs T > 1 bit-identical per token; every ISA variant.
+weight (offset included) meeting the quantised x as in llama.cpp's Q4_1 x Q8_1, summed in float64. Weight kinds:
+GGUF Q4_1-style (a non-integer offset), int4 and int8 with an integer zero point (offset = −scale·zero, what
+passes/fuse_linear_blocks.py writes); T = 1 and T > 1; N not a multiple of 16 (padded row group) and with a bias; 1
+vs 2 threads bit-identical; T = 1 vs T > 1 bit-identical per token; every ISA variant.
 """
 
 from __future__ import annotations
