@@ -120,6 +120,29 @@ def test_linear_blocks_match_numpy(lib, kind, N, K, T, with_bias, activations):
         assert np.abs(got - fp).max() <= 0.02 * np.abs(fp).max()
 
 
+def quantise_dequantise(x):
+    """x̂ = d·q per block of 32 of the last axis (d = max|x|/127, q = round half to even of x·(1/d)), in numpy."""
+    xb = x.reshape(*x.shape[:-1], -1, 32)
+    d = (np.abs(xb).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
+    return (d * np.clip(np.round(xb * inv), -127, 127)).astype(np.float32).reshape(x.shape)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q4_1h", "int4"])
+def test_int8_activations_are_the_fp32_path_on_the_quantised_x(lib, kind):
+    """SolmEP against itself: int8 activations on x give what its exact fp32 path gives on x̂ = d·q, for weights with
+    an offset too (Q4_1's block minimum, int4's zero point), i.e. the offset meets x̂ as the codes do (llama.cpp's
+    Q8_1 block sum). Until session 21 the offset met the fp32 Σx, off by offset·(Σx − Σx̂) per block."""
+    rng = np.random.default_rng(21)
+    packed, scale, offset, bits = weights(rng, kind, 96, 128)
+    x = rng.standard_normal((1, 9, 128), dtype=np.float32)
+    got = _session(model(packed, scale, offset, bits, activations="int8")).run(None, {"x": x})[0]
+    want = _session(model(packed, scale, offset, bits, activations="fp32")).run(None, {"x": quantise_dequantise(x)})[0]
+    close(got, want)
+    old = want + ((quantise_dequantise(x) - x).reshape(1, 9, 4, 32).sum(-1) @ -offset.T)     # the fp32-Σx form
+    assert np.abs(old - want).max() > 10 * 2e-5 * max(1.0, float(np.abs(want).max()))        # which close() refuses
+
+
 @pytest.mark.parametrize("kind", ["q4_1", "q4_1h"])
 @pytest.mark.parametrize("activations", ["fp32", "int8"])
 def test_threads_and_token_count_are_bit_identical(lib, activations, kind):
