@@ -159,6 +159,28 @@ const int32_t* Iota(std::vector<int32_t>& v, int64_t n) {
   return v.data();
 }
 
+// The indices of the kept tokens (keep [L] of 0/1) in ascending order into idx; returns their number. Eight flags at
+// a time: a page of 8 is usually all kept or all dropped, so most words are one compare and no per-token branch.
+int64_t KeptRows(const uint8_t* keep, int64_t L, int32_t* idx) {
+  constexpr uint64_t kOnes = 0x0101010101010101ull;
+  int64_t n = 0, j = 0;
+  for (; j + 8 <= L; j += 8) {
+    uint64_t w;
+    std::memcpy(&w, keep + j, 8);
+    if (w == 0) continue;
+    if (w == kOnes) {
+      for (int r = 0; r < 8; ++r) idx[n + r] = static_cast<int32_t>(j + r);
+      n += 8;
+      continue;
+    }
+    for (int r = 0; r < 8; ++r)
+      if (keep[j + r]) idx[n++] = static_cast<int32_t>(j + r);
+  }
+  for (; j < L; ++j)
+    if (keep[j]) idx[n++] = static_cast<int32_t>(j);
+  return n;
+}
+
 }  // namespace
 
 int64_t PageBudget(double kappa, int64_t L, int64_t S) {
@@ -305,10 +327,7 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
         for (int64_t j = 0; j < L; ++j) ukeep[j] |= keep[g * L + j];
     }
     int32_t* idx = idx_all + static_cast<int64_t>(it) * L0;
-    int64_t n = 0;
-    for (int64_t j = 0; j < L; ++j)
-      if (ukeep[j]) idx[n++] = static_cast<int32_t>(j);
-    nrow[it] = n;
+    nrow[it] = KeptRows(ukeep, L, idx);
   };
   if (any_sparse) par.For(static_cast<size_t>(items), select_item);
   else for (int64_t it = 0; it < items; ++it) select_item(static_cast<size_t>(it));

@@ -99,8 +99,13 @@ void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_
     for (int64_t p = 0; p < P; ++p)
       if (page_ok == nullptr || page_ok[p]) tmp[n++] = score[p];
     const float thr = KthLargest(tmp, n, pb);
-    for (int64_t p = 0; p < P; ++p)
-      if ((page_ok == nullptr || page_ok[p]) && score[p] >= thr) std::memset(keep + p * S, 1, std::min(S, L - p * S));
+    constexpr uint64_t kOnes = 0x0101010101010101ull;
+    for (int64_t p = 0; p < P; ++p) {
+      if (!((page_ok == nullptr || page_ok[p]) && score[p] >= thr)) continue;
+      const int64_t m = std::min(S, L - p * S);
+      if (m == 8) std::memcpy(keep + p * S, &kOnes, 8);  // a full page of 8: one store, not a call to memset
+      else std::memset(keep + p * S, 1, m);
+    }
   }
   if (sinks > 0) std::memset(keep, 1, std::min(sinks, L));
   if (window > 0) {
