@@ -153,11 +153,14 @@ struct InputSlot {
 
 // ------------------------------------------------------------------------------------------------ per-call state
 
-// The buffers one Compute writes (scratch, broadcast control vectors, spare outputs), pooled per node. onnxruntime
-// calls Compute of one node concurrently when several threads Run() one session; each call checks out its own
-// state (the pool's mutex is held only to pop or push a pointer, never during the work), so the calls proceed in
-// parallel without sharing a buffer. A pool holds as many states as calls were ever in flight at once; a state is
-// reused warm (no allocation once every state has grown).
+// The buffers one Compute writes (scratch, broadcast control vectors, spare outputs), pooled per kernel kind and
+// shared by every node of that kind in the process (Shared): a run computes its nodes one after another, so the 30
+// layers' SparseMLPBlocks take turns with one warm state instead of each keeping buffers grown to the longest
+// prefill run (per node, SmolLM2's 128-token prefill runs left ~150 MB of scratch behind; session 21). onnxruntime
+// calls Compute concurrently when several threads Run() a session (or several sessions run); each call checks out
+// its own state (the pool's mutex is held only to pop or push a pointer, never during the work), so the calls proceed
+// in parallel without sharing a buffer. A pool holds as many states as calls were ever in flight at once; a state is
+// reused warm (no allocation once every state has grown). Nothing in a state outlives its call.
 template <class T>
 class CallPool {
  public:
@@ -174,6 +177,12 @@ class CallPool {
     CallPool& pool_;
     std::unique_ptr<T> t_;
   };
+
+  // The process's pool for T (never destroyed: kernels may outlive static destruction at exit).
+  static CallPool& Shared() {
+    static CallPool* const pool = new CallPool();
+    return *pool;
+  }
 
   Lease Get() {
     std::unique_ptr<T> t;
@@ -261,7 +270,7 @@ struct QuestKernel : KernelBase {
     solm::AttnScratch scratch;
     std::vector<float> kappa_b, spare_out, spare_state;
   };
-  CallPool<Call> calls;
+  CallPool<Call>& calls = CallPool<Call>::Shared();
 
   void Compute(OrtKernelContext* kc) override;
 
@@ -301,7 +310,7 @@ struct MlpKernel : KernelBase {
     std::vector<float> rho_b, bits_b;
     solm::MlpWeights weights;  // this call's layout when the weights are graph inputs (not weights_ready)
   };
-  CallPool<Call> calls;
+  CallPool<Call>& calls = CallPool<Call>::Shared();
 
   // inputs: 0 x, 1 w_gate, 2 b_gate, 3 w_up, 4 b_up, 5 w_down, 6 b_down, 7 rho, 8 bits
   static constexpr size_t kWeightInputs[6] = {1, 2, 3, 4, 5, 6};
@@ -322,7 +331,7 @@ struct MlpBlocksKernel : KernelBase {
     solm::MlpBlockScratch scratch;
     std::vector<float> rho_b, bits_b;
   };
-  CallPool<Call> calls;
+  CallPool<Call>& calls = CallPool<Call>::Shared();
   // inputs: 0 x, 1-4 codes/scale/offset/b of gate, 5-8 up, 9-12 down, 13 rho, 14 bits, 15-17 codes/scale/offset
   // of down in its source layout (skip="h" only: the rows at rho >= 1)
   static constexpr size_t kWeightInputs[15] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 15, 16, 17};
@@ -342,7 +351,7 @@ struct LinearBlocksKernel : KernelBase {
   struct Call {
     solm::LinearBlockScratch scratch;
   };
-  CallPool<Call> calls;
+  CallPool<Call>& calls = CallPool<Call>::Shared();
   static constexpr size_t kWeightInputs[4] = {1, 2, 3, 4};
   void SetWeights(const TensorRef* t);  // t[i] for the 4 weight inputs
   void Compute(OrtKernelContext* kc) override;
