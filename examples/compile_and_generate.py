@@ -25,7 +25,7 @@ path = solm.compile("smollm2", solm.SolmConfig(), out=out_dir / "smollm2.solm.on
 print(f"artifact: {path} ({path.stat().st_size / 1e6:.0f} MB)")
 
 session = solm.load(path, threads=2)
-result = session.generate("What is the capital of France?", max_new_tokens=args.max_new_tokens,
+result = session.generate("Name the capital of France.", max_new_tokens=args.max_new_tokens,
                           budget=(0.5, 0.75, 8))          # attention keep, MLP keep, bits
 print(f"answer: {result.text!r}")
 print(f"{len(result.tokens)} tokens at {result.tok_s:.1f} tok/s; realised usage {result.usage}")

@@ -25,7 +25,7 @@ app = create_app(solm.load(args.artifact, threads=2), ServeConfig())
 with background(app) as url:
     client = OpenAI(base_url=url + "/v1", api_key="unused", timeout=120, max_retries=0)
     model = client.models.list().data[0].id
-    question = [{"role": "user", "content": "What is the capital of France?"}]
+    question = [{"role": "user", "content": "Name the capital of France."}]
     for budget in ({"attn_keep": 1.0, "mlp_keep": 1.0}, {"attn_keep": 0.5, "mlp_keep": 0.75, "bits": 8}):
         text, costs = "", []
         for chunk in client.chat.completions.create(model=model, messages=question, max_tokens=args.max_new_tokens,

@@ -25,7 +25,7 @@ args = parser.parse_args()
 
 loaded = load("smollm2")                     # the transformers model and tokenizer, from the solm cache
 model, tok = loaded.hf.eval(), loaded.tokenizer
-ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+ids = tok.apply_chat_template([{"role": "user", "content": "Name the capital of France."}],
                               add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
 
 model.compile(backend="solm", options={"attn_keep": 0.5, "mlp_keep": 0.75, "bits": 8, "inductor": args.inductor,

@@ -2,7 +2,7 @@
 
     import solm_compile as solm
     path = solm.compile("smollm2", solm.SolmConfig(), out="smollm2.solm.onnx")   # the artifact
-    result = solm.load(path).generate("What is the capital of France?", budget=(0.5, 0.75, 8))
+    result = solm.load(path).generate("Name the capital of France.", budget=(0.5, 0.75, 8))
 
 Importing this package is cheap and has no side effects; the heavy modules (torch, transformers, onnx) load
 when a function that needs them runs. The rooms: ``frontend`` (load, export, gate), ``passes`` (the graph

@@ -4,7 +4,7 @@
 
     path = solm.compile("smollm2", solm.SolmConfig(), out="smollm2.solm.onnx")
     session = solm.load(path)
-    result = session.generate("What is the capital of France?", max_new_tokens=16, budget=(0.5, 0.75, 8))
+    result = session.generate("Name the capital of France.", max_new_tokens=16, budget=(0.5, 0.75, 8))
     print(result.text, result.usage)
 
 ``solm-compile`` and ``solm compile`` call ``compile`` with a ``SolmConfig`` built from their flags, so the command

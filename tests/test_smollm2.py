@@ -119,7 +119,7 @@ def test_solm_run_chats_and_stops_at_end_of_sequence(smollm2_artifacts, capsys):
 
     loaded, _, _, arts = smollm2_artifacts
     sess = SolmSession(arts["solm"])
-    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    msgs = [{"role": "user", "content": "Name the capital of France."}]
     assert sess.chat_prompt(msgs[0]["content"]) == loaded.tokenizer.apply_chat_template(
         msgs, tokenize=False, add_generation_prompt=True)
     code = cli.main(["run", str(arts["solm"]), "--prompt", msgs[0]["content"], "--max-new-tokens", "48",
@@ -145,7 +145,7 @@ def test_the_cpp_driver_matches_solm_run_on_smollm2(smollm2_artifacts, capsys):
     need_ep(ep.library_path() is not None)
     _, _, _, arts = smollm2_artifacts
     sess = SolmSession(arts["solm"])
-    prompt = "What is the capital of France?"
+    prompt = "Name the capital of France."
     ids = sess.tokenizer.encode(sess.chat_prompt(prompt), add_special_tokens=False).ids
     code = cli.main(["run", str(arts["solm"]), "--prompt", prompt, "--max-new-tokens", "48", "--greedy", "--json",
                      "--threads", "1", "--attn-keep", "0.5", "--mlp-keep", "0.75", "--bits", "8"])
