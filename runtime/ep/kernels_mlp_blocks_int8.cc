@@ -291,9 +291,9 @@ SOLM_INLINE void GemmBits(const BlockMatrix& W, const BlockQIn* in, int64_t nt, 
   }
 }
 
-// One token's nb blocks of x -> q, d, s = d·Σq (kernels_util.h's contract). The rounding: v + 1.5·2^23 - 1.5·2^23 is v rounded
-// half to even for |v| < 2^22 (GCC would fuse x·id into the add: an empty asm keeps the product's own rounding);
-// then clamped to ±127 (a no-op but for safety).
+// One token's nb blocks of x -> q, d, s = d·Σq (kernels_util.h's contract). The rounding: v + 1.5·2^23 - 1.5·2^23
+// is v rounded half to even for |v| < 2^22 (GCC would fuse x·id into the add: an empty asm keeps the product's own
+// rounding); then clamped to ±127 (a no-op but for safety).
 template <class VF>
 SOLM_INLINE void QuantT(const float* x, int64_t nb, int8_t* q, float* d, float* s) {
   typedef typename IntVec<sizeof(VF)>::type VI;

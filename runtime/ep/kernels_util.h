@@ -342,8 +342,9 @@ const BlockKernels& Blocks();
 // SparseMLPBlocks' int8-activation kernels (kernels_mlp_blocks_int8.cc), on BlockMatrix with int8_layout.
 // quant: one token's nb blocks of 32 values x -> q (int8), d (scale) and s (the block sum the offset term reads):
 // d = max|x|/127, q = round-half-even(x·(1/d)) (0 where d = 0), s = d·Σq (of the quantised values, as llama.cpp's
-// Q8_1; kernels_mlp_blocks_int8.cc says why). gemv/gemm: y rows [g0*16, g1*16) = W·x (one token; nt tokens at y + t*ys), per block and row
-// scale·(d·Σ code·q) + offset·xsum, a block whose nz is 0 skipped. Both give a token bit-identical results.
+// Q8_1; kernels_mlp_blocks_int8.cc says why). gemv/gemm: y rows [g0*16, g1*16) = W·x (one token; nt tokens at
+// y + t*ys), per block and row scale·(d·Σ code·q) + offset·xsum, a block whose nz is 0 skipped. Both give a token
+// bit-identical results.
 struct BlockQIn {
   const int8_t* q;     // [K]
   const float* d;      // [nb]
