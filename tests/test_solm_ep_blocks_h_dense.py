@@ -1,5 +1,7 @@
 """SparseMLPBlocks skip="h" with down also in its source layout (``*_down_dense``): rows at ρ ≥ 1 run y = down(h) on
-the source blocks (lossless), rows at ρ < 1 the transposed, re-quantised downT as before.
+the source blocks (lossless), rows at ρ < 1 the transposed, re-quantised downT as before, except under int8
+activations with a 4-bit copy: there rows at ρ < 1 run the source down on their masked h (DownG's gathers for one
+token, one GEMM for two or more: the same floats).
 
 The references are written here, independently of the op's: ``masked_mlp`` (test_solm_ep_blocks_h: downT, float64)
 for the sparse rows, and for the dense rows the source blocks dequantised by a plain loop (fp32 activations) or h
@@ -99,6 +101,32 @@ def test_a_mixed_batch_equals_its_rows_one_by_one(lib):
     got = run(w, src, x, rho, "int8", threads=2)
     for b in range(4):
         np.testing.assert_array_equal(got[b], run(w, src, x[b:b + 1], rho[b:b + 1], "int8")[0])
+
+
+def test_a_batch_below_rho_1_streams_down_once_and_equals_its_rows(lib):
+    """Two or more tokens at ρ < 1 (int8, 4-bit copy) run one GEMM of the source down on their masked h, reading
+    each block once for the batch instead of each token's kept units; every row equals the same row run alone
+    (DownG's gathers), bit for bit, and the work counters say which path ran (whole blocks, not units)."""
+    from solm_compile.runtime import ep
+
+    rng = np.random.default_rng(21)
+    w, src = weights(rng)
+    x = rng.standard_normal((4, 1, D), dtype=np.float32)
+    rho = np.array([0.3, 0.5, 0.7, 0.5], np.float32)
+    sess = _session(model(w, src, "int8"), threads=2)
+
+    def go(xb, rb):
+        before = ep.work_counters()
+        y = sess.run(None, {"x": xb, "rho": rb, "bits": np.full(len(rb), 16.0, np.float32)})[0]
+        return y, ep.work_counters()["mlp_down_dense_rows"] - before["mlp_down_dense_rows"]
+
+    got, rows = go(x, rho)
+    _close(got, want(w, src, x, rho, activations="int8"))
+    alone = [go(x[b:b + 1], rho[b:b + 1]) for b in range(4)]
+    for b in range(4):
+        np.testing.assert_array_equal(got[b], alone[b][0][0])
+    assert all(abs(n - I * float(r)) <= 1 for (_, n), r in zip(alone, rho))  # DownG: the kept units (k = ⌈ρ·I⌉)
+    assert rows == 4 * I                                           # the GEMM: every block (some unit kept in each)
 
 
 @pytest.mark.parametrize("rho", [[1.0, 1.0], [0.5, 0.3]])
@@ -215,7 +243,11 @@ for dout in (96, 576):   # one tile of 128 rows (padded), and 4.5 tiles (SmolLM2
     w = {"up": q4_1(rng, t.I, t.D), "gate": q4_1(rng, t.I, t.D), "down": requantize_transposed(src, 8)}
     x = rng.standard_normal((3, 2, t.D), dtype=np.float32)
     rho = [1.0, 0.5, 0.3]
-    _close(t.run(w, src, x, rho, "int8", threads=2), t.want(w, src, x, rho, activations="int8"))
+    batch = t.run(w, src, x, rho, "int8", threads=2)     # 4 tokens at rho < 1: the GEMM on their masked h
+    _close(batch, t.want(w, src, x, rho, activations="int8"))
+    for b in range(3):                                    # one token: the regrouped down (DownG) at rho < 1
+        for k in range(2):
+            np.testing.assert_array_equal(t.run(w, src, x[b:b + 1, k:k + 1], rho[b:b + 1], "int8")[0, 0], batch[b, k])
 print("REPORT " + json.dumps(ep.isa_report(sys.argv[1])))
 """
 
@@ -248,6 +280,7 @@ def test_many_tiles_of_output_rows(lib, dout, scales):
     w = {"up": q4_1(rng, I, D), "gate": q4_1(rng, I, D), "down": requantize_transposed(src, 8)}
     x = rng.standard_normal((2, 1, D), dtype=np.float32)
     rho = [0.5, 0.3]
-    one = run(w, src, x, rho, "int8")
-    _close(one, want(w, src, x, rho, activations="int8"))
-    np.testing.assert_array_equal(run(w, src, x, rho, "int8", threads=2), one)
+    for b in range(2):  # one token at a time: DownG's tiles
+        one = run(w, src, x[b:b + 1], rho[b:b + 1], "int8")
+        _close(one, want(w, src, x[b:b + 1], rho[b:b + 1], activations="int8"))
+        np.testing.assert_array_equal(run(w, src, x[b:b + 1], rho[b:b + 1], "int8", threads=2), one)

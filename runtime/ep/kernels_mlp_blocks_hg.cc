@@ -2,10 +2,12 @@
 // source's own down on their masked h, reading only the kept units (DownGroups, kernels.h).
 //
 // Semantics (reference.sparse_mlp_blocks_h_ref with `dense`): h masked to its kept units is quantised per block of
-// 32 units as any int8 input is (d = max|h|/127 over the block, q = round-half-even(h·(1/d)); the block's sum of
-// the masked h for the offset term), and y_d = Σ_g scale_dg·(d_g·Σ_j q_j·code_dj) + offset_dg·Σ_j h_j: the
-// source blocks' int8 dot product, the one the rows at rho >= 1 run through BlockMatrix. A dropped unit has q = 0
-// and adds nothing, so its codes are never read; a group with no kept unit is skipped whole.
+// 32 units as any int8 input is (d = max|h|/127 over the block, q = round-half-even(h·(1/d)); d·Σq for the offset
+// term), and y_d = Σ_g scale_dg·(d_g·Σ_j q_j·code_dj) + offset_dg·d_g·Σ_j q_j: the source blocks' int8 dot product,
+// the one the rows at rho >= 1 run through BlockMatrix. A dropped unit has q = 0 and adds nothing, so its codes are
+// never read; a group with no kept unit is skipped whole. The floats are BlockMatrix's on the masked h too (the
+// same integers, BlockTerm's expression, groups ascending), so a batch's rows at rho < 1 may run there instead
+// (kernels_mlp_blocks_op.cc), and equal the same rows run one by one here.
 //
 // The VNNI kernel: per tile of 128 output rows, per group, per quad of kept units, four 64-byte loads (each unit's
 // codes of the tile), two rounds of byte/word unpacks that turn them into 32-bit lanes holding the 4 units' codes
@@ -114,8 +116,9 @@ void DownGBase(const DownGroups& W, const DownGToken& t, int64_t k0, int64_t k1,
       for (int64_t x = 0; x < DownGroups::kTile; ++x) {
         const float s = W.half() ? HalfToFloat(W.scale_h[at + x]) : W.scale[at + x];
         const float o = W.half() ? HalfToFloat(W.offset_h[at + x]) : W.offset[at + x];
-        F[x] += s * r.d * static_cast<float>(isum[x]);
-        F[x] += o * r.hsum;
+        float a = s * (static_cast<float>(isum[x]) * r.d), b = o * r.hsum;
+        asm("" : "+x"(a), "+x"(b));  // BlockTerm's floats (kernels_mlp_blocks_int8.cc): no FMA
+        F[x] = F[x] + (a + b);
       }
     }
     for (int a = 0; a < 8; ++a)
@@ -174,9 +177,9 @@ SOLM_TARGET_V4_VNNI void DownGVnni(const DownGroups& W, const DownGToken& t, int
         } else {
           sv = _mm512_loadu_ps(W.scale.data() + at + a * 16), ov = _mm512_loadu_ps(W.offset.data() + at + a * 16);
         }
-        __m512 f = _mm512_load_ps(F + a * 16);
-        f = _mm512_fmadd_ps(_mm512_mul_ps(sv, dv), _mm512_cvtepi32_ps(acc[a]), f);
-        _mm512_store_ps(F + a * 16, _mm512_fmadd_ps(ov, hs, f));
+        __m512 t = _mm512_mul_ps(sv, _mm512_mul_ps(_mm512_cvtepi32_ps(acc[a]), dv)), u = _mm512_mul_ps(ov, hs);
+        asm("" : "+v"(t), "+v"(u));  // BlockTerm's floats (kernels_mlp_blocks_int8.cc): no FMA
+        _mm512_store_ps(F + a * 16, _mm512_add_ps(_mm512_load_ps(F + a * 16), _mm512_add_ps(t, u)));
       }
     }
     quad += nq;

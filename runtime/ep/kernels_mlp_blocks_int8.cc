@@ -89,10 +89,14 @@ SOLM_INLINE VF LoadScale(const ST* p) {
 }
 
 // y[o..o+Ln) += scale·(d·Σ) + offset·xsum (BlockTerm): the one float expression every variant and path uses (a half
-// scale is the same float once loaded, so the result does not depend on how it was stored).
+// scale is the same float once loaded, so the result does not depend on how it was stored). Both products are
+// rounded to fp32 before they are added (no FMA, whatever the compiler's contraction): DownG
+// (kernels_mlp_blocks_hg.cc) computes the same floats, so a batch's rows at rho < 1 may take either path.
 template <class VF, class VI>
 SOLM_INLINE VF BlockTerm(VI isum, VF scale, VF offset, VF d, VF xsum) {
-  return scale * (__builtin_convertvector(isum, VF) * d) + offset * xsum;
+  VF a = scale * (__builtin_convertvector(isum, VF) * d), b = offset * xsum;
+  asm("" : "+v"(a), "+v"(b));
+  return a + b;
 }
 template <class VF, class VI, class ST>
 SOLM_INLINE void Epilogue(float* y, const ST* sc, const ST* of, VI isum, VF d, VF xsum) {

@@ -56,16 +56,18 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
   const int64_t N = B * T, D = W.up.K, I = W.up.N, Dout = W.Dout();
   const bool hskip = W.skip_h;  // rho keeps units of h (gate/up dense; kernels_mlp_blocks_h.cc), not channels of x
   if (N == 0) return;
-  // skip="h" with down in its source layout too: rows at rho >= 1 take the skip="x" down on all of h (`dense`)
-  bool any_dense = !hskip, all_dense = !hskip;
-  if (hskip && W.down_dense) {
-    all_dense = true;
-    for (int64_t b = 0; b < B; ++b) {
-      if (rho[b] >= 1.f) any_dense = true;
-      else all_dense = false;
-    }
-  }
-  auto dense = [&](int64_t n) { return !hskip || (W.down_dense && rho[n / T] >= 1.f); };
+  // skip="h" with down in its source layout too: rows at rho >= 1 take the skip="x" down on all of h (`full`).
+  // Under int8 with the regrouped 4-bit copy (DownG), two or more tokens at rho < 1 take it too, on their h masked to
+  // the kept units (`masked`): one GEMM streams down once for all of them (the union of their kept blocks), where
+  // DownG gathers each token's kept units. The same floats either way (kernels_mlp_blocks_hg.cc).
+  int64_t nsparse = 0;
+  for (int64_t b = 0; b < B && hskip; ++b) nsparse += rho[b] < 1.f ? T : 0;
+  const bool gemm_h = hskip && W.int8 && W.down_dense && !W.down_g.empty() && nsparse >= 2;
+  auto full = [&](int64_t n) { return !hskip || (W.down_dense && rho[n / T] >= 1.f); };
+  auto masked = [&](int64_t n) { return gemm_h && rho[n / T] < 1.f; };
+  auto dense = [&](int64_t n) { return full(n) || masked(n); };
+  bool any_dense = false, all_dense = true;
+  for (int64_t b = 0; b < B; ++b) any_dense |= dense(b * T), all_dense &= dense(b * T);
   const BlockKernels& K = Blocks();
   const BlockInt8Kernels& KQ = BlocksInt8();
   const bool q8 = W.int8;
@@ -128,7 +130,7 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
         const float u = hr[i] + (W.b_up.empty() ? 0.f : W.b_up[i]);
         hr[i] = W.gated ? Activate(act, gr[i] + (W.b_gate.empty() ? 0.f : W.b_gate[i])) * u : Activate(act, u);
       }
-      if (q8 && dense(n0 + t)) {  // these rows' blocks of h (r0, r1 multiples of 32): sums and int8, for down
+      if (q8 && full(n0 + t)) {  // these rows' blocks of h (r0, r1 multiples of 32): sums and int8, for down
         const int64_t n = n0 + t, b0 = r0 / BlockMatrix::kBlock;
         BlockSums(hr + r0, 1, r1 - r0, hsum + n * nbI + b0, hnz + n * nbI + b0);
         KQ.quant(hr + r0, (r1 - r0) / BlockMatrix::kBlock, hq + n * I + r0, hd + n * nbI + b0, hsum + n * nbI + b0);
@@ -136,6 +138,19 @@ void SparseMlpBlocks(const float* x, int64_t B, int64_t T, const MlpBlockWeights
     }
   };
   par.For(static_cast<size_t>(chunksI * ntile), up);
+
+  // gemm_h: each token at rho < 1 keeps the top-k units of h (TopK's rule, as SparseMlpBlocksDownH keeps them), the
+  // others set to 0 in place (only the int8 blocks below are read from here on), then its int8 blocks for down.
+  auto mask = [&](size_t it) {
+    const int64_t n = static_cast<int64_t>(it);
+    if (!masked(n)) return;
+    float* hr = h + n * Ip;
+    const float thr = TopKThreshold(hr, I, static_cast<double>(rho[n / T]), Grow(ThreadScratch().f0, size_t(I)));
+    for (int64_t j = 0; j < I; ++j) hr[j] = std::fabs(hr[j]) >= thr ? hr[j] : 0.f;
+    BlockSums(hr, 1, I, hsum + n * nbI, hnz + n * nbI);
+    KQ.quant(hr, nbI, hq + n * I, hd + n * nbI, hsum + n * nbI);
+  };
+  if (gemm_h) par.For(static_cast<size_t>(N), mask);
 
   // h's block sums (the down projection's input; padding rows of h are never read: nbI blocks of I).
   auto hsums = [&](size_t it) {

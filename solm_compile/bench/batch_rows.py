@@ -8,11 +8,12 @@ decode steps on the next ids. Budgets: ``dense`` (κ̄ = ρ̄ = 1) and κ̄ = ρ
 row. Cells are timed in ``--rounds`` rounds of ``--steps`` steps, in an order rotated per round (shared/
 benchmark_protocol.md); a cell's step time is the median over rounds. Per cell it reports tok/s (B tokens a step),
 the speed-up of each sparse budget over the dense budget at the same B, and what SolmEP's work counters say each
-token read: K/V rows, gate/up input rows and down rows as fractions of dense. The counters are per token: a unit
-kept by several rows is counted once per row but, within one step, streamed from memory about once (the kernels
-read each token's kept rows in turn, kernels_mlp_blocks.cc), so the MLP's memory traffic is the union of the rows'
-kept sets while K/V stay per row. The speed-up at B = 4 against B = 1 is what that union costs. Timings need a quiet
-machine (the protocol's rule 2): say so when it was not.
+token read: K/V rows, gate/up input rows and down rows (either down layout) as fractions of dense. The counters are
+per token: a unit kept by several rows is counted once per row but, within one step, streamed from memory about
+once, so the MLP's memory traffic is the union of the rows' kept sets while K/V stay per row. (Under int8 with a
+4-bit down, two or more tokens at ρ < 1 run one GEMM on their masked h, counted per token as the blocks holding a
+kept unit: kernels_mlp_blocks_op.cc.) The speed-up at B = 4 against B = 1 is what that union costs. Timings need a
+quiet machine (the protocol's rule 2): say so when it was not.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def fractions(c: dict, dense: dict) -> dict:
     positions: it reads every row), gate/up and down rows against the counters' own dense counts."""
     f = lambda a, b: a / b if b else None  # noqa: E731
     return {"kv_rows": f(c["attn_kv_rows_read"], dense["attn_kv_rows_read"]),
-            "mlp_in": f(c["mlp_in_rows"], c["mlp_in_rows_dense"]), "mlp_down": f(c["mlp_down_rows"], c["mlp_down_rows_dense"])}
+            "mlp_in": f(c["mlp_in_rows"], c["mlp_in_rows_dense"]),
+            "mlp_down": f(c["mlp_down_rows"] + c.get("mlp_down_dense_rows", 0), c["mlp_down_rows_dense"])}
 
 
 def bench(path: str, args) -> dict:
