@@ -42,8 +42,9 @@ SRC_DIR = Path(__file__).resolve().parent / "ep"
 SOURCES = ("kernels_attention.cc", "kernels_attention_prefill.cc", "kernels_attention_cache.cc",
            "kernels_attention_rope.cc", "kernels_mlp.cc",
            "kernels_mlp_tiles.cc", "kernels_mlp_blocks.cc", "kernels_mlp_blocks_op.cc", "kernels_mlp_blocks_int8.cc",
-           "kernels_mlp_blocks_h.cc", "kernels_mlp_blocks_hg.cc", "kernels_blocks_layout.cc",
-           "kernels_stats.cc", "ort_kernels.cc", "ep_graph.cc", "ep_build_kernel.cc", "solm_ep.cc", "c_api.cc")
+           "kernels_mlp_blocks_h.cc", "kernels_mlp_blocks_hg.cc", "kernels_blocks_layout.cc", "kernels_stats.cc",
+           "kernels_topk.cc", "ort_kernels.cc", "ort_kernels_attention.cc", "ep_graph.cc", "ep_build_kernel.cc",
+           "solm_ep.cc", "c_api.cc")
 HEADERS = ("kernels.h", "kernels_util.h", "kernels_attention_rows.h", "kernels_attention_select.h", "op_table.h",
            "ort_kernels.h", "ep_graph.h")
 # Portable code: no -march=native. The hot loops are compiled per ISA (AVX-512 / AVX2+FMA / baseline, target

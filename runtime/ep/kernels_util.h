@@ -292,10 +292,10 @@ inline float Activate(Act act, float x) {
 
 }  // namespace
 
-// Shared by SparseMLP and SparseMLPBlocks (kernels_mlp.cc): the per-token top-k of the input channels (returns
+// Shared by SparseMLP and SparseMLPBlocks (kernels_topk.cc): the per-token top-k of the input channels (returns
 // the non-zero channels written to xs) and the output's fake quantisation.
 int64_t TopK(const float* x, int64_t D, double rho, float* xs, float* tmp);
-// TopK's threshold for rho < 1 (kernels_mlp.cc): |x| >= it is kept.
+// TopK's threshold for rho < 1 (kernels_topk.cc): |x| >= it is kept.
 float TopKThreshold(const float* x, int64_t D, double rho, float* tmp);
 // The k-th largest (1 <= k <= n) of x[0, n) in float order, by a radix select; x is overwritten.
 float KthLargest(float* x, int64_t n, int64_t k);

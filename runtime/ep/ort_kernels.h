@@ -1,7 +1,7 @@
 // The onnxruntime side of SolmEP's op kernels: errors, tensors borrowed from the kernel context, and one kernel
 // object per ai.solm op whose Compute maps the node's inputs and outputs onto the kernels of kernels.h.
 // solm_ep.cc builds them at Compile time (attributes, constant inputs, input/output slots) and hands them to
-// onnxruntime; ort_kernels.cc holds their Compute.
+// onnxruntime; ort_kernels.cc and ort_kernels_attention.cc hold their Compute.
 #pragma once
 
 #include "onnxruntime_c_api.h"  // includes onnxruntime_ep_c_api.h at its end; do not include that one again
@@ -260,6 +260,13 @@ struct KernelBase {
       Fail("SolmEP: " + op + " input '" + what + "' must be float32");
   }
 };
+
+// What the Compute files (ort_kernels.cc, ort_kernels_attention.cc) share: onnxruntime's thread pool as the kernels'
+// Parallel, and a [B] control vector (kappa / rho / bits), one value per batch row or one broadcast to every row
+// (then copied into `broadcast`).
+solm::Parallel MakeParallel(OrtKernelContext* kc);
+const float* RowValues(const TensorRef& t, int64_t B, const char* what, const std::string& op,
+                       std::vector<float>& broadcast);
 
 // inputs: 0 q, 1 k, 2 v, 3 attn_mask?, 4 kappa, 5 past_page_min?, 6 past_page_max?, 7 past_key?, 8 past_value?,
 // 9 past_length?; outputs: 0 out, 1 present_page_min?, 2 present_page_max?, 3 present_key?, 4 present_value?

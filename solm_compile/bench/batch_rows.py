@@ -2,18 +2,18 @@
 
     python -m solm_compile.bench.batch_rows smollm2.fixed.onnx --context 1024 --rows 1,4 --keep 0.5 --threads 1
 
-A ``fixed`` artifact (SolmEP, step protocol 2, ``runtime.batch.Batch``). Per cell (rows B, budget): a batch of B
-rows, each prefilled with its own ``context`` ids of the held-out novel (different offsets), then teacher-forced
-decode steps on the next ids. Budgets: ``dense`` (κ̄ = ρ̄ = 1) and κ̄ = ρ̄ = K for each ``--keep`` K, the same for every
-row. Cells are timed in ``--rounds`` rounds of ``--steps`` steps, in an order rotated per round (shared/
-benchmark_protocol.md); a cell's step time is the median over rounds. Per cell it reports tok/s (B tokens a step),
-the speed-up of each sparse budget over the dense budget at the same B, and what SolmEP's work counters say each
-token read: K/V rows, gate/up input rows and down rows (either down layout) as fractions of dense. The counters are
-per token: a unit kept by several rows is counted once per row but, within one step, streamed from memory about
-once, so the MLP's memory traffic is the union of the rows' kept sets while K/V stay per row. (Under int8 with a
-4-bit down, two or more tokens at ρ < 1 run one GEMM on their masked h, counted per token as the blocks holding a
-kept unit: kernels_mlp_blocks_op.cc.) The speed-up at B = 4 against B = 1 is what that union costs. Timings need a
-quiet machine (the protocol's rule 2): say so when it was not.
+A ``fixed`` artifact (SolmEP, step protocol 2, ``runtime.batch.Batch``). Per cell (rows B, budget): a batch of B rows,
+each prefilled with its own ``context`` ids of the held-out novel (different offsets), then teacher-forced decode
+steps on the next ids. Budgets: ``dense`` (κ̄ = ρ̄ = 1) and κ̄ = ρ̄ = K for each ``--keep`` K (κ̄ K and ρ̄ R for K/R),
+the same for every row. Cells are timed in ``--rounds`` rounds of ``--steps`` steps, in an order rotated per round
+(shared/benchmark_protocol.md); a cell's step time is the median over rounds. Per cell it reports tok/s (B tokens a
+step), the speed-up of each sparse budget over the dense budget at the same B, and what SolmEP's work counters say
+each token read: K/V rows, gate/up input rows and down rows (either down layout) as fractions of dense. The counters
+are per token: a unit kept by several rows is counted once per row but, within one step, streamed from memory about
+once, so the MLP's memory traffic is the union of the rows' kept sets while K/V stay per row. (Under int8 with a 4-bit
+down, two or more tokens at ρ < 1 run one GEMM on their masked h, counted per token as the blocks holding a kept unit:
+kernels_mlp_blocks_op.cc.) The speed-up at B = 4 against B = 1 is what that union costs. Timings need a quiet machine
+(the protocol's rule 2): say so when it was not.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def bench(path: str, args) -> dict:
         raise UserError(f"{path}: a fixed artifact is needed (solm-compile MODEL --fixed), this one is {sess.kind}")
     need = args.context + args.warmup + args.rounds * args.steps
     texts = windows(model_tokenizer(sess), max(args.rows), need + 1, args.seed)
-    budgets = {"dense": (1.0, 1.0, 16)} | {f"keep {k:g}": (k, k, 16) for k in args.keep}
+    budgets = {"dense": (1.0, 1.0, 16)} | {f"keep {k:g}" + (f"/{r:g}" if r != k else ""): (k, r, 16)
+                                           for k, r in args.keep}
     cells = {(b, name): Cell(sess, texts[:b], args.context, budget, need + 1)
              for b in args.rows for name, budget in budgets.items()}
     for cell in cells.values():
@@ -131,7 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("artifact", help="a fixed artifact (solm-compile MODEL --fixed)")
     ap.add_argument("--context", type=int, default=1024, help="ids prefilled per row before the timed steps")
     ap.add_argument("--rows", default="1,4", help="batch sizes (default 1,4)")
-    ap.add_argument("--keep", default="0.5", help="sparse budgets κ̄ = ρ̄ = each value (default 0.5)")
+    ap.add_argument("--keep", default="0.5", help="sparse budgets, comma-separated: K for κ̄ = ρ̄ = K, K/R for κ̄ K "
+                    "and ρ̄ R (default 0.5)")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per cell per round (default 16)")
     ap.add_argument("--rounds", type=int, default=5, help="rotated rounds (default 5)")
@@ -141,14 +143,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         args.rows = sorted({int(x) for x in args.rows.split(",")})
-        args.keep = [float(x) for x in args.keep.split(",")]
+        args.keep = [(float(x.split("/")[0]), float(x.split("/")[-1])) for x in args.keep.split(",")]
     except ValueError as e:
-        print(f"--rows/--keep: comma-separated numbers expected ({e})", file=sys.stderr)
+        print(f"--rows/--keep: comma-separated numbers (K or K/R for --keep) expected ({e})", file=sys.stderr)
         return 2
     try:
         if not Path(args.artifact).is_file():
             raise UserError(f"{args.artifact}: no such file")
-        if min(args.rows) < 1 or not all(0 < k <= 1 for k in args.keep) or min(args.steps, args.rounds) < 1:
+        in_range = all(0 < v <= 1 for kr in args.keep for v in kr)
+        if min(args.rows) < 1 or not in_range or min(args.steps, args.rounds) < 1:
             raise UserError("--rows must be >= 1, --keep in (0, 1], --steps and --rounds >= 1")
         doc = bench(args.artifact, args)
     except UserError as e:
