@@ -161,3 +161,20 @@ def _tiny_hf():
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def test_cold_mlp_bench_rows_and_bytes(tmp_path, capsys):
+    """`python -m solm_compile.bench.mlp_blocks --cold` (issue 17's gather-vs-stream table): one row per ρ, and the
+    down's bytes by hand: Q4_1 codes (½ byte a weight) plus a half d and m per block of 32 units, 576 x 1536; below
+    ρ 1 the kept units' codes (⌈ρ·1536⌉ of them) plus every group's scales."""
+    from solm_compile.bench import mlp_blocks
+
+    need_ep(ep.library_path() is not None)
+    out = tmp_path / "cold.json"
+    mlp_blocks.main(["--cold", "--layers", "2", "--rounds", "1", "--reps", "20", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["rho"] for r in rows] == [1.0, 0.8, 0.6, 0.4, 0.2]
+    scales = 576 * (1536 // 32) * 2 * 2
+    assert rows[0]["down_kib"] * 1024 == 576 * 1536 // 2 + scales
+    assert rows[2]["down_kib"] * 1024 == 922 * 576 // 2 + scales            # ⌈0.6·1536⌉ = 922 units
+    assert all(r["us_layer"] > 0 for r in rows) and "| ρ (h) |" in capsys.readouterr().out

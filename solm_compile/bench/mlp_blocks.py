@@ -8,6 +8,10 @@ the rounds' µs per call; prints a markdown table.
 transposed to 8 or 4 bits for h; and SolmEP's fp32 SparseMLP on the same values, x and h) at ρ ∈ {1, 0.75, 0.5,
 0.3}, with the bytes of weights each call reads (codes plus fp32 scale/offset, counted from the kept blocks/units of
 this x), and ``--out`` writes the rows as JSON.
+
+``--cold`` (issue 17) times a model's worth of MLPs in one run (``--layers``, default 30: ~45 MB, more than the
+caches), skip h under int8 with down's 4-bit source copy, at ρ ∈ {1, 0.8, 0.6, 0.4, 0.2}: what gathering the kept
+units' codes (ρ < 1) costs against streaming down (ρ 1) when the weights come from memory, as in a decode step.
 """
 
 from __future__ import annotations
@@ -153,6 +157,60 @@ def skip_table(args, session, rng) -> list[dict]:
     return rows
 
 
+def chain_model(layers):
+    """``len(layers)`` SparseMLPBlocks nodes on the same x (a chain's outputs would drift to 0 or inf on random
+    weights, and a zero block of x is never read), each its own weights, int8 activations, skip h with down's 4-bit
+    source copy: rows at ρ < 1 gather their kept units (DownG), ρ 1 streams down. Outputs y0, y1, ..."""
+    nodes, inits = [], []
+    for i, (w, src) in enumerate(layers):
+        names = ["x"]
+        for k in ("wg", "wu", "wd"):
+            bq = w[k]
+            inits += [(f"{k}{i}.q", _pack(bq.codes, bq.bits)), (f"{k}{i}.s", bq.scale), (f"{k}{i}.m", bq.offset)]
+            names += [f"{k}{i}.q", f"{k}{i}.s", f"{k}{i}.m", ""]
+        inits += [(f"dd{i}.q", _pack(src.codes, src.bits)), (f"dd{i}.s", src.scale), (f"dd{i}.m", src.offset)]
+        nodes.append(helper.make_node("SparseMLPBlocks", names + ["rho", "bits", f"dd{i}.q", f"dd{i}.s", f"dd{i}.m"],
+                                      [f"y{i}"], domain="ai.solm", act="silu", bits_gate=4, bits_up=4, bits_down=8,
+                                      bits_down_dense=4, block_size=32, activations="int8", skip="h"))
+    g = helper.make_graph(nodes, "mlps", [helper.make_tensor_value_info(n, F, None) for n in ("x", "rho", "bits")],
+                          [helper.make_tensor_value_info(f"y{i}", F, None) for i in range(len(layers))],
+                          initializer=[numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in inits])
+    return helper.make_model(g, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
+                                                               helper.make_opsetid("ai.solm", 1)])
+
+
+def cold_table(args, session, rng) -> list[dict]:
+    """A model's worth of MLPs (30 SmolLM2 layers, ~45 MB of Q4_1: more than the caches) in one run, one token:
+    µs per layer at ρ on h ∈ {1, 0.8, 0.6, 0.4, 0.2}, and the down's bytes (ρ 1: the source down streamed; below:
+    the kept units' codes gathered, plus every group's half scales). Interleaved rounds, median."""
+    layers = []
+    for _ in range(args.layers):
+        src = _q4_1(rng, D, I)
+        layers.append(({"wg": _q4_1(rng, I, D), "wu": _q4_1(rng, I, D), "wd": requantize_transposed(src, 8)}, src))
+    sess = session(chain_model(layers), True)
+    x = rng.standard_normal((1, 1, D), dtype=np.float32)
+    rhos = (1.0, 0.8, 0.6, 0.4, 0.2)
+    feeds = [{"x": x, "rho": np.array([r], np.float32), "bits": np.array([16.0], np.float32)} for r in rhos]
+    for f in feeds:
+        _time(sess, f, 5)
+    times = [[] for _ in rhos]
+    for _ in range(args.rounds):
+        for i, f in enumerate(feeds):
+            times[i].append(_time(sess, f, max(args.reps // 20, 5)) / args.layers)
+    down = D * I // 2 + 2 * 2 * D * (I // 32)           # Q4_1 codes + half d and m, per layer
+    rows = []
+    for r, ts in zip(rhos, times):
+        kept = min(max(int(np.ceil(np.float32(r) * I - 1e-9)), 1), I)
+        b = down if r >= 1 else kept * D // 2 + 2 * 2 * D * (I // 32)
+        rows.append({"rho": r, "us_layer": float(np.median(ts)), "us_min": min(ts), "down_kib": b / 1024})
+    base = rows[0]["us_layer"]
+    print(f"| ρ (h) | µs / layer (median) | min | down KiB read | × ρ 1's time |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['rho']} | {r['us_layer']:.1f} | {r['us_min']:.1f} | {r['down_kib']:.0f} | "
+              f"{base / r['us_layer']:.2f} |")
+    return rows
+
+
 def main(argv=None) -> None:
     import onnxruntime as ort
     from solm_compile.runtime import ep
@@ -161,7 +219,10 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--skip", action="store_true", help="skip x vs skip h (issue 17) instead of the format table")
-    p.add_argument("--out", help="--skip: write the rows as JSON here")
+    p.add_argument("--cold", action="store_true", help="--layers MLPs in one run, too large for the caches, skip h "
+                   "under int8 with the source down: what ρ < 1's gathers cost against ρ 1's stream (issue 17)")
+    p.add_argument("--layers", type=int, default=30, help="--cold: MLPs in the run (default 30, SmolLM2's)")
+    p.add_argument("--out", help="--skip / --cold: write the rows as JSON here")
     args = p.parse_args(argv)
     ep.register(ort)
     rng = np.random.default_rng(0)
@@ -176,6 +237,17 @@ def main(argv=None) -> None:
         assert sess.get_providers()[0] == "SolmEP", sess.get_providers()
         return sess
 
+    if args.cold:
+        rows = cold_table(args, session, rng)
+        if args.out:
+            import json
+
+            from solm_compile.io import atomic_write_text
+
+            atomic_write_text(args.out, json.dumps({"what": f"{args.layers} SmolLM2-shaped MLPs in one run, one token, 1 "
+                                                    "thread, SolmEP SparseMLPBlocks skip h, int8, source down",
+                                                    "reps": args.reps, "rounds": args.rounds, "rows": rows}, indent=1))
+        return
     if args.skip:
         rows = skip_table(args, session, rng)
         if args.out:
