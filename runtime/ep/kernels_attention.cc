@@ -314,7 +314,7 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
           return;
         }
       }
-      KeepFromScores(sc, P, pbs, L, S, p.sinks, p.window, kp, tmp, page_ok);
+      KeepFromScores(sc, P, pbs, L, S, p.sinks, p.window, kp, tmp, masked && pv < P ? page_ok : nullptr);
     };
     uint8_t* keep = keep_all + static_cast<int64_t>(it) * (nsets + 1) * L0;
     uint8_t* ukeep = nsets == 1 ? keep : keep + nsets * L;

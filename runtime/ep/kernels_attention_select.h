@@ -18,7 +18,19 @@ int64_t UnmaskedPages(const MaskRow* m, int64_t n, int64_t L, int64_t S, uint8_t
     // no mask, or a contiguous bool row with no causal bound inside [0, L): count the allowed bytes a page at a time
     const uint8_t* b = m[0].b;
     int64_t lv = 0;
-    for (int64_t p = 0, j0 = 0; j0 < L; ++p, j0 += S) {
+    int64_t p = 0, j0 = 0;
+    if (b != nullptr && S == 8)  // a page is one 8-byte word: its allowed count from the word's nonzero bytes
+      for (; j0 + 8 <= L; ++p, j0 += 8) {
+        uint64_t w;
+        std::memcpy(&w, b + j0, 8);
+        w = (w | w >> 4) & 0x0f0f0f0f0f0f0f0full;  // per byte: nonzero iff its low nibble is now nonzero
+        w = (w | w >> 2) & 0x0303030303030303ull;
+        w = (w | w >> 1) & 0x0101010101010101ull;  // per byte: 1 iff the mask byte was nonzero
+        const int64_t c = static_cast<int64_t>((w * 0x0101010101010101ull) >> 56);
+        if (c > 0) page_ok[p] = 1;
+        lv += c;
+      }
+    for (; j0 < L; ++p, j0 += S) {
       const int64_t j1 = std::min(L, j0 + S);
       int64_t c = j1 - j0;
       if (b != nullptr) {
