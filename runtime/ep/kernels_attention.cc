@@ -3,6 +3,8 @@
 #include "kernels_attention_select.h"
 #include "kernels_util.h"
 
+#include <numeric>
+
 namespace solm {
 
 namespace {
@@ -293,40 +295,45 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
     uint8_t* page_ok = masked ? Grow(tls.u1, static_cast<size_t>(P)) : nullptr;
     MaskRow* mr = Grow(tls.masks, static_cast<size_t>(G));
     for (int64_t g = 0; g < G; ++g) mr[g] = RowOf(mask, b, h + g, 0, false);
-    // one token set: its keep flags from its page scores sc (the set of query heads mh[0, nh) decides what is
-    // unmasked: one head, or the group's union when it shares a set). The unmasked pages are counted once for
-    // consecutive sets whose mask rows are the same (a mask broadcast over heads: every head of the group).
+    // one token set's page budget (the set of query heads mh[0, nh) decides what is unmasked: one head, or the
+    // group's union when it shares a set); false: the budget covers every unmasked page (dense under the mask). The
+    // unmasked pages are counted once for consecutive sets whose mask rows are the same (a mask broadcast over
+    // heads: every head of the group).
     const MaskRow* counted = nullptr;
     int64_t lv = 0, pv = 0;
-    auto select = [&](const float* sc, const MaskRow* mh, int64_t nh, uint8_t* kp) {
-      int64_t pbs = pb;
-      if (masked) {
-        if (counted == nullptr || nh != 1 || !SameRow(*counted, mh[0])) {
-          std::memset(page_ok, 0, P);
-          lv = UnmaskedPages(mh, nh, L, S, page_ok);
-          pv = 0;
-          for (int64_t i = 0; i < P; ++i) pv += page_ok[i];
-          counted = nh == 1 ? mh : nullptr;
-        }
-        pbs = std::min(PageBudget(static_cast<double>(kappa[b]), lv, S), pv);
-        if (pbs >= pv) {  // the budget covers every unmasked page: dense under the mask
-          std::memset(kp, 1, L);
-          return;
-        }
+    auto budget = [&](const MaskRow* mh, int64_t nh, int64_t* pbs) {
+      *pbs = pb;
+      if (!masked) return true;
+      if (counted == nullptr || nh != 1 || !SameRow(*counted, mh[0])) {
+        std::memset(page_ok, 0, P);
+        lv = UnmaskedPages(mh, nh, L, S, page_ok);
+        pv = 0;
+        for (int64_t i = 0; i < P; ++i) pv += page_ok[i];
+        counted = nh == 1 ? mh : nullptr;
       }
-      KeepFromScores(sc, P, pbs, L, S, p.sinks, p.window, kp, tmp, masked && pv < P ? page_ok : nullptr);
+      *pbs = std::min(PageBudget(static_cast<double>(kappa[b]), lv, S), pv);
+      return *pbs < pv;
     };
-    uint8_t* keep = keep_all + static_cast<int64_t>(it) * (nsets + 1) * L0;
-    uint8_t* ukeep = nsets == 1 ? keep : keep + nsets * L;
-    if (shared) {
-      select(score, mr, G, keep);
-    } else {
-      for (int64_t g = 0; g < G; ++g) select(score + g * P, mr + g, 1, keep + g * L);
-      std::memcpy(ukeep, keep, L);
-      for (int64_t g = 1; g < G; ++g)
-        for (int64_t j = 0; j < L; ++j) ukeep[j] |= keep[g * L + j];
-    }
     int32_t* idx = idx_all + static_cast<int64_t>(it) * L0;
+    int64_t pbs;
+    if (shared) {  // one set: its rows straight from the page scores, no keep flags (the attend reads every row)
+      if (budget(mr, G, &pbs)) nrow[it] = KeptFromScores(score, P, pbs, L, S, p.sinks, p.window, idx, tmp,
+                                                         masked && pv < P ? page_ok : nullptr);
+      else nrow[it] = L;
+      if (nrow[it] == L) std::iota(idx, idx + L, 0);
+      return;
+    }
+    uint8_t* keep = keep_all + static_cast<int64_t>(it) * (nsets + 1) * L0;
+    uint8_t* ukeep = keep + nsets * L;
+    for (int64_t g = 0; g < G; ++g) {  // a set per head: its keep flags, then their union
+      uint8_t* kp = keep + g * L;
+      if (budget(mr + g, 1, &pbs)) KeepFromScores(score + g * P, P, pbs, L, S, p.sinks, p.window, kp, tmp,
+                                                  masked && pv < P ? page_ok : nullptr);
+      else std::memset(kp, 1, L);
+    }
+    std::memcpy(ukeep, keep, L);
+    for (int64_t g = 1; g < G; ++g)
+      for (int64_t j = 0; j < L; ++j) ukeep[j] |= keep[g * L + j];
     nrow[it] = KeptRows(ukeep, L, idx);
   };
   if (any_sparse) par.For(static_cast<size_t>(items), select_item);
@@ -352,7 +359,7 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
     float* mx = nc == 1 ? logit + G * (r1 - r0) : part + ci * pstride;
     float* sums = mx + G;
     float* o = nc == 1 ? out + (b * H + h) * dv : part + ci * pstride + 2 * G;
-    const uint8_t* keep = sparse ? keep_all + it * (nsets + 1) * L0 : nullptr;
+    const uint8_t* keep = sparse && !shared ? keep_all + it * (nsets + 1) * L0 : nullptr;  // a set per head
     const int32_t* idx = (sparse ? idx_all + it * L0 : iota) + r0;
     const int64_t ks = nsets == 1 ? 0 : Lb;
     const float* qh = q + (b * H + h) * d;  // T == 1

@@ -129,6 +129,34 @@ void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_
   if (!any) keep[L - 1] = 1;
 }
 
+// The kept token indices [n] (ascending; returns n) of one token set straight from its page scores: the tokens
+// KeepFromScores flags with the same arguments (the pb best pages among those page_ok allows, ties at the threshold
+// kept; the first `sinks` and last `window` tokens; the last token if nothing else), without a flag per token.
+int64_t KeptFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_t S, int64_t sinks,
+                       int64_t window, int32_t* idx, float* tmp, const uint8_t* page_ok) {
+  float thr = 0.f;
+  if (pb > 0) {
+    int64_t m = 0;
+    for (int64_t p = 0; p < P; ++p)
+      if (page_ok == nullptr || page_ok[p]) tmp[m++] = score[p];
+    thr = KthLargest(tmp, m, pb);
+  }
+  const int64_t s1 = std::min(std::max<int64_t>(sinks, 0), L);        // sinks: [0, s1)
+  const int64_t w0 = std::max(window > 0 ? L - window : L, s1);       // the window past the sinks: [w0, L)
+  int64_t n = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t j0 = p * S, j1 = std::min(L, j0 + S);
+    if (pb > 0 && (page_ok == nullptr || page_ok[p]) && score[p] >= thr) {
+      for (int64_t j = j0; j < j1; ++j) idx[n++] = static_cast<int32_t>(j);
+      continue;
+    }
+    for (int64_t j = j0; j < std::min(j1, s1); ++j) idx[n++] = static_cast<int32_t>(j);
+    for (int64_t j = std::max(j0, w0); j < j1; ++j) idx[n++] = static_cast<int32_t>(j);
+  }
+  if (n == 0) idx[n++] = static_cast<int32_t>(L - 1);
+  return n;
+}
+
 // Quest page scores of the G query heads of a GQA group (rows qrows + g*d) over P pages: score[g*ps + p] =
 // Σ_d max(q_d·max_d, q_d·min_d), or with sum, score[p] = the heads' scores added in head order. Pages in blocks of 8, the heads in
 // turn per block: a page's max/min (2·d values, 1/4 of the page's fp16 K and V bytes at S = 8 in fp32, 1/8 in fp16)
