@@ -317,10 +317,13 @@ void QuestAttentionView(const float* q, const KvView& kv, const MaskView& mask, 
     int32_t* idx = idx_all + static_cast<int64_t>(it) * L0;
     int64_t pbs;
     if (shared) {  // one set: its rows straight from the page scores, no keep flags (the attend reads every row)
-      if (budget(mr, G, &pbs)) nrow[it] = KeptFromScores(score, P, pbs, L, S, p.sinks, p.window, idx, tmp,
-                                                         masked && pv < P ? page_ok : nullptr);
-      else nrow[it] = L;
-      if (nrow[it] == L) std::iota(idx, idx + L, 0);
+      if (budget(mr, G, &pbs)) {
+        const uint8_t* ok = masked && pv < P ? page_ok : nullptr;
+        nrow[it] = KeptFromScores(score, P, pbs, L, S, p.sinks, p.window, idx, tmp, ok);
+      } else {  // dense under the mask: every row
+        nrow[it] = L;
+        std::iota(idx, idx + L, 0);
+      }
       return;
     }
     uint8_t* keep = keep_all + static_cast<int64_t>(it) * (nsets + 1) * L0;

@@ -100,6 +100,14 @@ SOLM_INLINE void PageMinMaxBody(const typename R::E* K, int64_t j0, int64_t L, i
   }
 }
 
+// The pb-th best score (pb >= 1) among the pages page_ok allows (null: every page); tmp [P] overwritten.
+inline float PageThreshold(const float* score, int64_t P, int64_t pb, float* tmp, const uint8_t* page_ok) {
+  int64_t n = 0;
+  for (int64_t p = 0; p < P; ++p)
+    if (page_ok == nullptr || page_ok[p]) tmp[n++] = score[p];
+  return KthLargest(tmp, n, pb);
+}
+
 // Token keep flags [L] from page scores: the pb best pages (ties at the threshold kept) among the pages page_ok
 // allows (null: every page; the caller clamps pb to their number), the first `sinks` and last `window` tokens, and
 // the last token if nothing else is kept (reference.quest_keep_ref).
@@ -107,10 +115,7 @@ void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_
                     uint8_t* keep, float* tmp, const uint8_t* page_ok) {
   std::memset(keep, 0, L);
   if (pb > 0) {
-    int64_t n = 0;
-    for (int64_t p = 0; p < P; ++p)
-      if (page_ok == nullptr || page_ok[p]) tmp[n++] = score[p];
-    const float thr = KthLargest(tmp, n, pb);
+    const float thr = PageThreshold(score, P, pb, tmp, page_ok);
     constexpr uint64_t kOnes = 0x0101010101010101ull;
     for (int64_t p = 0; p < P; ++p) {
       if (!((page_ok == nullptr || page_ok[p]) && score[p] >= thr)) continue;
@@ -134,13 +139,7 @@ void KeepFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_
 // kept; the first `sinks` and last `window` tokens; the last token if nothing else), without a flag per token.
 int64_t KeptFromScores(const float* score, int64_t P, int64_t pb, int64_t L, int64_t S, int64_t sinks,
                        int64_t window, int32_t* idx, float* tmp, const uint8_t* page_ok) {
-  float thr = 0.f;
-  if (pb > 0) {
-    int64_t m = 0;
-    for (int64_t p = 0; p < P; ++p)
-      if (page_ok == nullptr || page_ok[p]) tmp[m++] = score[p];
-    thr = KthLargest(tmp, m, pb);
-  }
+  const float thr = pb > 0 ? PageThreshold(score, P, pb, tmp, page_ok) : 0.f;
   const int64_t s1 = std::min(std::max<int64_t>(sinks, 0), L);        // sinks: [0, s1)
   const int64_t w0 = std::max(window > 0 ? L - window : L, s1);       // the window past the sinks: [w0, L)
   int64_t n = 0;

@@ -76,8 +76,8 @@ SOLM_TARGET_V4 uint32_t KthKeyBitsV4(uint32_t* key, int64_t n, int64_t k) { retu
 }  // namespace
 
 // The k-th largest (1 <= k <= n) of x[0, n), overwriting x: the bit-by-bit search under AVX-512, the radix select
-// otherwise (the same value either way). The result is the k-th value in float
-// order (-0 and +0 are equal there and for the callers' >= tests alike).
+// otherwise (the same value either way). The result is the k-th value in float order (-0 and +0 are equal there
+// and for the callers' >= tests alike).
 float KthLargest(float* x, int64_t n, int64_t k) {
   uint32_t* key = FloatKeys(x, n);
 #ifdef SOLM_ISA_VARIANTS
